@@ -1,0 +1,3 @@
+from hstu_exp.cli import main
+
+main()

@@ -1,0 +1,112 @@
+"""Paged KV cache (DESIGN §3): one preallocated pool, per-user page lists, user-level LRU.
+
+The pool is `[layers, pages, 2 (K, V), page_size, heads, head_dim]` in the model dtype and holds
+the post-SiLU K and V of history tokens. Page bookkeeping is host-side Python; what the kernels
+see is a `PageTable` of device tensors built once per batch.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import List, Sequence
+
+import torch
+
+from hstu_exp.model.jagged import PageTable
+
+
+class CacheFullError(RuntimeError):
+    """The pool cannot hold the batch even after evicting every user outside it."""
+
+
+@dataclass
+class UserPages:
+    pages: List[int] = field(default_factory=list)
+    length: int = 0  # history tokens held
+
+
+def pool_bytes(*, num_layers, num_pages, page_size, num_heads, head_dim, dtype) -> int:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return num_layers * num_pages * 2 * page_size * num_heads * head_dim * itemsize
+
+
+class PagedKVCache:
+    def __init__(self, *, num_layers: int, num_pages: int, page_size: int, num_heads: int,
+                 head_dim: int, dtype: torch.dtype, device):
+        self.page_size, self.num_pages = page_size, num_pages
+        self.device = torch.device(device)
+        self.pool = torch.zeros(num_layers, num_pages, 2, page_size, num_heads, head_dim,
+                                dtype=dtype, device=device)
+        self.free: List[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+        self.users: "OrderedDict[int, UserPages]" = OrderedDict()  # least recent first
+        self.evictions = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.pool.numel() * self.pool.element_size()
+
+    def cached_length(self, user: int) -> int:
+        entry = self.users.get(user)
+        return entry.length if entry else 0
+
+    def drop(self, user: int) -> None:
+        entry = self.users.pop(user, None)
+        if entry:
+            self.free.extend(reversed(entry.pages))
+
+    def evict(self, user: int) -> None:
+        """Forget a user to free its pages (a host tier overrides this to keep them)."""
+        self.evictions += 1
+        self.drop(user)
+
+    def _pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    def plan(self, users: Sequence[int], new_history: Sequence[int],
+             num_candidates: Sequence[int]) -> PageTable:
+        """Reserve room for each user's new history tokens after what is cached, and describe
+        where every key of the batch lives. Rows are laid out `[new history | candidates]`."""
+        if len(set(users)) != len(users):
+            raise ValueError(f"a batch holds each user once, got {list(users)}")
+        for user in users:  # touch first, so the batch's own users are the last to go
+            self.users.setdefault(user, UserPages())
+            self.users.move_to_end(user)
+        batch = set(users)
+        need = sum(max(0, self._pages_for(self.users[u].length + n) - len(self.users[u].pages))
+                   for u, n in zip(users, new_history))
+        while len(self.free) < need:
+            victim = next((u for u in self.users if u not in batch), None)
+            if victim is None:
+                raise CacheFullError(
+                    f"KV pool of {self.num_pages} pages x {self.page_size} tokens cannot hold "
+                    f"this batch ({need} new pages needed, {len(self.free)} free, nothing to evict)")
+            self.evict(victim)
+
+        indptr, ids, cached, last = [0], [], [], []
+        new_rows, new_page, new_slot = [], [], []
+        row = 0
+        for user, n, c in zip(users, new_history, num_candidates):
+            entry = self.users[user]
+            start = entry.length
+            while len(entry.pages) < self._pages_for(start + n):
+                entry.pages.append(self.free.pop())
+            positions = range(start, start + n)
+            new_rows.extend(range(row, row + n))
+            new_page.extend(entry.pages[p // self.page_size] for p in positions)
+            new_slot.extend(p % self.page_size for p in positions)
+            entry.length = start + n
+            cached.append(start)
+            last.append(entry.length - (len(entry.pages) - 1) * self.page_size if entry.pages else 0)
+            ids.extend(entry.pages)
+            indptr.append(len(ids))
+            row += n + c
+
+        def dev(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        return PageTable(
+            page_indptr=dev(indptr, torch.int32), page_ids=dev(ids, torch.int32),
+            cached_lengths=dev(cached, torch.int32), last_page_len=dev(last, torch.int32),
+            new_rows=dev(new_rows, torch.int64), new_page=dev(new_page, torch.int64),
+            new_slot=dev(new_slot, torch.int64),
+            max_kv_len=max((self.users[u].length for u in users), default=0))

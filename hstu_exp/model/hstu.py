@@ -1,0 +1,70 @@
+"""The HSTU block (DESIGN §2): LayerNorm -> SiLU(UVQK) -> pointwise attention -> U * LN(A) -> W_o.
+
+Hot path takes plain arguments: the jagged batch, and the pool when keys come from the cache.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hstu_exp.model.jagged import Batch
+from hstu_exp.ops import attention_ops
+
+
+def append_kv(pool_layer: torch.Tensor, batch: Batch, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Scatter the new history rows' K/V into their (page, slot): index ops, no host sync."""
+    pt = batch.pages
+    pool_layer[pt.new_page, 0, pt.new_slot] = k[pt.new_rows]
+    pool_layer[pt.new_page, 1, pt.new_slot] = v[pt.new_rows]
+
+
+class HSTULayer(nn.Module):
+    def __init__(self, hidden: int, num_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        width = num_heads * head_dim
+        self.norm = nn.LayerNorm(hidden, eps=1e-5)
+        self.uvqk = nn.Linear(hidden, 4 * width)
+        self.attn_norm = nn.LayerNorm(width, eps=1e-5)
+        self.out = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x, batch: Batch, attention, *, alpha: float, inv_n: float,
+                pool_layer: Optional[torch.Tensor] = None):
+        width = self.num_heads * self.head_dim
+        z = F.silu(self.uvqk(self.norm(x)))
+        u, v, q, k = (t.reshape(-1, self.num_heads, self.head_dim) for t in z.split(width, dim=-1))
+        if batch.pages is None:
+            a = attention.attention_full(q, k, v, batch, alpha=alpha, inv_n=inv_n)
+        else:
+            append_kv(pool_layer, batch, k, v)
+            a = attention.attention_paged(q, k, v, batch, pool_layer[:, 0], pool_layer[:, 1],
+                                          alpha=alpha, inv_n=inv_n)
+        y = u.reshape(-1, width) * self.attn_norm(a.reshape(-1, width))
+        return x + self.out(y)
+
+
+class HSTUBlock(nn.Module):
+    def __init__(self, *, num_layers: int, hidden: int, num_heads: int, head_dim: int,
+                 scaling_length: int, kernel: str = "reference"):
+        super().__init__()
+        self.layers = nn.ModuleList(HSTULayer(hidden, num_heads, head_dim)
+                                    for _ in range(num_layers))
+        self.alpha = 1.0 / math.sqrt(head_dim)
+        # Fixed N, never the batch's longest sequence: outputs must not depend on batch-mates.
+        self.inv_n = 1.0 / scaling_length
+        self.attention = attention_ops(kernel)
+
+    def forward(self, x: torch.Tensor, batch: Batch, pool: Optional[torch.Tensor] = None,
+                on_layer=None) -> torch.Tensor:
+        """x: [rows, hidden]. pool: [L, P, 2, page_size, H, D] when batch.pages is set.
+        on_layer(l) runs before layer l (the host tier waits there for that layer's onload)."""
+        for i, layer in enumerate(self.layers):
+            if on_layer is not None:
+                on_layer(i)
+            x = layer(x, batch, self.attention, alpha=self.alpha, inv_n=self.inv_n,
+                      pool_layer=None if pool is None else pool[i])
+        return x
