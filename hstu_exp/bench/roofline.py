@@ -1,0 +1,93 @@
+"""The hardware floor of a point: max(flops / peak FLOP/s, min bytes / bandwidth).
+
+Peaks come from a short calibration on the device itself (a large matmul in the model dtype and a
+device copy), cached per device and dtype under $HSTU_EXP_CACHE_DIR (default ~/.cache/hstu-exp).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from hstu_exp.env import device_name
+
+
+def _cache_file() -> Path:
+    root = Path(os.environ.get("HSTU_EXP_CACHE_DIR", Path.home() / ".cache" / "hstu-exp"))
+    return root / "calibration.json"
+
+
+def _best_ms(fn, device, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) * 1e3)
+    return best
+
+
+def _measure(device: torch.device, dtype: torch.dtype) -> dict:
+    n, copy_bytes = (8192, 2 << 30) if device.type == "cuda" else (1024, 64 << 20)
+    a = torch.randn(n, n, device=device).to(dtype)  # random data: zeros run faster
+    b = torch.randn(n, n, device=device).to(dtype)
+    reps = 10 if device.type == "cuda" else 3
+    mm_ms = _best_ms(lambda: torch.mm(a, b), device, reps)
+    src = torch.randn(copy_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = _best_ms(lambda: dst.copy_(src), device, reps)
+    return {"peak_tflops": 2 * n ** 3 / mm_ms / 1e9,
+            "peak_gbps": 2 * copy_bytes / copy_ms / 1e6}  # bytes read + written
+
+
+def peaks(device: torch.device, dtype: torch.dtype) -> dict:
+    key = f"{device_name(device)}|{dtype}"
+    path = _cache_file()
+    table = json.loads(path.read_text()) if path.exists() else {}
+    if key not in table:
+        print(f"[hstu-exp] calibrating peak FLOP/s and bandwidth of {key} (cached in {path})",
+              flush=True)
+        table[key] = _measure(device, dtype)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(table, indent=1))
+    return table[key]
+
+
+def attention_pairs(*, history: int, new: int, candidates: int) -> int:
+    """Visible (query, key) pairs of one user: new history token at position p sees p + 1 keys;
+    each candidate sees the whole history and itself."""
+    cached = history - new
+    return new * cached + new * (new + 1) // 2 + candidates * (history + 1)
+
+
+def block_work(*, num_layers: int, hidden: int, num_heads: int, head_dim: int, itemsize: int,
+               histories: Sequence[int], news: Sequence[int], candidates: Sequence[int]):
+    """FLOPs and the fewest bytes of one block forward over a batch.
+
+    FLOPs: the two projections per computed token plus 4*H*D per visible attention pair.
+    Bytes: weights once, each history K/V read once (and the new ones written once), block input
+    read and output written once; everything else could stay on chip in a perfect kernel."""
+    width = num_heads * head_dim
+    tokens = sum(n + c for n, c in zip(news, candidates))
+    pairs = sum(attention_pairs(history=t, new=n, candidates=c)
+                for t, n, c in zip(histories, news, candidates))
+    flops = num_layers * (2 * tokens * hidden * 5 * width + 4 * pairs * width)
+    weights = hidden * 4 * width + 4 * width + width * hidden + 2 * hidden + 2 * width
+    kv = 2 * width * (sum(histories) + sum(news))
+    nbytes = itemsize * (num_layers * (weights + kv) + 2 * tokens * hidden)
+    return flops, nbytes
+
+
+def floor(flops: float, nbytes: float, peak: dict) -> dict:
+    compute_ms = flops / (peak["peak_tflops"] * 1e9)
+    memory_ms = nbytes / (peak["peak_gbps"] * 1e6)
+    return {"flops": flops, "min_bytes": nbytes, "floor_ms": max(compute_ms, memory_ms),
+            "floor_bound": "compute" if compute_ms >= memory_ms else "memory", **peak}

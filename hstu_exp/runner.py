@@ -1,0 +1,149 @@
+"""One sweep point: validated config -> workload -> record on disk -> W&B -> console line."""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from hstu_exp.config import point_problem
+from hstu_exp.env import environment, resolve_device
+from hstu_exp.tracking.records import RESULTS_FILE, append_record, read_records
+
+# Keys that do not change what a point measures (so resume treats them as the same point).
+_NOT_IDENTITY = ("logger", "resume", "name", "hydra")
+
+
+def config_key(cfg) -> str:
+    data = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+            if k not in _NOT_IDENTITY}
+    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def swept_values(cfg, device: torch.device) -> dict:
+    m, c, w = cfg.model, cfg.cache, cfg.workload
+    return {"workload": w.name, "model": m.name, "dtype": m.dtype, "cache": c.mode,
+            "page_size": c.page_size if c.mode != "none" else None, "kernel": cfg.kernel.name,
+            "graph": cfg.graph.mode, "mode": w.mode if w.name == "e2e" else None,
+            "batch_size": w.batch_size, "total_history": w.total_history,
+            "new_history": w.new_history, "num_candidates": w.num_candidates,
+            "device": device.type}
+
+
+def point_name(values: dict) -> str:
+    parts = [values["workload"], values["model"], values["cache"], values["kernel"],
+             values["graph"]] + ([values["mode"]] if values["mode"] else [])
+    return "-".join(parts) + (f"-b{values['batch_size']}-T{values['total_history']}"
+                              f"-n{values['new_history']}-c{values['num_candidates']}")
+
+
+def point_tags(values: dict) -> list:
+    return [f"{k}:{values[k]}" for k in ("workload", "model", "cache", "kernel", "graph", "mode")
+            if values[k] is not None]
+
+
+def _run_workload(cfg, device, progress) -> dict:
+    if cfg.workload.name == "block":
+        from hstu_exp.bench import block as workload
+    elif cfg.workload.name == "attention":
+        from hstu_exp.bench import attention as workload
+    else:
+        from hstu_exp.bench import e2e as workload
+    torch.manual_seed(cfg.seed)
+    return workload.run(cfg, device, progress=progress)
+
+
+def find_ok_record(sweep_dir: Path, key: str):
+    return next((r for r in read_records(sweep_dir)
+                 if r.get("config_key") == key and r.get("status") == "ok"), None)
+
+
+def run_point(cfg, *, job_dir: Path, group: str, point: int, total: int | None,
+              sweep_dir: Path | None = None, started: float | None = None) -> dict:
+    device = resolve_device(cfg.device)
+    values = swept_values(cfg, device)
+    name = point_name(values)
+    key = config_key(cfg)
+    label = f"[{point + 1}/{total}]" if total else f"[{point + 1}]"
+
+    def progress(msg: str):
+        print(f"{label} {msg}", flush=True)
+
+    if cfg.resume and sweep_dir is not None:
+        done = find_ok_record(sweep_dir, key)
+        if done is not None:
+            progress(f"{name}: already ok in this sweep, skipped (resume=true)")
+            return done
+
+    record = {"status": "ok", "reason": None, "error": None, "sweep": group, "point": point,
+              "name": name, "config_key": key, "verify": cfg.verify, "seed": cfg.seed,
+              "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              **values, "job_dir": str(job_dir)}
+    problem = point_problem(cfg)
+    if problem is None and cfg.graph.mode == "cudagraph" and device.type != "cuda":
+        problem = "graph=cudagraph: CUDA graphs need a CUDA device"
+    if problem:
+        record.update(status="skipped", reason=problem)
+    else:
+        progress(f"{name}: running")
+        t0 = time.perf_counter()
+        try:
+            record.update(_run_workload(cfg, device, progress))
+        except Exception as exc:  # noqa: BLE001 - a failing point is recorded; the sweep goes on
+            record.update(status="failed", error=f"{type(exc).__name__}: {exc}".strip()[:2000],
+                          traceback=traceback.format_exc(limit=8)[-4000:])
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        record["wall_s"] = round(time.perf_counter() - t0, 3)
+    record.update(environment(device.type))
+    append_record(job_dir, record)  # on disk before W&B sees anything
+
+    if cfg.logger.name == "wandb":
+        from hstu_exp.tracking.wandb_sink import log_point
+
+        log_point(record, logger=OmegaConf.to_container(cfg.logger, resolve=True),
+                  job_dir=job_dir, group=group, name=name,
+                  config=OmegaConf.to_container(cfg, resolve=True), tags=point_tags(values))
+    progress(result_line(record) + _eta(point, total, started))
+    return record
+
+
+def result_line(r: dict) -> str:
+    head = f"{r['name']}: {r['status']}"
+    if r["status"] == "skipped":
+        return f"{head} ({r['reason']})"
+    if r["status"] == "failed":
+        return f"{head} ({r['error'].splitlines()[0] if r['error'] else ''})"
+    line = f"{head} median {r['median_ms']:.3f} ms (p10 {r['p10_ms']:.3f}, p90 {r['p90_ms']:.3f})"
+    if r.get("floor_fraction") is not None:
+        line += f", {100 * r['floor_fraction']:.1f}% of floor"
+    if r.get("max_rel_error") is not None:
+        line += f", max rel err {r['max_rel_error']:.2e}"
+    return line
+
+
+def _eta(point: int, total, started) -> str:
+    if not total or started is None:
+        return ""
+    elapsed = time.time() - started
+    left = elapsed / (point + 1) * (total - point - 1)
+    return f" | elapsed {elapsed:.0f} s, ETA {left:.0f} s"
+
+
+def sweep_started() -> float | None:
+    value = os.environ.get("HSTU_EXP_STARTED")
+    return float(value) if value else None
+
+
+def sweep_total() -> int | None:
+    value = os.environ.get("HSTU_EXP_POINTS")
+    return int(value) if value else None
+
+
+__all__ = ["run_point", "RESULTS_FILE"]
