@@ -32,16 +32,16 @@ class HSTULayer(nn.Module):
         self.attn_norm = nn.LayerNorm(width, eps=1e-5)
         self.out = nn.Linear(width, hidden, bias=False)
 
-    def forward(self, x, batch: Batch, attention, *, alpha: float, inv_n: float,
+    def forward(self, x, batch: Batch, kernel, *, alpha: float, inv_n: float,
                 pool_layer: Optional[torch.Tensor] = None):
         width = self.num_heads * self.head_dim
         z = F.silu(self.uvqk(self.norm(x)))
         u, v, q, k = (t.reshape(-1, self.num_heads, self.head_dim) for t in z.split(width, dim=-1))
         if batch.pages is None:
-            a = attention.attention_full(q, k, v, batch, alpha=alpha, inv_n=inv_n)
+            a = kernel.attention_full(q, k, v, batch, alpha=alpha, inv_n=inv_n)
         else:
             append_kv(pool_layer, batch, k, v)
-            a = attention.attention_paged(q, k, v, batch, pool_layer[:, 0], pool_layer[:, 1],
+            a = kernel.attention_paged(q, k, v, batch, pool_layer[:, 0], pool_layer[:, 1],
                                           alpha=alpha, inv_n=inv_n)
         y = u.reshape(-1, width) * self.attn_norm(a.reshape(-1, width))
         return x + self.out(y)
@@ -56,15 +56,16 @@ class HSTUBlock(nn.Module):
         self.alpha = 1.0 / math.sqrt(head_dim)
         # Fixed N, never the batch's longest sequence: outputs must not depend on batch-mates.
         self.inv_n = 1.0 / scaling_length
-        self.attention = attention_ops(kernel)
+        self.kernel = kernel  # a name, not the module: blocks must stay deep-copyable
 
     def forward(self, x: torch.Tensor, batch: Batch, pool: Optional[torch.Tensor] = None,
                 on_layer=None) -> torch.Tensor:
         """x: [rows, hidden]. pool: [L, P, 2, page_size, H, D] when batch.pages is set.
         on_layer(l) runs before layer l (the host tier waits there for that layer's onload)."""
+        kernel = attention_ops(self.kernel)
         for i, layer in enumerate(self.layers):
             if on_layer is not None:
                 on_layer(i)
-            x = layer(x, batch, self.attention, alpha=self.alpha, inv_n=self.inv_n,
+            x = layer(x, batch, kernel, alpha=self.alpha, inv_n=self.inv_n,
                       pool_layer=None if pool is None else pool[i])
         return x
