@@ -1,7 +1,14 @@
-"""Config -> modules. The only place that reads config groups; what it builds takes plain args."""
+"""Config -> modules. The only place that reads config groups; what it builds takes plain args.
+
+Modules are reused across the points of a sweep that share their config (one of each kind is
+kept): a sweep over batch and history keeps its weights, its KV pool and its captured graphs.
+"""
 from __future__ import annotations
 
+import json
+
 import torch
+from omegaconf import OmegaConf
 
 from hstu_exp.env import DTYPES
 from hstu_exp.kvcache.paged import PagedKVCache
@@ -38,3 +45,56 @@ def build_cache(model, cache, *, device, dtype: torch.dtype):
 
 def model_dtype(model) -> torch.dtype:
     return DTYPES[model.dtype]
+
+
+_BUILT: dict = {}
+
+
+def reuse(kind: str, key, make):
+    """The object built for `key` last time, or a new one (dropping the old one first)."""
+    key = json.dumps(key, sort_keys=True, default=str)
+    hit = _BUILT.get(kind)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    _BUILT.pop(kind, None)
+    if kind in ("block", "cache"):  # captured graphs point into the old block's memory
+        _BUILT.pop("graphs", None)
+    obj = make()
+    _BUILT[kind] = (key, obj)
+    return obj
+
+
+def _plain(node):
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def shared_block(model, *, kernel: str, device, dtype, seed: int):
+    def make():
+        torch.manual_seed(seed)
+        return build_block(model, kernel=kernel, device=device, dtype=dtype)
+    return reuse("block", [_plain(model), kernel, str(device), str(dtype), seed], make)
+
+
+def shared_cache(model, cache, *, device, dtype):
+    """A cache with no users in it (a reused pool is reset)."""
+    if cache.mode == "none":
+        return None
+    built = reuse("cache", [_plain(model), _plain(cache), str(device), str(dtype)],
+                  lambda: build_cache(model, cache, device=device, dtype=dtype))
+    built.reset()
+    return built
+
+
+def shared_graphs(block, cache, model, graph, *, device, dtype, progress):
+    from hstu_exp.graphs import GraphedBlock
+
+    def make():
+        return GraphedBlock(
+            block, hidden=model.hidden, dtype=dtype, device=device,
+            batch_buckets=graph.batch_buckets, token_buckets=graph.token_buckets,
+            pool=None if cache is None else cache.pool,
+            page_size=0 if cache is None else cache.page_size, max_history=model.max_history,
+            scratch_page=0 if cache is None else cache.scratch_page, progress=progress)
+    graphs = reuse("graphs", _plain(graph), make)
+    graphs.progress = progress
+    return graphs

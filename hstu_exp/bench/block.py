@@ -13,7 +13,7 @@ import torch
 
 from hstu_exp.bench.roofline import block_work, floor, peaks
 from hstu_exp.bench.timer import time_fn
-from hstu_exp.builders import build_block, build_cache, model_dtype
+from hstu_exp.builders import model_dtype, shared_block, shared_cache, shared_graphs
 from hstu_exp.model.jagged import make_batch
 
 
@@ -38,8 +38,8 @@ def run(cfg, device: torch.device, progress=print) -> dict:
     cached = T - n
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    block = build_block(m, kernel=cfg.kernel.name, device=device, dtype=dtype)
-    cache = build_cache(m, cfg.cache, device=device, dtype=dtype)
+    block = shared_block(m, kernel=cfg.kernel.name, device=device, dtype=dtype, seed=cfg.seed)
+    cache = shared_cache(m, cfg.cache, device=device, dtype=dtype)
     users = list(range(B))
 
     def randn(*shape):
@@ -60,17 +60,27 @@ def run(cfg, device: torch.device, progress=print) -> dict:
     rows = batch.offsets[-1].item()
     inputs = [randn(rows, m.hidden) for _ in range(w.input_sets)]
     static_x = torch.empty_like(inputs[0])
+    extra = {}
 
     @torch.no_grad()
     def step(i: int):
         static_x.copy_(inputs[i % len(inputs)])
         return block(static_x, batch, pool)
 
+    if cfg.graph.mode == "cudagraph":
+        graphs = shared_graphs(block, cache, m, cfg.graph, device=device, dtype=dtype,
+                               progress=progress)
+        staged = graphs.stage(batch, rows)
+        extra = {"bucket": staged.bucket.name, "padded_tokens": staged.bucket.rows}
+
+        def step(i: int):  # noqa: F811 - the graphed variant of the same step
+            return graphs.replay(inputs[i % len(inputs)], staged)
+
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     timing = time_fn(step, device=device, warmup=w.warmup, iters=w.iters, min_time_s=w.min_time_s)
-    result = {**timing.stats(), "samples_ms": timing.samples_ms, "computed_tokens": rows,
+    result = {**timing.stats(), **extra, "samples_ms": timing.samples_ms, "computed_tokens": rows,
               "cached_tokens": B * cached if cache is not None else 0,
               "kv_pool_bytes": cache.nbytes if cache is not None else 0}
     if device.type == "cuda":

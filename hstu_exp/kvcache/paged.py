@@ -35,10 +35,18 @@ class PagedKVCache:
                  head_dim: int, dtype: torch.dtype, device):
         self.page_size, self.num_pages = page_size, num_pages
         self.device = torch.device(device)
-        self.pool = torch.zeros(num_layers, num_pages, 2, page_size, num_heads, head_dim,
+        # One page more than the free list hands out: a scratch page that padded appends
+        # (CUDA-graph buckets) may write into without touching any user's keys.
+        self.pool = torch.zeros(num_layers, num_pages + 1, 2, page_size, num_heads, head_dim,
                                 dtype=dtype, device=device)
-        self.free: List[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+        self.scratch_page = num_pages
         self.users: "OrderedDict[int, UserPages]" = OrderedDict()  # least recent first
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every user (the pool is reused as is: stale pages are never read)."""
+        self.free: List[int] = list(range(self.num_pages - 1, -1, -1))  # pop(): low ids first
+        self.users.clear()
         self.evictions = 0
 
     @property

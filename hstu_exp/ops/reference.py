@@ -51,9 +51,12 @@ def _masked_core(q, k, v, q_pos, q_is_cand, kv_len, alpha: float, inv_n: float):
 
 
 def _to_rows(dense: torch.Tensor, offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
-    user = row_to_user(offsets, num_rows)
-    pos = torch.arange(num_rows, device=dense.device) - offsets.long()[user]
-    return dense[user, pos]
+    """Back to jagged rows. Rows past the last user (graph padding) come out as zeros."""
+    user = row_to_user(offsets, num_rows).clamp(max=offsets.numel() - 2)
+    rows = torch.arange(num_rows, device=dense.device)
+    pos = (rows - offsets.long()[user]).clamp(max=dense.shape[1] - 1)
+    live = (rows < offsets[-1]).to(dense.dtype)
+    return dense[user, pos] * live[:, None, None]
 
 
 def _add_candidate_self(out, q, k, v, is_cand_row, alpha: float, inv_n: float):
@@ -62,7 +65,7 @@ def _add_candidate_self(out, q, k, v, is_cand_row, alpha: float, inv_n: float):
 
 
 def _candidate_rows(batch: Batch, num_rows: int) -> torch.Tensor:
-    user = row_to_user(batch.offsets, num_rows)
+    user = row_to_user(batch.offsets, num_rows).clamp(max=batch.batch_size - 1)
     end = batch.offsets[1:].long()[user]
     first_cand = end - batch.num_candidates.long()[user]
     return torch.arange(num_rows, device=batch.offsets.device) >= first_cand
