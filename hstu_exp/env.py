@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import importlib.metadata
 import platform
 import socket
@@ -51,6 +52,8 @@ def environment(device_type: str) -> dict:
         driver = driver.splitlines()[0] if driver else None
     git_sha = _run("git", "rev-parse", "--short=12", "HEAD")
     dirty = _run("git", "status", "--porcelain", "--untracked-files=no")
+    if git_sha is None:  # a copy of the tree without .git (a GPU box): the caller may say
+        git_sha, dirty = os.environ.get("HSTU_EXP_GIT_SHA"), None
     return {
         "device_name": device_name(device),
         "driver": driver,
