@@ -39,7 +39,8 @@ def _one_line(exc: BaseException) -> str:
 
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         group, _, option = str(exc.missing_cfg_file).rpartition("/")
-        options = f" (available: {', '.join(exc.options)})" if exc.options else ""
+        shown = [o for o in exc.options or [] if not o.endswith("_schema")]
+        options = f" (available: {', '.join(shown)})" if shown else ""
         return f"{group}={option}: no such option{options}"
     cause = exc
     while cause.__cause__ is not None:
@@ -47,7 +48,7 @@ def _one_line(exc: BaseException) -> str:
     key = getattr(cause, "full_key", None)
     msg = getattr(cause, "msg", None) or str(cause)
     msg = msg.strip().splitlines()[0] if msg.strip() else type(cause).__name__
-    if key and "not in struct" in msg:
+    if key and ("not in struct" in msg or msg.startswith(f"Key '{key.split('.')[-1]}' not in")):
         msg = "unknown key"
     if not key and cause is not exc:
         first = str(exc).strip().splitlines()[0]
