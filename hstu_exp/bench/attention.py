@@ -15,7 +15,7 @@ from hstu_exp.bench.timer import time_fn
 from hstu_exp.builders import model_dtype, pool_pages
 from hstu_exp.kvcache.paged import PagedKVCache
 from hstu_exp.model.jagged import make_batch
-from hstu_exp.ops import attention_ops
+from hstu_exp.ops import kernels
 
 
 def run(cfg, device: torch.device, progress=print) -> dict:
@@ -24,7 +24,7 @@ def run(cfg, device: torch.device, progress=print) -> dict:
     B, T, n, k = w.batch_size, w.total_history, w.new_history, w.num_candidates
     H, D = m.num_heads, m.head_dim
     gen = torch.Generator().manual_seed(cfg.seed)
-    kernel = attention_ops(cfg.kernel.name)
+    kernel = kernels(cfg.kernel.name)
     alpha, inv_n = 1.0 / math.sqrt(D), 1.0 / (m.scaling_length or m.max_history + m.max_candidates)
 
     def randn(*shape):
@@ -70,6 +70,6 @@ def run(cfg, device: torch.device, progress=print) -> dict:
     else:
         result.update(flops=flops, min_bytes=nbytes)
     out = step(0)
-    ref = step(0, op=attention_ops("reference"), upcast=True)
+    ref = step(0, op=kernels("reference"), upcast=True)
     result["max_rel_error"] = relative_error(out.reshape(rows, -1), ref.reshape(rows, -1))
     return result

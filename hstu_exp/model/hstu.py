@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from hstu_exp.model.jagged import Batch
-from hstu_exp.ops import attention_ops
+from hstu_exp.ops import kernels
+from hstu_exp.ops.fused import append_kv_torch
 
 
 def append_kv(pool_layer: torch.Tensor, batch: Batch, k: torch.Tensor, v: torch.Tensor) -> None:
     """Scatter the new history rows' K/V into their (page, slot): index ops, no host sync."""
     pt = batch.pages
-    pool_layer[pt.new_page, 0, pt.new_slot] = k[pt.new_rows]
-    pool_layer[pt.new_page, 1, pt.new_slot] = v[pt.new_rows]
+    append_kv_torch(pool_layer, pt.new_rows, pt.new_page, pt.new_slot, k, v)
 
 
 class HSTULayer(nn.Module):
@@ -40,11 +40,13 @@ class HSTULayer(nn.Module):
         if batch.pages is None:
             a = kernel.attention_full(q, k, v, batch, alpha=alpha, inv_n=inv_n)
         else:
-            append_kv(pool_layer, batch, k, v)
+            pt = batch.pages
+            kernel.append_kv(pool_layer, pt.new_rows, pt.new_page, pt.new_slot, k, v)
             a = kernel.attention_paged(q, k, v, batch, pool_layer[:, 0], pool_layer[:, 1],
-                                          alpha=alpha, inv_n=inv_n)
-        y = u.reshape(-1, width) * self.attn_norm(a.reshape(-1, width))
-        return x + self.out(y)
+                                       alpha=alpha, inv_n=inv_n)
+        y = kernel.layernorm_mul(a.reshape(-1, width), u.reshape(-1, width),
+                                 self.attn_norm.weight, self.attn_norm.bias, self.attn_norm.eps)
+        return torch.addmm(x, y, self.out.weight.t())  # the residual rides in the GEMM
 
 
 class HSTUBlock(nn.Module):
@@ -62,7 +64,7 @@ class HSTUBlock(nn.Module):
                 on_layer=None) -> torch.Tensor:
         """x: [rows, hidden]. pool: [L, P, 2, page_size, H, D] when batch.pages is set.
         on_layer(l) runs before layer l (the host tier waits there for that layer's onload)."""
-        kernel = attention_ops(self.kernel)
+        kernel = kernels(self.kernel)
         for i, layer in enumerate(self.layers):
             if on_layer is not None:
                 on_layer(i)
