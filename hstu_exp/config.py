@@ -107,6 +107,7 @@ class Config:
     verify: bool = False
     resume: bool = False
     calibrate: bool = True  # measure peak FLOP/s and bandwidth once per device for the roofline
+    profile: bool = False  # after timing, profile a few iterations kernel by kernel
 
 
 def register_configs() -> None:

@@ -48,7 +48,7 @@ def point_tags(values: dict) -> list:
             if values[k] is not None]
 
 
-def _run_workload(cfg, device, progress) -> dict:
+def _run_workload(cfg, device, progress, job_dir) -> dict:
     if cfg.workload.name == "block":
         from hstu_exp.bench import block as workload
     elif cfg.workload.name == "attention":
@@ -56,7 +56,7 @@ def _run_workload(cfg, device, progress) -> dict:
     else:
         from hstu_exp.bench import e2e as workload
     torch.manual_seed(cfg.seed)
-    return workload.run(cfg, device, progress=progress)
+    return workload.run(cfg, device, progress=progress, job_dir=job_dir)
 
 
 def find_ok_record(sweep_dir: Path, key: str):
@@ -94,7 +94,7 @@ def run_point(cfg, *, job_dir: Path, group: str, point: int, total: int | None,
         progress(f"{name}: running")
         t0 = time.perf_counter()
         try:
-            record.update(_run_workload(cfg, device, progress))
+            record.update(_run_workload(cfg, device, progress, job_dir))
         except Exception as exc:  # noqa: BLE001 - a failing point is recorded; the sweep goes on
             record.update(status="failed", error=f"{type(exc).__name__}: {exc}".strip()[:2000],
                           traceback=traceback.format_exc(limit=8)[-4000:])

@@ -18,7 +18,7 @@ from hstu_exp.model.jagged import make_batch
 from hstu_exp.ops import kernels
 
 
-def run(cfg, device: torch.device, progress=print) -> dict:
+def run(cfg, device: torch.device, progress=print, job_dir=None) -> dict:
     m, w = cfg.model, cfg.workload
     dtype = model_dtype(m)
     B, T, n, k = w.batch_size, w.total_history, w.new_history, w.num_candidates

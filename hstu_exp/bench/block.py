@@ -11,6 +11,7 @@ import copy
 
 import torch
 
+from hstu_exp.bench.profile import profile_step
 from hstu_exp.bench.roofline import block_work, floor, peaks
 from hstu_exp.bench.timer import time_fn
 from hstu_exp.builders import model_dtype, shared_block, shared_cache, shared_graphs
@@ -31,7 +32,7 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float(err.max())
 
 
-def run(cfg, device: torch.device, progress=print) -> dict:
+def run(cfg, device: torch.device, progress=print, job_dir=None) -> dict:
     m, w = cfg.model, cfg.workload
     dtype = model_dtype(m)
     B, T, n, k = w.batch_size, w.total_history, w.new_history, w.num_candidates
@@ -96,6 +97,9 @@ def run(cfg, device: torch.device, progress=print) -> dict:
     else:
         result.update(flops=flops, min_bytes=nbytes)
 
+    if cfg.profile and job_dir is not None:
+        progress("profiling")
+        result.update(profile_step(step, device=device, iters=5, out_dir=job_dir))
     if cfg.verify:
         result["max_rel_error"] = _verify(block, step, inputs[0], prefix, batch, B, cached, n, k,
                                           device)
