@@ -1,0 +1,351 @@
+"""Triton HSTU attention, forward only (DESIGN §2, §5). Same signatures as `reference`.
+
+One kernel serves both modes. A program owns (query block of BLOCK_M rows, user, head, key split):
+  full mode  - queries = keys = the user's rows; history keys are the non-candidate rows;
+  paged mode - queries = the new rows; history keys are read from the pages (cached prefix + the
+               new history, already appended) through page_indptr / page_ids, BLOCK_N keys at a time
+               (a key block spans BLOCK_N / page_size pages, or sits inside one page).
+Scores are SiLU(alpha q.k) / N with no softmax, so there is no running max or normaliser: the key
+loop is a plain sum, and sums over disjoint key ranges simply add. That gives three cheap tricks:
+  * causal skipping: key blocks past the query block's last position are never visited, and only
+    the blocks straddling the diagonal (or the kv end) pay for a mask;
+  * candidates: their query rows visit the history keys like everyone else; the candidate self
+    term is a rowwise dot added to the accumulator, so candidate x candidate tiles never exist;
+  * split-K: when (query blocks x users x heads) cannot fill the GPU, the key range is cut into
+    chunks handled by separate programs that add fp32 partials with atomics into a zeroed buffer,
+    cast to the output dtype after (batch 1 paged: 12 query-block programs against 4352 keys
+    would leave 120 of 132 SMs idle; 11 splits run 4.1x faster).
+SiLU goes through tanh.approx: one special-function op a score instead of exp + reciprocal.
+No host syncs: grid sizes come from host ints (max_len, max_kv_len, B, H, shapes), everything else
+is read on the device, so the ops can be captured in CUDA graphs. Block sizes come from a small
+hand-tuned table (`CONFIGS`), no autotuning, so a graph capture never benchmarks anything.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from hstu_exp.model.jagged import Batch
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# (paged, head dim bucket, long queries) -> Config; "long" = max_len > 512 rows per user (a key so
+# short-query shapes can be retuned; today both buckets agree). Measured on an H200, Triton 3.6,
+# bf16, 4096 history + 256 candidates (scripts/gpu_attention_check.py --sweep):
+#   D=256: 128x64 tiles, 8 warps, 2 stages won in both modes (full B=8 432 TFLOP/s; 128x32, 64x64,
+#          64x32 <= 412). Nothing larger fits: acc [128, 256] fp32 is 128 registers a thread at
+#          8 warps, and q + 2 stages of K/V take 192 of the 227 KB of shared memory.
+#   D=128: 128x64, 8 warps, 3 stages: full B=8 H=8 433 TFLOP/s (128x128: 389, 64x64: 401).
+#   D=64:  not measured; the D=128 shape with 4 warps.
+CONFIGS = {
+    (paged, dim, long): cfg
+    for paged in (False, True) for long in (False, True)
+    for dim, cfg in ((64, Config(128, 64, 4, 3)), (128, Config(128, 64, 8, 3)),
+                     (256, Config(128, 64, 8, 2)))
+}
+INTERPRETER_CONFIG = Config(16, 16, 4, 1)  # CPU interpreter: small tiles keep numpy cheap
+
+# Split-K rule (host ints only): split when the grid has fewer programs than the GPU has slots for
+# resident programs; then pick the split count minimising  waves x (key blocks per program + a
+# per-program overhead in key-block units). Fitted on an H200 at D=256: a wave costs about
+# PROGRAM_OVERHEAD_BLOCKS more than its key blocks (launch, q tile, candidate self term), and a
+# split wave SPLIT_OVERHEAD_BLOCKS more again (the fp32 atomics epilogue). E.g. batch 1 paged,
+# 128-row tiles: 12 programs x 64 key blocks -> 11 splits of 6 blocks in one wave (4.1x faster
+# than no split); batch 8 paged: 96 programs stay unsplit (splitting measured 1.2x slower).
+PROGRAM_OVERHEAD_BLOCKS = 2
+SPLIT_OVERHEAD_BLOCKS = 7
+MIN_SPLIT_BLOCKS = 2
+FORCE_SPLIT_K: Optional[int] = None  # tests / benchmarks: 1 = never split, n = n key splits
+FAST_SILU = True  # bf16/fp16 on GPU: SiLU through tanh.approx (1 MUFU op per score)
+LAST_LAUNCH: dict = {}  # the last compiled kernel and grid, for benchmarks (registers, spills)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def choose_config(head_dim: int, max_len: int, paged: bool, device: torch.device) -> Config:
+    if device.type != "cuda":
+        return INTERPRETER_CONFIG
+    bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    return CONFIGS[(paged, bucket, max_len > 512)]
+
+
+def resident_slots(cfg: Config, head_dim: int, num_sms: int) -> int:
+    """Programs the GPU runs at once: shared memory (q tile + staged K/V tiles, 2-byte inputs) and
+    registers (these kernels run near 255 a thread) bound the programs per SM."""
+    smem = 2 * head_dim * (cfg.block_m + 2 * cfg.block_n * max(cfg.num_stages - 1, 2))
+    by_smem = (227 * 1024) // smem
+    by_regs = 65536 // (32 * cfg.num_warps * 255)
+    return num_sms * max(1, min(by_smem, by_regs))
+
+
+def split_chunk(programs: int, kv_blocks: int, slots: int, split_k: Optional[int]) -> int:
+    """Key blocks per split; 0 means no split. Host ints only."""
+    if split_k is None:
+        split_k = FORCE_SPLIT_K
+    if split_k is None:
+        if programs >= slots or kv_blocks < 2 * MIN_SPLIT_BLOCKS:
+            return 0
+
+        def cost(s):
+            chunk = triton.cdiv(kv_blocks, s)
+            splits = triton.cdiv(kv_blocks, chunk)
+            overhead = PROGRAM_OVERHEAD_BLOCKS + (SPLIT_OVERHEAD_BLOCKS if splits > 1 else 0)
+            return triton.cdiv(programs * splits, slots) * (chunk + overhead), -chunk
+
+        split_k = min(range(1, kv_blocks // MIN_SPLIT_BLOCKS + 1), key=cost)
+    if split_k <= 1 or kv_blocks <= 1:
+        return 0
+    return triton.cdiv(kv_blocks, min(split_k, kv_blocks))
+
+
+@triton.jit
+def _silu(s, alpha, FAST: tl.constexpr):
+    """SiLU(alpha * s). FAST: x * sigmoid(x) = t + t * tanh(t) with t = x / 2, and tanh.approx is a
+    single MUFU op where exp + reciprocal take two; the special-function unit sits on the critical
+    path beside the tensor cores (the exact form measured 1.4x slower at D=256, 1.7x at D=128).
+    Its error (~2^-11 relative) stays below the bf16 rounding of the output."""
+    if FAST:
+        t = s * (0.5 * alpha)
+        th = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [t],
+                                       dtype=tl.float32, is_pure=True, pack=1)
+        return t + t * th
+    else:
+        x = s * alpha
+        return x * tl.sigmoid(x)
+
+
+@triton.jit
+def _load_kv(K, V, KP, VP, page_ids, row0, page_base, offs, kv_len, h, offs_d,
+             stride_kr, stride_kh, stride_vr, stride_vh,
+             stride_kpp, stride_kps, stride_kph, stride_vpp, stride_vps, stride_vph,
+             PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr):
+    """K and V tiles [BLOCK_N, D] of history keys `offs` (positions in the user's key sequence).
+    Masked tiles load zeros past kv_len: a garbage V times a zero score could still give NaN."""
+    ok = offs < kv_len
+    if PAGED:
+        if MASKED:
+            page = tl.load(page_ids + page_base + offs // PAGE_SIZE, mask=ok, other=0)
+        else:
+            page = tl.load(page_ids + page_base + offs // PAGE_SIZE)
+        page = page.to(tl.int64)
+        slot = offs % PAGE_SIZE
+        k_ptr = KP + page[:, None] * stride_kpp + slot[:, None] * stride_kps + h * stride_kph
+        v_ptr = VP + page[:, None] * stride_vpp + slot[:, None] * stride_vps + h * stride_vph
+    else:
+        row = (row0 + offs).to(tl.int64)
+        k_ptr = K + row[:, None] * stride_kr + h * stride_kh
+        v_ptr = V + row[:, None] * stride_vr + h * stride_vh
+    if MASKED:
+        k = tl.load(k_ptr + offs_d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(v_ptr + offs_d[None, :], mask=ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptr + offs_d[None, :])
+        v = tl.load(v_ptr + offs_d[None, :])
+    return k, v
+
+
+@triton.jit
+def _hstu_fwd(Q, K, V, Out, KP, VP, offsets, num_cand, page_indptr, page_ids, cached_len,
+              stride_qr, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh,
+              stride_or, stride_oh,
+              stride_kpp, stride_kps, stride_kph, stride_vpp, stride_vps, stride_vph,
+              num_users, num_heads, num_rows, chunk, alpha, inv_n,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
+              FAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Reversed query blocks: the last blocks see the most keys (causal) and hold the candidates,
+    # so they start first and the short ones fill in behind them.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    b = tl.program_id(1) // num_heads
+    h = tl.program_id(1) % num_heads
+    split = tl.program_id(2)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    if b == num_users:
+        # Without split-K one extra "user" zeroes the dead rows past the last user (graph padding),
+        # as the reference does; with split-K the zero-filled fp32 buffer already holds zeros.
+        start = tl.load(offsets + num_users)
+        zero = tl.zeros([BLOCK_M, HEAD_DIM], dtype=Out.dtype.element_ty)
+        for r0 in range(start + pid_m * BLOCK_M, num_rows, tl.num_programs(0) * BLOCK_M):
+            rows = (r0 + offs_m).to(tl.int64)
+            tl.store(Out + rows[:, None] * stride_or + h * stride_oh + offs_d[None, :], zero,
+                     mask=rows[:, None] < num_rows)
+        return
+
+    row0 = tl.load(offsets + b)
+    seq_len = tl.load(offsets + b + 1) - row0
+    m0 = pid_m * BLOCK_M
+    if m0 >= seq_len:
+        return
+    n_hist = seq_len - tl.load(num_cand + b)  # query rows that are history (the rest: candidates)
+    if PAGED:
+        first = tl.load(cached_len + b)  # absolute key position of query row 0
+        page_base = tl.load(page_indptr + b)
+    else:
+        first = 0
+        page_base = 0
+    kv_len = first + n_hist
+    # Keys this block needs: up to its last history row's position, or all of them if it holds a
+    # candidate. Keys below `full_end` are visible to every row of the block: no mask there.
+    hi = tl.minimum(kv_len, first + m0 + BLOCK_M)
+    full_end = (tl.minimum(first + m0, kv_len) // BLOCK_N) * BLOCK_N
+    lo = 0
+    if SPLIT:
+        lo = split * chunk * BLOCK_N
+        hi = tl.minimum(hi, lo + chunk * BLOCK_N)
+    self_term = (m0 + BLOCK_M > n_hist) & (split == 0)
+    if (lo >= hi) & (self_term == 0):
+        return
+
+    i = m0 + offs_m  # query row within the user
+    row_ok = i < seq_len
+    q_rows = (row0 + i).to(tl.int64)
+    q = tl.load(Q + q_rows[:, None] * stride_qr + h * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if self_term:  # candidate rows see their own key: a rowwise dot, never a candidate tile
+        ks = tl.load(K + q_rows[:, None] * stride_kr + h * stride_kh + offs_d[None, :],
+                     mask=row_ok[:, None], other=0.0).to(tl.float32)
+        vs = tl.load(V + q_rows[:, None] * stride_vr + h * stride_vh + offs_d[None, :],
+                     mask=row_ok[:, None], other=0.0).to(tl.float32)
+        p = _silu(tl.sum(q.to(tl.float32) * ks, axis=1), alpha, False)
+        acc = tl.where((row_ok & (i >= n_hist))[:, None], p[:, None] * vs, 0.0)
+
+    for n0 in range(lo, tl.minimum(hi, full_end), BLOCK_N):
+        k, v = _load_kv(K, V, KP, VP, page_ids, row0, page_base, n0 + offs_n, kv_len, h, offs_d,
+                        stride_kr, stride_kh, stride_vr, stride_vh, stride_kpp, stride_kps,
+                        stride_kph, stride_vpp, stride_vps, stride_vph, PAGED, PAGE_SIZE, False)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
+        p = _silu(s, alpha, FAST)
+        acc += tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    # Blocks on the diagonal / at the kv end: history row i sees key positions <= first + i.
+    for n0 in range(tl.maximum(lo, full_end), hi, BLOCK_N):
+        offs = n0 + offs_n
+        k, v = _load_kv(K, V, KP, VP, page_ids, row0, page_base, offs, kv_len, h, offs_d,
+                        stride_kr, stride_kh, stride_vr, stride_vh, stride_kpp, stride_kps,
+                        stride_kph, stride_vpp, stride_vps, stride_vph, PAGED, PAGE_SIZE, True)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
+        p = _silu(s, alpha, FAST)
+        visible = (offs[None, :] < kv_len) & (
+            (i[:, None] >= n_hist) | (offs[None, :] <= first + i[:, None]))
+        p = tl.where(visible, p, 0.0)
+        acc += tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+
+    out_ptr = Out + q_rows[:, None] * stride_or + h * stride_oh + offs_d[None, :]
+    if SPLIT:
+        tl.atomic_add(out_ptr, acc * inv_n, mask=row_ok[:, None], sem="relaxed")
+    else:
+        tl.store(out_ptr, (acc * inv_n).to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _check(t: torch.Tensor, name: str) -> torch.Tensor:
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name}: the head dim must be contiguous (stride {t.stride()})")
+    return t
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(cfg, D, B, H, max_len, max_kv, split_k, _force, device_index):
+    """Grid decisions from host ints, cached: the hot path only does a dict lookup."""
+    sms = _num_sms(device_index) if device_index >= 0 else 132
+    m_blocks = triton.cdiv(max_len, cfg.block_m)
+    kv_blocks = triton.cdiv(max(max_kv, 1), cfg.block_n)
+    chunk = split_chunk(m_blocks * B * H, kv_blocks, resident_slots(cfg, D, sms), split_k)
+    return m_blocks, kv_blocks, chunk
+
+
+def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, config, out):
+    rows, H, D = q.shape
+    if D < 16 or D > 256 or D & (D - 1):
+        raise ValueError(f"head dim must be a power of two in [16, 256], got {D}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise RuntimeError("Triton attention needs a CUDA device (or TRITON_INTERPRET=1 on CPU)")
+    q, k, v = _check(q, "q"), _check(k, "k"), _check(v, "v")
+    if out is not None:
+        _check(out, "out")
+    paged = k_pages is not None
+    B = batch.batch_size
+    if out is None:
+        out = torch.empty(rows, H, D, dtype=q.dtype, device=q.device)
+    if rows == 0:
+        return out
+    if batch.max_len == 0 or B == 0:
+        return out.zero_()
+    cfg = config or choose_config(D, batch.max_len, paged, q.device)
+    max_kv = batch.pages.max_kv_len if paged else batch.max_len
+    m_blocks, kv_blocks, chunk = _plan(cfg, D, B, H, batch.max_len, max_kv, split_k,
+                                       FORCE_SPLIT_K, q.device.index or 0 if q.is_cuda else -1)
+    splits = triton.cdiv(kv_blocks, chunk) if chunk else 1
+    dst = out
+    if chunk:  # fp32 partial sums over key chunks; dead rows stay zero
+        dst = out if (out.dtype == torch.float32 and out.is_contiguous()) else \
+            torch.zeros(rows, H, D, dtype=torch.float32, device=q.device)
+        if dst is out:
+            dst.zero_()
+    if paged:
+        pt = batch.pages
+        _check(k_pages, "k_pages"), _check(v_pages, "v_pages")
+        page_size = k_pages.shape[1]
+        kp, vp, indptr, ids = k_pages, v_pages, pt.page_indptr, pt.page_ids
+        cached = pt.cached_lengths
+        if ids.numel() == 0:  # nothing is ever read through it, but the kernel wants a pointer
+            ids = indptr
+        pstrides = (*k_pages.stride()[:3], *v_pages.stride()[:3])
+    else:
+        page_size, kp, vp = 1, k, v  # unused in full mode: any valid pointers do
+        indptr = ids = cached = batch.offsets
+        pstrides = (0,) * 6
+    fast = FAST_SILU and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+    grid = (m_blocks, (B + (0 if chunk else 1)) * H, splits)
+    LAST_LAUNCH["kernel"], LAST_LAUNCH["grid"] = _hstu_fwd[grid](
+        q, k, v, dst, kp, vp, batch.offsets, batch.num_candidates, indptr, ids, cached,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        dst.stride(0), dst.stride(1), *pstrides,
+        B, H, rows, chunk, float(alpha), float(inv_n),
+        HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGED=paged,
+        PAGE_SIZE=page_size, SPLIT=bool(chunk), FAST=fast,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages), grid
+    if dst is not out:
+        out.copy_(dst)
+    return out
+
+
+def attention_full(q, k, v, batch: Batch, *, alpha: float, inv_n: float,
+                   split_k: Optional[int] = None, config: Optional[Config] = None,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q, k, v [rows, H, D] jagged by batch.offsets -> [rows, H, D] in q's dtype.
+    split_k: None = by rule, 1 = never, n = about n key splits. out: optional destination."""
+    return _launch(q, k, v, batch, None, None, alpha=alpha, inv_n=inv_n, split_k=split_k,
+                   config=config, out=out)
+
+
+def attention_paged(q, k, v, batch: Batch, k_pages, v_pages, *, alpha: float, inv_n: float,
+                    split_k: Optional[int] = None, config: Optional[Config] = None,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q, k, v: the new rows ([new history | candidates] per user); history keys come from
+    k_pages / v_pages ([P, page_size, H, D] views, any strides) through batch.pages."""
+    return _launch(q, k, v, batch, k_pages, v_pages, alpha=alpha, inv_n=inv_n, split_k=split_k,
+                   config=config, out=out)

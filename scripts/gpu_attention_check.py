@@ -1,0 +1,235 @@
+"""Check and time the Triton HSTU attention on a CUDA GPU (DESIGN §5, §6 goal shapes).
+
+    PYTHONPATH=$PWD python3 scripts/gpu_attention_check.py            # checks + goal-shape table
+    PYTHONPATH=$PWD python3 scripts/gpu_attention_check.py --sweep    # also try other tile configs
+
+Needs only torch and triton (no hydra/wandb). Correctness: bf16 kernels against the reference run
+in float32 on the same inputs. Timing, medians: triton.testing.do_bench (L2 flushed between calls),
+back-to-back eager calls under CUDA events (as the project's timer), and replay from a CUDA graph
+(which also proves the op is capturable: a host sync inside would fail the capture). At batch 1 the
+eager numbers measure the host's launch cost, not the kernel: the graph column is the kernel.
+TFLOP/s = 4 H D x visible (query, key) pairs, candidate self pairs included.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+import triton
+from triton.testing import do_bench, do_bench_cudagraph
+
+from hstu_exp.kvcache.paged import PagedKVCache
+from hstu_exp.model.hstu import append_kv
+from hstu_exp.model.jagged import make_batch
+from hstu_exp.ops import reference
+from hstu_exp.ops import triton_attention as tri
+
+H, D, PAGE = 4, 256, 32
+DT = torch.bfloat16
+
+
+def pairs(history, new, cands):
+    """Visible pairs of one user (as hstu_exp.bench.roofline.attention_pairs)."""
+    cached = history - new
+    return new * cached + new * (new + 1) // 2 + cands * (history + 1)
+
+
+def make_case(B, history, new, cands, *, heads=H, dim=D, page=PAGE, seed=0, jagged=False):
+    """Full mode when new == history, else paged with history - new tokens cached."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape):  # post-SiLU-like magnitudes
+        return (torch.randn(*shape, generator=g, device="cuda") * 0.5).to(DT)
+
+    paged = new < history
+    news, cand, cached = [new] * B, [cands] * B, [history - new] * B
+    if jagged:  # uneven users: 1 is empty, 2 candidate-only, 3 without candidates
+        news = [new, 0, 0, new // 2][:B]
+        cand = [cands, 0, cands // 2, 0][:B]
+        cached = [history - new, (history - new) // 2, (history - new) // 3, history - new + 7][:B]
+        cached = cached if paged else [0] * B
+    hist = [c + n for c, n in zip(cached, news)]
+    rows = [n + c for n, c in zip(news, cand)]
+    q, k, v = (randn(sum(rows), heads, dim) for _ in range(3))
+    if not paged:
+        return dict(paged=False, batch=make_batch(rows, cand, "cuda"), q=q, k=k, v=v,
+                    pairs=sum(pairs(h, n, c) for h, n, c in zip(hist, news, cand)))
+    pages = sum(-(-h // page) for h in hist) + 1
+    cache = PagedKVCache(num_layers=1, num_pages=pages, page_size=page, num_heads=heads,
+                         head_dim=dim, dtype=DT, device="cuda")
+    users = list(range(B))
+    cache.plan(users, cached, [0] * B)
+    cache.pool.copy_(randn(*cache.pool.shape))
+    batch = make_batch(rows, cand, "cuda", cache.plan(users, news, cand))
+    pool = cache.pool[0]
+    append_kv(pool, batch, k, v)
+    return dict(paged=True, batch=batch, q=q, k=k, v=v, kp=pool[:, 0], vp=pool[:, 1],
+                pairs=sum(pairs(h, n, c) for h, n, c in zip(hist, news, cand)))
+
+
+def call(op, case, upcast=False, **kw):
+    q, k, v = case["q"], case["k"], case["v"]
+    alpha, inv_n = 1 / math.sqrt(q.shape[-1]), 1 / 4352
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    if case["paged"]:
+        kp, vp = (case["kp"].float(), case["vp"].float()) if upcast else (case["kp"], case["vp"])
+        return op.attention_paged(q, k, v, case["batch"], kp, vp, alpha=alpha, inv_n=inv_n, **kw)
+    return op.attention_full(q, k, v, case["batch"], alpha=alpha, inv_n=inv_n, **kw)
+
+
+def rel_err(out, ref):
+    """||out - ref|| / ||ref|| and max |out - ref| / max |ref| (the cases have no dead rows)."""
+    o, r = out.double(), ref.double()
+    return float((o - r).norm() / r.norm()), float((o - r).abs().max() / r.abs().max())
+
+
+def reference_fp32(case):
+    with torch.no_grad():
+        return call(reference, case, upcast=True)
+
+
+def kernel_info() -> str:
+    k = tri.LAST_LAUNCH.get("kernel")
+    regs, spills = getattr(k, "n_regs", "?"), getattr(k, "n_spills", "?")
+    smem = getattr(getattr(k, "metadata", None), "shared", "?")
+    return f"grid {tri.LAST_LAUNCH.get('grid')} regs {regs} spills {spills} smem {smem}"
+
+
+def time_it(fn):
+    """(do_bench median ms with L2 flushed, back-to-back eager ms, CUDA-graph replay ms, host us
+    per call). Back-to-back is how the project's timer sees it: host launch cost shows there when
+    it exceeds the kernel's time."""
+    fn()
+    torch.cuda.synchronize()
+    ms = do_bench(fn, warmup=10, rep=60, return_mode="median")
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(50)]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for a, b in events:
+        a.record()
+        fn()
+        b.record()
+    host_us = (time.perf_counter() - t0) / len(events) * 1e6
+    torch.cuda.synchronize()
+    loop_ms = sorted(a.elapsed_time(b) for a, b in events)[len(events) // 2]
+    try:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            graph_ms = do_bench_cudagraph(fn, rep=30, return_mode="median")
+    except Exception as e:  # noqa: BLE001 - report, keep going
+        print(f"    graph capture failed: {type(e).__name__}: {e}", flush=True)
+        graph_ms = float("nan")
+    return ms, loop_ms, graph_ms, host_us
+
+
+def check_correctness():
+    print("== correctness (bf16 vs float32 reference) ==", flush=True)
+    worst = 0.0
+    shapes = [  # (B, history, new, candidates, heads, dim, page, jagged)
+        (3, 900, 900, 128, 4, 128, 32, True), (4, 1000, 1000, 64, 2, 256, 32, True),
+        (4, 1500, 200, 128, 4, 256, 32, True), (2, 700, 50, 100, 3, 64, 16, True),
+        (1, 4096, 128, 256, 4, 256, 32, False), (2, 2048, 2048, 256, 4, 128, 32, False),
+    ]
+    for B, T, n, c, h, d, p, jag in shapes:
+        case = make_case(B, T, n, c, heads=h, dim=d, page=p, jagged=jag, seed=B + T)
+        ref = reference_fp32(case)
+        for split in (None, 1, 6):
+            out = call(tri, case, split_k=split)
+            torch.cuda.synchronize()
+            rel, mx = rel_err(out, ref)
+            worst = max(worst, rel)
+            mode = "paged" if case["paged"] else "full"
+            ok = "ok" if rel < 1e-2 and torch.isfinite(out).all() else "FAIL"
+            print(f"  {mode:5} B={B} T={T} n={n} c={c} H={h} D={d} page={p} jagged={jag} "
+                  f"split={split}: rel {rel:.2e} max {mx:.2e} {ok}", flush=True)
+    return worst
+
+
+C = tri.Config
+GOALS = [  # name, B, history, new, candidates, heads, dim, goal TFLOP/s (None: no stated goal)
+    ("full  B=1", 1, 4096, 4096, 256, H, D, None), ("full  B=8", 8, 4096, 4096, 256, H, D, 400),
+    ("paged B=1", 1, 4096, 128, 256, H, D, 120), ("paged B=2", 2, 4096, 128, 256, H, D, None),
+    ("paged B=4", 4, 4096, 128, 256, H, D, None), ("paged B=8", 8, 4096, 128, 256, H, D, None),
+]
+EXTRA = [  # --sweep only: the D=128 table entries
+    ("full  B=8 H8 D128", 8, 4096, 4096, 256, 8, 128, None),
+    ("paged B=1 H8 D128", 1, 4096, 128, 256, 8, 128, None),
+]
+SWEEP = {  # case -> [(config, split_k)] tried with --sweep
+    "full  B=1": [(C(128, 64, 8, 2), s) for s in (2, 3)],
+    "paged B=1": [(C(128, 64, 8, 2), s) for s in (6, 8, 16, 22)]
+    + [(C(64, 32, 4, 3), s) for s in (None, 6, 11)] + [(C(128, 32, 8, 3), s) for s in (None, 11)]
+    + [(C(64, 64, 4, 2), 11)],
+    "paged B=8": [(C(128, 64, 8, 2), s) for s in (2, 3, 6)]
+    + [(C(64, 32, 4, 3), s) for s in (1, 2)],
+    "full  B=8 H8 D128": [(c, None) for c in (C(128, 64, 8, 3), C(128, 128, 8, 2), C(128, 64, 4, 3),
+                                              C(64, 64, 4, 3), C(128, 32, 4, 3))],
+    "paged B=1 H8 D128": [(C(128, 64, 8, 3), s) for s in (None, 1, 4)]
+    + [(C(64, 64, 4, 3), s) for s in (None, 6)],
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true", help="also time other tile configs / splits")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--no-ref", action="store_true", help="skip timing the reference")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    t0 = time.time()
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}"
+          f"  SMs {torch.cuda.get_device_properties(0).multi_processor_count}", flush=True)
+    worst = 0.0 if args.no_check else check_correctness()
+    print(f"[{time.time() - t0:.0f}s] == timing (bf16, page {PAGE}); ms: do_bench (L2 flushed) / "
+          f"back-to-back eager / CUDA graph ==", flush=True)
+    rows = []
+    for name, B, T, n, c, heads, dim, goal in GOALS + (EXTRA if args.sweep else []):
+        case = make_case(B, T, n, c, heads=heads, dim=dim)
+        flops = 4 * heads * dim * case["pairs"]
+        ref = reference_fp32(case)
+        variants = [("triton auto", {}), ("triton split=1", {"split_k": 1})]
+        if args.sweep:
+            variants.append(("triton exact-silu", {"exact": True}))
+            variants += [(f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} "
+                          f"split={split}", {"config": cfg, "split_k": split})
+                         for cfg, split in SWEEP.get(name, [])]
+        for label, kw in variants:
+            tri.FAST_SILU = not kw.pop("exact", False)
+            try:
+                out = call(tri, case, **kw)
+                rel, _ = rel_err(out, ref)
+                times = time_it(lambda: call(tri, case, **kw))
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory; keep going
+                print(f"  {name} {label}: {type(e).__name__} {e}"[:300], flush=True)
+                continue
+            finally:
+                tri.FAST_SILU = True
+            rows.append((name, label, *times, flops, rel, goal))
+            print(f"  {name} {label:28} {times[0]:.3f} / {times[1]:.3f} / {times[2]:.3f} ms  "
+                  f"{flops / times[2] / 1e9:4.0f} TFLOP/s (graph)  host {times[3]:.0f} us  "
+                  f"rel {rel:.1e}  {kernel_info()}", flush=True)
+        if not args.no_ref:
+            with torch.no_grad():
+                times = time_it(lambda: call(reference, case))
+            rows.append((name, "reference (bf16)", *times, flops, float("nan"), goal))
+        del case, ref
+        torch.cuda.empty_cache()
+        print(f"[{time.time() - t0:.0f}s] {name} done", flush=True)
+
+    print("\n| case | variant | do_bench ms | eager ms | graph ms | TFLOP/s do_bench / eager / "
+          "graph | rel err | goal |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, label, ms, loop_ms, gms, _host, flops, rel, goal in rows:
+        tf = " / ".join(f"{flops / t / 1e9:.0f}" for t in (ms, loop_ms, gms))
+        print(f"| {name} | {label} | {ms:.3f} | {loop_ms:.3f} | {gms:.3f} | {tf} | {rel:.1e} | "
+              f"{goal or ''} |")
+    print(f"worst correctness rel error {worst:.2e}; total {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
