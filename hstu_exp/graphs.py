@@ -92,6 +92,21 @@ def _padded(t: torch.Tensor, n: int, fill) -> torch.Tensor:
     return out
 
 
+def capture(fn, mempool=None):
+    """Warm fn up on a side stream (kernel selection happens there), then capture one call.
+    Returns (graph, output); graph.replay() refreshes the output in place."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=mempool):
+        out = fn()
+    return graph, out
+
+
 class _Captured:
     def __init__(self, layout: _Layout, i32, i64, x, out, graph):
         self.layout, self.i32, self.i64, self.x, self.out, self.graph = \
@@ -163,15 +178,7 @@ class GraphedBlock:
             layout.views(i32, i64)["new_page"].fill_(self.scratch)
         x = torch.zeros(bucket.rows, self.hidden, dtype=self.dtype, device=self.device)
         batch = self._static_batch(bucket, layout.views(i32, i64))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: kernel selection and autotuning happen here
-            for _ in range(2):
-                self.block(x, batch, self.pool)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.mempool):
-            out = self.block(x, batch, self.pool)
+        graph, out = capture(lambda: self.block(x, batch, self.pool), self.mempool)
         return _Captured(layout, i32, i64, x, out, graph)
 
     def replay(self, x: torch.Tensor, staged: Staged) -> torch.Tensor:

@@ -97,3 +97,19 @@ def test_impossible_point_is_skipped_and_sweep_goes_on(tmp_path):
     assert [r["status"] for r in recs] == ["ok", "skipped"]
     assert "cache.num_pages=3" in recs[1]["reason"]
     assert proc.returncode == 0
+
+
+def test_failing_point_is_recorded_and_sweep_goes_on(tmp_path):
+    """kernel=triton on a CPU without Triton's interpreter raises inside the point."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the triton point would not fail on a GPU")
+    proc = hstu_exp("-m", "logger=none", "kernel=triton,reference", *FAST,
+                    f"hydra.sweep.dir={tmp_path}", env={"TRITON_INTERPRET": "0"})
+    recs = {r["kernel"]: r for r in records(tmp_path)}
+    assert recs["triton"]["status"] == "failed"
+    assert "needs a CUDA device" in recs["triton"]["error"]
+    assert recs["reference"]["status"] == "ok"  # the point after the failure still ran
+    assert proc.returncode == 1
+    assert (tmp_path / "results.csv").exists()
