@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,12 +22,20 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from hstu_exp.config import ConfigError, point_problem, register_configs, validate
+from hstu_exp.config import (ConfigError, device_problem, point_problem, register_configs,
+                             validate)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 register_configs()
 
 _failed = []  # statuses of this process's points, for the exit code
+_sweep = {}  # sweep dir and logger of the points run in this process, for a close-out on Ctrl-C
+_stop = [signal.SIGINT]  # the signal that interrupted the sweep, for the exit code
+
+
+def _on_sigterm(signum, frame):
+    _stop[0] = signum
+    raise KeyboardInterrupt  # SIGTERM takes Ctrl-C's path: the point in progress is marked
 
 # Flags that hand control to Hydra's own reporting (help, printing config, ...).
 _PASS_THROUGH = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "--shell-completion",
@@ -69,6 +78,12 @@ def _expand(overrides):
     return out
 
 
+def _device_problem(cfg):
+    from hstu_exp.env import resolve_device
+
+    return device_problem(cfg) if resolve_device(cfg.device).type != "cuda" else None
+
+
 def preflight(args) -> int:
     """Validate; return the number of points (1 for a single run)."""
     multirun = "-m" in args or "--multirun" in args
@@ -96,7 +111,7 @@ def preflight(args) -> int:
         for overrides_ in variants:
             point = compose("config", overrides=overrides_)
             validate(point)
-            if not multirun and (problem := point_problem(point)):
+            if not multirun and (problem := point_problem(point) or _device_problem(point)):
                 raise ConfigError(problem)
     return math.prod(len(v) for _, v in swept) if multirun else 1
 
@@ -111,6 +126,8 @@ def app(cfg) -> None:
     sweep_dir = Path(hc.sweep.dir) if multirun else None
     group = (sweep_dir or job_dir).name
     validate(cfg)
+    if multirun:
+        _sweep.update(dir=sweep_dir, logger=OmegaConf.to_container(cfg.logger, resolve=True))
     record = run_point(cfg, job_dir=job_dir, group=group,
                        point=hc.job.num if multirun else 0,
                        total=sweep_total() if multirun else 1,
@@ -133,11 +150,20 @@ def main() -> None:
             sys.exit(2)
         os.environ["HSTU_EXP_POINTS"] = str(points)
         os.environ.setdefault("HSTU_EXP_STARTED", str(time.time()))
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
     except KeyboardInterrupt:
-        print("hstu-exp: interrupted; finished records are on disk", file=sys.stderr)
-        sys.exit(130)
+        print("hstu-exp: interrupted; finished records are on disk", file=sys.stderr, flush=True)
+        if _sweep:  # the close-out still runs, on what the sweep dir holds
+            from hstu_exp.report.callback import close_out
+
+            close_out(_sweep["dir"], logger=_sweep["logger"])
+        elif "-m" in args or "--multirun" in args:
+            print("hstu-exp: no point ran in this process (with Slurm, submitted jobs go on: "
+                  "scancel them, or close out later with scripts/plot_sweep.py SWEEP_DIR --csv)",
+                  file=sys.stderr)
+        sys.exit(128 + _stop[0])
     if any(_failed):
         sys.exit(1)
 

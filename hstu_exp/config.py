@@ -197,6 +197,15 @@ def point_problem(cfg) -> Optional[str]:
         if c.num_pages < need:
             return (f"cache.num_pages={c.num_pages}: the pool holds fewer pages than one batch "
                     f"needs ({need} = batch_size {w.batch_size} x {pages_per_user} pages)")
-    if cfg.graph.mode == "cudagraph" and cfg.device == "cpu":
-        return "graph=cudagraph: CUDA graphs need device=cuda (or auto on a GPU machine)"
+    return None
+
+
+def device_problem(cfg) -> Optional[str]:
+    """What this point needs that a CPU device lacks, or None."""
+    import os
+
+    if cfg.graph.mode == "cudagraph":
+        return "graph=cudagraph: CUDA graphs need a CUDA device"
+    if cfg.kernel.name == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "kernel=triton: needs a CUDA device (or TRITON_INTERPRET=1, Triton's CPU interpreter)"
     return None

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from hstu_exp.config import point_problem
+from hstu_exp.config import device_problem, point_problem
 from hstu_exp.env import environment, resolve_device
 from hstu_exp.tracking.records import RESULTS_FILE, append_record, read_records
 
@@ -86,8 +86,8 @@ def run_point(cfg, *, job_dir: Path, group: str, point: int, total: int | None,
               "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               **values, "job_dir": str(job_dir)}
     problem = point_problem(cfg)
-    if problem is None and cfg.graph.mode == "cudagraph" and device.type != "cuda":
-        problem = "graph=cudagraph: CUDA graphs need a CUDA device"
+    if problem is None and device.type != "cuda":
+        problem = device_problem(cfg)
     if problem:
         record.update(status="skipped", reason=problem)
     else:
@@ -95,6 +95,8 @@ def run_point(cfg, *, job_dir: Path, group: str, point: int, total: int | None,
         t0 = time.perf_counter()
         try:
             record.update(_run_workload(cfg, device, progress, job_dir))
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (cli.main): mark this point, then stop
+            record.update(status="failed", error="interrupted")
         except Exception as exc:  # noqa: BLE001 - a failing point is recorded; the sweep goes on
             record.update(status="failed", error=f"{type(exc).__name__}: {exc}".strip()[:2000],
                           traceback=traceback.format_exc(limit=8)[-4000:])
@@ -103,6 +105,9 @@ def run_point(cfg, *, job_dir: Path, group: str, point: int, total: int | None,
         record["wall_s"] = round(time.perf_counter() - t0, 3)
     record.update(environment(device.type))
     append_record(job_dir, record)  # on disk before W&B sees anything
+    if record["error"] == "interrupted":
+        progress(result_line(record))
+        raise KeyboardInterrupt
 
     if cfg.logger.name == "wandb":
         from hstu_exp.tracking.wandb_sink import log_point

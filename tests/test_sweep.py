@@ -100,16 +100,26 @@ def test_impossible_point_is_skipped_and_sweep_goes_on(tmp_path):
 
 
 def test_failing_point_is_recorded_and_sweep_goes_on(tmp_path):
-    """kernel=triton on a CPU without Triton's interpreter raises inside the point."""
+    """A pool of 10^9 pages cannot be allocated: that point raises, the next one still runs."""
+    proc = hstu_exp("-m", "logger=none", "cache.num_pages=1000000000,64", *FAST,
+                    f"hydra.sweep.dir={tmp_path}")
+    recs = {r["point"]: r for r in records(tmp_path)}
+    assert recs[0]["status"] == "failed" and "allocate" in recs[0]["error"], recs[0]["error"]
+    assert recs[1]["status"] == "ok"
+    assert proc.returncode == 1
+    assert (tmp_path / "results.csv").exists() and "1 failed" in proc.stdout
+
+
+def test_cpu_only_options_are_refused_or_skipped(tmp_path):
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("the triton point would not fail on a GPU")
-    proc = hstu_exp("-m", "logger=none", "kernel=triton,reference", *FAST,
-                    f"hydra.sweep.dir={tmp_path}", env={"TRITON_INTERPRET": "0"})
-    recs = {r["kernel"]: r for r in records(tmp_path)}
-    assert recs["triton"]["status"] == "failed"
-    assert "needs a CUDA device" in recs["triton"]["error"]
-    assert recs["reference"]["status"] == "ok"  # the point after the failure still ran
-    assert proc.returncode == 1
-    assert (tmp_path / "results.csv").exists()
+        pytest.skip("this machine has a GPU")
+    env = {"TRITON_INTERPRET": "0"}
+    proc = hstu_exp("kernel=triton", "logger=none", f"hydra.run.dir={tmp_path}/run", env=env)
+    assert proc.returncode == 2 and "kernel=triton: needs a CUDA device" in proc.stderr
+    proc = hstu_exp("-m", "logger=none", "graph=none,cudagraph", *FAST,
+                    f"hydra.sweep.dir={tmp_path}/sweep", env=env)
+    recs = {r["graph"]: r for r in records(tmp_path / "sweep")}
+    assert recs["none"]["status"] == "ok" and recs["cudagraph"]["status"] == "skipped"
+    assert proc.returncode == 0
