@@ -1,0 +1,306 @@
+"""Compare two sweeps point by point: `hstu-exp-compare SWEEP_A SWEEP_B` (= scripts/compare.py).
+
+    hstu-exp-compare outputs/multirun/<before> outputs/multirun/<after>
+    hstu-exp-compare BASE/results.csv NEW --fail-above 1.05      # exit 1 on a slower point
+    hstu-exp-compare BASE NEW --ignore kernel --threshold 1.10 --csv joined.csv
+
+A sweep is a sweep dir (its results.jsonl records, or its results.csv when it holds no records,
+as in outputs/published/) or a results.csv file. The ok records of both are joined on the swept
+keys (SWEPT_KEYS); a key that holds one value in each sweep but different values between them
+(e.g. kernel=reference in A and kernel=triton in B) is left out of the join, so two sweeps of
+the same grid with one choice changed line up. Ratios are B / A: median and p90 latency and
+peak memory (> 1 is worse) and the floor fraction (< 1 is worse). A point is flagged when a
+ratio is worse than --threshold; the geometric mean of each ratio closes the table. A figure
+(B vs A latency, and the ratio of every metric per point) goes to --figure, by default
+SWEEP_B/figures/compare_vs_<A>.png. Exit status: 0, or 1 when --fail-above R is given and a
+point's median ratio (or with --gate geomean, the geometric mean) is above R; 2 on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hstu_exp.tracking.records import RESULTS_FILE, SWEPT_KEYS
+
+# (record column, short name, True when larger is worse)
+METRICS = [("median_ms", "median", True), ("p90_ms", "p90", True),
+           ("mem_allocated_bytes", "memory", True), ("floor_fraction", "floor", False)]
+_SHORT = {"batch_size": "B", "total_history": "T", "new_history": "n", "num_candidates": "cand",
+          "page_size": "page"}
+
+
+class CompareError(ValueError):
+    pass
+
+
+def load_sweep(path) -> pd.DataFrame:
+    """The records of a sweep dir (or its results.csv), or of a results.csv file."""
+    from hstu_exp.report.aggregate import CSV_FILE, load
+
+    path = Path(path)
+    if path.is_file():
+        return pd.read_csv(path)
+    if not path.is_dir():
+        raise CompareError(f"{path}: no such sweep dir or results.csv")
+    if next(path.rglob(RESULTS_FILE), None) is not None:
+        return load(path)
+    if (path / CSV_FILE).is_file():
+        return pd.read_csv(path / CSV_FILE)
+    raise CompareError(f"{path}: holds neither {RESULTS_FILE} records nor {CSV_FILE}")
+
+
+def _canon(value) -> str:
+    """One spelling per key value, whether it came from JSON (None, 32) or CSV (NaN, 32.0)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _ok(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["status"] == "ok"] if "status" in df else df
+
+
+def join(a: pd.DataFrame, b: pd.DataFrame, ignore=()) -> tuple[pd.DataFrame, list, dict]:
+    """(joined ok records with ratio columns, join keys, {key: (value in A, value in B)} of the
+    keys left out because they differ sweep-wide)."""
+    a, b = _ok(a).copy(), _ok(b).copy()
+    if a.empty or b.empty:
+        raise CompareError(f"no ok records in sweep {'A' if a.empty else 'B'}")
+    keys = [k for k in SWEPT_KEYS if k in a and k in b and k not in ignore]
+    for df in (a, b):
+        for k in keys:
+            df[k] = df[k].map(_canon)
+    differ = {}
+    for k in keys:
+        va, vb = set(a[k]), set(b[k])
+        if len(va) == 1 and len(vb) == 1 and va != vb:
+            differ[k] = (va.pop(), vb.pop())
+    on = [k for k in keys if k not in differ]
+    metrics = [m for m, _, _ in METRICS]
+    sides = []
+    for df, tag in ((a, "a"), (b, "b")):
+        df = df.drop_duplicates(on, keep="last")  # a point run twice: its newest record
+        cols = {m: f"{m}_{tag}" for m in metrics if m in df}
+        sides.append(df[on + list(cols)].rename(columns=cols))
+    joined = sides[0].merge(sides[1], on=on, how="inner")
+    for m in metrics:
+        ma, mb = f"{m}_a", f"{m}_b"
+        if ma in joined and mb in joined:
+            va = pd.to_numeric(joined[ma], errors="coerce")
+            vb = pd.to_numeric(joined[mb], errors="coerce")
+            joined[f"{m}_ratio"] = (vb / va).where((va > 0) & (vb > 0))
+    joined.attrs["only_a"] = len(sides[0]) - len(joined)
+    joined.attrs["only_b"] = len(sides[1]) - len(joined)
+    return joined, on, differ
+
+
+def geomean(series: pd.Series) -> float:
+    x = pd.to_numeric(series, errors="coerce").dropna()
+    x = x[x > 0]
+    return float(np.exp(np.log(x).mean())) if len(x) else float("nan")
+
+
+def flag(joined: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Adds `worse_<metric>` booleans and `regression` (any metric worse than the threshold)."""
+    out = joined.copy()
+    worse = []
+    for m, _, larger_worse in METRICS:
+        r = f"{m}_ratio"
+        if r not in out:
+            continue
+        bad = out[r] > threshold if larger_worse else out[r] < 1 / threshold
+        out[f"worse_{m}"] = bad.fillna(False)
+        worse.append(f"worse_{m}")
+    out["regression"] = out[worse].any(axis=1) if worse else False
+    return out
+
+
+def _fmt_ms(v) -> str:
+    return "-" if v is None or v != v else f"{v:.3f}"
+
+
+def _fmt_ratio(v, bad: bool) -> str:
+    return "-" if v is None or v != v else f"{v:.3f}" + ("!" if bad else " ")
+
+
+def format_table(joined: pd.DataFrame, on: list, *, threshold: float, name_a: str,
+                 name_b: str) -> str:
+    """One row per joined point: the keys that vary, A and B median, B/A ratios; then the
+    geometric means."""
+    shown = [k for k in on if joined[k].nunique() > 1] or on[:1]
+    metrics = [(m, s, w) for m, s, w in METRICS if f"{m}_ratio" in joined
+               and joined[f"{m}_ratio"].notna().any()]
+    head = [_SHORT.get(k, k) for k in shown] + ["A median ms", "B median ms"] + \
+        [f"{s} B/A" for _, s, _ in metrics] + ["worse"]
+    rows = [head]
+    for _, r in joined.iterrows():
+        rows.append([str(r[k]) or "-" for k in shown] +
+                    [_fmt_ms(r.get("median_ms_a")), _fmt_ms(r.get("median_ms_b"))] +
+                    [_fmt_ratio(r[f"{m}_ratio"], bool(r.get(f"worse_{m}", False)))
+                     for m, _, _ in metrics] +
+                    [" ".join(s for m, s, _ in metrics if r.get(f"worse_{m}", False))])
+    gm = ["geomean"] + [""] * (len(shown) + 1) + \
+        [_fmt_ratio(geomean(joined[f"{m}_ratio"]), False) for m, _, _ in metrics] + [""]
+    widths = [max(len(row[i]) for row in rows + [gm]) for i in range(len(head))]
+
+    def line(row):
+        return "  ".join(c.rjust(w) for c, w in zip(row, widths)).rstrip()
+
+    out = [f"B/A: A = {name_a}, B = {name_b}; '!' = worse than {threshold:g}x "
+           "(latency, memory: higher; floor fraction: lower)"]
+    out += [line(rows[0]), line(["-" * w for w in widths])] + [line(r) for r in rows[1:]]
+    out += [line(["-" * w for w in widths]), line(gm)]
+    n_reg = int(joined["regression"].sum())
+    out.append(f"{len(joined)} points joined, {n_reg} flagged"
+               f" ({joined.attrs.get('only_a', 0)} only in A, "
+               f"{joined.attrs.get('only_b', 0)} only in B)")
+    return "\n".join(out)
+
+
+def draw(joined: pd.DataFrame, path: Path, *, threshold: float, name_a: str, name_b: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker as mticker
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    a, b = joined["median_ms_a"].astype(float), joined["median_ms_b"].astype(float)
+    slower = joined.get("worse_median_ms", pd.Series(False, index=joined.index))
+    ax1.scatter(a[~slower], b[~slower], s=22, alpha=0.85, color="tab:blue", label="within")
+    ax1.scatter(a[slower], b[slower], s=22, alpha=0.85, color="tab:red",
+                label=f"slower than {threshold:g}x")
+    lo, hi = float(min(a.min(), b.min())) * 0.8, float(max(a.max(), b.max())) * 1.25
+    xs = np.array([lo, hi])
+    ax1.plot(xs, xs, color="grey", lw=0.8, label="B = A")
+    ax1.plot(xs, xs * threshold, color="tab:red", lw=0.8, ls="--", label=f"B = {threshold:g} A")
+    ax1.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="A median (ms)",
+            ylabel="B median (ms)", title="median latency per point")
+    ax1.legend(loc="upper left")
+
+    long = []
+    for m, short, _ in METRICS:
+        r = f"{m}_ratio"
+        if r in joined and joined[r].notna().any():
+            worse = joined.get(f"worse_{m}", pd.Series(False, index=joined.index))
+            long += [{"metric": short, "ratio": v, "worse": bool(w)}
+                     for v, w in zip(joined[r], worse) if v == v]
+    ratios = pd.DataFrame(long)
+    sns.stripplot(data=ratios, x="metric", y="ratio", hue="worse", ax=ax2, alpha=0.75,
+                  jitter=0.25, palette={False: "tab:blue", True: "tab:red"}, legend=False)
+    for i, short in enumerate(ratios["metric"].unique()):
+        g = geomean(ratios.loc[ratios["metric"] == short, "ratio"])
+        ax2.plot([i - 0.35, i + 0.35], [g, g], color="black", lw=2)
+        ax2.annotate(f"{g:.3f}", (i + 0.37, g), va="center", fontsize=8)
+    ax2.axhline(1.0, color="grey", lw=0.8)
+    ax2.set_yscale("log")
+    ax2.set(ylabel="B / A (bar: geometric mean)", xlabel="",
+            title="B / A per point (red: worse than the threshold)")
+    for ax, axis in ((ax1, "x"), (ax1, "y"), (ax2, "y")):
+        ticks = getattr(ax, f"{axis}axis")
+        ticks.set_major_locator(mticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ticks.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ticks.set_minor_formatter(mticker.NullFormatter())
+    fig.suptitle(f"A = {name_a}   B = {name_b}   ({len(joined)} points)", y=1.02)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def compare(path_a, path_b, *, threshold: float = 1.05, ignore=()) -> tuple[pd.DataFrame, list,
+                                                                            dict]:
+    joined, on, differ = join(load_sweep(path_a), load_sweep(path_b), ignore=ignore)
+    if joined.empty:
+        raise CompareError("no point of A matches a point of B on the swept keys "
+                           f"({', '.join(on)}); --ignore KEY leaves a key out of the join")
+    return flag(joined, threshold), on, differ
+
+
+def _name(path: Path) -> str:
+    path = Path(path).resolve()
+    if not path.is_file():
+        return path.name
+    return path.parent.name if path.stem == "results" else f"{path.parent.name}/{path.stem}"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="hstu-exp-compare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("sweep_a", type=Path, help="baseline: sweep dir or results.csv")
+    p.add_argument("sweep_b", type=Path, help="candidate: sweep dir or results.csv")
+    p.add_argument("--threshold", type=float, default=1.05,
+                   help="flag a point whose ratio is worse than this (default 1.05)")
+    p.add_argument("--fail-above", type=float, default=None, metavar="R",
+                   help="exit 1 when a point's median latency ratio B/A is above R")
+    p.add_argument("--gate", choices=("any", "geomean"), default="any",
+                   help="what --fail-above looks at: any point (default) or the geometric mean")
+    p.add_argument("--ignore", action="append", default=[], metavar="KEY",
+                   help="leave a swept key out of the join (repeatable)")
+    p.add_argument("--figure", type=Path, default=None,
+                   help="where to write the figure (default SWEEP_B/figures/compare_vs_<A>.png)")
+    p.add_argument("--no-figure", action="store_true", help="do not draw the figure")
+    p.add_argument("--csv", type=Path, default=None, help="also write the joined table here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    name_a, name_b = _name(args.sweep_a), _name(args.sweep_b)
+    if name_a == name_b:
+        name_a, name_b = f"A:{name_a}", f"B:{name_b}"
+    try:
+        joined, on, differ = compare(args.sweep_a, args.sweep_b, threshold=args.threshold,
+                                     ignore=args.ignore)
+    except CompareError as exc:
+        print(f"hstu-exp-compare: error: {exc}", file=sys.stderr)
+        return 2
+    if differ:
+        print("joined ignoring keys that differ between the sweeps: " +
+              ", ".join(f"{k} ({va or '-'} -> {vb or '-'})" for k, (va, vb) in differ.items()))
+    print(format_table(joined, on, threshold=args.threshold, name_a=name_a, name_b=name_b))
+    if args.csv:
+        joined.to_csv(args.csv, index=False)
+        print(f"table: {args.csv}")
+    if not args.no_figure:
+        figure = args.figure
+        if figure is None:
+            base = args.sweep_b if args.sweep_b.is_dir() else args.sweep_b.parent
+            figure = base / "figures" / f"compare_vs_{_name(args.sweep_a).replace('/', '_')}.png"
+        draw(joined, figure, threshold=args.threshold, name_a=name_a, name_b=name_b)
+        print(f"figure: {figure}")
+    if args.fail_above is not None:
+        ratios = joined["median_ms_ratio"]
+        if args.gate == "geomean":
+            value = geomean(ratios)
+            failed = value > args.fail_above
+            what = f"geometric mean of median latency B/A {value:.3f}"
+        else:
+            failed = bool((ratios > args.fail_above).any())
+            worst = joined.loc[ratios.fillna(0).idxmax()]
+            where = ", ".join(f"{_SHORT.get(k, k)}={worst[k] or '-'}" for k in on
+                              if joined[k].nunique() > 1)
+            what = (f"{int((ratios > args.fail_above).sum())} point(s) with median latency B/A "
+                    f"above {args.fail_above:g} (worst {ratios.max():.3f}"
+                    + (f" at {where})" if where else ")"))
+        if failed:
+            print(f"REGRESSION: {what}", file=sys.stderr)
+            return 1
+        print(f"gate passed: median latency B/A at most {args.fail_above:g} "
+              f"({'geometric mean' if args.gate == 'geomean' else 'every point'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

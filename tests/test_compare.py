@@ -1,0 +1,133 @@
+"""scripts/compare.py (= hstu-exp-compare): two real sweeps of the same grid give a ratio table
+with the geometric mean and a figure; a synthetic regression trips --fail-above."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from hstu_exp.report.compare import main as compare_main
+from helpers import FAST, ROOT, hstu_exp
+from test_sweep import assert_real_png
+
+GRID = ["model=tiny", "logger=none", "cache=none,paged", "workload.batch_size=1,2",
+        "workload.total_history=64", "workload.new_history=64", *FAST]
+
+
+@pytest.fixture(scope="module")
+def two_sweeps(tmp_path_factory):
+    out = []
+    for name in ("before", "after"):
+        sweep = tmp_path_factory.mktemp("cmp") / name
+        proc = hstu_exp("-m", *GRID, f"hydra.sweep.dir={sweep}")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        out.append(sweep)
+    return out
+
+
+def edited_copy(src: Path, dst: Path, edit) -> Path:
+    """A copy of a sweep whose records went through edit(record) -> record."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("results.csv", "figures"))
+    for f in dst.rglob("results.jsonl"):
+        recs = [edit(json.loads(line)) for line in f.read_text().splitlines()]
+        f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return dst
+
+
+def slower(factor, only=lambda r: True):
+    def edit(r):
+        if r["status"] == "ok" and only(r):
+            r = {**r, "median_ms": r["median_ms"] * factor, "p90_ms": r["p90_ms"] * factor}
+        return r
+    return edit
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "compare.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_two_sweeps_of_one_grid_give_ratio_table_geomean_and_figure(two_sweeps, tmp_path):
+    a, b = two_sweeps
+    proc = run_script(a, b, "--csv", tmp_path / "joined.csv")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for column in ("A median ms", "B median ms", "median B/A", "p90 B/A", "floor B/A"):
+        assert column in out, out
+    assert re.search(r"^geomean\s+\d+\.\d{3}", out, re.M), out
+    assert "4 points joined" in out and "(0 only in A, 0 only in B)" in out
+    assert_real_png(b / "figures" / "compare_vs_before.png")
+    joined = pd.read_csv(tmp_path / "joined.csv")
+    assert len(joined) == 4
+    assert joined["median_ms_ratio"].tolist() == pytest.approx(
+        (joined["median_ms_b"] / joined["median_ms_a"]).tolist())
+
+
+def test_synthetic_regression_fails_the_gate(two_sweeps, tmp_path, capsys):
+    a, _ = two_sweeps
+    same = edited_copy(a, tmp_path / "same", lambda r: r)
+    worse = edited_copy(a, tmp_path / "worse", slower(1.2))
+    one_worse = edited_copy(a, tmp_path / "one_worse",
+                            slower(1.5, only=lambda r: (r["cache"], r["batch_size"]) == ("paged", 2)))
+
+    assert compare_main([str(a), str(same), "--fail-above", "1.05", "--no-figure"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^geomean\s+1\.000", out, re.M) and "gate passed" in out
+
+    # the CLI as a user runs it: script, exit status, message
+    proc = run_script(a, worse, "--fail-above", "1.05")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "REGRESSION: 4 point(s) with median latency B/A above 1.05" in proc.stderr
+    assert re.search(r"^geomean\s+1\.200\s+1\.200", proc.stdout, re.M), proc.stdout
+    assert proc.stdout.count("1.200!") >= 8  # median and p90 of every point flagged
+    assert (worse / "figures" / "compare_vs_before.png").is_file()
+
+    # one point 1.5x slower: fails per point, passes on the geometric mean (1.5 ** 0.25)
+    assert compare_main([str(a), str(one_worse), "--fail-above", "1.05", "--no-figure"]) == 1
+    assert compare_main([str(a), str(one_worse), "--fail-above", "1.15", "--gate", "geomean",
+                         "--no-figure"]) == 0
+    assert f"{1.5 ** 0.25:.3f}" in capsys.readouterr().out
+    # without --fail-above it only reports
+    assert compare_main([str(a), str(worse), "--no-figure"]) == 0
+
+
+def test_join_on_swept_keys(two_sweeps, tmp_path, capsys):
+    a, _ = two_sweeps
+    # a sweep-wide change of one choice (kernel) is left out of the join and said so
+    other = edited_copy(a, tmp_path / "triton", lambda r: {**r, "kernel": "triton"})
+    assert compare_main([str(a), str(other), "--no-figure"]) == 0
+    out = capsys.readouterr().out
+    assert "ignoring keys that differ between the sweeps: kernel (reference -> triton)" in out
+    assert "4 points joined" in out
+    # a results.csv (as in outputs/published/) joins with a sweep dir; the grid's overlap only
+    shutil.copy(a / "results.csv", tmp_path / "results.csv")
+    part = edited_copy(a, tmp_path / "part", lambda r: {**r, "batch_size": r["batch_size"] * 2})
+    assert compare_main([str(tmp_path / "results.csv"), str(part), "--no-figure"]) == 0
+    assert "2 points joined" in capsys.readouterr().out
+    # nothing in common: exit 2 with the keys it tried
+    none = edited_copy(a, tmp_path / "none", lambda r: {**r, "batch_size": r["batch_size"] + 10,
+                                                        "total_history": 1})
+    assert compare_main([str(a), str(none), "--no-figure"]) == 2
+    assert "no point of A matches" in capsys.readouterr().err
+    assert compare_main([str(a), str(tmp_path / "missing")]) == 2
+
+
+def test_console_script_and_plot_sweep(two_sweeps, tmp_path):
+    a, b = two_sweeps
+    exe = Path(sys.executable).parent / "hstu-exp-compare"
+    if exe.exists():
+        proc = subprocess.run([str(exe), str(a), str(b), "--no-figure"], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0 and "geomean" in proc.stdout, proc.stderr
+    # plot_sweep redraws the figures (and the CSV) from disk alone
+    copy = edited_copy(a, tmp_path / "replot", lambda r: r)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_sweep.py"), str(copy),
+                           "--csv"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("latency_vs_history", "speedup_bars", "speedup_heatmap"):
+        assert_real_png(copy / "figures" / f"{name}.png")
+    assert (copy / "results.csv").read_text() == (a / "results.csv").read_text()
