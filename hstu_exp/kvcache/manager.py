@@ -1,0 +1,119 @@
+"""KV-cache manager: which prefix of each request is already cached, and only the rest computed.
+
+Lookup is by user id and the request's sequence: the cache holds the first `cached_length(user)`
+tokens of the user's sequence (GPU or host tier) and the manager keeps the token ids they were
+computed from, so a request whose history shrank or changed is caught before stale K/V is
+served: the user's cache is dropped (both tiers), one line says what happened, and the whole
+sequence is recomputed. Host-side bookkeeping only; the cache (`PagedKVCache` or
+`OffloadPagedKVCache`) owns pages and transfers.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from hstu_exp.data.synthetic import Request
+from hstu_exp.kvcache.paged import PagedKVCache
+
+log = logging.getLogger(__name__)
+
+
+class CapacityError(ValueError):
+    """A single request needs more pages than a tier holds."""
+
+
+def pages_for(tokens: int, page_size: int) -> int:
+    return -(-tokens // page_size)
+
+
+def capacity_problem(*, seq_tokens: int, batch_size: int, page_size: int, num_pages: int,
+                     host_pages: Optional[int]) -> Optional[str]:
+    """Why a pool (and host tier) cannot serve batches of requests of up to `seq_tokens` cached
+    tokens (context + history), or None."""
+    one = pages_for(seq_tokens, page_size)
+    if num_pages < batch_size * one:
+        return (f"cache.num_pages={num_pages}: the KV pool holds fewer pages than one batch needs "
+                f"({batch_size} requests x {one} pages of {page_size} tokens for {seq_tokens} "
+                f"tokens)")
+    if host_pages is not None and host_pages < one:
+        return (f"cache.host_pages={host_pages}: the host tier holds fewer pages than one request "
+                f"needs ({one} pages of {page_size} tokens for {seq_tokens} tokens)")
+    return None
+
+
+class KVCacheManager:
+    def __init__(self, cache: PagedKVCache, *, warn: Callable[[str], None] = log.warning):
+        self.cache = cache
+        self.warn = warn
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every user, in the cache too, and zero the statistics."""
+        self.cache.reset()
+        self._seen: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # user -> (kinds, ids)
+        self.hit_tokens = self.computed_tokens = self.invalidations = 0
+        self.last_starts: List[int] = []  # cached prefix per request of the last batch planned
+
+    def lookup(self, request: Request) -> int:
+        """Tokens at the start of the request's sequence whose K/V the cache holds."""
+        user = request.user
+        held = self.cache.cached_length(user)
+        seen = self._seen.get(user)
+        if held == 0 or seen is None:
+            if held:  # pages without a record of their ids: never serve them
+                self.cache.drop(user)
+            self._seen.pop(user, None)
+            return 0
+        kinds, ids = seen
+        problem = None
+        if request.seq_len < held:
+            problem = (f"its sequence shrank from {held} cached tokens to {request.seq_len}")
+        elif not (torch.equal(request.ids[:held], ids[:held])
+                  and torch.equal(request.kinds[:held], kinds[:held])):
+            diff = (request.ids[:held] != ids[:held]) | (request.kinds[:held] != kinds[:held])
+            first = int(diff.nonzero()[0])
+            problem = f"token {first} of its {held} cached tokens changed"
+        if problem:
+            self.warn(f"user {user}: {problem}; dropped its cached K/V, recomputing from scratch")
+            self.invalidations += 1
+            self.cache.drop(user)
+            self._seen.pop(user, None)
+            return 0
+        return held
+
+    def plan(self, requests: Sequence[Request]):
+        """(cached prefix per request, PageTable, on_layer hook or None) for one batch; pages for
+        the uncached tokens are reserved (evicting / offloading least-recent users)."""
+        users = [r.user for r in requests]
+        if len(set(users)) != len(users):
+            raise ValueError(f"a batch holds each user once, got {users}")
+        size = self.cache.page_size
+        for r in requests:
+            if pages_for(r.seq_len, size) > self.cache.num_pages:
+                raise CapacityError(
+                    f"user {r.user}: a request of {r.seq_len} tokens needs "
+                    f"{pages_for(r.seq_len, size)} pages of {size}; the KV pool holds "
+                    f"{self.cache.num_pages} (raise cache.num_pages)")
+        starts: List[int] = [self.lookup(r) for r in requests]
+        new = [r.seq_len - s for r, s in zip(requests, starts)]
+        table = self.cache.plan(users, new, [r.candidates.numel() for r in requests])
+        for r in requests:
+            self._seen[r.user] = (r.kinds.clone(), r.ids.clone())  # what the K/V came from
+        self.last_starts = starts
+        self.hit_tokens += sum(starts)
+        self.computed_tokens += sum(new) + sum(r.candidates.numel() for r in requests)
+        hook = getattr(self.cache, "layer_hook", None)
+        return starts, table, hook() if hook else None
+
+    def stats(self) -> dict:
+        """Cache statistics since reset (synchronizes on CUDA when a host tier is in use)."""
+        out = {"hit_tokens": self.hit_tokens, "computed_tokens": self.computed_tokens,
+               "evictions": self.cache.evictions, "invalidations": self.invalidations,
+               "offloaded_bytes": 0, "onloaded_bytes": 0, "onload_wait_ms": 0.0,
+               "host_evictions": 0}
+        transfers = getattr(self.cache, "transfer_stats", None)
+        if transfers:
+            out.update(transfers())
+        return out

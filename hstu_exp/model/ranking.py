@@ -1,0 +1,80 @@
+"""The HSTU ranking model (DESIGN §1.1, §2): embeddings -> HSTU block -> candidate outputs,
+L2-normalised -> one MLP per task -> per-task logits.
+
+`rank` serves one batch of requests: cache lookup and stripping (through the manager), token
+rows, embeddings, block, heads. The block call goes through `block_fn(x, batch, pool, on_layer)`
+so a graph runner can stand in for the eager block without touching the rest of the step.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hstu_exp.data.synthetic import Request
+from hstu_exp.model.embeddings import SequenceEmbeddings
+from hstu_exp.model.hstu import HSTUBlock
+from hstu_exp.model.jagged import make_batch
+
+
+class TaskHeads(nn.Module):
+    """Per task an MLP `hidden -> widths[0] -> ... -> widths[-1]` (ReLU between layers)."""
+
+    def __init__(self, *, hidden: int, widths: Sequence[int], num_tasks: int):
+        super().__init__()
+
+        def mlp():
+            dims = [hidden, *widths]
+            layers = []
+            for i, (a, b) in enumerate(zip(dims, dims[1:])):
+                layers.append(nn.Linear(a, b))
+                if i < len(dims) - 2:
+                    layers.append(nn.ReLU())
+            return nn.Sequential(*layers)
+
+        self.tasks = nn.ModuleList(mlp() for _ in range(num_tasks))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [candidates, hidden] -> logits [candidates, num_tasks * widths[-1]]."""
+        h = F.normalize(h, dim=-1)
+        return torch.cat([task(h) for task in self.tasks], dim=-1)
+
+
+class HSTURanker(nn.Module):
+    def __init__(self, *, num_layers: int, hidden: int, num_heads: int, head_dim: int,
+                 scaling_length: int, kernel: str, item_vocab: int, action_vocab: int,
+                 num_context: int, context_vocab: int, max_history: int,
+                 position_embedding: bool, head_widths: Sequence[int], num_tasks: int):
+        super().__init__()
+        self.embeddings = SequenceEmbeddings(
+            hidden=hidden, item_vocab=item_vocab, action_vocab=action_vocab,
+            num_context=num_context, context_vocab=context_vocab, max_history=max_history,
+            position_embedding=position_embedding)
+        self.block = HSTUBlock(num_layers=num_layers, hidden=hidden, num_heads=num_heads,
+                               head_dim=head_dim, scaling_length=scaling_length, kernel=kernel)
+        self.heads = TaskHeads(hidden=hidden, widths=head_widths, num_tasks=num_tasks)
+
+
+BlockFn = Callable[..., torch.Tensor]  # (x, batch, pool, on_layer) -> [rows, hidden]
+
+
+@torch.no_grad()
+def rank(model: HSTURanker, requests: Sequence[Request], *, device, manager=None,
+         block_fn: Optional[BlockFn] = None, return_hidden: bool = False):
+    """Logits [sum of candidates, tasks] of a batch of requests, user by user.
+
+    manager: a `KVCacheManager` (lookup, strip the cached prefix, plan pages, layer-wise onload
+    waits) or None for a full recompute of every sequence."""
+    if manager is not None:
+        starts, table, on_layer = manager.plan(requests)
+        pool = manager.cache.pool
+    else:
+        starts, table, on_layer, pool = [0] * len(requests), None, None, None
+    tokens = model.embeddings.tokens(requests, starts, device)
+    batch = make_batch(tokens.rows, tokens.num_candidates, device, table)
+    x = model.embeddings(tokens)
+    h = (block_fn or model.block)(x, batch, pool, on_layer)[tokens.candidate_rows]
+    logits = model.heads(h)
+    return (logits, h) if return_hidden else logits

@@ -1,0 +1,264 @@
+"""The ranking stack end to end. Central test: random request streams over many users through a
+pool small enough to force evictions and host round trips; every candidate's logits equal an
+independent float64 full recompute of that user's whole sequence (direct table lookups, the
+block written from DESIGN §2 with explicit per-head loops, the heads by hand)."""
+import copy
+import json
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+
+from hstu_exp.bench import e2e
+from hstu_exp.cli import CONF_DIR
+from hstu_exp.config import ConfigError
+from hstu_exp.data.synthetic import ACTION, CONTEXT, ITEM, SyntheticStream, interleave, Request
+from hstu_exp.kvcache.manager import KVCacheManager
+from hstu_exp.kvcache.offload import OffloadPagedKVCache
+from hstu_exp.kvcache.paged import PagedKVCache
+from hstu_exp.model.ranking import HSTURanker, rank
+from helpers import hstu_exp
+
+SIZES = dict(num_layers=2, hidden=16, num_heads=2, head_dim=8, item_vocab=300, action_vocab=9,
+             num_context=2, context_vocab=13, max_history=64, head_widths=[8, 1], num_tasks=3)
+PAGE = 8
+
+
+def make_model(**over):
+    torch.manual_seed(random.randrange(1 << 30))
+    sizes = {**SIZES, **over}
+    model = HSTURanker(scaling_length=sizes["max_history"] + 8, kernel="reference",
+                       position_embedding=True, **sizes)
+    with torch.no_grad():  # keep the attention away from zero so errors are relative to signal
+        for p in model.block.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def make_cache(kind, *, num_pages, host_pages, layers=2):
+    kwargs = dict(num_layers=layers, num_pages=num_pages, page_size=PAGE, num_heads=2,
+                  head_dim=8, dtype=torch.float32, device="cpu")
+    if kind == "paged_offload":
+        return OffloadPagedKVCache(host_pages=host_pages, **kwargs)
+    return PagedKVCache(**kwargs)
+
+
+# -- the independent reference -------------------------------------------------------------------
+
+@torch.no_grad()
+def reference_logits(model: HSTURanker, r: Request) -> torch.Tensor:
+    emb = model.embeddings
+    tables = {CONTEXT: "context_table", ITEM: "item_table", ACTION: "action_table"}
+    weight = {k: emb.collection.embeddings[t].weight.double() for k, t in tables.items()
+              if t in emb.collection.embeddings}
+    C, T = r.num_context, r.history
+    rows = [weight[int(k)][int(i)] for k, i in zip(r.kinds, r.ids)]
+    rows += [weight[ITEM][int(i)] for i in r.candidates]
+    pos = [emb.max_history + 1 + s for s in range(C)] + list(range(T)) + [T] * len(r.candidates)
+    x = torch.stack(rows) * math.sqrt(emb.hidden) + emb.positions.weight.double()[pos]
+    length, history = x.shape[0], r.seq_len
+    mask = torch.zeros(length, length, dtype=torch.float64)
+    for i in range(length):
+        if i < history:
+            mask[i, :i + 1] = 1  # history: causal (context tokens are history too)
+        else:
+            mask[i, :history] = 1  # a candidate sees the history and itself
+            mask[i, i] = 1
+    block = model.block
+    for layer in block.layers:
+        H, D = layer.num_heads, layer.head_dim
+        p = {n: t.double() for n, t in layer.named_parameters()}
+        n = F.layer_norm(x, (x.shape[1],), p["norm.weight"], p["norm.bias"], 1e-5)
+        z = F.silu(n @ p["uvqk.weight"].T + p["uvqk.bias"])
+        u, v, q, k = z.split(H * D, dim=-1)
+        heads = []
+        for h in range(H):
+            sl = slice(h * D, (h + 1) * D)
+            s = F.silu(q[:, sl] @ k[:, sl].T / math.sqrt(D)) * block.inv_n
+            heads.append((s * mask) @ v[:, sl])
+        a = F.layer_norm(torch.cat(heads, -1), (H * D,), p["attn_norm.weight"],
+                         p["attn_norm.bias"], 1e-5)
+        x = x + (u * a) @ p["out.weight"].T
+    h = x[history:]
+    h = h / h.norm(dim=-1, keepdim=True)
+    logits = []
+    for task in model.heads.tasks:
+        t = h
+        for mod in task:
+            t = torch.relu(t) if isinstance(mod, torch.nn.ReLU) else \
+                t @ mod.weight.double().T + mod.bias.double()
+        logits.append(t)
+    return torch.cat(logits, -1)
+
+
+def assert_matches(model, batch, logits, tol=1e-4):
+    for r, got in zip(batch, logits.split([r.candidates.numel() for r in batch])):
+        want = reference_logits(model, r)
+        err = float((got.cpu().double() - want).norm() / want.norm())
+        assert err < tol, f"user {r.user}: relative error {err:.2e}"
+
+
+# -- streams ---------------------------------------------------------------------------------
+
+def random_users(n, *, num_context=2, max_history=64):
+    seqs = []
+    for _ in range(n):
+        items = torch.randint(SIZES["item_vocab"], (max_history // 2,))
+        actions = torch.randint(SIZES["action_vocab"], (max_history // 2,))
+        seqs.append(interleave(torch.randint(SIZES["context_vocab"], (num_context,)), items,
+                               actions))
+    return seqs
+
+
+def request(seqs, user, history, num_context=2, candidates=None):
+    kinds, ids = seqs[user]
+    end = num_context + history
+    cands = candidates if candidates is not None else \
+        torch.randint(SIZES["item_vocab"], (random.randint(1, 6),))
+    return Request(user=user, kinds=kinds[:end], ids=ids[:end], candidates=cands,
+                   num_context=num_context)
+
+
+def serve_random_stream(model, manager, *, device="cpu", ref_model=None, tol=1e-4):
+    """45 batches of 1-2 of 9 users whose histories grow by 0..12 tokens (odd lengths too)."""
+    seqs = random_users(9)
+    history = [0] * len(seqs)
+    for _ in range(45):
+        users = random.sample(range(len(seqs)), random.randint(1, 2))
+        batch = []
+        for u in users:
+            history[u] = min(history[u] + random.randint(0, 12), 64)
+            batch.append(request(seqs, u, history[u]))
+        logits = rank(model, batch, device=device, manager=manager)
+        assert_matches(ref_model or model, batch, logits, tol)
+    return manager.stats()
+
+
+@pytest.mark.parametrize("kind", ["paged", "paged_offload"])
+def test_random_streams_match_a_full_recompute(kind):
+    model = make_model()
+    # 66 tokens at most = 9 pages a user: the pool holds about two users, the host three.
+    manager = KVCacheManager(make_cache(kind, num_pages=20, host_pages=28))
+    stats = serve_random_stream(model, manager)
+    assert stats["evictions"] > 0 and stats["hit_tokens"] > 0, stats
+    if kind == "paged_offload":
+        assert stats["offloaded_bytes"] > 0 and stats["onloaded_bytes"] > 0, stats
+        assert stats["host_evictions"] > 0, stats  # some users recomputed from scratch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_random_streams_match_on_cuda_with_side_stream_onloads(dtype, tol):
+    model = make_model()
+    gpu_model = copy.deepcopy(model).to("cuda", dtype)
+    cache = OffloadPagedKVCache(num_layers=2, num_pages=20, page_size=PAGE, num_heads=2,
+                                head_dim=8, host_pages=28, dtype=dtype, device="cuda")
+    stats = serve_random_stream(gpu_model, KVCacheManager(cache), device="cuda",
+                                ref_model=model if dtype == torch.float32 else
+                                copy.deepcopy(gpu_model).cpu().float(), tol=tol)
+    assert stats["onloaded_bytes"] > 0 and stats["onload_wait_ms"] >= 0, stats
+
+
+def test_a_changed_or_shrunk_history_is_recomputed_never_served_stale():
+    model = make_model()
+    messages = []
+    manager = KVCacheManager(make_cache("paged_offload", num_pages=20, host_pages=28),
+                             warn=messages.append)
+    seqs = random_users(2)
+    batch = [request(seqs, 0, 30), request(seqs, 1, 20)]
+    assert_matches(model, batch, rank(model, batch, device="cpu", manager=manager))
+
+    shrunk = [request(seqs, 0, 10)]  # history shrank below what is cached
+    assert_matches(model, shrunk, rank(model, shrunk, device="cpu", manager=manager))
+    assert messages[-1] == ("user 0: its sequence shrank from 32 cached tokens to 12; "
+                            "dropped its cached K/V, recomputing from scratch")
+    assert manager.last_starts == [0]
+
+    kinds, ids = seqs[1]
+    ids = ids.clone()
+    assert kinds[7] == ACTION
+    ids[7] = (ids[7] + 1) % SIZES["action_vocab"]  # an action in the cached prefix changed
+    seqs[1] = (kinds, ids)
+    changed = [request(seqs, 1, 24)]
+    assert_matches(model, changed, rank(model, changed, device="cpu", manager=manager))
+    assert messages[-1] == ("user 1: token 7 of its 22 cached tokens changed; "
+                            "dropped its cached K/V, recomputing from scratch")
+    assert manager.stats()["invalidations"] == 2 and manager.last_starts == [0]
+
+    grown = [request(seqs, 1, 30)]  # and the new prefix is cached again
+    assert_matches(model, grown, rank(model, grown, device="cpu", manager=manager))
+    assert manager.last_starts == [26] and len(messages) == 2
+
+
+def test_the_synthetic_stream_grows_histories_reproducibly():
+    kw = dict(batch_size=3, num_batches=9, num_candidates=4, history_start=8, history_step=4,
+              max_history=20, num_context=1, item_vocab=50, action_vocab=5, context_vocab=7)
+    a = SyntheticStream(num_users=5, seed=3, **kw)
+    b = SyntheticStream(num_users=5, seed=3, **kw)
+    served = {}
+    for ba, bb in zip(a.batches, b.batches):
+        assert len({r.user for r in ba}) == 3
+        for ra, rb in zip(ba, bb):
+            assert torch.equal(ra.ids, rb.ids) and torch.equal(ra.candidates, rb.candidates)
+            k = served.get(ra.user, 0)
+            assert ra.history == min(8 + 4 * k, 20)
+            if k:  # the earlier request is a prefix: histories only grow
+                assert torch.equal(ra.ids[:prev[ra.user].numel()], prev[ra.user])
+            served[ra.user] = k + 1
+            prev = {**locals().get("prev", {}), ra.user: ra.ids}
+    assert sorted(served) == list(range(5))  # rounds visit every user
+    seed = SyntheticStream(num_users=2, seed=0, **{**kw, "batch_size": 2})
+    assert all(sorted(r.user for r in batch) == [0, 1] for batch in seed.batches)
+
+
+def compose_cfg(*overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=["workload=e2e", "model=tiny", "logger=none",
+                                            "device=cpu", *overrides])
+
+
+def test_modes_without_a_cache_or_graphs_say_so():
+    with pytest.raises(ConfigError, match="workload.mode=cache needs cache=paged or "
+                                          "cache=paged_offload"):
+        e2e.run(compose_cfg("cache=none"), torch.device("cpu"), progress=lambda m: None)
+    with pytest.raises(NotImplementedError, match="mode=cache_graph needs graph=cudagraph"):
+        e2e.run(compose_cfg("workload.mode=cache_graph"), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="cache.host_pages=4: the host tier holds fewer pages"):
+        e2e.run(compose_cfg("cache=paged_offload", "cache.host_pages=4"), torch.device("cpu"),
+                progress=lambda m: None)
+
+
+def test_done_when_command(tmp_path):
+    """hstu-exp workload=e2e model=tiny cache=paged_offload verify=true logger=none"""
+    proc = hstu_exp("workload=e2e", "model=tiny", "cache=paged_offload", "verify=true",
+                    "logger=none", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (r,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert r["status"] == "ok", r.get("error")
+    assert r["workload"] == "e2e" and r["mode"] == "cache" and r["cache"] == "paged_offload"
+    assert r["max_rel_error"] < 1e-4
+    assert r["evictions"] > 0 and r["offloaded_bytes"] > 0 and r["onloaded_bytes"] > 0
+    assert r["hit_tokens"] > 0 and r["computed_tokens"] > 0 and r["onload_wait_ms"] >= 0
+    assert r["iterations"] == len(r["samples_ms"]) >= 16 and r["passes"] >= 1
+    assert r["total_ms"] > 0 and r["throughput_cps"] > 0 and r["median_ms"] > 0
+    assert 0 < r["floor_fraction"] < 5
+
+
+def test_baseline_vs_cache_sweep_draws_the_e2e_figures(tmp_path):
+    proc = hstu_exp("-m", "workload=e2e", "model=tiny", "workload.mode=baseline,cache",
+                    "workload.batch_size=2", "workload.num_users=4", "workload.num_batches=8",
+                    "workload.warmup=1", "workload.min_time_s=0.01", "workload.iters=8",
+                    "calibrate=false", "logger=none", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = [json.loads(line) for p in sorted(tmp_path.rglob("results.jsonl"))
+            for line in p.read_text().splitlines()]
+    by_mode = {r["mode"]: r for r in recs}
+    assert set(by_mode) == {"baseline", "cache"} and all(r["status"] == "ok" for r in recs)
+    assert by_mode["baseline"]["cache"] == "none" and by_mode["baseline"]["hit_tokens"] == 0
+    assert by_mode["cache"]["hit_tokens"] > 0
+    assert by_mode["cache"]["computed_tokens"] < by_mode["baseline"]["computed_tokens"]
+    for name in ("e2e_latency", "e2e_speedup"):
+        assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 5000
