@@ -57,7 +57,7 @@ def reuse(kind: str, key, make):
     if hit is not None and hit[0] == key:
         return hit[1]
     _BUILT.pop(kind, None)
-    if kind in ("block", "cache"):  # captured graphs point into the old block's memory
+    if kind != "graphs":  # captured graphs point into the old modules' memory
         _BUILT.pop("graphs", None)
     obj = make()
     _BUILT[kind] = (key, obj)
@@ -95,6 +95,6 @@ def shared_graphs(block, cache, model, graph, *, device, dtype, progress):
             pool=None if cache is None else cache.pool,
             page_size=0 if cache is None else cache.page_size, max_history=model.max_history,
             scratch_page=0 if cache is None else cache.scratch_page, progress=progress)
-    graphs = reuse("graphs", _plain(graph), make)
+    graphs = reuse("graphs", [_plain(graph), id(block), id(cache)], make)
     graphs.progress = progress
     return graphs

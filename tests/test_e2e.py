@@ -224,7 +224,7 @@ def test_modes_without_a_cache_or_graphs_say_so():
     with pytest.raises(ConfigError, match="workload.mode=cache needs cache=paged or "
                                           "cache=paged_offload"):
         e2e.run(compose_cfg("cache=none"), torch.device("cpu"), progress=lambda m: None)
-    with pytest.raises(NotImplementedError, match="mode=cache_graph needs graph=cudagraph"):
+    with pytest.raises(ConfigError, match="mode=cache_graph: CUDA graphs need a CUDA device"):
         e2e.run(compose_cfg("workload.mode=cache_graph"), torch.device("cpu"))
     with pytest.raises(ConfigError, match="cache.host_pages=4: the host tier holds fewer pages"):
         e2e.run(compose_cfg("cache=paged_offload", "cache.host_pages=4"), torch.device("cpu"),
@@ -262,3 +262,15 @@ def test_baseline_vs_cache_sweep_draws_the_e2e_figures(tmp_path):
     assert by_mode["cache"]["computed_tokens"] < by_mode["baseline"]["computed_tokens"]
     for name in ("e2e_latency", "e2e_speedup"):
         assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 5000
+
+
+@pytest.mark.gpu
+def test_cache_graph_mode_matches_full_recompute_on_cuda():
+    """Graph replays (with host onloads before each) serve the stream; verify against fp32."""
+    cfg = compose_cfg("workload.mode=cache_graph", "cache=paged_offload", "verify=true",
+                      "device=cuda", "workload.min_time_s=0.01", "workload.iters=1",
+                      "graph.token_buckets=[128,512,1024]")
+    r = e2e.run(cfg, torch.device("cuda"), progress=lambda m: None)
+    assert r["graph"] == "cudagraph" and r["bucket"]
+    assert r["max_rel_error"] < 1e-4, r["max_rel_error"]
+    assert r["evictions"] > 0 and r["onloaded_bytes"] > 0

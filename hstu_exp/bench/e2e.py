@@ -7,8 +7,8 @@ cache lookup and fingerprint check, stripping the cached prefix, page planning, 
 copies (and the compute's waits for them), token rows + KJT, embeddings, block, heads. Passes
 repeat until `iters` batches and `min_time_s` are reached; every batch latency is a sample (CUDA
 events around each batch, so host work the device waits for counts, as it does for a server).
-The block is called through `rank(..., block_fn=...)`: mode=cache_graph will pass a graph runner
-there; until then it stops with NotImplementedError.
+The block is called through `rank(..., block_fn=...)`: mode=cache_graph passes the CUDA-graph
+runner there (buckets from the graph config; host onloads land before each replay).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from hstu_exp.bench.roofline import block_work, floor, peaks
 from hstu_exp.bench.timer import Timing
-from hstu_exp.builders import model_dtype, reuse, scaling_length, shared_cache
+from hstu_exp.builders import model_dtype, reuse, scaling_length, shared_cache, shared_graphs
 from hstu_exp.config import ConfigError
 from hstu_exp.data.synthetic import SyntheticStream
 from hstu_exp.kvcache.manager import KVCacheManager, capacity_problem
@@ -54,12 +54,12 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor, counts: List[int]) -> 
 
 def run(cfg, device: torch.device, progress=print, job_dir=None) -> dict:
     m, w, c = cfg.model, cfg.workload, cfg.cache
-    if w.mode == "cache_graph":
-        raise NotImplementedError("mode=cache_graph needs graph=cudagraph support")
-    cached = w.mode == "cache"
+    cached = w.mode in ("cache", "cache_graph")
     if cached and c.mode == "none":
-        raise ConfigError("workload.mode=cache needs cache=paged or cache=paged_offload "
+        raise ConfigError(f"workload.mode={w.mode} needs cache=paged or cache=paged_offload "
                           "(cache=none is workload.mode=baseline)")
+    if w.mode == "cache_graph" and device.type != "cuda":
+        raise ConfigError("workload.mode=cache_graph: CUDA graphs need a CUDA device")
     dtype = model_dtype(m)
     B, k = w.batch_size, w.num_candidates
     stream = SyntheticStream(
@@ -81,10 +81,23 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> dict:
             raise ConfigError(problem)
         manager = KVCacheManager(cache, warn=progress)
 
+    block_fn, buckets = None, set()
+    if w.mode == "cache_graph":
+        graphs = shared_graphs(model.block, manager.cache, m, cfg.graph, device=device,
+                               dtype=dtype, progress=progress)
+
+        def block_fn(x, batch, pool, on_layer):
+            if on_layer is not None:  # one replay runs every layer: all onloads must land first
+                for layer in range(m.num_layers):
+                    on_layer(layer)
+            staged = graphs.stage(batch, x.shape[0])
+            buckets.add(staged.bucket.name)
+            return graphs.replay(x, staged)
+
     starts: List[List[int]] = []  # cached prefix per request of each batch served
 
     def step(batch):
-        out = rank(model, batch, device=device, manager=manager)
+        out = rank(model, batch, device=device, manager=manager, block_fn=block_fn)
         starts.append(manager.last_starts if manager is not None else [0] * len(batch))
         return out
 
@@ -115,7 +128,10 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> dict:
               "num_batches": w.num_batches, "num_users": w.num_users or B,
               "history_start": w.history_start, "history_step": w.history_step,
               "total_history": stream.max_history, "new_history": None,
-              "graph": "none"}  # both modes run the block eagerly, whatever graph= says
+              # the mode decides, whatever graph= says
+              "graph": "cudagraph" if w.mode == "cache_graph" else "none"}
+    if buckets:
+        result["bucket"] = ",".join(sorted(buckets))
     if manager is not None:  # the last pass (every pass serves the same stream the same way)
         result.update(manager.stats())
         result["kv_pool_bytes"] = manager.cache.nbytes
@@ -152,7 +168,7 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> dict:
         result.update(profile_step(lambda i: step(stream.batches[i]), device=device,
                                    iters=len(stream.batches), out_dir=job_dir))
     if cfg.verify:
-        result["max_rel_error"] = _verify(model, stream.batches, manager, device)
+        result["max_rel_error"] = _verify(model, stream.batches, manager, device, block_fn)
         if manager is not None:  # the verify pass left its own state
             manager.reset()
     return result
@@ -179,7 +195,7 @@ def _time_pass(batches, step, device):
 
 
 @torch.no_grad()
-def _verify(model, batches, manager, device) -> float:
+def _verify(model, batches, manager, device, block_fn=None) -> float:
     """The stream served again (fresh cache) vs a float32 full recompute of every user's whole
     sequence: worst relative error of candidate outputs and logits."""
     ref = copy.deepcopy(model).float()
@@ -189,7 +205,8 @@ def _verify(model, batches, manager, device) -> float:
     worst = 0.0
     for batch in batches:
         counts = [r.candidates.numel() for r in batch]
-        logits, h = rank(model, batch, device=device, manager=manager, return_hidden=True)
+        logits, h = rank(model, batch, device=device, manager=manager, block_fn=block_fn,
+                         return_hidden=True)
         ref_logits, ref_h = rank(ref, batch, device=device, return_hidden=True)
         worst = max(worst, _relative_error(logits, ref_logits, counts),
                     _relative_error(h, ref_h, counts))
