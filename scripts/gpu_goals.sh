@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The sweeps behind the performance goals (DESIGN §6), sized to fit one ~8-minute GPU call.
+#   scripts/gpu_goals.sh OUT_DIR      (on the GPU box, after the install line of gpu_run.sh)
+# Writes one sweep dir per experiment under OUT_DIR and prints the goal table last.
+set -u
+out=${1:?usage: scripts/gpu_goals.sh OUT_DIR}
+run() { local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 -m hstu_exp -m logger=none hydra.sweep.dir="$out/$name" "$@" \
+    > "$out/$name.log" 2>&1; echo "$name: exit $?"; }
+run block_triton_graph 170 experiment=seed_block kernel=triton graph=cudagraph workload.min_time_s=0.2
+run block_goal_cases 60 experiment=seed_block kernel=reference,triton graph=none,cudagraph \
+  workload.min_time_s=0.2 workload.batch_size=1,8 workload.total_history=4096 workload.new_history=128,4096
+run attention 60 experiment=seed_attention workload.min_time_s=0.2
+run e2e 110 experiment=seed_e2e workload.min_time_s=0.3 workload.warmup=8
+python3 scripts/goals.py "$out"/block_goal_cases "$out"/attention "$out"/e2e
