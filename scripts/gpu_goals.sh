@@ -11,5 +11,5 @@ run block_triton_graph 170 experiment=seed_block kernel=triton graph=cudagraph w
 run block_goal_cases 60 experiment=seed_block kernel=reference,triton graph=none,cudagraph \
   workload.min_time_s=0.2 workload.batch_size=1,8 workload.total_history=4096 workload.new_history=128,4096
 run attention 60 experiment=seed_attention workload.min_time_s=0.2
-run e2e 110 experiment=seed_e2e workload.min_time_s=0.3 workload.warmup=8
+run e2e 110 experiment=seed_e2e workload.min_time_s=0.3
 python3 scripts/goals.py "$out"/block_goal_cases "$out"/attention "$out"/e2e
