@@ -7,7 +7,6 @@ record instead. Exit status 1 when any point failed.
 """
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import signal

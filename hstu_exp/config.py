@@ -189,6 +189,9 @@ def point_problem(cfg) -> Optional[str]:
         return f"workload.batch_size={w.batch_size}: more than the model's max_batch={m.max_batch}"
     if w.name == "e2e" and w.num_candidates == 0:
         return "workload.num_candidates=0: a ranking request needs at least one candidate"
+    if w.name == "e2e" and w.mode != "baseline" and c.mode == "none":
+        return (f"workload.mode={w.mode} needs cache=paged or cache=paged_offload "
+                "(cache=none is workload.mode=baseline)")
     if c.mode != "none" and c.num_pages is not None:
         pages_per_user = -(-min(w.total_history, m.max_history) // c.page_size)
         if w.name == "e2e":
@@ -206,6 +209,8 @@ def device_problem(cfg) -> Optional[str]:
 
     if cfg.graph.mode == "cudagraph":
         return "graph=cudagraph: CUDA graphs need a CUDA device"
+    if cfg.workload.name == "e2e" and cfg.workload.mode == "cache_graph":
+        return "workload.mode=cache_graph: CUDA graphs need a CUDA device"
     if cfg.kernel.name == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         return "kernel=triton: needs a CUDA device (or TRITON_INTERPRET=1, Triton's CPU interpreter)"
     return None

@@ -39,6 +39,8 @@ def swept_values(cfg, device: torch.device) -> dict:
 def point_name(values: dict) -> str:
     parts = [values["workload"], values["model"], values["cache"], values["kernel"],
              values["graph"]] + ([values["mode"]] if values["mode"] else [])
+    if values["workload"] == "e2e":  # its histories come from the stream, not T and n
+        return "-".join(parts) + f"-b{values['batch_size']}-c{values['num_candidates']}"
     return "-".join(parts) + (f"-b{values['batch_size']}-T{values['total_history']}"
                               f"-n{values['new_history']}-c{values['num_candidates']}")
 

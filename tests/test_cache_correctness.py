@@ -3,41 +3,19 @@
 The reference is a direct per-user, per-head loop over DESIGN §2 (no gathers, no pages), so it
 shares no indexing code with the block under test."""
 import copy
-import math
 import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from hstu_exp.kvcache.paged import CacheFullError, PagedKVCache
 from hstu_exp.model.hstu import HSTUBlock
 from hstu_exp.model.jagged import make_batch
+from helpers import spec_block
 
 
 def naive_block(block: HSTUBlock, seq: torch.Tensor, num_candidates: int) -> torch.Tensor:
-    """One user's whole sequence, written straight from the spec with explicit loops over heads."""
-    x = seq
-    length, history = seq.shape[0], seq.shape[0] - num_candidates
-    mask = torch.zeros(length, length, dtype=x.dtype)
-    for i in range(length):
-        if i < history:
-            mask[i, : i + 1] = 1
-        else:
-            mask[i, :history] = 1
-            mask[i, i] = 1
-    for layer in block.layers:
-        H, D = layer.num_heads, layer.head_dim
-        z = F.silu(layer.uvqk(layer.norm(x)))
-        u, v, q, k = z.split(H * D, dim=-1)
-        heads = []
-        for h in range(H):
-            sl = slice(h * D, (h + 1) * D)
-            s = F.silu(q[:, sl] @ k[:, sl].T / math.sqrt(D)) * block.inv_n
-            heads.append((s * mask) @ v[:, sl])
-        a = torch.cat(heads, dim=-1)
-        x = x + layer.out(u * layer.attn_norm(a))
-    return x
+    return spec_block(block, seq, seq.shape[0] - num_candidates).to(seq.dtype)
 
 
 def make_block(hidden=16, heads=2, head_dim=8, layers=2, scaling=300):

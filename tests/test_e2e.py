@@ -9,7 +9,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 from hstu_exp.bench import e2e
@@ -20,7 +19,7 @@ from hstu_exp.kvcache.manager import KVCacheManager
 from hstu_exp.kvcache.offload import OffloadPagedKVCache
 from hstu_exp.kvcache.paged import PagedKVCache
 from hstu_exp.model.ranking import HSTURanker, rank
-from helpers import hstu_exp
+from helpers import spec_block, hstu_exp
 
 SIZES = dict(num_layers=2, hidden=16, num_heads=2, head_dim=8, item_vocab=300, action_vocab=9,
              num_context=2, context_vocab=13, max_history=64, head_widths=[8, 1], num_tasks=3)
@@ -59,29 +58,8 @@ def reference_logits(model: HSTURanker, r: Request) -> torch.Tensor:
     rows += [weight[ITEM][int(i)] for i in r.candidates]
     pos = [emb.max_history + 1 + s for s in range(C)] + list(range(T)) + [T] * len(r.candidates)
     x = torch.stack(rows) * math.sqrt(emb.hidden) + emb.positions.weight.double()[pos]
-    length, history = x.shape[0], r.seq_len
-    mask = torch.zeros(length, length, dtype=torch.float64)
-    for i in range(length):
-        if i < history:
-            mask[i, :i + 1] = 1  # history: causal (context tokens are history too)
-        else:
-            mask[i, :history] = 1  # a candidate sees the history and itself
-            mask[i, i] = 1
-    block = model.block
-    for layer in block.layers:
-        H, D = layer.num_heads, layer.head_dim
-        p = {n: t.double() for n, t in layer.named_parameters()}
-        n = F.layer_norm(x, (x.shape[1],), p["norm.weight"], p["norm.bias"], 1e-5)
-        z = F.silu(n @ p["uvqk.weight"].T + p["uvqk.bias"])
-        u, v, q, k = z.split(H * D, dim=-1)
-        heads = []
-        for h in range(H):
-            sl = slice(h * D, (h + 1) * D)
-            s = F.silu(q[:, sl] @ k[:, sl].T / math.sqrt(D)) * block.inv_n
-            heads.append((s * mask) @ v[:, sl])
-        a = F.layer_norm(torch.cat(heads, -1), (H * D,), p["attn_norm.weight"],
-                         p["attn_norm.bias"], 1e-5)
-        x = x + (u * a) @ p["out.weight"].T
+    history = r.seq_len
+    x = spec_block(model.block, x, history)
     h = x[history:]
     h = h / h.norm(dim=-1, keepdim=True)
     logits = []
@@ -198,7 +176,7 @@ def test_the_synthetic_stream_grows_histories_reproducibly():
               max_history=20, num_context=1, item_vocab=50, action_vocab=5, context_vocab=7)
     a = SyntheticStream(num_users=5, seed=3, **kw)
     b = SyntheticStream(num_users=5, seed=3, **kw)
-    served = {}
+    served, prev = {}, {}
     for ba, bb in zip(a.batches, b.batches):
         assert len({r.user for r in ba}) == 3
         for ra, rb in zip(ba, bb):
@@ -208,7 +186,7 @@ def test_the_synthetic_stream_grows_histories_reproducibly():
             if k:  # the earlier request is a prefix: histories only grow
                 assert torch.equal(ra.ids[:prev[ra.user].numel()], prev[ra.user])
             served[ra.user] = k + 1
-            prev = {**locals().get("prev", {}), ra.user: ra.ids}
+            prev[ra.user] = ra.ids
     assert sorted(served) == list(range(5))  # rounds visit every user
     seed = SyntheticStream(num_users=2, seed=0, **{**kw, "batch_size": 2})
     assert all(sorted(r.user for r in batch) == [0, 1] for batch in seed.batches)
