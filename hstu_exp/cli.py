@@ -23,18 +23,22 @@ from omegaconf import OmegaConf
 
 from hstu_exp.config import (ConfigError, device_problem, point_problem, register_configs,
                              validate)
+from hstu_exp.runner import STOP as _stop  # signals received, for the exit code
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 register_configs()
 
 _failed = []  # statuses of this process's points, for the exit code
 _sweep = {}  # sweep dir and logger of the points run in this process, for a close-out on Ctrl-C
-_stop = [signal.SIGINT]  # the signal that interrupted the sweep, for the exit code
 
 
-def _on_sigterm(signum, frame):
-    _stop[0] = signum
-    raise KeyboardInterrupt  # SIGTERM takes Ctrl-C's path: the point in progress is marked
+def _on_signal(signum, frame):
+    # Ctrl-C and SIGTERM take one path: the point in progress is marked. The exit status comes
+    # from _stop, not from where the KeyboardInterrupt surfaced (library code may turn it into
+    # another exception and exit on its own).
+    _stop.append(signum)
+    raise KeyboardInterrupt
+
 
 # Flags that hand control to Hydra's own reporting (help, printing config, ...).
 _PASS_THROUGH = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "--shell-completion",
@@ -149,10 +153,16 @@ def main() -> None:
             sys.exit(2)
         os.environ["HSTU_EXP_POINTS"] = str(points)
         os.environ.setdefault("HSTU_EXP_STARTED", str(time.time()))
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _on_signal)
     try:
         app()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
+        if not _stop:
+            raise
+    if _stop:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the close-out finish
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("hstu-exp: interrupted; finished records are on disk", file=sys.stderr, flush=True)
         if _sweep:  # the close-out still runs, on what the sweep dir holds
             from hstu_exp.report.callback import close_out

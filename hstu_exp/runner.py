@@ -16,6 +16,8 @@ from hstu_exp.config import device_problem, point_problem
 from hstu_exp.env import environment, resolve_device
 from hstu_exp.tracking.records import RESULTS_FILE, append_record, read_records
 
+STOP: list = []  # signals received (cli.main's handler): the point in progress stops there
+
 # Keys that do not change what a point measures (so resume treats them as the same point).
 _NOT_IDENTITY = ("logger", "resume", "name", "hydra")
 
@@ -100,8 +102,11 @@ def run_point(cfg, *, job_dir: Path, group: str, point: int, total: int | None,
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (cli.main): mark this point, then stop
             record.update(status="failed", error="interrupted")
         except Exception as exc:  # noqa: BLE001 - a failing point is recorded; the sweep goes on
-            record.update(status="failed", error=f"{type(exc).__name__}: {exc}".strip()[:2000],
-                          traceback=traceback.format_exc(limit=8)[-4000:])
+            if STOP:  # a library turned the interrupt into an exception of its own
+                record.update(status="failed", error="interrupted")
+            else:
+                record.update(status="failed", error=f"{type(exc).__name__}: {exc}".strip()[:2000],
+                              traceback=traceback.format_exc(limit=8)[-4000:])
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         record["wall_s"] = round(time.perf_counter() - t0, 3)
