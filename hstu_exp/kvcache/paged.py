@@ -25,11 +25,6 @@ class UserPages:
     length: int = 0  # history tokens held
 
 
-def pool_bytes(*, num_layers, num_pages, page_size, num_heads, head_dim, dtype) -> int:
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return num_layers * num_pages * 2 * page_size * num_heads * head_dim * itemsize
-
-
 class PagedKVCache:
     def __init__(self, *, num_layers: int, num_pages: int, page_size: int, num_heads: int,
                  head_dim: int, dtype: torch.dtype, device):
