@@ -85,10 +85,10 @@ class _Layout:
 
 
 def _padded(t: torch.Tensor, n: int, fill) -> torch.Tensor:
-    out = t.new_full((n,), 0)
+    """t followed by `fill` (a number or a 0-d device tensor: no host sync) up to length n."""
+    out = t.new_empty(n)
     out[:t.numel()] = t
-    if t.numel() < n:
-        out[t.numel():] = fill if not torch.is_tensor(fill) else fill.to(t.dtype)
+    out[t.numel():] = fill
     return out
 
 

@@ -64,18 +64,21 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> dict:
     extra = {}
 
     @torch.no_grad()
-    def step(i: int):
+    def eager(i: int):
         static_x.copy_(inputs[i % len(inputs)])
         return block(static_x, batch, pool)
 
+    step = eager
     if cfg.graph.mode == "cudagraph":
         graphs = shared_graphs(block, cache, m, cfg.graph, device=device, dtype=dtype,
                                progress=progress)
         staged = graphs.stage(batch, rows)
         extra = {"bucket": staged.bucket.name, "padded_tokens": staged.bucket.rows}
 
-        def step(i: int):  # noqa: F811 - the graphed variant of the same step
+        def graphed(i: int):
             return graphs.replay(inputs[i % len(inputs)], staged)
+
+        step = graphed
 
     if device.type == "cuda":
         torch.cuda.synchronize()
