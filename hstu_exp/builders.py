@@ -19,9 +19,14 @@ def scaling_length(model) -> int:
     return model.scaling_length or model.max_history + model.max_candidates
 
 
-def build_block(model, *, kernel: str, device, dtype: torch.dtype) -> HSTUBlock:
+def kernel_args(kernel) -> dict:
+    """The kernel group as the model constructors' plain keyword arguments."""
+    return {"kernel": kernel.name, "autotune": bool(kernel.autotune)}
+
+
+def build_block(model, *, kernel: dict, device, dtype: torch.dtype) -> HSTUBlock:
     block = HSTUBlock(num_layers=model.num_layers, hidden=model.hidden, num_heads=model.num_heads,
-                      head_dim=model.head_dim, scaling_length=scaling_length(model), kernel=kernel)
+                      head_dim=model.head_dim, scaling_length=scaling_length(model), **kernel)
     return block.to(device=device, dtype=dtype).eval()
 
 
@@ -68,7 +73,8 @@ def _plain(node):
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def shared_block(model, *, kernel: str, device, dtype, seed: int):
+def shared_block(model, *, kernel: dict, device, dtype, seed: int):
+    """kernel: `kernel_args(cfg.kernel)`."""
     def make():
         torch.manual_seed(seed)
         return build_block(model, kernel=kernel, device=device, dtype=dtype)

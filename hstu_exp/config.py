@@ -56,6 +56,7 @@ class CacheConfig:
 @dataclass
 class KernelConfig:
     name: str = "reference"  # reference | triton
+    autotune: bool = True  # triton: attention tiles and splits timed once per shape bucket
 
 
 @dataclass

@@ -32,6 +32,7 @@ def swept_values(cfg, device: torch.device) -> dict:
     m, c, w = cfg.model, cfg.cache, cfg.workload
     return {"workload": w.name, "model": m.name, "dtype": m.dtype, "cache": c.mode,
             "page_size": c.page_size if c.mode != "none" else None, "kernel": cfg.kernel.name,
+            "autotune": cfg.kernel.autotune if cfg.kernel.name == "triton" else None,
             "graph": cfg.graph.mode, "mode": w.mode if w.name == "e2e" else None,
             "batch_size": w.batch_size, "total_history": w.total_history,
             "new_history": w.new_history, "num_candidates": w.num_candidates,

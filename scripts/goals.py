@@ -23,6 +23,14 @@ def load(paths):
     return df[df["status"] == "ok"]
 
 
+def kernel_label(r) -> str:
+    """triton, or triton/rule: the kernel options that differ from the default."""
+    label = r.kernel
+    if r.get("autotune") is False or str(r.get("autotune")) == "False":
+        label += "/rule"
+    return label
+
+
 def main(paths):
     df = load(paths)
     block = df[(df.workload == "block") & (df.total_history == 4096) & (df.num_candidates == 256)]
@@ -31,7 +39,7 @@ def main(paths):
     for name, b, n, goal in BLOCK:
         rows = block[(block.batch_size == b) & (block.new_history == n)]
         for _, r in rows.sort_values(["kernel", "graph", "cache"]).iterrows():
-            print(f"| {name} | {r.cache} | {r.kernel} | {r.graph} | {r.median_ms:.3f} | "
+            print(f"| {name} | {r.cache} | {kernel_label(r)} | {r.graph} | {r.median_ms:.3f} | "
                   f"{r.floor_ms:.3f} | {goal} |")
     att = df[df.workload == "attention"]
     if len(att):

@@ -135,23 +135,33 @@ def test_full_non_contiguous_qkv_and_default_rule():
 def test_force_split_override(monkeypatch):
     batch, q, k, v = full_case([40, 7], [8, 3], H=1, D=16)
     monkeypatch.setattr(tri, "FORCE_SPLIT_K", 2)
-    assert tri.split_chunk(1, 3, 132, None) == 2
+    assert tri.split_chunk(1, 1, 3, 1.0, 132, None) == 2
     out, ref = run_full(batch, q, k, v, config=CPU_CFG)
     check(out, ref, 47)
     monkeypatch.setattr(tri, "FORCE_SPLIT_K", 1)
-    assert tri.split_chunk(1, 3, 132, None) == 0
+    assert tri.split_chunk(1, 1, 3, 1.0, 132, None) == 0
     out, ref = run_full(batch, q, k, v, config=CPU_CFG)
     check(out, ref, 47)
 
 
 def test_split_rule():
-    assert tri.split_chunk(1000, 64, 132, None) == 0  # the grid fills the GPU
-    assert tri.split_chunk(12, 64, 132, None) == 6  # batch 1 paged: 11 splits, one wave
-    assert tri.split_chunk(12, 64, 132, 1) == 0
-    assert tri.split_chunk(12, 64, 132, 4) == 16
-    assert tri.split_chunk(12, 1, 132, 4) == 0  # one key block: nothing to split
+    # (query blocks, batch x heads, key blocks, query rows per key block), 132 resident programs
+    assert tri.split_chunk(34, 32, 68, 2.0, 132, None) == 0  # batch 8 full: the grid fills the GPU
+    assert tri.split_chunk(3, 32, 64, 2.0, 132, None) == 0  # batch 8 paged: 96 programs, one wave
+    assert tri.split_chunk(3, 4, 64, 2.0, 132, None) == 6  # batch 1 paged: 11 splits, one wave
+    # batch 1 full: 136 programs, the longest (68 key blocks) would run in a second wave alone
+    assert 0 < tri.split_chunk(34, 4, 68, 2.0, 132, None) < 68
+    assert tri.split_chunk(3, 4, 64, 2.0, 132, 1) == 0
+    assert tri.split_chunk(3, 4, 64, 2.0, 132, 4) == 16
+    assert tri.split_chunk(3, 4, 1, 2.0, 132, 4) == 0  # one key block: nothing to split
+    assert tri.program_work(3, 64, 2.0) == [60, 62, 64]  # paged: queries after 58 cached blocks
+    assert tri.program_work(3, 6, 2.0) == [2, 4, 6]  # full: causal
     seed = tri.Config(128, 64, 8, 2)
     assert tri.resident_slots(seed, 256, 132) == 132
+    # the model: no split is one wave of the longest program; 11 splits, one wave of 6 + overheads
+    work = tri.program_work(3, 64, 2.0)
+    assert tri.modelled_time(0, work, 4, 132) == 64 + tri.PROGRAM_OVERHEAD_BLOCKS
+    assert tri.modelled_time(6, work, 4, 132) < 20
 
 
 def test_empty_and_dead_only():
@@ -282,3 +292,37 @@ def test_gpu_cuda_graph_capture():
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-3)
+
+
+def test_partial_fp32_hands_over_the_split_sums():
+    batch, q, k, v = full_case([40, 7], [8, 3], H=1, D=16)
+    alpha, inv_n = 0.25, 1 / 64
+    ref = reference.attention_full(q, k, v, batch, alpha=alpha, inv_n=inv_n)
+    split = tri.attention_full(q, k, v, batch, alpha=alpha, inv_n=inv_n, split_k=3, config=CPU_CFG,
+                               partial_fp32=True)
+    whole = tri.attention_full(q.double(), k.double(), v.double(), batch, alpha=alpha,
+                               inv_n=inv_n, split_k=1, config=CPU_CFG, partial_fp32=True)
+    assert split.dtype == torch.float32 and whole.dtype == torch.float64  # unsplit: q's dtype
+    check(split, ref, 47)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True])
+def test_gpu_autotune_picks_a_candidate_and_matches(paged):
+    """autotune=True times the candidates once per shape bucket, outside captures, and the
+    chosen launch still equals the reference; a capture afterwards reuses the choice."""
+    tri.TUNED.clear()
+    if paged:
+        batch, q, k, v, kp, vp = paged_case([2000], [128], [256], H=4, D=256, page_size=32,
+                                            dtype=torch.bfloat16, device="cuda", seed=5)
+        out, ref = run_paged(batch, q, k, v, kp, vp, autotune=True)
+        rows = 384
+    else:
+        batch, q, k, v = full_case([1500, 300], [256, 44], H=4, D=256, dtype=torch.bfloat16,
+                                   device="cuda", seed=6)
+        out, ref = run_full(batch, q, k, v, autotune=True)
+        rows = 2100
+    check(out, ref, rows, tol=GPU_TOL)
+    assert len(tri.TUNED) == 1
+    (cfg, split), = tri.TUNED.values()
+    assert cfg in tri.TUNE_CONFIGS[256] and split >= 1

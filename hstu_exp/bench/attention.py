@@ -24,7 +24,7 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> dict:
     B, T, n, k = w.batch_size, w.total_history, w.new_history, w.num_candidates
     H, D = m.num_heads, m.head_dim
     gen = torch.Generator().manual_seed(cfg.seed)
-    kernel = kernels(cfg.kernel.name)
+    kernel = kernels(cfg.kernel.name, autotune=cfg.kernel.autotune)
     alpha, inv_n = 1.0 / math.sqrt(D), 1.0 / (m.scaling_length or m.max_history + m.max_candidates)
 
     def randn(*shape):
@@ -82,6 +82,13 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> dict:
     else:
         result.update(flops=flops, min_bytes=nbytes)
     out = step(0)
+    if cfg.kernel.name == "triton":  # what the rule or the tuner chose for this shape
+        from hstu_exp.ops.triton_attention import LAST_LAUNCH
+
+        tiles = LAST_LAUNCH["config"]
+        result["attention_tiles"] = (f"{tiles.block_m}x{tiles.block_n} w{tiles.num_warps} "
+                                     f"s{tiles.num_stages}")
+        result["attention_splits"] = LAST_LAUNCH["splits"]
     ref = eager(0, op=kernels("reference"), upcast=True)
     result["max_rel_error"] = relative_error(out.reshape(rows, -1), ref.reshape(rows, -1))
     return result

@@ -14,7 +14,8 @@ import torch
 from hstu_exp.bench.profile import profile_step
 from hstu_exp.bench.roofline import block_work, floor, peaks
 from hstu_exp.bench.timer import time_fn
-from hstu_exp.builders import model_dtype, shared_block, shared_cache, shared_graphs
+from hstu_exp.builders import (kernel_args, model_dtype, shared_block, shared_cache,
+                               shared_graphs)
 from hstu_exp.model.jagged import make_batch
 
 
@@ -39,7 +40,7 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> dict:
     cached = T - n
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    block = shared_block(m, kernel=cfg.kernel.name, device=device, dtype=dtype, seed=cfg.seed)
+    block = shared_block(m, kernel=kernel_args(cfg.kernel), device=device, dtype=dtype, seed=cfg.seed)
     cache = shared_cache(m, cfg.cache, device=device, dtype=dtype)
     users = list(range(B))
 

@@ -44,27 +44,28 @@ class HSTULayer(nn.Module):
             kernel.append_kv(pool_layer, pt.new_rows, pt.new_page, pt.new_slot, k, v)
             a = kernel.attention_paged(q, k, v, batch, pool_layer[:, 0], pool_layer[:, 1],
                                        alpha=alpha, inv_n=inv_n)
-        y = kernel.layernorm_mul(a.reshape(-1, width), u.reshape(-1, width),
-                                 self.attn_norm.weight, self.attn_norm.bias, self.attn_norm.eps)
-        return torch.addmm(x, y, self.out.weight.t())  # the residual rides in the GEMM
+        return kernel.layernorm_mul_linear_add(a.reshape(-1, width), u.reshape(-1, width),
+                                               self.attn_norm.weight, self.attn_norm.bias,
+                                               self.out.weight, x, self.attn_norm.eps)
 
 
 class HSTUBlock(nn.Module):
     def __init__(self, *, num_layers: int, hidden: int, num_heads: int, head_dim: int,
-                 scaling_length: int, kernel: str = "reference"):
+                 scaling_length: int, kernel: str = "reference", autotune: bool = True):
         super().__init__()
         self.layers = nn.ModuleList(HSTULayer(hidden, num_heads, head_dim)
                                     for _ in range(num_layers))
         self.alpha = 1.0 / math.sqrt(head_dim)
         # Fixed N, never the batch's longest sequence: outputs must not depend on batch-mates.
         self.inv_n = 1.0 / scaling_length
-        self.kernel = kernel  # a name, not the module: blocks must stay deep-copyable
+        # Names and flags, not the modules: blocks must stay deep-copyable.
+        self.kernel, self.autotune = kernel, autotune
 
     def forward(self, x: torch.Tensor, batch: Batch, pool: Optional[torch.Tensor] = None,
                 on_layer=None) -> torch.Tensor:
         """x: [rows, hidden]. pool: [L, P, 2, page_size, H, D] when batch.pages is set.
         on_layer(l) runs before layer l (the host tier waits there for that layer's onload)."""
-        kernel = kernels(self.kernel)
+        kernel = kernels(self.kernel, self.autotune)
         for i, layer in enumerate(self.layers):
             if on_layer is not None:
                 on_layer(i)

@@ -1,14 +1,15 @@
 """The kernels a layer calls, chosen by name: `reference` (PyTorch, the oracle and CPU path)
 or `triton`. Both offer the signatures of `reference.attention_full/attention_paged` and of
-`fused.append_kv/layernorm_mul`."""
+`fused.append_kv/layernorm_mul_linear_add`.
+
+Triton option autotune: attention tiles and key splits timed once per shape bucket (off: the
+hand-tuned table and split rule).
+"""
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from importlib import import_module
 from typing import Callable
-
-ATTENTION = {"reference": "hstu_exp.ops.reference", "triton": "hstu_exp.ops.triton_attention"}
 
 
 @dataclass(frozen=True)
@@ -16,15 +17,23 @@ class Kernels:
     attention_full: Callable
     attention_paged: Callable
     append_kv: Callable
-    layernorm_mul: Callable
+    layernorm_mul_linear_add: Callable
 
 
 @functools.lru_cache(maxsize=None)
-def kernels(name: str) -> Kernels:
-    attention = import_module(ATTENTION[name])
-    fused = import_module("hstu_exp.ops.fused")
+def kernels(name: str, autotune: bool = True) -> Kernels:
+    from hstu_exp.ops import fused
+
     if name == "reference":
-        return Kernels(attention.attention_full, attention.attention_paged,
-                       fused.append_kv_torch, fused.layernorm_mul_torch)
-    return Kernels(attention.attention_full, attention.attention_paged, fused.append_kv,
-                   fused.layernorm_mul)
+        from hstu_exp.ops import reference
+
+        return Kernels(reference.attention_full, reference.attention_paged, fused.append_kv_torch,
+                       fused.layernorm_mul_linear_add_torch)
+    if name != "triton":
+        raise ValueError(f"unknown kernel {name!r} (reference | triton)")
+    from hstu_exp.ops import triton_attention as tri
+
+    # The attention may hand the next op its float32 split-K sums: LayerNorm reads float32 anyway.
+    return Kernels(functools.partial(tri.attention_full, partial_fp32=True, autotune=autotune),
+                   functools.partial(tri.attention_paged, partial_fp32=True, autotune=autotune),
+                   fused.append_kv, fused.layernorm_mul_linear_add)

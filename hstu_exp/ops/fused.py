@@ -73,6 +73,16 @@ def layernorm_mul(a: torch.Tensor, u: torch.Tensor, weight, bias, eps: float) ->
     return out
 
 
+def layernorm_mul_linear_add(a, u, norm_w, norm_b, w, x, eps: float):
+    """x + (u * LayerNorm(a)) w^T: the row-wise kernel (a may be float32 split-K sums), then a
+    cuBLAS GEMM with the residual as its C input."""
+    return torch.addmm(x, layernorm_mul(a, u, norm_w, norm_b, eps), w.t())
+
+
+def layernorm_mul_linear_add_torch(a, u, norm_w, norm_b, w, x, eps: float):
+    return torch.addmm(x, layernorm_mul_torch(a.to(u.dtype), u, norm_w, norm_b, eps), w.t())
+
+
 def append_kv_torch(pool_layer, new_rows, new_page, new_slot, k, v) -> None:
     pool_layer[new_page, 0, new_slot] = k[new_rows]
     pool_layer[new_page, 1, new_slot] = v[new_rows]

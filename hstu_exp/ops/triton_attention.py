@@ -11,19 +11,23 @@ loop is a plain sum, and sums over disjoint key ranges simply add. That gives th
     the blocks straddling the diagonal (or the kv end) pay for a mask;
   * candidates: their query rows visit the history keys like everyone else; the candidate self
     term is a rowwise dot added to the accumulator, so candidate x candidate tiles never exist;
-  * split-K: when (query blocks x users x heads) cannot fill the GPU, the key range is cut into
-    chunks handled by separate programs that add fp32 partials with atomics into a zeroed buffer,
-    cast to the output dtype after (batch 1 paged: 12 query-block programs against 4352 keys
-    would leave 120 of 132 SMs idle; 11 splits run 4.1x faster).
+  * split-K: when (query blocks x users x heads) cannot fill the GPU, or a few long programs would
+    run alone in a last wave, the key range is cut into chunks handled by separate programs that
+    add fp32 partials with atomics into a zeroed buffer, cast to the output dtype after unless the
+    caller takes the fp32 sums (batch 1 paged: 12 query-block programs against 4352 keys would
+    leave 120 of 132 SMs idle; 11 splits run 4.1x faster).
 SiLU goes through tanh.approx: one special-function op a score instead of exp + reciprocal.
 No host syncs: grid sizes come from host ints (max_len, max_kv_len, B, H, shapes), everything else
-is read on the device, so the ops can be captured in CUDA graphs. Block sizes come from a small
-hand-tuned table (`CONFIGS`), no autotuning, so a graph capture never benchmarks anything.
+is read on the device, so the ops can be captured in CUDA graphs. Tile sizes and splits come from
+a hand-tuned table (`CONFIGS`) and a cost rule, or with autotune=True from timing the candidates once
+per shape bucket, outside any capture (a capture reuses the choice, or falls back to the rule).
 """
 from __future__ import annotations
 
 import functools
+import math
 import os
+import statistics
 from dataclasses import dataclass
 from typing import Optional
 
@@ -58,13 +62,15 @@ CONFIGS = {
 }
 INTERPRETER_CONFIG = Config(16, 16, 4, 1)  # CPU interpreter: small tiles keep numpy cheap
 
-# Split-K rule (host ints only): split when the grid has fewer programs than the GPU has slots for
-# resident programs; then pick the split count minimising  waves x (key blocks per program + a
-# per-program overhead in key-block units). Fitted on an H200 at D=256: a wave costs about
-# PROGRAM_OVERHEAD_BLOCKS more than its key blocks (launch, q tile, candidate self term), and a
-# split wave SPLIT_OVERHEAD_BLOCKS more again (the fp32 atomics epilogue). E.g. batch 1 paged,
-# 128-row tiles: 12 programs x 64 key blocks -> 11 splits of 6 blocks in one wave (4.1x faster
-# than no split); batch 8 paged: 96 programs stay unsplit (splitting measured 1.2x slower).
+# Split-K rule (host ints only), the fallback when nothing is tuned for a shape (and during a
+# capture). Program j (a query block) visits about work_j key blocks: causal, so later blocks see
+# more, and the candidates' block sees them all. The kernel time is modelled as
+#   max(the longest program, waves x the mean program)
+# with PROGRAM_OVERHEAD_BLOCKS per program (launch, q tile, candidate self term) and
+# SPLIT_OVERHEAD_BLOCKS more per program when split (fp32 atomics epilogue), all in key-block units
+# (fitted on an H200, D=256). A chunk of c key blocks caps the longest program at c: batch 1
+# paged (12 programs x 64 key blocks) gets 11 splits (4.1x faster than none); batch 1 full gets
+# its long candidate and late-history blocks cut, where unsplit they ran alone in a last wave.
 PROGRAM_OVERHEAD_BLOCKS = 2
 SPLIT_OVERHEAD_BLOCKS = 7
 MIN_SPLIT_BLOCKS = 2
@@ -98,21 +104,39 @@ def resident_slots(cfg: Config, head_dim: int, num_sms: int) -> int:
     return num_sms * max(1, min(by_smem, by_regs))
 
 
-def split_chunk(programs: int, kv_blocks: int, slots: int, split_k: Optional[int]) -> int:
-    """Key blocks per split; 0 means no split. Host ints only."""
+def modelled_time(chunk: int, work, users_heads: int, slots: int) -> float:
+    """The rule's cost (key-block units) of running programs with `work` key blocks each, for
+    users_heads (batch x heads) copies, cut into chunks of `chunk` blocks (0: no split)."""
+    split = 0 < chunk < max(work, default=0)
+    per_piece = PROGRAM_OVERHEAD_BLOCKS + (SPLIT_OVERHEAD_BLOCKS if split else 0)
+    pieces = users_heads * sum(triton.cdiv(w, chunk) if split else 1 for w in work)
+    total = users_heads * sum(work) + pieces * per_piece
+    longest = (min(chunk, max(work)) if split else max(work)) + per_piece
+    return max(longest, triton.cdiv(pieces, slots) * total / pieces)
+
+
+def program_work(m_blocks: int, kv_blocks: int, rows_per_key_block: float) -> list:
+    """Key blocks each query block visits, for users of the longest shape: queries sit at the end
+    of the keys (full mode: queries = keys; paged: the new rows after the cached prefix)."""
+    first = max(0.0, kv_blocks - m_blocks * rows_per_key_block)
+    return [min(kv_blocks, math.ceil(first + (j + 1) * rows_per_key_block))
+            for j in range(m_blocks)]
+
+
+def split_chunk(m_blocks: int, users_heads: int, kv_blocks: int, rows_per_key_block: float,
+                slots: int, split_k: Optional[int]) -> int:
+    """Key blocks per split; 0 means no split. split_k: None = by the rule, 1 = never, n = about
+    n splits of the longest key range."""
     if split_k is None:
         split_k = FORCE_SPLIT_K
     if split_k is None:
-        if programs >= slots or kv_blocks < 2 * MIN_SPLIT_BLOCKS:
+        if kv_blocks < 2 * MIN_SPLIT_BLOCKS:
             return 0
-
-        def cost(s):
-            chunk = triton.cdiv(kv_blocks, s)
-            splits = triton.cdiv(kv_blocks, chunk)
-            overhead = PROGRAM_OVERHEAD_BLOCKS + (SPLIT_OVERHEAD_BLOCKS if splits > 1 else 0)
-            return triton.cdiv(programs * splits, slots) * (chunk + overhead), -chunk
-
-        split_k = min(range(1, kv_blocks // MIN_SPLIT_BLOCKS + 1), key=cost)
+        work = program_work(m_blocks, kv_blocks, rows_per_key_block)
+        options = {triton.cdiv(kv_blocks, s) for s in range(2, kv_blocks // MIN_SPLIT_BLOCKS + 1)}
+        best = min([0, *sorted(options, reverse=True)],
+                   key=lambda c: modelled_time(c, work, users_heads, slots))
+        return best
     if split_k <= 1 or kv_blocks <= 1:
         return 0
     return triton.cdiv(kv_blocks, min(split_k, kv_blocks))
@@ -272,11 +296,60 @@ def _plan(cfg, D, B, H, max_len, max_kv, split_k, _force, device_index):
     sms = _num_sms(device_index) if device_index >= 0 else 132
     m_blocks = triton.cdiv(max_len, cfg.block_m)
     kv_blocks = triton.cdiv(max(max_kv, 1), cfg.block_n)
-    chunk = split_chunk(m_blocks * B * H, kv_blocks, resident_slots(cfg, D, sms), split_k)
+    chunk = split_chunk(m_blocks, B * H, kv_blocks, cfg.block_m / cfg.block_n,
+                        resident_slots(cfg, D, sms), split_k)
     return m_blocks, kv_blocks, chunk
 
 
-def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, config, out):
+# Autotuning: per shape bucket (mode, B, H, D, dtype, rows and keys per user rounded up to a power of
+# two) the first call outside a graph capture times every (tile config, split) candidate on the
+# call's own inputs and keeps the fastest; later calls, captures included, reuse it. Candidates:
+# the rule's split, no split, twice and half as many splits, for each tile config of TUNE_CONFIGS.
+TUNE_CONFIGS = {64: [Config(128, 64, 4, 3), Config(64, 64, 4, 3)],
+                128: [Config(128, 64, 8, 3), Config(64, 64, 4, 3)],
+                256: [Config(128, 64, 8, 2), Config(64, 64, 4, 2), Config(64, 32, 4, 3)]}
+TUNED: dict = {}  # shape bucket -> (Config, split_k)
+
+
+def _bucket(paged, B, H, D, dtype, max_len, max_kv):
+    return (paged, B, H, D, str(dtype), triton.next_power_of_2(max(max_len, 1)),
+            triton.next_power_of_2(max(max_kv, 1)))
+
+
+def _median_ms(fn, reps: int = 5) -> float:
+    fn()  # compiles on first use
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def _tune(run, D, B, H, max_len, max_kv, device_index):
+    """(config, split_k) of the fastest candidate; run(config, split_k) launches one."""
+    bucket = 64 if D <= 64 else 128 if D <= 128 else 256
+    options = []
+    for cfg in TUNE_CONFIGS[bucket]:
+        _, kv_blocks, chunk = _plan(cfg, D, B, H, max_len, max_kv, None, None, device_index)
+        rule = triton.cdiv(kv_blocks, chunk) if chunk else 1
+        for split in dict.fromkeys([rule, 1, 2 * rule, max(1, rule // 2)]):
+            options.append((cfg, split))
+    timed = []
+    for cfg, split in options:
+        try:
+            timed.append((_median_ms(lambda: run(cfg, split)), cfg, split))
+        except triton.runtime.errors.OutOfResources:  # a tile that does not fit this GPU
+            continue
+    _, cfg, split = min(timed, key=lambda t: t[0])
+    return cfg, split
+
+
+def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, config, out,
+            partial_fp32=False, autotune=False):
     rows, H, D = q.shape
     if D < 16 or D > 256 or D & (D - 1):
         raise ValueError(f"head dim must be a power of two in [16, 256], got {D}")
@@ -293,10 +366,19 @@ def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, c
         return out
     if batch.max_len == 0 or B == 0:
         return out.zero_()
-    cfg = config or choose_config(D, batch.max_len, paged, q.device)
     max_kv = batch.pages.max_kv_len if paged else batch.max_len
+    device_index = q.device.index or 0 if q.is_cuda else -1
+    if autotune and config is None and split_k is None and FORCE_SPLIT_K is None and q.is_cuda:
+        key = _bucket(paged, B, H, D, q.dtype, batch.max_len, max_kv)
+        if key not in TUNED and not torch.cuda.is_current_stream_capturing():
+            TUNED[key] = _tune(
+                lambda c, s: _launch(q, k, v, batch, k_pages, v_pages, alpha=alpha, inv_n=inv_n,
+                                     split_k=s, config=c, out=out),
+                D, B, H, batch.max_len, max_kv, device_index)
+        config, split_k = TUNED.get(key, (None, None))
+    cfg = config or choose_config(D, batch.max_len, paged, q.device)
     m_blocks, kv_blocks, chunk = _plan(cfg, D, B, H, batch.max_len, max_kv, split_k,
-                                       FORCE_SPLIT_K, q.device.index or 0 if q.is_cuda else -1)
+                                       FORCE_SPLIT_K, device_index)
     splits = triton.cdiv(kv_blocks, chunk) if chunk else 1
     dst = out
     if chunk:  # fp32 partial sums over key chunks; dead rows stay zero
@@ -328,24 +410,30 @@ def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, c
         PAGE_SIZE=page_size, SPLIT=bool(chunk), FAST=fast,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages), grid
-    if dst is not out:
+    LAST_LAUNCH["config"], LAST_LAUNCH["splits"] = cfg, splits
+    if dst is not out and not partial_fp32:
         out.copy_(dst)
-    return out
+    return dst if partial_fp32 else out
 
 
 def attention_full(q, k, v, batch: Batch, *, alpha: float, inv_n: float,
                    split_k: Optional[int] = None, config: Optional[Config] = None,
-                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   out: Optional[torch.Tensor] = None, partial_fp32: bool = False,
+                   autotune: bool = False) -> torch.Tensor:
     """q, k, v [rows, H, D] jagged by batch.offsets -> [rows, H, D] in q's dtype.
-    split_k: None = by rule, 1 = never, n = about n key splits. out: optional destination."""
+    split_k: None = tuned or by rule, 1 = never, n = about n key splits. out: optional destination.
+    partial_fp32: when split, return the float32 sum buffer as it is (the next op reads float32
+    anyway: saves a cast pass). autotune: time the candidates once per shape bucket (CUDA)."""
     return _launch(q, k, v, batch, None, None, alpha=alpha, inv_n=inv_n, split_k=split_k,
-                   config=config, out=out)
+                   config=config, out=out, partial_fp32=partial_fp32, autotune=autotune)
 
 
 def attention_paged(q, k, v, batch: Batch, k_pages, v_pages, *, alpha: float, inv_n: float,
                     split_k: Optional[int] = None, config: Optional[Config] = None,
-                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    out: Optional[torch.Tensor] = None, partial_fp32: bool = False,
+                    autotune: bool = False) -> torch.Tensor:
     """q, k, v: the new rows ([new history | candidates] per user); history keys come from
-    k_pages / v_pages ([P, page_size, H, D] views, any strides) through batch.pages."""
+    k_pages / v_pages ([P, page_size, H, D] views, any strides) through batch.pages. Options as
+    in attention_full."""
     return _launch(q, k, v, batch, k_pages, v_pages, alpha=alpha, inv_n=inv_n, split_k=split_k,
-                   config=config, out=out)
+                   config=config, out=out, partial_fp32=partial_fp32, autotune=autotune)
