@@ -3,8 +3,8 @@
 One graph per bucket (batch, tokens per user, and in paged mode kv tokens per user), captured on
 first use into one shared memory pool and kept for every later batch that fits. A batch is padded
 to its bucket: extra users have length 0, rows past the last user are dead (computed on, never
-read), padded K/V appends go to the cache's scratch page. Metadata travels as two packed buffers
-(int32 and int64), so a replay is: copy x, copy two buffers, replay.
+read), padded K/V appends go to the cache's scratch page. Metadata is padded on the host and
+travels as one packed buffer, so a replay is: copy x, copy one host buffer, replay.
 """
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
+import numpy as np
 import torch
 
-from hstu_exp.model.jagged import Batch, PageTable
+from hstu_exp.model.jagged import Batch, Layout, PageTable, pack, unpack
 
 
 @dataclass(frozen=True)
@@ -49,46 +50,40 @@ def _kv_bucket(need: int, page_size: int, limit: int) -> int:
 
 @dataclass
 class Staged:
-    """A batch laid out for one bucket, on the device, ready to be copied in at replay."""
+    """A batch's metadata padded to its bucket, packed in one host buffer (pinned on CUDA):
+    a replay copies it into the captured graph's buffer with one non_blocking copy."""
     bucket: Bucket
     rows: int
-    i32: torch.Tensor
-    i64: torch.Tensor
+    host: torch.Tensor  # uint8, `pack`ed
+    layout: Layout
 
 
-class _Layout:
-    """Field offsets inside the packed metadata buffers of a bucket."""
-
-    def __init__(self, bucket: Bucket, pages_per_user: int):
-        b, paged = bucket.batch, bucket.kv > 0
-        sizes32 = {"offsets": b + 1, "num_candidates": b}
-        if paged:
-            sizes32.update(page_indptr=b + 1, cached_lengths=b, last_page_len=b,
-                           page_ids=b * pages_per_user)
-        sizes64 = {"new_rows": bucket.rows, "new_page": bucket.rows,
-                   "new_slot": bucket.rows} if paged else {"unused": 1}
-        self.fields32, self.n32 = self._offsets(sizes32)
-        self.fields64, self.n64 = self._offsets(sizes64)
-
-    @staticmethod
-    def _offsets(sizes):
-        out, at = {}, 0
-        for name, n in sizes.items():
-            out[name] = (at, at + n)
-            at += n
-        return out, at
-
-    def views(self, i32: torch.Tensor, i64: torch.Tensor) -> dict:
-        v = {k: i32[a:b] for k, (a, b) in self.fields32.items()}
-        v.update({k: i64[a:b] for k, (a, b) in self.fields64.items()})
-        return v
+def _pad(a: np.ndarray, n: int, fill) -> np.ndarray:
+    out = np.full(n, fill, dtype=a.dtype)
+    out[:a.size] = a
+    return out
 
 
-def _padded(t: torch.Tensor, n: int, fill) -> torch.Tensor:
-    """t followed by `fill` (a number or a 0-d device tensor: no host sync) up to length n."""
-    out = t.new_empty(n)
-    out[:t.numel()] = t
-    out[t.numel():] = fill
+def pad_metadata(batch: Batch, bucket: Bucket, *, pages_per_user: int,
+                 scratch_page: int) -> Dict[str, np.ndarray]:
+    """The batch's metadata (its host arrays) padded to the bucket. Extra users have length 0
+    (offsets and page_indptr repeat their last value, no candidates, no cached keys); page ids
+    and K/V appends past the batch's own go to the scratch page."""
+    if batch.host is None or (bucket.kv and batch.pages.host is None):
+        raise ValueError("graph staging needs the host-side metadata of `make_batch` and "
+                         "`PagedKVCache.plan`")
+    b, h = bucket.batch, batch.host
+    out = {"offsets": _pad(h["offsets"], b + 1, h["offsets"][-1]),
+           "num_candidates": _pad(h["num_candidates"], b, 0)}
+    if bucket.kv:
+        p = batch.pages.host
+        out.update(page_indptr=_pad(p["page_indptr"], b + 1, p["page_indptr"][-1]),
+                   cached_lengths=_pad(p["cached_lengths"], b, 0),
+                   last_page_len=_pad(p["last_page_len"], b, 0),
+                   page_ids=_pad(p["page_ids"], b * pages_per_user, scratch_page),
+                   new_rows=_pad(p["new_rows"], bucket.rows, 0),
+                   new_page=_pad(p["new_page"], bucket.rows, scratch_page),
+                   new_slot=_pad(p["new_slot"], bucket.rows, 0))
     return out
 
 
@@ -108,9 +103,8 @@ def capture(fn, mempool=None):
 
 
 class _Captured:
-    def __init__(self, layout: _Layout, i32, i64, x, out, graph):
-        self.layout, self.i32, self.i64, self.x, self.out, self.graph = \
-            layout, i32, i64, x, out, graph
+    def __init__(self, meta, x, out, graph):
+        self.meta, self.x, self.out, self.graph = meta, x, out, graph  # meta: packed, device
 
 
 class GraphedBlock:
@@ -137,25 +131,12 @@ class GraphedBlock:
         return Bucket(b, t, kv)
 
     def stage(self, batch: Batch, rows: int) -> Staged:
-        """Pad the batch's metadata to its bucket (device ops, no host sync)."""
+        """Pad the batch's metadata to its bucket on the host (no device work at all)."""
         bucket = self.bucket_for(batch)
-        layout = _Layout(bucket, self.pages_per_user)
-        i32 = torch.zeros(layout.n32, dtype=torch.int32, device=self.device)
-        i64 = torch.zeros(layout.n64, dtype=torch.int64, device=self.device)
-        v = layout.views(i32, i64)
-        b = bucket.batch
-        v["offsets"].copy_(_padded(batch.offsets, b + 1, batch.offsets[-1]))
-        v["num_candidates"].copy_(_padded(batch.num_candidates, b, 0))
-        pt = batch.pages
-        if pt is not None:
-            v["page_indptr"].copy_(_padded(pt.page_indptr, b + 1, pt.page_indptr[-1]))
-            v["cached_lengths"].copy_(_padded(pt.cached_lengths, b, 0))
-            v["last_page_len"].copy_(_padded(pt.last_page_len, b, 0))
-            v["page_ids"].copy_(_padded(pt.page_ids, v["page_ids"].numel(), self.scratch))
-            v["new_rows"].copy_(_padded(pt.new_rows, bucket.rows, 0))
-            v["new_page"].copy_(_padded(pt.new_page, bucket.rows, self.scratch))
-            v["new_slot"].copy_(_padded(pt.new_slot, bucket.rows, 0))
-        return Staged(bucket, rows, i32, i64)
+        padded = pad_metadata(batch, bucket, pages_per_user=self.pages_per_user,
+                              scratch_page=self.scratch)
+        host, layout = pack(padded, pin=self.device.type == "cuda")
+        return Staged(bucket, rows, host, layout)
 
     def _static_batch(self, bucket: Bucket, views: dict) -> Batch:
         pages = None
@@ -172,21 +153,22 @@ class GraphedBlock:
     def _capture(self, staged: Staged) -> _Captured:
         bucket = staged.bucket
         self.progress(f"capturing CUDA graph for bucket {bucket.name}")
-        layout = _Layout(bucket, self.pages_per_user)
-        i32, i64 = staged.i32.clone(), staged.i64.clone()
+        meta = staged.host.to(self.device)
+        views = unpack(meta, staged.layout)
         if bucket.kv:  # warm-up and capture append into the scratch page, not a user's pages
-            layout.views(i32, i64)["new_page"].fill_(self.scratch)
+            views["new_page"].fill_(self.scratch)
         x = torch.zeros(bucket.rows, self.hidden, dtype=self.dtype, device=self.device)
-        batch = self._static_batch(bucket, layout.views(i32, i64))
+        batch = self._static_batch(bucket, views)
         graph, out = capture(lambda: self.block(x, batch, self.pool), self.mempool)
-        return _Captured(layout, i32, i64, x, out, graph)
+        return _Captured(meta, x, out, graph)
 
     def replay(self, x: torch.Tensor, staged: Staged) -> torch.Tensor:
         cap = self.graphs.get(staged.bucket)
         if cap is None:
             cap = self.graphs[staged.bucket] = self._capture(staged)
         cap.x[:staged.rows].copy_(x)
-        cap.i32.copy_(staged.i32)
-        cap.i64.copy_(staged.i64)
+        # Same bucket, same layout: one non_blocking copy from pinned memory, ordered on the
+        # stream after the previous replay that read this buffer (no host sync).
+        cap.meta.copy_(staged.host, non_blocking=True)
         cap.graph.replay()
         return cap.out[:staged.rows]

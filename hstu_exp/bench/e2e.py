@@ -22,19 +22,21 @@ from omegaconf import OmegaConf
 
 from hstu_exp.bench.roofline import block_work, floor, peaks
 from hstu_exp.bench.timer import Timing
-from hstu_exp.builders import model_dtype, reuse, scaling_length, shared_cache, shared_graphs
+from hstu_exp.builders import (kernel_args, model_dtype, reuse, scaling_length, shared_cache,
+                               shared_graphs)
 from hstu_exp.config import ConfigError
 from hstu_exp.data.synthetic import SyntheticStream
 from hstu_exp.kvcache.manager import KVCacheManager, capacity_problem
 from hstu_exp.model.ranking import HSTURanker, rank
 
 
-def build_ranker(m, *, kernel: str, device, dtype: torch.dtype, seed: int) -> HSTURanker:
+def build_ranker(m, *, kernel: dict, device, dtype: torch.dtype, seed: int) -> HSTURanker:
+    """kernel: `kernel_args(cfg.kernel)`."""
     def make():
         torch.manual_seed(seed)
         model = HSTURanker(
             num_layers=m.num_layers, hidden=m.hidden, num_heads=m.num_heads,
-            head_dim=m.head_dim, scaling_length=scaling_length(m), kernel=kernel,
+            head_dim=m.head_dim, scaling_length=scaling_length(m), **kernel,
             item_vocab=m.item_vocab, action_vocab=m.action_vocab, num_context=m.num_context,
             context_vocab=m.context_vocab, max_history=m.max_history,
             position_embedding=m.position_embedding, head_widths=list(m.head_widths),
@@ -69,7 +71,7 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> dict:
         context_vocab=m.context_vocab, seed=cfg.seed)
     progress(f"stream: {w.num_batches} batches of {B} users ({w.num_users or B} users), history "
              f"{w.history_start}..{stream.max_history} step {w.history_step}, {k} candidates")
-    model = build_ranker(m, kernel=cfg.kernel.name, device=device, dtype=dtype, seed=cfg.seed)
+    model = build_ranker(m, kernel=kernel_args(cfg.kernel), device=device, dtype=dtype, seed=cfg.seed)
 
     manager = None
     if cached:

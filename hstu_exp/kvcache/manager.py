@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch
+import numpy as np
 
 from hstu_exp.data.synthetic import Request
 from hstu_exp.kvcache.paged import PagedKVCache
@@ -52,7 +52,9 @@ class KVCacheManager:
     def reset(self) -> None:
         """Forget every user, in the cache too, and zero the statistics."""
         self.cache.reset()
-        self._seen: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # user -> (kinds, ids)
+        # user -> (kinds, ids) the cached K/V came from: numpy copies (numpy's compare and copy
+        # cost a fraction of torch's dispatch on these small CPU arrays)
+        self._seen: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
         self.hit_tokens = self.computed_tokens = self.invalidations = 0
         self.last_starts: List[int] = []  # cached prefix per request of the last batch planned
 
@@ -70,11 +72,13 @@ class KVCacheManager:
         problem = None
         if request.seq_len < held:
             problem = (f"its sequence shrank from {held} cached tokens to {request.seq_len}")
-        elif not (torch.equal(request.ids[:held], ids[:held])
-                  and torch.equal(request.kinds[:held], kinds[:held])):
-            diff = (request.ids[:held] != ids[:held]) | (request.kinds[:held] != kinds[:held])
-            first = int(diff.nonzero()[0])
-            problem = f"token {first} of its {held} cached tokens changed"
+        else:
+            now_ids, now_kinds = request.ids.numpy()[:held], request.kinds.numpy()[:held]
+            if not (np.array_equal(now_ids, ids[:held])
+                    and np.array_equal(now_kinds, kinds[:held])):
+                diff = (now_ids != ids[:held]) | (now_kinds != kinds[:held])
+                first = int(np.flatnonzero(diff)[0])
+                problem = f"token {first} of its {held} cached tokens changed"
         if problem:
             self.warn(f"user {user}: {problem}; dropped its cached K/V, recomputing from scratch")
             self.invalidations += 1
@@ -100,7 +104,7 @@ class KVCacheManager:
         new = [r.seq_len - s for r, s in zip(requests, starts)]
         table = self.cache.plan(users, new, [r.candidates.numel() for r in requests])
         for r in requests:
-            self._seen[r.user] = (r.kinds.clone(), r.ids.clone())  # what the K/V came from
+            self._seen[r.user] = (r.kinds.numpy().copy(), r.ids.numpy().copy())  # K/V came from
         self.last_starts = starts
         self.hit_tokens += sum(starts)
         self.computed_tokens += sum(new) + sum(r.candidates.numel() for r in requests)

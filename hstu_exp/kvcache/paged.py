@@ -2,7 +2,7 @@
 
 The pool is `[layers, pages, 2 (K, V), page_size, heads, head_dim]` in the model dtype and holds
 the post-SiLU K and V of history tokens. Page bookkeeping is host-side Python; what the kernels
-see is a `PageTable` of device tensors built once per batch.
+see is a `PageTable` of device tensors built once per batch (one host->device copy).
 """
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import List, Sequence
 
+import numpy as np
 import torch
 
-from hstu_exp.model.jagged import PageTable
+from hstu_exp.model.jagged import PageTable, to_device
 
 
 class CacheFullError(RuntimeError):
@@ -85,6 +86,8 @@ class PagedKVCache:
                     f"this batch ({need} new pages needed, {len(self.free)} free, nothing to evict)")
             self.evict(victim)
 
+        # Host-side numpy, vectorised per user; one copy to the device at the end.
+        size = self.page_size
         indptr, ids, cached, last = [0], [], [], []
         new_rows, new_page, new_slot = [], [], []
         row = 0
@@ -93,23 +96,26 @@ class PagedKVCache:
             start = entry.length
             while len(entry.pages) < self._pages_for(start + n):
                 entry.pages.append(self.free.pop())
-            positions = range(start, start + n)
-            new_rows.extend(range(row, row + n))
-            new_page.extend(entry.pages[p // self.page_size] for p in positions)
-            new_slot.extend(p % self.page_size for p in positions)
+            positions = np.arange(start, start + n)
+            touched = np.asarray(entry.pages[start // size:], dtype=np.int64)  # pages written
+            new_rows.append(np.arange(row, row + n))
+            new_page.append(touched[positions // size - start // size])
+            new_slot.append(positions % size)
             entry.length = start + n
             cached.append(start)
-            last.append(entry.length - (len(entry.pages) - 1) * self.page_size if entry.pages else 0)
+            last.append(entry.length - (len(entry.pages) - 1) * size if entry.pages else 0)
             ids.extend(entry.pages)
             indptr.append(len(ids))
             row += n + c
 
-        def dev(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+        host = {"page_indptr": np.asarray(indptr, dtype=np.int32),
+                "page_ids": np.asarray(ids, dtype=np.int32),
+                "cached_lengths": np.asarray(cached, dtype=np.int32),
+                "last_page_len": np.asarray(last, dtype=np.int32),
+                "new_rows": _cat(new_rows), "new_page": _cat(new_page), "new_slot": _cat(new_slot)}
+        return PageTable(**to_device(host, self.device), host=host,
+                         max_kv_len=max((self.users[u].length for u in users), default=0))
 
-        return PageTable(
-            page_indptr=dev(indptr, torch.int32), page_ids=dev(ids, torch.int32),
-            cached_lengths=dev(cached, torch.int32), last_page_len=dev(last, torch.int32),
-            new_rows=dev(new_rows, torch.int64), new_page=dev(new_page, torch.int64),
-            new_slot=dev(new_slot, torch.int64),
-            max_kv_len=max((self.users[u].length for u in users), default=0))
+
+def _cat(parts: List[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, np.int64)

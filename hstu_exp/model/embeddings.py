@@ -2,9 +2,10 @@
 
 `make_tokens` turns requests into the jagged rows the block consumes: for each user the uncached
 tail of its sequence, then its candidates, back to back, no padding. It is host-side bookkeeping
-in plain torch on CPU tensors, moved to the device in one copy. Only the `EmbeddingCollection`
-forward touches device tensors: the GPU test machine carries the CPU build of fbgemm, so
-KeyedJaggedTensor.permute, to_padded_dense and torch.ops.fbgemm.* would fail on CUDA tensors.
+in numpy on the requests' CPU tensors, moved to the device in one non_blocking copy. Only the
+`EmbeddingCollection` forward touches device tensors: the GPU test machine carries the CPU build of
+fbgemm, so KeyedJaggedTensor.permute, to_padded_dense and torch.ops.fbgemm.* would fail on CUDA
+tensors.
 Rows are placed by index (`x[dest] = values`), not by any KJT reshuffling.
 """
 from __future__ import annotations
@@ -13,11 +14,13 @@ import math
 from dataclasses import dataclass
 from typing import List, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
 from hstu_exp.data.synthetic import ACTION, CONTEXT, ITEM, Request
+from hstu_exp.model.jagged import to_device
 
 # KJT keys, in the order their values are laid out. Candidates share the item table.
 KEYS = ("context", "item", "action", "candidate")
@@ -36,15 +39,15 @@ class Tokens:
     num_candidates: List[int]
 
 
-def _check_vocab(key: str, ids: torch.Tensor, vocab: int) -> None:
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+def _check_vocab(key: str, ids: np.ndarray, vocab: int) -> None:
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         bad = ids[(ids < 0) | (ids >= vocab)][0]
         raise ValueError(f"{key} id {int(bad)} is outside the {key} table's vocabulary "
                          f"(0..{vocab - 1})")
 
 
-def _exclusive_cumsum(t: torch.Tensor) -> torch.Tensor:
-    return torch.cat([t.new_zeros(1), t.cumsum(0)[:-1]])
+def _cat(parts: List[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, np.int64)
 
 
 def make_tokens(requests: Sequence[Request], starts: Sequence[int], *, vocab: dict,
@@ -54,9 +57,13 @@ def make_tokens(requests: Sequence[Request], starts: Sequence[int], *, vocab: di
     vocab: rows of each KJT key's table (`SequenceEmbeddings.vocab`; no "context" key when the
     model has no context table). Positions count from the start of the history, so a token keeps
     its position as the history grows; candidates share index T (the history length); context
-    token j gets its own index max_history + 1 + j."""
+    token j gets its own index max_history + 1 + j.
+
+    Host-side numpy (a few vectorised ops per request, far cheaper than small torch CPU ops),
+    then one copy of everything the device needs."""
     B = len(requests)
-    kinds, ids, pos, cand_ids, news, cands = [], [], [], [], [], []
+    kinds, ids, pos, cand_ids, tok_row, cand_row, rows, cands = [], [], [], [], [], [], [], []
+    row = 0
     for r, start in zip(requests, starts):
         if r.num_context != num_context:
             raise ValueError(f"user {r.user}: {r.num_context} context tokens, the model takes "
@@ -64,30 +71,27 @@ def make_tokens(requests: Sequence[Request], starts: Sequence[int], *, vocab: di
         if not 0 <= start <= r.seq_len:
             raise ValueError(f"user {r.user}: cached prefix {start} outside its sequence of "
                              f"{r.seq_len} tokens")
-        if r.candidates.numel() == 0:
+        c = r.candidates.numel()
+        if c == 0:
             raise ValueError(f"user {r.user}: a ranking request needs at least one candidate")
         if r.history > max_history:
             raise ValueError(f"user {r.user}: {r.history} history tokens, more than the model's "
                              f"max_history={max_history}")
-        s = torch.arange(start, r.seq_len)
-        pos.append(torch.where(s < num_context, max_history + 1 + s, s - num_context))
-        pos.append(torch.full((r.candidates.numel(),), r.history, dtype=torch.int64))
-        kinds.append(r.kinds[start:])
-        ids.append(r.ids[start:])
-        cand_ids.append(r.candidates)
-        news.append(r.seq_len - start)
-        cands.append(r.candidates.numel())
-    rows = [n + c for n, c in zip(news, cands)]
-    offsets = _exclusive_cumsum(torch.tensor(rows, dtype=torch.int64))
-    news_t, cands_t = torch.tensor(news, dtype=torch.int64), torch.tensor(cands, dtype=torch.int64)
-    # Row of each uncached token and candidate, and its user (for the per-bag lengths).
-    tok_user = torch.repeat_interleave(torch.arange(B), news_t)
-    tok_row = offsets[tok_user] + torch.arange(tok_user.numel()) - \
-        _exclusive_cumsum(news_t)[tok_user]
-    cand_user = torch.repeat_interleave(torch.arange(B), cands_t)
-    cand_row = offsets[cand_user] + news_t[cand_user] + torch.arange(cand_user.numel()) - \
-        _exclusive_cumsum(cands_t)[cand_user]
-    kinds, ids, cand_ids = torch.cat(kinds), torch.cat(ids), torch.cat(cand_ids)
+        n = r.seq_len - start
+        s = np.arange(start, r.seq_len)
+        pos.append(np.where(s < num_context, max_history + 1 + s, s - num_context))
+        pos.append(np.full(c, r.history))
+        kinds.append(r.kinds.numpy()[start:])
+        ids.append(r.ids.numpy()[start:])
+        cand_ids.append(r.candidates.numpy())
+        # The user's rows are [uncached tokens | candidates], after the previous users' rows.
+        tok_row.append(np.arange(row, row + n))
+        cand_row.append(np.arange(row + n, row + n + c))
+        rows.append(n + c)
+        cands.append(c)
+        row += n + c
+    tok_user = np.repeat(np.arange(B), [r - c for r, c in zip(rows, cands)])
+    kinds, ids, tok_row = _cat(kinds), _cat(ids), _cat(tok_row)
 
     keys = [k for k in KEYS if k in vocab]
     if "context" not in vocab and bool((kinds == CONTEXT).any()):
@@ -96,25 +100,22 @@ def make_tokens(requests: Sequence[Request], starts: Sequence[int], *, vocab: di
     values, dest, lengths = [], [], []
     for key in keys:
         if key == "candidate":
-            v, d, u = cand_ids, cand_row, cand_user
+            v, d, n_per_user = _cat(cand_ids), _cat(cand_row), np.asarray(cands)
         else:
             m = kinds == _KIND_OF_KEY[key]
-            v, d, u = ids[m], tok_row[m], tok_user[m]
+            v, d, n_per_user = ids[m], tok_row[m], np.bincount(tok_user[m], minlength=B)
         _check_vocab("item" if key == "candidate" else key, v, vocab[key])
         values.append(v)
         dest.append(d)
-        lengths.append(torch.bincount(u, minlength=B))
-    length_per_key = [v.numel() for v in values]
+        lengths.append(n_per_user)
     # One host->device copy for everything the device needs.
-    packed = torch.cat(values + dest + pos + lengths + [cand_row]).to(device)
-    n_val, n_rows = sum(length_per_key), sum(rows)
-    values_d, dest_d, pos_d, len_d, cand_d = packed.split(
-        [n_val, n_val, n_rows, len(keys) * B, cand_row.numel()])
+    packed = to_device({"values": _cat(values), "dest": _cat(dest), "positions": _cat(pos),
+                        "lengths": _cat(lengths), "candidate_rows": _cat(cand_row)}, device)
     # length_per_key given: the KJT never reads lengths back from the device (no sync, no fbgemm).
-    features = KeyedJaggedTensor(keys=keys, values=values_d, lengths=len_d, stride=B,
-                                 length_per_key=length_per_key)
-    return Tokens(features=features, dest=dest_d, positions=pos_d, candidate_rows=cand_d,
-                  rows=rows, num_candidates=cands)
+    features = KeyedJaggedTensor(keys=keys, values=packed["values"], lengths=packed["lengths"],
+                                 stride=B, length_per_key=[v.size for v in values])
+    return Tokens(features=features, dest=packed["dest"], positions=packed["positions"],
+                  candidate_rows=packed["candidate_rows"], rows=rows, num_candidates=cands)
 
 
 class SequenceEmbeddings(nn.Module):

@@ -7,11 +7,13 @@ so a graph runner can stand in for the eager block without touching the rest of 
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from hstu_exp.data.synthetic import Request
 from hstu_exp.model.embeddings import SequenceEmbeddings
@@ -46,18 +48,26 @@ class HSTURanker(nn.Module):
     def __init__(self, *, num_layers: int, hidden: int, num_heads: int, head_dim: int,
                  scaling_length: int, kernel: str, item_vocab: int, action_vocab: int,
                  num_context: int, context_vocab: int, max_history: int,
-                 position_embedding: bool, head_widths: Sequence[int], num_tasks: int):
+                 position_embedding: bool, head_widths: Sequence[int], num_tasks: int,
+                 autotune: bool = True):
         super().__init__()
         self.embeddings = SequenceEmbeddings(
             hidden=hidden, item_vocab=item_vocab, action_vocab=action_vocab,
             num_context=num_context, context_vocab=context_vocab, max_history=max_history,
             position_embedding=position_embedding)
         self.block = HSTUBlock(num_layers=num_layers, hidden=hidden, num_heads=num_heads,
-                               head_dim=head_dim, scaling_length=scaling_length, kernel=kernel)
+                               head_dim=head_dim, scaling_length=scaling_length, kernel=kernel,
+                               autotune=autotune)
         self.heads = TaskHeads(hidden=hidden, widths=head_widths, num_tasks=num_tasks)
 
 
 BlockFn = Callable[..., torch.Tensor]  # (x, batch, pool, on_layer) -> [rows, hidden]
+
+
+def _phase(name: str):
+    """A profiler label for one phase of `rank` (host time per phase in a GPU trace); a bare
+    `record_function` costs microseconds even with no profiler running, this costs nothing."""
+    return record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
 
 
 @torch.no_grad()
@@ -66,15 +76,24 @@ def rank(model: HSTURanker, requests: Sequence[Request], *, device, manager=None
     """Logits [sum of candidates, tasks] of a batch of requests, user by user.
 
     manager: a `KVCacheManager` (lookup, strip the cached prefix, plan pages, layer-wise onload
-    waits) or None for a full recompute of every sequence."""
-    if manager is not None:
-        starts, table, on_layer = manager.plan(requests)
-        pool = manager.cache.pool
-    else:
-        starts, table, on_layer, pool = [0] * len(requests), None, None, None
-    tokens = model.embeddings.tokens(requests, starts, device)
-    batch = make_batch(tokens.rows, tokens.num_candidates, device, table)
-    x = model.embeddings(tokens)
-    h = (block_fn or model.block)(x, batch, pool, on_layer)[tokens.candidate_rows]
-    logits = model.heads(h)
+    waits) or None for a full recompute of every sequence.
+
+    Nothing here waits for the device: metadata is built on the host and copied with
+    non_blocking copies from pinned memory, so the host prepares this batch while the device may
+    still run the previous one."""
+    with _phase("rank.plan"):
+        if manager is not None:
+            starts, table, on_layer = manager.plan(requests)
+            pool = manager.cache.pool
+        else:
+            starts, table, on_layer, pool = [0] * len(requests), None, None, None
+    with _phase("rank.tokens"):
+        tokens = model.embeddings.tokens(requests, starts, device)
+        batch = make_batch(tokens.rows, tokens.num_candidates, device, table)
+    with _phase("rank.embed"):
+        x = model.embeddings(tokens)
+    with _phase("rank.block"):
+        h = (block_fn or model.block)(x, batch, pool, on_layer)[tokens.candidate_rows]
+    with _phase("rank.heads"):
+        logits = model.heads(h)
     return (logits, h) if return_hidden else logits

@@ -1,0 +1,68 @@
+"""Host-side metadata: the packed one-copy transfer and the CUDA-graph bucket padding (CPU; the
+replay itself is covered by test_graphs_gpu)."""
+import numpy as np
+import torch
+
+from hstu_exp.graphs import Bucket, pad_metadata
+from hstu_exp.kvcache.paged import PagedKVCache
+from hstu_exp.model.jagged import make_batch, pack, to_device, unpack
+
+SCRATCH = 8
+
+
+def test_to_device_round_trips_mixed_dtypes_and_empty_arrays():
+    arrays = {"a": np.arange(3, dtype=np.int32), "empty": np.zeros(0, np.int64),
+              "b": np.arange(5, dtype=np.int64) - 2, "c": np.array([7], np.int32)}
+    out = to_device(arrays, "cpu")
+    for name, a in arrays.items():
+        assert out[name].dtype == {np.int32: torch.int32, np.int64: torch.int64}[a.dtype.type]
+        assert out[name].tolist() == a.tolist()
+    buf, layout = pack(arrays, pin=False)
+    assert all(start % 16 == 0 for start, _, _ in layout.values())  # aligned views
+    assert unpack(buf, layout)["b"].tolist() == [-2, -1, 0, 1, 2]
+
+
+def paged_batch():
+    """The batch of test_page_table_metadata: users 5 (6 cached + 3 new, 1 candidate) and 9."""
+    cache = PagedKVCache(num_layers=1, num_pages=SCRATCH, page_size=4, num_heads=1, head_dim=2,
+                         dtype=torch.float32, device="cpu")
+    cache.plan([5], [6], [0])
+    table = cache.plan([5, 9], [3, 2], [1, 2])
+    return make_batch([4, 4], [1, 2], "cpu", table)
+
+
+def test_pad_metadata_pads_users_pages_and_appends():
+    batch = paged_batch()
+    padded = pad_metadata(batch, Bucket(batch=4, tokens=8, kv=16), pages_per_user=4,
+                          scratch_page=SCRATCH)
+    ids = batch.pages.page_ids.tolist()
+    assert padded["offsets"].tolist() == [0, 4, 8, 8, 8]  # extra users: no rows
+    assert padded["num_candidates"].tolist() == [1, 2, 0, 0]
+    assert padded["page_indptr"].tolist() == [0, 3, 4, 4, 4]
+    assert padded["cached_lengths"].tolist() == [6, 0, 0, 0]
+    assert padded["last_page_len"].tolist() == [1, 2, 0, 0]
+    assert padded["page_ids"].tolist() == ids + [SCRATCH] * 12
+    assert padded["new_rows"].tolist() == [0, 1, 2, 4, 5] + [0] * 27  # bucket rows: 4 x 8
+    assert padded["new_page"].tolist() == batch.pages.new_page.tolist() + [SCRATCH] * 27
+    assert padded["new_slot"].tolist() == [2, 3, 0, 0, 1] + [0] * 27
+    assert {k: v.dtype for k, v in padded.items()} == {
+        **{k: np.int32 for k in ("offsets", "num_candidates", "page_indptr", "cached_lengths",
+                                 "last_page_len", "page_ids")},
+        **{k: np.int64 for k in ("new_rows", "new_page", "new_slot")}}
+
+
+def test_pad_metadata_same_bucket_same_layout():
+    """A replay copies a staged buffer over the captured one: same bucket, same bytes layout."""
+    bucket = Bucket(batch=4, tokens=8, kv=16)
+    small = make_batch([3], [1], "cpu")
+    small.pages = paged_batch().pages  # only the sizes matter here
+    layouts = [pack(pad_metadata(b, bucket, pages_per_user=4, scratch_page=SCRATCH), pin=False)[1]
+               for b in (paged_batch(), small)]
+    assert layouts[0] == layouts[1]
+
+
+def test_pad_metadata_full_mode_has_no_page_fields():
+    batch = make_batch([5, 2], [1, 1], "cpu")
+    padded = pad_metadata(batch, Bucket(batch=2, tokens=8), pages_per_user=0, scratch_page=0)
+    assert set(padded) == {"offsets", "num_candidates"}
+    assert padded["offsets"].tolist() == [0, 5, 7]
