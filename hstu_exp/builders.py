@@ -91,16 +91,20 @@ def shared_cache(model, cache, *, device, dtype):
     return built
 
 
-def shared_graphs(block, cache, model, graph, *, device, dtype, progress):
-    from hstu_exp.graphs import GraphedBlock
+def shared_graphs(module, cache, model, graph, *, device, dtype, progress):
+    """Graph runner of `module`: an HSTUBlock (GraphedBlock) or a whole HSTURanker
+    (GraphedRanker: embeddings, block and heads in each graph)."""
+    from hstu_exp.graphs import GraphedBlock, GraphedRanker
+
+    runner = GraphedBlock if isinstance(module, HSTUBlock) else GraphedRanker
 
     def make():
-        return GraphedBlock(
-            block, hidden=model.hidden, dtype=dtype, device=device,
+        return runner(
+            module, hidden=model.hidden, dtype=dtype, device=device,
             batch_buckets=graph.batch_buckets, token_buckets=graph.token_buckets,
             pool=None if cache is None else cache.pool,
             page_size=0 if cache is None else cache.page_size, max_history=model.max_history,
             scratch_page=0 if cache is None else cache.scratch_page, progress=progress)
-    graphs = reuse("graphs", [_plain(graph), id(block), id(cache)], make)
+    graphs = reuse("graphs", [_plain(graph), id(module), id(cache)], make)
     graphs.progress = progress
     return graphs

@@ -1,10 +1,14 @@
-"""CUDA graphs for the block forward (DESIGN §4).
+"""CUDA graphs for the block forward (DESIGN §4), and for a whole ranking step (e2e).
 
 One graph per bucket (batch, tokens per user, and in paged mode kv tokens per user), captured on
 first use into one shared memory pool and kept for every later batch that fits. A batch is padded
 to its bucket: extra users have length 0, rows past the last user are dead (computed on, never
 read), padded K/V appends go to the cache's scratch page. Metadata is padded on the host and
 travels as one packed buffer, so a replay is: copy x, copy one host buffer, replay.
+
+`GraphedRanker` captures the device part of an e2e step (embeddings, block, candidate rows,
+heads: `ranking.forward_rows`) the same way, with the token ids padded too; at batch 1 the
+embedding and head launches cost the host about as much as the whole block.
 """
 from __future__ import annotations
 
@@ -56,6 +60,7 @@ class Staged:
     rows: int
     host: torch.Tensor  # uint8, `pack`ed
     layout: Layout
+    candidates: int = 0  # GraphedRanker: live candidate rows (the head outputs to keep)
 
 
 def _pad(a: np.ndarray, n: int, fill) -> np.ndarray:
@@ -102,6 +107,48 @@ def capture(fn, mempool=None):
     return graph, out
 
 
+def pad_tokens(tokens, bucket: Bucket) -> Dict[str, np.ndarray]:
+    """A batch's token ids and rows (`Tokens.host`) padded to fixed sizes per bucket, so one
+    captured embedding forward serves every batch of the bucket. Each KJT key holds bucket.rows
+    values (no key can have more); the padding values belong to one extra, padding user, look up
+    id 0 and land in a spare row (index bucket.rows) that the block never sees. Candidate rows
+    are padded with row 0: their head outputs are computed and dropped."""
+    h, cap, b = tokens.host, bucket.rows, bucket.batch
+    lengths = [np.concatenate([_pad(n, b, 0), [cap - int(n.sum())]]) for n in h["lengths"]]
+    return {"tok_values": np.concatenate([_pad(v, cap, 0) for v in h["values"]]),
+            "tok_dest": np.concatenate([_pad(d, cap, cap) for d in h["dest"]]),
+            "tok_lengths": np.concatenate(lengths).astype(np.int64),
+            "tok_positions": _pad(h["positions"], cap + 1, 0),
+            "tok_candidate_rows": _pad(h["candidate_rows"], cap, 0)}
+
+
+def static_batch(bucket: Bucket, views: dict) -> Batch:
+    """`Batch` (and `PageTable`) over a graph's static buffers (the views of `pad_metadata`)."""
+    pages = None
+    if bucket.kv:
+        pages = PageTable(page_indptr=views["page_indptr"], page_ids=views["page_ids"],
+                          cached_lengths=views["cached_lengths"],
+                          last_page_len=views["last_page_len"], new_rows=views["new_rows"],
+                          new_page=views["new_page"], new_slot=views["new_slot"],
+                          max_kv_len=bucket.kv)
+    return Batch(offsets=views["offsets"], num_candidates=views["num_candidates"],
+                 max_len=bucket.tokens, pages=pages)
+
+
+def static_tokens(views: dict, keys, bucket: Bucket):
+    """`Tokens` over a graph's static buffers (the views of `pad_tokens`' fields)."""
+    from torchrec import KeyedJaggedTensor
+
+    from hstu_exp.model.embeddings import Tokens
+
+    features = KeyedJaggedTensor(keys=list(keys), values=views["tok_values"],
+                                 lengths=views["tok_lengths"], stride=bucket.batch + 1,
+                                 length_per_key=[bucket.rows] * len(keys))
+    return Tokens(features=features, dest=views["tok_dest"], positions=views["tok_positions"],
+                  candidate_rows=views["tok_candidate_rows"], rows=[], num_candidates=[],
+                  num_rows=bucket.rows)
+
+
 class _Captured:
     def __init__(self, meta, x, out, graph):
         self.meta, self.x, self.out, self.graph = meta, x, out, graph  # meta: packed, device
@@ -138,17 +185,6 @@ class GraphedBlock:
         host, layout = pack(padded, pin=self.device.type == "cuda")
         return Staged(bucket, rows, host, layout)
 
-    def _static_batch(self, bucket: Bucket, views: dict) -> Batch:
-        pages = None
-        if bucket.kv:
-            pages = PageTable(page_indptr=views["page_indptr"], page_ids=views["page_ids"],
-                              cached_lengths=views["cached_lengths"],
-                              last_page_len=views["last_page_len"], new_rows=views["new_rows"],
-                              new_page=views["new_page"], new_slot=views["new_slot"],
-                              max_kv_len=bucket.kv)
-        return Batch(offsets=views["offsets"], num_candidates=views["num_candidates"],
-                     max_len=bucket.tokens, pages=pages)
-
     @torch.no_grad()
     def _capture(self, staged: Staged) -> _Captured:
         bucket = staged.bucket
@@ -158,7 +194,7 @@ class GraphedBlock:
         if bucket.kv:  # warm-up and capture append into the scratch page, not a user's pages
             views["new_page"].fill_(self.scratch)
         x = torch.zeros(bucket.rows, self.hidden, dtype=self.dtype, device=self.device)
-        batch = self._static_batch(bucket, views)
+        batch = static_batch(bucket, views)
         graph, out = capture(lambda: self.block(x, batch, self.pool), self.mempool)
         return _Captured(meta, x, out, graph)
 
@@ -172,3 +208,49 @@ class GraphedBlock:
         cap.meta.copy_(staged.host, non_blocking=True)
         cap.graph.replay()
         return cap.out[:staged.rows]
+
+
+class GraphedRanker(GraphedBlock):
+    """Replays captured `forward_rows(model, ...)` (embeddings -> block -> heads) per bucket:
+    a step is host bookkeeping, one packed copy and one replay."""
+
+    def __init__(self, model, **kwargs):
+        super().__init__(model.block, **kwargs)
+        self.model = model
+        self.used: set = set()  # bucket names replayed (a workload clears it per point)
+
+    def stage_step(self, tokens, batch: Batch) -> Staged:
+        bucket = self.bucket_for(batch)
+        arrays = pad_metadata(batch, bucket, pages_per_user=self.pages_per_user,
+                              scratch_page=self.scratch)
+        arrays.update(pad_tokens(tokens, bucket))
+        host, layout = pack(arrays, pin=self.device.type == "cuda")
+        return Staged(bucket, tokens.num_rows, host, layout,
+                      candidates=int(tokens.host["candidate_rows"].size))
+
+    @torch.no_grad()
+    def _capture(self, staged: Staged) -> _Captured:
+        from hstu_exp.model.ranking import forward_rows
+
+        bucket = staged.bucket
+        self.progress(f"capturing CUDA graph of the ranking step for bucket {bucket.name}")
+        meta = staged.host.to(self.device)
+        views = unpack(meta, staged.layout)
+        if bucket.kv:  # warm-up and capture append into the scratch page, not a user's pages
+            views["new_page"].fill_(self.scratch)
+        batch = static_batch(bucket, views)
+        tokens = static_tokens(views, self.model.embeddings.keys, bucket)
+        graph, out = capture(lambda: forward_rows(self.model, tokens, batch, self.pool),
+                             self.mempool)
+        return _Captured(meta, None, out, graph)
+
+    def run(self, staged: Staged):
+        """(logits, candidate hidden states) of the staged batch, views of the graph's output."""
+        cap = self.graphs.get(staged.bucket)
+        if cap is None:
+            cap = self.graphs[staged.bucket] = self._capture(staged)
+        self.used.add(staged.bucket.name)
+        cap.meta.copy_(staged.host, non_blocking=True)
+        cap.graph.replay()
+        logits, h = cap.out
+        return logits[:staged.candidates], h[:staged.candidates]

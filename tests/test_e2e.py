@@ -252,3 +252,41 @@ def test_cache_graph_mode_matches_full_recompute_on_cuda():
     assert r["graph"] == "cudagraph" and r["bucket"]
     assert r["max_rel_error"] < 1e-4, r["max_rel_error"]
     assert r["evictions"] > 0 and r["onloaded_bytes"] > 0
+
+
+@torch.no_grad()
+def test_a_step_padded_to_its_graph_bucket_equals_the_eager_step():
+    """What GraphedRanker captures: forward_rows on the bucket's static, padded buffers (extra
+    users, a padding KJT bag, dead rows, padded candidate rows) gives the eager step's logits and
+    hidden states for the live candidates (eager here; the replay itself: the CUDA tests)."""
+    from hstu_exp.graphs import Bucket, pad_metadata, pad_tokens, static_batch, static_tokens
+    from hstu_exp.model.jagged import make_batch, pack, unpack
+    from hstu_exp.model.ranking import forward_rows
+
+    model = make_model()
+    seqs = random_users(4)
+    managers = [KVCacheManager(make_cache("paged", num_pages=40, host_pages=None))
+                for _ in range(2)]
+    for history in ([10, 30, 5], [25, 41, 5]):  # the second batch hits the cache
+        batch_req = [request(seqs, u, h) for u, h in zip([0, 2, 3], history)]
+        outs = []
+        for manager, padded in zip(managers, (False, True)):
+            starts, table, _ = manager.plan(batch_req)
+            tokens = model.embeddings.tokens(batch_req, starts, "cpu")
+            batch = make_batch(tokens.rows, tokens.num_candidates, "cpu", table)
+            if padded:
+                bucket = Bucket(batch=4, tokens=64, kv=64)
+                arrays = pad_metadata(batch, bucket, pages_per_user=8,
+                                      scratch_page=manager.cache.scratch_page)
+                arrays.update(pad_tokens(tokens, bucket))
+                views = unpack(*pack(arrays, pin=False))
+                n = tokens.host["candidate_rows"].size
+                logits, h = forward_rows(model, static_tokens(views, model.embeddings.keys,
+                                                              bucket),
+                                         static_batch(bucket, views), manager.cache.pool)
+                outs.append((logits[:n], h[:n]))
+                assert logits.shape[0] == bucket.rows  # heads ran on every padded candidate row
+            else:
+                outs.append(forward_rows(model, tokens, batch, manager.cache.pool))
+        for got, want in zip(outs[1], outs[0]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -7,8 +7,8 @@ cache lookup and fingerprint check, stripping the cached prefix, page planning, 
 copies (and the compute's waits for them), token rows + KJT, embeddings, block, heads. Passes
 repeat until `iters` batches and `min_time_s` are reached; every batch latency is a sample (CUDA
 events around each batch, so host work the device waits for counts, as it does for a server).
-The block is called through `rank(..., block_fn=...)`: mode=cache_graph passes the CUDA-graph
-runner there (buckets from the graph config; host onloads land before each replay).
+mode=cache_graph hands `rank` a `GraphedRanker`: per bucket (from the graph config) one CUDA graph
+runs embeddings, block and heads; host onloads land before each replay.
 """
 from __future__ import annotations
 
@@ -83,23 +83,16 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> dict:
             raise ConfigError(problem)
         manager = KVCacheManager(cache, warn=progress)
 
-    block_fn, buckets = None, set()
+    graphs = None
     if w.mode == "cache_graph":
-        graphs = shared_graphs(model.block, manager.cache, m, cfg.graph, device=device,
-                               dtype=dtype, progress=progress)
-
-        def block_fn(x, batch, pool, on_layer):
-            if on_layer is not None:  # one replay runs every layer: all onloads must land first
-                for layer in range(m.num_layers):
-                    on_layer(layer)
-            staged = graphs.stage(batch, x.shape[0])
-            buckets.add(staged.bucket.name)
-            return graphs.replay(x, staged)
+        graphs = shared_graphs(model, manager.cache, m, cfg.graph, device=device, dtype=dtype,
+                               progress=progress)
+        graphs.used.clear()
 
     starts: List[List[int]] = []  # cached prefix per request of each batch served
 
     def step(batch):
-        out = rank(model, batch, device=device, manager=manager, block_fn=block_fn)
+        out = rank(model, batch, device=device, manager=manager, graphs=graphs)
         starts.append(manager.last_starts if manager is not None else [0] * len(batch))
         return out
 
@@ -132,8 +125,8 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> dict:
               "total_history": stream.max_history, "new_history": None,
               # the mode decides, whatever graph= says
               "graph": "cudagraph" if w.mode == "cache_graph" else "none"}
-    if buckets:
-        result["bucket"] = ",".join(sorted(buckets))
+    if graphs is not None:
+        result["bucket"] = ",".join(sorted(graphs.used))
     if manager is not None:  # the last pass (every pass serves the same stream the same way)
         result.update(manager.stats())
         result["kv_pool_bytes"] = manager.cache.nbytes
@@ -170,7 +163,7 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> dict:
         result.update(profile_step(lambda i: step(stream.batches[i]), device=device,
                                    iters=len(stream.batches), out_dir=job_dir))
     if cfg.verify:
-        result["max_rel_error"] = _verify(model, stream.batches, manager, device, block_fn)
+        result["max_rel_error"] = _verify(model, stream.batches, manager, device, graphs)
         if manager is not None:  # the verify pass left its own state
             manager.reset()
     return result
@@ -197,7 +190,7 @@ def _time_pass(batches, step, device):
 
 
 @torch.no_grad()
-def _verify(model, batches, manager, device, block_fn=None) -> float:
+def _verify(model, batches, manager, device, graphs=None) -> float:
     """The stream served again (fresh cache) vs a float32 full recompute of every user's whole
     sequence: worst relative error of candidate outputs and logits."""
     ref = copy.deepcopy(model).float()
@@ -207,7 +200,7 @@ def _verify(model, batches, manager, device, block_fn=None) -> float:
     worst = 0.0
     for batch in batches:
         counts = [r.candidates.numel() for r in batch]
-        logits, h = rank(model, batch, device=device, manager=manager, block_fn=block_fn,
+        logits, h = rank(model, batch, device=device, manager=manager, graphs=graphs,
                          return_hidden=True)
         ref_logits, ref_h = rank(ref, batch, device=device, return_hidden=True)
         worst = max(worst, _relative_error(logits, ref_logits, counts),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,10 @@ class Tokens:
     candidate_rows: torch.Tensor  # [sum c] int64: rows of the candidates, user by user
     rows: List[int]  # host-side: rows per user (uncached tokens + candidates)
     num_candidates: List[int]
+    num_rows: int  # rows of the output; a graph's padded values land in a spare row past them
+    # What the device tensors were made from, for a graph runner that pads them to its bucket:
+    # keys; per key its values, dest rows and per-user lengths; positions; candidate rows.
+    host: Optional[dict] = None
 
 
 def _check_vocab(key: str, ids: np.ndarray, vocab: int) -> None:
@@ -114,8 +118,11 @@ def make_tokens(requests: Sequence[Request], starts: Sequence[int], *, vocab: di
     # length_per_key given: the KJT never reads lengths back from the device (no sync, no fbgemm).
     features = KeyedJaggedTensor(keys=keys, values=packed["values"], lengths=packed["lengths"],
                                  stride=B, length_per_key=[v.size for v in values])
+    host = {"keys": keys, "values": values, "dest": dest, "lengths": lengths,
+            "positions": _cat(pos), "candidate_rows": _cat(cand_row)}
     return Tokens(features=features, dest=packed["dest"], positions=packed["positions"],
-                  candidate_rows=packed["candidate_rows"], rows=rows, num_candidates=cands)
+                  candidate_rows=packed["candidate_rows"], rows=rows, num_candidates=cands,
+                  num_rows=sum(rows), host=host)
 
 
 class SequenceEmbeddings(nn.Module):
@@ -135,6 +142,7 @@ class SequenceEmbeddings(nn.Module):
         self.vocab = {"item": item_vocab, "action": action_vocab, "candidate": item_vocab}
         if num_context:
             self.vocab["context"] = context_vocab
+        self.keys = [k for k in KEYS if k in self.vocab]  # the KJT's keys, in value order
         self.num_context, self.max_history, self.hidden = num_context, max_history, hidden
         # Positions 0..T (T: candidates), then one per context token.
         self.positions = (nn.Embedding(max_history + 1 + num_context, hidden)
@@ -142,17 +150,18 @@ class SequenceEmbeddings(nn.Module):
         self.scale = math.sqrt(hidden)
 
     def forward(self, tokens: Tokens) -> torch.Tensor:
-        """[rows, hidden] in the module's dtype."""
+        """[tokens.num_rows, hidden] in the module's dtype."""
         kjt = tokens.features
         out = self.collection(kjt)
         weight = next(iter(self.collection.parameters()))
         values = torch.cat([out[k].values() for k in kjt.keys()]).to(weight.dtype)
-        x = torch.empty(tokens.positions.numel(), self.hidden, dtype=weight.dtype,
+        # Zeros: a graph bucket's dead rows (past the last user) get no value, and stay finite.
+        x = torch.zeros(tokens.positions.numel(), self.hidden, dtype=weight.dtype,
                         device=weight.device)
-        x[tokens.dest] = values  # every row is exactly one token or candidate
+        x[tokens.dest] = values  # every live row is exactly one token or candidate
         if self.positions is not None:
             x = x * self.scale + self.positions(tokens.positions)
-        return x
+        return x[:tokens.num_rows]
 
     def tokens(self, requests: Sequence[Request], starts: Sequence[int], device) -> Tokens:
         """`make_tokens` with this module's tables and sizes."""

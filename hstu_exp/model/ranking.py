@@ -8,7 +8,7 @@ so a graph runner can stand in for the eager block without touching the rest of 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable, Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,22 +61,32 @@ class HSTURanker(nn.Module):
         self.heads = TaskHeads(hidden=hidden, widths=head_widths, num_tasks=num_tasks)
 
 
-BlockFn = Callable[..., torch.Tensor]  # (x, batch, pool, on_layer) -> [rows, hidden]
-
-
 def _phase(name: str):
     """A profiler label for one phase of `rank` (host time per phase in a GPU trace); a bare
     `record_function` costs microseconds even with no profiler running, this costs nothing."""
     return record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
 
 
+def forward_rows(model: HSTURanker, tokens, batch, pool=None, on_layer=None):
+    """The device part of a step: embeddings -> block -> candidate rows -> heads.
+    Returns (logits, candidate hidden states). A graph runner captures exactly this."""
+    with _phase("rank.embed"):
+        x = model.embeddings(tokens)
+    with _phase("rank.block"):
+        h = model.block(x, batch, pool, on_layer)[tokens.candidate_rows]
+    with _phase("rank.heads"):
+        return model.heads(h), h
+
+
 @torch.no_grad()
-def rank(model: HSTURanker, requests: Sequence[Request], *, device, manager=None,
-         block_fn: Optional[BlockFn] = None, return_hidden: bool = False):
+def rank(model: HSTURanker, requests: Sequence[Request], *, device, manager=None, graphs=None,
+         return_hidden: bool = False):
     """Logits [sum of candidates, tasks] of a batch of requests, user by user.
 
     manager: a `KVCacheManager` (lookup, strip the cached prefix, plan pages, layer-wise onload
     waits) or None for a full recompute of every sequence.
+    graphs: a `GraphedRanker` replaying `forward_rows` per bucket (host onloads land first), or
+    None to run it eagerly.
 
     Nothing here waits for the device: metadata is built on the host and copied with
     non_blocking copies from pinned memory, so the host prepares this batch while the device may
@@ -90,10 +100,12 @@ def rank(model: HSTURanker, requests: Sequence[Request], *, device, manager=None
     with _phase("rank.tokens"):
         tokens = model.embeddings.tokens(requests, starts, device)
         batch = make_batch(tokens.rows, tokens.num_candidates, device, table)
-    with _phase("rank.embed"):
-        x = model.embeddings(tokens)
-    with _phase("rank.block"):
-        h = (block_fn or model.block)(x, batch, pool, on_layer)[tokens.candidate_rows]
-    with _phase("rank.heads"):
-        logits = model.heads(h)
+    if graphs is None:
+        logits, h = forward_rows(model, tokens, batch, pool, on_layer)
+    else:
+        with _phase("rank.graph"):
+            if on_layer is not None:  # one replay runs every layer: all onloads must land first
+                for layer in range(len(model.block.layers)):
+                    on_layer(layer)
+            logits, h = graphs.run(graphs.stage_step(tokens, batch))
     return (logits, h) if return_hidden else logits
