@@ -5,6 +5,7 @@
 # sweep runs only when asked (it is the one that changes least between kernel-neutral commits).
 set -u
 out=${1:?usage: scripts/gpu_goals.sh OUT_DIR [attention]}
+mkdir -p "$out"
 run() { local name=$1 limit=$2; shift 2
   timeout "$limit" python3 -m hstu_exp -m logger=none hydra.sweep.dir="$out/$name" "$@" \
     > "$out/$name.log" 2>&1; echo "$name: exit $?"; }
