@@ -7,6 +7,7 @@ record instead. Exit status 1 when any point failed.
 """
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import signal
@@ -142,6 +143,17 @@ def app(cfg) -> None:
         print_summary([record])
 
 
+def _exit_after_interrupt(status: int) -> None:
+    # A KeyboardInterrupt that surfaced inside code a C extension evaluated (pybind11's exec)
+    # leaves CPython's "unhandled Ctrl-C" flag set even though we caught it, and `python -m`
+    # then ends by SIGINT whatever status sys.exit gives. Run the exit hooks (W&B's among
+    # them) ourselves and leave with our status.
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main() -> None:
     args = sys.argv[1:]
     if not _PASS_THROUGH.intersection(args):
@@ -172,7 +184,7 @@ def main() -> None:
             print("hstu-exp: no point ran in this process (with Slurm, submitted jobs go on: "
                   "scancel them, or close out later with scripts/plot_sweep.py SWEEP_DIR --csv)",
                   file=sys.stderr)
-        sys.exit(128 + _stop[0])
+        _exit_after_interrupt(128 + _stop[0])
     if any(_failed):
         sys.exit(1)
 

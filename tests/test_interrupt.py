@@ -2,10 +2,14 @@
 gets a `failed` record with error 'interrupted', the close-out runs on what exists, and the exit
 status says which signal (128 + signal number). (test_resume.py resumes such a sweep.)"""
 import signal
+import subprocess
+import sys
+import textwrap
 
 import pandas as pd
 import pytest
 
+from helpers import ROOT
 from live_sweep import GRID, POINTS, LiveSweep
 from test_sweep import records
 
@@ -49,3 +53,26 @@ def test_sigterm_in_a_single_run_marks_the_point(tmp_path):
     assert run.finish() == 128 + signal.SIGTERM, run.output
     (rec,) = records(tmp_path)
     assert rec["status"] == "failed" and rec["error"] == "interrupted"
+
+
+def test_exit_status_survives_an_interrupt_caught_inside_extension_code(tmp_path):
+    # A KeyboardInterrupt raised in code that C evaluated through PyRun_String (as pybind11's
+    # exec does), even when caught, makes `python -m` end by SIGINT after sys.exit: the CI run
+    # of the test above once got -2 for 143 that way. The interrupted exit must keep its status.
+    (tmp_path / "interrupted_in_c.py").write_text(textwrap.dedent("""
+        import ctypes
+        from hstu_exp.cli import _exit_after_interrupt
+        run = ctypes.pythonapi.PyRun_String
+        run.restype = ctypes.py_object
+        run.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.py_object, ctypes.py_object]
+        try:
+            run(b"raise KeyboardInterrupt", 257, {}, {})  # 257: Py_file_input
+        except KeyboardInterrupt:
+            print("caught")
+        _exit_after_interrupt(128 + 15)
+    """))
+    done = subprocess.run([sys.executable, "-m", "interrupted_in_c"], cwd=tmp_path,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert done.stdout == "caught\n"
