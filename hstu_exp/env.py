@@ -50,10 +50,12 @@ def environment(device_type: str) -> dict:
     if device.type == "cuda":
         driver = _run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
         driver = driver.splitlines()[0] if driver else None
-    git_sha = _run("git", "rev-parse", "--short=12", "HEAD")
-    dirty = _run("git", "status", "--porcelain", "--untracked-files=no")
-    if git_sha is None:  # a copy of the tree without .git (a GPU box): the caller may say
-        git_sha, dirty = os.environ.get("HSTU_EXP_GIT_SHA"), None
+    # A copied tree (a GPU box) may have no .git, or a stale one that names an older commit:
+    # the caller's word, when given, wins.
+    git_sha, dirty = os.environ.get("HSTU_EXP_GIT_SHA"), None
+    if not git_sha:
+        git_sha = _run("git", "rev-parse", "--short=12", "HEAD")
+        dirty = _run("git", "status", "--porcelain", "--untracked-files=no")
     return {
         "device_name": device_name(device),
         "driver": driver,

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # GPU tests of the kernels, graphs and e2e path, then the e2e and attention sweeps (the goal
-# experiments), results under $OUT (tarred). On the GPU box (no git there):
+# experiments), results under $OUT (tarred). On the GPU box (its .git, if any, is stale):
 #   SHA=<commit> OUT=<dir> bash scripts/gpu_kernels_check.sh
 set -u
 [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
   --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HSTU_EXP_GIT_SHA=${SHA:-unknown}
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HSTU_EXP_GIT_SHA=${SHA:-}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_graphs_gpu.py \
   tests/test_block_kernels.py tests/test_e2e.py tests/test_staging.py -k "not done_when and not sweep" \

@@ -123,3 +123,24 @@ def test_cpu_only_options_are_refused_or_skipped(tmp_path):
     recs = {r["graph"]: r for r in records(tmp_path / "sweep")}
     assert recs["none"]["status"] == "ok" and recs["cudagraph"]["status"] == "skipped"
     assert proc.returncode == 0
+
+
+def test_records_name_the_commit_the_caller_gives_over_the_checkout(monkeypatch):
+    # A GPU box may hold a stale .git under a newer tree: HSTU_EXP_GIT_SHA must win there.
+    import subprocess
+
+    from hstu_exp.env import environment
+    from helpers import ROOT
+
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True).stdout.strip()
+    try:
+        monkeypatch.delenv("HSTU_EXP_GIT_SHA", raising=False)
+        environment.cache_clear()
+        if head:
+            assert environment("cpu")["git_sha"].removesuffix("-dirty") == head
+        monkeypatch.setenv("HSTU_EXP_GIT_SHA", "0123456789ab")
+        environment.cache_clear()
+        assert environment("cpu")["git_sha"] == "0123456789ab"
+    finally:
+        environment.cache_clear()
