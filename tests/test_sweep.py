@@ -1,13 +1,15 @@
 """A real multirun into a temporary dir: records, CSV, figures and W&B offline runs."""
 import json
+import subprocess
 
 import matplotlib.image as mpimg
 import pandas as pd
 import pytest
 
+from hstu_exp.env import environment
 from hstu_exp.tracking.records import SWEPT_KEYS
 from hstu_exp.tracking.wandb_sink import read_offline_run
-from helpers import FAST, hstu_exp
+from helpers import FAST, ROOT, hstu_exp
 
 
 def records(root):
@@ -127,11 +129,6 @@ def test_cpu_only_options_are_refused_or_skipped(tmp_path):
 
 def test_records_name_the_commit_the_caller_gives_over_the_checkout(monkeypatch):
     # A GPU box may hold a stale .git under a newer tree: HSTU_EXP_GIT_SHA must win there.
-    import subprocess
-
-    from hstu_exp.env import environment
-    from helpers import ROOT
-
     head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
                           capture_output=True, text=True).stdout.strip()
     try:
