@@ -1,17 +1,22 @@
 """`hstu-exp`: a Hydra app with a preflight.
 
 Before Hydra starts, every value of every swept key is composed and validated once, so bad input
-stops with one line naming the key and value (exit 2) before anything is written. A single run
-also checks the combination of keys; in a sweep an impossible combination becomes a `skipped`
-record instead. Exit status 1 when any point failed.
+stops with one line naming the key and value (exit 2) before anything is written: unknown keys
+(also when added with `+` / `++`), an experiment's grid run without `-m`, an output dir that
+cannot be written, a sweep dir that already holds records (without `resume=true`), e2e without
+TorchRec. A single run also checks the combination of keys; in a sweep an impossible combination
+becomes a `skipped` record instead. Exit status 1 when any point failed or a record could not be
+written, 128 + signal when interrupted.
 """
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,12 +30,29 @@ from omegaconf import OmegaConf
 from hstu_exp.config import (ConfigError, device_problem, point_problem, register_configs,
                              validate)
 from hstu_exp.runner import STOP as _stop  # signals received, for the exit code
+from hstu_exp.tracking.records import RecordWriteError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _conf_dir() -> Path:
+    # An installed package carries the configs as hstu_exp/conf (pyproject maps conf/ there); a
+    # source tree has them in conf/ beside the package.
+    here = Path(__file__).resolve().parent
+    return next((d for d in (here / "conf", here.parent / "conf") if (d / "config.yaml").is_file()),
+                here.parent / "conf")
+
+
+CONF_DIR = _conf_dir()
 register_configs()
 
 _failed = []  # statuses of this process's points, for the exit code
 _sweep = {}  # sweep dir and logger of the points run in this process, for a close-out on Ctrl-C
+_unwritable = []  # the one-line cause when a record could not be written
+
+
+class _StopSweep(BaseException):
+    """Ends the sweep from inside a point: Hydra's launcher records an Exception as the job's
+    result and goes on, so only a BaseException stops the remaining points."""
 
 
 def _on_signal(signum, frame):
@@ -88,14 +110,89 @@ def _device_problem(cfg):
     return device_problem(cfg) if resolve_device(cfg.device).type != "cuda" else None
 
 
+def _unknown_added_keys(expanded) -> None:
+    """`+key=v` / `++key=v` bypass the schema's unknown-key check: hold them to it here. A config
+    group (`+experiment=x`) is a legitimate addition."""
+    added = [k.lstrip("+") for k, _ in expanded if k.startswith("+")]
+    if not added:
+        return
+    plain = [v[0] for k, v in expanded if not k.startswith("+")]
+    cfg = compose("config", overrides=plain)
+    for key in added:
+        if (CONF_DIR / key).is_dir():
+            continue
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if not OmegaConf.is_dict(node) or leaf not in node:
+            raise ConfigError(f"{key}: unknown key")
+
+
+def _grid_without_multirun(cfg, expanded) -> None:
+    """An experiment's sweep grid only runs with -m; without it Hydra would quietly run one point."""
+    params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    cli_keys = {k.lstrip("+~") for k, _ in expanded}
+    left = [k for k in params if k not in cli_keys]
+    if left:
+        points = math.prod(len(_expand([f"{k}={params[k]}"])[0][1]) for k in left)
+        experiment = OmegaConf.select(cfg, "hydra.runtime.choices.experiment")
+        raise ConfigError(f"{f'experiment={experiment}' if experiment else cfg.name}: sweeps {', '.join(left)} ({points} points): add -m to run "
+                          f"the grid, or set {'that key' if len(left) == 1 else 'those keys'} "
+                          "to run one point")
+
+
+def _output_dir_problem(path: Path):
+    """Why `path` cannot be made and written, or None. Leaves nothing behind."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a directory"
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".hstu-exp-probe-"))
+    except OSError as exc:
+        return f"cannot write in {probe} ({exc.strerror or exc})"
+    return None
+
+
+def _check_output_dir(cfg, multirun: bool, dir_given: bool) -> None:
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    path = Path(OmegaConf.select(cfg, key))
+    if (problem := _output_dir_problem(path)) is not None:
+        raise ConfigError(f"{key}={path}: {problem}")
+    # A sweep dir named on the command line may hold an earlier sweep: its records would be mixed
+    # into this sweep's table. Only resume=true may continue it.
+    earlier = [path / "results.jsonl", *path.glob("*/results.jsonl")] if path.is_dir() else []
+    if multirun and dir_given and not cfg.resume and any(p.is_file() for p in earlier):
+        raise ConfigError(f"{key}={path}: holds the records of an earlier sweep; add resume=true "
+                          "to continue it, or choose a new hydra.sweep.dir")
+
+
+def _missing_e2e_packages(cfg):
+    if cfg.workload.name != "e2e":
+        return None
+    missing = [name for name, module in (("torchrec", "torchrec"), ("fbgemm-gpu", "fbgemm_gpu"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        return (f"workload=e2e: needs {' and '.join(missing)}, which "
+                f"{'is' if len(missing) == 1 else 'are'} not installed (scripts/setup_env.sh "
+                "installs them; see the README's install section)")
+    return None
+
+
 def preflight(args) -> int:
     """Validate; return the number of points (1 for a single run)."""
     multirun = "-m" in args or "--multirun" in args
     overrides = [a for a in args if not a.startswith("-")]
-    expanded = [(k, v) for k, v in _expand(overrides) if not k.lstrip("+~").startswith("hydra.")]
+    every = _expand(overrides)
+    expanded = [(k, v) for k, v in every if not k.lstrip("+~").startswith("hydra.")]
+    dir_given = any(k.lstrip("+~") == "hydra.sweep.dir" for k, _ in every)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        _unknown_added_keys(expanded)
         base = [values[0] for _, values in expanded]
-        cfg = compose("config", overrides=base, return_hydra_config=True)
+        hydra_keys = [v[0] for k, v in every if k.lstrip("+~").startswith("hydra.")]
+        cfg = compose("config", overrides=base + hydra_keys, return_hydra_config=True)
         swept = [(k, v) for k, v in expanded if len(v) > 1]
         if multirun:
             cli_keys = {k.lstrip("+~") for k, _ in expanded}
@@ -105,6 +202,8 @@ def preflight(args) -> int:
                     swept += _expand([f"{key}={value}"])
         elif swept:
             raise ConfigError(f"{swept[0][1][0].split('=')[0]}: several values need -m (multirun)")
+        else:
+            _grid_without_multirun(cfg, expanded)
         keys = [k for k, _ in expanded]
 
         def with_value(key, value):
@@ -115,8 +214,11 @@ def preflight(args) -> int:
         for overrides_ in variants:
             point = compose("config", overrides=overrides_)
             validate(point)
+            if problem := _missing_e2e_packages(point):
+                raise ConfigError(problem)
             if not multirun and (problem := point_problem(point) or _device_problem(point)):
                 raise ConfigError(problem)
+        _check_output_dir(cfg, multirun, dir_given)
     return math.prod(len(v) for _, v in swept) if multirun else 1
 
 
@@ -132,10 +234,14 @@ def app(cfg) -> None:
     validate(cfg)
     if multirun:
         _sweep.update(dir=sweep_dir, logger=OmegaConf.to_container(cfg.logger, resolve=True))
-    record = run_point(cfg, job_dir=job_dir, group=group,
-                       point=hc.job.num if multirun else 0,
-                       total=sweep_total() if multirun else 1,
-                       sweep_dir=sweep_dir, started=sweep_started())
+    try:
+        record = run_point(cfg, job_dir=job_dir, group=group,
+                           point=hc.job.num if multirun else 0,
+                           total=sweep_total() if multirun else 1,
+                           sweep_dir=sweep_dir, started=sweep_started())
+    except RecordWriteError as exc:  # the promise is a record per point: stop rather than lose more
+        _unwritable.append(str(exc))
+        raise _StopSweep from None
     _failed.append(record["status"] == "failed")
     if not multirun:
         from hstu_exp.report.console import print_summary
@@ -169,24 +275,46 @@ def main() -> None:
         signal.signal(signum, _on_signal)
     try:
         app()
+    except _StopSweep:
+        pass
     except (KeyboardInterrupt, SystemExit):
         if not _stop:
             raise
+    if _unwritable:
+        print(f"hstu-exp: error: {_unwritable[0]}; the sweep stopped", file=sys.stderr, flush=True)
+        if not _stop:
+            _close_out_after_stop(args)
+        sys.exit(1)
     if _stop:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the close-out finish
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("hstu-exp: interrupted; finished records are on disk", file=sys.stderr, flush=True)
-        if _sweep:  # the close-out still runs, on what the sweep dir holds
-            from hstu_exp.report.callback import close_out
-
-            close_out(_sweep["dir"], logger=_sweep["logger"])
-        elif "-m" in args or "--multirun" in args:
-            print("hstu-exp: no point ran in this process (with Slurm, submitted jobs go on: "
-                  "scancel them, or close out later with scripts/plot_sweep.py SWEEP_DIR --csv)",
-                  file=sys.stderr)
+        _close_out_after_stop(args)
         _exit_after_interrupt(128 + _stop[0])
     if any(_failed):
         sys.exit(1)
+
+
+def _abandon_close_out(signum, frame):
+    print("hstu-exp: close-out abandoned (second signal); the records are on disk",
+          file=sys.stderr, flush=True)
+    _exit_after_interrupt(128 + (_stop[0] if _stop else signum))
+
+
+def _close_out_after_stop(args) -> None:
+    """The close-out of a sweep that did not reach its end: it covers what the sweep dir holds. A
+    second Ctrl-C / SIGTERM ends it at once."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _abandon_close_out)
+    if _sweep:
+        from hstu_exp.report.callback import close_out
+
+        try:
+            close_out(_sweep["dir"], logger=_sweep["logger"])
+        except SystemExit:  # it said what went wrong in one line; the exit status is ours
+            pass
+    elif "-m" in args or "--multirun" in args:
+        print("hstu-exp: no point ran in this process (with Slurm, submitted jobs go on: "
+              "scancel them, or close out later with scripts/plot_sweep.py SWEEP_DIR --csv)",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":
