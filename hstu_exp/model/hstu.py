@@ -35,13 +35,18 @@ class HSTULayer(nn.Module):
     def forward(self, x, batch: Batch, kernel, *, alpha: float, inv_n: float,
                 pool_layer: Optional[torch.Tensor] = None):
         width = self.num_heads * self.head_dim
-        z = F.silu(self.uvqk(self.norm(x)))
+        z = self.uvqk(kernel.layernorm(x, self.norm.weight, self.norm.bias, self.norm.eps))
+        if not kernel.silu_on_load:
+            z = F.silu(z)
         u, v, q, k = (t.reshape(-1, self.num_heads, self.head_dim) for t in z.split(width, dim=-1))
+        if kernel.silu_on_load:  # SiLU of q, k, v in place, and the append of post-SiLU K/V
+            kernel.silu_qkv(q, k, v, batch, pool_layer)
+        elif batch.pages is not None:
+            pt = batch.pages
+            kernel.append_kv(pool_layer, pt.new_rows, pt.new_page, pt.new_slot, k, v)
         if batch.pages is None:
             a = kernel.attention_full(q, k, v, batch, alpha=alpha, inv_n=inv_n)
         else:
-            pt = batch.pages
-            kernel.append_kv(pool_layer, pt.new_rows, pt.new_page, pt.new_slot, k, v)
             a = kernel.attention_paged(q, k, v, batch, pool_layer[:, 0], pool_layer[:, 1],
                                        alpha=alpha, inv_n=inv_n)
         return kernel.layernorm_mul_linear_add(a.reshape(-1, width), u.reshape(-1, width),
@@ -51,7 +56,8 @@ class HSTULayer(nn.Module):
 
 class HSTUBlock(nn.Module):
     def __init__(self, *, num_layers: int, hidden: int, num_heads: int, head_dim: int,
-                 scaling_length: int, kernel: str = "reference", autotune: bool = True):
+                 scaling_length: int, kernel: str = "reference", autotune: bool = True,
+                 silu_on_load: bool = True):
         super().__init__()
         self.layers = nn.ModuleList(HSTULayer(hidden, num_heads, head_dim)
                                     for _ in range(num_layers))
@@ -59,13 +65,14 @@ class HSTUBlock(nn.Module):
         # Fixed N, never the batch's longest sequence: outputs must not depend on batch-mates.
         self.inv_n = 1.0 / scaling_length
         # Names and flags, not the modules: blocks must stay deep-copyable.
-        self.kernel, self.autotune = kernel, autotune
+        # silu_on_load (kernel=triton): no SiLU pass over the projection (measured: BENCHMARKS).
+        self.kernel, self.autotune, self.silu_on_load = kernel, autotune, silu_on_load
 
     def forward(self, x: torch.Tensor, batch: Batch, pool: Optional[torch.Tensor] = None,
                 on_layer=None) -> torch.Tensor:
         """x: [rows, hidden]. pool: [L, P, 2, page_size, H, D] when batch.pages is set.
         on_layer(l) runs before layer l (the host tier waits there for that layer's onload)."""
-        kernel = kernels(self.kernel, self.autotune)
+        kernel = kernels(self.kernel, self.autotune, self.silu_on_load)
         for i, layer in enumerate(self.layers):
             if on_layer is not None:
                 on_layer(i)

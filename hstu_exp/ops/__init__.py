@@ -1,15 +1,17 @@
 """The kernels a layer calls, chosen by name: `reference` (PyTorch, the oracle and CPU path)
 or `triton`. Both offer the signatures of `reference.attention_full/attention_paged` and of
-`fused.append_kv/layernorm_mul_linear_add`.
+`fused.append_kv/layernorm_mul_linear_add/layernorm`.
 
-Triton option autotune: attention tiles and key splits timed once per shape bucket (off: the
-hand-tuned table and split rule).
+Triton options: autotune, attention tiles and key splits timed once per shape bucket (off: the
+hand-tuned table and split rule); silu_on_load, the layer hands over the raw UVQK projection and
+SiLU is applied where U, Q, K, V are read (`silu_qkv`: Q, K, V in place and the K/V append in one
+kernel; LayerNorm*U for U), instead of a separate SiLU pass over the projection plus an append.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 
 @dataclass(frozen=True)
@@ -17,18 +19,23 @@ class Kernels:
     attention_full: Callable
     attention_paged: Callable
     append_kv: Callable
-    layernorm_mul_linear_add: Callable
+    layernorm_mul_linear_add: Callable  # with silu_on_load: u is raw
+    layernorm: Callable
+    # silu_on_load: the layer skips the SiLU pass and the append; silu_qkv(q, k, v, batch, pool)
+    # does both in one kernel, and layernorm_mul_linear_add applies SiLU to u as it reads it.
+    silu_on_load: bool = False
+    silu_qkv: Optional[Callable] = None
 
 
 @functools.lru_cache(maxsize=None)
-def kernels(name: str, autotune: bool = True) -> Kernels:
+def kernels(name: str, autotune: bool = True, silu_on_load: bool = True) -> Kernels:
     from hstu_exp.ops import fused
 
-    if name == "reference":
+    if name == "reference":  # the design's semantics as written: the oracle
         from hstu_exp.ops import reference
 
         return Kernels(reference.attention_full, reference.attention_paged, fused.append_kv_torch,
-                       fused.layernorm_mul_linear_add_torch)
+                       fused.layernorm_mul_linear_add_torch, fused.layernorm_torch)
     if name != "triton":
         raise ValueError(f"unknown kernel {name!r} (reference | triton)")
     from hstu_exp.ops import triton_attention as tri
@@ -36,4 +43,6 @@ def kernels(name: str, autotune: bool = True) -> Kernels:
     # The attention may hand the next op its float32 split-K sums: LayerNorm reads float32 anyway.
     return Kernels(functools.partial(tri.attention_full, partial_fp32=True, autotune=autotune),
                    functools.partial(tri.attention_paged, partial_fp32=True, autotune=autotune),
-                   fused.append_kv, fused.layernorm_mul_linear_add)
+                   fused.append_kv,
+                   functools.partial(fused.layernorm_mul_linear_add, silu_u=silu_on_load),
+                   fused.layernorm, silu_on_load, fused.silu_qkv)

@@ -45,8 +45,117 @@ def append_kv(pool_layer: torch.Tensor, new_rows, new_page, new_slot, k: torch.T
 
 
 @triton.jit
+def _silu_rounded(x):
+    """SiLU in float32, rounded back to x's dtype: what F.silu on the tensor gives."""
+    xf = x.to(tl.float32)
+    return (xf / (1.0 + tl.exp(-xf))).to(x.dtype)
+
+
+@triton.jit
+def _silu_qkv_kernel(q_ptr, k_ptr, v_ptr, offsets_ptr, cand_ptr, page_ptr, slot_ptr, pool_ptr,
+                     num_users, stride_qr, stride_kr, stride_vr, stride_pp, stride_pkv, stride_ps,
+                     WIDTH: tl.constexpr, BLOCK: tl.constexpr, PAGED: tl.constexpr,
+                     USERS: tl.constexpr):
+    """One row: q (and k, v) replaced by their SiLU in place. Paged: a history row's post-SiLU
+    k, v go to its (page, slot) instead (the attention reads history keys only from the pages);
+    a candidate row's stay in place for the attention's self term."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < WIDTH
+    q = tl.load(q_ptr + row * stride_qr + cols, mask=mask)
+    k = _silu_rounded(tl.load(k_ptr + row * stride_kr + cols, mask=mask))
+    v = _silu_rounded(tl.load(v_ptr + row * stride_vr + cols, mask=mask))
+    tl.store(q_ptr + row * stride_qr + cols, _silu_rounded(q), mask=mask)
+    keep = mask  # where k, v are written back in place
+    if PAGED:
+        # The row's user from the offsets (users are few: one vector compare), and its index in
+        # the batch's append list (history rows in row order = the row minus earlier candidates).
+        # Rows past the last user (graph padding) belong to nobody: plain in-place SiLU.
+        users = tl.arange(0, USERS)
+        live = users < num_users
+        ends = tl.load(offsets_ptr + 1 + users, mask=live, other=0)
+        b = tl.sum((live & (ends <= row)).to(tl.int32), axis=0)
+        owned = b < num_users
+        start = tl.load(offsets_ptr + b, mask=owned, other=0)
+        n_hist = (tl.load(offsets_ptr + b + 1, mask=owned, other=0) - start
+                  - tl.load(cand_ptr + b, mask=owned, other=0))
+        history = owned & (row - start < n_hist)
+        cands = tl.load(cand_ptr + users, mask=live, other=0)
+        i = row - tl.sum(tl.where(users < b, cands, 0), axis=0)
+        page = tl.load(page_ptr + i, mask=history, other=0)
+        slot = tl.load(slot_ptr + i, mask=history, other=0)
+        dst = pool_ptr + page * stride_pp + slot * stride_ps + cols
+        # Row masks as column bounds (a scalar & vector mask is not accepted everywhere).
+        to_page = cols < WIDTH * history.to(tl.int32)
+        tl.store(dst, k, mask=to_page)
+        tl.store(dst + stride_pkv, v, mask=to_page)
+        keep = cols < WIDTH * (1 - history.to(tl.int32))
+    tl.store(k_ptr + row * stride_kr + cols, k, mask=keep)
+    tl.store(v_ptr + row * stride_vr + cols, v, mask=keep)
+
+
+def silu_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch,
+             pool_layer: torch.Tensor = None) -> None:
+    """q, k, v [rows, H, D] raw projections (row-strided views): SiLU in place, in one kernel.
+    With the cache (batch.pages, pool_layer [P, 2, page_size, H, D]) the new history rows' K/V
+    are appended post-SiLU instead (history rows' k, v themselves are then left raw: nothing
+    reads them), so the SiLU pass and the append are one launch."""
+    rows = q.shape[0]
+    if rows == 0:
+        return
+    width = q.shape[1] * q.shape[2]
+    for t in (q, k, v):
+        assert t.stride(2) == 1 and t.stride(1) == t.shape[2]
+    pt = batch.pages
+    paged = pt is not None
+    if paged:
+        assert pool_layer.stride(-1) == 1
+        pool, page, slot = pool_layer, pt.new_page, pt.new_slot
+        if page.numel() == 0:  # nothing is appended, but the kernel wants pointers
+            page = slot = batch.offsets
+        pstrides = pool_layer.stride()[:3]
+    else:
+        pool, page, slot, pstrides = q, batch.offsets, batch.offsets, (0, 0, 0)
+    users = batch.batch_size
+    _silu_qkv_kernel[(rows,)](q, k, v, batch.offsets, batch.num_candidates, page, slot, pool,
+                              users, q.stride(0), k.stride(0), v.stride(0), *pstrides,
+                              WIDTH=width, BLOCK=triton.next_power_of_2(width), PAGED=paged,
+                              USERS=max(16, triton.next_power_of_2(users)),
+                              num_warps=4 if width <= 2048 else 8)
+
+
+@triton.jit
+def _layernorm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, stride_x, stride_o, eps,
+                      WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < WIDTH
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / WIDTH
+    centered = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(centered * centered, axis=0) / WIDTH
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = centered * tl.rsqrt(var + eps) * w + b
+    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def layernorm(x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim of x [rows, width]: one read, one write, a row a program."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows, width = x.shape
+    out = torch.empty(rows, width, dtype=x.dtype, device=x.device)
+    if rows:
+        _layernorm_kernel[(rows,)](x, weight, bias, out, x.stride(0), out.stride(0), eps,
+                                   WIDTH=width, BLOCK=triton.next_power_of_2(width),
+                                   num_warps=4 if width <= 2048 else 8)
+    return out
+
+
+@triton.jit
 def _ln_mul_kernel(a_ptr, u_ptr, w_ptr, b_ptr, out_ptr, stride_a, stride_u, stride_o, eps,
-                   WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+                   WIDTH: tl.constexpr, BLOCK: tl.constexpr, SILU_U: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < WIDTH
@@ -57,26 +166,31 @@ def _ln_mul_kernel(a_ptr, u_ptr, w_ptr, b_ptr, out_ptr, stride_a, stride_u, stri
     y = centered * tl.rsqrt(var + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0)
+    if SILU_U:  # u is the raw projection: SiLU rounded to u's dtype, as a separate pass would
+        u = _silu_rounded(u)
+    u = u.to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, (u * (y * w + b)).to(out_ptr.dtype.element_ty),
              mask=mask)
 
 
-def layernorm_mul(a: torch.Tensor, u: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
-    """u * LayerNorm(a) over the last dim; a, u [rows, width] (row-strided views are fine)."""
+def layernorm_mul(a: torch.Tensor, u: torch.Tensor, weight, bias, eps: float,
+                  silu_u: bool = False) -> torch.Tensor:
+    """u * LayerNorm(a) over the last dim; a, u [rows, width] (row-strided views are fine).
+    silu_u: u is the raw projection, SiLU(u) is used."""
     rows, width = a.shape
     out = torch.empty(rows, width, dtype=u.dtype, device=u.device)
     if rows:
         _ln_mul_kernel[(rows,)](a, u, weight, bias, out, a.stride(0), u.stride(0), out.stride(0),
                                 eps, WIDTH=width, BLOCK=triton.next_power_of_2(width),
-                                num_warps=4 if width <= 2048 else 8)
+                                SILU_U=silu_u, num_warps=4 if width <= 2048 else 8)
     return out
 
 
-def layernorm_mul_linear_add(a, u, norm_w, norm_b, w, x, eps: float):
+def layernorm_mul_linear_add(a, u, norm_w, norm_b, w, x, eps: float, silu_u: bool = False):
     """x + (u * LayerNorm(a)) w^T: the row-wise kernel (a may be float32 split-K sums), then a
-    cuBLAS GEMM with the residual as its C input."""
-    return torch.addmm(x, layernorm_mul(a, u, norm_w, norm_b, eps), w.t())
+    cuBLAS GEMM with the residual as its C input. silu_u: u is raw, SiLU(u) is used."""
+    return torch.addmm(x, layernorm_mul(a, u, norm_w, norm_b, eps, silu_u), w.t())
 
 
 def layernorm_mul_linear_add_torch(a, u, norm_w, norm_b, w, x, eps: float):
@@ -90,3 +204,7 @@ def append_kv_torch(pool_layer, new_rows, new_page, new_slot, k, v) -> None:
 
 def layernorm_mul_torch(a, u, weight, bias, eps: float):
     return u * F.layer_norm(a, (a.shape[-1],), weight, bias, eps)
+
+
+def layernorm_torch(x, weight, bias, eps: float):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
