@@ -5,29 +5,44 @@
     .venv/bin/python scripts/plot_sweep.py SWEEP --csv      # also rewrite SWEEP/results.csv
     .venv/bin/python scripts/plot_sweep.py outputs/published/<name>/results.csv --out /tmp/figs
 
-SWEEP is a sweep dir (its results.jsonl records, or its results.csv when it holds no records)
-or a results.csv file. The figures are the close-out's (hstu_exp.report.figures).
+SWEEP is a sweep dir (its results.jsonl records, or its results.csv when it holds no records),
+a results.csv or a results.jsonl. The figures are the close-out's (hstu_exp.report.figures),
+each written to a temporary name and renamed. Exit status 0; 1 when there is nothing to draw or
+a file cannot be written; 2 on bad input (one line).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a source tree too
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # runs from a source tree too
+try:
+    import pandas  # noqa: F401
+except ImportError:  # started as `scripts/plot_sweep.py` by a python without the packages
+    venv = ROOT / ".venv" / "bin" / "python"
+    if venv.exists() and not os.environ.get("HSTU_EXP_REEXEC"):
+        os.environ["HSTU_EXP_REEXEC"] = "1"
+        os.execv(str(venv), [str(venv), *sys.argv])
+    sys.exit("plot_sweep.py: error: pandas is missing: install the project (make setup) and "
+             "run with .venv/bin/python")
+
+PROG = "plot_sweep.py"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        print(f"{PROG}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv=None) -> int:
-    from hstu_exp.report.aggregate import write_csv
-    from hstu_exp.report.compare import CompareError, load_sweep
-    from hstu_exp.report.console import print_summary
-    from hstu_exp.report.figures import draw_all
-    from hstu_exp.tracking.records import RESULTS_FILE
-
-    p = argparse.ArgumentParser(prog="plot_sweep.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("sweep", type=Path, help="sweep dir or results.csv")
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("sweep", type=Path, help="sweep dir, results.csv or results.jsonl")
     p.add_argument("--out", type=Path, default=None,
                    help="figures dir (default: figures/ beside the records or the CSV)")
     p.add_argument("--csv", action="store_true",
@@ -35,27 +50,38 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="do not print the table")
     args = p.parse_args(argv)
 
+    from hstu_exp.report.aggregate import (SweepError, format_headline, headline, load_sweep,
+                                           require, write_csv, write_jsonl)
+    from hstu_exp.report.console import print_summary
+    from hstu_exp.report.figures import draw_all
+    from hstu_exp.tracking.records import FileWriteError, record_files
+
     try:
         df = load_sweep(args.sweep)
-    except CompareError as exc:
-        print(f"plot_sweep: error: {exc}", file=sys.stderr)
-        return 2
-    if df.empty:
-        print(f"plot_sweep: error: no records in {args.sweep}", file=sys.stderr)
+        require(df, ["workload", "median_ms"], args.sweep, "the figures need them")
+    except SweepError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     root = args.sweep if args.sweep.is_dir() else args.sweep.parent
-    if args.csv:
-        if not (args.sweep.is_dir() and next(args.sweep.rglob(RESULTS_FILE), None)):
-            print("plot_sweep: error: --csv needs a sweep dir with results.jsonl records",
-                  file=sys.stderr)
-            return 2
-        print(f"table: {write_csv(df, root)}")
-    if not args.quiet:
-        print_summary(df.to_dict("records"))
-    out = args.out or root / "figures"
-    figures = draw_all(df, out)
+    if df.attrs.get("torn_note"):
+        print(f"{PROG}: {df.attrs['torn_note']}", file=sys.stderr)
+    try:
+        if args.csv:
+            if not (args.sweep.is_dir() and record_files(args.sweep)):
+                print(f"{PROG}: error: --csv needs a sweep dir with results.jsonl records",
+                      file=sys.stderr)
+                return 2
+            print(f"table: {write_csv(df, root)}, {write_jsonl(df, root).name}")
+        if not args.quiet:
+            print_summary(df.to_dict("records"))
+            print(format_headline(headline(df)))
+        out = args.out or root / "figures"
+        figures = draw_all(df, out)
+    except FileWriteError as exc:
+        print(f"{PROG}: error: {exc.path}: {exc.reason}", file=sys.stderr)
+        return 1
     if not figures:
-        print(f"plot_sweep: no ok records to draw in {args.sweep}", file=sys.stderr)
+        print(f"{PROG}: error: no ok records to draw in {args.sweep}", file=sys.stderr)
         return 1
     for name, path in sorted(figures.items()):
         print(f"{name}: {path}")

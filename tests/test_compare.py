@@ -41,7 +41,8 @@ def edited_copy(src: Path, dst: Path, edit) -> Path:
 def slower(factor, only=lambda r: True):
     def edit(r):
         if r["status"] == "ok" and only(r):
-            r = {**r, "median_ms": r["median_ms"] * factor, "p90_ms": r["p90_ms"] * factor}
+            r = {**r, "median_ms": r["median_ms"] * factor, "p90_ms": r["p90_ms"] * factor,
+                 "samples_ms": [v * factor for v in r["samples_ms"]]}
         return r
     return edit
 
@@ -81,7 +82,8 @@ def test_synthetic_regression_fails_the_gate(two_sweeps, tmp_path, capsys):
     # the CLI as a user runs it: script, exit status, message
     proc = run_script(a, worse, "--fail-above", "1.05")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "REGRESSION: 4 point(s) with median latency B/A above 1.05" in proc.stderr
+    assert "REGRESSION: 4 point(s) with median latency B/A above 1.05 by the 95% interval's " \
+        "lower end" in proc.stderr
     assert re.search(r"^geomean\s+1\.200\s+1\.200", proc.stdout, re.M), proc.stdout
     assert proc.stdout.count("1.200!") >= 8  # median and p90 of every point flagged
     assert (worse / "figures" / "compare_vs_before.png").is_file()

@@ -1,55 +1,276 @@
-"""Records of a sweep -> one table (results.csv), and speedups between matched records."""
+"""Records of a sweep -> one table; loading any recorded sweep; speedups with intervals.
+
+The close-out writes two files into the sweep dir: `results.csv` (one row per point, the newest
+record wins, without the raw samples) and a sweep-level `results.jsonl` (the same records with
+their samples, so intervals can be computed from the sweep dir or a copy of it alone).
+`load_sweep` is the one loader every report and script uses.
+"""
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from hstu_exp.tracking.records import SWEPT_KEYS, read_records
+from hstu_exp.stats import bootstrap_ratio
+from hstu_exp.tracking.records import (ENV_KEYS, RESULTS_FILE, SWEPT_KEYS, scan_records,
+                                       write_atomically)
 
 CSV_FILE = "results.csv"
+# Columns that are text whatever they look like: pandas reads cuda 13.0 as a float, a driver
+# 580.159.04 with NaNs as object, and a git sha made of digits as an integer.
+STRING_COLUMNS = ENV_KEYS + ["wandb", "python", "cpu_model", "gpu_uuid", "reason", "error",
+                             "invalid_reason", "headline", "config_key", "name", "sweep",
+                             "job_dir", "time", "schema_version", "overrides", "throttle_reasons"]
+_NOT_IN_CSV = ("samples_ms", "traceback")
 
 
-def load(sweep_dir: Path) -> pd.DataFrame:
-    """Every record under the sweep dir; when a point was run again (resume), the newest wins."""
-    df = pd.DataFrame(list(read_records(sweep_dir)))
+class SweepError(ValueError):
+    """A sweep that cannot be read or lacks what is asked of it; the message is one line."""
+
+
+def ok(df: pd.DataFrame) -> pd.DataFrame:
+    """The ok records (all of them when the table has no status column)."""
+    return df[df["status"] == "ok"] if "status" in df else df
+
+
+def valid_mask(df: pd.DataFrame) -> pd.Series:
+    """True where a record was judged valid, False where invalid, NA where not recorded."""
+    if "valid" not in df:
+        return pd.Series(pd.NA, index=df.index, dtype="boolean")
+    v = df["valid"].map(lambda x: x if isinstance(x, (bool, np.bool_)) else
+                        {"true": True, "false": False}.get(str(x).strip().lower(), pd.NA))
+    return v.astype("boolean")
+
+
+def validity_note(df: pd.DataFrame) -> str:
+    """'5 valid, 1 invalid' over the ok records, '' when no record says."""
+    v = valid_mask(ok(df))
+    if v.isna().all():
+        return ""
+    note = f"{int((v == True).sum())} valid, {int((v == False).sum())} invalid"  # noqa: E712
+    unknown = int(v.isna().sum())
+    return note + (f", {unknown} unchecked" if unknown else "")
+
+
+def require(df: pd.DataFrame, columns, source, what: str = "") -> None:
+    missing = [c for c in columns if c not in df]
+    if missing:
+        raise SweepError(f"{source}: missing column(s) {', '.join(missing)}"
+                         + (f" ({what})" if what else ""))
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    for c in STRING_COLUMNS:
+        if c in df:
+            df[c] = df[c].map(lambda v: v if v is None or (isinstance(v, float) and math.isnan(v))
+                              else str(v)).astype(object)
+    return df
+
+
+def _newest_per_point(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return df
     if "config_key" in df:
-        df = df.sort_values("time", kind="stable").drop_duplicates("config_key", keep="last")
-    return df.sort_values("point", kind="stable").reset_index(drop=True)
+        by = "time" if "time" in df else None
+        df = (df.sort_values(by, kind="stable") if by else df).drop_duplicates(
+            "config_key", keep="last")
+    return (df.sort_values("point", kind="stable") if "point" in df else df).reset_index(
+        drop=True)
+
+
+def load(root: Path) -> pd.DataFrame:
+    """Every record under a sweep dir, a job dir or one results.jsonl; when a point was run again
+    (resume), the newest wins. attrs['torn_note'] says what torn lines were passed over."""
+    scan = scan_records(root)
+    df = _newest_per_point(_typed(pd.DataFrame(scan.records)))
+    df.attrs["torn_note"] = scan.torn_note()
+    return df
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path, dtype={c: str for c in STRING_COLUMNS})
+    except pd.errors.EmptyDataError:
+        raise SweepError(f"{path}: empty CSV (no header, no rows)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise SweepError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    df = _typed(df)
+    samples = path.with_name(RESULTS_FILE)
+    if "config_key" in df and samples.is_file():  # the close-out's sibling file holds the samples
+        recs = load(samples)
+        if "samples_ms" in recs and "config_key" in recs:
+            by_key = dict(zip(recs["config_key"], recs["samples_ms"]))
+            df["samples_ms"] = df["config_key"].map(by_key)
+    df.attrs["torn_note"] = ""
+    return df
+
+
+def load_sweep(path) -> pd.DataFrame:
+    """A recorded sweep as a table: a sweep dir (its job records, else its close-out
+    results.jsonl, else its results.csv), a results.csv (with samples from a sibling
+    results.jsonl) or a results.jsonl. SweepError (one line) when there is nothing to read."""
+    path = Path(path)
+    if path.is_dir():
+        if next((p for p in path.rglob(RESULTS_FILE) if p.is_file()), None) is not None:
+            df = load(path)
+        elif (path / CSV_FILE).is_file():
+            df = _read_csv(path / CSV_FILE)
+        else:
+            raise SweepError(f"{path}: holds neither {RESULTS_FILE} records nor {CSV_FILE}")
+    elif path.is_file():
+        df = load(path) if path.suffix == ".jsonl" else _read_csv(path)
+    else:
+        raise SweepError(f"{path}: no such sweep dir or file")
+    if df.empty:
+        raise SweepError(f"{path}: no records")
+    return df
 
 
 def write_csv(df: pd.DataFrame, sweep_dir: Path) -> Path:
-    path = Path(sweep_dir) / CSV_FILE
-    df.drop(columns=[c for c in ("samples_ms", "traceback") if c in df]).to_csv(path, index=False)
-    return path
+    table = df.drop(columns=[c for c in _NOT_IN_CSV if c in df])
+    return write_atomically(Path(sweep_dir) / CSV_FILE,
+                            lambda tmp: table.to_csv(tmp, index=False))
+
+
+def _json_value(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return str(v)
+
+
+def _is_missing(v) -> bool:
+    return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
+
+
+def write_jsonl(df: pd.DataFrame, sweep_dir: Path) -> Path:
+    """The sweep-level results.jsonl: the newest record of every point, samples included."""
+    lines = []
+    for row in df.to_dict("records"):
+        rec = {k: v for k, v in row.items() if not (not isinstance(v, list) and _is_missing(v))}
+        lines.append(json.dumps(rec, default=_json_value) + "\n")
+    return write_atomically(Path(sweep_dir) / RESULTS_FILE,
+                            lambda tmp: Path(tmp).write_text("".join(lines)))
+
+
+def _samples(v):
+    return v if isinstance(v, (list, np.ndarray)) and len(v) else None
+
+
+def ratio_interval(num_samples, den_samples) -> tuple[float, float]:
+    """95 % bootstrap interval of median(num) / median(den); NaNs without samples."""
+    a, b = _samples(num_samples), _samples(den_samples)
+    if a is None or b is None:
+        return float("nan"), float("nan")
+    _, lo, hi = bootstrap_ratio(a, b)
+    return lo, hi
 
 
 def speedups(df: pd.DataFrame, *, key: str, baseline: str, value: str = "median_ms",
              ignore=()) -> pd.DataFrame:
     """Each ok record vs the baseline record that agrees on every swept key but `key` (and the
-    keys in `ignore`, e.g. new_history against a full recompute)."""
-    ok = df[df["status"] == "ok"] if "status" in df else df
-    on = [k for k in SWEPT_KEYS if k in ok and k != key and k not in ignore]
-    base = ok[ok[key] == baseline][on + [value]].rename(columns={value: "baseline_" + value})
-    other = ok[ok[key] != baseline]
-    merged = other.merge(base, on=on, how="inner") if len(base) and len(other) else \
-        other.head(0).assign(**{"baseline_" + value: []})
+    keys in `ignore`, e.g. new_history against a full recompute). `speedup` = baseline / record,
+    with its 95 % interval (ci_low, ci_high) from the raw samples when the records have them;
+    `baseline_valid` says whether the baseline record was judged valid."""
+    okd = ok(df).copy()
+    okd["valid"] = valid_mask(okd)
+    on = [k for k in SWEPT_KEYS if k in okd and k != key and k not in ignore]
+    carry = [value, "valid"] + (["samples_ms"] if "samples_ms" in okd else [])
+    base = okd[okd[key] == baseline][on + carry].rename(columns={c: "baseline_" + c
+                                                                 for c in carry})
+    other = okd[okd[key] != baseline]
+    if len(base) and len(other):
+        merged = other.merge(base, on=on, how="inner")
+    else:
+        merged = other.head(0).assign(**{"baseline_" + c: [] for c in carry})
     merged["speedup"] = merged["baseline_" + value] / merged[value]
+    lows, highs = [], []
+    has_samples = "samples_ms" in merged and "baseline_samples_ms" in merged
+    for _, r in merged.iterrows():
+        lo, hi = ratio_interval(r["baseline_samples_ms"], r["samples_ms"]) if has_samples \
+            else (float("nan"), float("nan"))
+        lows.append(lo)
+        highs.append(hi)
+    merged["ci_low"], merged["ci_high"] = lows, highs
     return merged
+
+
+def block_speedups(df: pd.DataFrame) -> pd.DataFrame:
+    """Block: every cache mode vs full recompute (cache=none), per kernel / graph."""
+    block = ok(df)
+    block = block[block["workload"] == "block"] if "workload" in block else block
+    if block.empty or "cache" not in block or not (block["cache"] == "none").any():
+        return block.head(0)
+    return speedups(block, key="cache", baseline="none", ignore=("new_history", "page_size"))
+
+
+def e2e_speedups(df: pd.DataFrame) -> pd.DataFrame:
+    """e2e: every mode vs baseline, per batch (the cache and graph follow from the mode)."""
+    e2e = ok(df)
+    e2e = e2e[e2e["workload"] == "e2e"] if "workload" in e2e else e2e.head(0)
+    if e2e.empty or "mode" not in e2e or not (e2e["mode"] == "baseline").any():
+        return e2e.head(0)
+    return speedups(e2e, key="mode", baseline="baseline", ignore=("cache", "graph", "page_size"))
+
+
+def most_cached(sp: pd.DataFrame, by) -> pd.DataFrame:
+    """Per group, the record with the fewest new tokens (the largest cached prefix)."""
+    return sp.sort_values("new_history", kind="stable").groupby(
+        list(by), as_index=False, dropna=False).first()
+
+
+HEADLINE_COLUMNS = ["workload", "comparison", "batch_size", "total_history", "new_history",
+                    "speedup", "ci_low", "ci_high"]
+
+
+def headline(df: pd.DataFrame) -> pd.DataFrame:
+    """The sweep's speedups in one table: block, cached vs full recompute with the largest cached
+    prefix per T and batch, per kernel / graph; e2e, every mode vs baseline per batch."""
+    parts = []
+    sp = block_speedups(df)
+    if len(sp):
+        sp = sp.assign(comparison=sp["cache"].astype(str) + " vs none (" + sp["kernel"].astype(str)
+                       + "+" + sp["graph"].astype(str) + ")")
+        parts.append(most_cached(sp, ["comparison", "batch_size", "total_history"]))
+    sp = e2e_speedups(df)
+    if len(sp):
+        parts.append(sp.assign(comparison=sp["mode"].astype(str) + " vs baseline"))
+    if not parts:
+        return pd.DataFrame(columns=HEADLINE_COLUMNS)
+    out = pd.concat([p[HEADLINE_COLUMNS] for p in parts], ignore_index=True)
+    return out.sort_values(["workload", "comparison", "batch_size", "total_history"],
+                           kind="stable").reset_index(drop=True)
+
+
+def format_headline(table: pd.DataFrame) -> str:
+    """The headline speedups as console lines, with their 95 % intervals."""
+    lines = []
+    for _, r in table.iterrows():
+        where = f"B={r['batch_size']}"
+        if r["workload"] == "block":
+            n = r["new_history"]
+            where += f" T={r['total_history']}" + ("" if _is_missing(n) else f" n={int(n)}")
+        ci = "" if _is_missing(r["ci_low"]) else \
+            f" [95% CI {r['ci_low']:.2f}-{r['ci_high']:.2f}]"
+        lines.append(f"  {r['workload']} {r['comparison']} {where}: {r['speedup']:.2f}x{ci}")
+    return "\n".join(["speedups (95% bootstrap interval of the median ratio):"] + lines) \
+        if lines else ""
 
 
 def mode_aggregates(df: pd.DataFrame) -> pd.DataFrame:
     """Per (workload, cache, kernel, graph, mode): points, ok points, median of medians, mean
     floor fraction."""
     keys = [k for k in ("workload", "cache", "kernel", "graph", "mode") if k in df]
-    ok = df[df["status"] == "ok"]
-    if ok.empty:
+    okd = ok(df)
+    if okd.empty:
         return pd.DataFrame()
     agg = {"median_ms": "median"}
-    if "floor_fraction" in ok:
+    if "floor_fraction" in okd:
         agg["floor_fraction"] = "mean"
-    out = ok.groupby(keys, dropna=False).agg(agg).reset_index()
-    out["points"] = ok.groupby(keys, dropna=False).size().values
+    out = okd.groupby(keys, dropna=False).agg(agg).reset_index()
+    out["points"] = okd.groupby(keys, dropna=False).size().values
     return out

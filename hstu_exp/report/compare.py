@@ -12,8 +12,11 @@ the same grid with one choice changed line up. Ratios are B / A: median and p90 
 peak memory (> 1 is worse) and the floor fraction (< 1 is worse). A point is flagged when a
 ratio is worse than --threshold; the geometric mean of each ratio closes the table. A figure
 (B vs A latency, and the ratio of every metric per point) goes to --figure, by default
-SWEEP_B/figures/compare_vs_<A>.png. Exit status: 0, or 1 when --fail-above R is given and a
-point's median ratio (or with --gate geomean, the geometric mean) is above R; 2 on bad input.
+SWEEP_B/figures/compare_vs_<A>.png. The median ratio carries a 95 % bootstrap interval from the
+raw samples (a sweep dir, a results.jsonl, or a results.csv with the close-out's results.jsonl
+beside it). Exit status: 0, or 1 when --fail-above R is given and a point's median ratio B/A is
+above R with confidence: the lower end of its 95 % interval is above R (without samples, the
+point estimate; with --gate geomean, the geometric mean of the point estimates); 2 on bad input.
 """
 from __future__ import annotations
 
@@ -25,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hstu_exp.tracking.records import RESULTS_FILE, SWEPT_KEYS
+from hstu_exp.report.aggregate import SweepError, ok, ratio_interval, require
+from hstu_exp.report.aggregate import load_sweep as _load_sweep
+from hstu_exp.tracking.records import SWEPT_KEYS, FileWriteError, write_atomically
 
 # (record column, short name, True when larger is worse)
 METRICS = [("median_ms", "median", True), ("p90_ms", "p90", True),
@@ -34,24 +39,16 @@ _SHORT = {"batch_size": "B", "total_history": "T", "new_history": "n", "num_cand
           "page_size": "page"}
 
 
-class CompareError(ValueError):
-    pass
+CompareError = SweepError  # bad input of any kind: one line, exit 2
+# Without these a point cannot be joined or compared at all.
+NEEDED = ["workload", "batch_size", "median_ms"]
 
 
 def load_sweep(path) -> pd.DataFrame:
-    """The records of a sweep dir (or its results.csv), or of a results.csv file."""
-    from hstu_exp.report.aggregate import CSV_FILE, load
-
-    path = Path(path)
-    if path.is_file():
-        return pd.read_csv(path)
-    if not path.is_dir():
-        raise CompareError(f"{path}: no such sweep dir or results.csv")
-    if next(path.rglob(RESULTS_FILE), None) is not None:
-        return load(path)
-    if (path / CSV_FILE).is_file():
-        return pd.read_csv(path / CSV_FILE)
-    raise CompareError(f"{path}: holds neither {RESULTS_FILE} records nor {CSV_FILE}")
+    """A sweep (hstu_exp.report.aggregate.load_sweep) that holds what a comparison needs."""
+    df = _load_sweep(path)
+    require(df, NEEDED, path, "a comparison joins on the swept keys and compares median_ms")
+    return df
 
 
 def _canon(value) -> str:
@@ -63,14 +60,10 @@ def _canon(value) -> str:
     return str(value)
 
 
-def _ok(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["status"] == "ok"] if "status" in df else df
-
-
 def join(a: pd.DataFrame, b: pd.DataFrame, ignore=()) -> tuple[pd.DataFrame, list, dict]:
     """(joined ok records with ratio columns, join keys, {key: (value in A, value in B)} of the
     keys left out because they differ sweep-wide)."""
-    a, b = _ok(a).copy(), _ok(b).copy()
+    a, b = ok(a).copy(), ok(b).copy()
     if a.empty or b.empty:
         raise CompareError(f"no ok records in sweep {'A' if a.empty else 'B'}")
     keys = [k for k in SWEPT_KEYS if k in a and k in b and k not in ignore]
@@ -87,7 +80,7 @@ def join(a: pd.DataFrame, b: pd.DataFrame, ignore=()) -> tuple[pd.DataFrame, lis
     sides = []
     for df, tag in ((a, "a"), (b, "b")):
         df = df.drop_duplicates(on, keep="last")  # a point run twice: its newest record
-        cols = {m: f"{m}_{tag}" for m in metrics if m in df}
+        cols = {m: f"{m}_{tag}" for m in metrics + ["samples_ms"] if m in df}
         sides.append(df[on + list(cols)].rename(columns=cols))
     joined = sides[0].merge(sides[1], on=on, how="inner")
     for m in metrics:
@@ -96,6 +89,12 @@ def join(a: pd.DataFrame, b: pd.DataFrame, ignore=()) -> tuple[pd.DataFrame, lis
             va = pd.to_numeric(joined[ma], errors="coerce")
             vb = pd.to_numeric(joined[mb], errors="coerce")
             joined[f"{m}_ratio"] = (vb / va).where((va > 0) & (vb > 0))
+    lows, highs = [], []
+    for _, r in joined.iterrows():
+        lo, hi = ratio_interval(r.get("samples_ms_b"), r.get("samples_ms_a"))
+        lows.append(lo)
+        highs.append(hi)
+    joined["median_ms_ci_low"], joined["median_ms_ci_high"] = lows, highs
     joined.attrs["only_a"] = len(sides[0]) - len(joined)
     joined.attrs["only_b"] = len(sides[1]) - len(joined)
     return joined, on, differ
@@ -130,6 +129,10 @@ def _fmt_ratio(v, bad: bool) -> str:
     return "-" if v is None or v != v else f"{v:.3f}" + ("!" if bad else " ")
 
 
+def _fmt_ci(lo, hi) -> str:
+    return "-" if lo is None or lo != lo else f"{lo:.3f}-{hi:.3f}"
+
+
 def format_table(joined: pd.DataFrame, on: list, *, threshold: float, name_a: str,
                  name_b: str) -> str:
     """One row per joined point: the keys that vary, A and B median, B/A ratios; then the
@@ -137,17 +140,21 @@ def format_table(joined: pd.DataFrame, on: list, *, threshold: float, name_a: st
     shown = [k for k in on if joined[k].nunique() > 1] or on[:1]
     metrics = [(m, s, w) for m, s, w in METRICS if f"{m}_ratio" in joined
                and joined[f"{m}_ratio"].notna().any()]
+    with_ci = joined["median_ms_ci_low"].notna().any() if "median_ms_ci_low" in joined else False
     head = [_SHORT.get(k, k) for k in shown] + ["A median ms", "B median ms"] + \
-        [f"{s} B/A" for _, s, _ in metrics] + ["worse"]
+        [f"{s} B/A" for _, s, _ in metrics] + (["median B/A 95% CI"] if with_ci else []) + \
+        ["worse"]
     rows = [head]
     for _, r in joined.iterrows():
         rows.append([str(r[k]) or "-" for k in shown] +
                     [_fmt_ms(r.get("median_ms_a")), _fmt_ms(r.get("median_ms_b"))] +
                     [_fmt_ratio(r[f"{m}_ratio"], bool(r.get(f"worse_{m}", False)))
                      for m, _, _ in metrics] +
-                    [" ".join(s for m, s, _ in metrics if r.get(f"worse_{m}", False))])
+                    ([_fmt_ci(r["median_ms_ci_low"], r["median_ms_ci_high"])] if with_ci else [])
+                    + [" ".join(s for m, s, _ in metrics if r.get(f"worse_{m}", False))])
     gm = ["geomean"] + [""] * (len(shown) + 1) + \
-        [_fmt_ratio(geomean(joined[f"{m}_ratio"]), False) for m, _, _ in metrics] + [""]
+        [_fmt_ratio(geomean(joined[f"{m}_ratio"]), False) for m, _, _ in metrics] + \
+        ([""] if with_ci else []) + [""]
     widths = [max(len(row[i]) for row in rows + [gm]) for i in range(len(head))]
 
     def line(row):
@@ -212,9 +219,14 @@ def draw(joined: pd.DataFrame, path: Path, *, threshold: float, name_a: str, nam
         ticks.set_minor_formatter(mticker.NullFormatter())
     fig.suptitle(f"A = {name_a}   B = {name_b}   ({len(joined)} points)", y=1.02)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110,
+                                                       bbox_inches="tight"))
+    except FileExistsError as exc:
+        raise FileWriteError(path.parent, exc) from exc
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -234,18 +246,27 @@ def _name(path: Path) -> str:
     return path.parent.name if path.stem == "results" else f"{path.parent.name}/{path.stem}"
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints the usage too)
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="hstu-exp-compare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("sweep_a", type=Path, help="baseline: sweep dir or results.csv")
-    p.add_argument("sweep_b", type=Path, help="candidate: sweep dir or results.csv")
+    p = _Parser(prog="hstu-exp-compare", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("sweep_a", type=Path, help="baseline: sweep dir, results.csv or results.jsonl")
+    p.add_argument("sweep_b", type=Path, help="candidate: sweep dir, results.csv or results.jsonl")
     p.add_argument("--threshold", type=float, default=1.05,
                    help="flag a point whose ratio is worse than this (default 1.05)")
     p.add_argument("--fail-above", type=float, default=None, metavar="R",
-                   help="exit 1 when a point's median latency ratio B/A is above R")
+                   help="exit 1 when a point's median latency B/A is above R with confidence: "
+                        "the lower end of its 95%% bootstrap interval is above R (the point "
+                        "estimate when the sweeps hold no samples)")
     p.add_argument("--gate", choices=("any", "geomean"), default="any",
-                   help="what --fail-above looks at: any point (default) or the geometric mean")
+                   help="what --fail-above looks at: any point's interval (default) or the "
+                        "geometric mean of the point estimates")
     p.add_argument("--ignore", action="append", default=[], metavar="KEY",
                    help="leave a swept key out of the join (repeatable)")
     p.add_argument("--figure", type=Path, default=None,
@@ -253,6 +274,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-figure", action="store_true", help="do not draw the figure")
     p.add_argument("--csv", type=Path, default=None, help="also write the joined table here")
     return p.parse_args(argv)
+
+
+def _gate(joined: pd.DataFrame, on: list, limit: float, how: str) -> tuple[bool, str]:
+    """(failed, what): the --fail-above verdict and the line that says why."""
+    ratios = joined["median_ms_ratio"]
+    if how == "geomean":
+        value = geomean(ratios)
+        return value > limit, f"geometric mean of median latency B/A {value:.3f} (point estimate)"
+    low = joined["median_ms_ci_low"]
+    # the interval's lower end where there are samples, else the point estimate
+    evidence = low.where(low.notna(), ratios)
+    above = evidence > limit
+    worst = joined.loc[evidence.fillna(0).idxmax()]
+    where = ", ".join(f"{_SHORT.get(k, k)}={worst[k] or '-'}" for k in on
+                      if joined[k].nunique() > 1)
+    basis = "95% interval's lower end" if low.notna().all() else \
+        ("point estimate (no samples)" if low.isna().all() else
+         "95% interval's lower end, or the point estimate where there are no samples")
+    what = (f"{int(above.sum())} point(s) with median latency B/A above {limit:g} by the "
+            f"{basis} (worst {worst['median_ms_ratio']:.3f}"
+            + ("" if pd.isna(worst["median_ms_ci_low"]) else
+               f", 95% CI {worst['median_ms_ci_low']:.3f}-{worst['median_ms_ci_high']:.3f}")
+            + (f" at {where})" if where else ")"))
+    return bool(above.any()), what
+
+
+def _write_csv(joined: pd.DataFrame, path: Path) -> None:
+    table = joined.drop(columns=[c for c in joined if c.startswith("samples_ms")])
+    write_atomically(path, lambda tmp: table.to_csv(tmp, index=False))
 
 
 def main(argv=None) -> int:
@@ -270,35 +320,28 @@ def main(argv=None) -> int:
         print("joined ignoring keys that differ between the sweeps: " +
               ", ".join(f"{k} ({va or '-'} -> {vb or '-'})" for k, (va, vb) in differ.items()))
     print(format_table(joined, on, threshold=args.threshold, name_a=name_a, name_b=name_b))
-    if args.csv:
-        joined.to_csv(args.csv, index=False)
-        print(f"table: {args.csv}")
-    if not args.no_figure:
-        figure = args.figure
-        if figure is None:
-            base = args.sweep_b if args.sweep_b.is_dir() else args.sweep_b.parent
-            figure = base / "figures" / f"compare_vs_{_name(args.sweep_a).replace('/', '_')}.png"
-        draw(joined, figure, threshold=args.threshold, name_a=name_a, name_b=name_b)
-        print(f"figure: {figure}")
+    try:
+        if args.csv:
+            _write_csv(joined, args.csv)
+            print(f"table: {args.csv}")
+        if not args.no_figure:
+            figure = args.figure
+            if figure is None:
+                base = args.sweep_b if args.sweep_b.is_dir() else args.sweep_b.parent
+                figure = base / "figures" / \
+                    f"compare_vs_{_name(args.sweep_a).replace('/', '_')}.png"
+            draw(joined, figure, threshold=args.threshold, name_a=name_a, name_b=name_b)
+            print(f"figure: {figure}")
+    except FileWriteError as exc:
+        print(f"hstu-exp-compare: error: cannot write {exc.path}: {exc.reason}", file=sys.stderr)
+        return 2
     if args.fail_above is not None:
-        ratios = joined["median_ms_ratio"]
-        if args.gate == "geomean":
-            value = geomean(ratios)
-            failed = value > args.fail_above
-            what = f"geometric mean of median latency B/A {value:.3f}"
-        else:
-            failed = bool((ratios > args.fail_above).any())
-            worst = joined.loc[ratios.fillna(0).idxmax()]
-            where = ", ".join(f"{_SHORT.get(k, k)}={worst[k] or '-'}" for k in on
-                              if joined[k].nunique() > 1)
-            what = (f"{int((ratios > args.fail_above).sum())} point(s) with median latency B/A "
-                    f"above {args.fail_above:g} (worst {ratios.max():.3f}"
-                    + (f" at {where})" if where else ")"))
+        failed, what = _gate(joined, on, args.fail_above, args.gate)
         if failed:
             print(f"REGRESSION: {what}", file=sys.stderr)
             return 1
-        print(f"gate passed: median latency B/A at most {args.fail_above:g} "
-              f"({'geometric mean' if args.gate == 'geomean' else 'every point'})")
+        print(f"gate passed: median latency B/A not above {args.fail_above:g} "
+              f"({'geometric mean' if args.gate == 'geomean' else 'every point, by its 95% interval'})")
     return 0
 
 

@@ -6,11 +6,15 @@ COLUMNS = [("status", "status", "{}"), ("workload", "workload", "{}"), ("model",
            ("mode", "mode", "{}"), ("batch_size", "B", "{}"), ("total_history", "T", "{}"),
            ("new_history", "n", "{}"), ("num_candidates", "cand", "{}"),
            ("median_ms", "median ms", "{:.3f}"), ("p90_ms", "p90 ms", "{:.3f}"),
+           ("cv", "cv", "{:.1%}"), ("valid", "valid", "{}"),
            ("floor_fraction", "floor %", "{:.1%}"), ("max_rel_error", "rel err", "{:.1e}")]
 
 
 def _cell(record: dict, key: str, fmt: str) -> str:
     value = record.get(key)
+    if key == "valid" and record.get("status") == "ok" and value is not None and value == value:
+        # an invalid point is marked where the eye lands, with its reason in the summary
+        return "yes" if value in (True, "True", "true") else "NO"
     if value is None or value != value:  # None or NaN
         return "-"
     try:
@@ -25,9 +29,27 @@ def format_table(records) -> str:
     rows = [[h for _, h, _ in cols]] + [[_cell(r, k, f) for k, _, f in cols] for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
-    counts = {s: sum(r.get("status") == s for r in records) for s in ("ok", "skipped", "failed")}
-    lines.append(f"{len(records)} points: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    lines.append(summary_line(records))
     return "\n".join(lines)
+
+
+def summary_line(records) -> str:
+    """'8 points: 6 ok, 2 skipped, 0 failed; 5 valid, 1 invalid', and the invalid points'
+    reasons, so an invalid point is never hidden among valid ones."""
+    records = list(records)
+    counts = {s: sum(r.get("status") == s for r in records) for s in ("ok", "skipped", "failed")}
+    ok = [r for r in records if r.get("status") == "ok"]
+    checked = [r for r in ok if r.get("valid") is not None and r.get("valid") == r.get("valid")]
+    invalid = [r for r in checked if r["valid"] not in (True, "True", "true")]
+    line = f"{len(records)} points: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+    if checked:
+        line += f"; {len(checked) - len(invalid)} valid, {len(invalid)} invalid" + \
+            (f", {len(ok) - len(checked)} unchecked" if len(checked) < len(ok) else "")
+    for r in invalid[:10]:
+        line += f"\n  invalid: {r.get('name', '?')}: {r.get('invalid_reason') or 'no reason given'}"
+    if len(invalid) > 10:
+        line += f"\n  invalid: {len(invalid) - 10} more (the records' invalid_reason)"
+    return line
 
 
 def print_summary(records) -> None:

@@ -1,22 +1,40 @@
-"""Seed-style figures of a sweep, drawn from its table alone (no W&B needed).
+"""Figures of a sweep, drawn from its table alone (no W&B needed).
 
-Which figures appear depends on what the sweep holds: latency vs history per batch size (hue =
-mode), speedup over the uncached baseline (bars, and a T x n heatmap per batch), roofline fraction,
-e2e latency and speedup per batch, attention TFLOP/s.
+Which figures appear depends on what the sweep holds:
+- block: latency vs history per batch size; absolute-latency bars per batch size, grouped by T
+  with one bar per cached length (as NVIDIA's recsys-examples charts, for a direct comparison);
+  speedup over full recompute as bars (with 95 % intervals) and as a T x n heatmap per mode;
+  roofline fraction;
+- e2e: latency per batch for every mode, and every mode's speedup over baseline with intervals;
+- attention: TFLOP/s.
+Every figure says what it shows: a title, and a footer with the GPU, model, kernel / graph and
+commit from the records. Invalid points (record key `valid` false) are hatched bars or hollow
+markers, never drawn like valid ones. Each PNG is written to a temporary name and renamed.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import matplotlib
-import matplotlib.ticker
+import matplotlib.ticker as mticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
 
-from hstu_exp.report.aggregate import speedups  # noqa: E402
+from hstu_exp.report.aggregate import (block_speedups, e2e_speedups, most_cached, ok,  # noqa: E402
+                                       valid_mask)
+from hstu_exp.tracking.records import FileWriteError, write_atomically  # noqa: E402
+
+E2E_MODES = {"baseline": "Baseline", "baseline_graph": "Baseline + CUDA graph",
+             "cache": "KV cache", "cache_graph": "KV cache + CUDA graph"}
+KEY_NAMES = {"batch_size": "batch size", "total_history": "total history T",
+             "new_history": "new history n", "cached": "cached tokens (T - n)",
+             "label": "mode", "mode": "e2e mode"}
+INVALID_HATCH = "///"
 
 
 def mode_label(df: pd.DataFrame) -> pd.Series:
@@ -27,116 +45,371 @@ def mode_label(df: pd.DataFrame) -> pd.Series:
     return df[parts].astype(str).agg("+".join, axis=1)
 
 
-def _log2_axis(grid, values) -> None:
-    """History lengths are powers of two: base-2 log axis labelled with the values themselves."""
-    ticks = sorted(set(int(v) for v in values))
-    for ax in grid.axes.flat:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ticks)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.tick_params(axis="x", labelrotation=45)
+def _values(df: pd.DataFrame, key: str) -> str:
+    if key not in df:
+        return "?"
+    vals = sorted({str(v) for v in df[key].dropna()})
+    return "/".join(vals) if vals else "?"
+
+
+def provenance(df: pd.DataFrame) -> str:
+    """GPU, model, kernel / graph and commit of the records drawn: the figure's footer."""
+    gpu = _values(df, "device_name")
+    model = _values(df, "model") + (f" ({_values(df, 'dtype')})" if "dtype" in df else "")
+    cand = _values(df, "num_candidates")
+    return (f"{gpu} | model {model} | kernel {_values(df, 'kernel')} | graph "
+            f"{_values(df, 'graph')} | {cand} candidates | commit {_values(df, 'git_sha')}")
+
+
+def _finish(fig, title: str, df: pd.DataFrame) -> None:
+    fig.suptitle(title, fontsize=11)
+    fig.text(0.5, -0.01, provenance(df), ha="center", va="top", fontsize=7, color="dimgray")
+    n_invalid = int((valid_mask(df) == False).sum())  # noqa: E712
+    if n_invalid:
+        fig.text(0.5, -0.045, f"{n_invalid} of {len(df)} points invalid (hatched / hollow): "
+                 "timing noise above the CV ceiling", ha="center", va="top", fontsize=7,
+                 color="firebrick")
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110,
+                                                       bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return path
 
 
-def _most_cached(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (mode, batch, T) the record with the fewest new tokens: the seed charts' case."""
-    return df.sort_values("new_history").groupby(["label", "batch_size", "total_history"],
-                                                 as_index=False).first()
+def _log2_x(ax, values) -> None:
+    """History lengths are powers of two: base-2 log axis labelled with the values themselves."""
+    ticks = sorted(set(int(v) for v in values))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks)
+    ax.xaxis.set_major_formatter(mticker.ScalarFormatter())
+    ax.xaxis.set_minor_locator(mticker.NullLocator())
+    ax.tick_params(axis="x", labelrotation=45)
 
 
-def _block(df: pd.DataFrame, out: Path) -> dict:
-    figs = {}
-    lat = _most_cached(df)
-    g = sns.relplot(data=lat, x="total_history", y="median_ms", hue="label", col="batch_size",
-                    kind="line", marker="o", col_wrap=min(4, lat["batch_size"].nunique()),
-                    facet_kws={"sharey": False})
-    g.set(yscale="log", xlabel="total history T", ylabel="median latency (ms)")
-    _log2_axis(g, lat["total_history"])
-    g.figure.suptitle("HSTU block latency (fewest new tokens per T)", y=1.03)
-    figs["latency_vs_history"] = _save(g.figure, out / "latency_vs_history.png")
-
-    sp = speedups(df, key="cache", baseline="none", ignore=("new_history", "page_size"))
-    if len(sp):
-        sp = sp.assign(label=mode_label(sp))
-        best = sp.sort_values("new_history").groupby(["label", "batch_size", "total_history"],
-                                                     as_index=False).first()
-        g = sns.catplot(data=best, x="total_history", y="speedup", hue="batch_size",
-                        col="label", kind="bar", palette="viridis")
-        g.set(ylabel="speedup over cache=none", xlabel="total history T (fewest new tokens)")
-        figs["speedup_bars"] = _save(g.figure, out / "speedup_bars.png")
-
-        heat = sp[sp["label"] == sp["label"].iloc[0]]
-        batches = sorted(heat["batch_size"].unique())
-        fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.6), squeeze=False)
-        for ax, b in zip(axes[0], batches):
-            grid = heat[heat["batch_size"] == b].pivot_table(
-                index="new_history", columns="total_history", values="speedup")
-            sns.heatmap(grid, annot=True, fmt=".1f", cmap="viridis", ax=ax, cbar=False)
-            ax.set_title(f"batch {b}")
-            ax.set_xlabel("total history T")
-            ax.set_ylabel("new history n")
-        fig.suptitle("speedup over full recompute (cache=none)")
-        figs["speedup_heatmap"] = _save(fig, out / "speedup_heatmap.png")
-    return figs
+def _plain_log_y(ax) -> None:
+    """Log y with plain numbers (0.5, 1, 2) rather than 5x10^-1."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(mticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(mticker.NullFormatter())
 
 
-def _roofline(df: pd.DataFrame, out: Path) -> dict:
-    if "floor_fraction" not in df or df["floor_fraction"].isna().all():
-        return {}
+def _grid(n: int, width: float = 4.2, height: float = 3.4):
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows),
+                             squeeze=False, layout="constrained")
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def _bars(ax, groups, series, table: pd.DataFrame, *, x: str, hue: str, y: str,
+          lo: str | None = None, hi: str | None = None, labels=None, fmt="{:.2f}"):
+    """Grouped bars: one group per x value, one bar per hue value; error bars from lo/hi
+    columns; invalid records hatched; a value label on every bar."""
+    width = 0.8 / max(1, len(series))
+    colors = sns.color_palette("deep", len(series))
+    for j, s in enumerate(series):
+        part = table[table[hue] == s].set_index(x)
+        xs, ys, errs, bad = [], [], [], []
+        for i, g in enumerate(groups):
+            if g not in part.index:
+                continue
+            r = part.loc[g]
+            r = r.iloc[0] if isinstance(r, pd.DataFrame) else r
+            xs.append(i + (j - (len(series) - 1) / 2) * width)
+            ys.append(float(r[y]))
+            if lo and hi and pd.notna(r.get(lo)) and pd.notna(r.get(hi)):
+                errs.append((max(0.0, ys[-1] - float(r[lo])), max(0.0, float(r[hi]) - ys[-1])))
+            else:
+                errs.append((0.0, 0.0))
+            bad.append(r.get("valid_") is False)
+        if not xs:
+            continue
+        label = labels(s) if labels else str(s)
+        bars = ax.bar(xs, ys, width * 0.95, color=colors[j], label=label,
+                      yerr=np.array(errs).T if any(e != (0.0, 0.0) for e in errs) else None,
+                      capsize=2, error_kw={"lw": 0.8})
+        for bar, is_bad in zip(bars, bad):
+            if is_bad:
+                bar.set_hatch(INVALID_HATCH)
+                bar.set_edgecolor("black")
+        ax.bar_label(bars, labels=[fmt.format(v) for v in ys], fontsize=6, padding=1,
+                     rotation=90 if len(series) * len(groups) > 12 else 0)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([str(g) for g in groups])
+
+
+def _with_valid(df: pd.DataFrame) -> pd.DataFrame:
+    v = valid_mask(df)
+    return df.assign(valid_=[None if pd.isna(x) else bool(x) for x in v])
+
+
+def latency_vs_history(df: pd.DataFrame):
+    lat = _with_valid(most_cached(df, ["label", "batch_size", "total_history"]))
+    batches = sorted(lat["batch_size"].unique())
+    fig, axes = _grid(len(batches))
+    labels = sorted(lat["label"].unique())
+    colors = dict(zip(labels, sns.color_palette("deep", len(labels))))
+    for ax, b in zip(axes, batches):
+        part = lat[lat["batch_size"] == b]
+        for lab in labels:
+            s = part[part["label"] == lab].sort_values("total_history")
+            if s.empty:
+                continue
+            ax.plot(s["total_history"], s["median_ms"], color=colors[lab], label=lab)
+            if "p10_ms" in s and "p90_ms" in s and s["p10_ms"].notna().all():
+                ax.fill_between(s["total_history"], s["p10_ms"], s["p90_ms"],
+                                color=colors[lab], alpha=0.15, lw=0)
+            bad = s["valid_"] == False  # noqa: E712
+            ax.scatter(s.loc[~bad, "total_history"], s.loc[~bad, "median_ms"], color=colors[lab],
+                       s=18, zorder=3)
+            ax.scatter(s.loc[bad, "total_history"], s.loc[bad, "median_ms"], facecolors="none",
+                       edgecolors=colors[lab], s=30, zorder=3)
+        _plain_log_y(ax)
+        _log2_x(ax, lat["total_history"])
+        ax.set(title=f"batch size {b}", xlabel="total history T", ylabel="median latency (ms)")
+    axes[0].legend(title="mode (cache+kernel+graph)", fontsize=7, title_fontsize=7)
+    _finish(fig, "HSTU block latency vs history (fewest new tokens per T; band p10-p90; "
+            "hollow = invalid)", df)
+    return fig
+
+
+def _spread(values: list, most: int = 5) -> list:
+    """At most `most` of the sorted values: the first, the last and evenly spaced between."""
+    if len(values) <= most:
+        return values
+    idx = np.linspace(0, len(values) - 1, most).round().astype(int)
+    return [values[i] for i in sorted(set(idx))]
+
+
+def latency_bars(df: pd.DataFrame):
+    """NVIDIA-style: absolute latency per batch size, groups = T, one bar per cached length
+    (0 = full recompute; at most five per T, spread over the range), one row of panels per
+    kernel / graph. Colour = cached share of T."""
+    d = df.assign(cached=(df["total_history"] - df["new_history"]).astype(int),
+                  kg=df["kernel"].astype(str) + "+" + df["graph"].astype(str))
+    d = _with_valid(d)
+    if "time" in d:
+        d = d.sort_values("time", kind="stable")
+    rows = sorted(d["kg"].unique())
+    batches = sorted(d["batch_size"].unique())
+    fig, axes = plt.subplots(len(rows), len(batches), squeeze=False, layout="constrained",
+                             figsize=(5.5 * len(batches), 3.8 * len(rows)))
+    cmap = plt.get_cmap("viridis")
+    for i, kg in enumerate(rows):
+        for j, b in enumerate(batches):
+            ax = axes[i][j]
+            part = d[(d["kg"] == kg) & (d["batch_size"] == b)].drop_duplicates(
+                ["total_history", "cached"], keep="last")
+            ticks, names = [], []
+            x = 0.0
+            for t in sorted(part["total_history"].unique()):
+                group = part[part["total_history"] == t].set_index("cached").sort_index()
+                for c in _spread(list(group.index)):
+                    r = group.loc[c]
+                    err = None
+                    if pd.notna(r.get("p10_ms")) and pd.notna(r.get("p90_ms")):
+                        err = [[max(0.0, r["median_ms"] - r["p10_ms"])],
+                               [max(0.0, r["p90_ms"] - r["median_ms"])]]
+                    bar = ax.bar(x, r["median_ms"], 0.9, color=cmap(c / t * 0.9),
+                                 yerr=err, capsize=1.5, error_kw={"lw": 0.7})
+                    if r["valid_"] is False:
+                        bar[0].set_hatch(INVALID_HATCH)
+                        bar[0].set_edgecolor("black")
+                    ax.bar_label(bar, labels=[f"{r['median_ms']:.2f}"], fontsize=5, rotation=90,
+                                 padding=1)
+                    ticks.append(x)
+                    names.append(str(c))
+                    x += 1
+                ax.text(x - 1 - (len(_spread(list(group.index))) - 1) / 2, -0.16,
+                        f"T={int(t)}", transform=ax.get_xaxis_transform(), ha="center",
+                        va="top", fontsize=7)
+                x += 0.8
+            ax.set_xticks(ticks, names, rotation=90, fontsize=5)
+            ax.set(title=f"{kg}, batch size {b}", ylabel="median latency (ms)")
+            ax.set_xlabel("cached tokens per user (0 = full recompute), grouped by total "
+                          "history T", labelpad=20)
+    _finish(fig, "HSTU block latency per batch size (bars: median, whiskers p10-p90, colour: "
+            "cached share of T; hatched = invalid)", df)
+    return fig
+
+
+def speedup_bars(sp: pd.DataFrame):
+    best = _with_valid(most_cached(sp, ["label", "batch_size", "total_history"]))
+    best["valid_"] = [None if a is None else bool(a and (b is not False))
+                      for a, b in zip(best["valid_"], best.get("baseline_valid", [None] *
+                                                                 len(best)))]
+    labels = sorted(best["label"].unique())
+    fig, axes = _grid(len(labels), width=5.0, height=3.8)
+    span = best["speedup"].max() / max(best["speedup"].min(), 1e-12)
+    for ax, lab in zip(axes, labels):
+        part = best[best["label"] == lab]
+        _bars(ax, sorted(part["total_history"].unique()), sorted(part["batch_size"].unique()),
+              part, x="total_history", hue="batch_size", y="speedup", lo="ci_low", hi="ci_high",
+              fmt="{:.2f}x")
+        ax.axhline(1.0, color="black", lw=0.9, ls="--")
+        if span >= 10:  # ratios spanning a decade or more: 0.5x and 2x equally far from 1
+            _plain_log_y(ax)
+        ax.set(title=f"{lab} vs cache=none", xlabel="total history T (fewest new tokens)",
+               ylabel="speedup over full recompute")
+        ax.legend(title=KEY_NAMES["batch_size"], fontsize=7, title_fontsize=7)
+    _finish(fig, "Speedup of the KV cache over full recompute (whiskers: 95% bootstrap "
+            "interval; dashed: 1.0)", sp)
+    return fig
+
+
+def speedup_heatmap(sp: pd.DataFrame):
+    """One row of panels per mode (named), one column per batch size; ONE diverging colour
+    scale, log, centred at 1 (red slower, blue faster), with a colourbar."""
+    labels = sorted(sp["label"].unique())
+    batches = sorted(sp["batch_size"].unique())
+    sp = _with_valid(sp)
+    extreme = float(np.nanmax(np.abs(np.log10(sp["speedup"].clip(lower=1e-6)))))
+    extreme = max(extreme, np.log10(1.25))
+    norm = LogNorm(vmin=10 ** -extreme, vmax=10 ** extreme)  # symmetric in log: centre = 1
+    fig, axes = plt.subplots(len(labels), len(batches), squeeze=False, layout="constrained",
+                             figsize=(3.9 * len(batches) + 1.0, 3.3 * len(labels)))
+    image = None
+    for i, lab in enumerate(labels):
+        for j, b in enumerate(batches):
+            ax = axes[i][j]
+            part = sp[(sp["label"] == lab) & (sp["batch_size"] == b)]
+            grid = part.pivot_table(index="new_history", columns="total_history",
+                                    values="speedup", aggfunc="last")
+            xs, ys = list(grid.columns), list(grid.index)
+            image = ax.imshow(grid.values, cmap="RdBu", norm=norm, aspect="auto",
+                              origin="lower")
+            bad = part[part["valid_"] == False]  # noqa: E712
+            for _, r in part.iterrows():
+                x, y = xs.index(r["total_history"]), ys.index(r["new_history"])
+                ax.text(x, y, f"{r['speedup']:.1f}", ha="center", va="center", fontsize=7,
+                        color="black" if 0.5 < r["speedup"] < 2 else "white")
+            for _, r in bad.iterrows():
+                x, y = xs.index(r["total_history"]), ys.index(r["new_history"])
+                ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False,
+                                           hatch=INVALID_HATCH, edgecolor="black", lw=0))
+            ax.set_xticks(range(len(xs)), [str(int(v)) for v in xs], rotation=45)
+            ax.set_yticks(range(len(ys)), [str(int(v)) for v in ys])
+            ax.set(title=f"{lab}, batch size {b}", xlabel="total history T",
+                   ylabel="new history n")
+            ax.grid(False)
+    bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9)
+    bar.set_label("speedup over cache=none (log; 1 = same)")
+    ticks = [t for t in (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
+             if norm.vmin <= t <= norm.vmax]
+    bar.set_ticks(ticks, labels=[f"{t:g}x" for t in ticks])
+    bar.ax.yaxis.set_minor_formatter(mticker.NullFormatter())
+    _finish(fig, "Speedup over full recompute, one panel per mode and batch size "
+            "(blue faster, red slower; hatched = invalid)", sp)
+    return fig
+
+
+def roofline(df: pd.DataFrame):
     x = "total_history" if df["total_history"].nunique() > 1 else "batch_size"
-    g = sns.relplot(data=_most_cached(df), x=x, y="floor_fraction", hue="label",
-                    style="batch_size", kind="line", marker="o", errorbar=None)
-    g.set(ylabel="floor / measured latency", xlabel=x)
-    _log2_axis(g, df[x])
-    g.figure.suptitle("fraction of the hardware floor (fewest new tokens per T)", y=1.03)
-    return {"roofline_fraction": _save(g.figure, out / "roofline_fraction.png")}
+    data = most_cached(df, ["label", "batch_size", "total_history"])
+    data = data.assign(floor_pct=100 * data["floor_fraction"])
+    fig, ax = plt.subplots(layout="constrained", figsize=(6.5, 4.2))
+    sns.lineplot(data=data, x=x, y="floor_pct", hue="label", style="batch_size", markers=True,
+                 errorbar=None, ax=ax)
+    _log2_x(ax, data[x])
+    ax.set(xlabel=KEY_NAMES.get(x, x), ylabel="hardware floor / measured latency (%)")
+    ax.legend(title="mode / batch size", fontsize=7, title_fontsize=7)
+    _finish(fig, "Fraction of the hardware floor reached (fewest new tokens per T)", df)
+    return fig
 
 
-def _e2e(df: pd.DataFrame, out: Path) -> dict:
-    figs = {}
-    fig, ax = plt.subplots(figsize=(6, 4))
-    sns.barplot(data=df, x="batch_size", y="median_ms", hue="label", ax=ax)
-    ax.set(ylabel="median latency per request batch (ms)", title="end-to-end ranking latency")
-    figs["e2e_latency"] = _save(fig, out / "e2e_latency.png")
-    sp = speedups(df, key="mode", baseline="baseline", ignore=("cache", "graph"))
-    if len(sp):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        sns.barplot(data=sp, x="batch_size", y="speedup", hue="mode", ax=ax)
-        ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set(ylabel="speedup over baseline", title="end-to-end speedup")
-        figs["e2e_speedup"] = _save(fig, out / "e2e_speedup.png")
-    return figs
+def _e2e_label(mode) -> str:
+    return E2E_MODES.get(str(mode), str(mode))
 
 
-def _attention(df: pd.DataFrame, out: Path) -> dict:
-    if "tflops" not in df:
-        return {}
-    g = sns.catplot(data=df, x="total_history", y="tflops", hue="label", col="batch_size",
-                    kind="bar")
-    g.set(ylabel="TFLOP/s")
-    return {"attention_tflops": _save(g.figure, out / "attention_tflops.png")}
+def e2e_latency(df: pd.DataFrame):
+    d = _with_valid(df)
+    modes = [m for m in E2E_MODES if m in set(d["mode"])] + \
+        sorted(set(d["mode"].astype(str)) - set(E2E_MODES))
+    fig, ax = plt.subplots(layout="constrained", figsize=(7.5, 4.2))
+    _bars(ax, sorted(d["batch_size"].unique()), modes, d, x="batch_size", hue="mode",
+          y="median_ms", lo="p10_ms", hi="p90_ms", labels=_e2e_label)
+    ax.set(xlabel="batch size (users per request batch)",
+           ylabel="median latency per batch (ms)")
+    ax.legend(title="e2e mode", fontsize=7, title_fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0))
+    _finish(fig, "End-to-end ranking latency per batch (whiskers p10-p90; hatched = invalid)",
+            df)
+    return fig
+
+
+def e2e_speedup(sp: pd.DataFrame):
+    d = _with_valid(sp)
+    modes = [m for m in E2E_MODES if m in set(d["mode"])] + \
+        sorted(set(d["mode"].astype(str)) - set(E2E_MODES))
+    fig, ax = plt.subplots(layout="constrained", figsize=(7.5, 4.2))
+    _bars(ax, sorted(d["batch_size"].unique()), modes, d, x="batch_size", hue="mode",
+          y="speedup", lo="ci_low", hi="ci_high", labels=_e2e_label, fmt="{:.2f}x")
+    ax.axhline(1.0, color="black", lw=0.9, ls="--")
+    ax.set(xlabel="batch size (users per request batch)", ylabel="speedup over baseline")
+    ax.legend(title="e2e mode", fontsize=7, title_fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0))
+    _finish(fig, "End-to-end speedup over baseline (whiskers: 95% bootstrap interval; "
+            "dashed: 1.0)", sp)
+    return fig
+
+
+def attention_tflops(df: pd.DataFrame):
+    d = _with_valid(most_cached(df, ["label", "batch_size", "total_history"]))
+    batches = sorted(d["batch_size"].unique())
+    fig, axes = _grid(len(batches))
+    for ax, b in zip(axes, batches):
+        part = d[d["batch_size"] == b]
+        _bars(ax, sorted(part["total_history"].unique()), sorted(part["label"].unique()), part,
+              x="total_history", hue="label", y="tflops", fmt="{:.0f}")
+        ax.set(title=f"batch size {b}", xlabel="total history T", ylabel="TFLOP/s")
+        ax.legend(title="mode", fontsize=7, title_fontsize=7)
+    _finish(fig, "Attention throughput (fewest new tokens per T; unmasked query-key pairs)", df)
+    return fig
+
+
+def _draw(figs: dict, out: Path, name: str, build, *args) -> None:
+    figs[name] = _save(build(*args), out / f"{name}.png")
 
 
 def draw_all(df: pd.DataFrame, out_dir: Path) -> dict:
-    """Draw what the table supports into out_dir; returns {name: png path}."""
+    """Draw what the table supports into out_dir; returns {name: png path}. FileWriteError when
+    the dir or a figure cannot be written."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ok = df[df["status"] == "ok"] if "status" in df else df
-    if ok.empty:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FileWriteError(out, exc) from exc
+    good = ok(df)
+    if good.empty or "workload" not in good:
         return {}
     sns.set_theme(style="whitegrid", context="paper")
-    ok = ok.assign(label=mode_label(ok))
-    figs = {}
-    for workload, draw in (("block", _block), ("e2e", _e2e), ("attention", _attention)):
-        part = ok[ok["workload"] == workload]
-        if len(part):
-            figs.update(draw(part, out))
-    figs.update(_roofline(ok[ok["workload"] == "block"], out) if (ok["workload"] == "block").any()
-                else {})
+    good = good.assign(label=mode_label(good))
+    figs: dict = {}
+    block = good[good["workload"] == "block"]
+    if len(block):
+        _draw(figs, out, "latency_vs_history", latency_vs_history, block)
+        _draw(figs, out, "latency_bars", latency_bars, block)
+        sp = block_speedups(block)
+        if len(sp):
+            sp = sp.assign(label=mode_label(sp))
+            _draw(figs, out, "speedup_bars", speedup_bars, sp)
+            _draw(figs, out, "speedup_heatmap", speedup_heatmap, sp)
+        if "floor_fraction" in block and block["floor_fraction"].notna().any():
+            _draw(figs, out, "roofline_fraction", roofline, block)
+    e2e = good[good["workload"] == "e2e"]
+    if len(e2e):
+        _draw(figs, out, "e2e_latency", e2e_latency, e2e)
+        sp = e2e_speedups(e2e)
+        if len(sp):
+            _draw(figs, out, "e2e_speedup", e2e_speedup, sp)
+    att = good[good["workload"] == "attention"]
+    if len(att) and "tflops" in att:
+        _draw(figs, out, "attention_tflops", attention_tflops, att)
     return figs
