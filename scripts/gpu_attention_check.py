@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD python3 scripts/gpu_attention_check.py            # checks + goal-shape table
     PYTHONPATH=$PWD python3 scripts/gpu_attention_check.py --sweep    # also try other tile configs
+    PYTHONPATH=$PWD python3 scripts/gpu_attention_check.py --block    # the whole 8-layer block
 
 Needs only torch and triton (no hydra/wandb). Correctness: bf16 kernels against the reference run
 in float32 on the same inputs. Timing, medians: triton.testing.do_bench (L2 flushed between calls),
@@ -13,7 +14,10 @@ TFLOP/s = 4 H D x visible (query, key) pairs, candidate self pairs included.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import math
+import statistics
 import sys
 import time
 
@@ -173,14 +177,181 @@ SWEEP = {  # case -> [(config, split_k)] tried with --sweep
 }
 
 
+# --- the whole seed block (issue 11 levers) ---------------------------------------------------
+# Variants of kernel=triton, timed as CUDA-graph replays (as graph=cudagraph runs the block),
+# interleaved so that clock drift hits them alike:
+#   old:  torch LayerNorm, a SiLU pass over the projection, then the K/V append (before 60e8baa)
+#   ln:   the one-pass Triton LayerNorm, otherwise old
+#   silu: Triton LayerNorm, SiLU on load (silu_qkv: q, k, v in place + append; u in LN*U)
+#   new:  silu, and silu_qkv clears the attention's split-K sum buffer (no memset launch)
+SEED = dict(num_layers=8, hidden=1024, num_heads=H, head_dim=D, scaling_length=4352)
+BLOCK_CASES = [  # name, B, history, new, candidates
+    ("B=1 cached T=4096", 1, 4096, 128, 256), ("B=8 cached T=4096", 8, 4096, 128, 256),
+    ("B=1 full T=4096", 1, 4096, 4096, 256), ("B=8 full T=4096", 8, 4096, 4096, 256),
+    ("B=1 cached T=512", 1, 512, 128, 256), ("B=1 cached T=1024", 1, 1024, 128, 256),
+    ("B=1 cached T=2048", 1, 2048, 128, 256),
+]
+
+
+def variant_kernels(variant):
+    from hstu_exp.ops import fused, kernels
+    k = kernels("triton", True, variant in ("silu", "new"))
+    if variant == "old":
+        k = dataclasses.replace(k, layernorm=fused.layernorm_torch)
+    if variant == "silu":
+        k = dataclasses.replace(k, attention_splits=lambda *a: False)
+    return k
+
+
+def block_case(B, T, n, c, seed=0):
+    """x, batch, pool (None in full mode) for B users: T history tokens (T - n of them cached,
+    random post-SiLU-like K/V) and c candidates each."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rows = [n + c] * B
+    x = torch.randn(sum(rows), SEED["hidden"], generator=g, device="cuda").to(DT)
+    if n == T:
+        return x, make_batch(rows, [c] * B, "cuda"), None
+    cache = PagedKVCache(num_layers=SEED["num_layers"], num_pages=B * -(-T // PAGE) + 2,
+                         page_size=PAGE, num_heads=H, head_dim=D, dtype=DT, device="cuda")
+    users = list(range(B))
+    cache.plan(users, [T - n] * B, [0] * B)
+    for layer in cache.pool:
+        layer.copy_(torch.randn(layer.shape, generator=g, device="cuda") * 0.5)
+    return x, make_batch(rows, [c] * B, "cuda", cache.plan(users, [n] * B, [c] * B)), cache.pool
+
+
+def replay_ms(graph, reps):
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def block_verify(blk, x, batch, pool):
+    """Relative error (max abs err / max abs ref) of the bf16 triton block against the float32
+    reference block on the same inputs (the CLI's verify measure)."""
+    ref = copy.deepcopy(blk).float()
+    ref.kernel = "reference"
+    with torch.no_grad():
+        want = ref(x.float(), batch, None if pool is None else pool.float())
+        got = blk(x, batch, None if pool is None else pool.clone())
+    return float((got.float() - want).abs().max() / want.abs().max())
+
+
+def profile_block(blk, x, batch, pool, iters=3):
+    """Per-kernel device time a block call (eager: the kernels are those the graph replays)."""
+    from torch.profiler import ProfilerActivity, profile
+    with torch.no_grad():
+        blk(x, batch, pool)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                blk(x, batch, pool)
+            torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / iters, e.count / iters) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    launches = sum(r[2] for r in rows)
+    print(f"    {launches:.0f} kernels a call ({launches / SEED['num_layers']:.1f} a layer), "
+          f"{sum(r[1] for r in rows) / 1e3:.3f} ms of kernel time", flush=True)
+    for key, us, count in rows[:10]:
+        print(f"      {us:8.1f} us  x{count:4.0f}  {key[:90]}", flush=True)
+
+
+def block_main(variants, reps, profile_cases):
+    from hstu_exp import graphs
+    from hstu_exp.model import hstu
+    from hstu_exp.model.hstu import HSTUBlock
+
+    torch.manual_seed(0)
+    blk = HSTUBlock(**SEED, kernel="triton").cuda().to(DT).eval()
+    current = {"v": "new"}
+    original = hstu.kernels
+    hstu.kernels = lambda name, autotune=True, silu_on_load=True: (
+        variant_kernels(current["v"]) if name == "triton" else original(name, autotune))
+    table = []
+    for name, B, T, n, c in BLOCK_CASES:
+        t0 = time.time()
+        x, batch, pool = block_case(B, T, n, c)
+        if B == 1:
+            print(f"  {name}: verify rel err {block_verify(blk, x, batch, pool):.2e}", flush=True)
+        captured = {}
+        for v in variants:
+            current["v"] = v
+            with torch.no_grad():
+                captured[v] = graphs.capture(lambda: blk(x, batch, pool))[0]
+        ms = {v: [] for v in variants}
+        for _ in range(2):  # interleaved rounds
+            for v in variants:
+                ms[v].append(replay_ms(captured[v], reps))
+        best = {v: min(t) for v, t in ms.items()}
+        table.append((name, best))
+        print(f"  {name}: " + "  ".join(f"{v} {best[v]:.3f} ms ({'/'.join(f'{t:.3f}' for t in ms[v])})"
+                                         for v in variants) + f"  [{time.time() - t0:.0f}s]",
+              flush=True)
+        if name in profile_cases:
+            for v in ("old", "new"):
+                current["v"] = v
+                print(f"  profile {name} {v}:", flush=True)
+                profile_block(blk, x, batch, pool)
+        del captured, x, batch, pool
+        torch.cuda.empty_cache()
+    print("\n| block case (graph replay, median ms, best of 2 rounds) | " +
+          " | ".join(variants) + " |")
+    print("|---|" + "---|" * len(variants))
+    for name, best in table:
+        print(f"| {name} | " + " | ".join(f"{best[v]:.3f}" for v in variants) + " |")
+
+
+def inversion_main():
+    """Attention alone at B=1 cached for several T: rule, autotune and fixed splits, with the
+    launch each picks (the T=1024 vs T=4096 block inversion)."""
+    print("== attention alone, B=1, 128 new + 256 candidates, graph ms ==", flush=True)
+    for T in (512, 1024, 2048, 4096):
+        case = make_case(1, T, 128, 256)
+        flops = 4 * H * D * case["pairs"]
+        for label, kw in [("rule", {}), ("tuned-evt", {"autotune": True, "timing": "events"}),
+                          ("tuned-grf", {"autotune": True, "timing": "graph"}),
+                          ("split=1", {"split_k": 1}), ("split=4", {"split_k": 4}),
+                          ("split=8", {"split_k": 8}), ("split=16", {"split_k": 16})]:
+            tri.TUNED.clear()
+            tri.TUNE_TIMING = kw.pop("timing", "graph")
+            call(tri, case, **kw)
+            torch.cuda.synchronize()
+            info = f"{tri.LAST_LAUNCH.get('config')} splits {tri.LAST_LAUNCH.get('splits')}"
+            with torch.cuda.stream(torch.cuda.Stream()):
+                gms = do_bench_cudagraph(lambda: call(tri, case, **kw), rep=30, return_mode="median")
+            print(f"  T={T:5} {label:9} {gms * 1e3:7.1f} us  {flops / gms / 1e9:4.0f} TF/s  {info}",
+                  flush=True)
+        del case
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="also time other tile configs / splits")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-ref", action="store_true", help="skip timing the reference")
+    ap.add_argument("--block", action="store_true", help="time the whole block's variants")
+    ap.add_argument("--variants", default="old,ln,silu,new")
+    ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--profile", default="B=1 cached T=4096,B=8 full T=4096")
+    ap.add_argument("--inversion", action="store_true", help="attention alone at B=1 vs T")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
+    if args.block or args.inversion:
+        print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
+              f"{triton.__version__}", flush=True)
+        if args.inversion:
+            inversion_main()
+        if args.block:
+            block_main(args.variants.split(","), args.reps, args.profile.split(","))
+        return
     t0 = time.time()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}"
           f"  SMs {torch.cuda.get_device_properties(0).multi_processor_count}", flush=True)

@@ -72,9 +72,11 @@ def raw_projection(rows, heads, head_dim, dtype, seed):
 def test_silu_qkv_full_mode_in_place(dtype):
     z, (u, v, q, k) = raw_projection(19, 2, 16, dtype, seed=3)
     expected = torch.cat([z[:, :32], F.silu(z[:, 32:])], dim=1)
-    silu_qkv(q, k, v, make_batch([12, 0, 5], [3, 0, 5], DEVICE))  # 2 dead rows
+    sums = torch.full(q.shape, float("nan"), device=DEVICE)  # the attention's split-K buffer
+    silu_qkv(q, k, v, make_batch([12, 0, 5], [3, 0, 5], DEVICE), zero=sums)  # 2 dead rows
     assert torch.equal(z[:, :32], expected[:, :32]), "u must stay raw"
     torch.testing.assert_close(z, expected)
+    assert (sums == 0).all(), "every row of the sum buffer cleared, dead rows too"
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -39,16 +39,21 @@ class HSTULayer(nn.Module):
         if not kernel.silu_on_load:
             z = F.silu(z)
         u, v, q, k = (t.reshape(-1, self.num_heads, self.head_dim) for t in z.split(width, dim=-1))
+        paged = batch.pages is not None
+        out = {}
         if kernel.silu_on_load:  # SiLU of q, k, v in place, and the append of post-SiLU K/V
-            kernel.silu_qkv(q, k, v, batch, pool_layer)
-        elif batch.pages is not None:
+            if kernel.attention_splits(q, batch, paged):  # its sum buffer cleared on the way
+                acc = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+                out = dict(out=acc, out_zeroed=True)
+            kernel.silu_qkv(q, k, v, batch, pool_layer, out.get("out"))
+        elif paged:
             pt = batch.pages
             kernel.append_kv(pool_layer, pt.new_rows, pt.new_page, pt.new_slot, k, v)
-        if batch.pages is None:
-            a = kernel.attention_full(q, k, v, batch, alpha=alpha, inv_n=inv_n)
+        if not paged:
+            a = kernel.attention_full(q, k, v, batch, alpha=alpha, inv_n=inv_n, **out)
         else:
             a = kernel.attention_paged(q, k, v, batch, pool_layer[:, 0], pool_layer[:, 1],
-                                       alpha=alpha, inv_n=inv_n)
+                                       alpha=alpha, inv_n=inv_n, **out)
         return kernel.layernorm_mul_linear_add(a.reshape(-1, width), u.reshape(-1, width),
                                                self.attn_norm.weight, self.attn_norm.bias,
                                                self.out.weight, x, self.attn_norm.eps)

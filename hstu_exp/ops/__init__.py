@@ -25,6 +25,9 @@ class Kernels:
     # does both in one kernel, and layernorm_mul_linear_add applies SiLU to u as it reads it.
     silu_on_load: bool = False
     silu_qkv: Optional[Callable] = None
+    # attention_splits(q, batch, paged) -> whether the attention will sum key splits into a
+    # zeroed float32 buffer: then silu_qkv clears it and the attention skips its memset.
+    attention_splits: Optional[Callable] = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,4 +48,5 @@ def kernels(name: str, autotune: bool = True, silu_on_load: bool = True) -> Kern
                    functools.partial(tri.attention_paged, partial_fp32=True, autotune=autotune),
                    fused.append_kv,
                    functools.partial(fused.layernorm_mul_linear_add, silu_u=silu_on_load),
-                   fused.layernorm, silu_on_load, fused.silu_qkv)
+                   fused.layernorm, silu_on_load, fused.silu_qkv,
+                   functools.partial(tri.will_split, autotune=autotune))

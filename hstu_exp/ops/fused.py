@@ -53,15 +53,19 @@ def _silu_rounded(x):
 
 @triton.jit
 def _silu_qkv_kernel(q_ptr, k_ptr, v_ptr, offsets_ptr, cand_ptr, page_ptr, slot_ptr, pool_ptr,
-                     num_users, stride_qr, stride_kr, stride_vr, stride_pp, stride_pkv, stride_ps,
+                     zero_ptr, num_users, stride_qr, stride_kr, stride_vr, stride_pp, stride_pkv,
+                     stride_ps, stride_z,
                      WIDTH: tl.constexpr, BLOCK: tl.constexpr, PAGED: tl.constexpr,
-                     USERS: tl.constexpr):
+                     USERS: tl.constexpr, ZERO: tl.constexpr):
     """One row: q (and k, v) replaced by their SiLU in place. Paged: a history row's post-SiLU
     k, v go to its (page, slot) instead (the attention reads history keys only from the pages);
-    a candidate row's stay in place for the attention's self term."""
+    a candidate row's stay in place for the attention's self term. ZERO: also clear the row of
+    the attention's float32 split-K sum buffer (saves the attention its memset launch)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < WIDTH
+    if ZERO:
+        tl.store(zero_ptr + row * stride_z + cols, tl.zeros([BLOCK], dtype=tl.float32), mask=mask)
     q = tl.load(q_ptr + row * stride_qr + cols, mask=mask)
     k = _silu_rounded(tl.load(k_ptr + row * stride_kr + cols, mask=mask))
     v = _silu_rounded(tl.load(v_ptr + row * stride_vr + cols, mask=mask))
@@ -95,11 +99,12 @@ def _silu_qkv_kernel(q_ptr, k_ptr, v_ptr, offsets_ptr, cand_ptr, page_ptr, slot_
 
 
 def silu_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch,
-             pool_layer: torch.Tensor = None) -> None:
+             pool_layer: torch.Tensor = None, zero: torch.Tensor = None) -> None:
     """q, k, v [rows, H, D] raw projections (row-strided views): SiLU in place, in one kernel.
     With the cache (batch.pages, pool_layer [P, 2, page_size, H, D]) the new history rows' K/V
     are appended post-SiLU instead (history rows' k, v themselves are then left raw: nothing
-    reads them), so the SiLU pass and the append are one launch."""
+    reads them), so the SiLU pass and the append are one launch. zero: a float32 [rows, H, D]
+    contiguous buffer to clear on the way."""
     rows = q.shape[0]
     if rows == 0:
         return
@@ -116,12 +121,15 @@ def silu_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch,
         pstrides = pool_layer.stride()[:3]
     else:
         pool, page, slot, pstrides = q, batch.offsets, batch.offsets, (0, 0, 0)
+    if zero is not None:
+        assert zero.dtype == torch.float32 and zero.is_contiguous() and zero.shape == q.shape
     users = batch.batch_size
     _silu_qkv_kernel[(rows,)](q, k, v, batch.offsets, batch.num_candidates, page, slot, pool,
-                              users, q.stride(0), k.stride(0), v.stride(0), *pstrides,
+                              q if zero is None else zero, users, q.stride(0), k.stride(0),
+                              v.stride(0), *pstrides, width,
                               WIDTH=width, BLOCK=triton.next_power_of_2(width), PAGED=paged,
                               USERS=max(16, triton.next_power_of_2(users)),
-                              num_warps=4 if width <= 2048 else 8)
+                              ZERO=zero is not None, num_warps=4 if width <= 2048 else 8)
 
 
 @triton.jit

@@ -316,16 +316,34 @@ def _bucket(paged, B, H, D, dtype, max_len, max_kv):
             triton.next_power_of_2(max(max_kv, 1)))
 
 
+TUNE_TIMING = "graph"  # "graph": launches captured back to back; "events": one eager launch
+GRAPH_LAUNCHES = 10
+
+
 def _median_ms(fn, reps: int = 5) -> float:
+    """Device time of one fn() (a launch, with its memset when split). "graph" times
+    GRAPH_LAUNCHES launches captured in one CUDA graph, so the host's launch cost (tens of us a
+    Triton launch) stays out: timed eagerly one at a time, a 10 us candidate measured the host,
+    and a slow unsplit launch could win (the B=1 cached T=1024 vs 4096 inversion)."""
     fn()  # compiles on first use
+    if TUNE_TIMING == "graph":
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPH_LAUNCHES):
+                fn()
+        graph.replay()
+        run, per_run = graph.replay, GRAPH_LAUNCHES
+    else:
+        run, per_run = fn, 1
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        run()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / per_run)
     return statistics.median(times)
 
 
@@ -348,8 +366,34 @@ def _tune(run, D, B, H, max_len, max_kv, device_index):
     return cfg, split
 
 
+def _choice(q, batch: Batch, paged: bool, config, split_k, autotune):
+    """(tile config, split_k) of a launch without tuning: explicit, tuned for the bucket, or the
+    table and rule (None)."""
+    if autotune and config is None and split_k is None and FORCE_SPLIT_K is None and q.is_cuda:
+        max_kv = batch.pages.max_kv_len if paged else batch.max_len
+        rows, H, D = q.shape
+        config, split_k = TUNED.get(_bucket(paged, batch.batch_size, H, D, q.dtype,
+                                            batch.max_len, max_kv), (None, None))
+    return config or choose_config(q.shape[2], batch.max_len, paged, q.device), split_k
+
+
+def _device_index(q) -> int:
+    return q.device.index or 0 if q.is_cuda else -1
+
+
+def will_split(q, batch: Batch, paged: bool, *, autotune: bool = False) -> bool:
+    """Whether the launch for these shapes sums key splits into a zeroed float32 buffer (as far
+    as is known before it runs: a first autotuned call may still decide otherwise)."""
+    if q.shape[0] == 0 or batch.max_len == 0 or batch.batch_size == 0:
+        return False
+    cfg, split_k = _choice(q, batch, paged, None, None, autotune)
+    max_kv = batch.pages.max_kv_len if paged else batch.max_len
+    return bool(_plan(cfg, q.shape[2], batch.batch_size, q.shape[1], batch.max_len, max_kv,
+                      split_k, FORCE_SPLIT_K, _device_index(q))[2])
+
+
 def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, config, out,
-            partial_fp32=False, autotune=False):
+            partial_fp32=False, autotune=False, out_zeroed=False):
     rows, H, D = q.shape
     if D < 16 or D > 256 or D & (D - 1):
         raise ValueError(f"head dim must be a power of two in [16, 256], got {D}")
@@ -367,7 +411,7 @@ def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, c
     if batch.max_len == 0 or B == 0:
         return out.zero_()
     max_kv = batch.pages.max_kv_len if paged else batch.max_len
-    device_index = q.device.index or 0 if q.is_cuda else -1
+    device_index = _device_index(q)
     if autotune and config is None and split_k is None and FORCE_SPLIT_K is None and q.is_cuda:
         key = _bucket(paged, B, H, D, q.dtype, batch.max_len, max_kv)
         if key not in TUNED and not torch.cuda.is_current_stream_capturing():
@@ -375,8 +419,8 @@ def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, c
                 lambda c, s: _launch(q, k, v, batch, k_pages, v_pages, alpha=alpha, inv_n=inv_n,
                                      split_k=s, config=c, out=out),
                 D, B, H, batch.max_len, max_kv, device_index)
-        config, split_k = TUNED.get(key, (None, None))
-    cfg = config or choose_config(D, batch.max_len, paged, q.device)
+            out_zeroed = False  # the candidates summed into it
+    cfg, split_k = _choice(q, batch, paged, config, split_k, autotune)
     m_blocks, kv_blocks, chunk = _plan(cfg, D, B, H, batch.max_len, max_kv, split_k,
                                        FORCE_SPLIT_K, device_index)
     splits = triton.cdiv(kv_blocks, chunk) if chunk else 1
@@ -384,7 +428,7 @@ def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, c
     if chunk:  # fp32 partial sums over key chunks; dead rows stay zero
         dst = out if (out.dtype == torch.float32 and out.is_contiguous()) else \
             torch.zeros(rows, H, D, dtype=torch.float32, device=q.device)
-        if dst is out:
+        if dst is out and not out_zeroed:
             dst.zero_()
     if paged:
         pt = batch.pages
@@ -419,21 +463,25 @@ def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, c
 def attention_full(q, k, v, batch: Batch, *, alpha: float, inv_n: float,
                    split_k: Optional[int] = None, config: Optional[Config] = None,
                    out: Optional[torch.Tensor] = None, partial_fp32: bool = False,
-                   autotune: bool = False) -> torch.Tensor:
+                   autotune: bool = False, out_zeroed: bool = False) -> torch.Tensor:
     """q, k, v [rows, H, D] jagged by batch.offsets -> [rows, H, D] in q's dtype.
     split_k: None = tuned or by rule, 1 = never, n = about n key splits. out: optional destination.
     partial_fp32: when split, return the float32 sum buffer as it is (the next op reads float32
-    anyway: saves a cast pass). autotune: time the candidates once per shape bucket (CUDA)."""
+    anyway: saves a cast pass). autotune: time the candidates once per shape bucket (CUDA).
+    out_zeroed: out (float32, contiguous) already holds zeros, so a split launch needs no memset
+    (a neighbouring kernel cleared it: one launch less)."""
     return _launch(q, k, v, batch, None, None, alpha=alpha, inv_n=inv_n, split_k=split_k,
-                   config=config, out=out, partial_fp32=partial_fp32, autotune=autotune)
+                   config=config, out=out, partial_fp32=partial_fp32, autotune=autotune,
+                   out_zeroed=out_zeroed)
 
 
 def attention_paged(q, k, v, batch: Batch, k_pages, v_pages, *, alpha: float, inv_n: float,
                     split_k: Optional[int] = None, config: Optional[Config] = None,
                     out: Optional[torch.Tensor] = None, partial_fp32: bool = False,
-                    autotune: bool = False) -> torch.Tensor:
+                    autotune: bool = False, out_zeroed: bool = False) -> torch.Tensor:
     """q, k, v: the new rows ([new history | candidates] per user); history keys come from
     k_pages / v_pages ([P, page_size, H, D] views, any strides) through batch.pages. Options as
     in attention_full."""
     return _launch(q, k, v, batch, k_pages, v_pages, alpha=alpha, inv_n=inv_n, split_k=split_k,
-                   config=config, out=out, partial_fp32=partial_fp32, autotune=autotune)
+                   config=config, out=out, partial_fp32=partial_fp32, autotune=autotune,
+                   out_zeroed=out_zeroed)
