@@ -1,4 +1,6 @@
-"""Config -> modules. The only place that reads config groups; what it builds takes plain args.
+"""Config -> modules: every object a workload times is built here from config groups, and what
+is built takes plain arguments (the hot path never sees a config object). Workloads read their
+own sizes (batch, histories, timing) from the config; construction is this module's.
 
 Modules are reused across the points of a sweep that share their config (one of each kind is
 kept): a sweep over batch and history keeps its weights, its KV pool and its captured graphs.
@@ -10,6 +12,7 @@ import json
 import torch
 from omegaconf import OmegaConf
 
+from hstu_exp.config import host_pages, pages_for, pool_pages
 from hstu_exp.env import DTYPES
 from hstu_exp.kvcache.paged import PagedKVCache
 from hstu_exp.model.hstu import HSTUBlock
@@ -30,8 +33,12 @@ def build_block(model, *, kernel: dict, device, dtype: torch.dtype) -> HSTUBlock
     return block.to(device=device, dtype=dtype).eval()
 
 
-def pool_pages(model, cache) -> int:
-    return cache.num_pages or model.max_batch * -(-model.max_history // cache.page_size)
+def kernels_for(kernel):
+    """The kernel group's attention/append ops (`ops.Kernels`), for workloads that call a
+    kernel directly rather than through a block."""
+    from hstu_exp.ops import kernels
+
+    return kernels(kernel.name, autotune=bool(kernel.autotune))
 
 
 def build_cache(model, cache, *, device, dtype: torch.dtype):
@@ -43,9 +50,18 @@ def build_cache(model, cache, *, device, dtype: torch.dtype):
     if cache.mode == "paged_offload":
         from hstu_exp.kvcache.offload import OffloadPagedKVCache
 
-        host = cache.host_pages or 4 * kwargs["num_pages"]
-        return OffloadPagedKVCache(host_pages=host, **kwargs)
+        return OffloadPagedKVCache(host_pages=host_pages(model, cache), **kwargs)
     return PagedKVCache(**kwargs)
+
+
+def build_layer_cache(model, cache, *, batch_size: int, tokens: int, device,
+                      dtype: torch.dtype) -> PagedKVCache:
+    """One layer of K/V pages (workload=attention times one layer's kernel call), large enough
+    for `batch_size` users of `tokens` tokens whatever cache.num_pages says."""
+    num_pages = max(pool_pages(model, cache), batch_size * pages_for(tokens, cache.page_size))
+    return PagedKVCache(num_layers=1, num_pages=num_pages, page_size=cache.page_size,
+                        num_heads=model.num_heads, head_dim=model.head_dim, dtype=dtype,
+                        device=device)
 
 
 def model_dtype(model) -> torch.dtype:
@@ -81,6 +97,23 @@ def shared_block(model, *, kernel: dict, device, dtype, seed: int):
     return reuse("block", [_plain(model), kernel, str(device), str(dtype), seed], make)
 
 
+def shared_ranker(model, *, kernel: dict, device, dtype, seed: int):
+    """The ranking model of workload=e2e (embeddings, block, heads). kernel: `kernel_args`."""
+    from hstu_exp.model.ranking import HSTURanker
+
+    def make():
+        torch.manual_seed(seed)
+        ranker = HSTURanker(
+            num_layers=model.num_layers, hidden=model.hidden, num_heads=model.num_heads,
+            head_dim=model.head_dim, scaling_length=scaling_length(model), **kernel,
+            item_vocab=model.item_vocab, action_vocab=model.action_vocab,
+            num_context=model.num_context, context_vocab=model.context_vocab,
+            max_history=model.max_history, position_embedding=model.position_embedding,
+            head_widths=list(model.head_widths), num_tasks=model.num_tasks)
+        return ranker.to(device=device, dtype=dtype).eval()
+    return reuse("ranker", [_plain(model), kernel, str(device), str(dtype), seed], make)
+
+
 def shared_cache(model, cache, *, device, dtype):
     """A cache with no users in it (a reused pool is reset)."""
     if cache.mode == "none":
@@ -105,6 +138,8 @@ def shared_graphs(module, cache, model, graph, *, device, dtype, progress):
             pool=None if cache is None else cache.pool,
             page_size=0 if cache is None else cache.page_size, max_history=model.max_history,
             scratch_page=0 if cache is None else cache.scratch_page, progress=progress)
+    # id() is a safe key only because `reuse` drops the graphs whenever it rebuilds a module or
+    # a cache (so an id is never reused by a new object while these graphs live).
     graphs = reuse("graphs", [_plain(graph), id(module), id(cache)], make)
     graphs.progress = progress
     return graphs

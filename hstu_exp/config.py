@@ -68,21 +68,51 @@ class GraphConfig:
 
 @dataclass
 class WorkloadConfig:
+    """Keys every workload has; each workload's own schema adds its keys (an e2e key on a block
+    run is an unknown key at composition)."""
     name: str = MISSING  # block | attention | e2e
     batch_size: int = 1
-    total_history: int = 128  # T: history tokens per user after this request
-    new_history: int = 128  # n: uncached history tokens computed by this request (n <= T)
     num_candidates: int = 256
     warmup: int = 10
     min_time_s: float = 1.0
     iters: int = 10  # at least this many timed iterations, however long min_time_s takes
+    # Validity: past min_time_s, timing goes on while the CV of the samples is above cv_max
+    # (or fewer than min_samples were taken), up to max_time_s; a point that still misses
+    # either is recorded ok with valid=false and the reason.
+    max_time_s: Optional[float] = None  # None: MAX_TIME_FACTOR x min_time_s
+    cv_max: Optional[float] = None  # None: the device's default (CV_MAX_DEFAULT)
+    min_samples: int = 10
+
+
+@dataclass
+class BlockWorkload(WorkloadConfig):
+    total_history: int = 128  # T: history tokens per user after this request
+    new_history: int = 128  # n: uncached history tokens computed by this request (n <= T)
     input_sets: int = 2  # rotated input sets, so repeated runs do not measure a warm cache
-    # e2e request stream
+
+
+@dataclass
+class AttentionWorkload(BlockWorkload):
+    """The block's keys: T and n shape the attention call (n < T: paged mode)."""
+
+
+@dataclass
+class E2EWorkload(WorkloadConfig):
+    mode: str = "cache"  # baseline | baseline_graph | cache | cache_graph (E2E_MODES)
     history_start: int = 256
     history_step: int = 256
     num_batches: int = 16
     num_users: Optional[int] = None  # distinct users in the stream; None = batch_size
-    mode: str = "cache"  # e2e: baseline | cache | cache_graph
+
+
+# e2e mode -> (uses the KV cache, runs as CUDA graphs). The mode decides both: the cache group
+# only says which cache a caching mode uses, and graph=cudagraph must agree with the mode.
+E2E_MODES = {"baseline": (False, False), "baseline_graph": (False, True),
+             "cache": (True, False), "cache_graph": (True, True)}
+# Default CV ceiling per device type: a GPU times steadily; a shared CPU does not.
+CV_MAX_DEFAULT = {"cuda": 0.03, "cpu": 0.25}
+MAX_TIME_FACTOR = 5
+WORKLOAD_SCHEMAS = {"block": BlockWorkload, "attention": AttentionWorkload, "e2e": E2EWorkload}
 
 
 @dataclass
@@ -90,8 +120,11 @@ class LoggerConfig:
     name: str = "wandb"  # wandb | none
     project: str = "hstu-exp"
     entity: Optional[str] = None
-    mode: str = "offline"  # offline | online | disabled
+    mode: str = "offline"  # offline | online | disabled (WANDB_MODE, when set, wins)
     tags: List[str] = field(default_factory=list)
+    # Seconds W&B may take to start (and to finish uploading) a run online; an online run is
+    # killed after 2 * timeout_s + 10 s in all, and W&B is then off for the rest of the sweep.
+    timeout_s: float = 30.0
 
 
 @dataclass
@@ -118,6 +151,9 @@ def register_configs() -> None:
                         ("graph", GraphConfig), ("workload", WorkloadConfig),
                         ("logger", LoggerConfig)]:
         cs.store(group=group, name=f"{group}_schema", node=node)
+    # Each conf/workload/*.yaml names its own schema: `<name>_schema`.
+    for name, node in WORKLOAD_SCHEMAS.items():
+        cs.store(group="workload", name=f"{name}_schema", node=node)
 
 
 def _choice(key: str, value: Any, options) -> None:
@@ -128,9 +164,12 @@ def _choice(key: str, value: Any, options) -> None:
 def _positive(cfg, *keys: str) -> None:
     for key in keys:
         group, name = key.split(".")
+        if name not in cfg[group]:  # a key of another workload's schema
+            continue
         value = cfg[group][name]
         if value is not None and value <= 0:
-            raise ConfigError(f"{key}={value}: must be positive")
+            shown = f"{value:g}" if isinstance(value, float) else value  # -1, not -1.0
+            raise ConfigError(f"{key}={shown}: must be positive")
 
 
 def _power_of_two(key: str, value: int) -> None:
@@ -139,9 +178,11 @@ def _power_of_two(key: str, value: int) -> None:
 
 
 def validate(cfg) -> None:
-    """Checks of one key at a time, valid whatever the other keys say."""
+    """Checks of one key at a time (and of keys that are wrong together whatever the point),
+    valid whatever the other keys say."""
     import torch
 
+    w = cfg.workload
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda: no CUDA GPU is available on this machine")
@@ -149,58 +190,135 @@ def validate(cfg) -> None:
     _choice("cache.mode", cfg.cache.mode, ("none", "paged", "paged_offload"))
     _choice("kernel.name", cfg.kernel.name, ("reference", "triton"))
     _choice("graph.mode", cfg.graph.mode, ("none", "cudagraph"))
-    _choice("workload.name", cfg.workload.name, ("block", "attention", "e2e"))
-    _choice("workload.mode", cfg.workload.mode, ("baseline", "cache", "cache_graph"))
+    _choice("workload.name", w.name, tuple(WORKLOAD_SCHEMAS))
+    if w.name == "e2e":
+        _choice("workload.mode", w.mode, tuple(E2E_MODES))
     _choice("logger.name", cfg.logger.name, ("wandb", "none"))
     _choice("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))
+    _positive(cfg, "logger.timeout_s")
     _positive(cfg, "model.num_layers", "model.hidden", "model.num_heads", "model.head_dim",
               "model.max_history", "model.max_candidates", "model.max_batch",
               "model.scaling_length", "model.item_vocab", "model.action_vocab", "model.num_tasks",
               "cache.page_size", "cache.num_pages", "cache.host_pages",
               "workload.batch_size", "workload.total_history", "workload.new_history",
-              "workload.min_time_s", "workload.iters", "workload.input_sets",
-              "workload.history_start", "workload.history_step", "workload.num_batches",
-              "workload.num_users")
+              "workload.min_time_s", "workload.max_time_s", "workload.iters",
+              "workload.input_sets", "workload.history_start", "workload.history_step",
+              "workload.num_batches", "workload.num_users", "workload.cv_max")
     for key in ("workload.num_candidates", "workload.warmup", "model.num_context"):
         group, name = key.split(".")
         if cfg[group][name] < 0:
             raise ConfigError(f"{key}={cfg[group][name]}: must not be negative")
     _power_of_two("cache.page_size", cfg.cache.page_size)
-    if cfg.workload.input_sets < 2:
-        raise ConfigError(f"workload.input_sets={cfg.workload.input_sets}: must be at least 2")
+    if "input_sets" in w and w.input_sets < 2:
+        raise ConfigError(f"workload.input_sets={w.input_sets}: must be at least 2")
+    if w.max_time_s is not None and w.max_time_s < w.min_time_s:
+        raise ConfigError(f"workload.max_time_s={w.max_time_s:g}: below "
+                          f"workload.min_time_s={w.min_time_s:g}")
+    if w.min_samples < 2:
+        raise ConfigError(f"workload.min_samples={w.min_samples}: must be at least 2 "
+                          "(a CV needs two samples)")
+
+
+def cv_max(workload, device_type: str) -> float:
+    """The CV ceiling of a point: workload.cv_max, or the device's default."""
+    if workload.cv_max is not None:
+        return float(workload.cv_max)
+    return CV_MAX_DEFAULT.get(device_type, CV_MAX_DEFAULT["cpu"])
+
+
+def max_time_s(workload) -> float:
+    """How long timing may go on for validity: workload.max_time_s, or a multiple of
+    min_time_s."""
+    if workload.max_time_s is not None:
+        return float(workload.max_time_s)
+    return MAX_TIME_FACTOR * workload.min_time_s
+
+
+def pages_for(tokens: int, page_size: int) -> int:
+    return -(-tokens // page_size)
+
+
+def pool_pages(model, cache) -> int:
+    """GPU pool size in pages: cache.num_pages, or max_batch users of max_history tokens."""
+    return cache.num_pages or model.max_batch * pages_for(model.max_history, cache.page_size)
+
+
+def host_pages(model, cache) -> Optional[int]:
+    """Host tier size in pages (cache=paged_offload), else None."""
+    if cache.mode != "paged_offload":
+        return None
+    return cache.host_pages or 4 * pool_pages(model, cache)
+
+
+def capacity_problem(*, seq_tokens: int, batch_size: int, page_size: int, num_pages: int,
+                     host_pages: Optional[int]) -> Optional[str]:
+    """Why a pool (and host tier) cannot serve batches of requests of up to `seq_tokens` cached
+    tokens (context + history), or None."""
+    one = pages_for(seq_tokens, page_size)
+    if num_pages < batch_size * one:
+        return (f"cache.num_pages={num_pages}: the KV pool holds fewer pages than one batch needs "
+                f"({batch_size} requests x {one} pages of {page_size} tokens for {seq_tokens} "
+                f"tokens)")
+    if host_pages is not None and host_pages < one:
+        return (f"cache.host_pages={host_pages}: the host tier holds fewer pages than one request "
+                f"needs ({one} pages of {page_size} tokens for {seq_tokens} tokens)")
+    return None
+
+
+def e2e_ran(cfg) -> dict:
+    """What an e2e point runs, from workload.mode: the cache ("none" without one) and graph."""
+    cached, graphed = E2E_MODES[cfg.workload.mode]
+    return {"cache": cfg.cache.mode if cached else "none",
+            "graph": "cudagraph" if graphed else "none"}
+
+
+def _e2e_problem(cfg) -> Optional[str]:
+    m, w, c = cfg.model, cfg.workload, cfg.cache
+    if w.num_candidates == 0:
+        return "workload.num_candidates=0: a ranking request needs at least one candidate"
+    if w.num_users is not None and w.num_users < w.batch_size:
+        return (f"workload.num_users={w.num_users}: fewer users than "
+                f"workload.batch_size={w.batch_size}")
+    cached, graphed = E2E_MODES[w.mode]
+    if cfg.graph.mode == "cudagraph" and not graphed:
+        return (f"graph=cudagraph contradicts workload.mode={w.mode}: with workload=e2e the mode "
+                "decides (baseline_graph or cache_graph run as CUDA graphs)")
+    if not cached:
+        return None
+    if c.mode == "none":
+        return (f"workload.mode={w.mode} needs cache=paged or cache=paged_offload "
+                "(cache=none is workload.mode=baseline or baseline_graph)")
+    from hstu_exp.data.synthetic import stream_for
+
+    longest = stream_for(m, w, seed=cfg.seed).max_history
+    return capacity_problem(seq_tokens=m.num_context + longest, batch_size=w.batch_size,
+                            page_size=c.page_size, num_pages=pool_pages(m, c),
+                            host_pages=host_pages(m, c))
 
 
 def point_problem(cfg) -> Optional[str]:
     """What makes this combination of keys impossible, or None. Message names the keys."""
     m, w, c = cfg.model, cfg.workload, cfg.cache
-    if w.name in ("block", "attention"):
-        if w.total_history > m.max_history:
-            return (f"workload.total_history={w.total_history}: longer than the model's "
-                    f"max_history={m.max_history}")
-        if w.new_history > w.total_history:
-            return (f"workload.new_history={w.new_history}: more than "
-                    f"workload.total_history={w.total_history}")
-        if w.name == "block" and c.mode == "none" and w.new_history != w.total_history:
-            return (f"cache=none recomputes the whole history: workload.new_history={w.new_history}"
-                    f" must equal workload.total_history={w.total_history}")
     if w.num_candidates > m.max_candidates:
         return (f"workload.num_candidates={w.num_candidates}: more than the model's "
                 f"max_candidates={m.max_candidates}")
     if w.batch_size > m.max_batch:
         return f"workload.batch_size={w.batch_size}: more than the model's max_batch={m.max_batch}"
-    if w.name == "e2e" and w.num_candidates == 0:
-        return "workload.num_candidates=0: a ranking request needs at least one candidate"
-    if w.name == "e2e" and w.mode != "baseline" and c.mode == "none":
-        return (f"workload.mode={w.mode} needs cache=paged or cache=paged_offload "
-                "(cache=none is workload.mode=baseline)")
-    if c.mode != "none" and c.num_pages is not None:
-        pages_per_user = -(-min(w.total_history, m.max_history) // c.page_size)
-        if w.name == "e2e":
-            pages_per_user = -(-m.max_history // c.page_size)
-        need = w.batch_size * pages_per_user
-        if c.num_pages < need:
-            return (f"cache.num_pages={c.num_pages}: the pool holds fewer pages than one batch "
-                    f"needs ({need} = batch_size {w.batch_size} x {pages_per_user} pages)")
+    if w.name == "e2e":
+        return _e2e_problem(cfg)
+    if w.total_history > m.max_history:
+        return (f"workload.total_history={w.total_history}: longer than the model's "
+                f"max_history={m.max_history}")
+    if w.new_history > w.total_history:
+        return (f"workload.new_history={w.new_history}: more than "
+                f"workload.total_history={w.total_history}")
+    if w.name == "block" and c.mode == "none" and w.new_history != w.total_history:
+        return (f"cache=none recomputes the whole history: workload.new_history={w.new_history}"
+                f" must equal workload.total_history={w.total_history}")
+    if w.name == "block" and c.mode != "none":  # attention sizes its own pool for the batch
+        return capacity_problem(seq_tokens=w.total_history, batch_size=w.batch_size,
+                                page_size=c.page_size, num_pages=pool_pages(m, c),
+                                host_pages=None)
     return None
 
 
@@ -210,8 +328,8 @@ def device_problem(cfg) -> Optional[str]:
 
     if cfg.graph.mode == "cudagraph":
         return "graph=cudagraph: CUDA graphs need a CUDA device"
-    if cfg.workload.name == "e2e" and cfg.workload.mode == "cache_graph":
-        return "workload.mode=cache_graph: CUDA graphs need a CUDA device"
+    if cfg.workload.name == "e2e" and E2E_MODES[cfg.workload.mode][1]:
+        return f"workload.mode={cfg.workload.mode}: CUDA graphs need a CUDA device"
     if cfg.kernel.name == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         return "kernel=triton: needs a CUDA device (or TRITON_INTERPRET=1, Triton's CPU interpreter)"
     return None

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import functools
-import os
 import importlib.metadata
+import os
 import platform
 import socket
+import statistics
 import subprocess
+import threading
 from pathlib import Path
 
 import torch
@@ -43,27 +45,143 @@ def _run(*cmd: str):
         return None
 
 
+def _cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or None
+
+
+def _string(value):
+    return None if value is None else str(value)
+
+
 @functools.lru_cache(maxsize=None)
 def environment(device_type: str) -> dict:
+    """What a point ran on and with. Versions are strings (a CSV reader must not turn CUDA
+    "12.10" into the float 12.1); None where a package is missing."""
     device = torch.device(device_type)
     driver = None
     if device.type == "cuda":
         driver = _run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
         driver = driver.splitlines()[0] if driver else None
     # A copied tree (a GPU box) may have no .git, or a stale one that names an older commit:
-    # the caller's word, when given, wins.
+    # the caller's word, when given, wins (and whether that tree was dirty is then unknown).
     git_sha, dirty = os.environ.get("HSTU_EXP_GIT_SHA"), None
     if not git_sha:
         git_sha = _run("git", "rev-parse", "--short=12", "HEAD")
-        dirty = _run("git", "status", "--porcelain", "--untracked-files=no")
+        if git_sha:
+            dirty = bool(_run("git", "status", "--porcelain", "--untracked-files=no"))
     return {
         "device_name": device_name(device),
         "driver": driver,
-        "cuda": torch.version.cuda,
-        "torch": torch.__version__,
+        "cuda": _string(torch.version.cuda),
+        "torch": _string(torch.__version__),
         "triton": _version("triton"),
         "torchrec": _version("torchrec"),
         "fbgemm": _version("fbgemm-gpu") or _version("fbgemm-gpu-cpu"),
-        "git_sha": (git_sha + ("-dirty" if dirty else "")) if git_sha else None,
+        "wandb": _version("wandb"),
+        "python": platform.python_version(),
+        "git_sha": git_sha,
+        "git_dirty": dirty,
         "hostname": socket.gethostname(),
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
     }
+
+
+# NVML clock-event ("throttle") reason bits (nvml.h, nvmlClocksEventReason*).
+THROTTLE_REASONS = {0x1: "GpuIdle", 0x2: "ApplicationsClocksSetting", 0x4: "SwPowerCap",
+                    0x8: "HwSlowdown", 0x10: "SyncBoost", 0x20: "SwThermalSlowdown",
+                    0x40: "HwThermalSlowdown", 0x80: "HwPowerBrakeSlowdown",
+                    0x100: "DisplayClockSetting"}
+# The reasons that mean the clocks were held below what the workload asked for.
+SLOWDOWN = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
+CLOCK_KEYS = ["sm_clock_mhz", "mem_clock_mhz", "power_w", "temperature_c", "throttle_reasons",
+              "throttled", "clocks_unavailable"]
+
+
+def _nvml_handle(device: torch.device):
+    """(pynvml module, handle of the device) or raises with the reason."""
+    import pynvml  # nvidia-ml-py
+
+    pynvml.nvmlInit()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    if uuid is not None:  # CUDA and NVML may number the GPUs differently (CUDA_VISIBLE_DEVICES)
+        return pynvml, pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+    return pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
+class ClockSampler:
+    """GPU clocks, power, temperature and throttle reasons sampled by a background thread while
+    the `with` block runs (every `interval_s`, and once at each end). Never raises: without
+    NVML (no NVIDIA GPU, package missing, not permitted) `summary()` says why, under
+    clocks_unavailable, with the values None."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.05):
+        self.device, self.interval_s = torch.device(device), interval_s
+        self.rows: list = []
+        self.unavailable = None
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        if self.device.type != "cuda":
+            self.unavailable = f"no NVIDIA GPU (device {self.device.type})"
+            return self
+        try:
+            self._nvml, self._handle = _nvml_handle(self.device)
+        except Exception as exc:  # noqa: BLE001 - ImportError, NVMLError (no permission), ...
+            self.unavailable = f"NVML: {type(exc).__name__}: {exc}".strip()[:200]
+            return self
+        self._sample()
+        if self.unavailable:
+            return self
+        self._thread = threading.Thread(target=self._loop, name="clock-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._sample()
+        return False
+
+    def _loop(self):
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def _sample(self):
+        nvml, h = self._nvml, self._handle
+        try:
+            reasons = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons",
+                              nvml.nvmlDeviceGetCurrentClocksThrottleReasons)(h)
+            self.rows.append((nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM),
+                              nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_MEM),
+                              nvml.nvmlDeviceGetPowerUsage(h) / 1e3,
+                              nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU),
+                              int(reasons)))
+        except Exception as exc:  # noqa: BLE001 - a query this GPU does not support
+            self.unavailable = f"NVML: {type(exc).__name__}: {exc}".strip()[:200]
+            self._stop.set()
+
+    def summary(self) -> dict:
+        """Medians of the samples; throttle reasons seen in any sample, by name."""
+        if not self.rows:
+            return {**{k: None for k in CLOCK_KEYS},
+                    "clocks_unavailable": self.unavailable or "no sample taken"}
+        sm, mem, power, temp, reasons = zip(*self.rows)
+        seen = 0
+        for r in reasons:
+            seen |= r
+        names = [name for bit, name in THROTTLE_REASONS.items() if seen & bit]
+        return {"sm_clock_mhz": statistics.median(sm), "mem_clock_mhz": statistics.median(mem),
+                "power_w": round(statistics.median(power), 1),
+                "temperature_c": statistics.median(temp),
+                "throttle_reasons": ",".join(names), "throttled": bool(seen & SLOWDOWN),
+                "clocks_unavailable": self.unavailable}

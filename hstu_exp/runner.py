@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib
 import json
 import os
 import time
@@ -10,12 +11,16 @@ import traceback
 from pathlib import Path
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from hstu_exp.config import device_problem, point_problem
+from hstu_exp.bench.measure import finish
+from hstu_exp.config import cv_max, device_problem, e2e_ran, max_time_s, point_problem
+from hstu_exp.data.synthetic import stream_for
 from hstu_exp.env import environment, resolve_device
 from hstu_exp.tracking.records import RESULTS_FILE, append_record, read_records
 
+SCHEMA_VERSION = 2  # 2: statistics, validity, provenance, model dims, timing, overrides
 STOP: list = []  # signals received (cli.main's handler): the point in progress stops there
 
 # Keys that do not change what a point measures (so resume treats them as the same point).
@@ -29,14 +34,50 @@ def config_key(cfg) -> str:
 
 
 def swept_values(cfg, device: torch.device) -> dict:
+    """The identity keys (tracking.records.SWEPT_KEYS) as the point runs them, whatever was
+    asked: an e2e mode decides its cache and graph, attention runs paged only when n < T."""
     m, c, w = cfg.model, cfg.cache, cfg.workload
-    return {"workload": w.name, "model": m.name, "dtype": m.dtype, "cache": c.mode,
-            "page_size": c.page_size if c.mode != "none" else None, "kernel": cfg.kernel.name,
+    cache, graph = c.mode, cfg.graph.mode
+    total, new, mode = w.get("total_history"), w.get("new_history"), None
+    if w.name == "e2e":
+        mode = w.mode
+        cache, graph = e2e_ran(cfg).values()
+        total = _e2e_longest_history(cfg)
+    elif w.name == "attention":
+        cache = "paged" if w.new_history < w.total_history else "none"
+    return {"workload": w.name, "model": m.name, "dtype": m.dtype, "cache": cache,
+            "page_size": c.page_size if cache != "none" else None, "kernel": cfg.kernel.name,
             "autotune": cfg.kernel.autotune if cfg.kernel.name == "triton" else None,
-            "graph": cfg.graph.mode, "mode": w.mode if w.name == "e2e" else None,
-            "batch_size": w.batch_size, "total_history": w.total_history,
-            "new_history": w.new_history, "num_candidates": w.num_candidates,
-            "device": device.type}
+            "graph": graph, "mode": mode, "batch_size": w.batch_size, "total_history": total,
+            "new_history": new, "num_candidates": w.num_candidates, "device": device.type}
+
+
+def _e2e_longest_history(cfg):
+    """The longest history the point's stream serves (None when the stream is impossible:
+    point_problem says why)."""
+    try:
+        return stream_for(cfg.model, cfg.workload, seed=cfg.seed).max_history
+    except ValueError:
+        return None
+
+
+def point_params(cfg, device: torch.device) -> dict:
+    """What every record carries besides its identity: model dimensions and timing settings
+    (cv_max and max_time_s: the values in force, defaults filled in)."""
+    m, w = cfg.model, cfg.workload
+    return {"num_layers": m.num_layers, "hidden": m.hidden, "num_heads": m.num_heads,
+            "head_dim": m.head_dim, "max_history": m.max_history, "warmup": w.warmup,
+            "iters": w.iters, "min_time_s": w.min_time_s, "max_time_s": max_time_s(w),
+            "cv_max": cv_max(w, device.type), "min_samples": w.min_samples,
+            "input_sets": w.get("input_sets")}
+
+
+def _overrides() -> list:
+    """This point's own Hydra overrides (the sweep's values for it), [] outside a Hydra app."""
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
 
 
 def point_name(values: dict) -> str:
@@ -53,15 +94,16 @@ def point_tags(values: dict) -> list:
             if values[k] is not None]
 
 
+# workload name -> module with `run(cfg, device, progress) -> bench.measure.Measured`
+WORKLOADS = {"block": "hstu_exp.bench.block", "attention": "hstu_exp.bench.attention",
+             "e2e": "hstu_exp.bench.e2e"}
+
+
 def _run_workload(cfg, device, progress, job_dir) -> dict:
-    if cfg.workload.name == "block":
-        from hstu_exp.bench import block as workload
-    elif cfg.workload.name == "attention":
-        from hstu_exp.bench import attention as workload
-    else:
-        from hstu_exp.bench import e2e as workload
+    workload = importlib.import_module(WORKLOADS[cfg.workload.name])
     torch.manual_seed(cfg.seed)
-    return workload.run(cfg, device, progress=progress, job_dir=job_dir)
+    measured = workload.run(cfg, device, progress=progress)
+    return finish(measured, cfg, device, job_dir=job_dir, progress=progress)
 
 
 def find_ok_record(sweep_dir: Path, key: str):
@@ -86,10 +128,12 @@ def run_point(cfg, *, job_dir: Path, group: str, point: int, total: int | None,
             progress(f"{name}: already ok in this sweep, skipped (resume=true)")
             return done
 
-    record = {"status": "ok", "reason": None, "error": None, "sweep": group, "point": point,
-              "name": name, "config_key": key, "verify": cfg.verify, "seed": cfg.seed,
+    record = {"status": "ok", "schema_version": SCHEMA_VERSION, "reason": None, "error": None,
+              "sweep": group, "point": point, "name": name, "config_key": key,
+              "verify": cfg.verify, "seed": cfg.seed,
               "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              **values, "job_dir": str(job_dir)}
+              **values, **point_params(cfg, device), "overrides": _overrides(),
+              "job_dir": str(job_dir)}
     problem = point_problem(cfg)
     if problem is None and device.type != "cuda":
         problem = device_problem(cfg)
@@ -121,8 +165,8 @@ def run_point(cfg, *, job_dir: Path, group: str, point: int, total: int | None,
         from hstu_exp.tracking.wandb_sink import log_point
 
         log_point(record, logger=OmegaConf.to_container(cfg.logger, resolve=True),
-                  job_dir=job_dir, group=group, name=name,
-                  config=OmegaConf.to_container(cfg, resolve=True), tags=point_tags(values))
+                  job_dir=job_dir, group=group, cfg=OmegaConf.to_container(cfg, resolve=True),
+                  sweep_dir=sweep_dir)
     progress(result_line(record) + _eta(point, total, started))
     return record
 
@@ -138,6 +182,8 @@ def result_line(r: dict) -> str:
         line += f", {100 * r['floor_fraction']:.1f}% of floor"
     if r.get("max_rel_error") is not None:
         line += f", max rel err {r['max_rel_error']:.2e}"
+    if r.get("valid") is False:
+        line += f", INVALID: {r['invalid_reason']}"
     return line
 
 

@@ -42,6 +42,22 @@ def test_seed_model_is_the_published_one():
     assert (m.max_history, m.max_candidates, m.max_batch, m.dtype) == (4096, 256, 16, "bfloat16")
 
 
+@pytest.mark.parametrize("workload,schema", [("block", "BlockWorkload"),
+                                             ("attention", "AttentionWorkload"),
+                                             ("e2e", "E2EWorkload")])
+def test_each_workload_has_its_own_schema(workload, schema):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"workload={workload}"])
+    assert OmegaConf.get_type(cfg.workload).__name__ == schema
+    e2e_only = {"mode", "history_start", "history_step", "num_batches", "num_users"}
+    block_only = {"total_history", "new_history", "input_sets"}
+    keys = set(cfg.workload)
+    assert keys >= {"batch_size", "num_candidates", "warmup", "min_time_s", "max_time_s",
+                    "iters", "cv_max", "min_samples"}
+    assert (keys & e2e_only, keys & block_only) == \
+        ((e2e_only, set()) if workload == "e2e" else (set(), block_only))
+
+
 def test_point_problems_name_the_keys():
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["workload.total_history=128",
@@ -68,6 +84,16 @@ BAD = [
     (["experiment=nope"], "experiment=nope"),
     (["-m", "workload.batch_size=1,abc"], "workload.batch_size"),
     (["-m", "model=tiny,huge"], "model=huge"),
+    (["workload.cv_max=-1"], "workload.cv_max=-1: must be positive"),
+    (["workload.min_time_s=0.5", "workload.max_time_s=0.1"],
+     "workload.max_time_s=0.1: below workload.min_time_s=0.5"),
+    (["workload.min_samples=1"], "workload.min_samples=1: must be at least 2"),
+    (["-m", "workload.cv_max=0.1,0"], "workload.cv_max=0: must be positive"),
+    # per-workload schemas: another workload's key is unknown at composition
+    (["workload=block", "workload.history_step=3"], "workload.history_step: unknown key"),
+    (["workload=e2e", "workload.total_history=64"], "workload.total_history: unknown key"),
+    (["workload=e2e", "workload.mode=turbo"], "workload.mode=turbo: must be one of baseline, "
+                                              "baseline_graph, cache, cache_graph"),
 ]
 
 

@@ -13,7 +13,6 @@ from hydra import compose, initialize_config_dir
 
 from hstu_exp.bench import e2e
 from hstu_exp.cli import CONF_DIR
-from hstu_exp.config import ConfigError
 from hstu_exp.data.synthetic import ACTION, CONTEXT, ITEM, SyntheticStream, interleave, Request
 from hstu_exp.kvcache.manager import KVCacheManager
 from hstu_exp.kvcache.offload import OffloadPagedKVCache
@@ -198,15 +197,42 @@ def compose_cfg(*overrides):
                                             "device=cpu", *overrides])
 
 
-def test_modes_without_a_cache_or_graphs_say_so():
-    with pytest.raises(ConfigError, match="workload.mode=cache needs cache=paged or "
-                                          "cache=paged_offload"):
-        e2e.run(compose_cfg("cache=none"), torch.device("cpu"), progress=lambda m: None)
-    with pytest.raises(ConfigError, match="mode=cache_graph: CUDA graphs need a CUDA device"):
-        e2e.run(compose_cfg("workload.mode=cache_graph"), torch.device("cpu"))
-    with pytest.raises(ConfigError, match="cache.host_pages=4: the host tier holds fewer pages"):
-        e2e.run(compose_cfg("cache=paged_offload", "cache.host_pages=4"), torch.device("cpu"),
-                progress=lambda m: None)
+def test_modes_decide_cache_and_graph_and_impossible_ones_say_so():
+    """One capacity rule and one mode rule, in config.point_problem / device_problem: the same
+    point is refused by a single run and skipped in a sweep, never failed inside the workload."""
+    from hstu_exp.config import device_problem, e2e_ran, point_problem
+
+    assert "workload.mode=cache needs cache=paged or cache=paged_offload" in \
+        point_problem(compose_cfg("cache=none"))
+    assert "graph=cudagraph contradicts workload.mode=cache" in \
+        point_problem(compose_cfg("graph=cudagraph"))
+    assert point_problem(compose_cfg("graph=cudagraph", "workload.mode=cache_graph")) is None
+    assert "mode=cache_graph: CUDA graphs need a CUDA device" in \
+        device_problem(compose_cfg("workload.mode=cache_graph"))
+    assert "mode=baseline_graph: CUDA graphs need a CUDA device" in \
+        device_problem(compose_cfg("workload.mode=baseline_graph"))
+    # the host tier of 4 pages cannot hold one request of 512 history tokens (16 pages of 32)
+    assert "cache.host_pages=4: the host tier holds fewer pages" in \
+        point_problem(compose_cfg("cache=paged_offload", "cache.host_pages=4"))
+    # context tokens count: 16 users x 512 history fit the default pool, 16 x (512 + 8) do not
+    assert point_problem(compose_cfg("workload.batch_size=16")) is None
+    assert "cache.num_pages=256: the KV pool holds fewer pages than one batch needs " \
+        "(16 requests x 17 pages" in point_problem(compose_cfg("workload.batch_size=16",
+                                                               "model.num_context=8"))
+    for mode, ran in [("baseline", ("none", "none")), ("baseline_graph", ("none", "cudagraph")),
+                      ("cache", ("paged_offload", "none")),
+                      ("cache_graph", ("paged_offload", "cudagraph"))]:
+        cfg = compose_cfg(f"workload.mode={mode}", "cache=paged_offload")
+        assert tuple(e2e_ran(cfg).values()) == ran
+
+
+def test_a_contradicting_graph_group_is_refused_by_the_cli(tmp_path):
+    proc = hstu_exp("workload=e2e", "model=tiny", "graph=cudagraph", "workload.mode=cache",
+                    "logger=none", f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("hstu-exp: error: graph=cudagraph contradicts workload.mode=cache")
+    assert not (tmp_path / "run").exists()
 
 
 def test_done_when_command(tmp_path):
@@ -225,33 +251,84 @@ def test_done_when_command(tmp_path):
     assert 0 < r["floor_fraction"] < 5
 
 
-def test_baseline_vs_cache_sweep_draws_the_e2e_figures(tmp_path):
-    proc = hstu_exp("-m", "workload=e2e", "model=tiny", "workload.mode=baseline,cache",
+def test_four_mode_sweep_records_what_ran_and_draws_the_e2e_figures(tmp_path):
+    """All four modes: the CPU runs baseline and cache, and records the graph modes as skipped;
+    each record's identity keys say what ran (not what the cache/graph groups asked for)."""
+    proc = hstu_exp("-m", "workload=e2e", "model=tiny", "cache=paged_offload",
+                    "workload.mode=baseline,baseline_graph,cache,cache_graph",
                     "workload.batch_size=2", "workload.num_users=4", "workload.num_batches=8",
                     "workload.warmup=1", "workload.min_time_s=0.01", "workload.iters=8",
                     "calibrate=false", "logger=none", f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     recs = [json.loads(line) for p in sorted(tmp_path.rglob("results.jsonl"))
-            for line in p.read_text().splitlines()]
+            if p.parent != tmp_path for line in p.read_text().splitlines()]
     by_mode = {r["mode"]: r for r in recs}
-    assert set(by_mode) == {"baseline", "cache"} and all(r["status"] == "ok" for r in recs)
-    assert by_mode["baseline"]["cache"] == "none" and by_mode["baseline"]["hit_tokens"] == 0
-    assert by_mode["cache"]["hit_tokens"] > 0
-    assert by_mode["cache"]["computed_tokens"] < by_mode["baseline"]["computed_tokens"]
+    assert set(by_mode) == {"baseline", "baseline_graph", "cache", "cache_graph"}
+    ran = {m: (r["status"], r["cache"], r["graph"], r["page_size"]) for m, r in by_mode.items()}
+    assert ran == {"baseline": ("ok", "none", "none", None),
+                   "baseline_graph": ("skipped", "none", "cudagraph", None),
+                   "cache": ("ok", "paged_offload", "none", 32),
+                   "cache_graph": ("skipped", "paged_offload", "cudagraph", 32)}
+    assert all("CUDA graphs need a CUDA device" in by_mode[m]["reason"]
+               for m in ("baseline_graph", "cache_graph"))
+    base, cache = by_mode["baseline"], by_mode["cache"]
+    assert base["hit_tokens"] == 0 and cache["hit_tokens"] > 0
+    assert cache["computed_tokens"] < base["computed_tokens"]
+    # The stream, built independently: 8 batches of 2 users, histories 256, 384, 512 (capped).
+    stream = SyntheticStream(num_users=4, batch_size=2, num_batches=8, num_candidates=32,
+                             history_start=256, history_step=128, max_history=512,
+                             num_context=0, item_vocab=1000, action_vocab=16,
+                             context_vocab=1000, seed=0)
+    tokens = [sum(r.seq_len for r in b) for b in stream.batches]
+    assert base["total_history"] == cache["total_history"] == 512
+    for r in (base, cache):  # every history token of a batch is a GPU hit, a host hit or a miss
+        hits = [g + h + m for g, h, m in zip(r["batch_gpu_hit_tokens"],
+                                             r["batch_host_hit_tokens"], r["batch_miss_tokens"])]
+        assert hits == tokens
+        assert r["gpu_hit_tokens"] + r["host_hit_tokens"] == r["hit_tokens"]
+        assert r["miss_tokens"] == sum(r["batch_miss_tokens"])
+        assert len(r["batch_ms"]) == len(r["batch_host_ms"]) == 8 and r["host_ms"] > 0
+        assert r["cv_basis"] == "passes" and r["passes"] >= 1
+    assert base["batch_miss_tokens"] == tokens
+    # users are served once per round of 4: the second round hits what the first cached
+    assert cache["batch_miss_tokens"][:2] == tokens[:2] and cache["gpu_hit_tokens"] > 0
     for name in ("e2e_latency", "e2e_speedup"):
         assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 5000
 
 
+def test_host_tier_hits_and_bytes_moved_per_batch(tmp_path):
+    """More users than the pool holds: evicted users come back from the host tier. Per batch,
+    the host hits are onloaded (onloaded bytes = host-hit pages x bytes per page)."""
+    cfg = compose_cfg("cache=paged_offload", "cache.num_pages=48", "workload.batch_size=2",
+                      "workload.num_users=8", "workload.num_batches=16",
+                      "workload.min_time_s=0.01", "workload.iters=1", "workload.warmup=0",
+                      "calibrate=false")
+    measured = e2e.run(cfg, torch.device("cpu"), progress=lambda m: None)
+    x = measured.extra
+    page_bytes = 2 * 2 * 32 * 2 * 32 * 4  # layers x (K, V) x page x heads x head_dim x fp32
+    assert x["host_hit_tokens"] > 0 and x["onloaded_bytes"] > 0 and x["offloaded_bytes"] > 0
+    assert sum(x["batch_onloaded_bytes"]) == x["onloaded_bytes"]
+    assert sum(x["batch_offloaded_bytes"]) == x["offloaded_bytes"]
+    # every history is a multiple of the page size (256 + k x 128, no context): pages = tokens/32
+    for hit, onloaded in zip(x["batch_host_hit_tokens"], x["batch_onloaded_bytes"]):
+        assert onloaded == hit // 32 * page_bytes
+
+
 @pytest.mark.gpu
-def test_cache_graph_mode_matches_full_recompute_on_cuda():
-    """Graph replays (with host onloads before each) serve the stream; verify against fp32."""
-    cfg = compose_cfg("workload.mode=cache_graph", "cache=paged_offload", "verify=true",
+@pytest.mark.parametrize("mode", ["cache_graph", "baseline_graph"])
+def test_graph_modes_match_full_recompute_on_cuda(mode):
+    """Graph replays (with host onloads before each in cache_graph) serve the stream; verify
+    against fp32."""
+    cfg = compose_cfg(f"workload.mode={mode}", "cache=paged_offload", "verify=true",
                       "device=cuda", "workload.min_time_s=0.01", "workload.iters=1",
                       "graph.token_buckets=[128,512,1024]")
-    r = e2e.run(cfg, torch.device("cuda"), progress=lambda m: None)
-    assert r["graph"] == "cudagraph" and r["bucket"]
-    assert r["max_rel_error"] < 1e-4, r["max_rel_error"]
-    assert r["evictions"] > 0 and r["onloaded_bytes"] > 0
+    measured = e2e.run(cfg, torch.device("cuda"), progress=lambda m: None)
+    assert measured.extra["bucket"]
+    assert measured.verify() < 1e-4
+    if mode == "cache_graph":
+        assert measured.extra["evictions"] > 0 and measured.extra["onloaded_bytes"] > 0
+    else:
+        assert measured.extra["hit_tokens"] == 0 and measured.extra["kv_pool_bytes"] == 0
 
 
 @torch.no_grad()

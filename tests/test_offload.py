@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from hstu_exp.kvcache.manager import CapacityError, KVCacheManager, capacity_problem
+from hstu_exp.config import capacity_problem
+from hstu_exp.kvcache.manager import CapacityError, KVCacheManager
 from hstu_exp.kvcache.offload import OffloadPagedKVCache, _runs
 from hstu_exp.kvcache.paged import CacheFullError
 from hstu_exp.data.synthetic import make_request

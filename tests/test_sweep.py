@@ -1,5 +1,4 @@
 """A real multirun into a temporary dir: records, CSV, figures and W&B offline runs."""
-import json
 import subprocess
 
 import matplotlib.image as mpimg
@@ -7,14 +6,15 @@ import pandas as pd
 import pytest
 
 from hstu_exp.env import environment
-from hstu_exp.tracking.records import SWEPT_KEYS
+from hstu_exp.tracking.records import SWEPT_KEYS, read_records
 from hstu_exp.tracking.wandb_sink import read_offline_run
 from helpers import FAST, ROOT, hstu_exp
 
 
 def records(root):
-    return [json.loads(line) for p in sorted(root.rglob("results.jsonl"))
-            for line in p.read_text().splitlines()]
+    """The points' records under root (the project's reader: a sweep-level copy made by the
+    close-out is not counted twice)."""
+    return list(read_records(root))
 
 
 def assert_real_png(path):

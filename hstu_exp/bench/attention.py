@@ -10,22 +10,22 @@ import math
 import torch
 
 from hstu_exp.bench.block import relative_error
-from hstu_exp.bench.roofline import attention_pairs, floor, peaks
+from hstu_exp.bench.measure import Measured, stop_rule
+from hstu_exp.bench.roofline import attention_pairs
 from hstu_exp.bench.timer import time_fn
-from hstu_exp.builders import model_dtype, pool_pages
-from hstu_exp.kvcache.paged import PagedKVCache
+from hstu_exp.builders import build_layer_cache, kernels_for, model_dtype, scaling_length
 from hstu_exp.model.jagged import make_batch
 from hstu_exp.ops import kernels
 
 
-def run(cfg, device: torch.device, progress=print, job_dir=None) -> dict:
+def run(cfg, device: torch.device, progress=print) -> Measured:
     m, w = cfg.model, cfg.workload
     dtype = model_dtype(m)
     B, T, n, k = w.batch_size, w.total_history, w.new_history, w.num_candidates
     H, D = m.num_heads, m.head_dim
     gen = torch.Generator().manual_seed(cfg.seed)
-    kernel = kernels(cfg.kernel.name, autotune=cfg.kernel.autotune)
-    alpha, inv_n = 1.0 / math.sqrt(D), 1.0 / (m.scaling_length or m.max_history + m.max_candidates)
+    kernel = kernels_for(cfg.kernel)
+    alpha, inv_n = 1.0 / math.sqrt(D), 1.0 / scaling_length(m)
 
     def randn(*shape):
         return (torch.randn(*shape, generator=gen) * 0.5).to(device=device, dtype=dtype)
@@ -33,10 +33,8 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> dict:
     paged = n < T
     kv_pages = None
     if paged:
-        cache = PagedKVCache(num_layers=1, num_pages=max(pool_pages(m, cfg.cache),
-                                                         B * -(-T // cfg.cache.page_size)),
-                             page_size=cfg.cache.page_size, num_heads=H, head_dim=D, dtype=dtype,
-                             device=device)
+        cache = build_layer_cache(m, cfg.cache, batch_size=B, tokens=T, device=device,
+                                  dtype=dtype)
         users = list(range(B))
         cache.plan(users, [T - n] * B, [0] * B)
         batch = make_batch([n + k] * B, [k] * B, device, cache.plan(users, [n] * B, [k] * B))
@@ -48,7 +46,7 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> dict:
     sets = [tuple(randn(rows, H, D) for _ in range(3)) for _ in range(w.input_sets)]
 
     @torch.no_grad()
-    def step(i: int, op=kernel, upcast=False):
+    def eager(i: int, op=kernel, upcast=False):
         q, kk, v = sets[i % len(sets)]
         if upcast:
             q, kk, v = q.float(), kk.float(), v.float()
@@ -57,38 +55,50 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> dict:
             return op.attention_paged(q, kk, v, batch, kp, vp, alpha=alpha, inv_n=inv_n)
         return op.attention_full(q, kk, v, batch, alpha=alpha, inv_n=inv_n)
 
-    eager = step
+    step = eager
     if cfg.graph.mode == "cudagraph":  # one graph per input set: times the kernel, not launches
         from hstu_exp.graphs import capture
 
         progress("capturing CUDA graphs")
         captured = [capture(lambda i=i: eager(i)) for i in range(len(sets))]
 
-        def step(i: int, **_):  # noqa: F811
+        def replay(i: int):
             graph, out = captured[i % len(captured)]
             graph.replay()
             return out
 
-    timing = time_fn(step, device=device, warmup=w.warmup, iters=w.iters, min_time_s=w.min_time_s)
-    stats = timing.stats()
+        step = replay
+
+    rule = stop_rule(w, device)
+    timing = time_fn(step, device=device, warmup=w.warmup, rule=rule)
     flops = 4 * H * D * B * attention_pairs(history=T, new=n, candidates=k)
     itemsize = torch.empty((), dtype=dtype).element_size()
     nbytes = itemsize * H * D * (4 * rows + (2 * B * T if paged else 0))  # q,k,v,out + pages
-    result = {**stats, "samples_ms": timing.samples_ms, "cache": "paged" if paged else "none",
-              "tflops": flops / stats["median_ms"] / 1e9}
-    if cfg.calibrate:
-        result.update(floor(flops, nbytes, peaks(device, dtype)))
-        result["floor_fraction"] = result["floor_ms"] / stats["median_ms"]
-    else:
-        result.update(flops=flops, min_bytes=nbytes)
-    out = step(0)
-    if cfg.kernel.name == "triton":  # what the rule or the tuner chose for this shape
-        from hstu_exp.ops.triton_attention import LAST_LAUNCH
+    extra = {"cache": "paged" if paged else "none"}
+    if cfg.kernel.name == "triton":
+        extra.update(_launch_plan(eager))
 
-        tiles = LAST_LAUNCH["config"]
-        result["attention_tiles"] = (f"{tiles.block_m}x{tiles.block_n} w{tiles.num_warps} "
-                                     f"s{tiles.num_stages}")
-        result["attention_splits"] = LAST_LAUNCH["splits"]
-    ref = eager(0, op=kernels("reference"), upcast=True)
-    result["max_rel_error"] = relative_error(out.reshape(rows, -1), ref.reshape(rows, -1))
-    return result
+    def verify() -> float:
+        out = step(0)
+        ref = eager(0, op=kernels("reference"), upcast=True)
+        return relative_error(out.reshape(rows, -1), ref.reshape(rows, -1))
+
+    return Measured(samples_ms=timing.samples_ms, clocks=timing.clocks, flops=flops,
+                    nbytes=nbytes, rule=rule, dtype=dtype, step=step, verify=verify,
+                    extra=extra)
+
+
+def _launch_plan(eager) -> dict:
+    """The tiles and splits the rule or the tuner chose for this shape. ops offers no pure
+    query for them yet: read what the last eager launch recorded (a graph replay launches
+    nothing from Python, so one eager call is made here, after timing)."""
+    from hstu_exp.ops import triton_attention
+
+    eager(0)
+    plan = getattr(triton_attention, "LAST_LAUNCH", {})
+    tiles = plan.get("config")
+    if tiles is None:
+        return {}
+    return {"attention_tiles": f"{tiles.block_m}x{tiles.block_n} w{tiles.num_warps} "
+                               f"s{tiles.num_stages}",
+            "attention_splits": plan.get("splits")}

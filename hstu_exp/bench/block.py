@@ -1,4 +1,4 @@
-"""workload=block: the HSTU block alone, cache state prepared ahead (DESIGN §1.2, §6).
+"""workload=block: the HSTU block alone, cache state prepared ahead (docs/design.md).
 
 Each user of the batch has `total_history` tokens of which the last `new_history` are new. With
 cache=paged the first T - n are written into the pool through the real forward + append path
@@ -11,8 +11,8 @@ import copy
 
 import torch
 
-from hstu_exp.bench.profile import profile_step
-from hstu_exp.bench.roofline import block_work, floor, peaks
+from hstu_exp.bench.measure import Measured, stop_rule
+from hstu_exp.bench.roofline import block_work
 from hstu_exp.bench.timer import time_fn
 from hstu_exp.builders import (kernel_args, model_dtype, shared_block, shared_cache,
                                shared_graphs)
@@ -33,7 +33,7 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float(err.max())
 
 
-def run(cfg, device: torch.device, progress=print, job_dir=None) -> dict:
+def run(cfg, device: torch.device, progress=print) -> Measured:
     m, w = cfg.model, cfg.workload
     dtype = model_dtype(m)
     B, T, n, k = w.batch_size, w.total_history, w.new_history, w.num_candidates
@@ -62,7 +62,8 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> dict:
     rows = batch.offsets[-1].item()
     inputs = [randn(rows, m.hidden) for _ in range(w.input_sets)]
     static_x = torch.empty_like(inputs[0])
-    extra = {}
+    extra = {"computed_tokens": rows, "cached_tokens": B * cached if cache is not None else 0,
+             "kv_pool_bytes": cache.nbytes if cache is not None else 0}
 
     @torch.no_grad()
     def eager(i: int):
@@ -74,40 +75,22 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> dict:
         graphs = shared_graphs(block, cache, m, cfg.graph, device=device, dtype=dtype,
                                progress=progress)
         staged = graphs.stage(batch, rows)
-        extra = {"bucket": staged.bucket.name, "padded_tokens": staged.bucket.rows}
+        extra.update(bucket=staged.bucket.name, padded_tokens=staged.bucket.rows)
 
         def graphed(i: int):
             return graphs.replay(inputs[i % len(inputs)], staged)
 
         step = graphed
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    timing = time_fn(step, device=device, warmup=w.warmup, iters=w.iters, min_time_s=w.min_time_s)
-    result = {**timing.stats(), **extra, "samples_ms": timing.samples_ms, "computed_tokens": rows,
-              "cached_tokens": B * cached if cache is not None else 0,
-              "kv_pool_bytes": cache.nbytes if cache is not None else 0}
-    if device.type == "cuda":
-        result["mem_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-        result["mem_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
-
+    rule = stop_rule(w, device)
+    timing = time_fn(step, device=device, warmup=w.warmup, rule=rule)
     flops, nbytes = block_work(num_layers=m.num_layers, hidden=m.hidden, num_heads=m.num_heads,
                                head_dim=m.head_dim, itemsize=static_x.element_size(),
                                histories=[T] * B, news=[n if cache else T] * B, candidates=[k] * B)
-    if cfg.calibrate:
-        result.update(floor(flops, nbytes, peaks(device, dtype)))
-        result["floor_fraction"] = result["floor_ms"] / result["median_ms"]
-    else:
-        result.update(flops=flops, min_bytes=nbytes)
-
-    if cfg.profile and job_dir is not None:
-        progress("profiling")
-        result.update(profile_step(step, device=device, iters=5, out_dir=job_dir))
-    if cfg.verify:
-        result["max_rel_error"] = _verify(block, step, inputs[0], prefix, batch, B, cached, n, k,
-                                          device)
-    return result
+    return Measured(
+        samples_ms=timing.samples_ms, clocks=timing.clocks, flops=flops, nbytes=nbytes,
+        rule=rule, dtype=dtype, step=step, extra=extra,
+        verify=lambda: _verify(block, step, inputs[0], prefix, batch, B, cached, n, k, device))
 
 
 @torch.no_grad()

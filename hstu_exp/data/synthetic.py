@@ -108,3 +108,14 @@ class SyntheticStream:
     @property
     def max_history(self) -> int:
         return max(r.history for b in self.batches for r in b)
+
+
+def stream_for(model, workload, *, seed: int) -> SyntheticStream:
+    """The stream of an e2e point (config groups `model` and `workload`)."""
+    return SyntheticStream(
+        num_users=workload.num_users or workload.batch_size, batch_size=workload.batch_size,
+        num_batches=workload.num_batches, num_candidates=workload.num_candidates,
+        history_start=workload.history_start, history_step=workload.history_step,
+        max_history=model.max_history, num_context=model.num_context,
+        item_vocab=model.item_vocab, action_vocab=model.action_vocab,
+        context_vocab=model.context_vocab, seed=seed)

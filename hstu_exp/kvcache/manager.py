@@ -10,10 +10,11 @@ sequence is recomputed. Host-side bookkeeping only; the cache (`PagedKVCache` or
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from hstu_exp.config import pages_for
 from hstu_exp.data.synthetic import Request
 from hstu_exp.kvcache.paged import PagedKVCache
 
@@ -22,25 +23,6 @@ log = logging.getLogger(__name__)
 
 class CapacityError(ValueError):
     """A single request needs more pages than a tier holds."""
-
-
-def pages_for(tokens: int, page_size: int) -> int:
-    return -(-tokens // page_size)
-
-
-def capacity_problem(*, seq_tokens: int, batch_size: int, page_size: int, num_pages: int,
-                     host_pages: Optional[int]) -> Optional[str]:
-    """Why a pool (and host tier) cannot serve batches of requests of up to `seq_tokens` cached
-    tokens (context + history), or None."""
-    one = pages_for(seq_tokens, page_size)
-    if num_pages < batch_size * one:
-        return (f"cache.num_pages={num_pages}: the KV pool holds fewer pages than one batch needs "
-                f"({batch_size} requests x {one} pages of {page_size} tokens for {seq_tokens} "
-                f"tokens)")
-    if host_pages is not None and host_pages < one:
-        return (f"cache.host_pages={host_pages}: the host tier holds fewer pages than one request "
-                f"needs ({one} pages of {page_size} tokens for {seq_tokens} tokens)")
-    return None
 
 
 class KVCacheManager:
@@ -57,6 +39,7 @@ class KVCacheManager:
         self._seen: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
         self.hit_tokens = self.computed_tokens = self.invalidations = 0
         self.last_starts: List[int] = []  # cached prefix per request of the last batch planned
+        self.batches: List[dict] = []  # per batch planned: where its tokens came from, bytes moved
 
     def lookup(self, request: Request) -> int:
         """Tokens at the start of the request's sequence whose K/V the cache holds."""
@@ -100,9 +83,16 @@ class KVCacheManager:
                     f"user {r.user}: a request of {r.seq_len} tokens needs "
                     f"{pages_for(r.seq_len, size)} pages of {size}; the KV pool holds "
                     f"{self.cache.num_pages} (raise cache.num_pages)")
+        host_tier = getattr(self.cache, "host_users", {})
         starts: List[int] = [self.lookup(r) for r in requests]
+        on_host = sum(s for r, s in zip(requests, starts) if r.user in host_tier)
         new = [r.seq_len - s for r, s in zip(requests, starts)]
+        moved = self._bytes_moved()
         table = self.cache.plan(users, new, [r.candidates.numel() for r in requests])
+        after = self._bytes_moved()
+        self.batches.append({"gpu_hit_tokens": sum(starts) - on_host, "host_hit_tokens": on_host,
+                             "miss_tokens": sum(new), "offloaded_bytes": after[0] - moved[0],
+                             "onloaded_bytes": after[1] - moved[1]})
         for r in requests:
             self._seen[r.user] = (r.kinds.numpy().copy(), r.ids.numpy().copy())  # K/V came from
         self.last_starts = starts
@@ -111,9 +101,18 @@ class KVCacheManager:
         hook = getattr(self.cache, "layer_hook", None)
         return starts, table, hook() if hook else None
 
+    def _bytes_moved(self) -> Tuple[int, int]:
+        """(offloaded, onloaded) bytes since reset; zeros without a host tier."""
+        return (getattr(self.cache, "offloaded_bytes", 0), getattr(self.cache, "onloaded_bytes", 0))
+
     def stats(self) -> dict:
-        """Cache statistics since reset (synchronizes on CUDA when a host tier is in use)."""
+        """Cache statistics since reset (synchronizes on CUDA when a host tier is in use).
+        hit_tokens = gpu_hit_tokens + host_hit_tokens (prefix tokens served from the GPU pool and
+        from the host tier); miss_tokens: history tokens computed (candidates not counted)."""
+        per_batch = self.batches
         out = {"hit_tokens": self.hit_tokens, "computed_tokens": self.computed_tokens,
+               **{k: sum(b[k] for b in per_batch) for k in ("gpu_hit_tokens", "host_hit_tokens",
+                                                            "miss_tokens")},
                "evictions": self.cache.evictions, "invalidations": self.invalidations,
                "offloaded_bytes": 0, "onloaded_bytes": 0, "onload_wait_ms": 0.0,
                "host_evictions": 0}

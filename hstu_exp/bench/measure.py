@@ -1,0 +1,80 @@
+"""The one contract between a workload and its record.
+
+A workload's `run(cfg, device, progress)` builds, prepares and times, and returns `Measured`:
+only what it alone knows (its samples, the work of its timed unit, the step to profile, how to
+verify, its own keys). `finish` turns that into the record's measurement part the same way for
+every workload: statistics, validity, roofline, memory, clocks, profile and verify.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+
+from hstu_exp.bench.roofline import floor, peaks
+from hstu_exp.bench.timer import StopRule, cv, latency_stats
+from hstu_exp.config import cv_max, max_time_s
+from hstu_exp.env import CLOCK_KEYS
+
+# What the FLOPs (and so TFLOP/s) count: the attention term is 4*H*D per visible (query, key)
+# pair, i.e. the pairs the mask lets through, never the full square (bench/roofline.py).
+FLOP_CONVENTION = "unmasked query-key pairs"
+
+
+@dataclass
+class Measured:
+    samples_ms: List[float]  # every timed sample
+    flops: float  # work of one timed unit (a sample; e2e: a batch, averaged over the stream)
+    nbytes: float  # fewest bytes that unit must move
+    rule: StopRule  # what timing was asked for: validity is judged against it
+    dtype: torch.dtype
+    clocks: dict = field(default_factory=dict)  # env.ClockSampler summary of the timed region
+    step: Optional[Callable[[int], object]] = None  # profile=true runs step(i) for i < profile_iters
+    profile_iters: int = 5
+    verify: Optional[Callable[[], float]] = None  # verify=true: max relative error vs fp32
+    extra: dict = field(default_factory=dict)  # the workload's own record keys
+    # Validity is judged on repeats of the same work: the samples themselves, or (e2e, whose
+    # samples are batches of different sizes) one total per pass over the stream.
+    repeats_ms: Optional[List[float]] = None
+    cv_basis: str = "samples"
+    # The time the roofline floor and TFLOP/s compare with; None: the median sample.
+    per_unit_ms: Optional[float] = None
+
+
+def stop_rule(workload, device: torch.device) -> StopRule:
+    """The timing and validity settings of a point (workload config group)."""
+    return StopRule(iters=workload.iters, min_time_s=workload.min_time_s,
+                    max_time_s=max_time_s(workload), cv_max=cv_max(workload, device.type),
+                    min_samples=workload.min_samples)
+
+
+def finish(m: Measured, cfg, device: torch.device, job_dir=None, progress=print) -> dict:
+    stats = latency_stats(m.samples_ms)
+    repeats = m.repeats_ms if m.repeats_ms is not None else m.samples_ms
+    stats["cv"] = cv(repeats)
+    problems = m.rule.problems(repeats)
+    clocks = {k: None for k in CLOCK_KEYS}
+    clocks.update(m.clocks)
+    if clocks["throttled"]:
+        problems.append(f"GPU throttled ({clocks['throttle_reasons']})")
+    unit_ms = m.per_unit_ms if m.per_unit_ms is not None else stats["median_ms"]
+    result = {**stats, "samples_ms": list(m.samples_ms), "cv_basis": m.cv_basis,
+              "valid": not problems, "invalid_reason": "; ".join(problems) or None,
+              "headline": "median_ms", **clocks, **m.extra,
+              "flops": m.flops, "min_bytes": m.nbytes, "flop_convention": FLOP_CONVENTION,
+              "tflops": m.flops / unit_ms / 1e9 if unit_ms > 0 else None}
+    if cfg.calibrate:
+        result.update(floor(m.flops, m.nbytes, peaks(device, m.dtype)))
+        result["floor_fraction"] = result["floor_ms"] / unit_ms
+    if device.type == "cuda":  # peaks since timing began (timer.reset_peak_memory)
+        result["mem_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        result["mem_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    if cfg.profile and job_dir is not None and m.step is not None:
+        from hstu_exp.bench.profile import profile_step
+
+        progress("profiling")
+        result.update(profile_step(m.step, device=device, iters=m.profile_iters, out_dir=job_dir))
+    if cfg.verify and m.verify is not None:
+        result["max_rel_error"] = m.verify()
+    return result
