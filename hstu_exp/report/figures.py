@@ -42,7 +42,8 @@ def mode_label(df: pd.DataFrame) -> pd.Series:
     parts = [k for k in ("cache", "kernel", "graph", "mode") if k in df and df[k].nunique() > 1]
     if not parts:
         parts = ["cache"]
-    return df[parts].astype(str).agg("+".join, axis=1)
+    # map(str), not astype(str): pandas 3 keeps NaN through astype(str)
+    return df[parts].map(lambda v: "-" if v is None or v != v else str(v)).agg("+".join, axis=1)
 
 
 def _values(df: pd.DataFrame, key: str) -> str:
@@ -64,10 +65,11 @@ def provenance(df: pd.DataFrame) -> str:
 def _finish(fig, title: str, df: pd.DataFrame) -> None:
     fig.suptitle(title, fontsize=11)
     fig.text(0.5, -0.01, provenance(df), ha="center", va="top", fontsize=7, color="dimgray")
-    n_invalid = int((valid_mask(df) == False).sum())  # noqa: E712
+    n_invalid = int(sum(_is_invalid(v) for v in df["valid_"])) if "valid_" in df else \
+        int((valid_mask(df) == False).sum())  # noqa: E712
     if n_invalid:
         fig.text(0.5, -0.045, f"{n_invalid} of {len(df)} points invalid (hatched / hollow): "
-                 "timing noise above the CV ceiling", ha="center", va="top", fontsize=7,
+                 "see the records' invalid_reason", ha="center", va="top", fontsize=7,
                  color="firebrick")
 
 
@@ -128,7 +130,7 @@ def _bars(ax, groups, series, table: pd.DataFrame, *, x: str, hue: str, y: str,
                 errs.append((max(0.0, ys[-1] - float(r[lo])), max(0.0, float(r[hi]) - ys[-1])))
             else:
                 errs.append((0.0, 0.0))
-            bad.append(r.get("valid_") is False)
+            bad.append(_is_invalid(r.get("valid_")))
         if not xs:
             continue
         label = labels(s) if labels else str(s)
@@ -143,6 +145,20 @@ def _bars(ax, groups, series, table: pd.DataFrame, *, x: str, hue: str, y: str,
                      rotation=90 if len(series) * len(groups) > 12 else 0)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([str(g) for g in groups])
+
+
+def _with_ratio_valid(sp: pd.DataFrame) -> pd.DataFrame:
+    """valid_ of a ratio: as valid as the weaker of its two records."""
+    sp = _with_valid(sp)
+    base = sp["baseline_valid"] if "baseline_valid" in sp else pd.Series(pd.NA, index=sp.index)
+    sp["valid_"] = [None if a is None and pd.isna(b) else
+                    not (_is_invalid(a) or _is_invalid(b)) for a, b in zip(sp["valid_"], base)]
+    return sp
+
+
+def _is_invalid(v) -> bool:
+    """Judged invalid (False); None / NA means no validity was recorded."""
+    return v is not None and not pd.isna(v) and not bool(v)
 
 
 def _with_valid(df: pd.DataFrame) -> pd.DataFrame:
@@ -219,7 +235,7 @@ def latency_bars(df: pd.DataFrame):
                                [max(0.0, r["p90_ms"] - r["median_ms"])]]
                     bar = ax.bar(x, r["median_ms"], 0.9, color=cmap(c / t * 0.9),
                                  yerr=err, capsize=1.5, error_kw={"lw": 0.7})
-                    if r["valid_"] is False:
+                    if _is_invalid(r["valid_"]):
                         bar[0].set_hatch(INVALID_HATCH)
                         bar[0].set_edgecolor("black")
                     ax.bar_label(bar, labels=[f"{r['median_ms']:.2f}"], fontsize=5, rotation=90,
@@ -241,10 +257,7 @@ def latency_bars(df: pd.DataFrame):
 
 
 def speedup_bars(sp: pd.DataFrame):
-    best = _with_valid(most_cached(sp, ["label", "batch_size", "total_history"]))
-    best["valid_"] = [None if a is None else bool(a and (b is not False))
-                      for a, b in zip(best["valid_"], best.get("baseline_valid", [None] *
-                                                                 len(best)))]
+    best = _with_ratio_valid(most_cached(sp, ["label", "batch_size", "total_history"]))
     labels = sorted(best["label"].unique())
     fig, axes = _grid(len(labels), width=5.0, height=3.8)
     span = best["speedup"].max() / max(best["speedup"].min(), 1e-12)
@@ -260,7 +273,7 @@ def speedup_bars(sp: pd.DataFrame):
                ylabel="speedup over full recompute")
         ax.legend(title=KEY_NAMES["batch_size"], fontsize=7, title_fontsize=7)
     _finish(fig, "Speedup of the KV cache over full recompute (whiskers: 95% bootstrap "
-            "interval; dashed: 1.0)", sp)
+            "interval; dashed: 1.0; hatched = invalid)", best)
     return fig
 
 
@@ -269,7 +282,7 @@ def speedup_heatmap(sp: pd.DataFrame):
     scale, log, centred at 1 (red slower, blue faster), with a colourbar."""
     labels = sorted(sp["label"].unique())
     batches = sorted(sp["batch_size"].unique())
-    sp = _with_valid(sp)
+    sp = _with_ratio_valid(sp)
     extreme = float(np.nanmax(np.abs(np.log10(sp["speedup"].clip(lower=1e-6)))))
     extreme = max(extreme, np.log10(1.25))
     norm = LogNorm(vmin=10 ** -extreme, vmax=10 ** extreme)  # symmetric in log: centre = 1
@@ -301,7 +314,7 @@ def speedup_heatmap(sp: pd.DataFrame):
             ax.grid(False)
     bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9)
     bar.set_label("speedup over cache=none (log; 1 = same)")
-    ticks = [t for t in (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
+    ticks = [t for t in (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 10, 20, 50, 100)
              if norm.vmin <= t <= norm.vmax]
     bar.set_ticks(ticks, labels=[f"{t:g}x" for t in ticks])
     bar.ax.yaxis.set_minor_formatter(mticker.NullFormatter())
@@ -345,7 +358,7 @@ def e2e_latency(df: pd.DataFrame):
 
 
 def e2e_speedup(sp: pd.DataFrame):
-    d = _with_valid(sp)
+    d = _with_ratio_valid(sp)
     modes = [m for m in E2E_MODES if m in set(d["mode"])] + \
         sorted(set(d["mode"].astype(str)) - set(E2E_MODES))
     fig, ax = plt.subplots(layout="constrained", figsize=(7.5, 4.2))
@@ -356,7 +369,7 @@ def e2e_speedup(sp: pd.DataFrame):
     ax.legend(title="e2e mode", fontsize=7, title_fontsize=7, loc="upper left",
               bbox_to_anchor=(1.01, 1.0))
     _finish(fig, "End-to-end speedup over baseline (whiskers: 95% bootstrap interval; "
-            "dashed: 1.0)", sp)
+            "dashed: 1.0; hatched = invalid)", d)
     return fig
 
 
@@ -390,9 +403,9 @@ def draw_all(df: pd.DataFrame, out_dir: Path) -> dict:
     if good.empty or "workload" not in good:
         return {}
     sns.set_theme(style="whitegrid", context="paper")
-    good = good.assign(label=mode_label(good))
     figs: dict = {}
     block = good[good["workload"] == "block"]
+    block = block.assign(label=mode_label(block))
     if len(block):
         _draw(figs, out, "latency_vs_history", latency_vs_history, block)
         _draw(figs, out, "latency_bars", latency_bars, block)
@@ -410,6 +423,7 @@ def draw_all(df: pd.DataFrame, out_dir: Path) -> dict:
         if len(sp):
             _draw(figs, out, "e2e_speedup", e2e_speedup, sp)
     att = good[good["workload"] == "attention"]
+    att = att.assign(label=mode_label(att))
     if len(att) and "tflops" in att:
         _draw(figs, out, "attention_tflops", attention_tflops, att)
     return figs

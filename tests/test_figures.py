@@ -1,0 +1,141 @@
+"""The close-out figures say what they show: checked on the matplotlib objects (panels, one
+shared colour scale centred at 1, 1.0 lines, error bars, hatched invalid points, titles, legend
+titles, provenance footer) and on the PNG pixels, from records made up with known speedups."""
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+
+from hstu_exp.report import figures
+from hstu_exp.report.aggregate import block_speedups, e2e_speedups, headline
+from test_sweep import assert_real_png
+
+ENV = {"device_name": "NVIDIA H200", "git_sha": "0123abcd4567", "model": "seed",
+       "dtype": "bfloat16", "num_candidates": 256, "device": "cuda", "status": "ok"}
+
+
+def _rec(rng, median, **keys):
+    samples = rng.normal(median, 0.02 * median, 200)
+    return {**ENV, **keys, "median_ms": float(np.median(samples)),
+            "p10_ms": float(np.percentile(samples, 10)),
+            "p90_ms": float(np.percentile(samples, 90)), "samples_ms": samples.tolist(),
+            "valid": True, "floor_fraction": 0.3}
+
+
+@pytest.fixture(scope="module")
+def block():
+    """Two modes; the cache makes triton+cudagraph 4x faster at T=1024 and reference 0.5x at
+    T=256 (slower); one invalid point."""
+    rng = np.random.default_rng(0)
+    recs = []
+    for kernel, graph, gain in (("triton", "cudagraph", 4.0), ("reference", "none", 0.5)):
+        for b in (1, 2):
+            for t in (256, 1024):
+                full = 0.1 * t / 256 * b
+                base = dict(workload="block", kernel=kernel, graph=graph, batch_size=b,
+                            total_history=t, page_size=None)
+                recs.append(_rec(rng, full, cache="none", new_history=t, **base))
+                for n in (64, t // 2):
+                    g = gain if t == 1024 or gain < 1 else 1.5
+                    speed = g if n == 64 else (1 + g) / 2
+                    recs.append(_rec(rng, full / speed, cache="paged", new_history=n,
+                                     **{**base, "page_size": 32}))
+    df = pd.DataFrame(recs)
+    df.loc[3, "valid"] = False
+    df.loc[3, "invalid_reason"] = "cv 9% above the ceiling 3%"
+    return df
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    rng = np.random.default_rng(1)
+    speed = {"baseline": 1.0, "baseline_graph": 1.3, "cache": 2.0, "cache_graph": 4.0}
+    return pd.DataFrame([_rec(rng, 5.0 / speed[m] * b, workload="e2e", mode=m, batch_size=b,
+                              kernel="triton", graph="none", cache="none", total_history=4096)
+                         for m in speed for b in (1, 4)])
+
+
+def _labelled(df):
+    return df.assign(label=figures.mode_label(df))
+
+
+def test_heatmap_one_panel_per_mode_one_scale_centred_at_one(block):
+    sp = _labelled(block_speedups(block))
+    fig = figures.speedup_heatmap(sp)
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 2 * 2  # 2 modes x 2 batch sizes
+    titles = {ax.get_title() for ax in panels}
+    assert {"triton+cudagraph, batch size 1", "reference+none, batch size 2"} <= titles
+    norms = {(ax.images[0].norm.vmin, ax.images[0].norm.vmax) for ax in panels}
+    (vmin, vmax), = norms  # ONE shared scale
+    assert vmin * vmax == pytest.approx(1.0)  # log scale centred at 1
+    assert vmax >= 4.0 * 0.95 and vmin <= 0.5 * 1.05
+    assert len(fig.axes) == len(panels) + 1  # and one colourbar
+    footer = " ".join(t.get_text() for t in fig.texts)
+    assert "NVIDIA H200" in footer and "0123abcd4567" in footer and "seed" in footer
+
+
+def test_speedup_bars_have_a_one_line_error_bars_labels_and_hatched_invalid(block):
+    sp = _labelled(block_speedups(block))
+    fig = figures.speedup_bars(sp)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == 2 and all(ax.get_title().endswith("vs cache=none") for ax in axes)
+    for ax in axes:
+        assert any(np.allclose(line.get_ydata(), 1.0) for line in ax.lines)
+        assert ax.get_legend().get_title().get_text() == "batch size"
+        labels = [t.get_text() for t in ax.texts]
+        assert labels and all(t.endswith("x") for t in labels)
+        # whiskers: the 95 % interval around each bar
+        assert any(c.has_yerr for c in ax.containers if hasattr(c, "has_yerr"))
+    hatched = [p for ax in axes for p in ax.patches if p.get_hatch()]
+    assert len(hatched) >= 1  # the invalid point's ratio
+    assert fig._suptitle.get_text().startswith("Speedup of the KV cache")
+
+
+def test_latency_bars_per_batch_size_one_bar_per_cached_length(block):
+    fig = figures.latency_bars(_labelled(block))
+    axes = fig.axes
+    assert len(axes) == 2 * 2  # kernel/graph rows x batch columns
+    ax = axes[0]
+    # T=256: cached 0, 128, 192; T=1024: 0, 512, 960
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "128", "192", "0", "512", "960"]
+    assert sum(bool(p.get_hatch()) for a in axes for p in a.patches) == 1
+
+
+def test_e2e_figures_show_all_four_modes_with_intervals(e2e):
+    fig = figures.e2e_speedup(e2e_speedups(e2e))
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    assert legend.get_title().get_text() == "e2e mode"
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "Baseline + CUDA graph", "KV cache", "KV cache + CUDA graph"]
+    assert any(np.allclose(line.get_ydata(), 1.0) for line in ax.lines)
+    fig = figures.e2e_latency(e2e)
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
+        "Baseline", "Baseline + CUDA graph", "KV cache", "KV cache + CUDA graph"]
+
+
+def test_headline_intervals_hold_the_known_speedups(block, e2e):
+    table = headline(pd.concat([block, e2e], ignore_index=True))
+    assert list(table.columns) == ["workload", "comparison", "batch_size", "total_history",
+                                   "new_history", "speedup", "ci_low", "ci_high"]
+    row = table[(table.comparison == "paged vs none (triton+cudagraph)") &
+                (table.batch_size == 2) & (table.total_history == 1024)].iloc[0]
+    assert row.new_history == 64  # the largest cached prefix
+    assert row.ci_low < 4.0 < row.ci_high and row.ci_high - row.ci_low < 0.4
+    e = table[table.comparison == "cache_graph vs baseline"]
+    assert len(e) == 2 and ((e.ci_low < 4.0) & (4.0 < e.ci_high)).all()
+
+
+def test_pngs_have_the_content(block, e2e, tmp_path):
+    out = figures.draw_all(pd.concat([block, e2e], ignore_index=True), tmp_path)
+    assert set(out) == {"latency_vs_history", "latency_bars", "speedup_bars", "speedup_heatmap",
+                        "roofline_fraction", "e2e_latency", "e2e_speedup"}
+    for path in out.values():
+        assert_real_png(path)
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+    img = mpimg.imread(out["speedup_heatmap"])[..., :3]
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    # faster cells are blue, slower cells red, on one diverging scale
+    assert ((b - r > 0.3) & (b > 0.4)).sum() > 500
+    assert ((r - b > 0.3) & (r > 0.4)).sum() > 500
