@@ -68,8 +68,17 @@ def test_two_sweeps_of_one_grid_give_ratio_table_geomean_and_figure(two_sweeps, 
         (joined["median_ms_b"] / joined["median_ms_a"]).tolist())
 
 
+def steady(r):
+    """The record as if timed on a quiet machine: 40 samples within 1 % of its median (CPU
+    timings of the tiny model scatter too much for a 1.2x slowdown to be sure)."""
+    if r["status"] != "ok":
+        return r
+    m = r["median_ms"]
+    return {**r, "samples_ms": [m * (1 + 0.01 * ((i % 9) - 4) / 4) for i in range(40)]}
+
+
 def test_synthetic_regression_fails_the_gate(two_sweeps, tmp_path, capsys):
-    a, _ = two_sweeps
+    a = edited_copy(two_sweeps[0], tmp_path / "before", steady)
     same = edited_copy(a, tmp_path / "same", lambda r: r)
     worse = edited_copy(a, tmp_path / "worse", slower(1.2))
     one_worse = edited_copy(a, tmp_path / "one_worse",
@@ -133,3 +142,48 @@ def test_console_script_and_plot_sweep(two_sweeps, tmp_path):
     for name in ("latency_vs_history", "speedup_bars", "speedup_heatmap"):
         assert_real_png(copy / "figures" / f"{name}.png")
     assert (copy / "results.csv").read_text() == (a / "results.csv").read_text()
+
+
+def test_gate_looks_at_the_interval_not_the_point_estimate(two_sweeps, tmp_path, capsys):
+    """A point 1.10x slower by its median, but timed with so few and so scattered samples that
+    its 95 % interval reaches below 1.05, does not fail --fail-above 1.05; a point 1.10x slower
+    with tight samples does. The intervals are checked against an independent bootstrap."""
+    import numpy as np
+
+    a, _ = two_sweeps
+
+    def noisy(r):
+        if r["status"] != "ok":
+            return r
+        m = float(np.median(r["samples_ms"])) * 1.10
+        return {**r, "median_ms": m,
+                "samples_ms": [m * f for f in (0.55, 0.8, 1.0, 1.3, 1.9)]}
+
+    wide = edited_copy(a, tmp_path / "wide", noisy)
+    assert compare_main([str(a), str(wide), "--fail-above", "1.05", "--no-figure",
+                         "--csv", str(tmp_path / "wide.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "median B/A 95% CI" in out and "gate passed" in out
+    assert "1.100!" in out  # the point estimate is still flagged against --threshold
+    joined = pd.read_csv(tmp_path / "wide.csv")
+    assert (joined["median_ms_ci_low"] < 1.05).all() and (joined["median_ms_ci_high"] > 1.10).all()
+    # an independent bootstrap of one point's ratio of medians agrees with the table
+    recs = {r["config_key"]: r for f in a.rglob("*/results.jsonl")
+            for r in map(json.loads, f.read_text().splitlines()) if r["status"] == "ok"}
+    wide_recs = {r["config_key"]: r for f in wide.rglob("*/results.jsonl")
+                 for r in map(json.loads, f.read_text().splitlines()) if r["status"] == "ok"}
+    key = next(iter(recs))
+    rng = np.random.default_rng(5)
+    sa, sb = np.array(recs[key]["samples_ms"]), np.array(wide_recs[key]["samples_ms"])
+    boot = [np.median(rng.choice(sb, len(sb))) / np.median(rng.choice(sa, len(sa)))
+            for _ in range(4000)]
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    row = joined[joined["median_ms_ratio"].round(6) ==
+                 round(wide_recs[key]["median_ms"] / recs[key]["median_ms"], 6)].iloc[0]
+    assert row["median_ms_ci_low"] == pytest.approx(lo, rel=0.08)
+    assert row["median_ms_ci_high"] == pytest.approx(hi, rel=0.08)
+
+    base = edited_copy(a, tmp_path / "steady", steady)
+    tight = edited_copy(base, tmp_path / "tight", slower(1.10))
+    proc = run_script(base, tight, "--fail-above", "1.05", "--no-figure")
+    assert proc.returncode == 1 and "by the 95% interval's lower end" in proc.stderr

@@ -23,7 +23,7 @@ CSV_FILE = "results.csv"
 # 580.159.04 with NaNs as object, and a git sha made of digits as an integer.
 STRING_COLUMNS = ENV_KEYS + ["wandb", "python", "cpu_model", "gpu_uuid", "reason", "error",
                              "invalid_reason", "headline", "config_key", "name", "sweep",
-                             "job_dir", "time", "schema_version", "overrides", "throttle_reasons"]
+                             "job_dir", "time", "overrides", "throttle_reasons"]
 _NOT_IN_CSV = ("samples_ms", "traceback")
 
 
@@ -62,11 +62,17 @@ def require(df: pd.DataFrame, columns, source, what: str = "") -> None:
                          + (f" ({what})" if what else ""))
 
 
+def _as_text(v):
+    """A scalar as text; missing values and structures (a list of overrides) as they are."""
+    if _is_missing(v) or isinstance(v, (list, dict)):
+        return v
+    return str(v)
+
+
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
     for c in STRING_COLUMNS:
         if c in df:
-            df[c] = df[c].map(lambda v: v if v is None or (isinstance(v, float) and math.isnan(v))
-                              else str(v)).astype(object)
+            df[c] = df[c].map(_as_text).astype(object)
     return df
 
 
