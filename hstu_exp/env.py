@@ -112,7 +112,10 @@ def _nvml_handle(device: torch.device):
     index = device.index if device.index is not None else torch.cuda.current_device()
     uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
     if uuid is not None:  # CUDA and NVML may number the GPUs differently (CUDA_VISIBLE_DEVICES)
-        return pynvml, pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+        try:
+            return pynvml, pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+        except pynvml.NVMLError:
+            pass
     return pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
 
 

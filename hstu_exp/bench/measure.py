@@ -30,7 +30,7 @@ class Measured:
     rule: StopRule  # what timing was asked for: validity is judged against it
     dtype: torch.dtype
     clocks: dict = field(default_factory=dict)  # env.ClockSampler summary of the timed region
-    step: Optional[Callable[[int], object]] = None  # profile=true runs step(i) for i < profile_iters
+    step: Optional[Callable[[int], object]] = None  # profile=true: step(i), i < profile_iters
     profile_iters: int = 5
     verify: Optional[Callable[[], float]] = None  # verify=true: max relative error vs fp32
     extra: dict = field(default_factory=dict)  # the workload's own record keys

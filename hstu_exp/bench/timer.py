@@ -68,7 +68,7 @@ class StopRule:
         if len(samples) < self.min_samples:
             out.append(f"too few samples ({len(samples)} < min_samples {self.min_samples})")
         if cv(samples) > self.cv_max:
-            out.append(f"CV {100 * cv(samples):.1f}% > {100 * self.cv_max:.1f}%")
+            out.append(f"CV {100 * cv(samples):.1f}% > {100 * self.cv_max:g}%")
         return out
 
 
