@@ -112,7 +112,8 @@ def test_unwritable_record_stops_the_sweep_and_closes_out_the_rest(tmp_path):
     # A directory stands where point 1's results.jsonl must go: its record cannot be written.
     (tmp_path / "1" / "results.jsonl").mkdir(parents=True)
     proc = hstu_exp("-m", "model=tiny", "workload.batch_size=1,2",
-                    "workload.total_history=128,256", *QUIET, f"hydra.sweep.dir={tmp_path}")
+                    "workload.total_history=128,256", "workload.new_history=128", *QUIET,
+                    f"hydra.sweep.dir={tmp_path}")
     line = one_line_error(proc, code=1)
     assert "results.jsonl" in line and "the sweep stopped" in line
     assert "[3/4]" not in proc.stdout  # no point ran after the one that could not be recorded
