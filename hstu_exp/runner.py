@@ -5,6 +5,7 @@ import datetime as dt
 import hashlib
 import importlib
 import json
+import logging
 import os
 import time
 import traceback
@@ -20,6 +21,7 @@ from hstu_exp.data.synthetic import stream_for
 from hstu_exp.env import environment, resolve_device
 from hstu_exp.tracking.records import RESULTS_FILE, append_record, read_records
 
+log = logging.getLogger(__name__)  # Hydra's job logging: the console and the job's .log file
 SCHEMA_VERSION = 2  # 2: statistics, validity, provenance, model dims, timing, overrides
 STOP: list = []  # signals received (cli.main's handler): the point in progress stops there
 
@@ -120,7 +122,7 @@ def run_point(cfg, *, job_dir: Path, group: str, point: int, total: int | None,
     label = f"[{point + 1}/{total}]" if total else f"[{point + 1}]"
 
     def progress(msg: str):
-        print(f"{label} {msg}", flush=True)
+        log.info(f"{label} {msg}")
 
     if cfg.resume and sweep_dir is not None:
         done = find_ok_record(sweep_dir, key)
@@ -187,12 +189,22 @@ def result_line(r: dict) -> str:
     return line
 
 
+_FIRST_DONE: list = []  # (time, point) when this process finished its first point
+
+
 def _eta(point: int, total, started) -> str:
+    """The first point carries one-off costs (imports, roofline calibration, compilation), so the
+    pace comes from the points after it; no ETA before there is one."""
     if not total or started is None:
         return ""
-    elapsed = time.time() - started
-    left = elapsed / (point + 1) * (total - point - 1)
-    return f" | elapsed {elapsed:.0f} s, ETA {left:.0f} s"
+    now = time.time()
+    line = f" | elapsed {now - started:.0f} s"
+    if not _FIRST_DONE:
+        _FIRST_DONE.append((now, point))
+    elif point > _FIRST_DONE[0][1]:
+        pace = (now - _FIRST_DONE[0][0]) / (point - _FIRST_DONE[0][1])
+        line += f", ETA {pace * (total - point - 1):.0f} s"
+    return line
 
 
 def sweep_started() -> float | None:

@@ -121,3 +121,19 @@ def test_unwritable_record_stops_the_sweep_and_closes_out_the_rest(tmp_path):
     assert [r["status"] for r in records] == ["ok"]
     csv = (tmp_path / "results.csv").read_text().splitlines()  # the close-out covers point 0
     assert len(csv) == 2, csv
+
+
+def test_console_is_quiet_and_each_job_log_holds_its_lines(tmp_path):
+    proc = hstu_exp("-m", "workload=e2e", "model=tiny", "workload.mode=baseline",
+                    "workload.batch_size=1,2,4", "workload.num_batches=2", *QUIET,
+                    f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    for noise in ("Successfully loaded", "[HYDRA]", "Launching", "fontManager", "is_fx_tracing"):
+        assert noise not in console, noise
+    for k in range(3):
+        log = (tmp_path / str(k) / "cli.log").read_text()
+        assert f"[{k + 1}/3] " in log and ": running" in log and ": ok median" in log
+    # No ETA from the first point alone (it carries the one-off costs); one from the second on.
+    done = [line for line in proc.stdout.splitlines() if ": ok median" in line]
+    assert "ETA" not in done[0] and all("ETA" in line for line in done[1:]), done

@@ -6,6 +6,7 @@ device copy), cached per device and dtype under $HSTU_EXP_CACHE_DIR (default ~/.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Sequence
 import torch
 
 from hstu_exp.env import device_name
+
+log = logging.getLogger(__name__)
 
 
 def _cache_file() -> Path:
@@ -53,8 +56,7 @@ def peaks(device: torch.device, dtype: torch.dtype) -> dict:
     path = _cache_file()
     table = json.loads(path.read_text()) if path.exists() else {}
     if key not in table:
-        print(f"[hstu-exp] calibrating peak FLOP/s and bandwidth of {key} (cached in {path})",
-              flush=True)
+        log.info(f"calibrating peak FLOP/s and bandwidth of {key} (cached in {path})")
         table[key] = _measure(device, dtype)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(table, indent=1))
