@@ -252,9 +252,9 @@ def test_done_when_command(tmp_path):
 
 
 def test_four_mode_sweep_records_what_ran_and_draws_the_e2e_figures(tmp_path):
-    """All four modes: the CPU runs baseline and cache, and records the graph modes as skipped;
+    """All four modes on the CPU: baseline and cache run, the graph modes are recorded skipped;
     each record's identity keys say what ran (not what the cache/graph groups asked for)."""
-    proc = hstu_exp("-m", "workload=e2e", "model=tiny", "cache=paged_offload",
+    proc = hstu_exp("-m", "workload=e2e", "model=tiny", "cache=paged_offload", "device=cpu",
                     "workload.mode=baseline,baseline_graph,cache,cache_graph",
                     "workload.batch_size=2", "workload.num_users=4", "workload.num_batches=8",
                     "workload.warmup=1", "workload.min_time_s=0.01", "workload.iters=8",
