@@ -32,7 +32,7 @@ class ModelConfig:
     max_candidates: int = MISSING
     max_batch: int = 16
     dtype: str = "bfloat16"
-    # Fixed attention scaling length N (DESIGN §2); None = max_history + max_candidates.
+    # Fixed attention scaling length N (docs/design.md §2); None = max_history + max_candidates.
     scaling_length: Optional[int] = None
     # Ranking model around the block (workload=e2e).
     item_vocab: int = 10_000

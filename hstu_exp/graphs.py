@@ -1,4 +1,4 @@
-"""CUDA graphs for the block forward (DESIGN §4), and for a whole ranking step (e2e).
+"""CUDA graphs for the block forward (docs/design.md §4), and for a whole ranking step (e2e).
 
 One graph per bucket (batch, tokens per user, and in paged mode kv tokens per user), captured on
 first use into one shared memory pool and kept for every later batch that fits. A batch is padded

@@ -1,7 +1,7 @@
 """The ranking stack end to end. Central test: random request streams over many users through a
 pool small enough to force evictions and host round trips; every candidate's logits equal an
 independent float64 full recompute of that user's whole sequence (direct table lookups, the
-block written from DESIGN §2 with explicit per-head loops, the heads by hand)."""
+block written from docs/design.md §2 with explicit per-head loops, the heads by hand)."""
 import copy
 import json
 import math

@@ -1,4 +1,4 @@
-"""Ranking requests and a reproducible synthetic stream of them (DESIGN §1.1, §2).
+"""Ranking requests and a reproducible synthetic stream of them (docs/design.md §1.1, §2).
 
 A request carries a user's whole sequence so far, `[context | i1, a1, i2, a2, ...]`, as two
 CPU tensors (token kind, id), plus the candidate item ids to rank. The cache manager compares

@@ -1,4 +1,4 @@
-"""Paged KV cache with a host tier (DESIGN §3, cache=paged_offload).
+"""Paged KV cache with a host tier (docs/design.md §3, cache=paged_offload).
 
 Users evicted from the GPU pool keep their K/V in a preallocated host pool (pinned when CUDA is
 available) instead of losing it. A later request for such a user allocates GPU pages and onloads

@@ -1,4 +1,4 @@
-"""Paged KV cache (DESIGN §3): one preallocated pool, per-user page lists, user-level LRU.
+"""Paged KV cache (docs/design.md §3): one preallocated pool, per-user page lists, user-level LRU.
 
 The pool is `[layers, pages, 2 (K, V), page_size, heads, head_dim]` in the model dtype and holds
 the post-SiLU K and V of history tokens. Page bookkeeping is host-side Python; what the kernels

@@ -1,4 +1,5 @@
-"""Token embeddings of a ranking request: TorchRec tables + learned absolute positions (DESIGN §2).
+"""Token embeddings of a ranking request: TorchRec tables + learned absolute positions
+(docs/design.md §2).
 
 `make_tokens` turns requests into the jagged rows the block consumes: for each user the uncached
 tail of its sequence, then its candidates, back to back, no padding. It is host-side bookkeeping

@@ -1,9 +1,9 @@
-"""The HSTU ranking model (DESIGN §1.1, §2): embeddings -> HSTU block -> candidate outputs,
-L2-normalised -> one MLP per task -> per-task logits.
+"""The HSTU ranking model (docs/design.md §1.1, §2): embeddings -> HSTU block -> candidate
+outputs, L2-normalised -> one MLP per task -> per-task logits.
 
 `rank` serves one batch of requests: cache lookup and stripping (through the manager), token
-rows, embeddings, block, heads. The block call goes through `block_fn(x, batch, pool, on_layer)`
-so a graph runner can stand in for the eager block without touching the rest of the step.
+rows, then the device part of the step, `forward_rows` (embeddings, block, heads), run eagerly or
+replayed per bucket by a graph runner (`graphs.GraphedRanker`) that captured exactly it.
 """
 from __future__ import annotations
 
