@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
+from hstu_exp import config
+
 ROOT = Path(__file__).resolve().parent.parent
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in config.DTYPES}  # model.dtype -> torch dtype
 
 
 def resolve_device(name: str) -> torch.device:
