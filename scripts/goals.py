@@ -45,6 +45,8 @@ def load(paths) -> "pd.DataFrame":
     frames = []
     for p in paths:
         df = load_sweep(p)
+        if df.attrs.get("torn_note"):
+            print(f"{PROG}: {p}: {df.attrs['torn_note']}", file=sys.stderr)
         require(df, ["workload", "device", "median_ms"], p, "the goal table needs them")
         gpu = ok(df)[ok(df)["device"] == "cuda"]
         if gpu.empty:

@@ -141,6 +141,15 @@ def write_csv(df: pd.DataFrame, sweep_dir: Path) -> Path:
                             lambda tmp: table.to_csv(tmp, index=False))
 
 
+SPEEDUPS_FILE = "speedups.csv"
+
+
+def write_speedups(table: pd.DataFrame, sweep_dir: Path) -> Path:
+    """The headline speedups with their 95 % intervals (headline()) as speedups.csv."""
+    return write_atomically(Path(sweep_dir) / SPEEDUPS_FILE,
+                            lambda tmp: table.to_csv(tmp, index=False))
+
+
 def _json_value(v):
     if isinstance(v, np.generic):
         return v.item()

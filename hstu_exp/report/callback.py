@@ -19,7 +19,8 @@ def _fail(path, cause) -> None:
 def close_out(sweep_dir: Path, *, logger=None) -> dict:
     """Table, results.csv, the sweep-level results.jsonl and the figures, each written to a
     temporary name and renamed; SystemExit(1) with one line when any of them cannot be written."""
-    from hstu_exp.report.aggregate import format_headline, headline, load, write_csv, write_jsonl
+    from hstu_exp.report.aggregate import (format_headline, headline, load, write_csv,
+                                           write_jsonl, write_speedups)
     from hstu_exp.report.console import print_summary
     from hstu_exp.report.figures import draw_all
     from hstu_exp.tracking.records import FileWriteError
@@ -38,6 +39,8 @@ def close_out(sweep_dir: Path, *, logger=None) -> dict:
     try:
         csv = write_csv(df, sweep_dir)
         jsonl = write_jsonl(df, sweep_dir)
+        if len(speed):
+            write_speedups(speed, sweep_dir)
         figures = draw_all(df, sweep_dir / "figures")
     except FileWriteError as exc:
         _fail(exc.path, exc.reason)
@@ -46,12 +49,10 @@ def close_out(sweep_dir: Path, *, logger=None) -> dict:
     print(f"[hstu-exp] {csv}, {jsonl.name} (with samples)\n[hstu-exp] figures: "
           f"{', '.join(sorted(figures)) or 'none'} in {sweep_dir / 'figures'}", flush=True)
     if logger and logger.get("name") == "wandb":
-        from hstu_exp.report.aggregate import mode_aggregates
         from hstu_exp.tracking.wandb_sink import log_summary
 
-        log_summary(df.drop(columns=[c for c in ("samples_ms", "traceback") if c in df]),
-                    logger=logger, sweep_dir=sweep_dir, group=sweep_dir.name, images=figures,
-                    aggregates=mode_aggregates(df))
+        log_summary(df, logger=logger, sweep_dir=sweep_dir, group=sweep_dir.name,
+                    images=figures, csv=csv)
     return {"csv": csv, "figures": figures, "records": len(df)}
 
 

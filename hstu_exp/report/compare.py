@@ -48,6 +48,8 @@ def load_sweep(path) -> pd.DataFrame:
     """A sweep (hstu_exp.report.aggregate.load_sweep) that holds what a comparison needs."""
     df = _load_sweep(path)
     require(df, NEEDED, path, "a comparison joins on the swept keys and compares median_ms")
+    if df.attrs.get("torn_note"):
+        print(f"hstu-exp-compare: {path}: {df.attrs['torn_note']}", file=sys.stderr)
     return df
 
 
@@ -194,24 +196,30 @@ def draw(joined: pd.DataFrame, path: Path, *, threshold: float, name_a: str, nam
             ylabel="B median (ms)", title="median latency per point")
     ax1.legend(loc="upper left")
 
-    long = []
-    for m, short, _ in METRICS:
-        r = f"{m}_ratio"
-        if r in joined and joined[r].notna().any():
-            worse = joined.get(f"worse_{m}", pd.Series(False, index=joined.index))
-            long += [{"metric": short, "ratio": v, "worse": bool(w)}
-                     for v, w in zip(joined[r], worse) if v == v]
-    ratios = pd.DataFrame(long)
-    sns.stripplot(data=ratios, x="metric", y="ratio", hue="worse", ax=ax2, alpha=0.75,
-                  jitter=0.25, palette={False: "tab:blue", True: "tab:red"}, legend=False)
-    for i, short in enumerate(ratios["metric"].unique()):
-        g = geomean(ratios.loc[ratios["metric"] == short, "ratio"])
+    shown = [(m, short) for m, short, _ in METRICS
+             if f"{m}_ratio" in joined and joined[f"{m}_ratio"].notna().any()]
+    for i, (m, short) in enumerate(shown):
+        ratio = joined[f"{m}_ratio"].astype(float)
+        worse = joined.get(f"worse_{m}", pd.Series(False, index=joined.index)).astype(bool)
+        xs = i + np.linspace(-0.25, 0.25, len(ratio)) if len(ratio) > 1 else np.full(1, i)
+        if m == "median_ms" and "median_ms_ci_low" in joined:
+            # the median ratio's 95 % bootstrap interval: what --fail-above gates on
+            lo = joined["median_ms_ci_low"].astype(float)
+            hi = joined["median_ms_ci_high"].astype(float)
+            has = lo.notna().to_numpy()
+            ax2.errorbar(xs[has], ratio[has], yerr=[(ratio - lo)[has].clip(lower=0),
+                                                     (hi - ratio)[has].clip(lower=0)],
+                         fmt="none", ecolor="grey", lw=0.8, capsize=2)
+        ax2.scatter(xs[~worse.to_numpy()], ratio[~worse], s=16, color="tab:blue", alpha=0.8)
+        ax2.scatter(xs[worse.to_numpy()], ratio[worse], s=16, color="tab:red", alpha=0.8)
+        g = geomean(ratio)
         ax2.plot([i - 0.35, i + 0.35], [g, g], color="black", lw=2)
         ax2.annotate(f"{g:.3f}", (i + 0.37, g), va="center", fontsize=8)
+    ax2.set_xticks(range(len(shown)), [short for _, short in shown])
     ax2.axhline(1.0, color="grey", lw=0.8)
     ax2.set_yscale("log")
     ax2.set(ylabel="B / A (bar: geometric mean)", xlabel="",
-            title="B / A per point (red: worse than the threshold)")
+            title="B / A per point (red: worse than the threshold; whiskers: 95% CI)")
     for ax, axis in ((ax1, "x"), (ax1, "y"), (ax2, "y")):
         ticks = getattr(ax, f"{axis}axis")
         ticks.set_major_locator(mticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -340,8 +348,8 @@ def main(argv=None) -> int:
         if failed:
             print(f"REGRESSION: {what}", file=sys.stderr)
             return 1
-        print(f"gate passed: median latency B/A not above {args.fail_above:g} "
-              f"({'geometric mean' if args.gate == 'geomean' else 'every point, by its 95% interval'})")
+        how = "geometric mean" if args.gate == "geomean" else "every point, by its 95% interval"
+        print(f"gate passed: median latency B/A not above {args.fail_above:g} ({how})")
     return 0
 
 
