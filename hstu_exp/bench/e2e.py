@@ -83,23 +83,20 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
     reset_peak_memory(device)
 
     rule = stop_rule(w, device)
-    samples: List[float] = []
-    passes = []  # (batch ms, host ms) lists per pass
-    t_start = time.perf_counter()
-    with ClockSampler(device) as clocks:
-        while not rule.done([sum(ms) for ms, _ in passes], time.perf_counter() - t_start,
-                            count=len(samples)):
-            if manager is not None:
-                manager.reset()
-            starts.clear()
-            batch_ms, host_ms = _time_pass(stream.batches, step, device)
-            samples += batch_ms
-            passes.append((batch_ms, host_ms))
+
+    def one_pass():  # the stream from the start, on an emptied cache
+        if manager is not None:
+            manager.reset()
+        starts.clear()
+        return _time_pass(stream.batches, step, device)
+
+    passes, clocks = _time_passes(one_pass, rule, device)
+    samples = [ms for batch_ms, _ in passes for ms in batch_ms]
+    totals = [sum(batch_ms) for batch_ms, _ in passes]
+    total_ms = statistics.median(totals)
     # Every pass serves the same stream the same way: its work and cache traffic once (last).
     work = [([r.seq_len for r in b], [r.seq_len - s for r, s in zip(b, st)],
              [r.candidates.numel() for r in b]) for b, st in zip(stream.batches, starts)]
-    totals = [sum(ms) for ms, _ in passes]
-    total_ms = statistics.median(totals)
     extra = {"total_ms": total_ms, "passes": len(passes),
              "throughput_cps": B * k * w.num_batches / (total_ms / 1e3),
              "host_ms": statistics.median(sum(h) for _, h in passes),
@@ -110,15 +107,7 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
     extra.update(_cache_stats(manager, work))
     if graphs is not None:
         extra["bucket"] = ",".join(sorted(graphs.used))
-
-    # Roofline of the block's work, averaged per batch over the stream (the floor is linear in
-    # FLOPs and bytes, so floor_ms is the pass's floor / num_batches, comparable to mean_ms).
-    flops = nbytes = 0
-    for histories, news, cands in work:
-        f, b = block_work(num_layers=m.num_layers, hidden=m.hidden, num_heads=m.num_heads,
-                          head_dim=m.head_dim, itemsize=torch.empty((), dtype=dtype).element_size(),
-                          histories=histories, news=news, candidates=cands)
-        flops, nbytes = flops + f, nbytes + b
+    flops, nbytes = _block_work_per_batch(m, dtype, work)
 
     def profiled(i: int):  # one pass over the stream, batch by batch, on an emptied cache
         if i == 0 and manager is not None:
@@ -132,10 +121,35 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
         return worst
 
     return Measured(
-        samples_ms=samples, clocks=clocks.summary(), flops=flops / w.num_batches,
-        nbytes=nbytes / w.num_batches, rule=rule, dtype=dtype, step=profiled,
-        profile_iters=len(stream.batches), verify=verify, extra=extra, repeats_ms=totals,
-        cv_basis="passes", per_unit_ms=total_ms / w.num_batches)
+        samples_ms=samples, clocks=clocks, flops=flops, nbytes=nbytes, rule=rule, dtype=dtype,
+        step=profiled, profile_iters=len(stream.batches), verify=verify, extra=extra,
+        repeats_ms=totals, cv_basis="passes", per_unit_ms=total_ms / w.num_batches)
+
+
+def _time_passes(one_pass, rule, device):
+    """Passes over the stream until the stop rule is met: validity is judged on the pass
+    totals, `iters` counts batches. Returns the (batch ms, host ms) of each pass and the GPU
+    clocks sampled meanwhile."""
+    passes = []
+    start = time.perf_counter()
+    with ClockSampler(device) as clocks:
+        while not rule.done([sum(ms) for ms, _ in passes], time.perf_counter() - start,
+                            count=sum(len(ms) for ms, _ in passes)):
+            passes.append(one_pass())
+    return passes, clocks.summary()
+
+
+def _block_work_per_batch(m, dtype, work):
+    """FLOPs and fewest bytes of the block's work, averaged per batch over the stream (the floor
+    is linear in both, so floor_ms is the pass's floor / num_batches, comparable to mean_ms)."""
+    flops = nbytes = 0
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for histories, news, cands in work:
+        f, b = block_work(num_layers=m.num_layers, hidden=m.hidden, num_heads=m.num_heads,
+                          head_dim=m.head_dim, itemsize=itemsize, histories=histories,
+                          news=news, candidates=cands)
+        flops, nbytes = flops + f, nbytes + b
+    return flops / len(work), nbytes / len(work)
 
 
 def _per_batch_median(passes: List[List[float]]) -> List[float]:
