@@ -174,3 +174,26 @@ def test_compare_two_sweeps_with_nothing_in_common(sweep, tmp_path):
     assert proc.returncode == 2
     assert "no point of A matches a point of B" in one_error_line(proc.stderr,
                                                                   "hstu-exp-compare: error:")
+
+
+def test_writer_starts_each_record_on_a_fresh_line(tmp_path):
+    """The writer itself (the CLI test above goes through it): a fragment is set aside, a whole
+    record that lost only its newline is kept, and the reader counts what it passed over."""
+    from hstu_exp.tracking.records import append_record, scan_records
+
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"status": "ok", "point": 0}\n{"status": "ok", "poi')
+    append_record(tmp_path, {"status": "ok", "point": 1})
+    assert [r["point"] for r in scan_records(tmp_path).records] == [0, 1]
+    assert (tmp_path / "results.jsonl.torn").read_text() == '{"status": "ok", "poi\n'
+    path.write_text(path.read_text() + '{"status": "ok", "point": 2}')  # no newline
+    append_record(tmp_path, {"status": "ok", "point": 3})
+    scan = scan_records(tmp_path)
+    assert [r["point"] for r in scan.records] == [0, 1, 2, 3] and scan.torn == 0
+    assert scan.set_aside == 1
+    # an older writer glued a record onto a fragment: the record is recovered, the line counted
+    path.write_text('{"status": "ok", "point": 0}\n{"status": "o{"status": "ok", "point": 1}\n'
+                    '{"stat\n')
+    scan = scan_records(tmp_path)
+    assert [r["point"] for r in scan.records] == [0, 1] and scan.torn == 2
+    assert "passed over 2 torn line(s)" in scan.torn_note()

@@ -1,7 +1,7 @@
 """Compare two sweeps point by point: `hstu-exp-compare SWEEP_A SWEEP_B` (= scripts/compare.py).
 
     hstu-exp-compare outputs/multirun/<before> outputs/multirun/<after>
-    hstu-exp-compare BASE/results.csv NEW --fail-above 1.05      # exit 1 on a slower point
+    hstu-exp-compare BASE/results.csv NEW --fail-above 1.05      # exit 1: a point surely slower
     hstu-exp-compare BASE NEW --ignore kernel --threshold 1.10 --csv joined.csv
 
 A sweep is a sweep dir (its results.jsonl records, or its results.csv when it holds no records,

@@ -62,6 +62,14 @@ def _set_torn_fragment_aside(path: Path) -> None:
         f.seek(0)
         data = f.read()
         keep = data.rfind(b"\n") + 1
+        try:  # a whole record that only lost its newline stays where it is
+            json.loads(data[keep:])
+            f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+            return
+        except ValueError:
+            pass
         with open(str(path) + TORN_SUFFIX, "ab") as torn:
             torn.write(data[keep:] + b"\n")
             torn.flush()
