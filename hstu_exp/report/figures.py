@@ -37,11 +37,15 @@ KEY_NAMES = {"batch_size": "batch size", "total_history": "total history T",
 INVALID_HATCH = "///"
 
 
+def label_keys(df: pd.DataFrame) -> list:
+    """The keys that make a 'mode' here: those of cache / kernel / graph / mode that vary."""
+    parts = [k for k in ("cache", "kernel", "graph", "mode") if k in df and df[k].nunique() > 1]
+    return parts or ["cache"]
+
+
 def mode_label(df: pd.DataFrame) -> pd.Series:
     """One 'mode' per record from the keys that vary in the sweep (cache / kernel / graph)."""
-    parts = [k for k in ("cache", "kernel", "graph", "mode") if k in df and df[k].nunique() > 1]
-    if not parts:
-        parts = ["cache"]
+    parts = label_keys(df)
     # map(str), not astype(str): pandas 3 keeps NaN through astype(str)
     return df[parts].map(lambda v: "-" if v is None or v != v else str(v)).agg("+".join, axis=1)
 
@@ -56,6 +60,8 @@ def _values(df: pd.DataFrame, key: str) -> str:
 def provenance(df: pd.DataFrame) -> str:
     """GPU, model, kernel / graph and commit of the records drawn: the figure's footer."""
     gpu = _values(df, "device_name")
+    if "device" in df and set(df["device"].dropna()) == {"cpu"} and "cpu_model" in df:
+        gpu = "CPU " + _values(df, "cpu_model")  # device_name is only the architecture there
     model = _values(df, "model") + (f" ({_values(df, 'dtype')})" if "dtype" in df else "")
     cand = _values(df, "num_candidates")
     return (f"{gpu} | model {model} | kernel {_values(df, 'kernel')} | graph "
@@ -134,7 +140,10 @@ def _bars(ax, groups, series, table: pd.DataFrame, *, x: str, hue: str, y: str,
         if not xs:
             continue
         label = labels(s) if labels else str(s)
-        bars = ax.bar(xs, ys, width * 0.95, color=colors[j], label=label,
+        # the legend takes its swatch from an empty bar, so a hatched (invalid) first bar does
+        # not make the whole series look invalid
+        ax.bar([xs[0]], [0], 0, color=colors[j], label=label)
+        bars = ax.bar(xs, ys, width * 0.95, color=colors[j],
                       yerr=np.array(errs).T if any(e != (0.0, 0.0) for e in errs) else None,
                       capsize=2, error_kw={"lw": 0.8})
         for bar, is_bad in zip(bars, bad):
@@ -190,7 +199,7 @@ def latency_vs_history(df: pd.DataFrame):
         _plain_log_y(ax)
         _log2_x(ax, lat["total_history"])
         ax.set(title=f"batch size {b}", xlabel="total history T", ylabel="median latency (ms)")
-    axes[0].legend(title="mode (cache+kernel+graph)", fontsize=7, title_fontsize=7)
+    axes[0].legend(title="+".join(label_keys(df)), fontsize=7, title_fontsize=7)
     _finish(fig, "HSTU block latency vs history (fewest new tokens per T; band p10-p90; "
             "hollow = invalid)", df)
     return fig
@@ -332,7 +341,7 @@ def roofline(df: pd.DataFrame):
                  errorbar=None, ax=ax)
     _log2_x(ax, data[x])
     ax.set(xlabel=KEY_NAMES.get(x, x), ylabel="hardware floor / measured latency (%)")
-    ax.legend(title="mode / batch size", fontsize=7, title_fontsize=7)
+    ax.legend(title=f"{'+'.join(label_keys(df))} / batch size", fontsize=7, title_fontsize=7)
     _finish(fig, "Fraction of the hardware floor reached (fewest new tokens per T)", df)
     return fig
 
@@ -382,7 +391,7 @@ def attention_tflops(df: pd.DataFrame):
         _bars(ax, sorted(part["total_history"].unique()), sorted(part["label"].unique()), part,
               x="total_history", hue="label", y="tflops", fmt="{:.0f}")
         ax.set(title=f"batch size {b}", xlabel="total history T", ylabel="TFLOP/s")
-        ax.legend(title="mode", fontsize=7, title_fontsize=7)
+        ax.legend(title="+".join(label_keys(df)), fontsize=7, title_fontsize=7)
     _finish(fig, "Attention throughput (fewest new tokens per T; unmasked query-key pairs)", df)
     return fig
 
