@@ -106,17 +106,28 @@ def test_close_out_on_a_full_disk_fails_with_one_line_and_leaves_whole_files(swe
         subprocess.run(["umount", str(mnt)], check=False)
 
 
-def test_a_file_where_figures_must_be_fails_the_close_out(sweep, tmp_path):
+@pytest.mark.parametrize("where", ["figures", "results.jsonl"])
+def test_something_standing_where_a_close_out_file_must_go_fails_it(sweep, tmp_path, where):
     s = copy_of(sweep, tmp_path / "s")
-    shutil.rmtree(s / "figures")
-    (s / "figures").write_text("not a dir")
+    target = s / where
+    if where == "figures":  # a file where the figures dir must be
+        shutil.rmtree(target)
+        target.write_text("not a dir")
+        cause = "File exists"
+    else:  # a dir where the sweep-level records file must be
+        target.unlink()
+        target.mkdir()
+        cause = "Is a directory"
     proc = hstu_exp("-m", *GRID, "resume=true", f"hydra.sweep.dir={s}")
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     line = one_error_line(proc.stderr, "hstu-exp: error: close-out:")
-    assert f"{s / 'figures'}: File exists" in line, line
-    # what could be written was: the CSV and the sweep-level records with their samples
+    assert f"{target}: {cause}" in line, line
+    # what could be written before was: the CSV (and, for figures/, the records with samples)
     assert len(pd.read_csv(s / "results.csv")) == POINTS
-    assert all("samples_ms" in r for r in lines_of(s / "results.jsonl") if r["status"] == "ok")
+    if where == "figures":
+        assert all("samples_ms" in r for r in lines_of(s / "results.jsonl")
+                   if r["status"] == "ok")
+    assert not list(s.glob(".*tmp*"))
 
 
 def test_a_record_that_cannot_be_written_stops_with_one_line_and_closes_out(sweep, tmp_path):
