@@ -188,3 +188,27 @@ def test_gate_looks_at_the_interval_not_the_point_estimate(two_sweeps, tmp_path,
     tight = edited_copy(base, tmp_path / "tight", slower(1.10))
     proc = run_script(base, tight, "--fail-above", "1.05", "--no-figure")
     assert proc.returncode == 1 and "by the 95% interval's lower end" in proc.stderr
+
+
+def test_published_older_schema_csvs_load_with_versions_as_text(tmp_path):
+    """The published H200 sweeps (schema before validity and intervals) load through the one
+    loader with versions and shas as text, and the report scripts run on them as shown."""
+    from hstu_exp.report.aggregate import load_sweep
+
+    published = ROOT / "outputs" / "published"
+    df = load_sweep(published / "seed_e2e_h200")
+    assert set(df["cuda"].dropna()) == {"13.0"} and set(df["driver"].dropna()) == {"580.159.04"}
+    assert all(isinstance(v, str) for v in df["git_sha"].dropna())
+    proc = subprocess.run([str(ROOT / "scripts" / "goals.py"), str(published / "goal_cases_h200"),
+                           str(published / "seed_e2e_h200")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "| batch 8, cached | paged | triton | cudagraph |" in proc.stdout
+    assert "| cache_graph | 1 |" in proc.stdout
+    proc = subprocess.run([str(ROOT / "scripts" / "plot_sweep.py"),
+                           str(published / "seed_block_reference_h200" / "results.csv"),
+                           "--out", str(tmp_path), "--quiet"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("latency_bars", "speedup_bars", "speedup_heatmap"):
+        assert_real_png(tmp_path / f"{name}.png")
