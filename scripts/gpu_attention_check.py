@@ -183,7 +183,8 @@ SWEEP = {  # case -> [(config, split_k)] tried with --sweep
 #   old:  torch LayerNorm, a SiLU pass over the projection, then the K/V append (before 60e8baa)
 #   ln:   the one-pass Triton LayerNorm, otherwise old
 #   silu: Triton LayerNorm, SiLU on load (silu_qkv: q, k, v in place + append; u in LN*U)
-#   new:  silu, and silu_qkv clears the attention's split-K sum buffer (no memset launch)
+#   zero: silu, and silu_qkv clears the attention's split-K sum buffer (no memset launch)
+#   new:  zero, and the residual added in place past layer 0 (no device copy of x a layer)
 SEED = dict(num_layers=8, hidden=1024, num_heads=H, head_dim=D, scaling_length=4352)
 BLOCK_CASES = [  # name, B, history, new, candidates
     ("B=1 cached T=4096", 1, 4096, 128, 256), ("B=8 cached T=4096", 8, 4096, 128, 256),
@@ -194,11 +195,13 @@ BLOCK_CASES = [  # name, B, history, new, candidates
 
 def variant_kernels(variant):
     from hstu_exp.ops import fused, kernels
-    k = kernels("triton", True, variant in ("silu", "new"))
+    k = kernels("triton", True, variant in ("silu", "zero", "new"))
     if variant == "old":
         k = dataclasses.replace(k, layernorm=fused.layernorm_torch)
     if variant == "silu":
         k = dataclasses.replace(k, attention_splits=lambda *a: False)
+    if variant != "new":
+        k = dataclasses.replace(k, residual_in_place=False)
     return k
 
 
@@ -277,7 +280,7 @@ def profile_block(blk, x, batch, pool, iters=3):
         print(f"      {us:8.1f} us  x{count:4.0f}  {key[:90]}", flush=True)
 
 
-def block_main(variants, reps, profile_cases):
+def block_main(variants, reps, profile_cases, only=()):
     from hstu_exp.model import hstu
     from hstu_exp.model.hstu import HSTUBlock
 
@@ -289,6 +292,8 @@ def block_main(variants, reps, profile_cases):
         variant_kernels(current["v"]) if name == "triton" else original(name, autotune))
     table = []
     for name, B, T, n, c in BLOCK_CASES:
+        if only and name not in only:
+            continue
         t0 = time.time()
         x, batch, pool = block_case(B, T, n, c)
         if B == 1:
@@ -350,7 +355,8 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-ref", action="store_true", help="skip timing the reference")
     ap.add_argument("--block", action="store_true", help="time the whole block's variants")
-    ap.add_argument("--variants", default="old,ln,silu,new")
+    ap.add_argument("--variants", default="old,ln,silu,zero,new")
+    ap.add_argument("--cases", default="", help="comma-separated block case names (all: empty)")
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--profile", default="B=1 cached T=4096,B=8 full T=4096")
     ap.add_argument("--inversion", action="store_true", help="attention alone at B=1 vs T")
@@ -363,7 +369,8 @@ def main():
         if args.inversion:
             inversion_main()
         if args.block:
-            block_main(args.variants.split(","), args.reps, args.profile.split(","))
+            block_main(args.variants.split(","), args.reps, args.profile.split(","),
+                       [c for c in args.cases.split(",") if c])
         return
     t0 = time.time()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}"

@@ -89,6 +89,17 @@ def test_triton_block_split_sums_cleared_by_silu_qkv(seed, monkeypatch):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
+def test_triton_block_leaves_its_input_alone():
+    """Past layer 0 the residual is summed in place, into the block's own intermediate only."""
+    tri = reference_block(5)
+    tri.kernel = "triton"
+    x = torch.randn(30, HIDDEN, device=DEVICE)
+    before = x.clone()
+    with torch.no_grad():
+        out = tri(x, make_batch([20, 10], [4, 0], DEVICE))
+    assert torch.equal(x, before) and out.data_ptr() != x.data_ptr()
+
+
 # (history, cached, candidates) per user: nothing new after the cache (zero-length new history),
 # no candidates, appends that end on and cross page boundaries, a first request (nothing cached).
 EDGE_CASES = [

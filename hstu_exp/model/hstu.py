@@ -33,7 +33,9 @@ class HSTULayer(nn.Module):
         self.out = nn.Linear(width, hidden, bias=False)
 
     def forward(self, x, batch: Batch, kernel, *, alpha: float, inv_n: float,
-                pool_layer: Optional[torch.Tensor] = None):
+                pool_layer: Optional[torch.Tensor] = None, x_is_scratch: bool = False):
+        """x_is_scratch: x belongs to the block (not its caller), so the residual sum may be
+        written into it where the kernels can (no copy of x)."""
         width = self.num_heads * self.head_dim
         z = self.uvqk(kernel.layernorm(x, self.norm.weight, self.norm.bias, self.norm.eps))
         if not kernel.silu_on_load:
@@ -54,9 +56,10 @@ class HSTULayer(nn.Module):
         else:
             a = kernel.attention_paged(q, k, v, batch, pool_layer[:, 0], pool_layer[:, 1],
                                        alpha=alpha, inv_n=inv_n, **out)
+        in_place = dict(in_place=True) if x_is_scratch and kernel.residual_in_place else {}
         return kernel.layernorm_mul_linear_add(a.reshape(-1, width), u.reshape(-1, width),
                                                self.attn_norm.weight, self.attn_norm.bias,
-                                               self.out.weight, x, self.attn_norm.eps)
+                                               self.out.weight, x, self.attn_norm.eps, **in_place)
 
 
 class HSTUBlock(nn.Module):
@@ -82,5 +85,5 @@ class HSTUBlock(nn.Module):
             if on_layer is not None:
                 on_layer(i)
             x = layer(x, batch, kernel, alpha=self.alpha, inv_n=self.inv_n,
-                      pool_layer=None if pool is None else pool[i])
+                      pool_layer=None if pool is None else pool[i], x_is_scratch=i > 0)
         return x

@@ -28,6 +28,9 @@ class Kernels:
     # attention_splits(q, batch, paged) -> whether the attention will sum key splits into a
     # zeroed float32 buffer: then silu_qkv clears it and the attention skips its memset.
     attention_splits: Optional[Callable] = None
+    # layernorm_mul_linear_add(..., in_place=True) may add into the residual x it is given (the
+    # block asks for it past its first layer, where x is its own intermediate).
+    residual_in_place: bool = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,4 +52,4 @@ def kernels(name: str, autotune: bool = True, silu_on_load: bool = True) -> Kern
                    fused.append_kv,
                    functools.partial(fused.layernorm_mul_linear_add, silu_u=silu_on_load),
                    fused.layernorm, silu_on_load, fused.silu_qkv,
-                   functools.partial(tri.will_split, autotune=autotune))
+                   functools.partial(tri.will_split, autotune=autotune), True)

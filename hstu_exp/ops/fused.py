@@ -195,10 +195,16 @@ def layernorm_mul(a: torch.Tensor, u: torch.Tensor, weight, bias, eps: float,
     return out
 
 
-def layernorm_mul_linear_add(a, u, norm_w, norm_b, w, x, eps: float, silu_u: bool = False):
+def layernorm_mul_linear_add(a, u, norm_w, norm_b, w, x, eps: float, silu_u: bool = False,
+                             in_place: bool = False):
     """x + (u * LayerNorm(a)) w^T: the row-wise kernel (a may be float32 split-K sums), then a
-    cuBLAS GEMM with the residual as its C input. silu_u: u is raw, SiLU(u) is used."""
-    return torch.addmm(x, layernorm_mul(a, u, norm_w, norm_b, eps, silu_u), w.t())
+    cuBLAS GEMM with the residual as its C input. silu_u: u is raw, SiLU(u) is used.
+    in_place: the sum goes into x itself (an out-of-place addmm first copies x into the result:
+    one device copy of [rows, hidden] a layer)."""
+    y = layernorm_mul(a, u, norm_w, norm_b, eps, silu_u)
+    if in_place and not x.requires_grad:
+        return x.addmm_(y, w.t())
+    return torch.addmm(x, y, w.t())
 
 
 def layernorm_mul_linear_add_torch(a, u, norm_w, norm_b, w, x, eps: float):
