@@ -1,6 +1,6 @@
 """The paged KV cache against an independent reference: a full recompute of whole sequences.
 
-The reference is a direct per-user, per-head loop over DESIGN §2 (no gathers, no pages), so it
+The reference is a direct per-user, per-head loop over docs/design.md §2 (no gathers, no pages), so it
 shares no indexing code with the block under test."""
 import copy
 import random

@@ -2,6 +2,7 @@
 inside the package, a block point runs from any directory, and workload=e2e is refused with one
 line while torchrec is missing."""
 import json
+import os
 import re
 import site
 import subprocess
@@ -31,23 +32,32 @@ def installed(tmp_path_factory):
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     (borrowed := root / "borrowed").mkdir()
-    ours = Path(next(p for p in site.getsitepackages() if p.endswith("site-packages")))
-    for entry in ours.iterdir():
-        if not LEFT_OUT.match(entry.name) and entry.name != "__pycache__":
-            (borrowed / entry.name).symlink_to(entry)
+    # Our site-packages and, on a machine that adds packages through PYTHONPATH (the GPU box),
+    # those folders too; the new venv then runs without PYTHONPATH.
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+             if p and Path(p).is_dir() and Path(p).resolve() != ROOT]
+    for folder in [*site.getsitepackages(), *extra]:
+        for entry in Path(folder).iterdir() if Path(folder).is_dir() else []:
+            link = borrowed / entry.name
+            if not (LEFT_OUT.match(entry.name) or entry.name == "__pycache__" or link.exists()):
+                link.symlink_to(entry)
     (new_site,) = (venv / "lib").glob("python*/site-packages")
     (new_site / "borrowed.pth").write_text(f"{borrowed}\n")
     py = venv / "bin" / "python"
     proc = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps",
                            "--no-build-isolation", "--no-index", str(ROOT)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return venv, root
 
 
+def _env():
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 def run(venv, *args, cwd):
     return subprocess.run([str(venv / "bin" / "hstu-exp"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=_env())
 
 
 def test_installed_package_runs_a_block_point_from_anywhere(installed):
