@@ -212,3 +212,36 @@ def test_published_older_schema_csvs_load_with_versions_as_text(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for name in ("latency_bars", "speedup_bars", "speedup_heatmap"):
         assert_real_png(tmp_path / f"{name}.png")
+
+
+def test_goals_table_judges_e2e_speedup_by_its_interval(tmp_path):
+    """scripts/goals.py on GPU records with samples: cache_graph 4x over baseline with tight
+    samples meets '>= 3x, CI above'; 3.2x with scattered samples (interval reaching below 3) does
+    not; an invalid point never meets a goal."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+
+    def rec(mode, b, ms, spread, valid=True, factors=None):
+        s = [ms * f for f in factors] if factors else \
+            (ms * np.exp(spread * rng.standard_normal(60))).tolist()
+        return {"status": "ok", "workload": "e2e", "mode": mode, "batch_size": b,
+                "device": "cuda", "cache": "none", "graph": "none", "kernel": "triton",
+                "total_history": 4096, "num_candidates": 256, "median_ms": float(np.median(s)),
+                "samples_ms": s, "valid": valid, "config_key": f"{mode}{b}"}
+
+    recs = [rec("baseline", 2, 8.0, 0.01), rec("cache_graph", 2, 2.0, 0.01),
+            rec("baseline", 4, 8.0, 0.01),
+            rec("cache_graph", 4, 2.5, 0, factors=(0.5, 0.7, 0.85, 0.95, 1, 1.05, 1.2, 1.6, 2.2)),
+            rec("baseline", 16, 8.0, 0.01), rec("cache_graph", 16, 2.0, 0.01, valid=False)]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    proc = subprocess.run([str(ROOT / "scripts" / "goals.py"), str(path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = {int(line.split("|")[2]): line for line in proc.stdout.splitlines()
+            if line.startswith("| cache_graph")}
+    assert rows[2].rstrip().endswith("| yes |"), rows[2]
+    assert re.search(r"\| 3\.\d\dx \| [0-2]\.\d\d-", rows[4]) and rows[4].rstrip().endswith(
+        "| no |"), rows[4]
+    assert rows[16].rstrip().endswith("| no (invalid point) |"), rows[16]
