@@ -47,3 +47,56 @@ def spec_block(block, x, history: int):
                          p["attn_norm.bias"], 1e-5)
         x = x + (u * a) @ p["out.weight"].T
     return x
+
+
+def read_run(run_dir):
+    """Everything an offline W&B run holds, read back from its .wandb file with wandb's own
+    reader: id, name, group, tags, job type, config, summary, history rows, metric definitions,
+    exit code, logged artifacts."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.sdk.internal import datastore
+
+    (path,) = Path(run_dir).glob("run-*.wandb")
+    store = datastore.DataStore()
+    store.open_for_scan(str(path))
+    out = {"id": None, "config": {}, "summary": {}, "history": [], "metrics": {},
+           "exit_code": None, "artifacts": [], "group": None, "tags": [], "job_type": None,
+           "name": None}
+
+    def items(updates):
+        return {(u.key or "/".join(u.nested_key)): json.loads(u.value_json) for u in updates}
+
+    while (data := store.scan_data()) is not None:
+        rec = pb.Record()
+        rec.ParseFromString(data)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            out.update(id=rec.run.run_id, group=rec.run.run_group, tags=list(rec.run.tags),
+                       job_type=rec.run.job_type, name=rec.run.display_name)
+            out["config"].update(items(rec.run.config.update))
+        elif kind == "config":
+            out["config"].update(items(rec.config.update))
+        elif kind == "summary":
+            out["summary"].update(items(rec.summary.update))
+        elif kind == "history":
+            out["history"].append(items(rec.history.item))
+        elif kind == "metric":
+            out["metrics"][rec.metric.name] = rec.metric.step_metric
+        elif kind == "exit":
+            out["exit_code"] = rec.exit.exit_code
+        elif kind == "artifact":
+            out["artifacts"].append({"name": rec.artifact.name, "type": rec.artifact.type,
+                                     "files": [e.path for e in rec.artifact.manifest.contents],
+                                     "local_paths": [e.local_path for e in
+                                                     rec.artifact.manifest.contents]})
+    return out
+
+
+def offline_runs(root):
+    """{run id: [run dirs]} of every offline W&B run under root (a resumed run has several)."""
+    runs = {}
+    for d in sorted(Path(root).rglob("offline-run-*")):
+        runs.setdefault(d.name.rsplit("-", 1)[-1], []).append(d)
+    return runs

@@ -1,78 +1,472 @@
-"""Weights & Biases: one run per point, one summary run per sweep.
+"""Weights & Biases: one run per point, one summary run per sweep (docs/wandb.md).
 
-Offline by default: runs are written under the job (or sweep) dir and `wandb sync <dir>` uploads
-them later. Callers write the on-disk record first; a W&B failure here is reported, never raised.
+Records are on disk before anything here runs; W&B is a view of them, never a place they live.
+Every call is bounded: offline runs are local files; an online run is written by a child
+process that is killed after `2 * logger.timeout_s + 10` seconds (wandb's own init timeout does
+not cover every wait of wandb 0.27). The first failure or timeout turns W&B off for the rest of
+the sweep with one warning line: an in-process flag, and a marker file in the sweep dir that
+Slurm jobs and the close-out of the same sweep honour.
+
+Each run is built in two steps: `point_spec` / `summary_spec` turn records into a plain,
+JSON-able description of the run (no wandb import), and `write_run` turns that into a W&B run,
+in this process or in the child.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import subprocess
+import sys
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
-TABLE_SKIP = ("samples_ms",)
+from hstu_exp.tracking.records import ENV_KEYS, SWEPT_KEYS
+
+MARKER = ".wandb-disabled"
+MODES = ("online", "offline", "disabled")
+DEFAULT_TIMEOUT_S = 30.0
+# Provenance keys that records may carry besides ENV_KEYS (older records lack some).
+ENV_EXTRA = ["git_dirty", "wandb", "python", "cpu_model", "cpu_cores", "gpu_uuid", "gpu_count",
+             "sm_clock_mhz", "mem_clock_mhz", "power_w", "temperature_c", "throttle_reasons",
+             "throttled", "clocks_unavailable"]
+PARAM_KEYS = ["num_layers", "hidden", "num_heads", "head_dim", "max_history", "warmup", "iters",
+              "min_time_s", "max_time_s", "cv_max", "min_samples", "input_sets", "seed", "verify",
+              "schema_version", "headline", "flop_convention", "cv_basis"]
+# Summary namespaces: W&B shows a "/" in a key as a section of the run's summary.
+NAMESPACES = {
+    "latency": ["median_ms", "p10_ms", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms",
+                "max_ms", "cv", "iterations", "wall_s"],
+    "validity": ["valid", "invalid_reason"],
+    "roofline": ["flops", "min_bytes", "tflops", "floor_ms", "floor_fraction", "floor_bound",
+                 "peak_tflops", "peak_gbps"],
+    "memory": ["mem_allocated_bytes", "mem_reserved_bytes", "kv_pool_bytes"],
+    "verify": ["max_rel_error"],
+}
+# Not in a run's summary: identity and provenance are config, paths are host-specific.
+NOT_SUMMARY = {"samples_ms", "traceback", "job_dir", "config_key", "sweep", "point", "name",
+               "time", "overrides", "autotune"}
+RESULT_COLUMNS = ["label", "batch_size", "total_history", "new_history", "num_candidates",
+                  "median_ms", "p10_ms", "p90_ms", "cv", "valid"]
+
+_off: dict = {}  # where (sweep or job dir) -> why W&B is off there, for this process
+_noticed: list = []  # the WANDB_MODE notice is printed once per process
 
 
-def _init(*, logger: dict, directory: Path, group: str, job_type: str, name: str, config: dict,
-          tags: Iterable[str]):
+# --------------------------------------------------------------------------- the public calls
+
+def log_point(record: dict, *, logger: dict, job_dir: Path, group: str, cfg: dict,
+              sweep_dir: Optional[Path] = None) -> Optional[str]:
+    """One point's run (none for a skipped point). Returns its run dir, or None."""
+    if record.get("status") == "skipped":
+        return None  # on disk, and listed in the summary run's `skipped` table
+    where = Path(sweep_dir or job_dir)
+    return _guarded(lambda: point_spec(record, logger=logger, job_dir=Path(job_dir),
+                                       group=group, cfg=cfg, data_dir=where),
+                    logger=logger, where=where)
+
+
+def log_summary(df, *, logger: dict, sweep_dir: Path, group: str, images: dict,
+                csv: Optional[Path] = None, grid_dir: Optional[Path] = None) -> Optional[str]:
+    """The sweep's summary run: grid (from `grid_dir`, default the sweep dir), counts,
+    headline speedups, native charts, figures and the results CSV as an artifact. Returns its
+    run dir, or None."""
+    return _guarded(lambda: summary_spec(df, logger=logger, sweep_dir=Path(sweep_dir),
+                                         group=group, images=images, csv=csv,
+                                         grid_dir=grid_dir),
+                    logger=logger, where=Path(sweep_dir))
+
+
+# --------------------------------------------------------------------------- bounds and mode
+
+def effective_mode(logger: dict) -> str:
+    """WANDB_MODE in the environment wins over logger.mode (one notice when they disagree):
+    it is how a job script, a Slurm node or CI switches W&B for every command at once."""
+    configured = str(logger.get("mode") or "offline")
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    env = {"dryrun": "offline", "run": "online"}.get(env, env)
+    if env not in MODES:
+        return configured
+    if env != configured and not _noticed:
+        _noticed.append(True)
+        print(f"[hstu-exp] W&B mode: WANDB_MODE={env} from the environment wins over "
+              f"logger.mode={configured}", file=sys.stderr, flush=True)
+    return env
+
+
+def timeout_of(logger: dict) -> float:
+    value = logger.get("timeout_s")
+    return float(value) if value else DEFAULT_TIMEOUT_S
+
+
+def disabled_reason(where: Path) -> Optional[str]:
+    """Why W&B is off for this sweep (or job) dir, or None. A marker left by another sweep
+    invocation (another HSTU_EXP_STARTED) is not this sweep's: a resume tries W&B again."""
+    where = Path(where)
+    if str(where) in _off:
+        return _off[str(where)]
+    started = os.environ.get("HSTU_EXP_STARTED")
+    try:
+        marker = json.loads((where / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if started and marker.get("started") == started:
+        return marker.get("reason") or "W&B failed earlier in this sweep"
+    return None
+
+
+def _disable(where: Path, reason: str) -> None:
+    _off[str(where)] = reason
+    print(f"[hstu-exp] warning: W&B failed ({reason}); W&B is off for the rest of this sweep. "
+          f"The records are on disk: `hstu-exp-wandb {where}` replays them later",
+          file=sys.stderr, flush=True)
+    try:
+        (where / MARKER).write_text(json.dumps(
+            {"started": os.environ.get("HSTU_EXP_STARTED"), "reason": reason}))
+    except OSError:
+        pass  # the in-process flag still holds; other processes try once more at worst
+
+
+def _guarded(make_spec, *, logger: dict, where: Path) -> Optional[str]:
+    mode = effective_mode(logger)
+    if mode == "disabled" or disabled_reason(where):
+        return None
+    try:
+        spec = make_spec()
+        if spec is None:
+            return None
+        spec["init"]["mode"] = mode
+        spec["timeout_s"] = timeout_of(logger)
+        if mode == "online":
+            return _write_in_child(spec)
+        return write_run(spec)
+    except KeyboardInterrupt:
+        _disable(where, "interrupted")
+        raise
+    except Exception as exc:  # noqa: BLE001 - the record on disk is what matters
+        _disable(where, f"{type(exc).__name__}: {_first_line(exc)}")
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _write_in_child(spec: dict) -> Optional[str]:
+    """write_run in a child process with a hard deadline. The child has its own session, so a
+    Ctrl-C reaches only this process, which then kills the child (subprocess.run does)."""
+    deadline = 2 * spec["timeout_s"] + 10
+    try:
+        proc = subprocess.run([sys.executable, "-m", "hstu_exp.tracking.wandb_sink"],
+                              input=json.dumps(spec, default=_plain), capture_output=True,
+                              text=True, timeout=deadline, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"no answer from W&B within {deadline:.0f} s "
+                           f"(logger.timeout_s={spec['timeout_s']:g})") from None
+    lines = proc.stdout.strip().splitlines()
+    try:
+        answer = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        answer = {}
+    if proc.returncode != 0 or "error" in answer:
+        detail = answer.get("error") or (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(detail)
+    return answer.get("run_dir")
+
+
+def _plain(value):
+    """json.dumps fallback: numpy scalars and arrays, paths."""
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+# --------------------------------------------------------------------------- records -> specs
+
+def run_id(group: str, key: str) -> str:
+    """Stable across re-runs: a resume or a second close-out updates the run, never adds one."""
+    return hashlib.sha1(f"{group}/{key}".encode()).hexdigest()[:16]
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _pick(record: dict, keys) -> dict:
+    return {k: record[k] for k in keys if k in record and not _missing(record[k])}
+
+
+def run_name(r: dict) -> str:
+    """What varies across a sweep first (B, T, n; then cache/kernel/graph), so a truncated name
+    in the runs table still tells the points apart: 'B1 T256 n32 · paged/triton/cudagraph ·
+    block tiny'."""
+    where = [f"B{r.get('batch_size')}"]
+    if r.get("workload") == "e2e":
+        where.append(f"c{r.get('num_candidates')}")
+    else:
+        where += [f"T{r.get('total_history')}"] + (
+            [] if _missing(r.get("new_history")) else [f"n{_int(r['new_history'])}"])
+    how = "/".join(str(r[k]) for k in ("mode", "cache", "kernel", "graph")
+                   if not _missing(r.get(k)))
+    return f"{' '.join(where)} · {how} · {r.get('workload')} {r.get('model')}"
+
+
+def _int(v):
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def point_tags(r: dict, user_tags=()) -> list:
+    tags = [f"{k}:{r[k]}" for k in ("workload", "model", "cache", "kernel", "graph", "mode",
+                                    "device") if not _missing(r.get(k))]
+    return sorted(set(tags) | {str(t) for t in user_tags or ()})
+
+
+def point_summary(r: dict) -> dict:
+    out = {"status": r.get("status")}
+    for key in ("reason", "error"):
+        if r.get(key):
+            out[key] = str(r[key]).splitlines()[0][:500]
+    placed = set(out) | NOT_SUMMARY | set(SWEPT_KEYS) | set(ENV_KEYS) | set(ENV_EXTRA) | \
+        set(PARAM_KEYS)
+    for space, keys in NAMESPACES.items():
+        for k in keys:
+            if k in r and not _missing(r[k]):
+                out[f"{space}/{k}"] = r[k]
+            placed.add(k)
+    for k, v in r.items():  # the workload's own keys (e2e host time, cache hits, ...)
+        if k not in placed and not _missing(v) and isinstance(v, (int, float, str, bool)):
+            out[f"workload/{k}"] = v
+    return out
+
+
+def _overrides(r: dict) -> list:
+    if r.get("overrides"):
+        return list(r["overrides"])
+    try:  # older records: this process's point, when a Hydra app runs it
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - outside a Hydra app
+        return []
+
+
+def point_spec(r: dict, *, logger: dict, job_dir: Path, group: str, cfg: Optional[dict],
+               data_dir: Path) -> Optional[dict]:
+    samples = [float(s) for s in (r.get("samples_ms") or []) if not _missing(s)]
+    config = {"point": _pick(r, SWEPT_KEYS), "env": _pick(r, ENV_KEYS + ENV_EXTRA),
+              "params": _pick(r, PARAM_KEYS), "config_key": r.get("config_key"),
+              "overrides": _overrides(r)}
+    if cfg:
+        config["cfg"] = cfg
+    key = r.get("config_key") or hashlib.sha1(run_name(r).encode()).hexdigest()[:16]
+    return {"init": {**_where(logger), "group": group, "job_type": str(r.get("workload")),
+                     "name": run_name(r), "id": run_id(group, key), "dir": str(job_dir),
+                     "tags": point_tags(r, logger.get("tags")), "config": config},
+            "data_dir": str(Path(data_dir) / "wandb" / ".data"),
+            "samples": samples, "summary": point_summary(r),
+            "exit_code": 1 if r.get("status") == "failed" else 0}
+
+
+def _where(logger: dict) -> dict:
+    return {"project": logger.get("project") or "hstu-exp", "entity": logger.get("entity")}
+
+
+def sweep_grid(sweep_dir: Path) -> dict:
+    """The sweep as asked, from `<sweep>/multirun.yaml`: the command's overrides, and each swept
+    key with its values (the command's and an experiment's `hydra.sweeper.params`); {} when the
+    sweep has none (a copied or published sweep)."""
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        return {}
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    try:
+        hydra = OmegaConf.load(path).hydra
+        task = [str(o) for o in hydra.overrides.task or []]
+        params = hydra.sweeper.params
+        params = OmegaConf.to_container(params) if params is not None else {}
+        given = OverridesParser.create().parse_overrides(
+            task + [f"{k}={v}" for k, v in params.items() if k not in {t.split("=")[0]
+                                                                          for t in task}])
+        swept = {o.get_key_element(): list(o.sweep_string_iterator())
+                 for o in given if o.is_sweep_override()}
+    except Exception:  # noqa: BLE001 - a damaged file costs the grid, not the run
+        return {}
+    return {"swept": swept, "overrides": task}
+
+
+def _label(r: dict) -> str:
+    return "/".join(str(r[k]) for k in ("mode", "cache", "kernel", "graph")
+                    if not _missing(r.get(k)))
+
+
+def _table(rows: list, columns: list) -> dict:
+    return {"columns": columns, "data": [[None if _missing(row.get(c)) else row.get(c)
+                                          for c in columns] for row in rows]}
+
+
+def summary_spec(df, *, logger: dict, sweep_dir: Path, group: str, images: dict,
+                 csv: Optional[Path], grid_dir: Optional[Path] = None) -> dict:
+    records = [{k: v for k, v in row.items() if k not in ("samples_ms", "traceback")}
+               for row in df.to_dict("records")]
+    status = [r.get("status") for r in records]
+    ok = [dict(r, label=_label(r)) for r in records if r.get("status") == "ok"]
+    valid = [r for r in ok if r.get("valid") in (True, "True", "true")]
+    invalid = [r for r in ok if r.get("valid") in (False, "False", "false")]
+    first = ok[0] if ok else (records[0] if records else {})
+    summary = {"points": len(records), "ok": len(ok), "valid": len(valid),
+               "invalid": len(invalid), "failed": status.count("failed"),
+               "skipped": status.count("skipped")}
+    spec = {"init": {**_where(logger), "group": group, "job_type": "summary",
+                     "name": f"{group} · summary", "id": run_id(group, "summary"),
+                     "dir": str(sweep_dir), "tags": sorted({"summary", *map(str, logger.get(
+                         "tags") or ())}),
+                     "config": {"sweep": group, "grid": sweep_grid(grid_dir or sweep_dir),
+                                "env": _pick(first, ENV_KEYS + ["git_dirty", "wandb", "python",
+                                                                "cpu_model", "gpu_count"]),
+                                "model": _pick(first, ["model", "dtype", "num_layers", "hidden",
+                                                       "num_heads", "head_dim", "max_history"]),
+                                "workloads": sorted({str(r.get("workload")) for r in records})}},
+            "data_dir": str(Path(sweep_dir) / "wandb" / ".data"),
+            "summary": summary, "tables": {}, "lines": [], "bars": [], "images": {},
+            "artifact": None, "exit_code": 0}
+    tables, lines = spec["tables"], spec["lines"]
+    if ok:
+        tables["results"] = _table(ok, [c for c in RESULT_COLUMNS if any(c in r for r in ok)])
+        for b in sorted({r.get("batch_size") for r in ok if r.get("workload") != "e2e"}):
+            rows = [r for r in ok if r.get("batch_size") == b and r.get("workload") != "e2e"]
+            tables[f"latency_B{b}"] = _table(rows, ["label", "total_history", "median_ms"])
+            lines.append({"key": f"charts/latency_vs_T_B{b}", "table": f"latency_B{b}",
+                          "x": "total_history", "y": "median_ms", "stroke": "label",
+                          "title": f"median latency (ms) vs total history T, batch {b}"})
+        e2e = [r for r in ok if r.get("workload") == "e2e"]
+        if e2e:
+            tables["latency_e2e"] = _table(e2e, ["label", "batch_size", "median_ms"])
+            lines.append({"key": "charts/latency_vs_batch_e2e", "table": "latency_e2e",
+                          "x": "batch_size", "y": "median_ms", "stroke": "label",
+                          "title": "e2e median latency (ms) per batch vs batch size"})
+    skipped = [r for r in records if r.get("status") == "skipped"]
+    if skipped:
+        tables["skipped"] = _table([dict(r, name=run_name(r)) for r in skipped],
+                                   ["name", "reason"])
+    _add_headline(spec, df)
+    caption = f"{group} · {first.get('device_name', '?')} · {first.get('git_sha', '?')}"
+    spec["images"] = {f"figures/{k}": {"path": str(v), "caption": f"{k} · {caption}"}
+                      for k, v in sorted(images.items()) if Path(v).is_file()}
+    files = [str(p) for p in (Path(csv) if csv else Path(sweep_dir) / "results.csv",
+                              Path(sweep_dir) / "results.jsonl") if p.is_file()]
+    if files:
+        spec["artifact"] = {"name": "results-" + "".join(c if c.isalnum() or c in "-_." else "-"
+                                                         for c in group),
+                            "type": "benchmark-results", "files": files}
+    return spec
+
+
+def _add_headline(spec: dict, df) -> None:
+    """Headline speedups with their 95 % intervals (report.aggregate.headline, when present)."""
+    from hstu_exp.report import aggregate
+
+    headline = getattr(aggregate, "headline", None)
+    if headline is None:
+        return
+    try:
+        table = headline(df)
+    except Exception:  # noqa: BLE001 - e.g. an older CSV without samples: no speedups, no crash
+        return
+    if table is None or not len(table):
+        return
+    rows = []
+    for r in table.to_dict("records"):
+        where = f"B{r['batch_size']}"
+        if r.get("workload") != "e2e" and not _missing(r.get("total_history")):
+            where += f" T{_int(r['total_history'])}"
+        label = f"{r['workload']} {r['comparison']} {where}"
+        rows.append(dict(r, label=label))
+        spec["summary"][f"speedup/{label}"] = {k: r[k] for k in ("speedup", "ci_low", "ci_high")
+                                               if not _missing(r.get(k))}
+    spec["tables"]["headline"] = _table(rows, ["label", "workload", "comparison", "batch_size",
+                                               "total_history", "speedup", "ci_low", "ci_high"])
+    spec["bars"].append({"key": "charts/speedup", "table": "headline", "label": "label",
+                         "value": "speedup", "title": "speedup (median ratio; intervals in the "
+                                                      "headline table)"})
+
+
+# --------------------------------------------------------------------------- spec -> W&B run
+
+def write_run(spec: dict) -> str:
+    """Writes one run from its spec and returns the run dir. Raises on any W&B failure."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    # Tables and artifacts are staged under the sweep (or job) dir, so `wandb sync` finds them
+    # wherever the sweep dir is synced from (same path).
+    os.environ["WANDB_DATA_DIR"] = spec["data_dir"]
+    Path(spec["data_dir"]).mkdir(parents=True, exist_ok=True)
     import wandb
 
-    os.environ.setdefault("WANDB_SILENT", "true")
-    return wandb.init(mode=logger["mode"], project=logger["project"], entity=logger.get("entity"),
-                      dir=str(directory), group=group, job_type=job_type, name=name,
-                      config=config, tags=sorted(set(tags)), reinit="finish_previous",
-                      settings=wandb.Settings(console="off", silent=True))
-
-
-def log_point(record: dict, *, logger: dict, job_dir: Path, group: str, name: str, config: dict,
-              tags: Iterable[str]) -> Optional[str]:
-    """Returns the run's directory, or None with a warning when W&B fails."""
+    t = spec["timeout_s"]
+    settings = wandb.Settings(console="off", silent=True, init_timeout=t, finish_timeout=t,
+                              x_graphql_timeout_seconds=t, x_disable_stats=True)
+    init = spec["init"]
+    Path(init["dir"]).mkdir(parents=True, exist_ok=True)
+    run = wandb.init(**init, resume="allow", reinit="finish_previous", settings=settings)
+    exit_code = 1
     try:
-        import wandb
-
-        run = _init(logger=logger, directory=job_dir, group=group,
-                    job_type=str(record.get("workload")), name=name, config=config, tags=tags)
-        run.summary.update({k: v for k, v in record.items() if k not in TABLE_SKIP})
-        samples = record.get("samples_ms") or []
+        samples = spec.get("samples") or []
         if samples:
-            run.log({"samples": wandb.Table(columns=["iteration", "latency_ms"],
-                                            data=[[i, s] for i, s in enumerate(samples)])})
-        run_dir = run.dir
-        run.finish()
-        return str(Path(run_dir).parent)
-    except Exception as exc:  # noqa: BLE001 - the record on disk is what matters
-        print(f"[hstu-exp] warning: W&B logging failed ({type(exc).__name__}: {exc}); "
-              f"the record is on disk", flush=True)
-        return None
+            run.define_metric("iteration", hidden=True)
+            run.define_metric("latency_ms", step_metric="iteration", summary="min,max,mean")
+            for i, s in enumerate(samples):
+                run.log({"iteration": i, "latency_ms": s})
+            spec["summary"]["latency/hist_ms"] = wandb.Histogram(samples,
+                                                                 num_bins=min(64, len(samples)))
+        payload = {}
+        tables = {k: wandb.Table(columns=v["columns"], data=v["data"])
+                  for k, v in (spec.get("tables") or {}).items()}
+        charted = {p["table"] for p in (spec.get("lines") or []) + (spec.get("bars") or [])}
+        payload.update({f"tables/{k}": t_ for k, t_ in tables.items() if k not in charted})
+        for p in spec.get("lines") or []:
+            payload[p["key"]] = wandb.plot.line(tables[p["table"]], p["x"], p["y"],
+                                                stroke=p["stroke"], title=p["title"])
+        for p in spec.get("bars") or []:
+            payload[p["key"]] = wandb.plot.bar(tables[p["table"]], p["label"], p["value"],
+                                               title=p["title"])
+        for k, img in (spec.get("images") or {}).items():
+            payload[k] = wandb.Image(img["path"], caption=img["caption"])
+        if payload:
+            run.log(payload)
+        run.summary.update(spec["summary"])
+        if spec.get("artifact"):
+            art = wandb.Artifact(spec["artifact"]["name"], type=spec["artifact"]["type"])
+            for f in spec["artifact"]["files"]:
+                art.add_file(f)
+            run.log_artifact(art)
+        run_dir = str(Path(run.dir).parent)
+        exit_code = spec.get("exit_code", 0)
+    finally:
+        run.finish(exit_code=exit_code)
+    return run_dir
 
 
-def log_summary(table, *, logger: dict, sweep_dir: Path, group: str, images: dict,
-                aggregates=None) -> Optional[str]:
-    """The sweep's summary run: the full table, every figure, per-mode aggregates."""
+def _child_main() -> None:
+    """`python -m hstu_exp.tracking.wandb_sink`: a spec on stdin, one JSON line on stdout."""
     try:
-        import wandb
+        run_dir = write_run(json.loads(sys.stdin.read()))
+        print(json.dumps({"run_dir": run_dir}), flush=True)
+    except BaseException as exc:  # noqa: BLE001 - the parent prints the one warning line
+        print(json.dumps({"error": f"{type(exc).__name__}: {_first_line(exc)}"}), flush=True)
+        os._exit(1)
+    os._exit(0)  # the exit hooks are wandb's, already run by finish(); skip its teardown waits
 
-        run = _init(logger=logger, directory=sweep_dir, group=group, job_type="summary",
-                    name=f"{group}-summary", config={"sweep_dir": str(sweep_dir)},
-                    tags=["summary"])
-        payload = {"results": wandb.Table(dataframe=table)}
-        payload.update({f"figures/{k}": wandb.Image(str(v)) for k, v in images.items()})
-        if aggregates is not None and len(aggregates):
-            payload["aggregates"] = wandb.Table(dataframe=aggregates)
-        run.log(payload)
-        run.summary.update({"points": len(table),
-                            "ok": int((table.get("status") == "ok").sum()) if len(table) else 0})
-        run_dir = run.dir
-        run.finish()
-        return str(Path(run_dir).parent)
-    except Exception as exc:  # noqa: BLE001
-        print(f"[hstu-exp] warning: W&B summary run failed ({type(exc).__name__}: {exc})",
-              flush=True)
-        return None
 
+# --------------------------------------------------------------------------- reading runs back
 
 def read_offline_run(run_dir: Path) -> dict:
-    """Config, summary, group and tags of an offline run, read back from its .wandb file."""
+    """Config, summary, group and tags of an offline run, read back from its .wandb file
+    (tests/helpers.read_run reads everything else)."""
     from wandb.proto import wandb_internal_pb2 as pb
     from wandb.sdk.internal import datastore
 
@@ -94,3 +488,7 @@ def read_offline_run(run_dir: Path) -> dict:
             out["summary"].update({u.key: json.loads(u.value_json)
                                    for u in rec.summary.update if u.key})
     return out
+
+
+if __name__ == "__main__":
+    _child_main()

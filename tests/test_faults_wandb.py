@@ -1,0 +1,112 @@
+"""W&B faults through the real CLI: an online endpoint that accepts connections and never answers
+must cost one bounded wait, one warning line and no record; a signal during that wait ends the
+sweep at once (issue: the old sink hung forever, and ignored SIGINT/SIGTERM in the close-out)."""
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pandas as pd
+import pytest
+
+from helpers import FAST, ROOT, hstu_exp
+
+TIMEOUT_S = 2  # logger.timeout_s: an online run is killed after 2 * 2 + 10 = 14 s
+DUMMY_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 characters, like a real key
+
+
+@contextlib.contextmanager
+def silent_endpoint():
+    """A loopback TCP server that accepts every connection and never sends a byte."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    server.settimeout(0.2)
+    held, stop = [], threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+@pytest.fixture
+def online_env(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # logger.mode decides here
+    with silent_endpoint() as port:
+        yield {"WANDB_BASE_URL": f"http://127.0.0.1:{port}", "WANDB_API_KEY": DUMMY_KEY,
+               "WANDB_SILENT": "true"}
+
+
+def records(root):
+    return [json.loads(line) for p in sorted(root.glob("*/results.jsonl"))
+            for line in p.read_text().splitlines()]
+
+
+def wandb_warnings(text):
+    return [line for line in text.splitlines() if "warning: W&B" in line]
+
+
+def test_unanswering_endpoint_costs_one_bounded_wait(tmp_path, online_env):
+    started = time.monotonic()
+    proc = hstu_exp("-m", "model=tiny", "workload.batch_size=1,2", "logger.mode=online",
+                    f"logger.timeout_s={TIMEOUT_S}", *FAST, f"hydra.sweep.dir={tmp_path}",
+                    env=online_env, timeout=150)
+    elapsed = time.monotonic() - started
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    recs = records(tmp_path)
+    assert len(recs) == 2 and all(r["status"] == "ok" for r in recs), recs
+    # one warning for the whole sweep: the second point and the summary run skip W&B
+    (warning,) = wandb_warnings(out)
+    assert "off for the rest of this sweep" in warning and "hstu-exp-wandb" in warning
+    assert (tmp_path / ".wandb-disabled").is_file()
+    # the close-out ran on both records
+    assert len(pd.read_csv(tmp_path / "results.csv")) == 2
+    assert "2 points: 2 ok" in out
+    # one W&B wait (14 s) plus two tiny points; the old sink never returned
+    assert elapsed < 100, elapsed
+
+
+def test_signal_during_the_wandb_wait_ends_the_sweep(tmp_path, online_env):
+    env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1", **online_env}
+    proc = subprocess.Popen([sys.executable, "-m", "hstu_exp", "-m", "model=tiny",
+                             "workload.batch_size=1,2", "logger.mode=online",
+                             "logger.timeout_s=60", *FAST, f"hydra.sweep.dir={tmp_path}"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (tmp_path / "0" / "results.jsonl").is_file():  # the first point is on disk,
+            assert time.monotonic() < deadline and proc.poll() is None  # W&B is now waiting
+            time.sleep(0.2)
+        time.sleep(2)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert took < 30, f"{took:.0f} s from SIGTERM to exit"
+    (rec,) = records(tmp_path)
+    assert rec["status"] == "ok"
+    assert (tmp_path / "results.csv").is_file()  # the close-out ran, without W&B
+    assert len(wandb_warnings(out)) == 1, out[-3000:]
