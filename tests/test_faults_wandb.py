@@ -110,3 +110,24 @@ def test_signal_during_the_wandb_wait_ends_the_sweep(tmp_path, online_env):
     assert rec["status"] == "ok"
     assert (tmp_path / "results.csv").is_file()  # the close-out ran, without W&B
     assert len(wandb_warnings(out)) == 1, out[-3000:]
+
+
+def test_marker_turns_wandb_off_for_this_sweep_only(tmp_path, monkeypatch, capsys):
+    """A Slurm job or the close-out (another process) honours the marker of its own sweep
+    invocation; a later invocation (a resume) tries W&B again."""
+    from hstu_exp.tracking import wandb_sink
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    record = {"status": "ok", "config_key": "k1", "workload": "block", "model": "tiny",
+              "batch_size": 1, "total_history": 64, "new_history": 64, "median_ms": 1.0,
+              "samples_ms": [1.0, 1.1, 0.9]}
+    logger = {"name": "wandb", "mode": "offline", "project": "hstu-exp", "tags": []}
+    (tmp_path / wandb_sink.MARKER).write_text(json.dumps({"started": "111", "reason": "x"}))
+    monkeypatch.setenv("HSTU_EXP_STARTED", "111")
+    assert wandb_sink.log_point(record, logger=logger, job_dir=tmp_path / "0", group="g",
+                                cfg={}, sweep_dir=tmp_path) is None
+    assert not list(tmp_path.rglob("offline-run-*")) and not capsys.readouterr().err
+    monkeypatch.setenv("HSTU_EXP_STARTED", "222")
+    run_dir = wandb_sink.log_point(record, logger=logger, job_dir=tmp_path / "0", group="g",
+                                   cfg={}, sweep_dir=tmp_path)
+    assert run_dir and list(tmp_path.rglob("offline-run-*"))
