@@ -131,3 +131,24 @@ def test_marker_turns_wandb_off_for_this_sweep_only(tmp_path, monkeypatch, capsy
     run_dir = wandb_sink.log_point(record, logger=logger, job_dir=tmp_path / "0", group="g",
                                    cfg={}, sweep_dir=tmp_path)
     assert run_dir and list(tmp_path.rglob("offline-run-*"))
+
+
+def test_child_writes_the_run_and_reports_its_errors(tmp_path):
+    """The online path's child process, driven offline: it writes the very run the parent
+    described, and a W&B error inside it comes back as one exception, not a hang."""
+    from hstu_exp.tracking import wandb_sink
+    from helpers import read_run
+
+    record = {"status": "ok", "config_key": "k2", "workload": "block", "model": "tiny",
+              "batch_size": 2, "total_history": 64, "new_history": 8, "median_ms": 2.0,
+              "samples_ms": [2.0, 2.5, 1.5, 2.0]}
+    spec = wandb_sink.point_spec(record, logger={"project": "hstu-exp", "tags": ["t"]},
+                                 job_dir=tmp_path / "0", group="g", cfg={"seed": 0},
+                                 data_dir=tmp_path)
+    spec["init"]["mode"], spec["timeout_s"] = "offline", 5
+    run = read_run(wandb_sink._write_in_child(spec))
+    assert run["id"] == wandb_sink.run_id("g", "k2") and "t" in run["tags"]
+    assert [row["latency_ms"] for row in run["history"]] == record["samples_ms"]
+    spec["init"]["id"] = "not/a valid id"
+    with pytest.raises(RuntimeError, match="Run ID cannot contain"):
+        wandb_sink._write_in_child(spec)
