@@ -128,14 +128,15 @@ def _unknown_added_keys(expanded) -> None:
 
 
 def _grid_without_multirun(cfg, expanded) -> None:
-    """An experiment's sweep grid only runs with -m; without it Hydra would quietly run one point."""
+    """An experiment's grid runs only with -m; without it Hydra would quietly run one point."""
     params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
     cli_keys = {k.lstrip("+~") for k, _ in expanded}
     left = [k for k in params if k not in cli_keys]
     if left:
         points = math.prod(len(_expand([f"{k}={params[k]}"])[0][1]) for k in left)
         experiment = OmegaConf.select(cfg, "hydra.runtime.choices.experiment")
-        raise ConfigError(f"{f'experiment={experiment}' if experiment else cfg.name}: sweeps {', '.join(left)} ({points} points): add -m to run "
+        what = f"experiment={experiment}" if experiment else cfg.name
+        raise ConfigError(f"{what}: sweeps {', '.join(left)} ({points} points): add -m to run "
                           f"the grid, or set {'that key' if len(left) == 1 else 'those keys'} "
                           "to run one point")
 

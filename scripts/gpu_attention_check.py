@@ -1,4 +1,4 @@
-"""Check and time the Triton HSTU attention on a CUDA GPU (DESIGN §5, §6 goal shapes).
+"""Check and time the Triton HSTU attention on a CUDA GPU (docs/design.md §5, §6 goal shapes).
 
     PYTHONPATH=$PWD python3 scripts/gpu_attention_check.py            # checks + goal-shape table
     PYTHONPATH=$PWD python3 scripts/gpu_attention_check.py --sweep    # also try other tile configs

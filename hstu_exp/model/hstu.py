@@ -1,4 +1,5 @@
-"""The HSTU block (DESIGN §2): LayerNorm -> SiLU(UVQK) -> pointwise attention -> U * LN(A) -> W_o.
+"""The HSTU block (docs/design.md §2):
+LayerNorm -> SiLU(UVQK) -> pointwise attention -> U * LN(A) -> W_o.
 
 Hot path takes plain arguments: the jagged batch, and the pool when keys come from the cache.
 """

@@ -1,4 +1,4 @@
-"""Triton HSTU attention, forward only (DESIGN §2, §5). Same signatures as `reference`.
+"""Triton HSTU attention, forward only (docs/design.md §2, §5). Same signatures as `reference`.
 
 One kernel serves both modes. A program owns (query block of BLOCK_M rows, user, head, key split):
   full mode  - queries = keys = the user's rows; history keys are the non-candidate rows;
