@@ -139,7 +139,7 @@ def test_environment_mode_wins_with_one_notice(tmp_path):
     proc = hstu_exp("workload.total_history=64", "workload.new_history=64", *FAST,
                     f"hydra.run.dir={tmp_path}", env={"WANDB_MODE": "disabled"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    notices = [line for line in proc.stderr.splitlines() if "WANDB_MODE" in line]
+    notices = [line for line in (proc.stdout + proc.stderr).splitlines() if "WANDB_MODE" in line]
     assert notices == ["[hstu-exp] W&B mode: WANDB_MODE=disabled from the environment wins "
                        "over logger.mode=offline"]
     assert not list(tmp_path.rglob("offline-run-*")) and (tmp_path / "results.jsonl").is_file()

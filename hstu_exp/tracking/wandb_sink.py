@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import subprocess
@@ -50,6 +51,9 @@ NOT_SUMMARY = {"samples_ms", "traceback", "job_dir", "config_key", "sweep", "poi
 RESULT_COLUMNS = ["label", "batch_size", "total_history", "new_history", "num_candidates",
                   "median_ms", "p10_ms", "p90_ms", "cv", "valid"]
 
+# Hydra's job logging sends these to the console and the job's .log; elsewhere (the importer)
+# Python's last-resort handler prints warnings to stderr.
+log = logging.getLogger(__name__)
 _off: dict = {}  # where (sweep or job dir) -> why W&B is off there, for this process
 _noticed: list = []  # the WANDB_MODE notice is printed once per process
 
@@ -90,8 +94,8 @@ def effective_mode(logger: dict) -> str:
         return configured
     if env != configured and not _noticed:
         _noticed.append(True)
-        print(f"[hstu-exp] W&B mode: WANDB_MODE={env} from the environment wins over "
-              f"logger.mode={configured}", file=sys.stderr, flush=True)
+        log.warning(f"[hstu-exp] W&B mode: WANDB_MODE={env} from the environment wins over "
+                    f"logger.mode={configured}")
     return env
 
 
@@ -118,9 +122,8 @@ def disabled_reason(where: Path) -> Optional[str]:
 
 def _disable(where: Path, reason: str) -> None:
     _off[str(where)] = reason
-    print(f"[hstu-exp] warning: W&B failed ({reason}); W&B is off for the rest of this sweep. "
-          f"The records are on disk: `hstu-exp-wandb {where}` replays them later",
-          file=sys.stderr, flush=True)
+    log.warning(f"[hstu-exp] warning: W&B failed ({reason}); W&B is off for the rest of this "
+                f"sweep. The records are on disk: `hstu-exp-wandb {where}` replays them later")
     try:
         (where / MARKER).write_text(json.dumps(
             {"started": os.environ.get("HSTU_EXP_STARTED"), "reason": reason}))
