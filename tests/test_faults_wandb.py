@@ -3,6 +3,7 @@ must cost one bounded wait, one warning line and no record; a signal during that
 sweep at once (issue: the old sink hung forever, and ignored SIGINT/SIGTERM in the close-out)."""
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -84,7 +85,7 @@ def test_unanswering_endpoint_costs_one_bounded_wait(tmp_path, online_env):
 
 
 def test_signal_during_the_wandb_wait_ends_the_sweep(tmp_path, online_env):
-    env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1", **online_env}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **online_env}
     proc = subprocess.Popen([sys.executable, "-m", "hstu_exp", "-m", "model=tiny",
                              "workload.batch_size=1,2", "logger.mode=online",
                              "logger.timeout_s=60", *FAST, f"hydra.sweep.dir={tmp_path}"],
