@@ -22,5 +22,5 @@ else
   "${pip[@]}" torch==2.13.0 fbgemm-gpu-cpu==1.8.0 triton==3.9.0
 fi
 "${pip[@]}" --no-deps torchrec==1.8.0
-"${pip[@]}" -e '.[test]'
+"${pip[@]}" -e '.[test,dashboard]'
 touch "$stamp"
