@@ -36,7 +36,7 @@ from hstu_exp.config import E2E_MODES
 from hstu_exp.data.synthetic import stream_for
 from hstu_exp.env import ClockSampler
 from hstu_exp.kvcache.manager import KVCacheManager
-from hstu_exp.model.ranking import rank
+from hstu_exp.serving import rank
 
 # Per-batch cache statistics (KVCacheManager.batches), also summed over a pass in the record.
 CACHE_KEYS = ("gpu_hit_tokens", "host_hit_tokens", "miss_tokens", "offloaded_bytes",

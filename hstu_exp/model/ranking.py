@@ -1,9 +1,9 @@
 """The HSTU ranking model (docs/design.md §1.1, §2): embeddings -> HSTU block -> candidate
 outputs, L2-normalised -> one MLP per task -> per-task logits.
 
-`rank` serves one batch of requests: cache lookup and stripping (through the manager), token
-rows, then the device part of the step, `forward_rows` (embeddings, block, heads), run eagerly or
-replayed per bucket by a graph runner (`graphs.GraphedRanker`) that captured exactly it.
+`forward_rows` is the device part of a ranking step (embeddings, block, heads): run eagerly, or
+replayed per bucket by a graph runner (`graphs.GraphedRanker`) that captured exactly it. The
+request path around it (cache lookup, page planning, onloads) is `hstu_exp.serving`.
 """
 from __future__ import annotations
 
@@ -15,10 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-from hstu_exp.data.synthetic import Request
 from hstu_exp.model.embeddings import SequenceEmbeddings
 from hstu_exp.model.hstu import HSTUBlock
-from hstu_exp.model.jagged import make_batch
 
 
 class TaskHeads(nn.Module):
@@ -61,51 +59,18 @@ class HSTURanker(nn.Module):
         self.heads = TaskHeads(hidden=hidden, widths=head_widths, num_tasks=num_tasks)
 
 
-def _phase(name: str):
-    """A profiler label for one phase of `rank` (host time per phase in a GPU trace); a bare
-    `record_function` costs microseconds even with no profiler running, this costs nothing."""
+def phase(name: str):
+    """A profiler label for one phase of a ranking step (host time per phase in a GPU trace); a
+    bare `record_function` costs microseconds even with no profiler running, this nothing."""
     return record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
 
 
 def forward_rows(model: HSTURanker, tokens, batch, pool=None, on_layer=None):
     """The device part of a step: embeddings -> block -> candidate rows -> heads.
     Returns (logits, candidate hidden states). A graph runner captures exactly this."""
-    with _phase("rank.embed"):
+    with phase("rank.embed"):
         x = model.embeddings(tokens)
-    with _phase("rank.block"):
+    with phase("rank.block"):
         h = model.block(x, batch, pool, on_layer)[tokens.candidate_rows]
-    with _phase("rank.heads"):
+    with phase("rank.heads"):
         return model.heads(h), h
-
-
-@torch.no_grad()
-def rank(model: HSTURanker, requests: Sequence[Request], *, device, manager=None, graphs=None,
-         return_hidden: bool = False):
-    """Logits [sum of candidates, tasks] of a batch of requests, user by user.
-
-    manager: a `KVCacheManager` (lookup, strip the cached prefix, plan pages, layer-wise onload
-    waits) or None for a full recompute of every sequence.
-    graphs: a `GraphedRanker` replaying `forward_rows` per bucket (host onloads land first), or
-    None to run it eagerly.
-
-    Nothing here waits for the device: metadata is built on the host and copied with
-    non_blocking copies from pinned memory, so the host prepares this batch while the device may
-    still run the previous one."""
-    with _phase("rank.plan"):
-        if manager is not None:
-            starts, table, on_layer = manager.plan(requests)
-            pool = manager.cache.pool
-        else:
-            starts, table, on_layer, pool = [0] * len(requests), None, None, None
-    with _phase("rank.tokens"):
-        tokens = model.embeddings.tokens(requests, starts, device)
-        batch = make_batch(tokens.rows, tokens.num_candidates, device, table)
-    if graphs is None:
-        logits, h = forward_rows(model, tokens, batch, pool, on_layer)
-    else:
-        with _phase("rank.graph"):
-            if on_layer is not None:  # one replay runs every layer: all onloads must land first
-                for layer in range(len(model.block.layers)):
-                    on_layer(layer)
-            logits, h = graphs.run(graphs.stage_step(tokens, batch))
-    return (logits, h) if return_hidden else logits

@@ -1,0 +1,131 @@
+"""The request path of a ranking server, one module above the model, the KV-cache manager and
+the graph runners (docs/design.md §1.1, §2):
+
+    lookup -> plan pages (offload / evict to make room) -> onload -> embeddings -> block -> heads
+
+`Server.serve` runs it for one batch of requests and says, per request, where its cached prefix
+came from (the tier: GPU pool, host tier, or a miss), how many tokens it computed and the bytes
+its batch moved. Both e2e (offline batches) and serve (an open-loop request stream) call it; the
+model (`model/ranking.py`) only computes rows and never drives the cache manager.
+
+Nothing here waits for the device: metadata is built on the host and copied with non_blocking
+copies from pinned memory, so the host prepares a batch while the device may still run the
+previous one. Callers that time a batch synchronize themselves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+
+from hstu_exp.data.synthetic import Request
+from hstu_exp.model.jagged import make_batch
+from hstu_exp.model.ranking import HSTURanker, forward_rows, phase
+
+TIERS = ("gpu", "host", "miss")  # where a request's cached prefix came from
+
+
+@dataclass
+class Served:
+    """One batch served: logits [sum of candidates, tasks] and, per request, what it took."""
+    logits: torch.Tensor
+    hidden: Optional[torch.Tensor] = None  # candidate hidden states (return_hidden=True)
+    cached: List[int] = field(default_factory=list)  # prefix tokens served from the cache
+    tiers: List[str] = field(default_factory=list)  # TIERS
+    computed: List[int] = field(default_factory=list)  # uncached history + candidate tokens
+    # The batch's copies, shared out over its requests (sums equal the batch's): onloads by the
+    # host-tier tokens each request brought back, offloads by the new tokens that needed room.
+    onloaded_bytes: List[int] = field(default_factory=list)
+    offloaded_bytes: List[int] = field(default_factory=list)
+
+
+def apportion(total: int, weights: Sequence[int]) -> List[int]:
+    """`total` split in proportion to `weights` as integers that sum to it exactly (largest
+    remainders; all of it to the first request when every weight is 0)."""
+    weights = list(weights)
+    if not weights:
+        return []
+    whole = sum(weights)
+    if whole == 0:
+        return [total] + [0] * (len(weights) - 1)
+    shares = [total * w // whole for w in weights]
+    order = sorted(range(len(weights)), key=lambda i: -(total * weights[i] % whole))
+    for i in order[:total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+class Server:
+    """The ranking model behind an optional KV-cache manager and an optional graph runner.
+
+    manager: a `KVCacheManager` (lookup, strip the cached prefix, plan pages, layer-wise onload
+    waits) or None for a full recompute of every sequence.
+    graphs: a `GraphedRanker` replaying `forward_rows` per bucket (host onloads land first), or
+    None to run it eagerly."""
+
+    def __init__(self, model: HSTURanker, *, device, manager=None, graphs=None):
+        self.model, self.device, self.manager, self.graphs = model, device, manager, graphs
+
+    def reset(self) -> None:
+        """Forget every user (an emptied cache, zeroed statistics)."""
+        if self.manager is not None:
+            self.manager.reset()
+
+    @torch.no_grad()
+    def serve(self, requests: Sequence[Request], *, return_hidden: bool = False) -> Served:
+        with phase("rank.plan"):
+            cached, tiers, table, on_layer = self._plan_pages(requests)
+        with phase("rank.tokens"):
+            tokens = self.model.embeddings.tokens(requests, cached, self.device)
+            batch = make_batch(tokens.rows, tokens.num_candidates, self.device, table)
+        pool = self.manager.cache.pool if self.manager is not None else None
+        if self.graphs is None:  # eager: each layer waits for its own onloads (on_layer)
+            logits, h = forward_rows(self.model, tokens, batch, pool, on_layer)
+        else:
+            with phase("rank.graph"):
+                self._onload_all(on_layer)
+                logits, h = self.graphs.run(self.graphs.stage_step(tokens, batch))
+        news = [r.seq_len - c for r, c in zip(requests, cached)]
+        onloaded, offloaded = self._bytes_moved()
+        host = [c if t == "host" else 0 for c, t in zip(cached, tiers)]
+        return Served(logits=logits, hidden=h if return_hidden else None, cached=cached,
+                      tiers=tiers,
+                      computed=[n + r.candidates.numel() for n, r in zip(news, requests)],
+                      onloaded_bytes=apportion(onloaded, host),
+                      offloaded_bytes=apportion(offloaded, news))
+
+    def _plan_pages(self, requests):
+        """Lookup and page planning: (cached prefix per request, its tier, PageTable or None,
+        the onload hook or None). Making room offloads or evicts least-recent users."""
+        if self.manager is None:
+            return [0] * len(requests), ["miss"] * len(requests), None, None
+        # Which users sit in the host tier is known only before planning moves them back.
+        on_host = getattr(self.manager.cache, "host_users", {})
+        was_on_host = [r.user in on_host for r in requests]
+        cached, table, on_layer = self.manager.plan(requests)
+        tiers = ["miss" if c == 0 else "host" if h else "gpu"
+                 for c, h in zip(cached, was_on_host)]
+        return cached, tiers, table, on_layer
+
+    def _onload_all(self, on_layer) -> None:
+        """One graph replay runs every layer: all onloads must land before it."""
+        if on_layer is not None:
+            for layer in range(len(self.model.block.layers)):
+                on_layer(layer)
+
+    def _bytes_moved(self):
+        """(onloaded, offloaded) bytes of the batch just planned."""
+        if self.manager is None or not self.manager.batches:
+            return 0, 0
+        last = self.manager.batches[-1]
+        return last["onloaded_bytes"], last["offloaded_bytes"]
+
+
+def rank(model: HSTURanker, requests: Sequence[Request], *, device, manager=None, graphs=None,
+         return_hidden: bool = False):
+    """Logits [sum of candidates, tasks] of a batch of requests (and the candidate hidden states
+    with return_hidden): `Server.serve` without the per-request accounting."""
+    served = Server(model, device=device, manager=manager, graphs=graphs).serve(
+        requests, return_hidden=return_hidden)
+    return (served.logits, served.hidden) if return_hidden else served.logits
