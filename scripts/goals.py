@@ -11,21 +11,11 @@ over baseline with their 95 % bootstrap intervals, each against its goal where o
 it). Exit status 0, or 2 on bad input (one line).
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # runs from a source tree too
-try:
-    import pandas as pd
-except ImportError:  # started as `scripts/goals.py` by a python without the project's packages
-    venv = ROOT / ".venv" / "bin" / "python"
-    if venv.exists() and not os.environ.get("HSTU_EXP_REEXEC"):
-        os.environ["HSTU_EXP_REEXEC"] = "1"
-        os.execv(str(venv), [str(venv), *sys.argv])
-    sys.exit("goals.py: error: pandas is missing: install the project (make setup) and run "
-             "with .venv/bin/python")
+import _venv  # noqa: F401,E402  (source tree on the path; re-run under .venv if needed)
+import pandas as pd  # noqa: E402
 
 PROG = "goals.py"
 # (case, batch, new tokens of 4096, goal ms): docs/design.md §6

@@ -25,6 +25,7 @@ import torch
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
+from hstu_exp.graphs import capture
 from hstu_exp.kvcache.paged import PagedKVCache
 from hstu_exp.model.hstu import append_kv
 from hstu_exp.model.jagged import make_batch
@@ -222,21 +223,6 @@ def block_case(B, T, n, c, seed=0):
     return x, make_batch(rows, [c] * B, "cuda", cache.plan(users, [n] * B, [c] * B)), cache.pool
 
 
-def capture(fn):
-    """Warm up on a side stream (autotune happens there), then capture one call (as the
-    project's graph runner does; kept here so this script does not depend on it)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
 def replay_ms(graph, reps):
     times = []
     for _ in range(reps):
@@ -302,7 +288,7 @@ def block_main(variants, reps, profile_cases, only=()):
         for v in variants:
             current["v"] = v
             with torch.no_grad():
-                captured[v] = capture(lambda: blk(x, batch, pool))
+                captured[v], _ = capture(lambda: blk(x, batch, pool))
         ms = {v: [] for v in variants}
         for _ in range(2):  # interleaved rounds
             for v in variants:

@@ -13,21 +13,10 @@ a file cannot be written; 2 on bad input (one line).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # runs from a source tree too
-try:
-    import pandas  # noqa: F401
-except ImportError:  # started as `scripts/plot_sweep.py` by a python without the packages
-    venv = ROOT / ".venv" / "bin" / "python"
-    if venv.exists() and not os.environ.get("HSTU_EXP_REEXEC"):
-        os.environ["HSTU_EXP_REEXEC"] = "1"
-        os.execv(str(venv), [str(venv), *sys.argv])
-    sys.exit("plot_sweep.py: error: pandas is missing: install the project (make setup) and "
-             "run with .venv/bin/python")
+import _venv  # noqa: F401,E402  (source tree on the path; re-run under .venv if needed)
 
 PROG = "plot_sweep.py"
 
