@@ -70,7 +70,7 @@ class GraphConfig:
 class WorkloadConfig:
     """Keys every workload has; each workload's own schema adds its keys (an e2e key on a block
     run is an unknown key at composition)."""
-    name: str = MISSING  # block | attention | e2e
+    name: str = MISSING  # block | attention | e2e | serve
     batch_size: int = 1
     num_candidates: int = 256
     warmup: int = 10
@@ -105,6 +105,36 @@ class E2EWorkload(WorkloadConfig):
     num_users: Optional[int] = None  # distinct users in the stream; None = batch_size
 
 
+@dataclass
+class ServeWorkload(WorkloadConfig):
+    """An open-loop request stream in front of the serving layer (bench/serve.py). The base keys
+    warmup, iters, min_time_s, max_time_s, cv_max and min_samples are not used: the run lasts
+    warmup_s + duration_s of simulated time and needs min_requests."""
+    mode: str = "online"  # online (arrivals over time) | offline (all available at once)
+    search: str = "none"  # none | max_qps (the highest qps meeting the SLO, by bisection)
+    qps: float = 20.0  # Poisson arrival rate (offered load)
+    trace: Optional[str] = None  # CSV time,user,new_items,candidates instead of Poisson arrivals
+    num_users: int = 64  # the returning population
+    user_skew: float = 1.0  # Zipf exponent of user popularity (0: uniform)
+    items_per_return: int = 8  # history items (item + action tokens) each return adds
+    new_user_rate: float = 0.0  # fraction of arrivals from users never seen before
+    candidates_max: Optional[int] = None  # candidates uniform in num_candidates..this; None: fixed
+    max_batch: int = 8  # at most this many requests a batch
+    max_wait_ms: float = 5.0  # the oldest waiting request waits at most this for a fuller batch
+    policy: str = "fifo"  # fifo | length_aware (SERVE_POLICIES)
+    warmup_s: float = 0.5  # served, not counted
+    duration_s: float = 2.0  # arrivals counted after warmup_s
+    min_requests: int = 20  # fewer counted requests: the point's percentiles mean nothing
+    slo_ms: float = 80.0  # the SLO: latency at slo_percentile <= slo_ms (MLPerf DLRMv3: p99 80)
+    slo_percentile: float = 99.0
+    search_steps: int = 6  # max_qps: bisection steps after the bracket is found
+    verify_requests: int = 16  # verify=true: requests sampled and checked vs a full recompute
+
+
+SERVE_MODES = ("online", "offline")
+SERVE_SEARCHES = ("none", "max_qps")
+SERVE_POLICIES = ("fifo", "length_aware")
+
 # e2e mode -> (uses the KV cache, runs as CUDA graphs). The mode decides both: the cache group
 # only says which cache a caching mode uses, and graph=cudagraph must agree with the mode.
 E2E_MODES = {"baseline": (False, False), "baseline_graph": (False, True),
@@ -112,7 +142,8 @@ E2E_MODES = {"baseline": (False, False), "baseline_graph": (False, True),
 # Default CV ceiling per device type: a GPU times steadily; a shared CPU does not.
 CV_MAX_DEFAULT = {"cuda": 0.03, "cpu": 0.25}
 MAX_TIME_FACTOR = 5
-WORKLOAD_SCHEMAS = {"block": BlockWorkload, "attention": AttentionWorkload, "e2e": E2EWorkload}
+WORKLOAD_SCHEMAS = {"block": BlockWorkload, "attention": AttentionWorkload, "e2e": E2EWorkload,
+                    "serve": ServeWorkload}
 
 
 @dataclass
@@ -193,6 +224,8 @@ def validate(cfg) -> None:
     _choice("workload.name", w.name, tuple(WORKLOAD_SCHEMAS))
     if w.name == "e2e":
         _choice("workload.mode", w.mode, tuple(E2E_MODES))
+    if w.name == "serve":
+        _validate_serve(w)
     _choice("logger.name", cfg.logger.name, ("wandb", "none"))
     _choice("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))
     _positive(cfg, "logger.timeout_s")
@@ -203,7 +236,10 @@ def validate(cfg) -> None:
               "workload.batch_size", "workload.total_history", "workload.new_history",
               "workload.min_time_s", "workload.max_time_s", "workload.iters",
               "workload.input_sets", "workload.history_start", "workload.history_step",
-              "workload.num_batches", "workload.num_users", "workload.cv_max")
+              "workload.num_batches", "workload.num_users", "workload.cv_max",
+              "workload.qps", "workload.items_per_return", "workload.max_batch",
+              "workload.duration_s", "workload.min_requests", "workload.slo_ms",
+              "workload.search_steps", "workload.verify_requests")
     for key in ("workload.num_candidates", "workload.warmup", "model.num_context"):
         group, name = key.split(".")
         if cfg[group][name] < 0:
@@ -217,6 +253,36 @@ def validate(cfg) -> None:
     if w.min_samples < 2:
         raise ConfigError(f"workload.min_samples={w.min_samples}: must be at least 2 "
                           "(a CV needs two samples)")
+
+
+def _validate_serve(w) -> None:
+    _choice("workload.mode", w.mode, SERVE_MODES)
+    _choice("workload.search", w.search, SERVE_SEARCHES)
+    _choice("workload.policy", w.policy, SERVE_POLICIES)
+    for key in ("warmup_s", "max_wait_ms", "user_skew"):
+        if w[key] < 0:
+            raise ConfigError(f"workload.{key}={w[key]:g}: must not be negative")
+    if not 0 <= w.new_user_rate <= 1:
+        raise ConfigError(f"workload.new_user_rate={w.new_user_rate:g}: must be a fraction of "
+                          "arrivals, in [0, 1]")
+    if not 0 < w.slo_percentile <= 100:
+        raise ConfigError(f"workload.slo_percentile={w.slo_percentile:g}: must be in (0, 100]")
+    if w.batch_size != w.max_batch:
+        raise ConfigError(f"workload.batch_size={w.batch_size}: workload=serve forms batches of "
+                          f"up to workload.max_batch={w.max_batch} (set that instead)")
+    if w.candidates_max is not None and w.candidates_max < w.num_candidates:
+        raise ConfigError(f"workload.candidates_max={w.candidates_max}: below "
+                          f"workload.num_candidates={w.num_candidates} (the range's low end)")
+    if w.trace is not None:
+        if w.search != "none":
+            raise ConfigError(f"workload.search={w.search}: searches the Poisson rate; a trace "
+                              "(workload.trace) fixes its own arrival times")
+        from hstu_exp.data.arrivals import TraceError, read_trace
+
+        try:
+            read_trace(w.trace)
+        except TraceError as exc:
+            raise ConfigError(f"workload.trace={w.trace}: {exc}") from None
 
 
 def cv_max(workload, device_type: str) -> float:
@@ -296,12 +362,53 @@ def _e2e_problem(cfg) -> Optional[str]:
                             host_pages=host_pages(m, c))
 
 
+def serve_window_requests(w) -> float:
+    """Requests a serve point expects to count (arrivals in [warmup_s, warmup_s + duration_s)):
+    qps x duration_s, or the trace's rows in that window."""
+    if w.trace is None:
+        return w.qps * w.duration_s
+    from hstu_exp.data.arrivals import read_trace
+
+    end = w.warmup_s + w.duration_s
+    return sum(w.warmup_s <= a.time_s < end for a in read_trace(w.trace))
+
+
+def _serve_problem(cfg) -> Optional[str]:
+    m, w, c, g = cfg.model, cfg.workload, cfg.cache, cfg.graph
+    most = w.candidates_max if w.candidates_max is not None else w.num_candidates
+    if w.num_candidates == 0:
+        return "workload.num_candidates=0: a ranking request needs at least one candidate"
+    if most > m.max_candidates:
+        return (f"workload.candidates_max={most}: more than the model's "
+                f"max_candidates={m.max_candidates}")
+    if w.max_batch > m.max_batch:
+        return f"workload.max_batch={w.max_batch}: more than the model's max_batch={m.max_batch}"
+    if g.mode == "cudagraph" and w.max_batch > max(g.batch_buckets):
+        return (f"workload.max_batch={w.max_batch}: more than the largest graph bucket "
+                f"(graph.batch_buckets={list(g.batch_buckets)})")
+    rows = m.num_context + m.max_history + most  # a miss computes the whole sequence
+    if g.mode == "cudagraph" and rows > max(g.token_buckets):
+        return (f"graph.token_buckets={list(g.token_buckets)}: none holds a request's "
+                f"{rows} rows (context + model.max_history + candidates)")
+    expected = serve_window_requests(w)
+    if expected < w.min_requests:
+        return (f"workload.duration_s={w.duration_s:g}: about {expected:g} requests arrive in it, "
+                f"fewer than workload.min_requests={w.min_requests} (raise duration_s or qps)")
+    if c.mode == "none":
+        return None
+    return capacity_problem(seq_tokens=m.num_context + m.max_history, batch_size=w.max_batch,
+                            page_size=c.page_size, num_pages=pool_pages(m, c),
+                            host_pages=host_pages(m, c))
+
+
 def point_problem(cfg) -> Optional[str]:
     """What makes this combination of keys impossible, or None. Message names the keys."""
     m, w, c = cfg.model, cfg.workload, cfg.cache
     if w.num_candidates > m.max_candidates:
         return (f"workload.num_candidates={w.num_candidates}: more than the model's "
                 f"max_candidates={m.max_candidates}")
+    if w.name == "serve":
+        return _serve_problem(cfg)
     if w.batch_size > m.max_batch:
         return f"workload.batch_size={w.batch_size}: more than the model's max_batch={m.max_batch}"
     if w.name == "e2e":

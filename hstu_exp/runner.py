@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -40,8 +41,11 @@ def swept_values(cfg, device: torch.device) -> dict:
     asked: an e2e mode decides its cache and graph, attention runs paged only when n < T."""
     m, c, w = cfg.model, cfg.cache, cfg.workload
     cache, graph = c.mode, cfg.graph.mode
-    total, new, mode = w.get("total_history"), w.get("new_history"), None
-    if w.name == "e2e":
+    total, new, mode, qps = w.get("total_history"), w.get("new_history"), None, None
+    batch = w.batch_size
+    if w.name == "serve":
+        mode, batch, qps = serve_mode(w), w.max_batch, serve_qps(w)
+    elif w.name == "e2e":
         mode = w.mode
         cache, graph = e2e_ran(cfg).values()
         total = _e2e_longest_history(cfg)
@@ -50,8 +54,21 @@ def swept_values(cfg, device: torch.device) -> dict:
     return {"workload": w.name, "model": m.name, "dtype": m.dtype, "cache": cache,
             "page_size": c.page_size if cache != "none" else None, "kernel": cfg.kernel.name,
             "autotune": cfg.kernel.autotune if cfg.kernel.name == "triton" else None,
-            "graph": graph, "mode": mode, "batch_size": w.batch_size, "total_history": total,
-            "new_history": new, "num_candidates": w.num_candidates, "device": device.type}
+            "graph": graph, "mode": mode, "batch_size": batch, "total_history": total,
+            "new_history": new, "num_candidates": w.num_candidates, "qps": qps,
+            "device": device.type}
+
+
+def serve_mode(w) -> str:
+    """A serve point's mode key: how requests arrive (online, offline, or the max_qps search)
+    and the scheduler's policy, e.g. online-fifo, max_qps-length_aware."""
+    how = "max_qps" if w.search == "max_qps" else w.mode
+    return f"{how}-{w.policy}"
+
+
+def serve_qps(w):
+    """The offered Poisson rate a serve point runs (None: a trace, or a search finds it)."""
+    return float(w.qps) if w.trace is None and w.search == "none" else None
 
 
 def _e2e_longest_history(cfg):
@@ -85,6 +102,9 @@ def _overrides() -> list:
 def point_name(values: dict) -> str:
     parts = [values["workload"], values["model"], values["cache"], values["kernel"],
              values["graph"]] + ([values["mode"]] if values["mode"] else [])
+    if values["workload"] == "serve":  # histories from the arrivals; batches up to max_batch
+        qps = f"-q{values['qps']:g}" if values["qps"] is not None else ""
+        return "-".join(parts) + f"-b{values['batch_size']}{qps}-c{values['num_candidates']}"
     if values["workload"] == "e2e":  # its histories come from the stream, not T and n
         return "-".join(parts) + f"-b{values['batch_size']}-c{values['num_candidates']}"
     return "-".join(parts) + (f"-b{values['batch_size']}-T{values['total_history']}"
@@ -98,13 +118,15 @@ def point_tags(values: dict) -> list:
 
 # workload name -> module with `run(cfg, device, progress) -> bench.measure.Measured`
 WORKLOADS = {"block": "hstu_exp.bench.block", "attention": "hstu_exp.bench.attention",
-             "e2e": "hstu_exp.bench.e2e"}
+             "e2e": "hstu_exp.bench.e2e", "serve": "hstu_exp.bench.serve"}
 
 
 def _run_workload(cfg, device, progress, job_dir) -> dict:
     workload = importlib.import_module(WORKLOADS[cfg.workload.name])
     torch.manual_seed(cfg.seed)
-    measured = workload.run(cfg, device, progress=progress)
+    # serve also writes a per-request file beside the record
+    extra = {"job_dir": job_dir} if "job_dir" in inspect.signature(workload.run).parameters else {}
+    measured = workload.run(cfg, device, progress=progress, **extra)
     return finish(measured, cfg, device, job_dir=job_dir, progress=progress)
 
 
@@ -180,6 +202,12 @@ def result_line(r: dict) -> str:
     if r["status"] == "failed":
         return f"{head} ({r['error'].splitlines()[0] if r['error'] else ''})"
     line = f"{head} median {r['median_ms']:.3f} ms (p10 {r['p10_ms']:.3f}, p90 {r['p90_ms']:.3f})"
+    if r.get("slo_met") is not None:  # serve: the tail, the rate achieved, the SLO
+        verdict = "met" if r["slo_met"] else "missed"
+        line += (f", p99 {r['p99_ms']:.1f} ms, {r['achieved_qps']:.1f} qps, SLO "
+                 f"p{r['slo_percentile']:g}<={r['slo_ms']:g} ms {verdict}")
+        if r.get("max_qps") is not None:
+            line += f", max {r['max_qps']:.1f} qps"
     if r.get("floor_fraction") is not None:
         line += f", {100 * r['floor_fraction']:.1f}% of floor"
     if r.get("max_rel_error") is not None:

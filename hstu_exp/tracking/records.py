@@ -25,7 +25,7 @@ TORN_SUFFIX = ".torn"
 # Keys that identify a point: records of two sweeps are joined on these, and a speedup pairs
 # two records that agree on all of them but the compared one.
 SWEPT_KEYS = ["workload", "model", "dtype", "cache", "page_size", "kernel", "graph", "mode",
-              "batch_size", "total_history", "new_history", "num_candidates", "device"]
+              "batch_size", "total_history", "new_history", "num_candidates", "qps", "device"]
 ENV_KEYS = ["device_name", "driver", "cuda", "torch", "triton", "torchrec", "fbgemm", "wandb",
             "python", "git_sha", "git_dirty", "hostname", "cpu_model", "cpu_cores",
             "sm_clock_mhz", "mem_clock_mhz", "power_w", "temperature_c", "throttle_reasons",

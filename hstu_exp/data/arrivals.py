@@ -1,0 +1,155 @@
+"""Request arrivals of the serving scenario (workload=serve): who comes back when, with how many
+new history items and how many candidates.
+
+Two sources, one shape (`Arrival`, in time order):
+- `poisson_arrivals`: a Poisson process at `qps`; the user of each arrival drawn from a
+  population of `num_users` with Zipf(`user_skew`) popularity (user 0 the most popular; skew 0 is
+  uniform), or, with probability `new_user_rate`, a user never seen before. A population user's
+  first arrival brings its whole history so far (uniform in 1..max_items items: the population
+  has been around), every later one `items_per_return` new items; a new user starts with
+  `items_per_return`. Candidates: `num_candidates`, or uniform in num_candidates..candidates_max.
+- `read_trace`: a CSV with exactly the columns `time,user,new_items,candidates` (seconds from
+  the start, user id, history items added since that user's last request, candidates to rank).
+
+`histories` turns the new items into each request's history length, capped at `max_items`.
+Everything is drawn from the seed: the same config gives the same arrivals.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+TRACE_COLUMNS = ("time", "user", "new_items", "candidates")
+
+
+class TraceError(ValueError):
+    """A malformed trace: the message names the line (and column) at fault."""
+
+
+@dataclass(frozen=True)
+class Arrival:
+    time_s: float
+    user: int
+    new_items: int  # history items added since the user's last request (first: all so far)
+    candidates: int
+
+
+def zipf_weights(num_users: int, skew: float) -> np.ndarray:
+    """Popularity of users 0..num_users-1: proportional to 1 / (rank ** skew)."""
+    w = 1.0 / np.arange(1, num_users + 1, dtype=np.float64) ** skew
+    return w / w.sum()
+
+
+def poisson_times(qps: float, horizon_s: float, rng: np.random.Generator) -> np.ndarray:
+    """Arrival times of a Poisson process at `qps` in [0, horizon_s)."""
+    times: List[np.ndarray] = []
+    t, chunk = 0.0, max(16, int(qps * horizon_s * 1.2) + 16)
+    while t < horizon_s:
+        block = t + np.cumsum(rng.exponential(1.0 / qps, chunk))
+        times.append(block)
+        t = float(block[-1])
+    out = np.concatenate(times)
+    return out[out < horizon_s]
+
+
+def poisson_arrivals(*, qps: float, horizon_s: float, num_users: int, user_skew: float,
+                     new_user_rate: float, items_per_return: int, max_items: int,
+                     num_candidates: int, candidates_max: Optional[int],
+                     seed: int) -> List[Arrival]:
+    rng = np.random.default_rng(seed)
+    times = poisson_times(qps, horizon_s, rng)
+    n = times.size
+    popular = rng.choice(num_users, size=n, p=zipf_weights(num_users, user_skew))
+    is_new = rng.random(n) < new_user_rate
+    first_items = rng.integers(1, max_items + 1, size=num_users)  # the population's histories
+    hi = candidates_max if candidates_max is not None else num_candidates
+    cands = rng.integers(num_candidates, hi + 1, size=n)
+    seen, next_new, out = set(), num_users, []
+    for t, user, new, c in zip(times, popular, is_new, cands):
+        if new:
+            user, items = next_new, items_per_return
+            next_new += 1
+        else:
+            user = int(user)
+            items = items_per_return if user in seen else int(first_items[user])
+        seen.add(user)
+        out.append(Arrival(float(t), user, items, int(c)))
+    return out
+
+
+def read_trace(path) -> List[Arrival]:
+    """The arrivals of a trace CSV. Raises TraceError naming the line at fault: unknown or
+    missing columns, a value that is not a number, a negative or decreasing time, a negative
+    user, a decreasing history (new_items < 0), a first request with no history, no
+    candidates."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TraceError(f"cannot read it ({exc.strerror or exc})") from None
+    rows = list(csv.reader(text.splitlines()))
+    if not rows:
+        raise TraceError("line 1: empty file (expected the header time,user,new_items,candidates)")
+    header = [h.strip() for h in rows[0]]
+    unknown = [h for h in header if h not in TRACE_COLUMNS]
+    if unknown:
+        raise TraceError(f"line 1: unknown column {unknown[0]!r} (columns: "
+                         f"{','.join(TRACE_COLUMNS)})")
+    missing = [c for c in TRACE_COLUMNS if c not in header]
+    if missing:
+        raise TraceError(f"line 1: missing column {missing[0]!r}")
+    col = {name: header.index(name) for name in TRACE_COLUMNS}
+    out: List[Arrival] = []
+    seen = set()
+    for lineno, row in enumerate(rows[1:], start=2):
+        if not row or all(not v.strip() for v in row):
+            continue
+        if len(row) != len(header):
+            raise TraceError(f"line {lineno}: {len(row)} fields, the header has {len(header)}")
+        out.append(_trace_row(row, col, lineno, seen, out[-1].time_s if out else 0.0))
+    if not out:
+        raise TraceError("no requests after the header")
+    return out
+
+
+def _trace_row(row, col, lineno: int, seen: set, last_time: float) -> Arrival:
+    def number(name, kind):
+        value = row[col[name]].strip()
+        try:
+            return kind(value)
+        except ValueError:
+            raise TraceError(f"line {lineno}: {name}={value!r} is not "
+                             f"{'a number' if kind is float else 'an integer'}") from None
+
+    t, user = number("time", float), number("user", int)
+    items, cands = number("new_items", int), number("candidates", int)
+    if not t >= 0:  # also NaN
+        raise TraceError(f"line {lineno}: time={t:g} is negative")
+    if t < last_time:
+        raise TraceError(f"line {lineno}: time={t:g} is before the previous line's {last_time:g} "
+                         "(a trace is in time order)")
+    if user < 0:
+        raise TraceError(f"line {lineno}: user={user} is negative")
+    if items < 0:
+        raise TraceError(f"line {lineno}: user {user}'s history decreases (new_items={items})")
+    if items == 0 and user not in seen:
+        raise TraceError(f"line {lineno}: user {user}'s first request has no history "
+                         "(new_items=0)")
+    if cands < 1:
+        raise TraceError(f"line {lineno}: candidates={cands}: a request ranks at least one")
+    seen.add(user)
+    return Arrival(t, user, items, cands)
+
+
+def histories(arrivals: List[Arrival], max_items: int) -> List[int]:
+    """History items of each request (its user's items so far, capped at max_items)."""
+    items: dict = {}
+    out = []
+    for a in arrivals:
+        items[a.user] = min(items.get(a.user, 0) + a.new_items, max_items)
+        out.append(items[a.user])
+    return out
