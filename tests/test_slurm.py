@@ -82,14 +82,13 @@ def test_every_point_ran_as_a_slurm_job_and_left_its_record(slurm_sweep):
         assert Path(r["job_dir"]) == out / str(r["point"])
         assert r["sweep"] == out.name and r["hostname"]
         assert 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
-    assert "Submitit 'slurm' sweep output dir" in proc.stderr + proc.stdout
     logs = job_logs(out)
     assert len(logs) == 3, logs  # one array task per point
     for log in logs:
         text = log.read_text()
         # one GPU per point, progress with the sweep's size, the result line
         assert re.search(r"^slurm-gpu=\d$", text, re.M), text
-        assert re.search(r"^\[\d/3\] block-tiny-paged.*: ok median .* ETA", text, re.M), text
+        assert re.search(r"^\[\d/3\] block-tiny-paged.*: ok median ", text, re.M), text
 
 
 def test_close_out_reads_the_records_the_jobs_wrote(slurm_sweep):
@@ -103,7 +102,7 @@ def test_close_out_reads_the_records_the_jobs_wrote(slurm_sweep):
         (run_dir,) = (Path(r["job_dir"]) / "wandb").glob("offline-run-*")
         run = read_offline_run(run_dir)
         assert run["group"] == out.name and f"cache:{r['cache']}" in run["tags"]
-        assert run["summary"]["median_ms"] == pytest.approx(r["median_ms"])
+        assert run["summary"]["latency/median_ms"] == pytest.approx(r["median_ms"])
     (summary_dir,) = (out / "wandb").glob("offline-run-*")
     assert read_offline_run(summary_dir)["summary"]["points"] == 3
 

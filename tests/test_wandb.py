@@ -13,7 +13,8 @@ from hstu_exp.tracking.records import SWEPT_KEYS
 from hstu_exp.tracking.wandb_sink import run_id
 from helpers import FAST, ROOT, hstu_exp, offline_runs, read_run
 
-PUBLISHED = ROOT / "outputs" / "published" / "seed_e2e_h200" / "results.csv"
+# The H200 seed_e2e records as published on 2026-11-29 (schema 1: no samples, no validity).
+OLD_SCHEMA = ROOT / "tests" / "data" / "seed_e2e_h200_schema1.csv"
 
 
 def records(root):
@@ -146,7 +147,7 @@ def test_environment_mode_wins_with_one_notice(tmp_path):
 
 
 def test_import_published_sweep_of_an_older_schema(tmp_path):
-    proc = wandb_import(str(PUBLISHED), "--dir", str(tmp_path), "--tags", "h200")
+    proc = wandb_import(str(OLD_SCHEMA), "--dir", str(tmp_path), "--tags", "h200")
     assert proc.returncode == 0, proc.stderr
     runs = {r["name"]: r for r in map(read_run, tmp_path.rglob("offline-run-*"))}
     assert len(runs) == 9  # 8 points and the summary
