@@ -278,6 +278,9 @@ def test_serve_smoke_sweep_through_the_cli(tmp_path):
             assert tiers["host"] > 0 and r["onloaded_bytes"] > 0
         assert sum(r["batch_size_hist"]) == r["batches"]
         assert 0 < r["busy_fraction"] <= 1 + 1e-9
+    # the close-out draws the serve figures a one-rate sweep supports
+    assert {p.name for p in (tmp_path / "figures").glob("*.png")} == \
+        {"serve_latency_cdf.png", "serve_cache.png"}
 
 
 def test_a_trace_drives_the_arrivals_and_the_search_finds_a_rate(tmp_path):

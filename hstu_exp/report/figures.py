@@ -6,7 +6,9 @@ Which figures appear depends on what the sweep holds:
   speedup over full recompute as bars (with 95 % intervals) and as a T x n heatmap per mode;
   roofline fraction;
 - e2e: latency per batch for every mode, and every mode's speedup over baseline with intervals;
-- attention: TFLOP/s.
+- attention: TFLOP/s;
+- serve: latency percentiles vs offered QPS, max QPS within the SLO, latency CDFs, hit rates per
+  tier and bytes moved.
 Every figure says what it shows: a title, and a footer with the GPU, model, kernel / graph and
 commit from the records. Invalid points (record key `valid` false) are hatched bars or hollow
 markers, never drawn like valid ones. Each PNG is written to a temporary name and renamed.
@@ -435,4 +437,115 @@ def draw_all(df: pd.DataFrame, out_dir: Path) -> dict:
     att = att.assign(label=mode_label(att))
     if len(att) and "tflops" in att:
         _draw(figs, out, "attention_tflops", attention_tflops, att)
+    draw_serve(good, out, figs)
     return figs
+
+
+# -- workload=serve (docs/serving.md) -------------------------------------------------------------
+
+def _serve_label(df: pd.DataFrame) -> pd.Series:
+    """cache + graph + mode (arrival-policy) of each serve point: what a serve sweep compares."""
+    parts = [k for k in ("cache", "graph", "mode") if k in df and df[k].nunique() > 1]
+    parts = parts or ["cache"]
+    return df[parts].map(lambda v: "-" if v is None or v != v else str(v)).agg("+".join, axis=1)
+
+
+def _slo_line(ax, df: pd.DataFrame) -> None:
+    slo = df["slo_ms"].dropna().unique() if "slo_ms" in df else []
+    if len(slo) == 1:
+        ax.axhline(float(slo[0]), color="firebrick", lw=0.9, ls="--", label=f"SLO {slo[0]:g} ms")
+
+
+def serve_latency_vs_qps(df: pd.DataFrame):
+    """The hockey stick: p50 / p99 / p99.9 latency (queueing + service) vs offered QPS."""
+    d = _with_valid(df).assign(label=_serve_label(df)).sort_values("qps")
+    stats = [(k, t) for k, t in (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9"))
+             if k in d]
+    fig, axes = _grid(len(stats))
+    for ax, (key, name) in zip(axes, stats):
+        for label, part in d.groupby("label", sort=True):
+            line, = ax.plot(part["qps"], part[key], marker="o", label=label)
+            bad = part[[_is_invalid(v) for v in part["valid_"]]]
+            if len(bad):  # invalid points hollow
+                ax.plot(bad["qps"], bad[key], "o", mfc="white", color=line.get_color())
+        _slo_line(ax, d)
+        ax.set_yscale("log")
+        ax.set(title=f"{name} latency", xlabel="offered load (requests/s)",
+               ylabel=f"{name} latency, queueing + service (ms)")
+        ax.legend(title="+".join(label_keys(d.drop(columns=["kernel"], errors="ignore"))),
+                  fontsize=7, title_fontsize=7)
+    _finish(fig, "Serving latency vs offered load (hollow = invalid)", df)
+    return fig
+
+
+def serve_max_qps(df: pd.DataFrame):
+    """The highest QPS within the SLO per configuration (search=max_qps points)."""
+    d = _with_valid(df).assign(label=_serve_label(df))
+    d = d.assign(max_qps=d["max_qps"].fillna(0.0), group="all")
+    labels = sorted(d["label"].unique())
+    fig, ax = plt.subplots(layout="constrained", figsize=(max(5.0, 0.9 * len(labels) + 3), 4.2))
+    _bars(ax, ["all"], labels, d, x="group", hue="label", y="max_qps", fmt="{:.0f}")
+    ax.set_xticks([])
+    slo = f"p{_values(d, 'slo_percentile')} <= {_values(d, 'slo_ms')} ms"
+    ax.set(ylabel=f"max requests/s with {slo}")
+    ax.legend(title="configuration", fontsize=7, title_fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0))
+    _finish(fig, f"Max QPS within the SLO ({slo}; 0: no rate met it; hatched = invalid)", d)
+    return fig
+
+
+def serve_latency_cdf(df: pd.DataFrame):
+    """Latency CDF of every point, one panel per offered QPS (at most 4, spread over the sweep)."""
+    d = df.assign(label=_serve_label(df))
+    d = d[d["samples_ms"].map(lambda s: isinstance(s, (list, tuple)) and len(s) > 0)]
+    rates = _spread(sorted(d["qps"].dropna().unique()), most=4) or [None]
+    fig, axes = _grid(len(rates))
+    for ax, rate in zip(axes, rates):
+        part = d if rate is None else d[d["qps"] == rate]
+        for _, r in part.sort_values("label").iterrows():
+            s = np.sort(np.asarray(r["samples_ms"], dtype=float))
+            ax.plot(s, np.arange(1, s.size + 1) / s.size, label=r["label"])
+        _slo_line(ax, d)
+        ax.set_xscale("log")
+        ax.set(title="all points" if rate is None else f"{rate:g} requests/s offered",
+               xlabel="latency, queueing + service (ms)", ylabel="fraction of requests")
+        ax.legend(fontsize=7)
+    _finish(fig, "Serving latency CDF (counted requests)", df)
+    return fig
+
+
+def serve_cache(df: pd.DataFrame):
+    """Where requests' cached prefixes came from, and the bytes moved, per configuration and
+    offered QPS: what explains the latency differences."""
+    d = df.assign(label=_serve_label(df), qps_=df["qps"].fillna(df.get("max_qps")))
+    d = d.sort_values("qps_")
+    fig, axes = _grid(3)
+    for label, part in d.groupby("label", sort=True):
+        axes[0].plot(part["qps_"], part["gpu_hit_rate"], marker="o", label=label)
+        axes[1].plot(part["qps_"], part["host_hit_rate"], marker="o", label=label)
+        per = part["requests"].clip(lower=1)
+        axes[2].plot(part["qps_"], (part["onloaded_bytes"] + part["offloaded_bytes"]) / per / 2**20,
+                     marker="o", label=label)
+    for ax, what in zip(axes, ("requests hitting the GPU pool", "requests hitting the host tier",
+                               "MiB moved per request (on + off)")):
+        ax.set(xlabel="offered load (requests/s)", ylabel=what)
+        ax.legend(fontsize=7)
+    _finish(fig, "KV cache: hit rates per tier and bytes moved", df)
+    return fig
+
+
+def draw_serve(good: pd.DataFrame, out: Path, figs: dict) -> None:
+    """The serve figures the records support (called by draw_all)."""
+    serve = good[good["workload"] == "serve"] if "workload" in good else good.head(0)
+    if serve.empty:
+        return
+    online = serve[serve["qps"].notna()] if "qps" in serve else serve.head(0)
+    if online["qps"].nunique() > 1:
+        _draw(figs, out, "serve_latency_vs_qps", serve_latency_vs_qps, online)
+    if "max_qps" in serve and serve["mode"].astype(str).str.startswith("max_qps").any():
+        _draw(figs, out, "serve_max_qps", serve_max_qps,
+              serve[serve["mode"].astype(str).str.startswith("max_qps")])
+    if "samples_ms" in serve:
+        _draw(figs, out, "serve_latency_cdf", serve_latency_cdf, serve)
+    if "gpu_hit_rate" in serve and (serve["cache"] != "none").any():
+        _draw(figs, out, "serve_cache", serve_cache, serve)
