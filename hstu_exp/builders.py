@@ -143,3 +143,26 @@ def shared_graphs(module, cache, model, graph, *, device, dtype, progress):
     graphs = reuse("graphs", [_plain(graph), id(module), id(cache)], make)
     graphs.progress = progress
     return graphs
+
+
+def shared_server(model, cache, graph, kernel, *, cached: bool, graphed: bool, device, dtype,
+                  seed: int, progress):
+    """The request path of e2e and serve (`serving.Server`): the ranking model, a KV-cache
+    manager over the cache group's (emptied) cache when `cached`, and a graph runner of the
+    whole step when `graphed` (its `used` buckets cleared)."""
+    from hstu_exp.kvcache.manager import KVCacheManager
+    from hstu_exp.serving import Server
+
+    ranker = shared_ranker(model, kernel=kernel_args(kernel), device=device, dtype=dtype,
+                           seed=seed)
+    manager = None
+    if cached:
+        manager = KVCacheManager(shared_cache(model, cache, device=device, dtype=dtype),
+                                 warn=progress)
+    graphs = None
+    if graphed:
+        graphs = shared_graphs(ranker, manager.cache if manager else None, model, graph,
+                               device=device, dtype=dtype, progress=progress)
+        graphs.used.clear()
+    return Server(ranker, device=device, manager=manager, graphs=graphs)
+

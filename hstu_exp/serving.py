@@ -14,8 +14,8 @@ previous one. Callers that time a batch synchronize themselves.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -28,16 +28,37 @@ TIERS = ("gpu", "host", "miss")  # where a request's cached prefix came from
 
 @dataclass
 class Served:
-    """One batch served: logits [sum of candidates, tasks] and, per request, what it took."""
+    """One batch served: logits [sum of candidates, tasks] and, per request, what it took. The
+    per-request figures are computed when read (e2e's timed loop never reads them)."""
     logits: torch.Tensor
-    hidden: Optional[torch.Tensor] = None  # candidate hidden states (return_hidden=True)
-    cached: List[int] = field(default_factory=list)  # prefix tokens served from the cache
-    tiers: List[str] = field(default_factory=list)  # TIERS
-    computed: List[int] = field(default_factory=list)  # uncached history + candidate tokens
-    # The batch's copies, shared out over its requests (sums equal the batch's): onloads by the
-    # host-tier tokens each request brought back, offloads by the new tokens that needed room.
-    onloaded_bytes: List[int] = field(default_factory=list)
-    offloaded_bytes: List[int] = field(default_factory=list)
+    hidden: Optional[torch.Tensor]  # candidate hidden states (return_hidden=True)
+    requests: Sequence[Request]
+    cached: List[int]  # prefix tokens served from the cache, per request
+    was_on_host: List[bool]  # the user's cached prefix sat in the host tier
+    batch_bytes: Tuple[int, int] = (0, 0)  # (onloaded, offloaded) by the batch
+
+    @property
+    def tiers(self) -> List[str]:
+        """TIERS: where each request's cached prefix came from."""
+        return ["miss" if c == 0 else "host" if h else "gpu"
+                for c, h in zip(self.cached, self.was_on_host)]
+
+    @property
+    def computed(self) -> List[int]:
+        """Tokens computed per request: uncached history + candidates."""
+        return [r.seq_len - c + r.candidates.numel() for r, c in zip(self.requests, self.cached)]
+
+    @property
+    def onloaded_bytes(self) -> List[int]:
+        """The batch's onloads shared out by the host-tier tokens each request brought back."""
+        host = [c if h else 0 for c, h in zip(self.cached, self.was_on_host)]
+        return apportion(self.batch_bytes[0], host)
+
+    @property
+    def offloaded_bytes(self) -> List[int]:
+        """The batch's offloads shared out by the new tokens that needed room."""
+        return apportion(self.batch_bytes[1],
+                         [r.seq_len - c for r, c in zip(self.requests, self.cached)])
 
 
 def apportion(total: int, weights: Sequence[int]) -> List[int]:
@@ -75,7 +96,7 @@ class Server:
     @torch.no_grad()
     def serve(self, requests: Sequence[Request], *, return_hidden: bool = False) -> Served:
         with phase("rank.plan"):
-            cached, tiers, table, on_layer = self._plan_pages(requests)
+            cached, was_on_host, table, on_layer = self._plan_pages(requests)
         with phase("rank.tokens"):
             tokens = self.model.embeddings.tokens(requests, cached, self.device)
             batch = make_batch(tokens.rows, tokens.num_candidates, self.device, table)
@@ -86,27 +107,20 @@ class Server:
             with phase("rank.graph"):
                 self._onload_all(on_layer)
                 logits, h = self.graphs.run(self.graphs.stage_step(tokens, batch))
-        news = [r.seq_len - c for r, c in zip(requests, cached)]
-        onloaded, offloaded = self._bytes_moved()
-        host = [c if t == "host" else 0 for c, t in zip(cached, tiers)]
-        return Served(logits=logits, hidden=h if return_hidden else None, cached=cached,
-                      tiers=tiers,
-                      computed=[n + r.candidates.numel() for n, r in zip(news, requests)],
-                      onloaded_bytes=apportion(onloaded, host),
-                      offloaded_bytes=apportion(offloaded, news))
+        return Served(logits=logits, hidden=h if return_hidden else None, requests=requests,
+                      cached=cached, was_on_host=was_on_host, batch_bytes=self._bytes_moved())
 
     def _plan_pages(self, requests):
-        """Lookup and page planning: (cached prefix per request, its tier, PageTable or None,
-        the onload hook or None). Making room offloads or evicts least-recent users."""
+        """Lookup and page planning: (cached prefix per request, whether it sat in the host
+        tier, PageTable or None, the onload hook or None). Making room offloads or evicts
+        least-recent users."""
         if self.manager is None:
-            return [0] * len(requests), ["miss"] * len(requests), None, None
+            return [0] * len(requests), [False] * len(requests), None, None
         # Which users sit in the host tier is known only before planning moves them back.
         on_host = getattr(self.manager.cache, "host_users", {})
         was_on_host = [r.user in on_host for r in requests]
         cached, table, on_layer = self.manager.plan(requests)
-        tiers = ["miss" if c == 0 else "host" if h else "gpu"
-                 for c, h in zip(cached, was_on_host)]
-        return cached, tiers, table, on_layer
+        return cached, was_on_host, table, on_layer
 
     def _onload_all(self, on_layer) -> None:
         """One graph replay runs every layer: all onloads must land before it."""
@@ -114,7 +128,7 @@ class Server:
             for layer in range(len(self.model.block.layers)):
                 on_layer(layer)
 
-    def _bytes_moved(self):
+    def _bytes_moved(self) -> Tuple[int, int]:
         """(onloaded, offloaded) bytes of the batch just planned."""
         if self.manager is None or not self.manager.batches:
             return 0, 0

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from hstu_exp.bench.serve import percentile, pick_batch, simulate, violations_to_miss
 from hstu_exp.data.arrivals import histories, poisson_arrivals, read_trace, TraceError

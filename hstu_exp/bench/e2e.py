@@ -30,12 +30,10 @@ import torch
 from hstu_exp.bench.measure import Measured, stop_rule
 from hstu_exp.bench.roofline import block_work
 from hstu_exp.bench.timer import reset_peak_memory
-from hstu_exp.builders import (kernel_args, model_dtype, shared_cache, shared_graphs,
-                               shared_ranker)
+from hstu_exp.builders import model_dtype, shared_server
 from hstu_exp.config import E2E_MODES
 from hstu_exp.data.synthetic import stream_for
 from hstu_exp.env import ClockSampler
-from hstu_exp.kvcache.manager import KVCacheManager
 from hstu_exp.serving import rank
 
 # Per-batch cache statistics (KVCacheManager.batches), also summed over a pass in the record.
@@ -59,22 +57,14 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
     stream = stream_for(m, w, seed=cfg.seed)
     progress(f"stream: {w.num_batches} batches of {B} users ({w.num_users or B} users), history "
              f"{w.history_start}..{stream.max_history} step {w.history_step}, {k} candidates")
-    model = shared_ranker(m, kernel=kernel_args(cfg.kernel), device=device, dtype=dtype,
-                          seed=cfg.seed)
-    manager = None
-    if cached:
-        manager = KVCacheManager(shared_cache(m, cfg.cache, device=device, dtype=dtype),
-                                 warn=progress)
-    graphs = None
-    if graphed:
-        graphs = shared_graphs(model, manager.cache if manager else None, m, cfg.graph,
-                               device=device, dtype=dtype, progress=progress)
-        graphs.used.clear()
+    server = shared_server(m, cfg.cache, cfg.graph, cfg.kernel, cached=cached, graphed=graphed,
+                           device=device, dtype=dtype, seed=cfg.seed, progress=progress)
+    model, manager, graphs = server.model, server.manager, server.graphs
 
     starts: List[List[int]] = []  # cached prefix per request of each batch served
 
     def step(batch):
-        out = rank(model, batch, device=device, manager=manager, graphs=graphs)
+        out = server.serve(batch).logits
         starts.append(manager.last_starts if manager is not None else [0] * len(batch))
         return out
 

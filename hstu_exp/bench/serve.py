@@ -37,13 +37,11 @@ from hstu_exp.bench.e2e import _relative_error
 from hstu_exp.bench.measure import Measured
 from hstu_exp.bench.roofline import block_work
 from hstu_exp.bench.timer import StopRule
-from hstu_exp.builders import (kernel_args, model_dtype, shared_cache, shared_graphs,
-                               shared_ranker)
+from hstu_exp.builders import model_dtype, shared_server
 from hstu_exp.data.arrivals import histories, poisson_arrivals, read_trace
 from hstu_exp.data.synthetic import Request, interleave
 from hstu_exp.env import ClockSampler
-from hstu_exp.kvcache.manager import KVCacheManager
-from hstu_exp.serving import TIERS, Server, rank
+from hstu_exp.serving import TIERS, rank
 
 REQUESTS_FILE = "requests.csv"
 REQUEST_COLUMNS = ("request", "user", "arrival_s", "start_s", "finish_s", "latency_ms",
@@ -215,16 +213,11 @@ class ServePoint:
         m, w = cfg.model, cfg.workload
         self.cfg, self.w, self.device, self.progress = cfg, w, device, progress
         dtype = model_dtype(m)
-        self.model = shared_ranker(m, kernel=kernel_args(cfg.kernel), device=device, dtype=dtype,
-                                   seed=cfg.seed)
-        cache = shared_cache(m, cfg.cache, device=device, dtype=dtype)
-        manager = KVCacheManager(cache, warn=progress) if cache is not None else None
-        self.graphs = None
-        if cfg.graph.mode == "cudagraph":
-            self.graphs = shared_graphs(self.model, cache, m, cfg.graph, device=device,
-                                        dtype=dtype, progress=progress)
-            self.graphs.used.clear()
-        self.server = Server(self.model, device=device, manager=manager, graphs=self.graphs)
+        self.server = shared_server(m, cfg.cache, cfg.graph, cfg.kernel,
+                                    cached=cfg.cache.mode != "none",
+                                    graphed=cfg.graph.mode == "cudagraph", device=device,
+                                    dtype=dtype, seed=cfg.seed, progress=progress)
+        self.model, self.graphs = self.server.model, self.server.graphs
         self.users = UserSequences(m, cfg.seed)
         self.dtype = dtype
 
