@@ -128,6 +128,9 @@ class ServeWorkload(WorkloadConfig):
     slo_ms: float = 80.0  # the SLO: latency at slo_percentile <= slo_ms (MLPerf DLRMv3: p99 80)
     slo_percentile: float = 99.0
     search_steps: int = 6  # max_qps: bisection steps after the bracket is found
+    # Stop a run once the SLO is surely missed (search trials always do): bounds the time an
+    # overloaded point takes; its percentiles then cover the finished requests only (valid=false).
+    stop_on_miss: bool = False
     verify_requests: int = 16  # verify=true: requests sampled and checked vs a full recompute
 
 

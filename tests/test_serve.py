@@ -349,3 +349,53 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, overrides, message):
     assert len(lines) == 1 and lines[0].startswith("hstu-exp: error: "), out.stderr
     assert message in lines[0], lines[0]
     assert not run_dir.exists()  # nothing written
+
+
+def test_offline_mode_serves_back_to_back_and_stop_on_miss_bounds_a_run(tmp_path):
+    out = hstu_exp("experiment=serve_smoke", "cache=paged", "workload.mode=offline",
+                   "verify=false", f"hydra.run.dir={tmp_path / 'offline'}", env=ONE_THREAD)
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads((tmp_path / "offline" / "results.jsonl").read_text())
+    rows = read_csv(tmp_path / "offline" / "requests.csv")
+    check_requests(record, rows)
+    assert record["mode"] == "offline-fifo" and record["qps"] == 10.0
+    assert all(float(r["arrival_s"]) == 0 for r in rows)  # every request there at once
+    spans = sorted({(float(r["start_s"]), float(r["finish_s"])) for r in rows})
+    assert spans[0][0] == 0  # the server starts at once and never idles
+    assert all(b[0] == pytest.approx(a[1], abs=1e-12) for a, b in zip(spans, spans[1:]))
+    assert record["busy_fraction"] == pytest.approx(1.0)
+    assert record["achieved_qps"] > record["offered_qps"]  # the tiny model outruns 10 qps
+
+    out = hstu_exp("experiment=serve_smoke", "cache=paged", "workload.stop_on_miss=true",
+                   "workload.slo_ms=0.01", "verify=false", f"hydra.run.dir={tmp_path / 'miss'}",
+                   env=ONE_THREAD)
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads((tmp_path / "miss" / "results.jsonl").read_text())
+    rows = read_csv(tmp_path / "miss" / "requests.csv")
+    assert record["stopped_early"] and not record["slo_met"] and record["valid"] is False
+    assert "stopped early" in record["invalid_reason"]
+    assert any(r["finish_s"] == "" for r in rows)  # the rest was never served
+
+
+@pytest.mark.parametrize("experiment", ["serve_smoke", "serve_qps", "serve_slo"])
+def test_the_presets_compose_and_every_grid_point_is_possible(experiment):
+    """Each preset's grid validates and no point is refused (device and kernel set for this
+    machine: the GPU presets run on the H200)."""
+    import itertools
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from hstu_exp.cli import CONF_DIR
+    from hstu_exp.config import point_problem, validate
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        base = [f"experiment={experiment}", "device=cpu", "kernel=reference"]
+        params = OmegaConf.select(compose("config", overrides=base, return_hydra_config=True),
+                                  "hydra.sweeper.params")
+        keys = list(params)
+        for values in itertools.product(*(str(params[k]).split(",") for k in keys)):
+            cfg = compose("config", overrides=base + [f"{k}={v}" for k, v in zip(keys, values)])
+            validate(cfg)
+            assert cfg.workload.name == "serve"
+            assert point_problem(cfg) is None, (values, point_problem(cfg))

@@ -279,7 +279,7 @@ class ServePoint:
 
         buckets = [token_bucket(self.cfg.model.num_context + h + c, self.cfg.graph.token_buckets)
                    for h, c in zip(stream.history, stream.candidates)]
-        give_up = _slo_give_up(stream, w) if search else None
+        give_up = _slo_give_up(stream, w) if search or w.stop_on_miss else None
         schedule = simulate(stream.times, stream.users, buckets, serve_batch,
                             max_batch=w.max_batch, max_wait_s=w.max_wait_ms / 1e3,
                             policy=w.policy, give_up=give_up)
@@ -447,7 +447,8 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> Measured:
         problems.append(f"too few counted requests ({extra['requests']} < min_requests "
                         f"{w.min_requests})")
     if best.schedule.stopped_early:
-        problems.append("stopped early (SLO missed)")
+        problems.append("stopped early, the SLO surely missed (percentiles of the finished "
+                        "requests only)")
     extra.update(valid=not problems, invalid_reason="; ".join(problems) or None,
                  policy=w.policy, max_batch=w.max_batch,
                  max_wait_ms=w.max_wait_ms, user_skew=w.user_skew, num_users=w.num_users,
