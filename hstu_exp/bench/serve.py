@@ -204,6 +204,7 @@ class Trial:
     service_s: List[float]  # per batch
     checked: list  # verify: (request, logits, hidden) of sampled requests
     slo: dict = field(default_factory=dict)
+    graph_captures: int = 0  # CUDA graph buckets first met (and captured) inside the trial
 
 
 class ServePoint:
@@ -280,10 +281,13 @@ class ServePoint:
         buckets = [token_bucket(self.cfg.model.num_context + h + c, self.cfg.graph.token_buckets)
                    for h, c in zip(stream.history, stream.candidates)]
         give_up = _slo_give_up(stream, w) if search or w.stop_on_miss else None
+        captured = len(self.graphs.graphs) if self.graphs is not None else 0
         schedule = simulate(stream.times, stream.users, buckets, serve_batch,
                             max_batch=w.max_batch, max_wait_s=w.max_wait_ms / 1e3,
                             policy=w.policy, give_up=give_up)
         trial = Trial(qps, stream, schedule, cols, service_s, checked)
+        if self.graphs is not None:  # a capture's time is in its batch's service time
+            trial.graph_captures = len(self.graphs.graphs) - captured
         trial.slo = slo_result(trial, w)
         return trial
 
@@ -358,6 +362,7 @@ def trial_stats(trial: Trial, w) -> dict:
            "batches": len(mine), "batch_size_hist": hist,
            "mean_batch_size": sum(len(b[2]) for b in mine) / max(len(mine), 1),
            "busy_fraction": busy / span, "stopped_early": s.stopped_early,
+           "graph_captures": trial.graph_captures,
            **{f"{t}_requests": tiers[t] for t in TIERS},
            **{f"{t}_hit_rate" if t != "miss" else "miss_rate": tiers[t] / n for t in TIERS},
            "cached_tokens": sum(cols["cached_tokens"][i] for i in counted),
