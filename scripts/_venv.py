@@ -2,8 +2,12 @@
 started a script lacks the project's packages (`scripts/goals.py ...` from a plain shell), runs
 the script again under the project's .venv."""
 import os
+import signal
 import sys
 from pathlib import Path
+
+# `scripts/goals.py SWEEP | head` should stop quietly, as other command-line tools do.
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
