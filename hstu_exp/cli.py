@@ -171,12 +171,12 @@ def _check_output_dir(cfg, multirun: bool, dir_given: bool) -> None:
 
 
 def _missing_e2e_packages(cfg):
-    if cfg.workload.name != "e2e":
+    if cfg.workload.name not in ("e2e", "serve"):  # the workloads with TorchRec embeddings
         return None
     missing = [name for name, module in (("torchrec", "torchrec"), ("fbgemm-gpu", "fbgemm_gpu"))
                if importlib.util.find_spec(module) is None]
     if missing:
-        return (f"workload=e2e: needs {' and '.join(missing)}, which "
+        return (f"workload={cfg.workload.name}: needs {' and '.join(missing)}, which "
                 f"{'is' if len(missing) == 1 else 'are'} not installed (scripts/setup_env.sh "
                 "installs them; see the README's install section)")
     return None

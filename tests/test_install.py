@@ -1,6 +1,6 @@
 """A plain `pip install .` (not editable) into a new venv that already has torch: the configs ship
-inside the package, a block point runs from any directory, and workload=e2e is refused with one
-line while torchrec is missing."""
+inside the package, a block point runs from any directory, and the workloads with TorchRec
+embeddings (e2e, serve) are refused with one line while torchrec is missing."""
 import json
 import os
 import re
@@ -68,11 +68,13 @@ def test_installed_package_runs_a_block_point_from_anywhere(installed):
     assert record["status"] == "ok" and record["median_ms"] > 0
 
 
-def test_installed_package_refuses_e2e_without_torchrec(installed):
+@pytest.mark.parametrize("workload", ["e2e", "serve"])
+def test_installed_package_refuses_embedding_workloads_without_torchrec(installed, workload):
     venv, root = installed
-    proc = run(venv, "workload=e2e", "logger=none", f"hydra.run.dir={root / 'e2e'}", cwd=root)
+    proc = run(venv, f"workload={workload}", "logger=none", f"hydra.run.dir={root / workload}",
+               cwd=root)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines() == [
-        "hstu-exp: error: workload=e2e: needs torchrec and fbgemm-gpu, which are not installed "
-        "(scripts/setup_env.sh installs them; see the README's install section)"]
-    assert not (root / "e2e").exists()
+        f"hstu-exp: error: workload={workload}: needs torchrec and fbgemm-gpu, which are not "
+        "installed (scripts/setup_env.sh installs them; see the README's install section)"]
+    assert not (root / workload).exists()

@@ -189,3 +189,15 @@ def test_dashboard_builds_offline():
                           capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if k != "WANDB_ENTITY"})
     assert proc.returncode == 2 and "--entity" in proc.stderr
+
+
+def test_run_names_lead_with_what_varies():
+    from hstu_exp.tracking.wandb_sink import run_name
+
+    common = {"model": "tiny", "cache": "paged", "kernel": "reference", "graph": "none"}
+    assert run_name({**common, "workload": "block", "batch_size": 2, "total_history": 256,
+                     "new_history": 32.0}) == "B2 T256 n32 · paged/reference/none · block tiny"
+    assert run_name({**common, "workload": "e2e", "mode": "cache", "batch_size": 4,
+                     "num_candidates": 32}).startswith("B4 c32 · cache/paged/")
+    assert run_name({**common, "workload": "serve", "mode": "online-fifo", "batch_size": 8,
+                     "qps": 200.0}).startswith("B8 qps200 · online-fifo/paged/")

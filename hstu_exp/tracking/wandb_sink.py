@@ -208,7 +208,9 @@ def run_name(r: dict) -> str:
     in the runs table still tells the points apart: 'B1 T256 n32 · paged/triton/cudagraph ·
     block tiny'."""
     where = [f"B{r.get('batch_size')}"]
-    if r.get("workload") == "e2e":
+    if r.get("workload") == "serve":  # offered load, not T and n, tells serve points apart
+        where.append(f"qps{_int(r.get('qps'))}")
+    elif r.get("workload") == "e2e":
         where.append(f"c{r.get('num_candidates')}")
     else:
         where += [f"T{r.get('total_history')}"] + (
