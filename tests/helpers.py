@@ -1,4 +1,5 @@
 """Running the real CLI from tests."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -100,3 +101,20 @@ def offline_runs(root):
     for d in sorted(Path(root).rglob("offline-run-*")):
         runs.setdefault(d.name.rsplit("-", 1)[-1], []).append(d)
     return runs
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    """A real tmpfs mounted at `path` (mount options such as "size=16m" or "ro,size=1m") for the
+    duration; the test is skipped where mounting is not permitted (not root)."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import FAST, ROOT, hstu_exp
+from helpers import FAST, ROOT, hstu_exp, tmpfs
 from test_sweep import assert_real_png
 
 GRID = ["model=tiny", "logger=none", "workload.batch_size=1,2", "cache=none,paged",
@@ -77,13 +77,7 @@ def test_torn_record_is_set_aside_and_resume_counts_the_point(sweep, tmp_path):
 
 
 def test_close_out_on_a_full_disk_fails_with_one_line_and_leaves_whole_files(sweep, tmp_path):
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "tmpfs", "size=16m") as mnt:
         s = mnt / "sweep"
         shutil.copytree(sweep, s)
         before = {p.name: p.read_bytes() for p in (s / "figures").glob("*.png")}
@@ -102,8 +96,6 @@ def test_close_out_on_a_full_disk_fails_with_one_line_and_leaves_whole_files(swe
         for name, data in before.items():
             png = s / "figures" / name
             assert png.read_bytes() == data or assert_real_png(png) is None
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 @pytest.mark.parametrize("where", ["figures", "results.jsonl"])

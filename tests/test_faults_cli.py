@@ -1,11 +1,10 @@
 """Faults at the command line, injected through the real CLI: each case gets one line naming the
 key or path, a non-zero exit, no traceback, and nothing already written is lost."""
 import json
-import subprocess
 
 import pytest
 
-from helpers import FAST, hstu_exp
+from helpers import FAST, hstu_exp, tmpfs
 
 QUIET = [*FAST, "logger=none"]
 
@@ -90,14 +89,8 @@ def test_output_dir_in_proc():
 
 @pytest.fixture
 def read_only_dir(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
-                           capture_output=True, text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mount.stderr.strip()}")
-    yield ro
-    subprocess.run(["umount", str(ro)], check=False)
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+        yield ro
 
 
 @pytest.mark.parametrize("multirun", [False, True], ids=["run", "sweep"])
