@@ -44,12 +44,15 @@ def test_layernorm_mul_matches_torch(rows, width):
 @pytest.mark.parametrize("rows,width", [(1, 64), (7, 96), (33, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_layernorm_mul_silu_on_load(rows, width, dtype):
-    """silu_u: u is the raw projection; the kernel must equal u -> SiLU (in u's dtype) -> * LN."""
+    """silu_u: u is the raw projection; the kernel must equal u -> SiLU (in u's dtype) -> * LN.
+    In float16 the two may round SiLU(u) to neighbouring values: two units in the last place
+    (float16's epsilon is 9.8e-4) are allowed, not the default one."""
     z = (torch.randn(rows, 3 * width, device=DEVICE) * 3 + 1).to(dtype)
     a, u = z[:, :width].float(), z[:, width:2 * width]
     w, b = torch.randn(width, device=DEVICE), torch.randn(width, device=DEVICE)
+    tol = {"rtol": 2e-3, "atol": 1e-3} if dtype == torch.float16 else {}
     torch.testing.assert_close(layernorm_mul(a, u, w, b, 1e-5, silu_u=True),
-                               layernorm_mul_torch(a, F.silu(u), w, b, 1e-5).to(dtype))
+                               layernorm_mul_torch(a, F.silu(u), w, b, 1e-5).to(dtype), **tol)
 
 
 @pytest.mark.parametrize("rows,width", [(1, 64), (5, 1000), (33, 256)])
