@@ -125,23 +125,23 @@ def shared_cache(model, cache, *, device, dtype):
 
 
 def shared_graphs(module, cache, model, graph, *, device, dtype, progress):
-    """Graph runner of `module`: an HSTUBlock (GraphedBlock) or a whole HSTURanker
-    (GraphedRanker: embeddings, block and heads in each graph)."""
-    from hstu_exp.graphs import GraphedBlock, GraphedRanker
-
-    runner = GraphedBlock if isinstance(module, HSTUBlock) else GraphedRanker
+    """Graph runner of `module` over one `BucketGraphs` core: an HSTUBlock (GraphedBlock) or a
+    whole HSTURanker (GraphedRanker: embeddings, block and heads in each graph)."""
+    from hstu_exp.graphs import BucketGraphs, GraphedBlock, GraphedRanker
 
     def make():
-        return runner(
-            module, hidden=model.hidden, dtype=dtype, device=device,
-            batch_buckets=graph.batch_buckets, token_buckets=graph.token_buckets,
+        core = BucketGraphs(
+            device=device, batch_buckets=graph.batch_buckets, token_buckets=graph.token_buckets,
             pool=None if cache is None else cache.pool,
             page_size=0 if cache is None else cache.page_size, max_history=model.max_history,
             scratch_page=0 if cache is None else cache.scratch_page, progress=progress)
+        if isinstance(module, HSTUBlock):
+            return GraphedBlock(module, core, hidden=model.hidden, dtype=dtype)
+        return GraphedRanker(module, core)
     # id() is a safe key only because `reuse` drops the graphs whenever it rebuilds a module or
     # a cache (so an id is never reused by a new object while these graphs live).
     graphs = reuse("graphs", [_plain(graph), id(module), id(cache)], make)
-    graphs.progress = progress
+    graphs.core.progress = progress
     return graphs
 
 
@@ -163,6 +163,6 @@ def shared_server(model, cache, graph, kernel, *, cached: bool, graphed: bool, d
     if graphed:
         graphs = shared_graphs(ranker, manager.cache if manager else None, model, graph,
                                device=device, dtype=dtype, progress=progress)
-        graphs.used.clear()
+        graphs.core.used.clear()
     return Server(ranker, device=device, manager=manager, graphs=graphs)
 

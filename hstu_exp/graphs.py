@@ -6,12 +6,14 @@ to its bucket: extra users have length 0, rows past the last user are dead (comp
 read), padded K/V appends go to the cache's scratch page. Metadata is padded on the host and
 travels as one packed buffer, so a replay is: copy x, copy one host buffer, replay.
 
-`GraphedRanker` captures the device part of an e2e step (embeddings, block, candidate rows,
-heads: `ranking.forward_rows`) the same way, with the token ids padded too; at batch 1 the
-embedding and head launches cost the host about as much as the whole block.
+`BucketGraphs` is that mechanism; two thin front-ends use it. `GraphedBlock` replays the block
+alone (workload=block). `GraphedRanker` replays the device part of a ranking step (embeddings,
+block, candidate rows, heads: `ranking.forward_rows`) with the token ids padded too; at batch 1
+the embedding and head launches cost the host about as much as the whole block.
 """
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
@@ -150,23 +152,30 @@ def static_tokens(views: dict, keys, bucket: Bucket):
 
 
 class _Captured:
-    def __init__(self, meta, x, out, graph):
-        self.meta, self.x, self.out, self.graph = meta, x, out, graph  # meta: packed, device
+    def __init__(self, meta, inputs, out, graph):
+        # meta: the packed metadata on the device; inputs: static tensors a step copies into
+        self.meta, self.inputs, self.out, self.graph = meta, inputs, out, graph
 
 
-class GraphedBlock:
-    """Replays captured forwards of `block`; `pool` is the KV pool (None for full mode)."""
+class BucketGraphs:
+    """The core of both graph runners: the buckets, metadata padding, one memory pool, and one
+    graph per bucket, captured on first use. `pool` is the KV pool (None in full mode).
 
-    def __init__(self, block, *, hidden: int, dtype: torch.dtype, device, batch_buckets,
-                 token_buckets, pool: Optional[torch.Tensor] = None, page_size: int = 0,
-                 max_history: int = 0, scratch_page: int = 0, progress=None):
-        self.block, self.pool = block, pool
-        self.hidden, self.dtype, self.device = hidden, dtype, torch.device(device)
+    Captures are counted and timed (synchronized): a server captures a bucket it meets mid-run
+    inside a batch's wall time, and `capture_s` lets it take that cost off the batch's clock,
+    as a production server that captured its buckets at start-up would."""
+
+    def __init__(self, *, device, batch_buckets, token_buckets,
+                 pool: Optional[torch.Tensor] = None, page_size: int = 0, max_history: int = 0,
+                 scratch_page: int = 0, progress=None):
+        self.device, self.pool = torch.device(device), pool
         self.batch_buckets, self.token_buckets = list(batch_buckets), list(token_buckets)
         self.page_size, self.max_history, self.scratch = page_size, max_history, scratch_page
         self.pages_per_user = -(-max_history // page_size) if page_size else 0
         self.mempool = torch.cuda.graph_pool_handle()
         self.graphs: Dict[Bucket, _Captured] = {}
+        self.used: set = set()  # bucket names replayed (a workload clears it per point)
+        self.capture_s = 0.0
         self.progress = progress or (lambda msg: None)
 
     def bucket_for(self, batch: Batch) -> Bucket:
@@ -177,80 +186,94 @@ class GraphedBlock:
             kv = _kv_bucket(batch.pages.max_kv_len, self.page_size, self.max_history)
         return Bucket(b, t, kv)
 
-    def stage(self, batch: Batch, rows: int) -> Staged:
-        """Pad the batch's metadata to its bucket on the host (no device work at all)."""
-        bucket = self.bucket_for(batch)
-        padded = pad_metadata(batch, bucket, pages_per_user=self.pages_per_user,
-                              scratch_page=self.scratch)
-        host, layout = pack(padded, pin=self.device.type == "cuda")
-        return Staged(bucket, rows, host, layout)
+    def pad(self, batch: Batch, bucket: Bucket) -> Dict[str, np.ndarray]:
+        return pad_metadata(batch, bucket, pages_per_user=self.pages_per_user,
+                            scratch_page=self.scratch)
+
+    def stage(self, arrays: Dict[str, np.ndarray], bucket: Bucket, rows: int,
+              candidates: int = 0) -> Staged:
+        """Padded host arrays packed into one buffer (pinned on CUDA); no device work."""
+        host, layout = pack(arrays, pin=self.device.type == "cuda")
+        return Staged(bucket, rows, host, layout, candidates)
 
     @torch.no_grad()
-    def _capture(self, staged: Staged) -> _Captured:
-        bucket = staged.bucket
-        self.progress(f"capturing CUDA graph for bucket {bucket.name}")
-        meta = staged.host.to(self.device)
-        views = unpack(meta, staged.layout)
-        if bucket.kv:  # warm-up and capture append into the scratch page, not a user's pages
-            views["new_page"].fill_(self.scratch)
-        x = torch.zeros(bucket.rows, self.hidden, dtype=self.dtype, device=self.device)
-        batch = static_batch(bucket, views)
-        graph, out = capture(lambda: self.block(x, batch, self.pool), self.mempool)
-        return _Captured(meta, x, out, graph)
-
-    def replay(self, x: torch.Tensor, staged: Staged) -> torch.Tensor:
+    def get_or_capture(self, staged: Staged, build, what: str) -> _Captured:
+        """The bucket's graph; on a miss, `build(views, batch)` over the bucket's static
+        buffers returns (the step to capture, its static input tensors)."""
         cap = self.graphs.get(staged.bucket)
         if cap is None:
-            cap = self.graphs[staged.bucket] = self._capture(staged)
-        cap.x[:staged.rows].copy_(x)
+            bucket = staged.bucket
+            self.progress(f"capturing CUDA graph of {what} for bucket {bucket.name}")
+            torch.cuda.synchronize(self.device)
+            t = time.perf_counter()
+            meta = staged.host.to(self.device)
+            views = unpack(meta, staged.layout)
+            if bucket.kv:  # warm-up and capture append into the scratch page, not user pages
+                views["new_page"].fill_(self.scratch)
+            step, inputs = build(views, static_batch(bucket, views))
+            graph, out = capture(step, self.mempool)
+            cap = self.graphs[bucket] = _Captured(meta, inputs, out, graph)
+            torch.cuda.synchronize(self.device)
+            self.capture_s += time.perf_counter() - t
+        self.used.add(staged.bucket.name)
+        return cap
+
+    def replay(self, cap: _Captured, staged: Staged) -> None:
         # Same bucket, same layout: one non_blocking copy from pinned memory, ordered on the
         # stream after the previous replay that read this buffer (no host sync).
         cap.meta.copy_(staged.host, non_blocking=True)
         cap.graph.replay()
+
+
+class GraphedBlock:
+    """Replays captured forwards of an HSTU block, one per bucket of `core`."""
+
+    def __init__(self, block, core: BucketGraphs, *, hidden: int, dtype: torch.dtype):
+        self.block, self.core, self.hidden, self.dtype = block, core, hidden, dtype
+
+    def stage(self, batch: Batch, rows: int) -> Staged:
+        bucket = self.core.bucket_for(batch)
+        return self.core.stage(self.core.pad(batch, bucket), bucket, rows)
+
+    def replay(self, x: torch.Tensor, staged: Staged) -> torch.Tensor:
+        core = self.core
+
+        def build(views, batch):
+            static_x = torch.zeros(staged.bucket.rows, self.hidden, dtype=self.dtype,
+                                   device=core.device)
+            return (lambda: self.block(static_x, batch, core.pool)), static_x
+
+        cap = core.get_or_capture(staged, build, "the block")
+        cap.inputs[:staged.rows].copy_(x)
+        core.replay(cap, staged)
         return cap.out[:staged.rows]
 
 
-class GraphedRanker(GraphedBlock):
-    """Replays captured `forward_rows(model, ...)` (embeddings -> block -> heads) per bucket:
-    a step is host bookkeeping, one packed copy and one replay."""
+class GraphedRanker:
+    """Replays captured `forward_rows(model, ...)` (embeddings -> block -> heads) per bucket of
+    `core`: a step is host bookkeeping, one packed copy and one replay."""
 
-    def __init__(self, model, **kwargs):
-        super().__init__(model.block, **kwargs)
-        self.model = model
-        self.used: set = set()  # bucket names replayed (a workload clears it per point)
+    def __init__(self, model, core: BucketGraphs):
+        self.model, self.core = model, core
 
     def stage_step(self, tokens, batch: Batch) -> Staged:
-        bucket = self.bucket_for(batch)
-        arrays = pad_metadata(batch, bucket, pages_per_user=self.pages_per_user,
-                              scratch_page=self.scratch)
+        bucket = self.core.bucket_for(batch)
+        arrays = self.core.pad(batch, bucket)
         arrays.update(pad_tokens(tokens, bucket))
-        host, layout = pack(arrays, pin=self.device.type == "cuda")
-        return Staged(bucket, tokens.num_rows, host, layout,
-                      candidates=int(tokens.host["candidate_rows"].size))
-
-    @torch.no_grad()
-    def _capture(self, staged: Staged) -> _Captured:
-        from hstu_exp.model.ranking import forward_rows
-
-        bucket = staged.bucket
-        self.progress(f"capturing CUDA graph of the ranking step for bucket {bucket.name}")
-        meta = staged.host.to(self.device)
-        views = unpack(meta, staged.layout)
-        if bucket.kv:  # warm-up and capture append into the scratch page, not a user's pages
-            views["new_page"].fill_(self.scratch)
-        batch = static_batch(bucket, views)
-        tokens = static_tokens(views, self.model.embeddings.keys, bucket)
-        graph, out = capture(lambda: forward_rows(self.model, tokens, batch, self.pool),
-                             self.mempool)
-        return _Captured(meta, None, out, graph)
+        return self.core.stage(arrays, bucket, tokens.num_rows,
+                               candidates=int(tokens.host["candidate_rows"].size))
 
     def run(self, staged: Staged):
         """(logits, candidate hidden states) of the staged batch, views of the graph's output."""
-        cap = self.graphs.get(staged.bucket)
-        if cap is None:
-            cap = self.graphs[staged.bucket] = self._capture(staged)
-        self.used.add(staged.bucket.name)
-        cap.meta.copy_(staged.host, non_blocking=True)
-        cap.graph.replay()
+        from hstu_exp.model.ranking import forward_rows
+
+        core = self.core
+
+        def build(views, batch):
+            tokens = static_tokens(views, self.model.embeddings.keys, staged.bucket)
+            return (lambda: forward_rows(self.model, tokens, batch, core.pool)), None
+
+        cap = core.get_or_capture(staged, build, "the ranking step")
+        core.replay(cap, staged)
         logits, h = cap.out
         return logits[:staged.candidates], h[:staged.candidates]

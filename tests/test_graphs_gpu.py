@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from hstu_exp.graphs import GraphedBlock
+from hstu_exp.graphs import BucketGraphs, GraphedBlock
 from hstu_exp.kvcache.paged import PagedKVCache
 from hstu_exp.model.hstu import HSTUBlock
 from hstu_exp.model.jagged import make_batch
@@ -23,9 +23,10 @@ def block_and_cache(kernel):
 @torch.no_grad()
 def test_replay_equals_eager_paged(kernel):
     block, cache = block_and_cache(kernel)
-    graphs = GraphedBlock(block, hidden=64, dtype=torch.float32, device="cuda",
-                          batch_buckets=[2, 4], token_buckets=[64, 128], pool=cache.pool,
-                          page_size=16, max_history=512, scratch_page=cache.scratch_page)
+    core = BucketGraphs(device="cuda", batch_buckets=[2, 4], token_buckets=[64, 128],
+                        pool=cache.pool, page_size=16, max_history=512,
+                        scratch_page=cache.scratch_page)
+    graphs = GraphedBlock(block, core, hidden=64, dtype=torch.float32)
     eager_cache = PagedKVCache(num_layers=2, num_pages=256, page_size=16, num_heads=2,
                                head_dim=32, dtype=torch.float32, device="cuda")
     gen = torch.Generator().manual_seed(1)
@@ -40,17 +41,18 @@ def test_replay_equals_eager_paged(kernel):
         ref = block(x, eager_batch, eager_cache.pool)
         torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-4)
         assert staged.bucket.batch >= len(users)
-    assert len(graphs.graphs) >= 2  # several buckets, each captured once
+    assert len(core.graphs) >= 2 and len(core.used) == len(core.graphs)  # each captured once
 
 
 @torch.no_grad()
 def test_replay_equals_eager_full():
     block, _ = block_and_cache("reference")
-    graphs = GraphedBlock(block, hidden=64, dtype=torch.float32, device="cuda",
-                          batch_buckets=[4], token_buckets=[256])
+    graphs = GraphedBlock(block, BucketGraphs(device="cuda", batch_buckets=[4],
+                                              token_buckets=[256]), hidden=64,
+                          dtype=torch.float32)
     for rows, cands in [([100, 30], [10, 0]), ([256, 1, 7], [56, 1, 7])]:
         x = torch.randn(sum(rows), 64, device="cuda")
         batch = make_batch(rows, cands, "cuda")
         out = graphs.replay(x, graphs.stage(batch, sum(rows))).clone()
         torch.testing.assert_close(out, block(x, batch), rtol=2e-4, atol=2e-4)
-    assert len(graphs.graphs) == 1
+    assert len(graphs.core.graphs) == 1 and graphs.core.capture_s > 0

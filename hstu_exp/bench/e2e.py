@@ -96,7 +96,7 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
              "history_start": w.history_start, "history_step": w.history_step}
     extra.update(_cache_stats(manager, work))
     if graphs is not None:
-        extra["bucket"] = ",".join(sorted(graphs.used))
+        extra["bucket"] = ",".join(sorted(graphs.core.used))
     flops, nbytes = _block_work_per_batch(m, dtype, work)
 
     def profiled(i: int):  # one pass over the stream, batch by batch, on an emptied cache
