@@ -61,6 +61,24 @@ def _string(value):
     return None if value is None else str(value)
 
 
+def _boot_id():
+    """This boot of this machine: two records with different boot ids ran on different machine
+    starts, even where the hostname is the same (a lent VM is always called `vm`)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _gpu_uuid(device: torch.device):
+    """The physical GPU (its UUID), so two runs can tell one card from another."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    return None if uuid is None else f"GPU-{uuid}"
+
+
 @functools.lru_cache(maxsize=None)
 def environment(device_type: str) -> dict:
     """What a point ran on and with. Versions are strings (a CSV reader must not turn CUDA
@@ -90,6 +108,8 @@ def environment(device_type: str) -> dict:
         "git_sha": git_sha,
         "git_dirty": dirty,
         "hostname": socket.gethostname(),
+        "boot_id": _boot_id(),
+        "gpu_uuid": _gpu_uuid(device),
         "cpu_model": _cpu_model(),
         "cpu_cores": os.cpu_count(),
     }

@@ -245,3 +245,28 @@ def test_goals_table_judges_e2e_speedup_by_its_interval(tmp_path):
     assert re.search(r"\| 3\.\d\dx \| [0-2]\.\d\d-", rows[4]) and rows[4].rstrip().endswith(
         "| no |"), rows[4]
     assert rows[16].rstrip().endswith("| no (invalid point) |"), rows[16]
+
+
+def test_agreement_says_what_the_records_know_about_a_difference(two_sweeps, tmp_path, capsys):
+    """B/A within its interval agrees; a 1 % shift outside the (±0.25 %) intervals is put down
+    to what the records show: another GPU, another boot, throttling, or none of them."""
+    def on(uuid, boot, throttled=False):
+        return lambda r: {**r, "gpu_uuid": uuid, "boot_id": boot, "throttled": throttled,
+                          "valid": not throttled}
+
+    a = edited_copy(two_sweeps[0], tmp_path / "a", lambda r: on("GPU-1", "boot-1")(steady(r)))
+    same = edited_copy(a, tmp_path / "same", lambda r: r)
+    cases = {"card": (on("GPU-2", "boot-2"), "no: another GPU"),
+             "boot": (on("GPU-1", "boot-2"), "no: another boot"),
+             "hot": (on("GPU-1", "boot-1", throttled=True), "no: throttled in B"),
+             "code": (on("GPU-1", "boot-1"), "no: same GPU and boot: a real difference")}
+    assert compare_main([str(a), str(same), "--no-figure"]) == 0
+    out = capsys.readouterr().out
+    assert "agreement: 4 of 4 points with B/A's 95% interval holding 1" in out
+    for name, (where, verdict) in cases.items():
+        b = edited_copy(a, tmp_path / name, lambda r, w=where: slower(1.01)(w(r)))
+        assert compare_main([str(a), str(b), "--no-figure"]) == 0
+        out = capsys.readouterr().out
+        rows = [line for line in out.splitlines() if re.match(r"^\s*(none|paged)\s", line)]
+        assert len(rows) == 4 and all(line.rstrip().endswith(verdict) for line in rows), out
+        assert "agreement: 0 of 4 points" in out and verdict[4:] in out.splitlines()[-1]

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +39,8 @@ def test_environment_says_what_the_machine_says(monkeypatch):
     assert env["wandb"] == importlib.metadata.version("wandb")
     assert env["python"] == platform.python_version()
     assert env["cpu_cores"] == os.cpu_count() and env["cpu_model"]
+    assert env["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert env["gpu_uuid"] is None  # a CPU point names no GPU
     head = git("rev-parse", "--short=12", "HEAD")
     if head:
         assert env["git_sha"] == head
@@ -65,6 +68,18 @@ def test_clocks_without_nvml_are_unavailable_never_a_crash():
         assert reason.startswith("NVML: ModuleNotFoundError") and "pynvml" in reason
     else:
         assert reason.startswith("NVML: NVMLError"), reason
+
+
+@pytest.mark.gpu
+def test_the_gpu_is_named_by_the_uuid_nvidia_smi_gives():
+    environment.cache_clear()
+    try:
+        env = environment("cuda")
+    finally:
+        environment.cache_clear()
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.split()
+    assert env["gpu_uuid"].startswith("GPU-") and env["gpu_uuid"] in smi, (env, smi)
 
 
 @pytest.mark.gpu

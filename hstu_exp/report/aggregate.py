@@ -21,7 +21,7 @@ from hstu_exp.tracking.records import (ENV_KEYS, RESULTS_FILE, SWEPT_KEYS, scan_
 CSV_FILE = "results.csv"
 # Columns that are text whatever they look like: pandas reads cuda 13.0 as a float, a driver
 # 580.159.04 with NaNs as object, and a git sha made of digits as an integer.
-STRING_COLUMNS = ENV_KEYS + ["wandb", "python", "cpu_model", "gpu_uuid", "reason", "error",
+STRING_COLUMNS = ENV_KEYS + ["reason", "error",
                              "invalid_reason", "headline", "config_key", "name", "sweep",
                              "job_dir", "time", "overrides", "throttle_reasons"]
 _NOT_IN_CSV = ("samples_ms", "traceback")

@@ -40,6 +40,8 @@ _SHORT = {"batch_size": "B", "total_history": "T", "new_history": "n", "num_cand
 
 
 CompareError = SweepError  # bad input of any kind: one line, exit 2
+# Where and how each side ran: what explains a difference the intervals do not cover.
+WHERE = ["gpu_uuid", "boot_id", "throttled", "valid", "invalid_reason"]
 # Without these a point cannot be joined or compared at all.
 NEEDED = ["workload", "batch_size", "median_ms"]
 
@@ -82,7 +84,7 @@ def join(a: pd.DataFrame, b: pd.DataFrame, ignore=()) -> tuple[pd.DataFrame, lis
     sides = []
     for df, tag in ((a, "a"), (b, "b")):
         df = df.drop_duplicates(on, keep="last")  # a point run twice: its newest record
-        cols = {m: f"{m}_{tag}" for m in metrics + ["samples_ms"] if m in df}
+        cols = {m: f"{m}_{tag}" for m in metrics + ["samples_ms"] + WHERE if m in df}
         sides.append(df[on + list(cols)].rename(columns=cols))
     joined = sides[0].merge(sides[1], on=on, how="inner")
     for m in metrics:
@@ -97,9 +99,65 @@ def join(a: pd.DataFrame, b: pd.DataFrame, ignore=()) -> tuple[pd.DataFrame, lis
         lows.append(lo)
         highs.append(hi)
     joined["median_ms_ci_low"], joined["median_ms_ci_high"] = lows, highs
+    joined["agrees"], joined["why_not"] = zip(*(agreement(r) for _, r in joined.iterrows())) \
+        if len(joined) else ([], [])
     joined.attrs["only_a"] = len(sides[0]) - len(joined)
     joined.attrs["only_b"] = len(sides[1]) - len(joined)
     return joined, on, differ
+
+
+def _true(v) -> bool:
+    return v is True or str(v).lower() == "true"
+
+
+def _known(v) -> bool:
+    return v is not None and v == v and str(v) not in ("", "nan", "None")
+
+
+def agreement(r) -> tuple:
+    """(whether B/A's 95 % interval holds 1, what the records say about a difference).
+
+    The interval covers the sampling noise within each run, not what differs between runs: a
+    second card of the same kind (cards differ by up to ~20 %; two starts of the lent H200 VM
+    differed by 0.7-0.9 %), a second boot, a throttled or invalid point. Where the records
+    name such a cause, `why_not` says it; where they name none, the difference is the code's
+    or the settings'."""
+    lo, hi = r.get("median_ms_ci_low"), r.get("median_ms_ci_high")
+    if lo is None or lo != lo:
+        return None, "no samples"
+    if lo <= 1.0 <= hi:
+        return True, ""
+    why = []
+    ua, ub = r.get("gpu_uuid_a"), r.get("gpu_uuid_b")
+    ba, bb = r.get("boot_id_a"), r.get("boot_id_b")
+    if _known(ua) and _known(ub) and ua != ub:
+        why.append("another GPU")
+    elif _known(ba) and _known(bb) and ba != bb:
+        why.append("another boot")
+    elif not (_known(ua) and _known(ub)) and not (_known(ba) and _known(bb)):
+        why.append("machine not recorded")
+    for side in ("a", "b"):
+        if _true(r.get(f"throttled_{side}")):
+            why.append(f"throttled in {side.upper()}")
+        elif str(r.get(f"valid_{side}")).lower() == "false":
+            why.append(f"invalid in {side.upper()}")
+    return False, ", ".join(why) or "same GPU and boot: a real difference"
+
+
+def agreement_line(joined: pd.DataFrame) -> str:
+    """How many points agree within their intervals, and why the others may not."""
+    known = joined["agrees"].dropna() if "agrees" in joined else pd.Series(dtype=object)
+    if known.empty:
+        return "agreement: no samples, no intervals"
+    n_ok = int(known.astype(bool).sum())
+    causes: dict = {}
+    for why in joined.loc[known.index[~known.astype(bool)], "why_not"]:
+        for cause in str(why).split(", "):
+            causes[cause] = causes.get(cause, 0) + 1
+    rest = "; ".join(f"{n} {c}" for c, n in sorted(causes.items(), key=lambda kv: -kv[1]))
+    return (f"agreement: {n_ok} of {len(known)} points with B/A's 95% interval holding 1"
+            + (f"; the others: {rest} (the intervals cover noise within a run, not between "
+               "cards, boots or clocks)" if rest else ""))
 
 
 def geomean(series: pd.Series) -> float:
@@ -131,6 +189,12 @@ def _fmt_ratio(v, bad: bool) -> str:
     return "-" if v is None or v != v else f"{v:.3f}" + ("!" if bad else " ")
 
 
+def _fmt_agrees(agrees, why) -> str:
+    if agrees is None or agrees != agrees:
+        return "-"
+    return "yes" if agrees else f"no: {why}"
+
+
 def _fmt_ci(lo, hi) -> str:
     return "-" if lo is None or lo != lo else f"{lo:.3f}-{hi:.3f}"
 
@@ -144,19 +208,20 @@ def format_table(joined: pd.DataFrame, on: list, *, threshold: float, name_a: st
                and joined[f"{m}_ratio"].notna().any()]
     with_ci = joined["median_ms_ci_low"].notna().any() if "median_ms_ci_low" in joined else False
     head = [_SHORT.get(k, k) for k in shown] + ["A median ms", "B median ms"] + \
-        [f"{s} B/A" for _, s, _ in metrics] + (["median B/A 95% CI"] if with_ci else []) + \
-        ["worse"]
+        [f"{s} B/A" for _, s, _ in metrics] + \
+        (["median B/A 95% CI", "within CI"] if with_ci else []) + ["worse"]
     rows = [head]
     for _, r in joined.iterrows():
         rows.append([str(r[k]) or "-" for k in shown] +
                     [_fmt_ms(r.get("median_ms_a")), _fmt_ms(r.get("median_ms_b"))] +
                     [_fmt_ratio(r[f"{m}_ratio"], bool(r.get(f"worse_{m}", False)))
                      for m, _, _ in metrics] +
-                    ([_fmt_ci(r["median_ms_ci_low"], r["median_ms_ci_high"])] if with_ci else [])
+                    ([_fmt_ci(r["median_ms_ci_low"], r["median_ms_ci_high"]),
+                      _fmt_agrees(r.get("agrees"), r.get("why_not"))] if with_ci else [])
                     + [" ".join(s for m, s, _ in metrics if r.get(f"worse_{m}", False))])
     gm = ["geomean"] + [""] * (len(shown) + 1) + \
         [_fmt_ratio(geomean(joined[f"{m}_ratio"]), False) for m, _, _ in metrics] + \
-        ([""] if with_ci else []) + [""]
+        (["", ""] if with_ci else []) + [""]
     widths = [max(len(row[i]) for row in rows + [gm]) for i in range(len(head))]
 
     def line(row):
@@ -170,6 +235,8 @@ def format_table(joined: pd.DataFrame, on: list, *, threshold: float, name_a: st
     out.append(f"{len(joined)} points joined, {n_reg} flagged"
                f" ({joined.attrs.get('only_a', 0)} only in A, "
                f"{joined.attrs.get('only_b', 0)} only in B)")
+    if with_ci:
+        out.append(agreement_line(joined))
     return "\n".join(out)
 
 
