@@ -90,6 +90,7 @@ def test_summary_run_has_grid_counts_charts_and_artifact(sweep):
               if k.startswith("_wandb/visualize/")}
     assert charts["charts/latency_vs_T_B1"] == "wandb/line/v0"
     assert charts["charts/speedup"] == "wandb/bar/v0"
+    assert not [k for k in charts if k.startswith("charts/serve_")]  # no serve points
     speedups = {k: v for k, v in s.items() if k.startswith("speedup/")}
     assert speedups and all(v["ci_low"] <= v["speedup"] <= v["ci_high"]
                             for v in speedups.values())

@@ -343,8 +343,10 @@ def summary_spec(df, *, logger: dict, sweep_dir: Path, group: str, images: dict,
     tables, lines = spec["tables"], spec["lines"]
     if ok:
         tables["results"] = _table(ok, [c for c in RESULT_COLUMNS if any(c in r for r in ok)])
-        for b in sorted({r.get("batch_size") for r in ok if r.get("workload") != "e2e"}):
-            rows = [r for r in ok if r.get("batch_size") == b and r.get("workload") != "e2e"]
+        # e2e and serve points have no T axis (serve: histories come from the arrivals)
+        timed = [r for r in ok if r.get("workload") not in ("e2e", "serve")]
+        for b in sorted({r.get("batch_size") for r in timed}):
+            rows = [r for r in timed if r.get("batch_size") == b]
             tables[f"latency_B{b}"] = _table(rows, ["label", "total_history", "median_ms"])
             lines.append({"key": f"charts/latency_vs_T_B{b}", "table": f"latency_B{b}",
                           "x": "total_history", "y": "median_ms", "stroke": "label",
@@ -355,6 +357,7 @@ def summary_spec(df, *, logger: dict, sweep_dir: Path, group: str, images: dict,
             lines.append({"key": "charts/latency_vs_batch_e2e", "table": "latency_e2e",
                           "x": "batch_size", "y": "median_ms", "stroke": "label",
                           "title": "e2e median latency (ms) per batch vs batch size"})
+        _add_serve(spec, [r for r in ok if r.get("workload") == "serve"])
     skipped = [r for r in records if r.get("status") == "skipped"]
     if skipped:
         tables["skipped"] = _table([dict(r, name=run_name(r)) for r in skipped],
@@ -370,6 +373,80 @@ def summary_spec(df, *, logger: dict, sweep_dir: Path, group: str, images: dict,
                                                          for c in group),
                             "type": "benchmark-results", "files": files}
     return spec
+
+
+SERVE_LABEL_KEYS = ("cache", "kernel", "graph", "mode", "batch_size")
+
+
+def _serve_labelled(rows: list) -> list:
+    """What a serve sweep compares (as report.figures._serve_label): the label keys whose values
+    vary across its serve points, the cache alone when none do; e.g. 'paged+max_qps-fifo'."""
+    keys = [k for k in SERVE_LABEL_KEYS if len({str(r.get(k)) for r in rows}) > 1] or ["cache"]
+    return [dict(r, label="+".join(("B" if k == "batch_size" else "") +
+                                   ("-" if _missing(r.get(k)) else str(r[k])) for k in keys))
+            for r in rows]
+
+
+def _searched(r: dict) -> bool:
+    return str(r.get("mode") or "").startswith("max_qps") or not _missing(r.get("max_qps"))
+
+
+def _some(rows: list, key: str, above=None) -> bool:
+    """Any row has a value of `key` (above `above`): a records frame has every column."""
+    return any(not _missing(r.get(key)) and (above is None or r[key] > above) for r in rows)
+
+
+def _add_serve(spec: dict, serve: list) -> None:
+    """Serve points: latency percentiles vs offered QPS (online points), max QPS within the SLO
+    (search=max_qps points, also in the summary as serve/max_qps/<label>), and hit rates and
+    bytes moved per request. Line charts only where the sweep has several rates."""
+    if not serve:
+        return
+    tables, lines = spec["tables"], spec["lines"]
+    serve = _serve_labelled(serve)
+    search = sorted((dict(r, max_qps=0.0 if _missing(r.get("max_qps")) else r["max_qps"])
+                     for r in serve if _searched(r)), key=lambda r: r["label"])
+    # offline mode makes every request available at t=0: its qps is no offered load
+    online = sorted((r for r in serve if not _searched(r) and not _missing(r.get("qps"))
+                     and not str(r.get("mode") or "").startswith("offline")),
+                    key=lambda r: (r["label"], r["qps"]))
+    if online:
+        tables["serve_latency"] = _table(online, [c for c in (
+            "label", "qps", "achieved_qps", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "slo_ms",
+            "slo_met", "valid") if any(c in r for r in online)])
+        for p, name in (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9")):
+            # wandb.plot.line draws one y series: one chart per percentile
+            if len({r["qps"] for r in online}) > 1 and _some(online, p):
+                lines.append({"key": f"charts/serve_{p[:-3]}_vs_qps", "table": "serve_latency",
+                              "x": "qps", "y": p, "stroke": "label",
+                              "title": f"{name} latency (ms, queueing + service) vs offered "
+                                       f"QPS"})
+    if search:
+        tables["serve_max_qps"] = _table(search, ["label", "max_qps", "slo_ms", "slo_percentile",
+                                                  "slo_latency_ms", "valid"])
+        slo = f"p{_int(search[0].get('slo_percentile'))} <= {_int(search[0].get('slo_ms'))} ms"
+        spec["bars"].append({"key": "charts/serve_max_qps", "table": "serve_max_qps",
+                             "label": "label", "value": "max_qps",
+                             "title": f"max QPS with {slo} (0: no rate met it)"})
+        spec["summary"].update({f"serve/max_qps/{r['label']}": r["max_qps"] for r in search})
+    # hit rates and bytes at the rate the point's reported trial ran (a search's best; a trace's)
+    rows = sorted((dict(r, offered_qps=next((r[k] for k in ("offered_qps", "qps", "max_qps")
+                                             if not _missing(r.get(k))), None),
+                        **{f"{k}_per_request": r[k] / max(r.get("requests") or 0, 1)
+                           for k in ("onloaded_bytes", "offloaded_bytes")
+                           if not _missing(r.get(k))}) for r in serve),
+                  key=lambda r: (r["label"], r["offered_qps"] or 0))
+    columns = [c for c in ("label", "offered_qps", "requests", "gpu_hit_rate", "host_hit_rate",
+                           "miss_rate", "onloaded_bytes_per_request",
+                           "offloaded_bytes_per_request") if any(c in r for r in rows)]
+    if "gpu_hit_rate" not in columns:
+        return
+    tables["serve_cache"] = _table(rows, columns)
+    for k in ("gpu_hit_rate", "host_hit_rate"):  # not for a tier no point has (cache=none)
+        if len({r["offered_qps"] for r in rows}) > 1 and _some(rows, k, above=0):
+            lines.append({"key": f"charts/serve_{k}_vs_qps", "table": "serve_cache",
+                          "x": "offered_qps", "y": k, "stroke": "label",
+                          "title": f"requests hitting the {k.split('_')[0]} tier vs QPS"})
 
 
 def _add_headline(spec: dict, df) -> None:
