@@ -13,7 +13,6 @@ the embedding and head launches cost the host about as much as the whole block.
 """
 from __future__ import annotations
 
-import time
 from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
@@ -21,6 +20,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from hstu_exp import first_use
 from hstu_exp.model.jagged import Batch, Layout, PageTable, pack, unpack
 
 
@@ -161,9 +161,8 @@ class BucketGraphs:
     """The core of both graph runners: the buckets, metadata padding, one memory pool, and one
     graph per bucket, captured on first use. `pool` is the KV pool (None in full mode).
 
-    Captures are counted and timed (synchronized): a server captures a bucket it meets mid-run
-    inside a batch's wall time, and `capture_s` lets it take that cost off the batch's clock,
-    as a production server that captured its buckets at start-up would."""
+    Captures are timed as first-use work (`hstu_exp.first_use`: a server that meets a bucket
+    mid-run keeps its capture off the batch's clock) and summed in `capture_s`."""
 
     def __init__(self, *, device, batch_buckets, token_buckets,
                  pool: Optional[torch.Tensor] = None, page_size: int = 0, max_history: int = 0,
@@ -204,17 +203,16 @@ class BucketGraphs:
         if cap is None:
             bucket = staged.bucket
             self.progress(f"capturing CUDA graph of {what} for bucket {bucket.name}")
-            torch.cuda.synchronize(self.device)
-            t = time.perf_counter()
-            meta = staged.host.to(self.device)
-            views = unpack(meta, staged.layout)
-            if bucket.kv:  # warm-up and capture append into the scratch page, not user pages
-                views["new_page"].fill_(self.scratch)
-            step, inputs = build(views, static_batch(bucket, views))
-            graph, out = capture(step, self.mempool)
+            before = first_use.seconds()
+            with first_use.first_use():
+                meta = staged.host.to(self.device)
+                views = unpack(meta, staged.layout)
+                if bucket.kv:  # warm-up and capture append into the scratch page, not users'
+                    views["new_page"].fill_(self.scratch)
+                step, inputs = build(views, static_batch(bucket, views))
+                graph, out = capture(step, self.mempool)
             cap = self.graphs[bucket] = _Captured(meta, inputs, out, graph)
-            torch.cuda.synchronize(self.device)
-            self.capture_s += time.perf_counter() - t
+            self.capture_s += first_use.seconds() - before
         self.used.add(staged.bucket.name)
         return cap
 

@@ -399,3 +399,36 @@ def test_the_presets_compose_and_every_grid_point_is_possible(experiment):
             validate(cfg)
             assert cfg.workload.name == "serve"
             assert point_problem(cfg) is None, (values, point_problem(cfg))
+
+
+def test_first_use_work_is_kept_off_the_service_clock_and_counted_once():
+    """Autotuning a new shape or capturing a new graph bucket inside a batch (here: 0.3 s of
+    first-use work, nested as a tune inside a capture) is not service time; the rest is."""
+    import time
+
+    import torch
+
+    from hstu_exp import first_use
+    from hstu_exp.bench.serve import ServePoint
+
+    model = make_model()
+    server = Server(model, device="cpu")
+    serve = server.serve
+
+    def serve_with_a_first_use(requests, **kw):
+        with first_use.first_use():
+            time.sleep(0.2)
+            with first_use.first_use():  # nested: counted once, inside the outer block
+                time.sleep(0.1)
+        time.sleep(0.05)  # ordinary service time stays on the clock
+        return serve(requests, **kw)
+
+    point = ServePoint.__new__(ServePoint)  # the timing method alone, without a config
+    point.device, point.server = torch.device("cpu"), server
+    batch = [request(random_users(2), 0, 8)]
+    _, plain = point.timed_serve(batch)
+    server.serve = serve_with_a_first_use
+    before = first_use.seconds()
+    _, seconds = point.timed_serve(batch)
+    assert 0.3 <= first_use.seconds() - before < 0.3 + 0.25
+    assert 0.05 <= seconds < 0.05 + plain + 0.2

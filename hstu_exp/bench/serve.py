@@ -40,6 +40,7 @@ from hstu_exp.bench.timer import StopRule
 from hstu_exp.builders import model_dtype, shared_server
 from hstu_exp.data.arrivals import histories, poisson_arrivals, read_trace
 from hstu_exp.data.synthetic import Request, interleave
+from hstu_exp import first_use
 from hstu_exp.env import ClockSampler
 from hstu_exp.serving import TIERS, rank
 
@@ -205,7 +206,7 @@ class Trial:
     checked: list  # verify: (request, logits, hidden) of sampled requests
     slo: dict = field(default_factory=dict)
     graph_captures: int = 0  # CUDA graph buckets first met (and captured) inside the trial
-    graph_capture_ms: float = 0.0  # their capture time, kept off the service times
+    first_use_ms: float = 0.0  # autotuning and graph captures, kept off the service times
 
 
 class ServePoint:
@@ -234,20 +235,16 @@ class ServePoint:
 
     def timed_serve(self, requests, return_hidden=False):
         """(Served, service seconds): the server's wall time for the batch, device included,
-        less the capture of a CUDA graph bucket met for the first time (a server captures its
-        buckets at start-up; the trial counts these captures and their time)."""
-        core = self.graphs.core if self.graphs is not None else None
-        captured_s = core.capture_s if core is not None else 0.0
+        less first-use work inside it (autotuning a new attention shape, capturing a new graph
+        bucket: a server does that at start-up; the trial records it, `first_use_ms`)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+        before = first_use.seconds()
         t = time.perf_counter()
         served = self.server.serve(requests, return_hidden=return_hidden)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t
-        if core is not None:
-            seconds -= core.capture_s - captured_s
-        return served, seconds
+        return served, time.perf_counter() - t - (first_use.seconds() - before)
 
     def warm_up(self, stream: Stream) -> None:
         """First-call costs (allocation, kernel selection) off the clock: the stream's first
@@ -290,14 +287,14 @@ class ServePoint:
                    for h, c in zip(stream.history, stream.candidates)]
         give_up = _slo_give_up(stream, w) if search or w.stop_on_miss else None
         core = self.graphs.core if self.graphs is not None else None
-        captured = (len(core.graphs), core.capture_s) if core is not None else (0, 0.0)
+        captured, first = len(core.graphs) if core is not None else 0, first_use.seconds()
         schedule = simulate(stream.times, stream.users, buckets, serve_batch,
                             max_batch=w.max_batch, max_wait_s=w.max_wait_ms / 1e3,
                             policy=w.policy, give_up=give_up)
         trial = Trial(qps, stream, schedule, cols, service_s, checked)
+        trial.first_use_ms = 1e3 * (first_use.seconds() - first)
         if core is not None:
-            trial.graph_captures = len(core.graphs) - captured[0]
-            trial.graph_capture_ms = 1e3 * (core.capture_s - captured[1])
+            trial.graph_captures = len(core.graphs) - captured
         trial.slo = slo_result(trial, w)
         return trial
 
@@ -373,7 +370,7 @@ def trial_stats(trial: Trial, w) -> dict:
            "mean_batch_size": sum(len(b[2]) for b in mine) / max(len(mine), 1),
            "busy_fraction": busy / span, "stopped_early": s.stopped_early,
            "graph_captures": trial.graph_captures,
-           "graph_capture_ms": trial.graph_capture_ms,
+           "first_use_ms": trial.first_use_ms,
            **{f"{t}_requests": tiers[t] for t in TIERS},
            **{f"{t}_hit_rate" if t != "miss" else "miss_rate": tiers[t] / n for t in TIERS},
            "cached_tokens": sum(cols["cached_tokens"][i] for i in counted),

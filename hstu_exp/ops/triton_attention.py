@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hstu_exp.first_use import first_use
 from hstu_exp.model.jagged import Batch
 
 
@@ -415,10 +416,11 @@ def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, c
     if autotune and config is None and split_k is None and FORCE_SPLIT_K is None and q.is_cuda:
         key = _bucket(paged, B, H, D, q.dtype, batch.max_len, max_kv)
         if key not in TUNED and not torch.cuda.is_current_stream_capturing():
-            TUNED[key] = _tune(
-                lambda c, s: _launch(q, k, v, batch, k_pages, v_pages, alpha=alpha, inv_n=inv_n,
-                                     split_k=s, config=c, out=out),
-                D, B, H, batch.max_len, max_kv, device_index)
+            with first_use():
+                TUNED[key] = _tune(
+                    lambda c, s: _launch(q, k, v, batch, k_pages, v_pages, alpha=alpha,
+                                         inv_n=inv_n, split_k=s, config=c, out=out),
+                    D, B, H, batch.max_len, max_kv, device_index)
             out_zeroed = False  # the candidates summed into it
     cfg, split_k = _choice(q, batch, paged, config, split_k, autotune)
     m_blocks, kv_blocks, chunk = _plan(cfg, D, B, H, batch.max_len, max_kv, split_k,
