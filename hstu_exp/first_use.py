@@ -1,5 +1,5 @@
 """Time spent on one-off work that a shape or bucket costs the first time it is met: autotuning
-an attention shape, capturing a CUDA graph. A long-running server pays it once at start-up; a
+an attention shape, capturing a CUDA graph, compiling a Triton kernel for a new specialization. A long-running server pays it once at start-up; a
 measurement that meets new shapes mid-run (workload=serve) takes it off its clock with
 `seconds()` and records it instead. Nested first-use work (a tune inside a capture's warm-up)
 counts once."""
@@ -36,3 +36,39 @@ def first_use():
 def seconds() -> float:
     """First-use time spent in this process so far."""
     return _total
+
+
+def _compile_started(*args, **kwargs):
+    global _compile_start
+    _compile_start = time.perf_counter() if _depth == 0 else None
+    return None  # a true value would tell Triton to skip the compile
+
+
+def _compile_done(*args, **kwargs):
+    global _total, _compile_start
+    if _compile_start is not None and _depth == 0:
+        _total += time.perf_counter() - _compile_start
+    _compile_start = None
+    return None
+
+
+_compile_start = None
+
+
+def count_triton_compiles() -> bool:
+    """Count Triton's JIT compiles (a kernel met with a new specialization: on an H200 about a
+    second each, on the host) as first-use work, through Triton's compile hooks. Eager serving
+    meets new specializations mid-run: without this, a seed-model trial's first batches took
+    seconds. False where this Triton has no such hooks or they are taken by someone else."""
+    try:
+        from triton import knobs
+        runtime = knobs.runtime
+        if not hasattr(runtime, "jit_post_compile_hook"):
+            return False
+    except (ImportError, AttributeError):
+        return False
+    if runtime.jit_cache_hook in (None, _compile_started) and \
+            runtime.jit_post_compile_hook in (None, _compile_done):
+        runtime.jit_cache_hook, runtime.jit_post_compile_hook = _compile_started, _compile_done
+        return True
+    return False

@@ -432,3 +432,34 @@ def test_first_use_work_is_kept_off_the_service_clock_and_counted_once():
     _, seconds = point.timed_serve(batch)
     assert 0.3 <= first_use.seconds() - before < 0.3 + 0.25
     assert 0.05 <= seconds < 0.05 + plain + 0.2
+
+
+def test_triton_compiles_count_as_first_use_once():
+    """Triton calls its cache hook before a JIT compile and its post-compile hook after: the
+    time between counts as first-use work, except inside a first-use block (a compile during
+    autotuning is already counted there)."""
+    import time
+
+    from triton import knobs
+
+    from hstu_exp import first_use
+
+    saved = knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook
+    try:
+        knobs.runtime.jit_cache_hook = knobs.runtime.jit_post_compile_hook = None
+        assert first_use.count_triton_compiles()
+        before = first_use.seconds()
+        assert knobs.runtime.jit_cache_hook(key="k") is None  # None: Triton goes on to compile
+        time.sleep(0.1)
+        knobs.runtime.jit_post_compile_hook(key="k")
+        assert 0.1 <= first_use.seconds() - before < 0.3
+        before = first_use.seconds()
+        with first_use.first_use():
+            knobs.runtime.jit_cache_hook(key="k")
+            time.sleep(0.1)
+            knobs.runtime.jit_post_compile_hook(key="k")
+        assert 0.1 <= first_use.seconds() - before < 0.3  # once, not twice
+        knobs.runtime.jit_cache_hook = print  # somebody else's hook: left alone
+        assert not first_use.count_triton_compiles()
+    finally:
+        knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = saved

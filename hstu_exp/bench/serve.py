@@ -222,6 +222,7 @@ class ServePoint:
                                     dtype=dtype, seed=cfg.seed, progress=progress)
         self.model, self.graphs = self.server.model, self.server.graphs
         self.users = UserSequences(m, cfg.seed)
+        first_use.count_triton_compiles()
         self.dtype = dtype
 
     def request(self, stream: Stream, i: int) -> Request:
