@@ -139,3 +139,24 @@ def test_pngs_have_the_content(block, e2e, tmp_path):
     # faster cells are blue, slower cells red, on one diverging scale
     assert ((b - r > 0.3) & (b > 0.4)).sum() > 500
     assert ((r - b > 0.3) & (r > 0.4)).sum() > 500
+
+
+def test_grouped_bars_give_every_series_its_own_colour():
+    """12 configurations (serve_slo: 3 caches x 2 graphs x 2 policies) are 12 colours, not 10
+    that repeat."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from hstu_exp.report.figures import _bars
+
+    series = [f"config{i}" for i in range(12)]
+    table = pd.DataFrame({"group": "all", "label": series, "v": range(1, 13),
+                          "valid_": True})
+    fig, ax = plt.subplots()
+    _bars(ax, ["all"], series, table, x="group", hue="label", y="v")
+    colours = {tuple(bar.get_facecolor()) for bar in ax.patches if bar.get_height() > 0}
+    plt.close(fig)
+    assert len(colours) == 12

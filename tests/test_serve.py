@@ -463,3 +463,21 @@ def test_triton_compiles_count_as_first_use_once():
         assert not first_use.count_triton_compiles()
     finally:
         knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = saved
+
+
+def test_the_published_h200_search_sweep_redraws_from_its_records(tmp_path):
+    """serve_slo as published (search points only: no offered rate in the records) redraws its
+    figures from results.csv / results.jsonl alone."""
+    import shutil
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+    src = ROOT / "outputs" / "published" / "serve_slo_h200"
+    for name in ("results.csv", "results.jsonl"):
+        shutil.copy(src / name, tmp_path / name)
+    redraw = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_sweep.py"),
+                             str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert redraw.returncode == 0, redraw.stderr[-2000:]
+    assert {p.name for p in (tmp_path / "figures").glob("*.png")} == \
+        {"serve_max_qps.png", "serve_latency_cdf.png", "serve_cache.png"}

@@ -123,7 +123,8 @@ def _bars(ax, groups, series, table: pd.DataFrame, *, x: str, hue: str, y: str,
     """Grouped bars: one group per x value, one bar per hue value; error bars from lo/hi
     columns; invalid records hatched; a value label on every bar."""
     width = 0.8 / max(1, len(series))
-    colors = sns.color_palette("deep", len(series))
+    # "deep" has 10 colours and then repeats: more series than that get tab20's 20
+    colors = sns.color_palette("deep" if len(series) <= 10 else "tab20", len(series))
     for j, s in enumerate(series):
         part = table[table[hue] == s].set_index(x)
         xs, ys, errs, bad = [], [], [], []
@@ -539,7 +540,9 @@ def draw_serve(good: pd.DataFrame, out: Path, figs: dict) -> None:
     serve = good[good["workload"] == "serve"] if "workload" in good else good.head(0)
     if serve.empty:
         return
-    online = serve[serve["qps"].notna()] if "qps" in serve else serve.head(0)
+    if "qps" not in serve:  # records of searches alone: no offered rate is kept where none is set
+        serve = serve.assign(qps=np.nan)
+    online = serve[serve["qps"].notna()]
     if online["qps"].nunique() > 1:
         _draw(figs, out, "serve_latency_vs_qps", serve_latency_vs_qps, online)
     if "max_qps" in serve and serve["mode"].astype(str).str.startswith("max_qps").any():
