@@ -1,8 +1,8 @@
 """Time spent on one-off work that a shape or bucket costs the first time it is met: autotuning
-an attention shape, capturing a CUDA graph, compiling a Triton kernel for a new specialization. A long-running server pays it once at start-up; a
-measurement that meets new shapes mid-run (workload=serve) takes it off its clock with
-`seconds()` and records it instead. Nested first-use work (a tune inside a capture's warm-up)
-counts once."""
+an attention shape, capturing a CUDA graph, compiling a Triton kernel for a new specialization.
+A long-running server pays it once at start-up; a measurement that meets new shapes mid-run
+(workload=serve) takes it off its clock with `seconds()` and records it instead. Nested
+first-use work (a tune inside a capture's warm-up, a compile inside a tune) counts once."""
 from __future__ import annotations
 
 import time
@@ -12,6 +12,12 @@ import torch
 
 _total = 0.0
 _depth = 0
+_compile_start = None  # perf_counter() of the Triton compile under way outside any block
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 @contextmanager
@@ -20,16 +26,15 @@ def first_use():
     global _total, _depth
     outer = _depth == 0
     _depth += 1
-    if outer and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+    if outer:
+        _sync()
     start = time.perf_counter()
     try:
         yield
     finally:
         _depth -= 1
         if outer:
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                torch.cuda.synchronize()
+            _sync()
             _total += time.perf_counter() - start
 
 
@@ -50,9 +55,6 @@ def _compile_done(*args, **kwargs):
         _total += time.perf_counter() - _compile_start
     _compile_start = None
     return None
-
-
-_compile_start = None
 
 
 def count_triton_compiles() -> bool:

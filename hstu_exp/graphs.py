@@ -197,8 +197,8 @@ class BucketGraphs:
 
     @torch.no_grad()
     def get_or_capture(self, staged: Staged, build, what: str) -> _Captured:
-        """The bucket's graph; on a miss, `build(views, batch)` over the bucket's static
-        buffers returns (the step to capture, its static input tensors)."""
+        """The bucket's graph; on a miss, `build(views, batch, bucket)` over the bucket's
+        static buffers returns (the step to capture, its static input tensors)."""
         cap = self.graphs.get(staged.bucket)
         if cap is None:
             bucket = staged.bucket
@@ -209,7 +209,7 @@ class BucketGraphs:
                 views = unpack(meta, staged.layout)
                 if bucket.kv:  # warm-up and capture append into the scratch page, not users'
                     views["new_page"].fill_(self.scratch)
-                step, inputs = build(views, static_batch(bucket, views))
+                step, inputs = build(views, static_batch(bucket, views), bucket)
                 graph, out = capture(step, self.mempool)
             cap = self.graphs[bucket] = _Captured(meta, inputs, out, graph)
             self.capture_s += first_use.seconds() - before
@@ -233,17 +233,14 @@ class GraphedBlock:
         bucket = self.core.bucket_for(batch)
         return self.core.stage(self.core.pad(batch, bucket), bucket, rows)
 
+    def _build(self, views, batch: Batch, bucket: Bucket):
+        x = torch.zeros(bucket.rows, self.hidden, dtype=self.dtype, device=self.core.device)
+        return (lambda: self.block(x, batch, self.core.pool)), x
+
     def replay(self, x: torch.Tensor, staged: Staged) -> torch.Tensor:
-        core = self.core
-
-        def build(views, batch):
-            static_x = torch.zeros(staged.bucket.rows, self.hidden, dtype=self.dtype,
-                                   device=core.device)
-            return (lambda: self.block(static_x, batch, core.pool)), static_x
-
-        cap = core.get_or_capture(staged, build, "the block")
+        cap = self.core.get_or_capture(staged, self._build, "the block")
         cap.inputs[:staged.rows].copy_(x)
-        core.replay(cap, staged)
+        self.core.replay(cap, staged)
         return cap.out[:staged.rows]
 
 
@@ -261,17 +258,15 @@ class GraphedRanker:
         return self.core.stage(arrays, bucket, tokens.num_rows,
                                candidates=int(tokens.host["candidate_rows"].size))
 
-    def run(self, staged: Staged):
-        """(logits, candidate hidden states) of the staged batch, views of the graph's output."""
+    def _build(self, views, batch: Batch, bucket: Bucket):
         from hstu_exp.model.ranking import forward_rows
 
-        core = self.core
+        tokens = static_tokens(views, self.model.embeddings.keys, bucket)
+        return (lambda: forward_rows(self.model, tokens, batch, self.core.pool)), None
 
-        def build(views, batch):
-            tokens = static_tokens(views, self.model.embeddings.keys, staged.bucket)
-            return (lambda: forward_rows(self.model, tokens, batch, core.pool)), None
-
-        cap = core.get_or_capture(staged, build, "the ranking step")
-        core.replay(cap, staged)
+    def run(self, staged: Staged):
+        """(logits, candidate hidden states) of the staged batch, views of the graph's output."""
+        cap = self.core.get_or_capture(staged, self._build, "the ranking step")
+        self.core.replay(cap, staged)
         logits, h = cap.out
         return logits[:staged.candidates], h[:staged.candidates]

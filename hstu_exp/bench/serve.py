@@ -33,6 +33,7 @@ from typing import Callable, List, Optional
 import numpy as np
 import torch
 
+from hstu_exp import first_use
 from hstu_exp.bench.e2e import _relative_error
 from hstu_exp.bench.measure import Measured
 from hstu_exp.bench.roofline import block_work
@@ -40,7 +41,6 @@ from hstu_exp.bench.timer import StopRule
 from hstu_exp.builders import model_dtype, shared_server
 from hstu_exp.data.arrivals import histories, poisson_arrivals, read_trace
 from hstu_exp.data.synthetic import Request, interleave
-from hstu_exp import first_use
 from hstu_exp.env import ClockSampler
 from hstu_exp.serving import TIERS, rank
 
@@ -206,7 +206,7 @@ class Trial:
     checked: list  # verify: (request, logits, hidden) of sampled requests
     slo: dict = field(default_factory=dict)
     graph_captures: int = 0  # CUDA graph buckets first met (and captured) inside the trial
-    first_use_ms: float = 0.0  # autotuning and graph captures, kept off the service times
+    first_use_ms: float = 0.0  # tuning, compiles and captures, kept off the service times
 
 
 class ServePoint:
@@ -236,8 +236,9 @@ class ServePoint:
 
     def timed_serve(self, requests, return_hidden=False):
         """(Served, service seconds): the server's wall time for the batch, device included,
-        less first-use work inside it (autotuning a new attention shape, capturing a new graph
-        bucket: a server does that at start-up; the trial records it, `first_use_ms`)."""
+        less first-use work inside it (autotuning a new attention shape, a Triton compile,
+        capturing a new graph bucket: a server does these at start-up; the trial records them,
+        `first_use_ms`)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         before = first_use.seconds()
