@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""What the compiler makes of the Triton HSTU attention for a Hopper GPU, without a GPU.
+
+    scripts/kernel_report.py                      # the tuned D=256 configs, full and paged
+    scripts/kernel_report.py --modes paged-split --configs table --dump DIR
+                                                  # one variant; keep its TTGIR and PTX
+
+Compiles `hstu_exp.ops.triton_attention._hstu_fwd` ahead of time for sm_90a with the installed
+Triton (the GPU box runs Triton 3.6: install that version in a side directory and put it first on
+PYTHONPATH to see what the box compiles), assembles the PTX with the ptxas Triton itself uses, and
+prints per variant: registers a thread, spilled bytes, shared memory, whether the key loop's
+loads became asynchronous copies (software pipelining), the wgmma count and how many wgmma
+waits sit inside the loops. Reading these costs no device time; they answer "did the change
+spill, did the pipeliner give up" before a GPU call.
+
+Integer arguments that are strides or pointers are compiled as multiples of 16, as the JIT
+specialises them at run time (row strides of 1024, 4096, ...): without that hint the loads are
+not known to be 16-byte aligned and the pipeliner leaves them synchronous.
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import _venv  # noqa: F401  (source tree on the path; re-run under .venv if needed)
+
+os.environ.pop("TRITON_INTERPRET", None)  # before Triton is imported: compile, not interpret
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from hstu_exp.ops import triton_attention as tri  # noqa: E402
+
+PROG = "kernel_report.py"
+MODES = ("full", "full-split", "paged", "paged-split")
+POINTERS = {"Q", "K", "V", "Out", "KP", "VP", "offsets", "num_cand", "page_indptr", "page_ids",
+            "cached_len"}
+
+
+def compile_attention(cfg: tri.Config, *, paged: bool, split: bool, head_dim: int = 256,
+                      arch: int = 90):
+    """The kernel compiled for (cfg, mode), bf16 inputs, as `_launch` would specialise it."""
+    fn = tri._hstu_fwd
+    names = fn.arg_names
+    const = dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGED=paged,
+                 PAGE_SIZE=32 if paged else 1, SPLIT=split, FAST=True, DOT_PRECISION="tf32")
+    sig = {}
+    for n in names:
+        if n in const:
+            sig[n] = "constexpr"
+        elif n == "Out":
+            sig[n] = "*fp32" if split else "*bf16"
+        elif n in ("offsets", "num_cand", "page_indptr", "page_ids", "cached_len"):
+            sig[n] = "*i32"
+        elif n in POINTERS:
+            sig[n] = "*bf16"
+        elif n in ("alpha", "inv_n"):
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+    aligned = [n for n in names if n in POINTERS or n.startswith("stride")]
+    src = ASTSource(fn=fn, signature=sig,
+                    constexprs={(names.index(k),): v for k, v in const.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+def ptxas_report(ptx: str, arch: int) -> dict:
+    """Registers, spill bytes and stack from ptxas -v on the kernel's PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas  # the ptxas Triton itself uses
+    ptxas = Path(get_ptxas(arch).path)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        done = subprocess.run([str(ptxas), "-v", f"-arch=sm_{arch}a", str(src), "-o",
+                               str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{PROG}: error: ptxas failed: {done.stderr.strip().splitlines()[-1]}")
+    text = done.stderr
+
+    def num(pattern):
+        m = re.search(pattern, text)
+        return int(m.group(1)) if m else 0
+    return dict(regs=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
+                spill_loads=num(r"(\d+) bytes spill loads"), stack=num(r"(\d+) bytes stack frame"))
+
+
+def loop_waits(ttgir: str) -> int:
+    """wgmma waits inside scf.for bodies (a wait right after each dot serialises the loop)."""
+    depth, waits = 0, 0
+    for line in ttgir.splitlines():
+        if "scf.for" in line and line.rstrip().endswith("{"):
+            depth += 1
+        elif depth and line.strip().startswith("}"):
+            depth -= 1
+        elif depth and "warp_group_dot_wait" in line:
+            waits += 1
+    return waits
+
+
+def report(cfg: tri.Config, *, paged: bool, split: bool, arch: int, dump: Path = None) -> dict:
+    k = compile_attention(cfg, paged=paged, split=split, arch=arch)
+    ttgir, ptx = k.asm["ttgir"], k.asm["ptx"]
+    if dump:
+        tag = (f"{'paged' if paged else 'full'}{'_split' if split else ''}_{cfg.block_m}x"
+               f"{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}")
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / f"{tag}.ttgir").write_text(ttgir)
+        (dump / f"{tag}.ptx").write_text(ptx)
+    return dict(**ptxas_report(ptx, arch), smem=k.metadata.shared,
+                async_copies=ttgir.count("async_copy_global_to_local"),
+                wgmma=ptx.count("wgmma.mma_async"), loop_waits=loop_waits(ttgir))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability (90: Hopper)")
+    ap.add_argument("--dump", type=Path, help="write each variant's TTGIR and PTX here")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {MODES}")
+    ap.add_argument("--configs", choices=("table", "tune"), default="tune",
+                    help="table: the default tile config only; tune: every autotune candidate")
+    args = ap.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        if m not in MODES:
+            ap.error(f"--modes: unknown mode {m!r} (known: {', '.join(MODES)})")
+    configs = dict.fromkeys([tri.CONFIGS[(False, 256, True)],
+                             *(tri.TUNE_CONFIGS[256] if args.configs == "tune" else [])])
+    print(f"Triton {triton.__version__}, sm_{args.arch}a, head dim 256, bf16")
+    print("| mode | tiles | warps | stages | regs | spills (st/ld B) | smem KB | async copies "
+          "| wgmma | waits in loops |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for mode in modes:
+        paged, split = mode.startswith("paged"), mode.endswith("split")
+        for cfg in configs:
+            r = report(cfg, paged=paged, split=split, arch=args.arch, dump=args.dump)
+            print(f"| {mode} | {cfg.block_m}x{cfg.block_n} | {cfg.num_warps} | {cfg.num_stages} "
+                  f"| {r['regs']} | {r['spill_stores']}/{r['spill_loads']} | "
+                  f"{r['smem'] / 1024:.0f} | {r['async_copies']} | {r['wgmma']} | "
+                  f"{r['loop_waits']} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
