@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from hstu_exp.tracking.wandb_sink import summary_spec
-from helpers import hstu_exp, read_run
+from helpers import ROOT, hstu_exp, read_run
 
 ENV = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 WANDB = ["logger.name=wandb", "logger.mode=offline", "verify=false"]
@@ -128,12 +128,17 @@ def test_mixed_serve_records_in_summary_spec(online, search, tmp_path):
         t = tables[name]
         return [dict(zip(t["columns"], row)) for row in t["data"]]
 
-    latency = rows("serve_latency")  # online points only, labelled cache+graph+mode
+    # online points only, labelled cache+graph+mode and the overrides the two sweeps differ in
+    # (unset in the online sweep: "-")
+    online_ = "+duration_s=-+search_steps=-+slo_ms=-"
+    search_ = "+duration_s=1.5+search_steps=1+slo_ms=25"
+    latency = rows("serve_latency")
     assert sorted((r["label"], r["qps"]) for r in latency) == \
-        [(f"{c}+none+online-fifo", q) for c in ("none", "paged_offload") for q in (10.0, 20.0)]
+        [(f"{c}+none+online-fifo{online_}", q) for c in ("none", "paged_offload")
+         for q in (10.0, 20.0)]
     maxed = {r["label"]: r["max_qps"] for r in rows("serve_max_qps")}
-    assert maxed == {**{f"{r['cache']}+none+max_qps-fifo": r["max_qps"] or 0.0
-                        for r in search[0]}, "none+cudagraph+max_qps-fifo": 0.0}
+    assert maxed == {**{f"{r['cache']}+none+max_qps-fifo{search_}": r["max_qps"] or 0.0
+                        for r in search[0]}, f"none+cudagraph+max_qps-fifo{search_}": 0.0}
     assert {k[len("serve/max_qps/"):]: v for k, v in summary.items()
             if k.startswith("serve/max_qps/")} == maxed
     assert len(rows("serve_cache")) == len(records) + 2  # every serve point
@@ -144,3 +149,50 @@ def test_mixed_serve_records_in_summary_spec(online, search, tmp_path):
                         sweep_dir=tmp_path, group="one", images={}, csv=None)
     assert len(spec["tables"]["serve_latency"]["data"]) == 2 and "serve_cache" in spec["tables"]
     assert not [p for p in spec["lines"] if p["key"].startswith("charts/serve_")]
+
+
+def test_points_apart_only_in_an_override_get_labels_of_their_own(tmp_path):
+    """workload.user_skew=0.5,1.0 at one cache / graph / mode: the W&B summary keys and the figure's
+    bars stay apart (before, both were 'paged' and one overwrote the other), and the figures and
+    W&B agree, from the records and from results.csv (where overrides is the list's repr).
+    Points of the published serve_slo sweep keep the labels they had."""
+    from hstu_exp.report import figures
+    from hstu_exp.report.aggregate import load_sweep, write_csv
+    from hstu_exp.tracking.records import read_records, serve_labels
+
+    published = list(read_records(ROOT / "outputs/published/serve_slo_h200/results.jsonl"))
+    base = next(r for r in published if (r["cache"], r["graph"], r["mode"]) ==
+                ("paged", "none", "max_qps-fifo"))
+    skewed = [dict(base, overrides=base["overrides"] + [f"workload.user_skew={s}"], max_qps=q,
+                   config_key=f"{base['config_key']}-{s}") for s, q in (("0.5", 300.0),
+                                                                         ("1.0", 200.0))]
+    expected = {"paged+user_skew=0.5": 300.0, "paged+user_skew=1.0": 200.0}
+
+    write_csv(pd.DataFrame(skewed), tmp_path)
+    from_csv = load_sweep(tmp_path / "results.csv")
+    assert isinstance(from_csv["overrides"][0], str)
+    for df in (pd.DataFrame(skewed), from_csv):
+        spec = summary_spec(df, logger={}, sweep_dir=tmp_path, group="skew", images={}, csv=None)
+        assert {k[len("serve/max_qps/"):]: v for k, v in spec["summary"].items()
+                if k.startswith("serve/max_qps/")} == expected
+        fig = figures.serve_max_qps(df)
+        legend = fig.axes[0].get_legend()
+        assert [t.get_text() for t in legend.get_texts()] == sorted(expected)
+        assert list(figures._serve_label(df)) == list(expected)
+
+    # the published sweep (its last point was resumed: resume=True is no label), graph=none of
+    # it, and the same points without overrides (older records)
+    assert serve_labels(published)[:2] == ["none+none+max_qps-fifo",
+                                           "none+none+max_qps-length_aware"]
+    labels = {f"{r['cache']}+{r['graph']}+{r['mode']}" for r in published}
+    assert set(serve_labels(published)) == labels and len(labels) == 12
+    one_graph = [r for r in published if r["graph"] == "none"]
+    old = [{k: v for k, v in r.items() if k != "overrides"} for r in one_graph]
+    for rows in (one_graph, old, [*one_graph, old[0]]):
+        labelled = list(figures._serve_label(pd.DataFrame(rows)))
+        assert labelled == [f"{r['cache']}+{r['mode']}" for r in rows]
+        spec = summary_spec(pd.DataFrame(rows), logger={}, sweep_dir=tmp_path, group="slo",
+                            images={}, csv=None)
+        assert sorted(k for k in spec["summary"] if k.startswith("serve/max_qps/")) == \
+            sorted(f"serve/max_qps/{label}" for label in set(labelled))
+    assert "serve/max_qps/paged+max_qps-fifo" in spec["summary"]

@@ -29,7 +29,8 @@ from matplotlib.colors import LogNorm  # noqa: E402
 
 from hstu_exp.report.aggregate import (block_speedups, e2e_speedups, most_cached, ok,  # noqa: E402
                                        valid_mask)
-from hstu_exp.tracking.records import FileWriteError, write_atomically  # noqa: E402
+from hstu_exp.tracking.records import (FileWriteError, serve_label_title,  # noqa: E402
+                                       serve_labels, write_atomically)
 
 E2E_MODES = {"baseline": "Baseline", "baseline_graph": "Baseline + CUDA graph",
              "cache": "KV cache", "cache_graph": "KV cache + CUDA graph"}
@@ -445,10 +446,9 @@ def draw_all(df: pd.DataFrame, out_dir: Path) -> dict:
 # -- workload=serve (docs/serving.md) -------------------------------------------------------------
 
 def _serve_label(df: pd.DataFrame) -> pd.Series:
-    """cache + graph + mode (arrival-policy) of each serve point: what a serve sweep compares."""
-    parts = [k for k in ("cache", "graph", "mode") if k in df and df[k].nunique() > 1]
-    parts = parts or ["cache"]
-    return df[parts].map(lambda v: "-" if v is None or v != v else str(v)).agg("+".join, axis=1)
+    """What a serve sweep compares, per point (records.serve_labels, as the W&B charts label
+    it): cache / kernel / graph / mode / batch size and the other overrides that vary."""
+    return pd.Series(serve_labels(df.to_dict("records")), index=df.index, dtype=object)
 
 
 def _slo_line(ax, df: pd.DataFrame) -> None:
@@ -473,8 +473,7 @@ def serve_latency_vs_qps(df: pd.DataFrame):
         ax.set_yscale("log")
         ax.set(title=f"{name} latency", xlabel="offered load (requests/s)",
                ylabel=f"{name} latency, queueing + service (ms)")
-        ax.legend(title="+".join(label_keys(d.drop(columns=["kernel"], errors="ignore"))),
-                  fontsize=7, title_fontsize=7)
+        ax.legend(title=serve_label_title(df.to_dict("records")), fontsize=7, title_fontsize=7)
     _finish(fig, "Serving latency vs offered load (hollow = invalid)", df)
     return fig
 

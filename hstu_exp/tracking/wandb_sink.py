@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from hstu_exp.tracking.records import ENV_KEYS, SWEPT_KEYS
+from hstu_exp.tracking.records import ENV_KEYS, SWEPT_KEYS, serve_labels
 
 MARKER = ".wandb-disabled"
 MODES = ("online", "offline", "disabled")
@@ -375,16 +375,10 @@ def summary_spec(df, *, logger: dict, sweep_dir: Path, group: str, images: dict,
     return spec
 
 
-SERVE_LABEL_KEYS = ("cache", "kernel", "graph", "mode", "batch_size")
-
-
 def _serve_labelled(rows: list) -> list:
-    """What a serve sweep compares (as report.figures._serve_label): the label keys whose values
-    vary across its serve points, the cache alone when none do; e.g. 'paged+max_qps-fifo'."""
-    keys = [k for k in SERVE_LABEL_KEYS if len({str(r.get(k)) for r in rows}) > 1] or ["cache"]
-    return [dict(r, label="+".join(("B" if k == "batch_size" else "") +
-                                   ("-" if _missing(r.get(k)) else str(r[k])) for k in keys))
-            for r in rows]
+    """Each serve point with its label (records.serve_labels, as the figures label it), e.g.
+    'paged+max_qps-fifo'."""
+    return [dict(r, label=label) for r, label in zip(rows, serve_labels(rows))]
 
 
 def _searched(r: dict) -> bool:
