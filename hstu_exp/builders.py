@@ -134,7 +134,8 @@ def shared_graphs(module, cache, model, graph, *, device, dtype, progress):
             device=device, batch_buckets=graph.batch_buckets, token_buckets=graph.token_buckets,
             pool=None if cache is None else cache.pool,
             page_size=0 if cache is None else cache.page_size, max_history=model.max_history,
-            scratch_page=0 if cache is None else cache.scratch_page, progress=progress)
+            scratch_page=0 if cache is None else cache.scratch_page, fit_rows=graph.fit_rows,
+            progress=progress)
         if isinstance(module, HSTUBlock):
             return GraphedBlock(module, core, hidden=model.hidden, dtype=dtype)
         return GraphedRanker(module, core)

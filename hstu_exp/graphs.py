@@ -1,9 +1,12 @@
 """CUDA graphs for the block forward (docs/design.md §4), and for a whole ranking step (e2e).
 
-One graph per bucket (batch, tokens per user, and in paged mode kv tokens per user), captured on
-first use into one shared memory pool and kept for every later batch that fits. A batch is padded
-to its bucket: extra users have length 0, rows past the last user are dead (computed on, never
-read), padded K/V appends go to the cache's scratch page. Metadata is padded on the host and
+One graph per bucket (batch, tokens per user, in paged mode kv tokens per user, and the batch's
+rows), captured on first use into one shared memory pool and kept for every later batch that
+fits. A batch is padded to its bucket: extra users have length 0, rows past the last user are dead
+(computed on, never read), padded K/V appends go to the cache's scratch page. The rows are the
+smallest power of two holding the batch's (`fit_rows`), not batch x tokens: in a served batch one
+long history beside seven short ones would otherwise make every user's rows as long as the longest,
+and the dead rows cost the GEMMs several times the live work. Metadata is padded on the host and
 travels as one packed buffer, so a replay is: copy x, copy one host buffer, replay.
 
 `BucketGraphs` is that mechanism; two thin front-ends use it. `GraphedBlock` replays the block
@@ -29,14 +32,16 @@ class Bucket:
     batch: int
     tokens: int  # rows per user (new history + candidates)
     kv: int = 0  # history keys per user in paged mode (0: full mode)
+    fit: int = 0  # rows of the whole batch, where fewer than batch x tokens (0: batch x tokens)
 
     @property
     def name(self) -> str:
-        return f"b{self.batch}xt{self.tokens}" + (f"xkv{self.kv}" if self.kv else "")
+        return (f"b{self.batch}xt{self.tokens}" + (f"xkv{self.kv}" if self.kv else "")
+                + (f"xr{self.fit}" if self.fit else ""))
 
     @property
     def rows(self) -> int:
-        return self.batch * self.tokens
+        return self.fit or self.batch * self.tokens
 
 
 def _smallest(options: Sequence[int], need: int, key: str) -> int:
@@ -45,6 +50,15 @@ def _smallest(options: Sequence[int], need: int, key: str) -> int:
     if i == len(options):
         raise ValueError(f"{key}: no bucket holds {need} (largest is {options[-1]})")
     return options[i]
+
+
+def fit_rows(need: int, smallest: int, full: int) -> int:
+    """Rows of a bucket holding `need` live rows: the smallest power-of-two multiple of
+    `smallest` that holds them, or 0 (batch x tokens) where that is no fewer than `full`."""
+    size = smallest
+    while size < need:
+        size *= 2
+    return size if size < full else 0
 
 
 def _kv_bucket(need: int, page_size: int, limit: int) -> int:
@@ -162,19 +176,22 @@ class BucketGraphs:
     graph per bucket, captured on first use. `pool` is the KV pool (None in full mode).
 
     Captures are timed as first-use work (`hstu_exp.first_use`: a server that meets a bucket
-    mid-run keeps its capture off the batch's clock) and summed in `capture_s`."""
+    mid-run keeps its capture off the batch's clock) and summed in `capture_s`. `live_rows` and
+    `run_rows` count the rows staged and the rows their graphs compute (padding included)."""
 
     def __init__(self, *, device, batch_buckets, token_buckets,
                  pool: Optional[torch.Tensor] = None, page_size: int = 0, max_history: int = 0,
-                 scratch_page: int = 0, progress=None):
+                 scratch_page: int = 0, fit_rows: bool = True, progress=None):
         self.device, self.pool = torch.device(device), pool
         self.batch_buckets, self.token_buckets = list(batch_buckets), list(token_buckets)
+        self.fit_rows = fit_rows
         self.page_size, self.max_history, self.scratch = page_size, max_history, scratch_page
         self.pages_per_user = -(-max_history // page_size) if page_size else 0
         self.mempool = torch.cuda.graph_pool_handle()
         self.graphs: Dict[Bucket, _Captured] = {}
         self.used: set = set()  # bucket names replayed (a workload clears it per point)
         self.capture_s = 0.0
+        self.live_rows = self.run_rows = 0
         self.progress = progress or (lambda msg: None)
 
     def bucket_for(self, batch: Batch) -> Bucket:
@@ -183,7 +200,10 @@ class BucketGraphs:
         kv = 0
         if batch.pages is not None:
             kv = _kv_bucket(batch.pages.max_kv_len, self.page_size, self.max_history)
-        return Bucket(b, t, kv)
+        fit = 0
+        if self.fit_rows and batch.host is not None:
+            fit = fit_rows(int(batch.host["offsets"][-1]), min(self.token_buckets), b * t)
+        return Bucket(b, t, kv, fit)
 
     def pad(self, batch: Batch, bucket: Bucket) -> Dict[str, np.ndarray]:
         return pad_metadata(batch, bucket, pages_per_user=self.pages_per_user,
@@ -193,6 +213,7 @@ class BucketGraphs:
               candidates: int = 0) -> Staged:
         """Padded host arrays packed into one buffer (pinned on CUDA); no device work."""
         host, layout = pack(arrays, pin=self.device.type == "cuda")
+        self.live_rows, self.run_rows = self.live_rows + rows, self.run_rows + bucket.rows
         return Staged(bucket, rows, host, layout, candidates)
 
     @torch.no_grad()

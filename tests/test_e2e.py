@@ -337,7 +337,8 @@ def test_a_step_padded_to_its_graph_bucket_equals_the_eager_step():
     """What GraphedRanker captures: forward_rows on the bucket's static, padded buffers (extra
     users, a padding KJT bag, dead rows, padded candidate rows) gives the eager step's logits and
     hidden states for the live candidates (eager here; the replay itself: the CUDA tests)."""
-    from hstu_exp.graphs import Bucket, pad_metadata, pad_tokens, static_batch, static_tokens
+    from hstu_exp.graphs import (Bucket, fit_rows, pad_metadata, pad_tokens, static_batch,
+                                 static_tokens)
     from hstu_exp.model.jagged import make_batch, pack, unpack
     from hstu_exp.model.ranking import forward_rows
 
@@ -352,19 +353,23 @@ def test_a_step_padded_to_its_graph_bucket_equals_the_eager_step():
             starts, table, _ = manager.plan(batch_req)
             tokens = model.embeddings.tokens(batch_req, starts, "cpu")
             batch = make_batch(tokens.rows, tokens.num_candidates, "cpu", table)
-            if padded:
-                bucket = Bucket(batch=4, tokens=64, kv=64)
-                arrays = pad_metadata(batch, bucket, pages_per_user=8,
-                                      scratch_page=manager.cache.scratch_page)
-                arrays.update(pad_tokens(tokens, bucket))
-                views = unpack(*pack(arrays, pin=False))
-                n = tokens.host["candidate_rows"].size
-                logits, h = forward_rows(model, static_tokens(views, model.embeddings.keys,
-                                                              bucket),
-                                         static_batch(bucket, views), manager.cache.pool)
-                outs.append((logits[:n], h[:n]))
-                assert logits.shape[0] == bucket.rows  # heads ran on every padded candidate row
+            if padded:  # batch x tokens rows, then the rows fitted to the batch (fit_rows)
+                fit = fit_rows(tokens.num_rows, 32, 4 * 64)
+                assert 0 < fit < 4 * 64
+                for bucket in (Bucket(batch=4, tokens=64, kv=64),
+                               Bucket(batch=4, tokens=64, kv=64, fit=fit)):
+                    arrays = pad_metadata(batch, bucket, pages_per_user=8,
+                                          scratch_page=manager.cache.scratch_page)
+                    arrays.update(pad_tokens(tokens, bucket))
+                    views = unpack(*pack(arrays, pin=False))
+                    n = tokens.host["candidate_rows"].size
+                    logits, h = forward_rows(model, static_tokens(views, model.embeddings.keys,
+                                                                  bucket),
+                                             static_batch(bucket, views), manager.cache.pool)
+                    outs.append((logits[:n], h[:n]))
+                    assert logits.shape[0] == bucket.rows  # heads ran on every padded row
             else:
                 outs.append(forward_rows(model, tokens, batch, manager.cache.pool))
-        for got, want in zip(outs[1], outs[0]):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for padded_out in outs[1:]:
+            for got, want in zip(padded_out, outs[0]):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -41,18 +41,28 @@ def test_replay_equals_eager_paged(kernel):
         ref = block(x, eager_batch, eager_cache.pool)
         torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-4)
         assert staged.bucket.batch >= len(users)
+        assert staged.bucket.rows < staged.bucket.batch * staged.bucket.tokens  # fitted rows
     assert len(core.graphs) >= 2 and len(core.used) == len(core.graphs)  # each captured once
 
 
+@pytest.mark.parametrize("fit_rows", [True, False])
 @torch.no_grad()
-def test_replay_equals_eager_full():
+def test_replay_equals_eager_full(fit_rows):
+    """Two batches of the same batch x token bucket: with fit_rows their rows (130 and 264 of
+    4 x 256) are padded to 256 and 512, two graphs; without, both to 1024, one graph."""
     block, _ = block_and_cache("reference")
     graphs = GraphedBlock(block, BucketGraphs(device="cuda", batch_buckets=[4],
-                                              token_buckets=[256]), hidden=64,
-                          dtype=torch.float32)
+                                              token_buckets=[256], fit_rows=fit_rows),
+                          hidden=64, dtype=torch.float32)
+    padded = []
     for rows, cands in [([100, 30], [10, 0]), ([256, 1, 7], [56, 1, 7])]:
         x = torch.randn(sum(rows), 64, device="cuda")
         batch = make_batch(rows, cands, "cuda")
-        out = graphs.replay(x, graphs.stage(batch, sum(rows))).clone()
+        staged = graphs.stage(batch, sum(rows))
+        out = graphs.replay(x, staged).clone()
         torch.testing.assert_close(out, block(x, batch), rtol=2e-4, atol=2e-4)
-    assert len(graphs.core.graphs) == 1 and graphs.core.capture_s > 0
+        padded.append(staged.bucket.rows)
+    assert padded == ([256, 512] if fit_rows else [1024, 1024])
+    assert len(graphs.core.graphs) == len(set(padded)) and graphs.core.capture_s > 0
+    assert (graphs.core.live_rows, graphs.core.run_rows) == (130 + 264, sum(padded))
+

@@ -3,7 +3,7 @@ replay itself is covered by test_graphs_gpu)."""
 import numpy as np
 import torch
 
-from hstu_exp.graphs import Bucket, pad_metadata
+from hstu_exp.graphs import Bucket, fit_rows, pad_metadata
 from hstu_exp.kvcache.paged import PagedKVCache
 from hstu_exp.model.jagged import make_batch, pack, to_device, unpack
 
@@ -66,3 +66,18 @@ def test_pad_metadata_full_mode_has_no_page_fields():
     padded = pad_metadata(batch, Bucket(batch=2, tokens=8), pages_per_user=0, scratch_page=0)
     assert set(padded) == {"offsets", "num_candidates"}
     assert padded["offsets"].tolist() == [0, 5, 7]
+
+
+def test_fitted_rows_pad_the_batch_not_every_user():
+    """One long user beside short ones: the rows go to a power of two of the total, not to
+    batch x (the longest user's tokens); no fit where it would not save rows."""
+    assert fit_rows(4000 + 7 * 300, 128, 8 * 4352) == 8192  # batch x tokens: 34816
+    assert fit_rows(8 * 300, 128, 8 * 384) == 0  # 4096 >= 3072: pad to batch x tokens
+    assert fit_rows(1, 128, 1024) == 128 and fit_rows(129, 128, 1024) == 256
+    fitted, full = Bucket(batch=8, tokens=4352, kv=4096, fit=8192), Bucket(batch=8, tokens=4352)
+    assert (fitted.rows, full.rows) == (8192, 8 * 4352)
+    assert fitted.name == "b8xt4352xkv4096xr8192" and full.name == "b8xt4352"
+    batch = make_batch([5, 2], [1, 1], "cpu")
+    padded = pad_metadata(batch, Bucket(batch=4, tokens=8, fit=16), pages_per_user=0,
+                          scratch_page=0)
+    assert padded["offsets"].tolist() == [0, 5, 7, 7, 7]

@@ -10,8 +10,9 @@ is served for real (`serving.Server`) and the server stays busy for its measured
 given the service times, and the run is deterministic given the seed up to those times.
 
 Policies: `fifo` takes the oldest eligible requests; `length_aware` takes the oldest one, then
-others whose sequence falls in the same graph token bucket, then ones from smaller buckets (they
-pad into the batch's bucket for free), so a batch does not pad short requests to a long one.
+others whose sequence falls in the same graph token bucket, then ones from smaller buckets, so
+fewer batches mix short requests with a long one (with graph.fit_rows=false a batch pads every
+request to its longest; with fit_rows, the default, only its total rows to a power of two).
 
 Requests arriving in [warmup_s, warmup_s + duration_s) are counted; the ones before warm the
 cache up. mode=offline makes every request available at time 0 (maximum throughput).
@@ -207,6 +208,7 @@ class Trial:
     slo: dict = field(default_factory=dict)
     graph_captures: int = 0  # CUDA graph buckets first met (and captured) inside the trial
     first_use_ms: float = 0.0  # tuning, compiles and captures, kept off the service times
+    graph_padding: Optional[float] = None  # rows the graphs computed / live rows (1.0: none)
 
 
 class ServePoint:
@@ -290,6 +292,7 @@ class ServePoint:
         give_up = _slo_give_up(stream, w) if search or w.stop_on_miss else None
         core = self.graphs.core if self.graphs is not None else None
         captured, first = len(core.graphs) if core is not None else 0, first_use.seconds()
+        rows = (core.live_rows, core.run_rows) if core is not None else (0, 0)
         schedule = simulate(stream.times, stream.users, buckets, serve_batch,
                             max_batch=w.max_batch, max_wait_s=w.max_wait_ms / 1e3,
                             policy=w.policy, give_up=give_up)
@@ -297,6 +300,8 @@ class ServePoint:
         trial.first_use_ms = 1e3 * (first_use.seconds() - first)
         if core is not None:
             trial.graph_captures = len(core.graphs) - captured
+            live = core.live_rows - rows[0]
+            trial.graph_padding = (core.run_rows - rows[1]) / live if live else None
         trial.slo = slo_result(trial, w)
         return trial
 
@@ -371,7 +376,7 @@ def trial_stats(trial: Trial, w) -> dict:
            "batches": len(mine), "batch_size_hist": hist,
            "mean_batch_size": sum(len(b[2]) for b in mine) / max(len(mine), 1),
            "busy_fraction": busy / span, "stopped_early": s.stopped_early,
-           "graph_captures": trial.graph_captures,
+           "graph_captures": trial.graph_captures, "graph_padding": trial.graph_padding,
            "first_use_ms": trial.first_use_ms,
            **{f"{t}_requests": tiers[t] for t in TIERS},
            **{f"{t}_hit_rate" if t != "miss" else "miss_rate": tiers[t] / n for t in TIERS},
