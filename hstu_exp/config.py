@@ -64,7 +64,7 @@ class GraphConfig:
     mode: str = "none"  # none | cudagraph
     batch_buckets: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     token_buckets: List[int] = field(default_factory=lambda: [128, 256, 512, 1024, 2048, 4352])
-    fit_rows: bool = True  # a batch's rows padded to a power of two, not to batch x tokens
+    fit_rows: bool = False  # a batch's rows padded to a power of two, not to batch x tokens
 
 
 @dataclass

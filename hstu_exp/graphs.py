@@ -3,10 +3,10 @@
 One graph per bucket (batch, tokens per user, in paged mode kv tokens per user, and the batch's
 rows), captured on first use into one shared memory pool and kept for every later batch that
 fits. A batch is padded to its bucket: extra users have length 0, rows past the last user are dead
-(computed on, never read), padded K/V appends go to the cache's scratch page. The rows are the
-smallest power of two holding the batch's (`fit_rows`), not batch x tokens: in a served batch one
-long history beside seven short ones would otherwise make every user's rows as long as the longest,
-and the dead rows cost the GEMMs several times the live work. Metadata is padded on the host and
+(computed on, never read), padded K/V appends go to the cache's scratch page. The rows are batch x
+tokens, or with `fit_rows` the smallest power of two holding the batch's: in a served batch one
+long history beside seven short ones makes every user's rows as long as the longest, and the dead
+rows cost the GEMMs several times the live work (fit_rows trades that for more buckets). Metadata is padded on the host and
 travels as one packed buffer, so a replay is: copy x, copy one host buffer, replay.
 
 `BucketGraphs` is that mechanism; two thin front-ends use it. `GraphedBlock` replays the block
@@ -181,7 +181,7 @@ class BucketGraphs:
 
     def __init__(self, *, device, batch_buckets, token_buckets,
                  pool: Optional[torch.Tensor] = None, page_size: int = 0, max_history: int = 0,
-                 scratch_page: int = 0, fit_rows: bool = True, progress=None):
+                 scratch_page: int = 0, fit_rows: bool = False, progress=None):
         self.device, self.pool = torch.device(device), pool
         self.batch_buckets, self.token_buckets = list(batch_buckets), list(token_buckets)
         self.fit_rows = fit_rows

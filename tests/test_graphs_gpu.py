@@ -25,7 +25,7 @@ def test_replay_equals_eager_paged(kernel):
     block, cache = block_and_cache(kernel)
     core = BucketGraphs(device="cuda", batch_buckets=[2, 4], token_buckets=[64, 128],
                         pool=cache.pool, page_size=16, max_history=512,
-                        scratch_page=cache.scratch_page)
+                        scratch_page=cache.scratch_page, fit_rows=True)
     graphs = GraphedBlock(block, core, hidden=64, dtype=torch.float32)
     eager_cache = PagedKVCache(num_layers=2, num_pages=256, page_size=16, num_heads=2,
                                head_dim=32, dtype=torch.float32, device="cuda")

@@ -12,7 +12,7 @@ given the service times, and the run is deterministic given the seed up to those
 Policies: `fifo` takes the oldest eligible requests; `length_aware` takes the oldest one, then
 others whose sequence falls in the same graph token bucket, then ones from smaller buckets, so
 fewer batches mix short requests with a long one (with graph.fit_rows=false a batch pads every
-request to its longest; with fit_rows, the default, only its total rows to a power of two).
+request to its longest, the default; with fit_rows only its total rows to a power of two).
 
 Requests arriving in [warmup_s, warmup_s + duration_s) are counted; the ones before warm the
 cache up. mode=offline makes every request available at time 0 (maximum throughput).
