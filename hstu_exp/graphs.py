@@ -6,8 +6,9 @@ fits. A batch is padded to its bucket: extra users have length 0, rows past the 
 (computed on, never read), padded K/V appends go to the cache's scratch page. The rows are batch x
 tokens, or with `fit_rows` the smallest power of two holding the batch's: in a served batch one
 long history beside seven short ones makes every user's rows as long as the longest, and the dead
-rows cost the GEMMs several times the live work (fit_rows trades that for more buckets). Metadata is padded on the host and
-travels as one packed buffer, so a replay is: copy x, copy one host buffer, replay.
+rows cost the GEMMs several times the live work (fit_rows trades that for more buckets).
+Metadata is padded on the host and travels as one packed buffer, so a replay is: copy x, copy one
+host buffer, replay.
 
 `BucketGraphs` is that mechanism; two thin front-ends use it. `GraphedBlock` replays the block
 alone (workload=block). `GraphedRanker` replays the device part of a ranking step (embeddings,

@@ -8,15 +8,14 @@ their samples, so intervals can be computed from the sweep dir or a copy of it a
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from hstu_exp.stats import bootstrap_ratio
-from hstu_exp.tracking.records import (ENV_KEYS, RESULTS_FILE, SWEPT_KEYS, scan_records,
-                                       write_atomically)
+from hstu_exp.tracking.records import (ENV_KEYS, RESULTS_FILE, SWEPT_KEYS, is_missing,
+                                       scan_records, write_atomically)
 
 CSV_FILE = "results.csv"
 # Columns that are text whatever they look like: pandas reads cuda 13.0 as a float, a driver
@@ -64,7 +63,7 @@ def require(df: pd.DataFrame, columns, source, what: str = "") -> None:
 
 def _as_text(v):
     """A scalar as text; missing values and structures (a list of overrides) as they are."""
-    if _is_missing(v) or isinstance(v, (list, dict)):
+    if is_missing(v) or isinstance(v, (list, dict)):
         return v
     return str(v)
 
@@ -158,15 +157,11 @@ def _json_value(v):
     return str(v)
 
 
-def _is_missing(v) -> bool:
-    return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
-
-
 def write_jsonl(df: pd.DataFrame, sweep_dir: Path) -> Path:
     """The sweep-level results.jsonl: the newest record of every point, samples included."""
     lines = []
     for row in df.to_dict("records"):
-        rec = {k: v for k, v in row.items() if not (not isinstance(v, list) and _is_missing(v))}
+        rec = {k: v for k, v in row.items() if not (not isinstance(v, list) and is_missing(v))}
         lines.append(json.dumps(rec, default=_json_value) + "\n")
     return write_atomically(Path(sweep_dir) / RESULTS_FILE,
                             lambda tmp: Path(tmp).write_text("".join(lines)))
@@ -274,8 +269,8 @@ def format_headline(table: pd.DataFrame) -> str:
         where = f"B={r['batch_size']}"
         if r["workload"] == "block":
             n = r["new_history"]
-            where += f" T={r['total_history']}" + ("" if _is_missing(n) else f" n={int(n)}")
-        ci = "" if _is_missing(r["ci_low"]) else \
+            where += f" T={r['total_history']}" + ("" if is_missing(n) else f" n={int(n)}")
+        ci = "" if is_missing(r["ci_low"]) else \
             f" [95% CI {r['ci_low']:.2f}-{r['ci_high']:.2f}]"
         lines.append(f"  {r['workload']} {r['comparison']} {where}: {r['speedup']:.2f}x{ci}")
     head = "speedups (95% bootstrap interval of the median ratio" + \

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -196,12 +198,15 @@ def read_records(root: Path) -> Iterator[dict]:
     yield from scan_records(root).records
 
 
+def is_missing(v) -> bool:
+    """None, NaN or pandas' NA (a records frame has every column, missing ones filled in). While
+    pandas is not imported, no value can be its NA."""
+    return (v is None or (isinstance(v, float) and math.isnan(v))
+            or v is getattr(sys.modules.get("pandas"), "NA", None))
+
+
 def _text(v) -> str:
-    try:
-        missing = v is None or bool(v != v)  # NaN: a records frame has every column
-    except TypeError:  # pandas' NA refuses bool()
-        missing = True
-    return "-" if missing else str(v)
+    return "-" if is_missing(v) else str(v)
 
 
 def point_overrides(value):

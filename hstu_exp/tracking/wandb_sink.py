@@ -16,14 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
 
-from hstu_exp.tracking.records import ENV_KEYS, SWEPT_KEYS, serve_labels
+from hstu_exp.tracking.records import ENV_KEYS, SWEPT_KEYS, is_missing, serve_labels
 
 MARKER = ".wandb-disabled"
 MODES = ("online", "offline", "disabled")
@@ -195,12 +194,8 @@ def run_id(group: str, key: str) -> str:
     return hashlib.sha1(f"{group}/{key}".encode()).hexdigest()[:16]
 
 
-def _missing(v) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
-
-
 def _pick(record: dict, keys) -> dict:
-    return {k: record[k] for k in keys if k in record and not _missing(record[k])}
+    return {k: record[k] for k in keys if k in record and not is_missing(record[k])}
 
 
 def run_name(r: dict) -> str:
@@ -214,9 +209,9 @@ def run_name(r: dict) -> str:
         where.append(f"c{r.get('num_candidates')}")
     else:
         where += [f"T{r.get('total_history')}"] + (
-            [] if _missing(r.get("new_history")) else [f"n{_int(r['new_history'])}"])
+            [] if is_missing(r.get("new_history")) else [f"n{_int(r['new_history'])}"])
     how = "/".join(str(r[k]) for k in ("mode", "cache", "kernel", "graph")
-                   if not _missing(r.get(k)))
+                   if not is_missing(r.get(k)))
     return f"{' '.join(where)} · {how} · {r.get('workload')} {r.get('model')}"
 
 
@@ -226,7 +221,7 @@ def _int(v):
 
 def point_tags(r: dict, user_tags=()) -> list:
     tags = [f"{k}:{r[k]}" for k in ("workload", "model", "cache", "kernel", "graph", "mode",
-                                    "device") if not _missing(r.get(k))]
+                                    "device") if not is_missing(r.get(k))]
     return sorted(set(tags) | {str(t) for t in user_tags or ()})
 
 
@@ -239,11 +234,11 @@ def point_summary(r: dict) -> dict:
         set(PARAM_KEYS)
     for space, keys in NAMESPACES.items():
         for k in keys:
-            if k in r and not _missing(r[k]):
+            if k in r and not is_missing(r[k]):
                 out[f"{space}/{k}"] = r[k]
             placed.add(k)
     for k, v in r.items():  # the workload's own keys (e2e host time, cache hits, ...)
-        if k not in placed and not _missing(v) and isinstance(v, (int, float, str, bool)):
+        if k not in placed and not is_missing(v) and isinstance(v, (int, float, str, bool)):
             out[f"workload/{k}"] = v
     return out
 
@@ -261,7 +256,7 @@ def _overrides(r: dict) -> list:
 
 def point_spec(r: dict, *, logger: dict, job_dir: Path, group: str, cfg: Optional[dict],
                data_dir: Path) -> Optional[dict]:
-    samples = [float(s) for s in (r.get("samples_ms") or []) if not _missing(s)]
+    samples = [float(s) for s in (r.get("samples_ms") or []) if not is_missing(s)]
     config = {"point": _pick(r, SWEPT_KEYS), "env": _pick(r, ENV_KEYS + ENV_EXTRA),
               "params": _pick(r, PARAM_KEYS), "config_key": r.get("config_key"),
               "overrides": _overrides(r)}
@@ -307,11 +302,11 @@ def sweep_grid(sweep_dir: Path) -> dict:
 
 def _label(r: dict) -> str:
     return "/".join(str(r[k]) for k in ("mode", "cache", "kernel", "graph")
-                    if not _missing(r.get(k)))
+                    if not is_missing(r.get(k)))
 
 
 def _table(rows: list, columns: list) -> dict:
-    return {"columns": columns, "data": [[None if _missing(row.get(c)) else row.get(c)
+    return {"columns": columns, "data": [[None if is_missing(row.get(c)) else row.get(c)
                                           for c in columns] for row in rows]}
 
 
@@ -382,12 +377,12 @@ def _serve_labelled(rows: list) -> list:
 
 
 def _searched(r: dict) -> bool:
-    return str(r.get("mode") or "").startswith("max_qps") or not _missing(r.get("max_qps"))
+    return str(r.get("mode") or "").startswith("max_qps") or not is_missing(r.get("max_qps"))
 
 
 def _some(rows: list, key: str, above=None) -> bool:
     """Any row has a value of `key` (above `above`): a records frame has every column."""
-    return any(not _missing(r.get(key)) and (above is None or r[key] > above) for r in rows)
+    return any(not is_missing(r.get(key)) and (above is None or r[key] > above) for r in rows)
 
 
 def _add_serve(spec: dict, serve: list) -> None:
@@ -398,10 +393,10 @@ def _add_serve(spec: dict, serve: list) -> None:
         return
     tables, lines = spec["tables"], spec["lines"]
     serve = _serve_labelled(serve)
-    search = sorted((dict(r, max_qps=0.0 if _missing(r.get("max_qps")) else r["max_qps"])
+    search = sorted((dict(r, max_qps=0.0 if is_missing(r.get("max_qps")) else r["max_qps"])
                      for r in serve if _searched(r)), key=lambda r: r["label"])
     # offline mode makes every request available at t=0: its qps is no offered load
-    online = sorted((r for r in serve if not _searched(r) and not _missing(r.get("qps"))
+    online = sorted((r for r in serve if not _searched(r) and not is_missing(r.get("qps"))
                      and not str(r.get("mode") or "").startswith("offline")),
                     key=lambda r: (r["label"], r["qps"]))
     if online:
@@ -425,10 +420,10 @@ def _add_serve(spec: dict, serve: list) -> None:
         spec["summary"].update({f"serve/max_qps/{r['label']}": r["max_qps"] for r in search})
     # hit rates and bytes at the rate the point's reported trial ran (a search's best; a trace's)
     rows = sorted((dict(r, offered_qps=next((r[k] for k in ("offered_qps", "qps", "max_qps")
-                                             if not _missing(r.get(k))), None),
+                                             if not is_missing(r.get(k))), None),
                         **{f"{k}_per_request": r[k] / max(r.get("requests") or 0, 1)
                            for k in ("onloaded_bytes", "offloaded_bytes")
-                           if not _missing(r.get(k))}) for r in serve),
+                           if not is_missing(r.get(k))}) for r in serve),
                   key=lambda r: (r["label"], r["offered_qps"] or 0))
     columns = [c for c in ("label", "offered_qps", "requests", "gpu_hit_rate", "host_hit_rate",
                            "miss_rate", "onloaded_bytes_per_request",
@@ -459,12 +454,12 @@ def _add_headline(spec: dict, df) -> None:
     rows = []
     for r in table.to_dict("records"):
         where = f"B{r['batch_size']}"
-        if r.get("workload") != "e2e" and not _missing(r.get("total_history")):
+        if r.get("workload") != "e2e" and not is_missing(r.get("total_history")):
             where += f" T{_int(r['total_history'])}"
         label = f"{r['workload']} {r['comparison']} {where}"
         rows.append(dict(r, label=label))
         spec["summary"][f"speedup/{label}"] = {k: r[k] for k in ("speedup", "ci_low", "ci_high")
-                                               if not _missing(r.get(k))}
+                                               if not is_missing(r.get(k))}
     spec["tables"]["headline"] = _table(rows, ["label", "workload", "comparison", "batch_size",
                                                "total_history", "speedup", "ci_low", "ci_high"])
     spec["bars"].append({"key": "charts/speedup", "table": "headline", "label": "label",
