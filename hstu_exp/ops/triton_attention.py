@@ -76,6 +76,10 @@ PROGRAM_OVERHEAD_BLOCKS = 2
 SPLIT_OVERHEAD_BLOCKS = 7
 MIN_SPLIT_BLOCKS = 2
 FORCE_SPLIT_K: Optional[int] = None  # tests / benchmarks: 1 = never split, n = n key splits
+# How split programs combine their sums: "atomic" adds fp32 partials into one zeroed buffer;
+# "slots" stores each split's partial in its own slot of a [splits, rows, H, D] buffer with plain
+# stores (no memset, no atomics; the reader sums the slots).
+SPLIT_SUMS = "atomic"
 FAST_SILU = True  # bf16/fp16 on GPU: SiLU through tanh.approx (1 MUFU op per score)
 LAST_LAUNCH: dict = {}  # the last compiled kernel and grid, for benchmarks (registers, spills)
 
@@ -192,25 +196,28 @@ def _load_kv(K, V, KP, VP, page_ids, row0, page_base, offs, kv_len, h, offs_d,
 @triton.jit
 def _hstu_fwd(Q, K, V, Out, KP, VP, offsets, num_cand, page_indptr, page_ids, cached_len,
               stride_qr, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh,
-              stride_or, stride_oh,
+              stride_or, stride_oh, stride_os,
               stride_kpp, stride_kps, stride_kph, stride_vpp, stride_vps, stride_vph,
               num_users, num_heads, num_rows, chunk, alpha, inv_n,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-              FAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              SLOTS: tl.constexpr, FAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # Reversed query blocks: the last blocks see the most keys (causal) and hold the candidates,
     # so they start first and the short ones fill in behind them.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     b = tl.program_id(1) // num_heads
     h = tl.program_id(1) % num_heads
     split = tl.program_id(2)
+    if SLOTS:  # this split's own slot of the partial-sum buffer
+        Out += split.to(tl.int64) * stride_os
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
 
     if b == num_users:
-        # Without split-K one extra "user" zeroes the dead rows past the last user (graph padding),
-        # as the reference does; with split-K the zero-filled fp32 buffer already holds zeros.
+        # One extra "user" zeroes the dead rows past the last user (graph padding), as the
+        # reference does: in every slot with SLOTS; with atomic split-K the zero-filled fp32 buffer
+        # already holds zeros, and this program is not launched.
         start = tl.load(offsets + num_users)
         zero = tl.zeros([BLOCK_M, HEAD_DIM], dtype=Out.dtype.element_ty)
         for r0 in range(start + pid_m * BLOCK_M, num_rows, tl.num_programs(0) * BLOCK_M):
@@ -241,8 +248,9 @@ def _hstu_fwd(Q, K, V, Out, KP, VP, offsets, num_cand, page_indptr, page_ids, ca
         lo = split * chunk * BLOCK_N
         hi = tl.minimum(hi, lo + chunk * BLOCK_N)
     self_term = (m0 + BLOCK_M > n_hist) & (split == 0)
-    if (lo >= hi) & (self_term == 0):
-        return
+    if not SLOTS:  # (a slot is written even when it sums nothing)
+        if (lo >= hi) & (self_term == 0):
+            return
 
     i = m0 + offs_m  # query row within the user
     row_ok = i < seq_len
@@ -279,8 +287,10 @@ def _hstu_fwd(Q, K, V, Out, KP, VP, offsets, num_cand, page_indptr, page_ids, ca
         acc += tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
 
     out_ptr = Out + q_rows[:, None] * stride_or + h * stride_oh + offs_d[None, :]
-    if SPLIT:
+    if SPLIT and not SLOTS:
         tl.atomic_add(out_ptr, acc * inv_n, mask=row_ok[:, None], sem="relaxed")
+    elif SPLIT:
+        tl.store(out_ptr, acc * inv_n, mask=row_ok[:, None])
     else:
         tl.store(out_ptr, (acc * inv_n).to(Out.dtype.element_ty), mask=row_ok[:, None])
 
@@ -389,8 +399,9 @@ def will_split(q, batch: Batch, paged: bool, *, autotune: bool = False) -> bool:
         return False
     cfg, split_k = _choice(q, batch, paged, None, None, autotune)
     max_kv = batch.pages.max_kv_len if paged else batch.max_len
-    return bool(_plan(cfg, q.shape[2], batch.batch_size, q.shape[1], batch.max_len, max_kv,
-                      split_k, FORCE_SPLIT_K, _device_index(q))[2])
+    return SPLIT_SUMS != "slots" and bool(
+        _plan(cfg, q.shape[2], batch.batch_size, q.shape[1], batch.max_len, max_kv, split_k,
+              FORCE_SPLIT_K, _device_index(q))[2])
 
 
 def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, config, out,
@@ -426,8 +437,11 @@ def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, c
     m_blocks, kv_blocks, chunk = _plan(cfg, D, B, H, batch.max_len, max_kv, split_k,
                                        FORCE_SPLIT_K, device_index)
     splits = triton.cdiv(kv_blocks, chunk) if chunk else 1
+    slots = bool(chunk) and SPLIT_SUMS == "slots"
     dst = out
-    if chunk:  # fp32 partial sums over key chunks; dead rows stay zero
+    if slots:  # every program writes its slot: nothing to clear
+        dst = torch.empty(splits, rows, H, D, dtype=torch.float32, device=q.device)
+    elif chunk:  # fp32 partial sums over key chunks; dead rows stay zero
         dst = out if (out.dtype == torch.float32 and out.is_contiguous()) else \
             torch.zeros(rows, H, D, dtype=torch.float32, device=q.device)
         if dst is out and not out_zeroed:
@@ -446,19 +460,19 @@ def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, c
         indptr = ids = cached = batch.offsets
         pstrides = (0,) * 6
     fast = FAST_SILU and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
-    grid = (m_blocks, (B + (0 if chunk else 1)) * H, splits)
+    grid = (m_blocks, (B + (0 if chunk and not slots else 1)) * H, splits)
     LAST_LAUNCH["kernel"], LAST_LAUNCH["grid"] = _hstu_fwd[grid](
         q, k, v, dst, kp, vp, batch.offsets, batch.num_candidates, indptr, ids, cached,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        dst.stride(0), dst.stride(1), *pstrides,
+        dst.stride(-3), dst.stride(-2), dst.stride(0) if slots else 0, *pstrides,
         B, H, rows, chunk, float(alpha), float(inv_n),
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGED=paged,
-        PAGE_SIZE=page_size, SPLIT=bool(chunk), FAST=fast,
+        PAGE_SIZE=page_size, SPLIT=bool(chunk), SLOTS=slots, FAST=fast,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages), grid
     LAST_LAUNCH["config"], LAST_LAUNCH["splits"] = cfg, splits
     if dst is not out and not partial_fp32:
-        out.copy_(dst)
+        out.copy_(dst.sum(0) if slots else dst)
     return dst if partial_fp32 else out
 
 
