@@ -17,6 +17,7 @@ import argparse
 import copy
 import dataclasses
 import math
+import os
 import statistics
 import sys
 import time
@@ -186,7 +187,7 @@ SWEEP = {  # case -> [(config, split_k)] tried with --sweep
 #   silu: Triton LayerNorm, SiLU on load (silu_qkv: q, k, v in place + append; u in LN*U)
 #   zero: silu, and silu_qkv clears the attention's split-K sum buffer (no memset launch)
 #   new:  zero, and the residual added in place past layer 0 (no device copy of x a layer)
-#   slots: new, with split sums in per-split slots that LayerNorm*U adds up (no atomics, no clear)
+#   tma:  new, with full-mode attention tiles through TMA descriptors (tri.TMA)
 SEED = dict(num_layers=8, hidden=1024, num_heads=H, head_dim=D, scaling_length=4352)
 BLOCK_CASES = [  # name, B, history, new, candidates
     ("B=1 cached T=4096", 1, 4096, 128, 256), ("B=8 cached T=4096", 8, 4096, 128, 256),
@@ -197,12 +198,12 @@ BLOCK_CASES = [  # name, B, history, new, candidates
 
 def variant_kernels(variant):
     from hstu_exp.ops import fused, kernels
-    k = kernels("triton", True, variant in ("silu", "zero", "new", "slots"))
+    k = kernels("triton", True, variant in ("silu", "zero", "new", "tma"))
     if variant == "old":
         k = dataclasses.replace(k, layernorm=fused.layernorm_torch)
     if variant == "silu":
         k = dataclasses.replace(k, attention_splits=lambda *a: False)
-    if variant not in ("new", "slots"):
+    if variant not in ("new", "tma"):
         k = dataclasses.replace(k, residual_in_place=False)
     return k
 
@@ -288,10 +289,10 @@ def block_main(variants, reps, profile_cases, only=()):
         captured = {}
         for v in variants:
             current["v"] = v
-            tri.SPLIT_SUMS = "slots" if v == "slots" else "atomic"  # baked into the capture
+            tri.TMA = v == "tma"  # read at launch: baked into the capture
             with torch.no_grad():
                 captured[v], _ = capture(lambda: blk(x, batch, pool))
-        tri.SPLIT_SUMS = "atomic"
+        tri.TMA = False
         ms = {v: [] for v in variants}
         for _ in range(2):  # interleaved rounds
             for v in variants:
@@ -338,52 +339,9 @@ def inversion_main():
         del case
 
 
-def splitsums_main():
-    """Split-K sums, atomic adds into one zeroed buffer vs per-split slots, at the tuned launch:
-    the attention alone (with its memset when atomic), and followed by LayerNorm*U (the reader,
-    which adds the slots up), as graph replays."""
-    from hstu_exp.ops.fused import layernorm_mul
-    print("== split sums: atomic vs slots (graph replay, us) ==", flush=True)
-    cases = [("paged B=1 T=4096", 1, 4096, 128, 256), ("paged B=1 T=1024", 1, 1024, 128, 256),
-             ("paged B=2 T=4096", 2, 4096, 128, 256), ("paged B=8 T=4096", 8, 4096, 128, 256),
-             ("full  B=1 T=4096", 1, 4096, 4096, 256)]
-    w, b = (torch.randn(H * D, device="cuda") for _ in range(2))
-    for name, B, T, n, c in cases:
-        case = make_case(B, T, n, c)
-        flops = 4 * H * D * case["pairs"]
-        u = torch.randn(case["q"].shape[0], H * D, device="cuda").to(DT)
-        tri.TUNED.clear()
-        call(tri, case, autotune=True)  # tuned once (atomic), both modes launch that choice
-        info = f"{tri.LAST_LAUNCH.get('config')} splits {tri.LAST_LAUNCH.get('splits')}"
-        res, outs = {}, {}
-        for splits in ([None] if B > 1 or n == T else [None, 4, 8, 16, 22]):
-            for mode in ("atomic", "slots"):
-                tri.SPLIT_SUMS = mode
-                kw = dict(autotune=True, partial_fp32=True) if splits is None else \
-                    dict(split_k=splits, config=tri.TUNED and next(iter(tri.TUNED.values()))[0],
-                         partial_fp32=True)
-                alone = lambda: call(tri, case, **kw)  # noqa: E731
-                both = lambda: layernorm_mul(alone().flatten(-2), u, w, b, 1e-5)  # noqa: E731
-                outs[mode] = both().float()
-                with torch.cuda.stream(torch.cuda.Stream()):
-                    ta = do_bench_cudagraph(alone, rep=30, return_mode="median")
-                    tb = do_bench_cudagraph(both, rep=30, return_mode="median")
-                res[(splits, mode)] = (ta, tb)
-            tri.SPLIT_SUMS = "atomic"
-            diff = float((outs["slots"] - outs["atomic"]).abs().max() / outs["atomic"].abs().max())
-            label = "tuned" if splits is None else f"split={splits}"
-            a, s_ = res[(splits, "atomic")], res[(splits, "slots")]
-            print(f"  {name} {label:9} attention {a[0] * 1e3:6.1f} -> {s_[0] * 1e3:6.1f} us "
-                  f"({flops / s_[0] / 1e9:4.0f} TF/s)  +LN*U {a[1] * 1e3:6.1f} -> {s_[1] * 1e3:6.1f} us"
-                  f"  max diff {diff:.1e}  [{info}]", flush=True)
-        del case
-        torch.cuda.empty_cache()
-
-
 def one_main(name):
     """One launch of a goal case by the rule (no tuning): a target for ncu."""
-    import os
-    tri.SPLIT_SUMS = os.environ.get("SPLIT_SUMS", tri.SPLIT_SUMS)
+    tri.TMA = os.environ.get("TMA") == "1"
     _, B, T, n, c, heads, dim, _ = next(g for g in GOALS if g[0].replace(" ", "") == name)
     case = make_case(B, T, n, c, heads=heads, dim=dim)
     torch.cuda.synchronize()
@@ -403,20 +361,18 @@ def main():
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--profile", default="B=1 cached T=4096,B=8 full T=4096")
     ap.add_argument("--inversion", action="store_true", help="attention alone at B=1 vs T")
-    ap.add_argument("--splitsums", action="store_true", help="split sums: atomic vs slots")
+    ap.add_argument("--only", default="", help="goal cases whose name holds this (e.g. full)")
     ap.add_argument("--one", default="", help="one launch of a goal case, e.g. pagedB=1 (ncu)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     if args.one:
         return one_main(args.one)
-    if args.block or args.inversion or args.splitsums:
+    if args.block or args.inversion:
         print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
               f"{triton.__version__}", flush=True)
         if args.inversion:
             inversion_main()
-        if args.splitsums:
-            splitsums_main()
         if args.block:
             block_main(args.variants.split(","), args.reps, args.profile.split(","),
                        [c for c in args.cases.split(",") if c])
@@ -429,10 +385,15 @@ def main():
           f"back-to-back eager / CUDA graph ==", flush=True)
     rows = []
     for name, B, T, n, c, heads, dim, goal in GOALS + (EXTRA if args.sweep else []):
+        if args.only and args.only not in name:
+            continue
         case = make_case(B, T, n, c, heads=heads, dim=dim)
         flops = 4 * heads * dim * case["pairs"]
         ref = reference_fp32(case)
         variants = [("triton auto", {}), ("triton split=1", {"split_k": 1})]
+        if not case["paged"]:
+            variants += [("triton auto tma", {"tma": True}),
+                         ("triton split=1 tma", {"split_k": 1, "tma": True})]
         if args.sweep:
             variants.append(("triton exact-silu", {"exact": True}))
             variants += [(f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} "
@@ -440,6 +401,7 @@ def main():
                          for cfg, split in SWEEP.get(name, [])]
         for label, kw in variants:
             tri.FAST_SILU = not kw.pop("exact", False)
+            tri.TMA = kw.pop("tma", False)
             try:
                 out = call(tri, case, **kw)
                 rel, _ = rel_err(out, ref)
@@ -448,7 +410,7 @@ def main():
                 print(f"  {name} {label}: {type(e).__name__} {e}"[:300], flush=True)
                 continue
             finally:
-                tri.FAST_SILU = True
+                tri.FAST_SILU, tri.TMA = True, False
             rows.append((name, label, *times, flops, rel, goal))
             print(f"  {name} {label:28} {times[0]:.3f} / {times[1]:.3f} / {times[2]:.3f} ms  "
                   f"{flops / times[2] / 1e9:4.0f} TFLOP/s (graph)  host {times[3]:.0f} us  "

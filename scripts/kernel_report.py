@@ -35,22 +35,26 @@ from triton.compiler import ASTSource  # noqa: E402
 from hstu_exp.ops import triton_attention as tri  # noqa: E402
 
 PROG = "kernel_report.py"
-MODES = ("full", "full-split", "paged", "paged-split")
-POINTERS = {"Q", "K", "V", "Out", "KP", "VP", "offsets", "num_cand", "page_indptr", "page_ids",
+MODES = ("full", "full-split", "paged", "paged-split", "full-tma", "full-split-tma")
+POINTERS = {"Q", "K", "V", "QD", "KD", "VD", "Out", "KP", "VP", "offsets", "num_cand", "page_indptr", "page_ids",
             "cached_len"}
 
 
 def compile_attention(cfg: tri.Config, *, paged: bool, split: bool, head_dim: int = 256,
-                      arch: int = 90):
+                      arch: int = 90, tma: bool = False):
     """The kernel compiled for (cfg, mode), bf16 inputs, as `_launch` would specialise it."""
     fn = tri._hstu_fwd
     names = fn.arg_names
     const = dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGED=paged,
-                 PAGE_SIZE=32 if paged else 1, SPLIT=split, FAST=True, DOT_PRECISION="tf32")
+                 PAGE_SIZE=32 if paged else 1, SPLIT=split, FAST=True, DOT_PRECISION="tf32",
+                 USE_TMA=tma)
     sig = {}
     for n in names:
         if n in const:
             sig[n] = "constexpr"
+        elif n in ("QD", "KD", "VD") and tma:
+            rows = cfg.block_m if n == "QD" else cfg.block_n
+            sig[n] = f"tensordesc<bf16[{rows},{head_dim}]>"
         elif n == "Out":
             sig[n] = "*fp32" if split else "*bf16"
         elif n in ("offsets", "num_cand", "page_indptr", "page_ids", "cached_len"):
@@ -61,7 +65,8 @@ def compile_attention(cfg: tri.Config, *, paged: bool, split: bool, head_dim: in
             sig[n] = "fp32"
         else:
             sig[n] = "i32"
-    aligned = [n for n in names if n in POINTERS or n.startswith("stride")]
+    aligned = [n for n in names if (n in POINTERS or n.startswith("stride")) and sig[n] != "constexpr"
+               and not sig[n].startswith("tensordesc")]
     src = ASTSource(fn=fn, signature=sig,
                     constexprs={(names.index(k),): v for k, v in const.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
@@ -102,17 +107,20 @@ def loop_waits(ttgir: str) -> int:
     return waits
 
 
-def report(cfg: tri.Config, *, paged: bool, split: bool, arch: int, dump: Path = None) -> dict:
-    k = compile_attention(cfg, paged=paged, split=split, arch=arch)
+def report(cfg: tri.Config, *, paged: bool, split: bool, arch: int, dump: Path = None,
+           tma: bool = False) -> dict:
+    k = compile_attention(cfg, paged=paged, split=split, arch=arch, tma=tma)
     ttgir, ptx = k.asm["ttgir"], k.asm["ptx"]
     if dump:
-        tag = (f"{'paged' if paged else 'full'}{'_split' if split else ''}_{cfg.block_m}x"
+        tag = (f"{'paged' if paged else 'full'}{'_split' if split else ''}{'_tma' if tma else ''}"
+               f"_{cfg.block_m}x"
                f"{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}")
         dump.mkdir(parents=True, exist_ok=True)
         (dump / f"{tag}.ttgir").write_text(ttgir)
         (dump / f"{tag}.ptx").write_text(ptx)
     return dict(**ptxas_report(ptx, arch), smem=k.metadata.shared,
-                async_copies=ttgir.count("async_copy_global_to_local"),
+                async_copies=ttgir.count("async_copy_global_to_local")
+                + ttgir.count("async_tma_copy_global_to_local"),
                 wgmma=ptx.count("wgmma.mma_async"), loop_waits=loop_waits(ttgir))
 
 
@@ -135,9 +143,9 @@ def main(argv=None) -> int:
           "| wgmma | waits in loops |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for mode in modes:
-        paged, split = mode.startswith("paged"), mode.endswith("split")
+        paged, split, tma = mode.startswith("paged"), "split" in mode, mode.endswith("tma")
         for cfg in configs:
-            r = report(cfg, paged=paged, split=split, arch=args.arch, dump=args.dump)
+            r = report(cfg, paged=paged, split=split, arch=args.arch, dump=args.dump, tma=tma)
             print(f"| {mode} | {cfg.block_m}x{cfg.block_n} | {cfg.num_warps} | {cfg.num_stages} "
                   f"| {r['regs']} | {r['spill_stores']}/{r['spill_loads']} | "
                   f"{r['smem'] / 1024:.0f} | {r['async_copies']} | {r['wgmma']} | "

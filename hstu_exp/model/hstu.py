@@ -58,8 +58,7 @@ class HSTULayer(nn.Module):
             a = kernel.attention_paged(q, k, v, batch, pool_layer[:, 0], pool_layer[:, 1],
                                        alpha=alpha, inv_n=inv_n, **out)
         in_place = dict(in_place=True) if x_is_scratch and kernel.residual_in_place else {}
-        # a: [rows, H, D], or [splits, rows, H, D] split sums the next kernel adds up
-        return kernel.layernorm_mul_linear_add(a.flatten(-2), u.reshape(-1, width),
+        return kernel.layernorm_mul_linear_add(a.reshape(-1, width), u.reshape(-1, width),
                                                self.attn_norm.weight, self.attn_norm.bias,
                                                self.out.weight, x, self.attn_norm.eps, **in_place)
 

@@ -163,15 +163,11 @@ def layernorm(x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
 
 @triton.jit
 def _ln_mul_kernel(a_ptr, u_ptr, w_ptr, b_ptr, out_ptr, stride_a, stride_u, stride_o, eps,
-                   stride_part, WIDTH: tl.constexpr, BLOCK: tl.constexpr, SILU_U: tl.constexpr,
-                   PARTS: tl.constexpr):
+                   WIDTH: tl.constexpr, BLOCK: tl.constexpr, SILU_U: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < WIDTH
     a = tl.load(a_ptr + row * stride_a + cols, mask=mask, other=0.0).to(tl.float32)
-    for part in tl.static_range(1, PARTS):  # split sums: added up on the way (unrolled: the
-        a += tl.load(a_ptr + part * stride_part + row * stride_a + cols, mask=mask,
-                     other=0.0)  # loads go out together, not one round trip a part)
     mean = tl.sum(a, axis=0) / WIDTH
     centered = tl.where(mask, a - mean, 0.0)
     var = tl.sum(centered * centered, axis=0) / WIDTH
@@ -188,17 +184,14 @@ def _ln_mul_kernel(a_ptr, u_ptr, w_ptr, b_ptr, out_ptr, stride_a, stride_u, stri
 
 def layernorm_mul(a: torch.Tensor, u: torch.Tensor, weight, bias, eps: float,
                   silu_u: bool = False) -> torch.Tensor:
-    """u * LayerNorm(a) over the last dim; a, u [rows, width] (row-strided views are fine), or a
-    [parts, rows, width] float32 split sums whose sum is meant. silu_u: u is the raw projection,
-    SiLU(u) is used."""
-    parts, stride_part = (a.shape[0], a.stride(0)) if a.dim() == 3 else (1, 0)
-    rows, width = a.shape[-2:]
+    """u * LayerNorm(a) over the last dim; a, u [rows, width] (row-strided views are fine).
+    silu_u: u is the raw projection, SiLU(u) is used."""
+    rows, width = a.shape
     out = torch.empty(rows, width, dtype=u.dtype, device=u.device)
     if rows:
-        _ln_mul_kernel[(rows,)](a, u, weight, bias, out, a.stride(-2), u.stride(0), out.stride(0),
-                                eps, stride_part, WIDTH=width,
-                                BLOCK=triton.next_power_of_2(width), SILU_U=silu_u, PARTS=parts,
-                                num_warps=4 if width <= 2048 else 8)
+        _ln_mul_kernel[(rows,)](a, u, weight, bias, out, a.stride(0), u.stride(0), out.stride(0),
+                                eps, WIDTH=width, BLOCK=triton.next_power_of_2(width),
+                                SILU_U=silu_u, num_warps=4 if width <= 2048 else 8)
     return out
 
 

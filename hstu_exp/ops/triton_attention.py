@@ -76,11 +76,11 @@ PROGRAM_OVERHEAD_BLOCKS = 2
 SPLIT_OVERHEAD_BLOCKS = 7
 MIN_SPLIT_BLOCKS = 2
 FORCE_SPLIT_K: Optional[int] = None  # tests / benchmarks: 1 = never split, n = n key splits
-# How split programs combine their sums: "atomic" adds fp32 partials into one zeroed buffer;
-# "slots" stores each split's partial in its own slot of a [splits, rows, H, D] buffer with plain
-# stores (no memset, no atomics; the reader sums the slots).
-SPLIT_SUMS = "atomic"
 FAST_SILU = True  # bf16/fp16 on GPU: SiLU through tanh.approx (1 MUFU op per score)
+# Full mode on Hopper: Q, K and V tiles through the tensor-memory accelerator (host-built TMA
+# descriptors over [rows, H*D]) instead of per-thread async copies: one instruction a tile, no
+# address arithmetic. Paged keys stay on pointer loads (a key block spans pages: not one box).
+TMA = False
 LAST_LAUNCH: dict = {}  # the last compiled kernel and grid, for benchmarks (registers, spills)
 
 
@@ -164,13 +164,20 @@ def _silu(s, alpha, FAST: tl.constexpr):
 
 
 @triton.jit
-def _load_kv(K, V, KP, VP, page_ids, row0, page_base, offs, kv_len, h, offs_d,
+def _load_kv(K, V, KD, VD, KP, VP, page_ids, row0, page_base, n0, offs, kv_len, h, offs_d,
              stride_kr, stride_kh, stride_vr, stride_vh,
              stride_kpp, stride_kps, stride_kph, stride_vpp, stride_vps, stride_vph,
-             PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr):
-    """K and V tiles [BLOCK_N, D] of history keys `offs` (positions in the user's key sequence).
-    Masked tiles load zeros past kv_len: a garbage V times a zero score could still give NaN."""
+             PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr,
+             USE_TMA: tl.constexpr):
+    """K and V tiles [BLOCK_N, D] of history keys `offs` = n0 + [0, BLOCK_N) (positions in the
+    user's key sequence). Masked tiles load zeros past kv_len: a garbage V times a zero score could still give NaN."""
     ok = offs < kv_len
+    if USE_TMA:  # whole box from the descriptors; rows past the user belong to the next one
+        k = KD.load([row0 + n0, h * offs_d.shape[0]])
+        v = VD.load([row0 + n0, h * offs_d.shape[0]])
+        if MASKED:  # (garbage keys only make scores the mask drops)
+            v = tl.where(ok[:, None], v, 0.0)
+        return k, v
     if PAGED:
         if MASKED:
             page = tl.load(page_ids + page_base + offs // PAGE_SIZE, mask=ok, other=0)
@@ -194,30 +201,27 @@ def _load_kv(K, V, KP, VP, page_ids, row0, page_base, offs, kv_len, h, offs_d,
 
 
 @triton.jit
-def _hstu_fwd(Q, K, V, Out, KP, VP, offsets, num_cand, page_indptr, page_ids, cached_len,
+def _hstu_fwd(Q, K, V, QD, KD, VD, Out, KP, VP, offsets, num_cand, page_indptr, page_ids, cached_len,
               stride_qr, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh,
-              stride_or, stride_oh, stride_os,
+              stride_or, stride_oh,
               stride_kpp, stride_kps, stride_kph, stride_vpp, stride_vps, stride_vph,
               num_users, num_heads, num_rows, chunk, alpha, inv_n,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-              SLOTS: tl.constexpr, FAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              FAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     # Reversed query blocks: the last blocks see the most keys (causal) and hold the candidates,
     # so they start first and the short ones fill in behind them.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     b = tl.program_id(1) // num_heads
     h = tl.program_id(1) % num_heads
     split = tl.program_id(2)
-    if SLOTS:  # this split's own slot of the partial-sum buffer
-        Out += split.to(tl.int64) * stride_os
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
 
     if b == num_users:
-        # One extra "user" zeroes the dead rows past the last user (graph padding), as the
-        # reference does: in every slot with SLOTS; with atomic split-K the zero-filled fp32 buffer
-        # already holds zeros, and this program is not launched.
+        # Without split-K one extra "user" zeroes the dead rows past the last user (graph padding),
+        # as the reference does; with split-K the zero-filled fp32 buffer already holds zeros.
         start = tl.load(offsets + num_users)
         zero = tl.zeros([BLOCK_M, HEAD_DIM], dtype=Out.dtype.element_ty)
         for r0 in range(start + pid_m * BLOCK_M, num_rows, tl.num_programs(0) * BLOCK_M):
@@ -248,15 +252,17 @@ def _hstu_fwd(Q, K, V, Out, KP, VP, offsets, num_cand, page_indptr, page_ids, ca
         lo = split * chunk * BLOCK_N
         hi = tl.minimum(hi, lo + chunk * BLOCK_N)
     self_term = (m0 + BLOCK_M > n_hist) & (split == 0)
-    if not SLOTS:  # (a slot is written even when it sums nothing)
-        if (lo >= hi) & (self_term == 0):
-            return
+    if (lo >= hi) & (self_term == 0):
+        return
 
     i = m0 + offs_m  # query row within the user
     row_ok = i < seq_len
     q_rows = (row0 + i).to(tl.int64)
-    q = tl.load(Q + q_rows[:, None] * stride_qr + h * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    if USE_TMA:  # rows past the user are other users' queries: computed, never stored
+        q = QD.load([row0 + m0, h * HEAD_DIM])
+    else:
+        q = tl.load(Q + q_rows[:, None] * stride_qr + h * stride_qh + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if self_term:  # candidate rows see their own key: a rowwise dot, never a candidate tile
         ks = tl.load(K + q_rows[:, None] * stride_kr + h * stride_kh + offs_d[None, :],
@@ -267,18 +273,22 @@ def _hstu_fwd(Q, K, V, Out, KP, VP, offsets, num_cand, page_indptr, page_ids, ca
         acc = tl.where((row_ok & (i >= n_hist))[:, None], p[:, None] * vs, 0.0)
 
     for n0 in range(lo, tl.minimum(hi, full_end), BLOCK_N):
-        k, v = _load_kv(K, V, KP, VP, page_ids, row0, page_base, n0 + offs_n, kv_len, h, offs_d,
+        k, v = _load_kv(K, V, KD, VD, KP, VP, page_ids, row0, page_base, n0, n0 + offs_n, kv_len,
+                        h, offs_d,
                         stride_kr, stride_kh, stride_vr, stride_vh, stride_kpp, stride_kps,
-                        stride_kph, stride_vpp, stride_vps, stride_vph, PAGED, PAGE_SIZE, False)
+                        stride_kph, stride_vpp, stride_vps, stride_vph, PAGED, PAGE_SIZE, False,
+                        USE_TMA)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
         p = _silu(s, alpha, FAST)
         acc += tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
     # Blocks on the diagonal / at the kv end: history row i sees key positions <= first + i.
     for n0 in range(tl.maximum(lo, full_end), hi, BLOCK_N):
         offs = n0 + offs_n
-        k, v = _load_kv(K, V, KP, VP, page_ids, row0, page_base, offs, kv_len, h, offs_d,
+        k, v = _load_kv(K, V, KD, VD, KP, VP, page_ids, row0, page_base, n0, offs, kv_len, h,
+                        offs_d,
                         stride_kr, stride_kh, stride_vr, stride_vh, stride_kpp, stride_kps,
-                        stride_kph, stride_vpp, stride_vps, stride_vph, PAGED, PAGE_SIZE, True)
+                        stride_kph, stride_vpp, stride_vps, stride_vph, PAGED, PAGE_SIZE, True,
+                        USE_TMA)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
         p = _silu(s, alpha, FAST)
         visible = (offs[None, :] < kv_len) & (
@@ -287,12 +297,17 @@ def _hstu_fwd(Q, K, V, Out, KP, VP, offsets, num_cand, page_indptr, page_ids, ca
         acc += tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
 
     out_ptr = Out + q_rows[:, None] * stride_or + h * stride_oh + offs_d[None, :]
-    if SPLIT and not SLOTS:
+    if SPLIT:
         tl.atomic_add(out_ptr, acc * inv_n, mask=row_ok[:, None], sem="relaxed")
-    elif SPLIT:
-        tl.store(out_ptr, acc * inv_n, mask=row_ok[:, None])
     else:
         tl.store(out_ptr, (acc * inv_n).to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """A [rows, H, D] view a TMA descriptor can cover as [rows, H*D]: heads packed, 16-byte
+    aligned base and row stride."""
+    size = t.element_size()
+    return t.stride(1) == t.shape[2] and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
 def _check(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -399,9 +414,8 @@ def will_split(q, batch: Batch, paged: bool, *, autotune: bool = False) -> bool:
         return False
     cfg, split_k = _choice(q, batch, paged, None, None, autotune)
     max_kv = batch.pages.max_kv_len if paged else batch.max_len
-    return SPLIT_SUMS != "slots" and bool(
-        _plan(cfg, q.shape[2], batch.batch_size, q.shape[1], batch.max_len, max_kv, split_k,
-              FORCE_SPLIT_K, _device_index(q))[2])
+    return bool(_plan(cfg, q.shape[2], batch.batch_size, q.shape[1], batch.max_len, max_kv,
+                      split_k, FORCE_SPLIT_K, _device_index(q))[2])
 
 
 def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, config, out,
@@ -437,11 +451,8 @@ def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, c
     m_blocks, kv_blocks, chunk = _plan(cfg, D, B, H, batch.max_len, max_kv, split_k,
                                        FORCE_SPLIT_K, device_index)
     splits = triton.cdiv(kv_blocks, chunk) if chunk else 1
-    slots = bool(chunk) and SPLIT_SUMS == "slots"
     dst = out
-    if slots:  # every program writes its slot: nothing to clear
-        dst = torch.empty(splits, rows, H, D, dtype=torch.float32, device=q.device)
-    elif chunk:  # fp32 partial sums over key chunks; dead rows stay zero
+    if chunk:  # fp32 partial sums over key chunks; dead rows stay zero
         dst = out if (out.dtype == torch.float32 and out.is_contiguous()) else \
             torch.zeros(rows, H, D, dtype=torch.float32, device=q.device)
         if dst is out and not out_zeroed:
@@ -460,19 +471,26 @@ def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, c
         indptr = ids = cached = batch.offsets
         pstrides = (0,) * 6
     fast = FAST_SILU and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
-    grid = (m_blocks, (B + (0 if chunk and not slots else 1)) * H, splits)
+    use_tma = TMA and not paged and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) \
+        and all(_tma_ok(t) for t in (q, k, v))
+    qd, kd, vd = q, k, v  # unused pointers unless use_tma
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        qd, kd, vd = (TensorDescriptor.from_tensor(t.flatten(1), [n, D])
+                      for t, n in ((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n)))
+    grid = (m_blocks, (B + (0 if chunk else 1)) * H, splits)
     LAST_LAUNCH["kernel"], LAST_LAUNCH["grid"] = _hstu_fwd[grid](
-        q, k, v, dst, kp, vp, batch.offsets, batch.num_candidates, indptr, ids, cached,
+        q, k, v, qd, kd, vd, dst, kp, vp, batch.offsets, batch.num_candidates, indptr, ids, cached,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        dst.stride(-3), dst.stride(-2), dst.stride(0) if slots else 0, *pstrides,
+        dst.stride(0), dst.stride(1), *pstrides,
         B, H, rows, chunk, float(alpha), float(inv_n),
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGED=paged,
-        PAGE_SIZE=page_size, SPLIT=bool(chunk), SLOTS=slots, FAST=fast,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
+        PAGE_SIZE=page_size, SPLIT=bool(chunk), FAST=fast,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None, USE_TMA=use_tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages), grid
     LAST_LAUNCH["config"], LAST_LAUNCH["splits"] = cfg, splits
     if dst is not out and not partial_fp32:
-        out.copy_(dst.sum(0) if slots else dst)
+        out.copy_(dst)
     return dst if partial_fp32 else out
 
 
