@@ -187,9 +187,7 @@ SWEEP = {  # case -> [(config, split_k)] tried with --sweep
 #   silu: Triton LayerNorm, SiLU on load (silu_qkv: q, k, v in place + append; u in LN*U)
 #   zero: silu, and silu_qkv clears the attention's split-K sum buffer (no memset launch)
 #   new:  zero, and the residual added in place past layer 0 (no device copy of x a layer)
-#   tma:  new, with full-mode attention tiles through TMA descriptors (tri.TMA)
-#   pairs: new, with the attention's SiLU taking tanh of two scores an op (tri.SILU_PAIRS)
-#   tmapairs: both
+#   notma: new, with full-mode attention tiles on per-thread async copies (tri.TMA off)
 SEED = dict(num_layers=8, hidden=1024, num_heads=H, head_dim=D, scaling_length=4352)
 BLOCK_CASES = [  # name, B, history, new, candidates
     ("B=1 cached T=4096", 1, 4096, 128, 256), ("B=8 cached T=4096", 8, 4096, 128, 256),
@@ -200,12 +198,12 @@ BLOCK_CASES = [  # name, B, history, new, candidates
 
 def variant_kernels(variant):
     from hstu_exp.ops import fused, kernels
-    k = kernels("triton", True, variant in ("silu", "zero", "new", "tma", "pairs", "tmapairs"))
+    k = kernels("triton", True, variant in ("silu", "zero", "new", "notma"))
     if variant == "old":
         k = dataclasses.replace(k, layernorm=fused.layernorm_torch)
     if variant == "silu":
         k = dataclasses.replace(k, attention_splits=lambda *a: False)
-    if variant not in ("new", "tma", "pairs", "tmapairs"):
+    if variant not in ("new", "notma"):
         k = dataclasses.replace(k, residual_in_place=False)
     return k
 
@@ -291,10 +289,10 @@ def block_main(variants, reps, profile_cases, only=()):
         captured = {}
         for v in variants:
             current["v"] = v
-            tri.TMA, tri.SILU_PAIRS = "tma" in v, "pairs" in v  # read at launch: captured
+            tri.TMA = v != "notma"  # read at launch: baked into the capture
             with torch.no_grad():
                 captured[v], _ = capture(lambda: blk(x, batch, pool))
-        tri.TMA = tri.SILU_PAIRS = False
+        tri.TMA = True
         ms = {v: [] for v in variants}
         for _ in range(2):  # interleaved rounds
             for v in variants:
@@ -343,7 +341,7 @@ def inversion_main():
 
 def one_main(name):
     """One launch of a goal case by the rule (no tuning): a target for ncu."""
-    tri.TMA, tri.SILU_PAIRS = os.environ.get("TMA") == "1", os.environ.get("PAIRS") == "1"
+    tri.TMA = os.environ.get("TMA", "1") == "1"
     _, B, T, n, c, heads, dim, _ = next(g for g in GOALS if g[0].replace(" ", "") == name)
     case = make_case(B, T, n, c, heads=heads, dim=dim)
     torch.cuda.synchronize()
@@ -394,10 +392,8 @@ def main():
         ref = reference_fp32(case)
         variants = [("triton auto", {}), ("triton split=1", {"split_k": 1})]
         if not case["paged"]:
-            variants += [("triton auto tma", {"tma": True}),
-                         ("triton split=1 tma", {"split_k": 1, "tma": True}),
-                         ("triton auto tma pairs", {"tma": True, "pairs": True})]
-        variants += [("triton auto pairs", {"pairs": True})]
+            variants += [("triton auto no-tma", {"tma": False}),
+                         ("triton split=1 no-tma", {"split_k": 1, "tma": False})]
         if args.sweep:
             variants.append(("triton exact-silu", {"exact": True}))
             variants += [(f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} "
@@ -405,7 +401,7 @@ def main():
                          for cfg, split in SWEEP.get(name, [])]
         for label, kw in variants:
             tri.FAST_SILU = not kw.pop("exact", False)
-            tri.TMA, tri.SILU_PAIRS = kw.pop("tma", False), kw.pop("pairs", False)
+            tri.TMA = kw.pop("tma", True)
             try:
                 out = call(tri, case, **kw)
                 rel, _ = rel_err(out, ref)
@@ -414,7 +410,7 @@ def main():
                 print(f"  {name} {label}: {type(e).__name__} {e}"[:300], flush=True)
                 continue
             finally:
-                tri.FAST_SILU, tri.TMA, tri.SILU_PAIRS = True, False, False
+                tri.FAST_SILU, tri.TMA = True, True
             rows.append((name, label, *times, flops, rel, goal))
             print(f"  {name} {label:28} {times[0]:.3f} / {times[1]:.3f} / {times[2]:.3f} ms  "
                   f"{flops / times[2] / 1e9:4.0f} TFLOP/s (graph)  host {times[3]:.0f} us  "

@@ -35,20 +35,18 @@ from triton.compiler import ASTSource  # noqa: E402
 from hstu_exp.ops import triton_attention as tri  # noqa: E402
 
 PROG = "kernel_report.py"
-MODES = ("full", "full-split", "paged", "paged-split", "full-tma", "full-split-tma", "full-pairs",
-         "paged-split-pairs", "full-tma-pairs")
+MODES = ("full", "full-split", "paged", "paged-split", "full-tma", "full-split-tma")
 POINTERS = {"Q", "K", "V", "QD", "KD", "VD", "Out", "KP", "VP", "offsets", "num_cand", "page_indptr", "page_ids",
             "cached_len"}
 
 
 def compile_attention(cfg: tri.Config, *, paged: bool, split: bool, head_dim: int = 256,
-                      arch: int = 90, tma: bool = False, silu_pairs: bool = False):
+                      arch: int = 90, tma: bool = False):
     """The kernel compiled for (cfg, mode), bf16 inputs, as `_launch` would specialise it."""
     fn = tri._hstu_fwd
     names = fn.arg_names
     const = dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGED=paged,
-                 PAGE_SIZE=32 if paged else 1, SPLIT=split, FAST=2 if silu_pairs else 1,
-                 DOT_PRECISION="tf32",
+                 PAGE_SIZE=32 if paged else 1, SPLIT=split, FAST=True, DOT_PRECISION="tf32",
                  USE_TMA=tma)
     sig = {}
     for n in names:
@@ -110,12 +108,11 @@ def loop_waits(ttgir: str) -> int:
 
 
 def report(cfg: tri.Config, *, paged: bool, split: bool, arch: int, dump: Path = None,
-           tma: bool = False, silu_pairs: bool = False) -> dict:
-    k = compile_attention(cfg, paged=paged, split=split, arch=arch, tma=tma, silu_pairs=silu_pairs)
+           tma: bool = False) -> dict:
+    k = compile_attention(cfg, paged=paged, split=split, arch=arch, tma=tma)
     ttgir, ptx = k.asm["ttgir"], k.asm["ptx"]
     if dump:
         tag = (f"{'paged' if paged else 'full'}{'_split' if split else ''}{'_tma' if tma else ''}"
-               f"{'_pairs' if silu_pairs else ''}"
                f"_{cfg.block_m}x"
                f"{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}")
         dump.mkdir(parents=True, exist_ok=True)
@@ -148,8 +145,7 @@ def main(argv=None) -> int:
     for mode in modes:
         paged, split, tma = mode.startswith("paged"), "split" in mode, "tma" in mode
         for cfg in configs:
-            r = report(cfg, paged=paged, split=split, arch=args.arch, dump=args.dump, tma=tma,
-                       silu_pairs="pairs" in mode)
+            r = report(cfg, paged=paged, split=split, arch=args.arch, dump=args.dump, tma=tma)
             print(f"| {mode} | {cfg.block_m}x{cfg.block_n} | {cfg.num_warps} | {cfg.num_stages} "
                   f"| {r['regs']} | {r['spill_stores']}/{r['spill_loads']} | "
                   f"{r['smem'] / 1024:.0f} | {r['async_copies']} | {r['wgmma']} | "

@@ -265,6 +265,19 @@ def test_gpu_full_bf16(D, split_k):
     check(out, ref, 2290, tol=GPU_TOL)
 
 
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_full_nan_in_dead_rows_stays_out(split_k):
+    """Rows past the last user hold NaN (graph padding may hold anything). Tiles that reach past a
+    user (on the GPU, TMA boxes of whole key blocks) must not let them into live rows."""
+    gpu = DEVICE == "cuda"
+    batch, q, k, v = full_case([45, 70], [5, 9], H=2, D=256 if gpu else 16, dead=61,
+                               dtype=torch.bfloat16 if gpu else torch.float32)
+    for t in (q, k, v):
+        t[115:] = float("nan")
+    out, ref = run_full(batch, q, k, v, split_k=split_k, config=None if gpu else CPU_CFG)
+    check(out, ref, 115, tol=GPU_TOL if gpu else 1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("D,page_size", [(64, 16), (128, 64), (256, 32), (256, 16)])
 @pytest.mark.parametrize("split_k", [None, 1, 8])
