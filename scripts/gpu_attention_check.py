@@ -102,7 +102,11 @@ def kernel_info() -> str:
     k = tri.LAST_LAUNCH.get("kernel")
     regs, spills = getattr(k, "n_regs", "?"), getattr(k, "n_spills", "?")
     smem = getattr(getattr(k, "metadata", None), "shared", "?")
-    return f"grid {tri.LAST_LAUNCH.get('grid')} regs {regs} spills {spills} smem {smem}"
+    cfg = tri.LAST_LAUNCH.get("config")
+    tiles = f"{cfg.block_m}x{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}" if cfg else "?"
+    tma = " tma" if tri.LAST_LAUNCH.get("tma") else ""
+    return (f"{tiles}{tma} grid {tri.LAST_LAUNCH.get('grid')} regs {regs} spills {spills} "
+            f"smem {smem}")
 
 
 def time_it(fn):
@@ -290,6 +294,7 @@ def block_main(variants, reps, profile_cases, only=()):
         for v in variants:
             current["v"] = v
             tri.TMA = v != "notma"  # read at launch: baked into the capture
+            tri.TUNED.clear()  # each variant tunes its own launches
             with torch.no_grad():
                 captured[v], _ = capture(lambda: blk(x, batch, pool))
         tri.TMA = True
@@ -394,6 +399,9 @@ def main():
         if not case["paged"]:
             variants += [("triton auto no-tma", {"tma": False}),
                          ("triton split=1 no-tma", {"split_k": 1, "tma": False})]
+        variants += [(f"tma {cfg.block_m}x{cfg.block_n} s{cfg.num_stages}", {"config": cfg})
+                     for cfg in (C(128, 32, 8, 3), C(128, 32, 8, 4))]
+        variants += [("tuned", {"autotune": True})]
         if args.sweep:
             variants.append(("triton exact-silu", {"exact": True}))
             variants += [(f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} "
