@@ -399,7 +399,7 @@ def main():
         if not case["paged"]:
             variants += [("triton auto no-tma", {"tma": False}),
                          ("triton split=1 no-tma", {"split_k": 1, "tma": False})]
-        variants += [(f"tma {cfg.block_m}x{cfg.block_n} s{cfg.num_stages}", {"config": cfg})
+        variants += [(f"{cfg.block_m}x{cfg.block_n} s{cfg.num_stages}", {"config": cfg})
                      for cfg in (C(128, 32, 8, 3), C(128, 32, 8, 4))]
         variants += [("tuned", {"autotune": True})]
         if args.sweep:

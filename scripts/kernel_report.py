@@ -35,9 +35,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from hstu_exp.ops import triton_attention as tri  # noqa: E402
 
 PROG = "kernel_report.py"
-MODES = ("full", "full-split", "paged", "paged-split", "full-tma", "full-split-tma", "paged-tma",
-         "paged-split-tma")
-PAGED_TMA = tri.Config(128, 32, 8, 3)  # paged keys go through TMA when a key block fits a page
+MODES = ("full", "full-split", "paged", "paged-split", "full-tma", "full-split-tma")
 POINTERS = {"Q", "K", "V", "QD", "KD", "VD", "Out", "KP", "VP", "offsets", "num_cand", "page_indptr", "page_ids",
             "cached_len"}
 
@@ -146,7 +144,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for mode in modes:
         paged, split, tma = mode.startswith("paged"), "split" in mode, "tma" in mode
-        for cfg in [PAGED_TMA] if paged and tma else configs:
+        for cfg in configs:
             r = report(cfg, paged=paged, split=split, arch=args.arch, dump=args.dump, tma=tma)
             print(f"| {mode} | {cfg.block_m}x{cfg.block_n} | {cfg.num_warps} | {cfg.num_stages} "
                   f"| {r['regs']} | {r['spill_stores']}/{r['spill_loads']} | "

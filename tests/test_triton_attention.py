@@ -279,17 +279,13 @@ def test_full_nan_in_dead_rows_stays_out(split_k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("D,page_size,config", [
-    (64, 16, None), (128, 64, None),  # page 64: 64-key blocks are single pages (TMA boxes)
-    (256, 32, None), (256, 16, None),
-    (256, 32, tri.Config(128, 32, 8, 3)),  # 32-key blocks, one page each: keys through TMA
-    (256, 16, tri.Config(128, 32, 8, 3))])  # ... two pages each: pointer loads
+@pytest.mark.parametrize("D,page_size", [(64, 16), (128, 64), (256, 32), (256, 16)])
 @pytest.mark.parametrize("split_k", [None, 1, 8])
-def test_gpu_paged_bf16(D, page_size, config, split_k):
+def test_gpu_paged_bf16(D, page_size, split_k):
     batch, q, k, v, kp, vp = paged_case([1500, 97, 0, 640], [128, 31, 200, 0], [256, 0, 64, 256],
                                         H=4, D=D, page_size=page_size, dead=3,
                                         dtype=torch.bfloat16, device="cuda", seed=D + page_size)
-    out, ref = run_paged(batch, q, k, v, kp, vp, split_k=split_k, config=config)
+    out, ref = run_paged(batch, q, k, v, kp, vp, split_k=split_k)
     check(out, ref, 128 + 256 + 31 + 264 + 256, tol=GPU_TOL)
 
 

@@ -77,11 +77,12 @@ SPLIT_OVERHEAD_BLOCKS = 7
 MIN_SPLIT_BLOCKS = 2
 FORCE_SPLIT_K: Optional[int] = None  # tests / benchmarks: 1 = never split, n = n key splits
 FAST_SILU = True  # bf16/fp16 on GPU: SiLU through tanh.approx (1 MUFU op per score)
-# Q, K and V tiles through the tensor-memory accelerator (host-built TMA descriptors over
-# [rows, H*D]) instead of 16 per-thread async copies a tile and their address arithmetic (10 % of
-# the key loop's stall samples on the H200). Measured there: full B=8 attention 435 -> 476
-# TFLOP/s, block B=8 full 11.83 -> 11.33 ms. Paged keys go through TMA only when a key block
-# sits inside one page (BLOCK_N divides the page size): the box is then one page's rows.
+# Full mode: Q, K and V tiles through the tensor-memory accelerator (host-built TMA descriptors
+# over [rows, H*D]) instead of 16 per-thread async copies a tile and their address arithmetic
+# (10 % of the key loop's stall samples on the H200). Measured there: full B=8 attention 435 ->
+# 476 TFLOP/s, block B=8 full 11.83 -> 11.33 ms. Paged keys stay on pointer loads: a key block
+# spans pages, not one box (boxes of one page each, 128x32 tiles at page 32, measured slower:
+# paged B=8 342 -> 248 TFLOP/s, the page-id load sits in front of every box).
 TMA = True
 LAST_LAUNCH: dict = {}  # the last compiled kernel and grid, for benchmarks (registers, spills)
 
@@ -176,13 +177,8 @@ def _load_kv(K, V, KD, VD, KP, VP, page_ids, row0, page_base, n0, offs, kv_len, 
     user's key sequence). Masked tiles load zeros past kv_len: a garbage V times a zero score could still give NaN."""
     ok = offs < kv_len
     if USE_TMA:  # whole box from the descriptors; rows past the user belong to the next one
-        if PAGED:  # the box sits in one page (BLOCK_N divides PAGE_SIZE): rows of the pool
-            page = tl.load(page_ids + page_base + n0 // PAGE_SIZE)
-            row = page * (stride_kpp // stride_kps) + n0 % PAGE_SIZE
-        else:
-            row = row0 + n0
-        k = KD.load([row, h * offs_d.shape[0]])
-        v = VD.load([row, h * offs_d.shape[0]])
+        k = KD.load([row0 + n0, h * offs_d.shape[0]])
+        v = VD.load([row0 + n0, h * offs_d.shape[0]])
         if MASKED:  # (garbage keys only make scores the mask drops)
             v = tl.where(ok[:, None], v, 0.0)
         return k, v
@@ -312,11 +308,10 @@ def _hstu_fwd(Q, K, V, QD, KD, VD, Out, KP, VP, offsets, num_cand, page_indptr, 
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
-    """A [..., rows, H, D] view (q, k, v, or pages) a TMA descriptor can cover as rows of H*D:
-    heads packed, 16-byte aligned base and row stride."""
+    """A [rows, H, D] view a TMA descriptor can cover as [rows, H*D]: heads packed, 16-byte
+    aligned base and row stride."""
     size = t.element_size()
-    return (t.stride(-2) == t.shape[-1] and t.stride(-1) == 1 and (t.stride(-3) * size) % 16 == 0
-            and t.data_ptr() % 16 == 0)
+    return t.stride(1) == t.shape[2] and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
 def _check(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -342,8 +337,7 @@ def _plan(cfg, D, B, H, max_len, max_kv, split_k, _force, device_index):
 # the rule's split, no split, twice and half as many splits, for each tile config of TUNE_CONFIGS.
 TUNE_CONFIGS = {64: [Config(128, 64, 4, 3), Config(64, 64, 4, 3)],
                 128: [Config(128, 64, 8, 3), Config(64, 64, 4, 3)],
-                256: [Config(128, 64, 8, 2), Config(64, 64, 4, 2), Config(64, 32, 4, 3),
-                      Config(128, 32, 8, 3)]}  # 128x32: paged keys through TMA at page 32
+                256: [Config(128, 64, 8, 2), Config(64, 64, 4, 2), Config(64, 32, 4, 3)]}
 TUNED: dict = {}  # shape bucket -> (Config, split_k)
 
 
@@ -481,22 +475,13 @@ def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, c
         indptr = ids = cached = batch.offsets
         pstrides = (0,) * 6
     fast = FAST_SILU and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
-    keys = (kp, vp) if paged else (k, v)
-    use_tma = TMA and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) \
-        and all(_tma_ok(t) for t in (q, *keys)) \
-        and (not paged or (page_size % cfg.block_n == 0 and kp.stride(0) % kp.stride(1) == 0
-                           and vp.stride(0) % vp.stride(1) == 0))
+    use_tma = TMA and not paged and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) \
+        and all(_tma_ok(t) for t in (q, k, v))
     qd, kd, vd = q, k, v  # unused pointers unless use_tma
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
-        qd = TensorDescriptor.from_tensor(q.flatten(1), [cfg.block_m, D])
-        if paged:  # the pool's rows: page p's slot s is row p * (page stride / row stride) + s
-            kd, vd = (TensorDescriptor(t, [(t.shape[0] - 1) * (t.stride(0) // t.stride(1))
-                                           + page_size, H * D], [t.stride(1), 1],
-                                       [cfg.block_n, D]) for t in (kp, vp))
-        else:
-            kd, vd = (TensorDescriptor.from_tensor(t.flatten(1), [cfg.block_n, D])
-                      for t in (k, v))
+        qd, kd, vd = (TensorDescriptor.from_tensor(t.flatten(1), [n, D])
+                      for t, n in ((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n)))
     grid = (m_blocks, (B + (0 if chunk else 1)) * H, splits)
     LAST_LAUNCH["kernel"], LAST_LAUNCH["grid"] = _hstu_fwd[grid](
         q, k, v, qd, kd, vd, dst, kp, vp, batch.offsets, batch.num_candidates, indptr, ids, cached,
