@@ -36,8 +36,8 @@ from hstu_exp.ops import triton_attention as tri  # noqa: E402
 
 PROG = "kernel_report.py"
 MODES = ("full", "full-split", "paged", "paged-split", "full-tma", "full-split-tma")
-POINTERS = {"Q", "K", "V", "QD", "KD", "VD", "Out", "KP", "VP", "offsets", "num_cand", "page_indptr", "page_ids",
-            "cached_len"}
+POINTERS = {"Q", "K", "V", "QD", "KD", "VD", "Out", "KP", "VP", "offsets", "num_cand",
+            "page_indptr", "page_ids", "cached_len"}
 
 
 def compile_attention(cfg: tri.Config, *, paged: bool, split: bool, head_dim: int = 256,
@@ -65,7 +65,7 @@ def compile_attention(cfg: tri.Config, *, paged: bool, split: bool, head_dim: in
             sig[n] = "fp32"
         else:
             sig[n] = "i32"
-    aligned = [n for n in names if (n in POINTERS or n.startswith("stride")) and sig[n] != "constexpr"
+    aligned = [n for n in names if (n in POINTERS or n.startswith("stride"))
                and not sig[n].startswith("tensordesc")]
     src = ASTSource(fn=fn, signature=sig,
                     constexprs={(names.index(k),): v for k, v in const.items()},
@@ -113,8 +113,7 @@ def report(cfg: tri.Config, *, paged: bool, split: bool, arch: int, dump: Path =
     ttgir, ptx = k.asm["ttgir"], k.asm["ptx"]
     if dump:
         tag = (f"{'paged' if paged else 'full'}{'_split' if split else ''}{'_tma' if tma else ''}"
-               f"_{cfg.block_m}x"
-               f"{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}")
+               f"_{cfg.block_m}x{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}")
         dump.mkdir(parents=True, exist_ok=True)
         (dump / f"{tag}.ttgir").write_text(ttgir)
         (dump / f"{tag}.ptx").write_text(ptx)

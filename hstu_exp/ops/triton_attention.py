@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from hstu_exp.first_use import first_use
 from hstu_exp.model.jagged import Batch
@@ -174,7 +175,8 @@ def _load_kv(K, V, KD, VD, KP, VP, page_ids, row0, page_base, n0, offs, kv_len, 
              PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr,
              USE_TMA: tl.constexpr):
     """K and V tiles [BLOCK_N, D] of history keys `offs` = n0 + [0, BLOCK_N) (positions in the
-    user's key sequence). Masked tiles load zeros past kv_len: a garbage V times a zero score could still give NaN."""
+    user's key sequence). Masked tiles load zeros past kv_len: a garbage V times a zero score
+    could still give NaN."""
     ok = offs < kv_len
     if USE_TMA:  # whole box from the descriptors; rows past the user belong to the next one
         k = KD.load([row0 + n0, h * offs_d.shape[0]])
@@ -205,7 +207,8 @@ def _load_kv(K, V, KD, VD, KP, VP, page_ids, row0, page_base, n0, offs, kv_len, 
 
 
 @triton.jit
-def _hstu_fwd(Q, K, V, QD, KD, VD, Out, KP, VP, offsets, num_cand, page_indptr, page_ids, cached_len,
+def _hstu_fwd(Q, K, V, QD, KD, VD, Out, KP, VP, offsets, num_cand, page_indptr, page_ids,
+              cached_len,
               stride_qr, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh,
               stride_or, stride_oh,
               stride_kpp, stride_kps, stride_kph, stride_vpp, stride_vps, stride_vph,
@@ -474,12 +477,11 @@ def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, c
         page_size, kp, vp = 1, k, v  # unused in full mode: any valid pointers do
         indptr = ids = cached = batch.offsets
         pstrides = (0,) * 6
-    fast = FAST_SILU and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
-    use_tma = TMA and not paged and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) \
-        and all(_tma_ok(t) for t in (q, k, v))
+    half_gpu = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+    fast = FAST_SILU and half_gpu
+    use_tma = TMA and half_gpu and not paged and all(_tma_ok(t) for t in (q, k, v))
     qd, kd, vd = q, k, v  # unused pointers unless use_tma
     if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
         qd, kd, vd = (TensorDescriptor.from_tensor(t.flatten(1), [n, D])
                       for t, n in ((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n)))
     grid = (m_blocks, (B + (0 if chunk else 1)) * H, splits)
