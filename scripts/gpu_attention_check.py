@@ -103,7 +103,8 @@ def kernel_info() -> str:
     regs, spills = getattr(k, "n_regs", "?"), getattr(k, "n_spills", "?")
     smem = getattr(getattr(k, "metadata", None), "shared", "?")
     cfg = tri.LAST_LAUNCH.get("config")
-    tiles = f"{cfg.block_m}x{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}" if cfg else "?"
+    tiles = (f"{cfg.kernel} {cfg.block_m}x{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}"
+             if cfg else "?")
     tma = " tma" if tri.LAST_LAUNCH.get("tma") else ""
     return (f"{tiles}{tma} grid {tri.LAST_LAUNCH.get('grid')} regs {regs} spills {spills} "
             f"smem {smem}")
@@ -192,6 +193,7 @@ SWEEP = {  # case -> [(config, split_k)] tried with --sweep
 #   zero: silu, and silu_qkv clears the attention's split-K sum buffer (no memset launch)
 #   new:  zero, and the residual added in place past layer 0 (no device copy of x a layer)
 #   notma: new, with full-mode attention tiles on per-thread async copies (tri.TMA off)
+#   nohopper: new, with full mode on the portable Triton kernel (tri.HOPPER off; TMA on)
 SEED = dict(num_layers=8, hidden=1024, num_heads=H, head_dim=D, scaling_length=4352)
 BLOCK_CASES = [  # name, B, history, new, candidates
     ("B=1 cached T=4096", 1, 4096, 128, 256), ("B=8 cached T=4096", 8, 4096, 128, 256),
@@ -202,12 +204,12 @@ BLOCK_CASES = [  # name, B, history, new, candidates
 
 def variant_kernels(variant):
     from hstu_exp.ops import fused, kernels
-    k = kernels("triton", True, variant in ("silu", "zero", "new", "notma"))
+    k = kernels("triton", True, variant in ("silu", "zero", "new", "notma", "nohopper"))
     if variant == "old":
         k = dataclasses.replace(k, layernorm=fused.layernorm_torch)
     if variant == "silu":
         k = dataclasses.replace(k, attention_splits=lambda *a: False)
-    if variant not in ("new", "notma"):
+    if variant not in ("new", "notma", "nohopper"):
         k = dataclasses.replace(k, residual_in_place=False)
     return k
 
@@ -294,10 +296,11 @@ def block_main(variants, reps, profile_cases, only=()):
         for v in variants:
             current["v"] = v
             tri.TMA = v != "notma"  # read at launch: baked into the capture
+            tri.HOPPER = v not in ("notma", "nohopper")
             tri.TUNED.clear()  # each variant tunes its own launches
             with torch.no_grad():
                 captured[v], _ = capture(lambda: blk(x, batch, pool))
-        tri.TMA = True
+        tri.TMA, tri.HOPPER = True, True
         ms = {v: [] for v in variants}
         for _ in range(2):  # interleaved rounds
             for v in variants:
@@ -395,12 +398,12 @@ def main():
         case = make_case(B, T, n, c, heads=heads, dim=dim)
         flops = 4 * heads * dim * case["pairs"]
         ref = reference_fp32(case)
-        variants = [("triton auto", {}), ("triton split=1", {"split_k": 1})]
+        variants = [("triton auto", {"hopper": False}), ("triton split=1", {"split_k": 1})]
         if not case["paged"]:
-            variants += [("triton auto no-tma", {"tma": False}),
-                         ("triton split=1 no-tma", {"split_k": 1, "tma": False})]
-        variants += [(f"{cfg.block_m}x{cfg.block_n} s{cfg.num_stages}", {"config": cfg})
-                     for cfg in (C(128, 32, 8, 3), C(128, 32, 8, 4))]
+            variants += [("hopper ks3", {"config": tri.HOPPER_CONFIG}),
+                         ("hopper ks2", {"config": C(128, 64, 4, 2, "hopper")}),
+                         ("hopper ks4 bn32", {"config": C(128, 32, 4, 4, "hopper")}),
+                         ("triton auto no-tma", {"tma": False, "hopper": False})]
         variants += [("tuned", {"autotune": True})]
         if args.sweep:
             variants.append(("triton exact-silu", {"exact": True}))
@@ -410,6 +413,7 @@ def main():
         for label, kw in variants:
             tri.FAST_SILU = not kw.pop("exact", False)
             tri.TMA = kw.pop("tma", True)
+            tri.HOPPER = kw.pop("hopper", True)
             try:
                 out = call(tri, case, **kw)
                 rel, _ = rel_err(out, ref)
@@ -418,7 +422,7 @@ def main():
                 print(f"  {name} {label}: {type(e).__name__} {e}"[:300], flush=True)
                 continue
             finally:
-                tri.FAST_SILU, tri.TMA = True, True
+                tri.FAST_SILU, tri.TMA, tri.HOPPER = True, True, True
             rows.append((name, label, *times, flops, rel, goal))
             print(f"  {name} {label:28} {times[0]:.3f} / {times[1]:.3f} / {times[2]:.3f} ms  "
                   f"{flops / times[2] / 1e9:4.0f} TFLOP/s (graph)  host {times[3]:.0f} us  "

@@ -5,7 +5,9 @@
     scripts/kernel_report.py --modes paged-split --configs table --dump DIR
                                                   # one variant; keep its TTGIR and PTX
 
-Compiles `hstu_exp.ops.triton_attention._hstu_fwd` ahead of time for sm_90a with the installed
+Compiles `hstu_exp.ops.triton_attention._hstu_fwd` (mode `hopper`: the warp-specialised Gluon
+kernel of `hopper_attention`, whose "regs" are the launch's; its partitions re-balance them with
+setmaxnreg) ahead of time for sm_90a with the installed
 Triton (the GPU box runs Triton 3.6: install that version in a side directory and put it first on
 PYTHONPATH to see what the box compiles), assembles the PTX with the ptxas Triton itself uses, and
 prints per variant: registers a thread, spilled bytes, shared memory, whether the key loop's
@@ -35,7 +37,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from hstu_exp.ops import triton_attention as tri  # noqa: E402
 
 PROG = "kernel_report.py"
-MODES = ("full", "full-split", "paged", "paged-split", "full-tma", "full-split-tma")
+MODES = ("full", "full-split", "paged", "paged-split", "full-tma", "full-split-tma", "hopper")
 POINTERS = {"Q", "K", "V", "QD", "KD", "VD", "Out", "KP", "VP", "offsets", "num_cand",
             "page_indptr", "page_ids", "cached_len"}
 
@@ -74,6 +76,31 @@ def compile_attention(cfg: tri.Config, *, paged: bool, split: bool, head_dim: in
                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
+def compile_hopper(cfg: tri.Config, *, head_dim: int = 256, arch: int = 90):
+    """The warp-specialised Gluon kernel (hopper_attention) compiled for cfg, bf16 in and out."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    ha = tri.hopper_attention
+    fn = ha._hopper_fwd
+    names = fn.arg_names
+    const = dict(HEAD_DIM=head_dim, BLOCK_N=cfg.block_n, K_STAGES=cfg.num_stages, V_STAGES=2)
+
+    def desc(rows):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
+        return f"tensordesc<bf16[{rows},{head_dim}],{layout!r}>"
+    sig = {n: "constexpr" if n in const else desc(int(ha.HALF)) if n == "qd"
+           else desc(cfg.block_n) if n in ("kd", "vd") else "*bf16" if n == "Out"
+           else "*i32" if n in ("offsets", "num_cand") else "fp32" if n in ("alpha", "inv_n")
+           else "i32" for n in names}
+    aligned = ("Out", "offsets", "num_cand", "stride_or", "stride_oh")
+    src = GluonASTSource(fn=fn, signature=sig,
+                         constexprs={(names.index(k),): v for k, v in const.items()},
+                         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=4, maxnreg=ha.MAXNREG))
+
+
 def ptxas_report(ptx: str, arch: int) -> dict:
     """Registers, spill bytes and stack from ptxas -v on the kernel's PTX."""
     from triton.backends.nvidia.compiler import get_ptxas  # the ptxas Triton itself uses
@@ -109,10 +136,11 @@ def loop_waits(ttgir: str) -> int:
 
 def report(cfg: tri.Config, *, paged: bool, split: bool, arch: int, dump: Path = None,
            tma: bool = False) -> dict:
-    k = compile_attention(cfg, paged=paged, split=split, arch=arch, tma=tma)
+    k = (compile_hopper(cfg, arch=arch) if cfg.kernel == "hopper" else
+         compile_attention(cfg, paged=paged, split=split, arch=arch, tma=tma))
     ttgir, ptx = k.asm["ttgir"], k.asm["ptx"]
     if dump:
-        tag = (f"{'paged' if paged else 'full'}{'_split' if split else ''}{'_tma' if tma else ''}"
+        tag = (f"{cfg.kernel}_{'paged' if paged else 'full'}{'_split' if split else ''}{'_tma' if tma else ''}"
                f"_{cfg.block_m}x{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}")
         dump.mkdir(parents=True, exist_ok=True)
         (dump / f"{tag}.ttgir").write_text(ttgir)
@@ -143,7 +171,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for mode in modes:
         paged, split, tma = mode.startswith("paged"), "split" in mode, "tma" in mode
-        for cfg in configs:
+        for cfg in [tri.HOPPER_CONFIG] if mode == "hopper" else configs:
             r = report(cfg, paged=paged, split=split, arch=args.arch, dump=args.dump, tma=tma)
             print(f"| {mode} | {cfg.block_m}x{cfg.block_n} | {cfg.num_warps} | {cfg.num_stages} "
                   f"| {r['regs']} | {r['spill_stores']}/{r['spill_loads']} | "

@@ -2,7 +2,8 @@
 machine without a GPU. Guards what the H200 speed rests on and a CPU can still see: the key loop's
 K/V loads are software-pipelined (asynchronous copies), the products are wgmma, and the tiles fit
 the 227 KB of shared memory a block may take; full mode also with its tiles through TMA
-descriptors (the GPU default), whose copies count as the loop's asynchronous loads."""
+descriptors, whose copies count as the loop's asynchronous loads; and the warp-specialised Gluon
+kernel (the GPU default in full mode) with its register budget re-balanced between partitions."""
 import subprocess
 import sys
 
@@ -23,6 +24,24 @@ def test_attention_compiles_for_hopper_pipelined_with_wgmma():
         assert int(smem) <= 227, f"{mode}: {smem} KB of shared memory"
         assert int(copies) > 0, f"{mode}: the key loop's loads are not pipelined"
         assert int(wgmma) > 0, f"{mode}: no wgmma"
+
+
+def test_hopper_kernel_compiles_warp_specialised(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_report.py"),
+                           "--modes", "hopper", "--dump", str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    row, = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| hopper")]
+    mode, tiles, warps, stages, regs, spills, smem, copies, wgmma, waits = row
+    assert int(regs) * (4 + 4 + 4) * 32 <= 65536, "three warpgroups must fit the register file"
+    assert int(smem) <= 227
+    assert int(copies) >= 3, "Q, K and V come through TMA"
+    # per consumer warpgroup: Q.K^T is D/16 = 16 wgmma of k=16, P.V is 64/16 = 4; two consumers
+    assert int(wgmma) == 2 * (16 + 4), proc.stdout
+    ptx, = tmp_path.glob("hopper_*.ptx")
+    text = ptx.read_text()
+    assert "setmaxnreg.dec" in text and "setmaxnreg.inc" in text, "no register re-balancing"
+    assert "cp.async.bulk.tensor" in text and "mbarrier.try_wait" in text
 
 
 def test_unknown_mode_is_one_line_error():

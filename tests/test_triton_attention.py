@@ -342,4 +342,4 @@ def test_gpu_autotune_picks_a_candidate_and_matches(paged):
     check(out, ref, rows, tol=GPU_TOL)
     assert len(tri.TUNED) == 1
     (cfg, split), = tri.TUNED.values()
-    assert cfg in tri.TUNE_CONFIGS[256] and split >= 1
+    assert (cfg in tri.TUNE_CONFIGS[256] or cfg == tri.HOPPER_CONFIG) and split >= 1

@@ -39,6 +39,11 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from hstu_exp.first_use import first_use
 from hstu_exp.model.jagged import Batch
 
+try:  # Gluon (Triton >= 3.5): the warp-specialised Hopper kernel for full mode
+    from hstu_exp.ops import hopper_attention
+except ImportError:  # pragma: no cover - an older Triton: the portable kernel serves every case
+    hopper_attention = None
+
 
 @dataclass(frozen=True)
 class Config:
@@ -46,6 +51,7 @@ class Config:
     block_n: int
     num_warps: int
     num_stages: int
+    kernel: str = "triton"  # "hopper": hopper_attention (full mode, sm_90, no splits)
 
 
 # (paged, head dim bucket, long queries) -> Config; "long" = max_len > 512 rows per user (a key so
@@ -85,6 +91,10 @@ FAST_SILU = True  # bf16/fp16 on GPU: SiLU through tanh.approx (1 MUFU op per sc
 # spans pages, not one box (boxes of one page each, 128x32 tiles at page 32, measured slower:
 # paged B=8 342 -> 248 TFLOP/s, the page-id load sits in front of every box).
 TMA = True
+# Full mode on an sm_90 GPU in bf16/fp16: the warp-specialised Gluon kernel (hopper_attention)
+# instead of this file's kernel, unless a config names another.
+HOPPER = True
+HOPPER_CONFIG = Config(128, 64, 4, 3, "hopper")  # 64-key boxes, 3 K slots (+ 2 V slots)
 LAST_LAUNCH: dict = {}  # the last compiled kernel and grid, for benchmarks (registers, spills)
 
 
@@ -329,6 +339,8 @@ def _plan(cfg, D, B, H, max_len, max_kv, split_k, _force, device_index):
     sms = _num_sms(device_index) if device_index >= 0 else 132
     m_blocks = triton.cdiv(max_len, cfg.block_m)
     kv_blocks = triton.cdiv(max(max_kv, 1), cfg.block_n)
+    if cfg.kernel == "hopper":
+        return m_blocks, kv_blocks, 0
     chunk = split_chunk(m_blocks, B * H, kv_blocks, cfg.block_m / cfg.block_n,
                         resident_slots(cfg, D, sms), split_k)
     return m_blocks, kv_blocks, chunk
@@ -380,10 +392,10 @@ def _median_ms(fn, reps: int = 5) -> float:
     return statistics.median(times)
 
 
-def _tune(run, D, B, H, max_len, max_kv, device_index):
+def _tune(run, D, B, H, max_len, max_kv, device_index, hopper_candidates=()):
     """(config, split_k) of the fastest candidate; run(config, split_k) launches one."""
     bucket = 64 if D <= 64 else 128 if D <= 128 else 256
-    options = []
+    options = [(cfg, 1) for cfg in hopper_candidates]
     for cfg in TUNE_CONFIGS[bucket]:
         _, kv_blocks, chunk = _plan(cfg, D, B, H, max_len, max_kv, None, None, device_index)
         rule = triton.cdiv(kv_blocks, chunk) if chunk else 1
@@ -399,14 +411,26 @@ def _tune(run, D, B, H, max_len, max_kv, device_index):
     return cfg, split
 
 
-def _choice(q, batch: Batch, paged: bool, config, split_k, autotune):
+def _hopper_ok(paged: bool, *tensors) -> bool:
+    return (hopper_attention is not None and not paged
+            and all(hopper_attention.supported(t) for t in tensors))
+
+
+def _choice(q, batch: Batch, paged: bool, config, split_k, autotune, k=None, v=None):
     """(tile config, split_k) of a launch without tuning: explicit, tuned for the bucket, or the
-    table and rule (None)."""
+    table and rule (None). A Hopper config falls back to the table where that kernel cannot run;
+    the table's choice for full mode is HOPPER_CONFIG where it can (and split_k is not forced)."""
     if autotune and config is None and split_k is None and FORCE_SPLIT_K is None and q.is_cuda:
         max_kv = batch.pages.max_kv_len if paged else batch.max_len
         rows, H, D = q.shape
         config, split_k = TUNED.get(_bucket(paged, batch.batch_size, H, D, q.dtype,
                                             batch.max_len, max_kv), (None, None))
+    tensors = [t for t in (q, k, v) if t is not None]
+    if config is not None and config.kernel == "hopper" and not _hopper_ok(paged, *tensors):
+        config = None
+    if (config is None and HOPPER and split_k is None and FORCE_SPLIT_K is None
+            and _hopper_ok(paged, *tensors)):
+        config = HOPPER_CONFIG
     return config or choose_config(q.shape[2], batch.max_len, paged, q.device), split_k
 
 
@@ -452,9 +476,16 @@ def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, c
                 TUNED[key] = _tune(
                     lambda c, s: _launch(q, k, v, batch, k_pages, v_pages, alpha=alpha,
                                          inv_n=inv_n, split_k=s, config=c, out=out),
-                    D, B, H, batch.max_len, max_kv, device_index)
+                    D, B, H, batch.max_len, max_kv, device_index,
+                    [HOPPER_CONFIG] if HOPPER and _hopper_ok(paged, q, k, v) else [])
             out_zeroed = False  # the candidates summed into it
-    cfg, split_k = _choice(q, batch, paged, config, split_k, autotune)
+    cfg, split_k = _choice(q, batch, paged, config, split_k, autotune, k, v)
+    if cfg.kernel == "hopper":
+        LAST_LAUNCH["kernel"] = hopper_attention.launch(
+            q, k, v, out, batch.offsets, batch.num_candidates, B, batch.max_len, alpha=alpha,
+            inv_n=inv_n, block_n=cfg.block_n, k_stages=cfg.num_stages)
+        LAST_LAUNCH.update(grid=None, config=cfg, splits=1, tma=True)
+        return out
     m_blocks, kv_blocks, chunk = _plan(cfg, D, B, H, batch.max_len, max_kv, split_k,
                                        FORCE_SPLIT_K, device_index)
     splits = triton.cdiv(kv_blocks, chunk) if chunk else 1

@@ -1,0 +1,257 @@
+"""Full-mode HSTU attention for Hopper (sm_90), warp-specialised, written in Gluon (docs/design.md §5).
+
+Same semantics as `triton_attention` in full mode (queries = keys = a user's rows; candidates see
+the history and themselves); bf16/fp16 on an sm_90 GPU only, no key splits. What Triton's
+automatic pipeliner could not give the portable kernel (profile in outputs/BENCHMARKS.md,
+2026-12-03: 30 % of its loop samples waited for K/V tiles, 20 % waited for Q.K^T before the SiLU,
+because both warpgroups of a program did the same phase at the same time):
+
+  * a producer warp issues every TMA copy (Q halves once, then K and V boxes into K_STAGES /
+    V_STAGES rings guarded by ready / empty mbarriers), so loads go out as soon as a slot is free;
+  * two consumer warpgroups own 64 query rows each of the program's 128 and run their own loop,
+    so while one applies SiLU and masks on the CUDA cores the other keeps the tensor cores busy;
+  * K and V have rings of their own: Q.K^T starts when K lands, and K may run one box ahead
+    (3 K slots + 2 V slots + the 64 KB Q tile fill the 227 KB of shared memory at D = 256).
+
+Per program (query block of 128 rows, user, head) the key blocks visited are the history blocks up
+to the block's last row, then the diagonal blocks of its candidate rows; each consumer skips the
+blocks none of its rows can see (it still takes part in the barrier protocol), masks only blocks
+that straddle its rows' causal edge or hold candidate keys, and zeroes V rows past the user on the
+last block (rows a box reads past a user may be dead padding holding NaN; 0 x NaN is NaN).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                             warpgroup_mma, warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+# Names that moved between Triton 3.6 (the GPU box) and 3.9: a TMA load into shared memory, and
+# all warps of a partition past a point.
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+_sync_warps = getattr(gl, "thread_barrier", None) or gl.barrier
+HALF = gl.constexpr(64)  # query rows per consumer warpgroup: one wgmma M extent of its 4 warps
+BLOCK_M = gl.constexpr(128)
+# Registers: 3 warpgroups (2 consumers + the producer's, padded) share 64 K registers a thread x
+# 384 threads at maxnreg 168; the producer drops to 24 so each consumer can hold 240 (its [64, 256]
+# fp32 accumulator alone is 128).
+MAXNREG = 168
+CONSUMER_REGS = gl.constexpr(240)
+PRODUCER_REGS = gl.constexpr(24)
+
+
+@gluon.jit
+def _schedule(offsets, num_cand, num_users, num_heads, BLOCK_N: gl.constexpr):
+    """The program's user, head, rows and key-block list: history blocks [0, n_first), then the
+    diagonal blocks [jd0, jd0 + total - n_first) of its candidate rows."""
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)  # the longest query blocks start first
+    b = gl.program_id(1) // num_heads
+    h = gl.program_id(1) % num_heads
+    bb = gl.minimum(b, num_users - 1)  # b == num_users: the program that zeroes dead rows
+    row0 = gl.load(offsets + bb)
+    seq_len = gl.load(offsets + bb + 1) - row0
+    n_hist = seq_len - gl.load(num_cand + bb)
+    m0 = pid_m * BLOCK_M
+    n_first = gl.cdiv(gl.minimum(n_hist, m0 + BLOCK_M), BLOCK_N)
+    jd0 = gl.maximum(n_first, m0 // BLOCK_N)
+    jd1 = gl.cdiv(gl.minimum(seq_len, m0 + BLOCK_M), BLOCK_N)
+    total = n_first + gl.maximum(jd1 - jd0, 0)
+    if (b == num_users) | (m0 >= seq_len):
+        total = 0
+    return pid_m, b, h, row0, seq_len, n_hist, m0, n_first, jd0, total
+
+
+@gluon.jit
+def _key_block(t, n_first, jd0):
+    return gl.where(t < n_first, t, jd0 + t - n_first)
+
+
+@gluon.jit
+def _load_partition(qd, kd, vd, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                    offsets, num_cand, num_users, num_heads,
+                    HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr):
+    K_STAGES: gl.constexpr = k_smem.type.shape[0]
+    V_STAGES: gl.constexpr = v_smem.type.shape[0]
+    _, b, h, row0, seq_len, n_hist, m0, n_first, jd0, total = _schedule(
+        offsets, num_cand, num_users, num_heads, BLOCK_N)
+    col = h * HEAD_DIM
+    if total > 0:
+        mbarrier.expect(q_bar, 2 * qd.block_type.nbytes)
+        _tma_load(qd, [row0 + m0, col], q_bar, q_smem.index(0))
+        _tma_load(qd, [row0 + m0 + HALF, col], q_bar, q_smem.index(1))
+    for t in range(total):
+        key_row = row0 + _key_block(t, n_first, jd0) * BLOCK_N
+        sk = t % K_STAGES
+        mbarrier.wait(k_empty.index(sk), ((t // K_STAGES) & 1) ^ 1)  # fresh barriers pass phase 1
+        mbarrier.expect(k_ready.index(sk), kd.block_type.nbytes)
+        _tma_load(kd, [key_row, col], k_ready.index(sk), k_smem.index(sk))
+        sv = t % V_STAGES
+        mbarrier.wait(v_empty.index(sv), ((t // V_STAGES) & 1) ^ 1)
+        mbarrier.expect(v_ready.index(sv), vd.block_type.nbytes)
+        _tma_load(vd, [key_row, col], v_ready.index(sv), v_smem.index(sv))
+
+
+@gluon.jit
+def _silu_fast(s, half_alpha):
+    # x sigmoid(x) = u + u tanh(u), u = x / 2: one MUFU op a score (as in triton_attention._silu)
+    u = s * half_alpha
+    th = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=gl.float32,
+                                   is_pure=True, pack=1)
+    return u + u * th
+
+
+@gluon.jit
+def _consumer(HALF_ID: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
+              v_empty, Out, stride_or, stride_oh, offsets, num_cand, num_users, num_heads,
+              num_rows, alpha, inv_n, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr):
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    v_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    K_STAGES: gl.constexpr = k_smem.type.shape[0]
+    V_STAGES: gl.constexpr = v_smem.type.shape[0]
+    pid_m, b, h, row0, seq_len, n_hist, m0, n_first, jd0, total = _schedule(
+        offsets, num_cand, num_users, num_heads, BLOCK_N)
+    r0 = m0 + HALF_ID * HALF
+    out_ty = Out.dtype.element_ty
+    rows_o = gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
+    cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+
+    if b == num_users:
+        # Rows past the last user (graph padding) are zeroed, as the reference does.
+        start = gl.load(offsets + num_users)
+        zero = gl.zeros([HALF, HEAD_DIM], out_ty, o_layout)
+        for r in range(start + pid_m * BLOCK_M + HALF_ID * HALF, num_rows,
+                       gl.num_programs(0) * BLOCK_M):
+            rows = (r + rows_o).to(gl.int64)
+            gl.store(Out + rows[:, None] * stride_or + h * stride_oh + cols_o[None, :], zero,
+                     mask=(rows < num_rows)[:, None])
+
+    rows_s = r0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
+    keys_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    keys_v = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, v_layout))
+    s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+    acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
+    q = q_smem.index(HALF_ID)
+    half_alpha = 0.5 * alpha
+    half_end = gl.minimum(r0 + HALF, seq_len)  # rows of this half that belong to the user
+    clear_edge = gl.minimum(r0, n_hist)  # key blocks ending at or before it need no mask
+    if total > 0:
+        mbarrier.wait(q_bar, 0)
+    for t in range(total):
+        n0 = _key_block(t, n_first, jd0) * BLOCK_N
+        sk = t % K_STAGES
+        sv = t % V_STAGES
+        k_buf = k_smem.index(sk)
+        v_buf = v_smem.index(sv)
+        # Some row of this half sees a key of the block: a history key at or before its last row,
+        # or a candidate's own key.
+        sees = (r0 < half_end) & (n0 < half_end) & (
+            (n0 < n_hist) | (n0 + BLOCK_N > gl.maximum(r0, n_hist)))
+        mbarrier.wait(k_ready.index(sk), (t // K_STAGES) & 1)
+        if sees:
+            s = warpgroup_mma(q, k_buf.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s, ))
+            mbarrier.arrive(k_empty.index(sk))
+            p = _silu_fast(s, half_alpha)
+            if n0 + BLOCK_N > clear_edge:
+                keys = n0 + keys_s
+                visible = (keys[None, :] <= rows_s[:, None]) & (
+                    (keys[None, :] < n_hist) | (keys[None, :] == rows_s[:, None]))
+                p = gl.where(visible, p, 0.0)
+            p = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+            mbarrier.wait(v_ready.index(sv), (t // V_STAGES) & 1)
+            if n0 + BLOCK_N > seq_len:
+                # Rows past the user: zero them (both consumers write the same bytes).
+                v = v_buf.load(v_layout)
+                v = gl.where(((n0 + keys_v) < seq_len)[:, None], v, gl.zeros_like(v))
+                v_buf.store(v)
+                fence_async_shared()
+                _sync_warps()
+            acc = warpgroup_mma(p, v_buf, acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            mbarrier.arrive(v_empty.index(sv))
+        else:
+            mbarrier.arrive(k_empty.index(sk))
+            mbarrier.wait(v_ready.index(sv), (t // V_STAGES) & 1)
+            mbarrier.arrive(v_empty.index(sv))
+
+    if total > 0:
+        rows = r0 + rows_o
+        ptrs = Out + (row0 + rows).to(gl.int64)[:, None] * stride_or + h * stride_oh + cols_o[None, :]
+        gl.store(ptrs, (acc * inv_n).to(out_ty), mask=(rows < seq_len)[:, None])
+
+
+@gluon.jit
+def _hopper_fwd(qd, kd, vd, Out, offsets, num_cand, stride_or, stride_oh, num_users, num_heads,
+                num_rows, alpha, inv_n, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
+    dtype: gl.constexpr = qd.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], qd.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, HEAD_DIM], kd.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BLOCK_N, HEAD_DIM], vd.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(K_STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
+    for i in gl.static_range(V_STAGES):
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=2)
+
+    gl.warp_specialize([
+        (_consumer, (0, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out,
+                      stride_or, stride_oh, offsets, num_cand, num_users, num_heads, num_rows,
+                      alpha, inv_n, HEAD_DIM, BLOCK_N)),
+        (_consumer, (1, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out,
+                      stride_or, stride_oh, offsets, num_cand, num_users, num_heads, num_rows,
+                      alpha, inv_n, HEAD_DIM, BLOCK_N)),
+        (_load_partition, (qd, kd, vd, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
+                           v_empty, offsets, num_cand, num_users, num_heads, HEAD_DIM, BLOCK_N)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def supported(t: torch.Tensor) -> bool:
+    """Whether this kernel can read t ([rows, H, D]): bf16/fp16 on an sm_90 GPU, D in {64, 128,
+    256}, heads packed so a TMA descriptor covers it as [rows, H*D] (16-byte aligned)."""
+    D = t.shape[-1]
+    return (t.is_cuda and t.dim() == 3 and t.dtype in (torch.bfloat16, torch.float16)
+            and D in (64, 128, 256) and _capability(t.device.index or 0) == 9
+            and t.stride(2) == 1 and t.stride(1) == D
+            and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def _layout(rows: int, head_dim: int, dtype: torch.dtype):
+    return gl.NVMMASharedLayout.get_default_for(
+        [rows, head_dim], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+
+
+def launch(q, k, v, out, offsets, num_cand, num_users: int, max_len: int, *, alpha: float,
+           inv_n: float, block_n: int = 64, k_stages: int = 3, v_stages: int = 2):
+    """q, k, v, out [rows, H, D] jagged by offsets (out: any row / head strides); the grid comes
+    from host ints (num_users, max_len), so the launch can be captured in a CUDA graph."""
+    rows, H, D = q.shape
+    descs = [TensorDescriptor.from_tensor(t.flatten(1), [n, D], _layout(n, D, q.dtype))
+             for t, n in ((q, int(HALF)), (k, block_n), (v, block_n))]
+    grid = (triton.cdiv(max_len, BLOCK_M), (num_users + 1) * H)
+    return _hopper_fwd[grid](*descs, out, offsets, num_cand, out.stride(0), out.stride(1),
+                             num_users, H, rows, float(alpha), float(inv_n), HEAD_DIM=D,
+                             BLOCK_N=block_n, K_STAGES=k_stages, V_STAGES=v_stages,
+                             num_warps=4, maxnreg=MAXNREG)
+

@@ -1,0 +1,124 @@
+"""The warp-specialised Hopper kernel (hstu_exp.ops.hopper_attention) against the float32 oracle on
+fresh random inputs, on an sm_90 GPU (bf16 and fp16). Gluon kernels have no CPU interpreter: on a
+machine without such a GPU these tests skip, and tests/test_kernel_report.py still compiles the
+kernel for sm_90a there. Shapes cross every path of its schedule: users shorter than a box, lengths
+one past a block edge, zero-length users, candidate-only users, no candidates, a consumer half
+with no rows, the last key block reaching past the user into NaN-filled dead rows."""
+import math
+import random
+
+import pytest
+import torch
+
+from hstu_exp.model.jagged import make_batch
+from hstu_exp.ops import reference
+from hstu_exp.ops import triton_attention as tri
+
+pytestmark = pytest.mark.gpu
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 (Hopper) GPU")
+TOL = 2e-2
+
+
+def case(rows, cands, H, D, *, dead=0, dtype=torch.bfloat16, seed=0, nan_dead=True):
+    gen = torch.Generator().manual_seed(seed)
+    batch = make_batch(rows, cands, "cuda")
+    n = sum(rows) + dead
+    q, k, v = ((torch.randn(n, H, D, generator=gen) * 0.5).to("cuda", dtype) for _ in range(3))
+    if nan_dead:
+        for t in (q, k, v):
+            t[sum(rows):] = float("nan")
+    return batch, q, k, v
+
+
+def run(batch, q, k, v, *, out=None, config=tri.HOPPER_CONFIG):
+    D = q.shape[-1]
+    alpha, inv_n = 1 / math.sqrt(D), 1 / 512
+    got = tri.attention_full(q, k, v, batch, alpha=alpha, inv_n=inv_n, config=config, out=out)
+    assert tri.LAST_LAUNCH["config"].kernel == "hopper", "the Hopper kernel did not run"
+    ref = reference.attention_full(q.float(), k.float(), v.float(), batch, alpha=alpha,
+                                   inv_n=inv_n)
+    return got, ref
+
+
+def check(out, ref, live):
+    assert torch.isfinite(out).all(), "NaN or unwritten rows"
+    o, r = out[:live].float(), ref[:live].float()
+    err = ((o - r).norm() / r.norm()).item()
+    assert err < TOL, err
+    assert (o - r).abs().max().item() <= TOL * r.abs().max().item()
+    assert (out[live:] == 0).all(), "dead rows past the last user must be zero"
+
+
+@needs_hopper
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("rows,cands", [
+    ([37], [5]),  # shorter than one query block: the second consumer half has no rows
+    ([129, 0, 64, 65], [1, 0, 64, 0]),  # one past a block edge; empty, candidate-only, no cands
+    ([700, 1290, 300], [256, 256, 300]),  # several query blocks, a candidate-only user
+    ([4352], [256]),  # the goal shape's user (4096 history + 256 candidates)
+])
+def test_matches_reference(D, rows, cands):
+    batch, q, k, v = case(rows, cands, H=2, D=D, dead=67, seed=D + len(rows))
+    out, ref = run(batch, q, k, v)
+    check(out, ref, sum(rows))
+
+
+@needs_hopper
+def test_fp16_and_float32_destination():
+    """fp16 inputs; a float32 `out` (what a caller expecting split sums hands over) is filled in
+    float32, dead rows zeroed."""
+    batch, q, k, v = case([300, 77], [40, 7], H=4, D=256, dead=9, dtype=torch.float16, seed=3)
+    out, ref = run(batch, q, k, v)
+    check(out, ref, 377)
+    dst = torch.full(q.shape, float("nan"), dtype=torch.float32, device="cuda")
+    got, ref = run(batch, q, k, v, out=dst)
+    assert got is dst
+    check(got, ref, 377)
+
+
+@needs_hopper
+def test_random_jagged_batches():
+    rng = random.Random(11)
+    for trial in range(6):
+        B = rng.randint(1, 6)
+        cands = [rng.choice([0, 1, 17, 64, 200]) for _ in range(B)]
+        rows = [c + rng.choice([0, 1, 63, 64, 127, 128, rng.randint(0, 2000)]) for c in cands]
+        batch, q, k, v = case(rows, cands, H=rng.choice([1, 3, 4]), D=rng.choice([128, 256]),
+                              dead=rng.randint(0, 130), seed=trial)
+        out, ref = run(batch, q, k, v)
+        check(out, ref, sum(rows))
+
+
+@needs_hopper
+def test_default_choice_and_cuda_graph():
+    """In full mode on this GPU the table's choice is the Hopper kernel; it captures into a CUDA
+    graph (grid from host ints, no sync) and replays to the eager answer."""
+    batch, q, k, v = case([500, 200], [64, 32], H=4, D=256, dead=20, seed=5)
+    alpha, inv_n = 1 / 16, 1 / 512
+    fn = lambda: tri.attention_full(q, k, v, batch, alpha=alpha, inv_n=inv_n)  # noqa: E731
+    expected = fn().clone()
+    assert tri.LAST_LAUNCH["config"] == tri.HOPPER_CONFIG
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    q.copy_(torch.randn_like(q) * 0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = reference.attention_full(q.float(), k.float(), v.float(), batch, alpha=alpha,
+                                   inv_n=inv_n)
+    check(out, ref, 700)
+    assert not torch.equal(out, expected), "the replay did not recompute"
+
+
+@needs_hopper
+def test_falls_back_where_it_cannot_run():
+    """Heads not packed (a TMA box cannot cover them): the portable kernel runs instead."""
+    batch, q, k, v = case([90], [10], H=2, D=128, seed=8, nan_dead=False)
+    q = torch.cat([q, q], dim=1)[:, ::2]  # head stride 2 D
+    assert not q.is_contiguous()
+    out = tri.attention_full(q, k, v, batch, alpha=0.1, inv_n=0.01, config=tri.HOPPER_CONFIG)
+    assert tri.LAST_LAUNCH["config"].kernel == "triton"
+    ref = reference.attention_full(q.float(), k.float(), v.float(), batch, alpha=0.1, inv_n=0.01)
+    check(out, ref, 90)
