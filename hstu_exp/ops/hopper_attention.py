@@ -10,8 +10,9 @@ because both warpgroups of a program did the same phase at the same time):
     V_STAGES rings guarded by ready / empty mbarriers), so loads go out as soon as a slot is free;
   * two consumer warpgroups own 64 query rows each of the program's 128 and run their own loop,
     so while one applies SiLU and masks on the CUDA cores the other keeps the tensor cores busy;
-  * K and V have rings of their own: Q.K^T starts when K lands, and K may run one box ahead
-    (3 K slots + 2 V slots + the 64 KB Q tile fill the 227 KB of shared memory at D = 256).
+  * K and V have rings of their own, so Q.K^T starts when K lands (2 slots each + the 64 KB Q tile
+    take 192 of the 227 KB at D = 256; a third K slot fits but measured slower, its consumers
+    spill).
 
 Per program (query block of 128 rows, user, head) the key blocks visited are the history blocks up
 to the block's last row, then the diagonal blocks of its candidate rows; each consumer skips the
@@ -243,7 +244,7 @@ def _layout(rows: int, head_dim: int, dtype: torch.dtype):
 
 
 def launch(q, k, v, out, offsets, num_cand, num_users: int, max_len: int, *, alpha: float,
-           inv_n: float, block_n: int = 64, k_stages: int = 3, v_stages: int = 2):
+           inv_n: float, block_n: int = 64, k_stages: int = 2, v_stages: int = 2):
     """q, k, v, out [rows, H, D] jagged by offsets (out: any row / head strides); the grid comes
     from host ints (num_users, max_len), so the launch can be captured in a CUDA graph."""
     rows, H, D = q.shape
