@@ -34,6 +34,7 @@ from hstu_exp.ops import reference
 from hstu_exp.ops import triton_attention as tri
 
 H, D, PAGE = 4, 256, 32
+HOPPER_GROUP = tri.hopper_attention.GROUP if tri.hopper_attention else None
 DT = torch.bfloat16
 
 
@@ -400,9 +401,11 @@ def main():
         ref = reference_fp32(case)
         variants = [("triton auto", {"hopper": False}), ("triton split=1", {"split_k": 1})]
         if not case["paged"]:
-            variants += [("hopper ks3", {"config": tri.HOPPER_CONFIG}),
-                         ("hopper ks2", {"config": C(128, 64, 4, 2, "hopper")}),
-                         ("hopper ks4 bn32", {"config": C(128, 32, 4, 4, "hopper")}),
+            variants += [("hopper", {"config": tri.HOPPER_CONFIG}),
+                         ("hopper pairs in turn", {"config": tri.HOPPER_CONFIG, "group": 1}),
+                         ("hopper groups of 4", {"config": tri.HOPPER_CONFIG, "group": 4}),
+                         ("hopper all pairs", {"config": tri.HOPPER_CONFIG, "group": 10 ** 6}),
+                         ("hopper ks3", {"config": C(128, 64, 4, 3, "hopper")}),
                          ("triton auto no-tma", {"tma": False, "hopper": False})]
         variants += [("tuned", {"autotune": True})]
         if args.sweep:
@@ -414,6 +417,9 @@ def main():
             tri.FAST_SILU = not kw.pop("exact", False)
             tri.TMA = kw.pop("tma", True)
             tri.HOPPER = kw.pop("hopper", True)
+            group = kw.pop("group", None)
+            if group:
+                tri.hopper_attention.GROUP = group
             try:
                 out = call(tri, case, **kw)
                 rel, _ = rel_err(out, ref)
@@ -423,6 +429,7 @@ def main():
                 continue
             finally:
                 tri.FAST_SILU, tri.TMA, tri.HOPPER = True, True, True
+                tri.hopper_attention.GROUP = HOPPER_GROUP
             rows.append((name, label, *times, flops, rel, goal))
             print(f"  {name} {label:28} {times[0]:.3f} / {times[1]:.3f} / {times[2]:.3f} ms  "
                   f"{flops / times[2] / 1e9:4.0f} TFLOP/s (graph)  host {times[3]:.0f} us  "

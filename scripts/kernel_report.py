@@ -84,7 +84,8 @@ def compile_hopper(cfg: tri.Config, *, head_dim: int = 256, arch: int = 90):
     ha = tri.hopper_attention
     fn = ha._hopper_fwd
     names = fn.arg_names
-    const = dict(HEAD_DIM=head_dim, BLOCK_N=cfg.block_n, K_STAGES=cfg.num_stages, V_STAGES=2)
+    const = dict(HEAD_DIM=head_dim, BLOCK_N=cfg.block_n, K_STAGES=cfg.num_stages, V_STAGES=2,
+                 GROUP=ha.GROUP)
 
     def desc(rows):
         layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
