@@ -37,7 +37,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from hstu_exp.ops import triton_attention as tri  # noqa: E402
 
 PROG = "kernel_report.py"
-MODES = ("full", "full-split", "paged", "paged-split", "full-tma", "full-split-tma", "hopper")
+MODES = ("full", "full-split", "paged", "paged-split", "full-tma", "full-split-tma", "hopper",
+         "hopper-paged", "hopper-paged-split")
 POINTERS = {"Q", "K", "V", "QD", "KD", "VD", "Out", "KP", "VP", "offsets", "num_cand",
             "page_indptr", "page_ids", "cached_len"}
 
@@ -76,8 +77,10 @@ def compile_attention(cfg: tri.Config, *, paged: bool, split: bool, head_dim: in
                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
-def compile_hopper(cfg: tri.Config, *, head_dim: int = 256, arch: int = 90):
-    """The warp-specialised Gluon kernel (hopper_attention) compiled for cfg, bf16 in and out."""
+def compile_hopper(cfg: tri.Config, *, head_dim: int = 256, arch: int = 90, paged: bool = False,
+                   split: bool = False, page_size: int = 32):
+    """The warp-specialised Gluon kernel (hopper_attention) compiled for cfg, bf16 in; out bf16,
+    or float32 when split."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -85,16 +88,20 @@ def compile_hopper(cfg: tri.Config, *, head_dim: int = 256, arch: int = 90):
     fn = ha._hopper_fwd
     names = fn.arg_names
     const = dict(HEAD_DIM=head_dim, BLOCK_N=cfg.block_n, K_STAGES=cfg.num_stages, V_STAGES=2,
-                 GROUP=ha.GROUP)
+                 GROUP=ha.GROUP, PAGED=paged, PAGE_SIZE=page_size if paged else cfg.block_n,
+                 SPLIT=split)
 
     def desc(rows):
         layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
         return f"tensordesc<bf16[{rows},{head_dim}],{layout!r}>"
+    box = min(page_size, cfg.block_n) if paged else cfg.block_n
     sig = {n: "constexpr" if n in const else desc(int(ha.HALF)) if n == "qd"
-           else desc(cfg.block_n) if n in ("kd", "vd") else "*bf16" if n == "Out"
-           else "*i32" if n in ("offsets", "num_cand") else "fp32" if n in ("alpha", "inv_n")
-           else "i32" for n in names}
-    aligned = ("Out", "offsets", "num_cand", "stride_or", "stride_oh")
+           else desc(cfg.block_n) if n in ("kd", "vd") else desc(box) if n in ("kpd", "vpd")
+           else ("*fp32" if split else "*bf16") if n == "Out"
+           else "*i32" if n in ("offsets", "num_cand", "cached_len", "page_indptr", "page_ids")
+           else "fp32" if n in ("alpha", "inv_n") else "i32" for n in names}
+    aligned = ("Out", "offsets", "num_cand", "cached_len", "page_indptr", "page_ids",
+               "stride_or", "stride_oh")
     src = GluonASTSource(fn=fn, signature=sig,
                          constexprs={(names.index(k),): v for k, v in const.items()},
                          attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
@@ -137,7 +144,7 @@ def loop_waits(ttgir: str) -> int:
 
 def report(cfg: tri.Config, *, paged: bool, split: bool, arch: int, dump: Path = None,
            tma: bool = False) -> dict:
-    k = (compile_hopper(cfg, arch=arch) if cfg.kernel == "hopper" else
+    k = (compile_hopper(cfg, arch=arch, paged=paged, split=split) if cfg.kernel == "hopper" else
          compile_attention(cfg, paged=paged, split=split, arch=arch, tma=tma))
     ttgir, ptx = k.asm["ttgir"], k.asm["ptx"]
     if dump:
@@ -171,8 +178,8 @@ def main(argv=None) -> int:
           "| wgmma | waits in loops |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for mode in modes:
-        paged, split, tma = mode.startswith("paged"), "split" in mode, "tma" in mode
-        for cfg in [tri.HOPPER_CONFIG] if mode == "hopper" else configs:
+        paged, split, tma = "paged" in mode, "split" in mode, "tma" in mode
+        for cfg in [tri.HOPPER_CONFIG] if mode.startswith("hopper") else configs:
             r = report(cfg, paged=paged, split=split, arch=args.arch, dump=args.dump, tma=tma)
             print(f"| {mode} | {cfg.block_m}x{cfg.block_n} | {cfg.num_warps} | {cfg.num_stages} "
                   f"| {r['regs']} | {r['spill_stores']}/{r['spill_loads']} | "

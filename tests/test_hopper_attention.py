@@ -1,9 +1,11 @@
 """The warp-specialised Hopper kernel (hstu_exp.ops.hopper_attention) against the float32 oracle on
-fresh random inputs, on an sm_90 GPU (bf16 and fp16). Gluon kernels have no CPU interpreter: on a
+fresh random inputs, on an sm_90 GPU (bf16 and fp16), in full and paged mode, whole and split. Gluon kernels have no CPU interpreter: on a
 machine without such a GPU these tests skip, and tests/test_kernel_report.py still compiles the
 kernel for sm_90a there. Shapes cross every path of its schedule: users shorter than a box, lengths
 one past a block edge, zero-length users, candidate-only users, no candidates, a consumer half
-with no rows, the last key block reaching past the user into NaN-filled dead rows."""
+with no rows, the last key block reaching past the user into NaN-filled dead rows; in paged mode
+page sizes below, at and above the 64-key block, pages of users interleaved in the pool, users
+with no cache, key splits."""
 import math
 import random
 
@@ -13,6 +15,7 @@ import torch
 from hstu_exp.model.jagged import make_batch
 from hstu_exp.ops import reference
 from hstu_exp.ops import triton_attention as tri
+from test_triton_attention import paged_case
 
 pytestmark = pytest.mark.gpu
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -142,3 +145,55 @@ def test_falls_back_where_it_cannot_run():
     out = tri.attention_full(q, k, v, batch, alpha=0.1, inv_n=0.01, config=tri.HOPPER_CONFIG)
     assert tri.LAST_LAUNCH["config"].kernel == "triton"
     check(out, oracle(batch, q, k, v, 0.1, 0.01), 90)
+
+
+def paged_oracle(batch, q, k, v, kp, vp, alpha, inv_n):
+    live = int(batch.offsets[-1])
+    q, k, v = (torch.cat([t[:live].float(), torch.zeros_like(t[live:], dtype=torch.float32)])
+               for t in (q, k, v))
+    return reference.attention_paged(q, k, v, batch, kp.float(), vp.float(), alpha=alpha,
+                                     inv_n=inv_n)
+
+
+@needs_hopper
+@pytest.mark.parametrize("D,page_size", [(128, 16), (256, 32), (256, 64), (64, 128)])
+@pytest.mark.parametrize("split_k", [None, 1, 5])
+def test_paged_matches_reference(D, page_size, split_k):
+    batch, q, k, v, kp, vp = paged_case([1500, 97, 0, 640], [128, 31, 200, 0], [256, 0, 64, 256],
+                                        H=4, D=D, page_size=page_size, dead=21,
+                                        dtype=torch.bfloat16, device="cuda", seed=D + page_size)
+    live = 128 + 256 + 31 + 264 + 256
+    for t in (q, k, v):
+        t[live:] = float("nan")
+    alpha, inv_n = 1 / math.sqrt(D), 1 / 512
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device="cuda")
+    got = tri.attention_paged(q, k, v, batch, kp, vp, alpha=alpha, inv_n=inv_n, out=out,
+                              split_k=split_k, config=tri.HOPPER_CONFIG)
+    assert got is out and tri.LAST_LAUNCH["config"].kernel == "hopper"
+    if split_k == 5:
+        assert tri.LAST_LAUNCH["splits"] > 1
+    check(out, paged_oracle(batch, q, k, v, kp, vp, alpha, inv_n), live)
+
+
+@needs_hopper
+def test_paged_goal_shape_split_fp32_sums_and_graph():
+    """Batch 1, 3968 cached + 128 new + 256 candidates (the B=1 cached goal case): the rule
+    splits the keys; the float32 sums come back as they are (partial_fp32), and the launch
+    replays from a CUDA graph to the same answer."""
+    batch, q, k, v, kp, vp = paged_case([3968], [128], [256], H=4, D=256, page_size=32,
+                                        dtype=torch.bfloat16, device="cuda", seed=9)
+    alpha, inv_n = 1 / 16, 1 / 4352
+    fn = lambda: tri.attention_paged(q, k, v, batch, kp, vp, alpha=alpha, inv_n=inv_n,  # noqa
+                                     partial_fp32=True)
+    first = fn()
+    assert tri.LAST_LAUNCH["config"].kernel == "hopper" and tri.LAST_LAUNCH["splits"] > 1
+    assert first.dtype == torch.float32
+    check(first, paged_oracle(batch, q, k, v, kp, vp, alpha, inv_n), 384)
+    expected = first.clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)

@@ -255,14 +255,22 @@ def test_fuzz(seed):
 GPU_TOL = 2e-2
 
 
+@pytest.fixture(params=[False, True], ids=["portable", "hopper-if-sm90"])
+def hopper(request, monkeypatch):
+    """GPU tests run this file's kernel, and the Hopper kernel where the GPU has it."""
+    monkeypatch.setattr(tri, "HOPPER", request.param)
+    return request.param
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("split_k", [None, 1, 8])
-def test_gpu_full_bf16(D, split_k):
+def test_gpu_full_bf16(D, split_k, hopper):
     batch, q, k, v = full_case([700, 0, 1290, 300], [256, 0, 256, 300], H=4, D=D, dead=5,
                                dtype=torch.bfloat16, device="cuda", seed=D)
     out, ref = run_full(batch, q, k, v, split_k=split_k)
     check(out, ref, 2290, tol=GPU_TOL)
+    expect_hopper(hopper and split_k != 8)  # a forced split keeps the portable kernel
 
 
 @pytest.mark.parametrize("split_k", [1, 3])
@@ -281,12 +289,19 @@ def test_full_nan_in_dead_rows_stays_out(split_k):
 @pytest.mark.gpu
 @pytest.mark.parametrize("D,page_size", [(64, 16), (128, 64), (256, 32), (256, 16)])
 @pytest.mark.parametrize("split_k", [None, 1, 8])
-def test_gpu_paged_bf16(D, page_size, split_k):
+def test_gpu_paged_bf16(D, page_size, split_k, hopper):
     batch, q, k, v, kp, vp = paged_case([1500, 97, 0, 640], [128, 31, 200, 0], [256, 0, 64, 256],
                                         H=4, D=D, page_size=page_size, dead=3,
                                         dtype=torch.bfloat16, device="cuda", seed=D + page_size)
     out, ref = run_paged(batch, q, k, v, kp, vp, split_k=split_k)
     check(out, ref, 128 + 256 + 31 + 264 + 256, tol=GPU_TOL)
+    expect_hopper(hopper)
+
+
+def expect_hopper(hopper: bool):
+    """On an sm_90 GPU with the Hopper kernel on, it is the one that ran."""
+    sm90 = torch.cuda.get_device_capability()[0] == 9
+    assert (tri.LAST_LAUNCH["config"].kernel == "hopper") == (hopper and sm90)
 
 
 @pytest.mark.gpu

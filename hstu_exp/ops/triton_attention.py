@@ -91,8 +91,8 @@ FAST_SILU = True  # bf16/fp16 on GPU: SiLU through tanh.approx (1 MUFU op per sc
 # spans pages, not one box (boxes of one page each, 128x32 tiles at page 32, measured slower:
 # paged B=8 342 -> 248 TFLOP/s, the page-id load sits in front of every box).
 TMA = True
-# Full mode on an sm_90 GPU in bf16/fp16: the warp-specialised Gluon kernel (hopper_attention)
-# instead of this file's kernel, unless a config names another.
+# On an sm_90 GPU in bf16/fp16: the warp-specialised Gluon kernel (hopper_attention) instead of
+# this file's kernel, unless a config names another.
 HOPPER = True
 # 64-key boxes, 2 K and 2 V slots. Measured on an H200 (full B=8, graph replay): 557 TFLOP/s with
 # 2 K slots, 540 with 3 (224 KB of shared memory, and the consumers spill), 488 with 32-key boxes
@@ -337,12 +337,14 @@ def _check(t: torch.Tensor, name: str) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(cfg, D, B, H, max_len, max_kv, split_k, _force, device_index):
-    """Grid decisions from host ints, cached: the hot path only does a dict lookup."""
+def _plan(cfg, D, B, H, max_len, max_kv, split_k, _force, device_index, paged=True):
+    """Grid decisions from host ints, cached: the hot path only does a dict lookup. The Hopper
+    kernel splits keys in paged mode only (at one user in full mode its 34 query blocks x 4 heads
+    already fill the H200)."""
     sms = _num_sms(device_index) if device_index >= 0 else 132
     m_blocks = triton.cdiv(max_len, cfg.block_m)
     kv_blocks = triton.cdiv(max(max_kv, 1), cfg.block_n)
-    if cfg.kernel == "hopper":
+    if cfg.kernel == "hopper" and not paged:
         return m_blocks, kv_blocks, 0
     chunk = split_chunk(m_blocks, B * H, kv_blocks, cfg.block_m / cfg.block_n,
                         resident_slots(cfg, D, sms), split_k)
@@ -395,12 +397,14 @@ def _median_ms(fn, reps: int = 5) -> float:
     return statistics.median(times)
 
 
-def _tune(run, D, B, H, max_len, max_kv, device_index, hopper_candidates=()):
-    """(config, split_k) of the fastest candidate; run(config, split_k) launches one."""
+def _tune(run, D, B, H, max_len, max_kv, device_index, paged=True, hopper=False):
+    """(config, split_k) of the fastest candidate; run(config, split_k) launches one. hopper:
+    the Hopper kernel is a candidate too (unsplit in full mode)."""
     bucket = 64 if D <= 64 else 128 if D <= 128 else 256
-    options = [(cfg, 1) for cfg in hopper_candidates]
-    for cfg in TUNE_CONFIGS[bucket]:
-        _, kv_blocks, chunk = _plan(cfg, D, B, H, max_len, max_kv, None, None, device_index)
+    options = [(HOPPER_CONFIG, 1)] if hopper and not paged else []
+    for cfg in TUNE_CONFIGS[bucket] + ([HOPPER_CONFIG] if hopper and paged else []):
+        _, kv_blocks, chunk = _plan(cfg, D, B, H, max_len, max_kv, None, None, device_index,
+                                    paged)
         rule = triton.cdiv(kv_blocks, chunk) if chunk else 1
         for split in dict.fromkeys([rule, 1, 2 * rule, max(1, rule // 2)]):
             options.append((cfg, split))
@@ -414,26 +418,31 @@ def _tune(run, D, B, H, max_len, max_kv, device_index, hopper_candidates=()):
     return cfg, split
 
 
-def _hopper_ok(paged: bool, *tensors) -> bool:
-    return (hopper_attention is not None and not paged
-            and all(hopper_attention.supported(t) for t in tensors))
+def _hopper_ok(paged: bool, *tensors, pages=None) -> bool:
+    """Whether the Hopper kernel can run these [rows, H, D] tensors and, in paged mode, these
+    (k_pages, v_pages) (unknown pages: judged by the tensors alone)."""
+    return (hopper_attention is not None and all(hopper_attention.supported(t) for t in tensors)
+            and (not paged or pages is None or hopper_attention.pool_rows(*pages) is not None))
 
 
-def _choice(q, batch: Batch, paged: bool, config, split_k, autotune, k=None, v=None):
+def _choice(q, batch: Batch, paged: bool, config, split_k, autotune, k=None, v=None,
+            k_pages=None, v_pages=None):
     """(tile config, split_k) of a launch without tuning: explicit, tuned for the bucket, or the
     table and rule (None). A Hopper config falls back to the table where that kernel cannot run;
-    the table's choice for full mode is HOPPER_CONFIG where it can (and split_k is not forced)."""
+    the table's choice is HOPPER_CONFIG where it can."""
     if autotune and config is None and split_k is None and FORCE_SPLIT_K is None and q.is_cuda:
         max_kv = batch.pages.max_kv_len if paged else batch.max_len
         rows, H, D = q.shape
         config, split_k = TUNED.get(_bucket(paged, batch.batch_size, H, D, q.dtype,
                                             batch.max_len, max_kv), (None, None))
     tensors = [t for t in (q, k, v) if t is not None]
-    if config is not None and config.kernel == "hopper" and not _hopper_ok(paged, *tensors):
+    pages = (k_pages, v_pages) if k_pages is not None else None
+    ok = _hopper_ok(paged, *tensors, pages=pages)
+    if config is not None and config.kernel == "hopper" and not ok:
         config = None
-    if (config is None and HOPPER and split_k is None and FORCE_SPLIT_K is None
-            and _hopper_ok(paged, *tensors)):
-        config = HOPPER_CONFIG
+    forced = split_k if split_k is not None else FORCE_SPLIT_K
+    if config is None and HOPPER and ok and (paged or (forced or 1) <= 1):
+        config = HOPPER_CONFIG  # (its full mode never splits: a forced split keeps this kernel)
     return config or choose_config(q.shape[2], batch.max_len, paged, q.device), split_k
 
 
@@ -449,55 +458,15 @@ def will_split(q, batch: Batch, paged: bool, *, autotune: bool = False) -> bool:
     cfg, split_k = _choice(q, batch, paged, None, None, autotune)
     max_kv = batch.pages.max_kv_len if paged else batch.max_len
     return bool(_plan(cfg, q.shape[2], batch.batch_size, q.shape[1], batch.max_len, max_kv,
-                      split_k, FORCE_SPLIT_K, _device_index(q))[2])
+                      split_k, FORCE_SPLIT_K, _device_index(q), paged)[2])
 
 
-def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, config, out,
-            partial_fp32=False, autotune=False, out_zeroed=False):
+def _launch_portable(q, k, v, dst, batch: Batch, k_pages, v_pages, cfg: Config, m_blocks: int,
+                     chunk: int, splits: int, alpha: float, inv_n: float):
+    """This file's kernel into dst (float32 and zeroed when split)."""
     rows, H, D = q.shape
-    if D < 16 or D > 256 or D & (D - 1):
-        raise ValueError(f"head dim must be a power of two in [16, 256], got {D}")
-    if q.device.type != "cuda" and not _interpreting():
-        raise RuntimeError("Triton attention needs a CUDA device (or TRITON_INTERPRET=1 on CPU)")
-    q, k, v = _check(q, "q"), _check(k, "k"), _check(v, "v")
-    if out is not None:
-        _check(out, "out")
-    paged = k_pages is not None
     B = batch.batch_size
-    if out is None:
-        out = torch.empty(rows, H, D, dtype=q.dtype, device=q.device)
-    if rows == 0:
-        return out
-    if batch.max_len == 0 or B == 0:
-        return out.zero_()
-    max_kv = batch.pages.max_kv_len if paged else batch.max_len
-    device_index = _device_index(q)
-    if autotune and config is None and split_k is None and FORCE_SPLIT_K is None and q.is_cuda:
-        key = _bucket(paged, B, H, D, q.dtype, batch.max_len, max_kv)
-        if key not in TUNED and not torch.cuda.is_current_stream_capturing():
-            with first_use():
-                TUNED[key] = _tune(
-                    lambda c, s: _launch(q, k, v, batch, k_pages, v_pages, alpha=alpha,
-                                         inv_n=inv_n, split_k=s, config=c, out=out),
-                    D, B, H, batch.max_len, max_kv, device_index,
-                    [HOPPER_CONFIG] if HOPPER and _hopper_ok(paged, q, k, v) else [])
-            out_zeroed = False  # the candidates summed into it
-    cfg, split_k = _choice(q, batch, paged, config, split_k, autotune, k, v)
-    if cfg.kernel == "hopper":
-        LAST_LAUNCH["kernel"] = hopper_attention.launch(
-            q, k, v, out, batch.offsets, batch.num_candidates, B, batch.max_len, alpha=alpha,
-            inv_n=inv_n, block_n=cfg.block_n, k_stages=cfg.num_stages)
-        LAST_LAUNCH.update(grid=None, config=cfg, splits=1, tma=True)
-        return out
-    m_blocks, kv_blocks, chunk = _plan(cfg, D, B, H, batch.max_len, max_kv, split_k,
-                                       FORCE_SPLIT_K, device_index)
-    splits = triton.cdiv(kv_blocks, chunk) if chunk else 1
-    dst = out
-    if chunk:  # fp32 partial sums over key chunks; dead rows stay zero
-        dst = out if (out.dtype == torch.float32 and out.is_contiguous()) else \
-            torch.zeros(rows, H, D, dtype=torch.float32, device=q.device)
-        if dst is out and not out_zeroed:
-            dst.zero_()
+    paged = k_pages is not None
     if paged:
         pt = batch.pages
         _check(k_pages, "k_pages"), _check(v_pages, "v_pages")
@@ -529,6 +498,57 @@ def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, c
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None, USE_TMA=use_tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages), grid
     LAST_LAUNCH.update(config=cfg, splits=splits, tma=use_tma)
+
+
+def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, config, out,
+            partial_fp32=False, autotune=False, out_zeroed=False):
+    rows, H, D = q.shape
+    if D < 16 or D > 256 or D & (D - 1):
+        raise ValueError(f"head dim must be a power of two in [16, 256], got {D}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise RuntimeError("Triton attention needs a CUDA device (or TRITON_INTERPRET=1 on CPU)")
+    q, k, v = _check(q, "q"), _check(k, "k"), _check(v, "v")
+    if out is not None:
+        _check(out, "out")
+    paged = k_pages is not None
+    B = batch.batch_size
+    if out is None:
+        out = torch.empty(rows, H, D, dtype=q.dtype, device=q.device)
+    if rows == 0:
+        return out
+    if batch.max_len == 0 or B == 0:
+        return out.zero_()
+    max_kv = batch.pages.max_kv_len if paged else batch.max_len
+    device_index = _device_index(q)
+    if autotune and config is None and split_k is None and FORCE_SPLIT_K is None and q.is_cuda:
+        key = _bucket(paged, B, H, D, q.dtype, batch.max_len, max_kv)
+        if key not in TUNED and not torch.cuda.is_current_stream_capturing():
+            with first_use():
+                TUNED[key] = _tune(
+                    lambda c, s: _launch(q, k, v, batch, k_pages, v_pages, alpha=alpha,
+                                         inv_n=inv_n, split_k=s, config=c, out=out),
+                    D, B, H, batch.max_len, max_kv, device_index, paged,
+                    HOPPER and _hopper_ok(paged, q, k, v, pages=(k_pages, v_pages)))
+            out_zeroed = False  # the candidates summed into it
+    cfg, split_k = _choice(q, batch, paged, config, split_k, autotune, k, v, k_pages, v_pages)
+    m_blocks, kv_blocks, chunk = _plan(cfg, D, B, H, batch.max_len, max_kv, split_k,
+                                       FORCE_SPLIT_K, device_index, paged)
+    splits = triton.cdiv(kv_blocks, chunk) if chunk else 1
+    dst = out
+    if chunk:  # fp32 partial sums over key chunks; dead rows stay zero
+        dst = out if (out.dtype == torch.float32 and out.is_contiguous()) else \
+            torch.zeros(rows, H, D, dtype=torch.float32, device=q.device)
+        if dst is out and not out_zeroed:
+            dst.zero_()
+    if cfg.kernel == "hopper":
+        LAST_LAUNCH["kernel"] = hopper_attention.launch(
+            q, k, v, dst, batch, alpha=alpha, inv_n=inv_n,
+            pages=(k_pages, v_pages) if paged else None, chunk=chunk, splits=splits,
+            block_n=cfg.block_n, k_stages=cfg.num_stages)
+        LAST_LAUNCH.update(grid=None, config=cfg, splits=splits, tma=True)
+    else:
+        _launch_portable(q, k, v, dst, batch, k_pages, v_pages, cfg, m_blocks, chunk, splits,
+                         alpha, inv_n)
     if dst is not out and not partial_fp32:
         out.copy_(dst)
     return dst if partial_fp32 else out
