@@ -399,18 +399,19 @@ def main():
         case = make_case(B, T, n, c, heads=heads, dim=dim)
         flops = 4 * heads * dim * case["pairs"]
         ref = reference_fp32(case)
-        variants = [("triton auto", {"hopper": False}),
-                    ("triton split=1", {"split_k": 1, "hopper": False}),
-                    ("hopper", {"config": tri.HOPPER_CONFIG}),
-                    ("hopper split=1", {"config": tri.HOPPER_CONFIG, "split_k": 1})]
-        if case["paged"]:
-            variants += [(f"hopper split={n}", {"config": tri.HOPPER_CONFIG, "split_k": n})
-                         for n in (4, 8, 16)]
-        else:
-            variants += [("hopper pairs in turn", {"config": tri.HOPPER_CONFIG, "group": 1}),
-                         ("hopper all pairs", {"config": tri.HOPPER_CONFIG, "group": 10 ** 6}),
-                         ("hopper ks3", {"config": C(128, 64, 4, 3, "hopper")}),
-                         ("triton auto no-tma", {"tma": False, "hopper": False})]
+        variants = [("triton auto", {"hopper": False}), ("hopper", {"config": tri.HOPPER_CONFIG})]
+        if args.sweep:  # the Hopper kernel's knobs
+            variants += [("triton split=1", {"split_k": 1, "hopper": False}),
+                         ("hopper split=1", {"config": tri.HOPPER_CONFIG, "split_k": 1})]
+            if case["paged"]:
+                variants += [(f"hopper split={n}", {"config": tri.HOPPER_CONFIG, "split_k": n})
+                             for n in (4, 8, 16)]
+            else:
+                variants += [("hopper all pairs", {"config": tri.HOPPER_CONFIG, "group": 10**6}),
+                             ("hopper ks3", {"config": C(128, 64, 4, 3, "hopper")}),
+                             ("triton auto no-tma", {"tma": False, "hopper": False})]
+        if not case["paged"]:
+            variants.append(("hopper pairs in turn", {"config": tri.HOPPER_CONFIG, "group": 1}))
         variants += [("tuned", {"autotune": True})]
         if args.sweep:
             variants.append(("triton exact-silu", {"exact": True}))
