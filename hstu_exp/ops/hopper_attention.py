@@ -1,24 +1,28 @@
-"""Full-mode HSTU attention for Hopper (sm_90), warp-specialised, written in Gluon (docs/design.md §5).
+"""HSTU attention for Hopper (sm_90), warp-specialised, written in Gluon (docs/design.md §5).
 
-Same semantics as `triton_attention` in full mode (queries = keys = a user's rows; candidates see
-the history and themselves); bf16/fp16 on an sm_90 GPU only, no key splits. What Triton's
-automatic pipeliner could not give the portable kernel (profile in outputs/BENCHMARKS.md,
-2026-12-03: 30 % of its loop samples waited for K/V tiles, 20 % waited for Q.K^T before the SiLU,
-because both warpgroups of a program did the same phase at the same time):
+Same semantics and signatures as `triton_attention` in both modes (full: queries = keys = a user's
+rows; paged: queries = the new rows, history keys from the pages; candidates see the history and
+themselves); bf16/fp16 on an sm_90 GPU only; key splits in paged mode. What Triton's automatic
+pipeliner could not give the portable kernel (profile in outputs/BENCHMARKS.md, 2026-12-03: 30 %
+of its loop samples waited for K/V tiles, 20 % waited for Q.K^T before the SiLU, because both
+warpgroups of a program did the same phase at the same time):
 
   * a producer warp issues every TMA copy (Q halves once, then K and V boxes into K_STAGES /
     V_STAGES rings guarded by ready / empty mbarriers), so loads go out as soon as a slot is free;
+    in paged mode it also loads the page ids and issues one box a page, off the consumers' path;
   * two consumer warpgroups own 64 query rows each of the program's 128 and run their own loop,
     so while one applies SiLU and masks on the CUDA cores the other keeps the tensor cores busy;
   * K and V have rings of their own, so Q.K^T starts when K lands (2 slots each + the 64 KB Q tile
     take 192 of the 227 KB at D = 256; a third K slot fits but measured slower, its consumers
     spill).
 
-Per program (query block of 128 rows, user, head) the key blocks visited are the history blocks up
-to the block's last row, then the diagonal blocks of its candidate rows; each consumer skips the
-blocks none of its rows can see (it still takes part in the barrier protocol), masks only blocks
-that straddle its rows' causal edge or hold candidate keys, and zeroes V rows past the user on the
-last block (rows a box reads past a user may be dead padding holding NaN; 0 x NaN is NaN).
+Per program (query block of 128 rows, user, head, key split) the key blocks visited are the key
+sequence's blocks up to the block's last history row (all of them if it holds candidates), then
+the diagonal blocks of its candidate rows, read from k / v (their own keys come through the mask);
+each consumer skips the blocks none of its rows can see (it still takes part in the barrier
+protocol), masks only blocks that straddle its rows' causal edge or hold candidate keys, and zeroes
+V rows past the user's keys on the last block (rows a box reads past them may be dead padding
+holding NaN; 0 x NaN is NaN). Split programs add float32 partials with atomics.
 """
 from __future__ import annotations
 
