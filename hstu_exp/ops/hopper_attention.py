@@ -108,6 +108,19 @@ def _schedule(offsets, num_cand, cached_len, num_users, num_heads, m_blocks, spl
 
 
 @gluon.jit
+def _load_pages(desc, bar, buf, page_ids, page_base, n0, kv_len, page_rows, extra_rows, col,
+                BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr):
+    """Key block n0 of a user's pages into buf: one box a page (or the block's part of one).
+    Boxes past the user's last key read its first page (V is zeroed there)."""
+    BOX: gl.constexpr = PAGE_SIZE if PAGE_SIZE < BLOCK_N else BLOCK_N
+    for i in gl.static_range(BLOCK_N // BOX):
+        pos = n0 + i * BOX
+        page = gl.load(page_ids + page_base + gl.where(pos < kv_len, pos // PAGE_SIZE, 0))
+        _tma_load(desc, [page * page_rows + pos % PAGE_SIZE + extra_rows, col], bar,
+                  buf.slice(i * BOX, BOX))
+
+
+@gluon.jit
 def _load_partition(qd, kd, vd, kpd, vpd, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty,
                     v_ready, v_empty, offsets, num_cand, cached_len, page_indptr, page_ids,
                     page_rows, v_rows, num_users, num_heads, m_blocks, splits, chunk,
@@ -115,7 +128,6 @@ def _load_partition(qd, kd, vd, kpd, vpd, q_smem, k_smem, v_smem, q_bar, k_ready
                     PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, SPLIT: gl.constexpr):
     K_STAGES: gl.constexpr = k_smem.type.shape[0]
     V_STAGES: gl.constexpr = v_smem.type.shape[0]
-    BOX: gl.constexpr = PAGE_SIZE if PAGE_SIZE < BLOCK_N else BLOCK_N  # rows a page box holds
     _, b, h, row0, seq_len, n_hist, first, kv_len, m0, lo_a, n_a, jd0, total = _schedule(
         offsets, num_cand, cached_len, num_users, num_heads, m_blocks, splits, chunk, BLOCK_N,
         GROUP, PAGED, SPLIT)
@@ -136,21 +148,13 @@ def _load_partition(qd, kd, vd, kpd, vpd, q_smem, k_smem, v_smem, q_bar, k_ready
         v_buf = v_smem.index(sv)
         mbarrier.wait(k_empty.index(sk), ((t // K_STAGES) & 1) ^ 1)  # fresh barriers pass phase 1
         mbarrier.expect(k_ready.index(sk), kd.block_type.nbytes)
-        if PAGED & from_pages:
-            # One box a page (or the block's part of one): the page-id loads sit here, off the
-            # consumers' path. Boxes past the user's last key read its first page (V zeroed there).
-            for i in gl.static_range(BLOCK_N // BOX):
-                pos = n0 + i * BOX
-                page = gl.load(page_ids + page_base + gl.where(pos < kv_len, pos // PAGE_SIZE, 0))
-                prow = page * page_rows + pos % PAGE_SIZE
-                _tma_load(kpd, [prow, col], k_ready.index(sk), k_buf.slice(i * BOX, BOX))
+        if PAGED & from_pages:  # page-id loads sit here, off the consumers' path
+            _load_pages(kpd, k_ready.index(sk), k_buf, page_ids, page_base, n0, kv_len, page_rows,
+                        0, col, BLOCK_N, PAGE_SIZE)
             mbarrier.wait(v_empty.index(sv), ((t // V_STAGES) & 1) ^ 1)
             mbarrier.expect(v_ready.index(sv), vd.block_type.nbytes)
-            for i in gl.static_range(BLOCK_N // BOX):
-                pos = n0 + i * BOX
-                page = gl.load(page_ids + page_base + gl.where(pos < kv_len, pos // PAGE_SIZE, 0))
-                prow = page * page_rows + pos % PAGE_SIZE + v_rows
-                _tma_load(vpd, [prow, col], v_ready.index(sv), v_buf.slice(i * BOX, BOX))
+            _load_pages(vpd, v_ready.index(sv), v_buf, page_ids, page_base, n0, kv_len, page_rows,
+                        v_rows, col, BLOCK_N, PAGE_SIZE)
         else:
             _tma_load(kd, [row0 + n0, col], k_ready.index(sk), k_buf)
             mbarrier.wait(v_empty.index(sv), ((t // V_STAGES) & 1) ^ 1)
