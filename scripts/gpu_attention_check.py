@@ -370,7 +370,9 @@ def main():
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--profile", default="B=1 cached T=4096,B=8 full T=4096")
     ap.add_argument("--inversion", action="store_true", help="attention alone at B=1 vs T")
-    ap.add_argument("--only", default="", help="goal cases whose name holds this (e.g. full)")
+    ap.add_argument("--only", default="",
+                    help="goal cases whose name holds one of these, comma-separated (e.g. full)")
+    ap.add_argument("--labels", default="", help="timed variants, comma-separated (all: empty)")
     ap.add_argument("--one", default="", help="one launch of a goal case, e.g. pagedB=1 (ncu)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -394,7 +396,7 @@ def main():
           f"back-to-back eager / CUDA graph ==", flush=True)
     rows = []
     for name, B, T, n, c, heads, dim, goal in GOALS + (EXTRA if args.sweep else []):
-        if args.only and args.only not in name:
+        if args.only and not any(o in name for o in args.only.split(",")):
             continue
         case = make_case(B, T, n, c, heads=heads, dim=dim)
         flops = 4 * heads * dim * case["pairs"]
@@ -410,7 +412,10 @@ def main():
                 variants += [("hopper all pairs", {"config": tri.HOPPER_CONFIG, "group": 10**6}),
                              ("hopper ks3", {"config": C(128, 64, 4, 3, "hopper")}),
                              ("triton auto no-tma", {"tma": False, "hopper": False})]
-        if not case["paged"]:
+        if case["paged"]:
+            variants.append(("hopper 2-wide atomics", {"config": tri.HOPPER_CONFIG,
+                                                       "wide": False}))
+        else:
             variants.append(("hopper pairs in turn", {"config": tri.HOPPER_CONFIG, "group": 1}))
         variants += [("tuned", {"autotune": True})]
         if args.sweep:
@@ -419,9 +424,14 @@ def main():
                           f"split={split}", {"config": cfg, "split_k": split})
                          for cfg, split in SWEEP.get(name, [])]
         for label, kw in variants:
+            if args.labels and label not in args.labels.split(","):
+                continue
             tri.FAST_SILU = not kw.pop("exact", False)
             tri.TMA = kw.pop("tma", True)
             tri.HOPPER = kw.pop("hopper", True)
+            wide = kw.pop("wide", True)
+            if tri.hopper_attention:
+                tri.hopper_attention.WIDE_ATOMICS = wide
             group = kw.pop("group", None)
             if group:
                 tri.hopper_attention.GROUP = group
@@ -434,7 +444,9 @@ def main():
                 continue
             finally:
                 tri.FAST_SILU, tri.TMA, tri.HOPPER = True, True, True
-                tri.hopper_attention.GROUP = HOPPER_GROUP
+                if tri.hopper_attention:
+                    tri.hopper_attention.GROUP = HOPPER_GROUP
+                    tri.hopper_attention.WIDE_ATOMICS = True
             rows.append((name, label, *times, flops, rel, goal))
             print(f"  {name} {label:28} {times[0]:.3f} / {times[1]:.3f} / {times[2]:.3f} ms  "
                   f"{flops / times[2] / 1e9:4.0f} TFLOP/s (graph)  host {times[3]:.0f} us  "
