@@ -412,10 +412,7 @@ def main():
                 variants += [("hopper all pairs", {"config": tri.HOPPER_CONFIG, "group": 10**6}),
                              ("hopper ks3", {"config": C(128, 64, 4, 3, "hopper")}),
                              ("triton auto no-tma", {"tma": False, "hopper": False})]
-        if case["paged"]:
-            variants.append(("hopper 2-wide atomics", {"config": tri.HOPPER_CONFIG,
-                                                       "wide": False}))
-        else:
+        if not case["paged"]:
             variants.append(("hopper pairs in turn", {"config": tri.HOPPER_CONFIG, "group": 1}))
         variants += [("tuned", {"autotune": True})]
         if args.sweep:
@@ -429,9 +426,6 @@ def main():
             tri.FAST_SILU = not kw.pop("exact", False)
             tri.TMA = kw.pop("tma", True)
             tri.HOPPER = kw.pop("hopper", True)
-            wide = kw.pop("wide", True)
-            if tri.hopper_attention:
-                tri.hopper_attention.WIDE_ATOMICS = wide
             group = kw.pop("group", None)
             if group:
                 tri.hopper_attention.GROUP = group
@@ -444,9 +438,7 @@ def main():
                 continue
             finally:
                 tri.FAST_SILU, tri.TMA, tri.HOPPER = True, True, True
-                if tri.hopper_attention:
-                    tri.hopper_attention.GROUP = HOPPER_GROUP
-                    tri.hopper_attention.WIDE_ATOMICS = True
+                tri.hopper_attention.GROUP = HOPPER_GROUP
             rows.append((name, label, *times, flops, rel, goal))
             print(f"  {name} {label:28} {times[0]:.3f} / {times[1]:.3f} / {times[2]:.3f} ms  "
                   f"{flops / times[2] / 1e9:4.0f} TFLOP/s (graph)  host {times[3]:.0f} us  "

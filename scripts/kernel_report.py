@@ -89,7 +89,7 @@ def compile_hopper(cfg: tri.Config, *, head_dim: int = 256, arch: int = 90, page
     names = fn.arg_names
     const = dict(HEAD_DIM=head_dim, BLOCK_N=cfg.block_n, K_STAGES=cfg.num_stages, V_STAGES=2,
                  GROUP=ha.GROUP, PAGED=paged, PAGE_SIZE=page_size if paged else cfg.block_n,
-                 SPLIT=split, WIDE=ha.WIDE_ATOMICS)
+                 SPLIT=split)
 
     def desc(rows):
         layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)

@@ -197,28 +197,3 @@ def test_paged_goal_shape_split_fp32_sums_and_graph():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-
-
-@needs_hopper
-@pytest.mark.parametrize("D,page_size", [(64, 16), (128, 32), (256, 32)])
-def test_split_partials_added_two_or_four_floats_an_atomic(D, page_size, monkeypatch):
-    """The split epilogue adds float32 partials 4 columns an atomic (after a shuffle out of the
-    wgmma layout) or 2 (straight from it): both match the oracle, rows at odd lengths included."""
-    from hstu_exp.ops import hopper_attention
-    batch, q, k, v, kp, vp = paged_case([1500, 97, 640], [129, 31, 0], [256, 0, 255],
-                                        H=3, D=D, page_size=page_size, dead=5,
-                                        dtype=torch.bfloat16, device="cuda", seed=D)
-    live = 129 + 256 + 31 + 255
-    alpha, inv_n = 1 / math.sqrt(D), 1 / 700
-    ref = paged_oracle(batch, q, k, v, kp, vp, alpha, inv_n)
-    outs = []
-    for wide in (True, False):
-        monkeypatch.setattr(hopper_attention, "WIDE_ATOMICS", wide)
-        got = tri.attention_paged(q, k, v, batch, kp, vp, alpha=alpha, inv_n=inv_n, split_k=6,
-                                  partial_fp32=True, config=tri.HOPPER_CONFIG)
-        assert tri.LAST_LAUNCH["config"].kernel == "hopper" and tri.LAST_LAUNCH["splits"] > 1
-        assert got.dtype == torch.float32
-        check(got, ref, live)
-        outs.append(got.clone())
-    # the same partials, summed in another order
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)

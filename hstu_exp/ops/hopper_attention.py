@@ -22,7 +22,7 @@ the diagonal blocks of its candidate rows, read from k / v (their own keys come 
 each consumer skips the blocks none of its rows can see (it still takes part in the barrier
 protocol), masks only blocks that straddle its rows' causal edge or hold candidate keys, and zeroes
 V rows past the user's keys on the last block (rows a box reads past them may be dead padding
-holding NaN; 0 x NaN is NaN). Split programs add float32 partials with atomics, 4 floats each.
+holding NaN; 0 x NaN is NaN). Split programs add float32 partials with atomics.
 """
 from __future__ import annotations
 
@@ -52,10 +52,6 @@ PRODUCER_REGS = gl.constexpr(24)
 # (user, head) pairs whose query blocks are ordered together (see _schedule): 8 pairs' K/V at
 # 4352 x 256 keys take 35 MB of the H200's 50 MB L2.
 GROUP = 8
-# Split partials are added 4 floats an atomic (red.global.v4.f32) after a shuffle within each warp
-# turns the wgmma layout's column pairs into quads; False: 2 an atomic, straight from the wgmma
-# layout (the split epilogue was ~40 % of paged B=1's ncu samples).
-WIDE_ATOMICS = True
 
 
 @gluon.jit
@@ -180,7 +176,7 @@ def _consumer(HALF_ID: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_ready, k_e
               v_empty, Out, stride_or, stride_oh, offsets, num_cand, cached_len, num_users,
               num_heads, m_blocks, splits, chunk, num_rows, alpha, inv_n,
               HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, GROUP: gl.constexpr,
-              PAGED: gl.constexpr, SPLIT: gl.constexpr, WIDE: gl.constexpr):
+              PAGED: gl.constexpr, SPLIT: gl.constexpr):
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -280,16 +276,7 @@ def _consumer(HALF_ID: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_ready, k_e
     if total > 0:
         rows = r0 + rows_o
         ptrs = Out + (row0 + rows).to(gl.int64)[:, None] * stride_or + h * stride_oh + cols_o[None, :]
-        if SPLIT & WIDE:  # float32 partial sums over key chunks, 4 adjacent columns a thread
-            # Each warp keeps its 16 rows, so the conversion stays in registers (shuffles).
-            a_layout: gl.constexpr = gl.BlockedLayout([1, 4], [16, 2], [4, 1], [1, 0])
-            rows_a = r0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, a_layout))
-            cols_a = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, a_layout))
-            ptrs_a = (Out + (row0 + rows_a).to(gl.int64)[:, None] * stride_or + h * stride_oh
-                      + cols_a[None, :])
-            gl.atomic_add(ptrs_a, gl.convert_layout(acc * inv_n, a_layout),
-                          mask=(rows_a < seq_len)[:, None], sem="relaxed")
-        elif SPLIT:
+        if SPLIT:  # float32 partial sums over key chunks
             gl.atomic_add(ptrs, acc * inv_n, mask=(rows < seq_len)[:, None], sem="relaxed")
         else:
             gl.store(ptrs, (acc * inv_n).to(out_ty), mask=(rows < seq_len)[:, None])
@@ -300,8 +287,7 @@ def _hopper_fwd(qd, kd, vd, kpd, vpd, Out, offsets, num_cand, cached_len, page_i
                 stride_or, stride_oh, page_rows, v_rows, num_users, num_heads, m_blocks, splits,
                 chunk, num_rows, alpha, inv_n, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, GROUP: gl.constexpr,
-                PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, SPLIT: gl.constexpr,
-                WIDE: gl.constexpr):
+                PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, SPLIT: gl.constexpr):
     dtype: gl.constexpr = qd.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], qd.layout)
     k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, HEAD_DIM], kd.layout)
@@ -323,11 +309,11 @@ def _hopper_fwd(qd, kd, vd, kpd, vpd, Out, offsets, num_cand, cached_len, page_i
         (_consumer, (0, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out,
                      stride_or, stride_oh, offsets, num_cand, cached_len, num_users, num_heads,
                      m_blocks, splits, chunk, num_rows, alpha, inv_n, HEAD_DIM, BLOCK_N, GROUP,
-                     PAGED, SPLIT, WIDE)),
+                     PAGED, SPLIT)),
         (_consumer, (1, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out,
                      stride_or, stride_oh, offsets, num_cand, cached_len, num_users, num_heads,
                      m_blocks, splits, chunk, num_rows, alpha, inv_n, HEAD_DIM, BLOCK_N, GROUP,
-                     PAGED, SPLIT, WIDE)),
+                     PAGED, SPLIT)),
         (_load_partition, (qd, kd, vd, kpd, vpd, q_smem, k_smem, v_smem, q_bar, k_ready,
                            k_empty, v_ready, v_empty, offsets, num_cand, cached_len, page_indptr,
                            page_ids, page_rows, v_rows, num_users, num_heads, m_blocks, splits,
@@ -403,4 +389,4 @@ def launch(q, k, v, out, batch, *, alpha: float, inv_n: float, pages=None, chunk
         out.stride(0), out.stride(1), page_rows, v_rows, B, H, m_blocks, splits, chunk, rows,
         float(alpha), float(inv_n), HEAD_DIM=D, BLOCK_N=block_n, K_STAGES=k_stages,
         V_STAGES=v_stages, GROUP=group, PAGED=pages is not None, PAGE_SIZE=page_size,
-        SPLIT=bool(chunk), WIDE=WIDE_ATOMICS, num_warps=4, maxnreg=MAXNREG)
+        SPLIT=bool(chunk), num_warps=4, maxnreg=MAXNREG)
