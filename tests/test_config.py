@@ -42,6 +42,24 @@ def test_seed_model_is_the_published_one():
     assert (m.max_history, m.max_candidates, m.max_batch, m.dtype) == (4096, 256, 16, "bfloat16")
 
 
+def test_dlrmv3_model_is_mlperfs_hstu_and_its_sweep_points_run():
+    """MLPerf DLRMv3's HSTU shape; every point of its block sweep is a runnable combination."""
+    import itertools
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        m = compose("config", overrides=["model=dlrmv3"]).model
+        assert (m.num_layers, m.hidden, m.num_heads, m.head_dim) == (5, 512, 4, 128)
+        assert (m.max_history, m.max_candidates, m.num_context) == (16384, 2048, 1)
+        grid = compose("config", overrides=["experiment=dlrmv3_block"],
+                       return_hydra_config=True).hydra.sweeper.params
+        axes = {k: str(v).split(",") for k, v in grid.items()}
+        for values in itertools.product(*axes.values()):
+            cfg = compose("config", overrides=["experiment=dlrmv3_block", "device=cpu"]
+                          + [f"{k}={v}" for k, v in zip(axes, values)])
+            assert (cfg.workload.num_candidates, cfg.workload.total_history) == (2048, 1024)
+            assert point_problem(cfg) is None, values
+
+
 @pytest.mark.parametrize("workload,schema", [("block", "BlockWorkload"),
                                              ("attention", "AttentionWorkload"),
                                              ("e2e", "E2EWorkload")])
