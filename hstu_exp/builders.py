@@ -148,11 +148,11 @@ def shared_graphs(module, cache, model, graph, *, device, dtype, progress):
 
 def shared_server(model, cache, graph, kernel, *, cached: bool, graphed: bool, device, dtype,
                   seed: int, progress):
-    """The request path of e2e and serve (`serving.Server`): the ranking model, a KV-cache
+    """The request path of e2e and serve (`serving.path.RequestPath`): the ranking model, a KV-cache
     manager over the cache group's (emptied) cache when `cached`, and a graph runner of the
     whole step when `graphed` (its `used` buckets cleared)."""
     from hstu_exp.kvcache.manager import KVCacheManager
-    from hstu_exp.serving import Server
+    from hstu_exp.serving.path import RequestPath
 
     ranker = shared_ranker(model, kernel=kernel_args(kernel), device=device, dtype=dtype,
                            seed=seed)
@@ -165,5 +165,5 @@ def shared_server(model, cache, graph, kernel, *, cached: bool, graphed: bool, d
         graphs = shared_graphs(ranker, manager.cache if manager else None, model, graph,
                                device=device, dtype=dtype, progress=progress)
         graphs.core.used.clear()
-    return Server(ranker, device=device, manager=manager, graphs=graphs)
+    return RequestPath(ranker, device=device, manager=manager, graphs=graphs)
 

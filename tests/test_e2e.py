@@ -18,7 +18,7 @@ from hstu_exp.kvcache.manager import KVCacheManager
 from hstu_exp.kvcache.offload import OffloadPagedKVCache
 from hstu_exp.kvcache.paged import PagedKVCache
 from hstu_exp.model.ranking import HSTURanker
-from hstu_exp.serving import rank
+from hstu_exp.serving.path import rank
 from helpers import spec_block, hstu_exp
 
 SIZES = dict(num_layers=2, hidden=16, num_heads=2, head_dim=8, item_vocab=300, action_vocab=9,

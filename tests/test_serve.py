@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hstu_exp.bench.serve import percentile, pick_batch, simulate, violations_to_miss
 from hstu_exp.data.arrivals import histories, poisson_arrivals, read_trace, TraceError
 from hstu_exp.kvcache.manager import KVCacheManager
-from hstu_exp.serving import Server, apportion
+from hstu_exp.serving.path import RequestPath, apportion
+from hstu_exp.serving.sim import pick_batch, simulate
+from hstu_exp.serving.stats import percentile, violations_to_miss
 from helpers import hstu_exp
 from test_e2e import assert_matches, make_cache, make_model, random_users, request
 
@@ -195,7 +196,7 @@ def test_apportion_sums_exactly():
 def test_server_tiers_and_bytes_add_up_and_outputs_match_a_full_recompute(kind):
     model = make_model()
     manager = KVCacheManager(make_cache(kind, num_pages=20, host_pages=28))
-    server = Server(model, device="cpu", manager=manager)
+    server = RequestPath(model, device="cpu", manager=manager)
     seqs, history = random_users(9), [0] * 9
     seen_tiers = set()
     for _ in range(40):
@@ -409,10 +410,10 @@ def test_first_use_work_is_kept_off_the_service_clock_and_counted_once():
     import torch
 
     from hstu_exp import first_use
-    from hstu_exp.bench.serve import ServePoint
+    from hstu_exp.serving.simulated import ServePoint
 
     model = make_model()
-    server = Server(model, device="cpu")
+    server = RequestPath(model, device="cpu")
     serve = server.serve
 
     def serve_with_a_first_use(requests, **kw):
@@ -424,7 +425,7 @@ def test_first_use_work_is_kept_off_the_service_clock_and_counted_once():
         return serve(requests, **kw)
 
     point = ServePoint.__new__(ServePoint)  # the timing method alone, without a config
-    point.device, point.server = torch.device("cpu"), server
+    point.device, point.path = torch.device("cpu"), server
     batch = [request(random_users(2), 0, 8)]
     _, plain = point.timed_serve(batch)
     server.serve = serve_with_a_first_use

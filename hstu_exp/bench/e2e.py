@@ -30,23 +30,16 @@ import torch
 from hstu_exp.bench.measure import Measured, stop_rule
 from hstu_exp.bench.roofline import block_work
 from hstu_exp.bench.timer import reset_peak_memory
+from hstu_exp.bench.accuracy import relative_error
 from hstu_exp.builders import model_dtype, shared_server
 from hstu_exp.config import E2E_MODES
 from hstu_exp.data.synthetic import stream_for
 from hstu_exp.env import ClockSampler
-from hstu_exp.serving import rank
+from hstu_exp.serving.path import rank
 
 # Per-batch cache statistics (KVCacheManager.batches), also summed over a pass in the record.
 CACHE_KEYS = ("gpu_hit_tokens", "host_hit_tokens", "miss_tokens", "offloaded_bytes",
               "onloaded_bytes")
-
-
-def _relative_error(out: torch.Tensor, ref: torch.Tensor, counts: List[int]) -> float:
-    """Worst per-user ||out - ref|| / ||ref|| over that user's candidate rows."""
-    worst = 0.0
-    for o, r in zip(out.double().split(counts), ref.double().split(counts)):
-        worst = max(worst, float((o - r).norm() / r.norm().clamp_min(1e-30)))
-    return worst
 
 
 def run(cfg, device: torch.device, progress=print) -> Measured:
@@ -201,6 +194,6 @@ def _verify(model, batches, manager, device, graphs=None) -> float:
         logits, h = rank(model, batch, device=device, manager=manager, graphs=graphs,
                          return_hidden=True)
         ref_logits, ref_h = rank(ref, batch, device=device, return_hidden=True)
-        worst = max(worst, _relative_error(logits, ref_logits, counts),
-                    _relative_error(h, ref_h, counts))
+        worst = max(worst, relative_error(logits, ref_logits, counts),
+                    relative_error(h, ref_h, counts))
     return worst

@@ -3,7 +3,7 @@ the graph runners (docs/design.md §1.1, §2):
 
     lookup -> plan pages (offload / evict to make room) -> onload -> embeddings -> block -> heads
 
-`Server.serve` runs it for one batch of requests and says, per request, where its cached prefix
+`RequestPath.serve` runs it for one batch of requests and says, per request, where its cached prefix
 came from (the tier: GPU pool, host tier, or a miss), how many tokens it computed and the bytes
 its batch moved. Both e2e (offline batches) and serve (an open-loop request stream) call it; the
 model (`model/ranking.py`) only computes rows and never drives the cache manager.
@@ -77,7 +77,7 @@ def apportion(total: int, weights: Sequence[int]) -> List[int]:
     return shares
 
 
-class Server:
+class RequestPath:
     """The ranking model behind an optional KV-cache manager and an optional graph runner.
 
     manager: a `KVCacheManager` (lookup, strip the cached prefix, plan pages, layer-wise onload
@@ -139,7 +139,7 @@ class Server:
 def rank(model: HSTURanker, requests: Sequence[Request], *, device, manager=None, graphs=None,
          return_hidden: bool = False):
     """Logits [sum of candidates, tasks] of a batch of requests (and the candidate hidden states
-    with return_hidden): `Server.serve` without the per-request accounting."""
-    served = Server(model, device=device, manager=manager, graphs=graphs).serve(
+    with return_hidden): `RequestPath.serve` without the per-request accounting."""
+    served = RequestPath(model, device=device, manager=manager, graphs=graphs).serve(
         requests, return_hidden=return_hidden)
     return (served.logits, served.hidden) if return_hidden else served.logits
