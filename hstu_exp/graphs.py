@@ -188,7 +188,7 @@ class BucketGraphs:
         self.fit_rows = fit_rows
         self.page_size, self.max_history, self.scratch = page_size, max_history, scratch_page
         self.pages_per_user = -(-max_history // page_size) if page_size else 0
-        self.mempool = torch.cuda.graph_pool_handle()
+        self.mempool = None  # the graphs' shared memory pool, made at the first capture
         self.graphs: Dict[Bucket, _Captured] = {}
         self.used: set = set()  # bucket names replayed (a workload clears it per point)
         self.capture_s = 0.0
@@ -227,6 +227,8 @@ class BucketGraphs:
             self.progress(f"capturing CUDA graph of {what} for bucket {bucket.name}")
             before = first_use.seconds()
             with first_use.first_use():
+                if self.mempool is None:
+                    self.mempool = torch.cuda.graph_pool_handle()
                 meta = staged.host.to(self.device)
                 views = unpack(meta, staged.layout)
                 if bucket.kv:  # warm-up and capture append into the scratch page, not users'

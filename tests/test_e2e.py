@@ -289,6 +289,9 @@ def test_four_mode_sweep_records_what_ran_and_draws_the_e2e_figures(tmp_path):
         assert r["gpu_hit_tokens"] + r["host_hit_tokens"] == r["hit_tokens"]
         assert r["miss_tokens"] == sum(r["batch_miss_tokens"])
         assert len(r["batch_ms"]) == len(r["batch_host_ms"]) == 8 and r["host_ms"] > 0
+        # On a CPU the compute is part of the host's step: 0 < its span <= the step, per batch.
+        assert len(r["batch_device_ms"]) == 8
+        assert all(0 < d <= h for d, h in zip(r["batch_device_ms"], r["batch_host_ms"]))
         assert r["cv_basis"] == "passes" and r["passes"] >= 1
     assert base["batch_miss_tokens"] == tokens
     # users are served once per round of 4: the second round hits what the first cached

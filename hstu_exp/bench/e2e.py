@@ -15,8 +15,9 @@ repeat until `iters` batches and `min_time_s`; validity is judged on the pass to
 batches of a pass differ in size by design, the passes repeat the same work).
 Per batch the record also keeps the host time to issue it (host_ms: lookup, planning, tokens,
 copies and launches, measured on the host without waiting for the device; a batch whose host
-time is close to its latency is host-bound), where its cached tokens came from and the bytes
-moved each way.
+time is close to its latency is host-bound), the device time of its compute (device_ms: CUDA
+events from the compute's first launch to its end, `Served.device_ms`; on a CPU the host clock
+around the compute), where its cached tokens came from and the bytes moved each way.
 """
 from __future__ import annotations
 
@@ -55,11 +56,13 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
     model, manager, graphs = server.model, server.manager, server.graphs
 
     starts: List[List[int]] = []  # cached prefix per request of each batch served
+    served: list = []  # the pass's `Served`s: their device times are read once it is done
 
     def step(batch):
-        out = server.serve(batch).logits
+        out = server.serve(batch)
+        served.append(out)
         starts.append(manager.last_starts if manager is not None else [0] * len(batch))
-        return out
+        return out.logits
 
     for batch in stream.batches[:w.warmup]:  # warm-up on the stream's head, then start afresh
         step(batch)
@@ -71,20 +74,24 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
         if manager is not None:
             manager.reset()
         starts.clear()
-        return _time_pass(stream.batches, step, device)
+        served.clear()
+        batch_ms, host_ms = _time_pass(stream.batches, step, device)
+        return batch_ms, host_ms, [s.device_ms for s in served]
 
     passes, clocks = _time_passes(one_pass, rule, device)
-    samples = [ms for batch_ms, _ in passes for ms in batch_ms]
-    totals = [sum(batch_ms) for batch_ms, _ in passes]
+    samples = [ms for batch_ms, _, _ in passes for ms in batch_ms]
+    totals = [sum(batch_ms) for batch_ms, _, _ in passes]
     total_ms = statistics.median(totals)
     # Every pass serves the same stream the same way: its work and cache traffic once (last).
     work = [([r.seq_len for r in b], [r.seq_len - s for r, s in zip(b, st)],
              [r.candidates.numel() for r in b]) for b, st in zip(stream.batches, starts)]
     extra = {"total_ms": total_ms, "passes": len(passes),
              "throughput_cps": B * k * w.num_batches / (total_ms / 1e3),
-             "host_ms": statistics.median(sum(h) for _, h in passes),
-             "batch_ms": _per_batch_median([ms for ms, _ in passes]),
-             "batch_host_ms": _per_batch_median([h for _, h in passes]),
+             "host_ms": statistics.median(sum(h) for _, h, _ in passes),
+             "device_ms": statistics.median(sum(d) for _, _, d in passes),
+             "batch_ms": _per_batch_median([ms for ms, _, _ in passes]),
+             "batch_host_ms": _per_batch_median([h for _, h, _ in passes]),
+             "batch_device_ms": _per_batch_median([d for _, _, d in passes]),
              "num_batches": w.num_batches, "num_users": w.num_users or B,
              "history_start": w.history_start, "history_step": w.history_step}
     extra.update(_cache_stats(manager, work))
@@ -111,13 +118,13 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
 
 def _time_passes(one_pass, rule, device):
     """Passes over the stream until the stop rule is met: validity is judged on the pass
-    totals, `iters` counts batches. Returns the (batch ms, host ms) of each pass and the GPU
-    clocks sampled meanwhile."""
+    totals, `iters` counts batches. Returns the (batch ms, host ms, device ms) of each pass and
+    the GPU clocks sampled meanwhile."""
     passes = []
     start = time.perf_counter()
     with ClockSampler(device) as clocks:
-        while not rule.done([sum(ms) for ms, _ in passes], time.perf_counter() - start,
-                            count=sum(len(ms) for ms, _ in passes)):
+        while not rule.done([sum(p[0]) for p in passes], time.perf_counter() - start,
+                            count=sum(len(p[0]) for p in passes)):
             passes.append(one_pass())
     return passes, clocks.summary()
 

@@ -40,9 +40,11 @@ class KVCacheManager:
         self.hit_tokens = self.computed_tokens = self.invalidations = 0
         self.last_starts: List[int] = []  # cached prefix per request of the last batch planned
         self.batches: List[dict] = []  # per batch planned: where its tokens came from, bytes moved
+        self._pending: Sequence[Request] = ()  # planned, fingerprints not yet recorded
 
     def lookup(self, request: Request) -> int:
         """Tokens at the start of the request's sequence whose K/V the cache holds."""
+        self.commit()
         user = request.user
         held = self.cache.cached_length(user)
         seen = self._seen.get(user)
@@ -70,9 +72,14 @@ class KVCacheManager:
             return 0
         return held
 
-    def plan(self, requests: Sequence[Request]):
+    def plan(self, requests: Sequence[Request], *, upload: bool = True):
         """(cached prefix per request, PageTable, on_layer hook or None) for one batch; pages for
-        the uncached tokens are reserved (evicting / offloading least-recent users)."""
+        the uncached tokens are reserved (evicting / offloading least-recent users).
+        upload=False: the table stays on the host (`PageTable.host`) for the caller to upload
+        with the rest of its step. What the cached K/V came from is recorded by `commit`, which
+        a server calls after launching the batch (off the critical path); any later lookup,
+        plan or stats commits first."""
+        self.commit()
         users = [r.user for r in requests]
         if len(set(users)) != len(users):
             raise ValueError(f"a batch holds each user once, got {users}")
@@ -87,19 +94,26 @@ class KVCacheManager:
         starts: List[int] = [self.lookup(r) for r in requests]
         on_host = sum(s for r, s in zip(requests, starts) if r.user in host_tier)
         new = [r.seq_len - s for r, s in zip(requests, starts)]
+        candidates = [r.candidates.numel() for r in requests]
         moved = self._bytes_moved()
-        table = self.cache.plan(users, new, [r.candidates.numel() for r in requests])
+        table = self.cache.plan(users, new, candidates, upload=upload)
         after = self._bytes_moved()
         self.batches.append({"gpu_hit_tokens": sum(starts) - on_host, "host_hit_tokens": on_host,
                              "miss_tokens": sum(new), "offloaded_bytes": after[0] - moved[0],
                              "onloaded_bytes": after[1] - moved[1]})
-        for r in requests:
-            self._seen[r.user] = (r.kinds.numpy().copy(), r.ids.numpy().copy())  # K/V came from
+        self._pending = requests
         self.last_starts = starts
         self.hit_tokens += sum(starts)
-        self.computed_tokens += sum(new) + sum(r.candidates.numel() for r in requests)
+        self.computed_tokens += sum(new) + sum(candidates)
         hook = getattr(self.cache, "layer_hook", None)
         return starts, table, hook() if hook else None
+
+    def commit(self) -> None:
+        """Record what the last planned batch's K/V came from (copies of its token kinds and
+        ids: the next request of a user is checked against them)."""
+        for r in self._pending:
+            self._seen[r.user] = (r.kinds.numpy().copy(), r.ids.numpy().copy())
+        self._pending = ()
 
     def _bytes_moved(self) -> Tuple[int, int]:
         """(offloaded, onloaded) bytes since reset; zeros without a host tier."""
@@ -109,6 +123,7 @@ class KVCacheManager:
         """Cache statistics since reset (synchronizes on CUDA when a host tier is in use).
         hit_tokens = gpu_hit_tokens + host_hit_tokens (prefix tokens served from the GPU pool and
         from the host tier); miss_tokens: history tokens computed (candidates not counted)."""
+        self.commit()
         per_batch = self.batches
         out = {"hit_tokens": self.hit_tokens, "computed_tokens": self.computed_tokens,
                **{k: sum(b[k] for b in per_batch) for k in ("gpu_hit_tokens", "host_hit_tokens",

@@ -21,6 +21,7 @@ import time
 from collections import OrderedDict
 from typing import List, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from hstu_exp.kvcache.paged import CacheFullError, PagedKVCache, UserPages
@@ -81,7 +82,7 @@ class OffloadPagedKVCache(PagedKVCache):
         super().drop(user)
         entry = self.host_users.pop(user, None)
         if entry:
-            self.host_free.extend(reversed(entry.pages))
+            self.host_free.extend(reversed(entry.pages.tolist()))
 
     def evict(self, user: int) -> None:
         """Move a user's pages to the host tier (dropping least-recent host users to make room);
@@ -100,25 +101,25 @@ class OffloadPagedKVCache(PagedKVCache):
             self.host_evictions += 1
             self.drop(victim)
         host = [self.host_free.pop() for _ in range(need)]
-        self._offloads.append((list(entry.pages), host))
+        self._offloads.append((entry.pages.tolist(), host))
         self.offloaded_bytes += need * self.page_bytes
         super().drop(user)  # GPU pages go back to the free list; compute waits before reuse
-        self.host_users[user] = UserPages(pages=host, length=entry.length)
+        self.host_users[user] = UserPages(pages=np.asarray(host, np.int32), length=entry.length)
 
     # -- planning ----------------------------------------------------------------------------
 
     def plan(self, users: Sequence[int], new_history: Sequence[int],
-             num_candidates: Sequence[int]):
+             num_candidates: Sequence[int], *, upload: bool = True):
         if len(set(users)) != len(users):
             raise ValueError(f"a batch holds each user once, got {list(users)}")
         self._protect = set(users)  # neither tier gives up this batch's users to make room
         try:
-            return self._plan(users, new_history, num_candidates)
+            return self._plan(users, new_history, num_candidates, upload)
         finally:  # even after a CacheFullError: evictions already made must reach the host
             self._protect = set()
             self._issue()
 
-    def _plan(self, users, new_history, num_candidates):
+    def _plan(self, users, new_history, num_candidates, upload):
         need = 0
         for user, n in zip(users, new_history):
             if user in self.host_users:
@@ -138,12 +139,13 @@ class OffloadPagedKVCache(PagedKVCache):
             entry = self.host_users.pop(user, None)
             if entry is None:
                 continue
-            gpu = [self.free.pop() for _ in entry.pages]
-            self._onloads.append((entry.pages, gpu))
+            gpu = self.take(len(entry.pages))
+            self._onloads.append((entry.pages.tolist(), gpu.tolist()))
             self.onloaded_bytes += len(gpu) * self.page_bytes
-            self.host_free.extend(reversed(entry.pages))  # reused only after the onload: see top
+            self.host_free.extend(reversed(entry.pages.tolist()))  # reused after the onload (top)
             self.users[user] = UserPages(pages=gpu, length=entry.length)
-        return super().plan(users, new_history, num_candidates)  # room is there: no evictions
+        # Room is there: no evictions.
+        return super().plan(users, new_history, num_candidates, upload=upload)
 
     def _copy_layer(self, layer: int, moves, src_pool, dst_pool) -> None:
         for src, dst in moves:

@@ -1,14 +1,17 @@
 """Paged KV cache (docs/design.md §3): one preallocated pool, per-user page lists, user-level LRU.
 
 The pool is `[layers, pages, 2 (K, V), page_size, heads, head_dim]` in the model dtype and holds
-the post-SiLU K and V of history tokens. Page bookkeeping is host-side Python; what the kernels
-see is a `PageTable` of device tensors built once per batch (one host->device copy).
+the post-SiLU K and V of history tokens. Page bookkeeping is host-side: the LRU order is a dict,
+every page list and the free list are numpy arrays, and `plan` computes a batch's page table
+with numpy over the whole batch (one Python pass over its users for the dict lookups, no numpy
+call per user but the page-list growth). What the kernels see is a `PageTable`, uploaded in one
+host->device copy, or kept on the host for the caller to upload with the rest of a step.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import List, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -20,9 +23,13 @@ class CacheFullError(RuntimeError):
     """The pool cannot hold the batch even after evicting every user outside it."""
 
 
+def _no_pages() -> np.ndarray:
+    return np.zeros(0, np.int32)
+
+
 @dataclass
 class UserPages:
-    pages: List[int] = field(default_factory=list)
+    pages: np.ndarray = field(default_factory=_no_pages)  # int32 page ids, in token order
     length: int = 0  # history tokens held
 
 
@@ -41,7 +48,8 @@ class PagedKVCache:
 
     def reset(self) -> None:
         """Forget every user (the pool is reused as is: stale pages are never read)."""
-        self.free: List[int] = list(range(self.num_pages - 1, -1, -1))  # pop(): low ids first
+        # A stack of free page ids, top at the end: low ids are handed out first.
+        self.free = np.arange(self.num_pages - 1, -1, -1, dtype=np.int32)
         self.users.clear()
         self.evictions = 0
 
@@ -53,10 +61,20 @@ class PagedKVCache:
         entry = self.users.get(user)
         return entry.length if entry else 0
 
+    def take(self, count: int) -> np.ndarray:
+        """`count` free pages, low ids first (the caller has made room)."""
+        taken = self.free[len(self.free) - count:][::-1]
+        self.free = self.free[:len(self.free) - count]
+        return taken
+
+    def give_back(self, pages: np.ndarray) -> None:
+        """Pages back to the free list; the first of them is the next handed out."""
+        self.free = np.concatenate([self.free, np.asarray(pages, np.int32)[::-1]])
+
     def drop(self, user: int) -> None:
         entry = self.users.pop(user, None)
         if entry:
-            self.free.extend(reversed(entry.pages))
+            self.give_back(entry.pages)
 
     def evict(self, user: int) -> None:
         """Forget a user to free its pages (a host tier overrides this to keep them)."""
@@ -67,17 +85,24 @@ class PagedKVCache:
         return -(-tokens // self.page_size)
 
     def plan(self, users: Sequence[int], new_history: Sequence[int],
-             num_candidates: Sequence[int]) -> PageTable:
+             num_candidates: Sequence[int], *, upload: bool = True) -> PageTable:
         """Reserve room for each user's new history tokens after what is cached, and describe
-        where every key of the batch lives. Rows are laid out `[new history | candidates]`."""
+        where every key of the batch lives. Rows are laid out `[new history | candidates]`.
+        upload=False: the table's host arrays only (`PageTable.host`), for one copy later."""
         if len(set(users)) != len(users):
             raise ValueError(f"a batch holds each user once, got {list(users)}")
         for user in users:  # touch first, so the batch's own users are the last to go
             self.users.setdefault(user, UserPages())
             self.users.move_to_end(user)
+        entries = [self.users[u] for u in users]
+        size = self.page_size
+        n = np.asarray(new_history, dtype=np.int64).reshape(-1)
+        c = np.asarray(num_candidates, dtype=np.int64).reshape(-1)
+        start = np.fromiter((e.length for e in entries), np.int64, len(entries))
+        have = np.fromiter((e.pages.size for e in entries), np.int64, len(entries))
+        grow = np.maximum(0, -(-(start + n) // size) - have)  # new pages per user
+        need = int(grow.sum())
         batch = set(users)
-        need = sum(max(0, self._pages_for(self.users[u].length + n) - len(self.users[u].pages))
-                   for u, n in zip(users, new_history))
         while len(self.free) < need:
             victim = next((u for u in self.users if u not in batch), None)
             if victim is None:
@@ -85,37 +110,37 @@ class PagedKVCache:
                     f"KV pool of {self.num_pages} pages x {self.page_size} tokens cannot hold "
                     f"this batch ({need} new pages needed, {len(self.free)} free, nothing to evict)")
             self.evict(victim)
+        return self._table(entries, start, n, c, grow, upload)
 
-        # Host-side numpy, vectorised per user; one copy to the device at the end.
+    def _table(self, entries, start, n, c, grow, upload: bool) -> PageTable:
+        """The batch's page table, with numpy over the batch (room for `grow` is there)."""
         size = self.page_size
-        indptr, ids, cached, last = [0], [], [], []
-        new_rows, new_page, new_slot = [], [], []
-        row = 0
-        for user, n, c in zip(users, new_history, num_candidates):
-            entry = self.users[user]
-            start = entry.length
-            while len(entry.pages) < self._pages_for(start + n):
-                entry.pages.append(self.free.pop())
-            positions = np.arange(start, start + n)
-            touched = np.asarray(entry.pages[start // size:], dtype=np.int64)  # pages written
-            new_rows.append(np.arange(row, row + n))
-            new_page.append(touched[positions // size - start // size])
-            new_slot.append(positions % size)
-            entry.length = start + n
-            cached.append(start)
-            last.append(entry.length - (len(entry.pages) - 1) * size if entry.pages else 0)
-            ids.extend(entry.pages)
-            indptr.append(len(ids))
-            row += n + c
-
-        host = {"page_indptr": np.asarray(indptr, dtype=np.int32),
-                "page_ids": np.asarray(ids, dtype=np.int32),
-                "cached_lengths": np.asarray(cached, dtype=np.int32),
-                "last_page_len": np.asarray(last, dtype=np.int32),
-                "new_rows": _cat(new_rows), "new_page": _cat(new_page), "new_slot": _cat(new_slot)}
-        return PageTable(**to_device(host, self.device), host=host,
-                         max_kv_len=max((self.users[u].length for u in users), default=0))
-
-
-def _cat(parts: List[np.ndarray]) -> np.ndarray:
-    return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, np.int64)
+        fresh = self.take(int(grow.sum()))
+        cut = np.cumsum(grow)
+        for e, k, end in zip(entries, grow.tolist(), cut.tolist()):
+            if k:
+                e.pages = np.concatenate([e.pages, fresh[end - k:end]])
+        counts = np.fromiter((e.pages.size for e in entries), np.int64, len(entries))
+        indptr = np.zeros(len(entries) + 1, np.int32)
+        np.cumsum(counts, out=indptr[1:])
+        ids = (np.concatenate([e.pages for e in entries]) if entries
+               else np.zeros(0, np.int32))
+        # New token t of user b: position start[b] + j, row offset[b] + j (rows of a user are
+        # [new history | candidates], users back to back).
+        row0 = np.zeros(len(entries), np.int64)
+        np.cumsum((n + c)[:-1], out=row0[1:])
+        user = np.repeat(np.arange(len(entries)), n)
+        j = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        positions = start[user] + j
+        end = start + n
+        for e, length in zip(entries, end.tolist()):
+            e.length = length
+        host = {"page_indptr": indptr, "page_ids": ids.astype(np.int32, copy=False),
+                "cached_lengths": start.astype(np.int32),
+                "last_page_len": np.where(counts > 0, end - (counts - 1) * size, 0
+                                          ).astype(np.int32),
+                "new_rows": row0[user] + j,
+                "new_page": ids[indptr[user] + positions // size].astype(np.int64),
+                "new_slot": positions % size}
+        table = PageTable(host=host, max_kv_len=int(end.max(initial=0)))
+        return table.upload(self.device) if upload else table

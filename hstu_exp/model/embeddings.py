@@ -12,8 +12,8 @@ Rows are placed by index (`x[dest] = values`), not by any KJT reshuffling.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,18 +30,38 @@ _KIND_OF_KEY = {"context": CONTEXT, "item": ITEM, "action": ACTION}
 
 @dataclass
 class Tokens:
-    """Rows of one batch, ready for `SequenceEmbeddings.forward` (device tensors)."""
+    """Rows of one batch for `SequenceEmbeddings.forward`: device tensors once uploaded (None
+    while the rows exist on the host alone: `make_tokens(upload=False)`)."""
 
-    features: KeyedJaggedTensor  # keys KEYS, one bag per (key, user)
-    dest: torch.Tensor  # [values] int64: row of each KJT value, in KJT value order
-    positions: torch.Tensor  # [rows] int64: position-table index of each row
-    candidate_rows: torch.Tensor  # [sum c] int64: rows of the candidates, user by user
-    rows: List[int]  # host-side: rows per user (uncached tokens + candidates)
-    num_candidates: List[int]
+    features: Optional[KeyedJaggedTensor]  # keys KEYS, one bag per (key, user)
+    dest: Optional[torch.Tensor]  # [values] int64: row of each KJT value, in KJT value order
+    positions: Optional[torch.Tensor]  # [rows] int64: position-table index of each row
+    candidate_rows: Optional[torch.Tensor]  # [sum c] int64: rows of the candidates, by user
+    rows: Sequence[int]  # host-side: rows per user (uncached tokens + candidates)
+    num_candidates: Sequence[int]
     num_rows: int  # rows of the output; a graph's padded values land in a spare row past them
-    # What the device tensors were made from, for a graph runner that pads them to its bucket:
-    # keys; per key its values, dest rows and per-user lengths; positions; candidate rows.
+    # What the device tensors are made from, for an upload or a graph runner that pads them to
+    # its bucket: keys; per key its values, dest rows and per-user lengths; positions;
+    # candidate rows.
     host: Optional[dict] = None
+
+    def device_arrays(self) -> Dict[str, np.ndarray]:
+        """The host arrays the device needs, flat (`with_views` takes them back as tensors)."""
+        h = self.host
+        return {"values": _cat(h["values"]), "dest": _cat(h["dest"]), "positions": h["positions"],
+                "lengths": _cat(h["lengths"]), "candidate_rows": h["candidate_rows"]}
+
+    def with_views(self, views: Dict[str, torch.Tensor]) -> "Tokens":
+        # length_per_key given: the KJT never reads lengths back from the device (no sync, no
+        # fbgemm).
+        features = KeyedJaggedTensor(keys=self.host["keys"], values=views["values"],
+                                     lengths=views["lengths"], stride=len(self.rows),
+                                     length_per_key=[v.size for v in self.host["values"]])
+        return replace(self, features=features, dest=views["dest"],
+                       positions=views["positions"], candidate_rows=views["candidate_rows"])
+
+    def upload(self, device) -> "Tokens":
+        return self.with_views(to_device(self.device_arrays(), device))
 
 
 def _check_vocab(key: str, ids: np.ndarray, vocab: int) -> None:
@@ -55,8 +75,27 @@ def _cat(parts: List[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, np.int64)
 
 
+def _check_requests(requests, start, seq, cands, ctx, *, num_context: int,
+                    max_history: int) -> None:
+    """The first request (in batch order) that breaks a rule, by its first broken rule."""
+    rules = [(ctx != num_context, lambda r, i: (
+                 f"{r.num_context} context tokens, the model takes "
+                 f"model.num_context={num_context}")),
+             ((start < 0) | (start > seq), lambda r, i: (
+                 f"cached prefix {start[i]} outside its sequence of {r.seq_len} tokens")),
+             (cands == 0, lambda r, i: "a ranking request needs at least one candidate"),
+             (seq - ctx > max_history, lambda r, i: (
+                 f"{r.history} history tokens, more than the model's "
+                 f"max_history={max_history}"))]
+    bad = np.logical_or.reduce([mask for mask, _ in rules]) if len(start) else start.astype(bool)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        why = next(say for mask, say in rules if mask[i])
+        raise ValueError(f"user {requests[i].user}: {why(requests[i], i)}")
+
+
 def make_tokens(requests: Sequence[Request], starts: Sequence[int], *, vocab: dict,
-                num_context: int, max_history: int, device) -> Tokens:
+                num_context: int, max_history: int, device, upload: bool = True) -> Tokens:
     """Rows for `request.ids[start:]` + candidates of each request, checked against the tables.
 
     vocab: rows of each KJT key's table (`SequenceEmbeddings.vocab`; no "context" key when the
@@ -64,39 +103,34 @@ def make_tokens(requests: Sequence[Request], starts: Sequence[int], *, vocab: di
     its position as the history grows; candidates share index T (the history length); context
     token j gets its own index max_history + 1 + j.
 
-    Host-side numpy (a few vectorised ops per request, far cheaper than small torch CPU ops),
-    then one copy of everything the device needs."""
+    Host-side numpy over the whole batch (the only per-request work is reading each request's
+    arrays), then one copy of everything the device needs; upload=False leaves that copy to the
+    caller (`jagged.upload_step`) or a graph runner."""
     B = len(requests)
-    kinds, ids, pos, cand_ids, tok_row, cand_row, rows, cands = [], [], [], [], [], [], [], []
-    row = 0
-    for r, start in zip(requests, starts):
-        if r.num_context != num_context:
-            raise ValueError(f"user {r.user}: {r.num_context} context tokens, the model takes "
-                             f"model.num_context={num_context}")
-        if not 0 <= start <= r.seq_len:
-            raise ValueError(f"user {r.user}: cached prefix {start} outside its sequence of "
-                             f"{r.seq_len} tokens")
-        c = r.candidates.numel()
-        if c == 0:
-            raise ValueError(f"user {r.user}: a ranking request needs at least one candidate")
-        if r.history > max_history:
-            raise ValueError(f"user {r.user}: {r.history} history tokens, more than the model's "
-                             f"max_history={max_history}")
-        n = r.seq_len - start
-        s = np.arange(start, r.seq_len)
-        pos.append(np.where(s < num_context, max_history + 1 + s, s - num_context))
-        pos.append(np.full(c, r.history))
-        kinds.append(r.kinds.numpy()[start:])
-        ids.append(r.ids.numpy()[start:])
-        cand_ids.append(r.candidates.numpy())
-        # The user's rows are [uncached tokens | candidates], after the previous users' rows.
-        tok_row.append(np.arange(row, row + n))
-        cand_row.append(np.arange(row + n, row + n + c))
-        rows.append(n + c)
-        cands.append(c)
-        row += n + c
-    tok_user = np.repeat(np.arange(B), [r - c for r, c in zip(rows, cands)])
-    kinds, ids, tok_row = _cat(kinds), _cat(ids), _cat(tok_row)
+    start = np.asarray(starts, dtype=np.int64).reshape(-1)
+    seq = np.fromiter((r.seq_len for r in requests), np.int64, B)
+    cands = np.fromiter((r.candidates.numel() for r in requests), np.int64, B)
+    ctx = np.fromiter((r.num_context for r in requests), np.int64, B)
+    _check_requests(requests, start, seq, cands, ctx, num_context=num_context,
+                    max_history=max_history)
+    n = seq - start
+    kinds = _cat([r.kinds.numpy()[s:] for r, s in zip(requests, start.tolist())])
+    ids = _cat([r.ids.numpy()[s:] for r, s in zip(requests, start.tolist())])
+    cand_ids = _cat([r.candidates.numpy() for r in requests])
+    # The user's rows are [uncached tokens | candidates], after the previous users' rows.
+    rows = n + cands
+    row0 = np.zeros(B, np.int64)
+    np.cumsum(rows[:-1], out=row0[1:])
+    tok_user = np.repeat(np.arange(B), n)
+    j = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    tok_row = row0[tok_user] + j
+    cand_user = np.repeat(np.arange(B), cands)
+    cand_row = (row0 + n)[cand_user] + np.arange(int(cands.sum())) \
+        - np.repeat(np.cumsum(cands) - cands, cands)
+    s = start[tok_user] + j  # sequence index of each token
+    pos = np.empty(int(rows.sum()), np.int64)
+    pos[tok_row] = np.where(s < num_context, max_history + 1 + s, s - num_context)
+    pos[cand_row] = (seq - ctx)[cand_user]
 
     keys = [k for k in KEYS if k in vocab]
     if "context" not in vocab and bool((kinds == CONTEXT).any()):
@@ -105,7 +139,7 @@ def make_tokens(requests: Sequence[Request], starts: Sequence[int], *, vocab: di
     values, dest, lengths = [], [], []
     for key in keys:
         if key == "candidate":
-            v, d, n_per_user = _cat(cand_ids), _cat(cand_row), np.asarray(cands)
+            v, d, n_per_user = cand_ids, cand_row, cands
         else:
             m = kinds == _KIND_OF_KEY[key]
             v, d, n_per_user = ids[m], tok_row[m], np.bincount(tok_user[m], minlength=B)
@@ -113,17 +147,12 @@ def make_tokens(requests: Sequence[Request], starts: Sequence[int], *, vocab: di
         values.append(v)
         dest.append(d)
         lengths.append(n_per_user)
-    # One host->device copy for everything the device needs.
-    packed = to_device({"values": _cat(values), "dest": _cat(dest), "positions": _cat(pos),
-                        "lengths": _cat(lengths), "candidate_rows": _cat(cand_row)}, device)
-    # length_per_key given: the KJT never reads lengths back from the device (no sync, no fbgemm).
-    features = KeyedJaggedTensor(keys=keys, values=packed["values"], lengths=packed["lengths"],
-                                 stride=B, length_per_key=[v.size for v in values])
     host = {"keys": keys, "values": values, "dest": dest, "lengths": lengths,
-            "positions": _cat(pos), "candidate_rows": _cat(cand_row)}
-    return Tokens(features=features, dest=packed["dest"], positions=packed["positions"],
-                  candidate_rows=packed["candidate_rows"], rows=rows, num_candidates=cands,
-                  num_rows=sum(rows), host=host)
+            "positions": pos, "candidate_rows": cand_row}
+    tokens = Tokens(features=None, dest=None, positions=None, candidate_rows=None,
+                    rows=rows.tolist(), num_candidates=cands.tolist(), num_rows=int(rows.sum()),
+                    host=host)
+    return tokens.upload(device) if upload else tokens
 
 
 class SequenceEmbeddings(nn.Module):
@@ -164,7 +193,8 @@ class SequenceEmbeddings(nn.Module):
             x = x * self.scale + self.positions(tokens.positions)
         return x[:tokens.num_rows]
 
-    def tokens(self, requests: Sequence[Request], starts: Sequence[int], device) -> Tokens:
+    def tokens(self, requests: Sequence[Request], starts: Sequence[int], device, *,
+               upload: bool = True) -> Tokens:
         """`make_tokens` with this module's tables and sizes."""
         return make_tokens(requests, starts, vocab=self.vocab, num_context=self.num_context,
-                           max_history=self.max_history, device=device)
+                           max_history=self.max_history, device=device, upload=upload)

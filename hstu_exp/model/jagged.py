@@ -10,7 +10,7 @@ does not, so the host can prepare batch i+1 while the GPU still runs batch i.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -58,42 +58,78 @@ def to_device(arrays: Dict[str, np.ndarray], device) -> Dict[str, torch.Tensor]:
     return unpack(buf.to(device, non_blocking=True), layout)
 
 
+PAGE_FIELDS = ("page_indptr", "page_ids", "cached_lengths", "last_page_len", "new_rows",
+               "new_page", "new_slot")
+BATCH_FIELDS = ("offsets", "num_candidates")
+
+
 @dataclass
 class PageTable:
-    """Where a batch's keys live in the paged pool. Device tensors, so it can sit in a graph."""
+    """Where a batch's keys live in the paged pool. Device tensors, so it can sit in a graph;
+    None until uploaded when it was planned on the host alone (`PagedKVCache.plan(upload=
+    False)`: the caller uploads it with the rest of its step, or a graph runner pads `host`)."""
 
-    page_indptr: torch.Tensor  # [B+1] int32: user b's pages are page_ids[indptr[b]:indptr[b+1]]
-    page_ids: torch.Tensor  # [pages] int32
-    cached_lengths: torch.Tensor  # [B] int32: history tokens already in pages before this request
-    last_page_len: torch.Tensor  # [B] int32: tokens in the last page after the append
-    new_rows: torch.Tensor  # [sum n] int64: batch row of each new history token
-    new_page: torch.Tensor  # [sum n] int64: its page
-    new_slot: torch.Tensor  # [sum n] int64: its slot in that page
-    max_kv_len: int  # host-side: longest cached + new history in the batch
+    page_indptr: Optional[torch.Tensor] = None  # [B+1] int32: page_ids[indptr[b]:indptr[b+1]]
+    page_ids: Optional[torch.Tensor] = None  # [pages] int32
+    cached_lengths: Optional[torch.Tensor] = None  # [B] int32: tokens in pages before this request
+    last_page_len: Optional[torch.Tensor] = None  # [B] int32: tokens in the last page after the append
+    new_rows: Optional[torch.Tensor] = None  # [sum n] int64: batch row of each new history token
+    new_page: Optional[torch.Tensor] = None  # [sum n] int64: its page
+    new_slot: Optional[torch.Tensor] = None  # [sum n] int64: its slot in that page
+    max_kv_len: int = 0  # host-side: longest cached + new history in the batch
     # The fields above as host numpy arrays, by name, when the table was planned on the host:
     # a graph runner pads these instead of the device tensors (no device ops, no sync).
     host: Optional[Dict[str, np.ndarray]] = None
 
+    def upload(self, device) -> "PageTable":
+        return self.with_views(to_device(self.host, device))
+
+    def with_views(self, views: Dict[str, torch.Tensor]) -> "PageTable":
+        return replace(self, **{k: views[k] for k in PAGE_FIELDS})
+
 
 @dataclass
 class Batch:
-    offsets: torch.Tensor  # [B+1] int32 row offsets
-    num_candidates: torch.Tensor  # [B] int32: the last c_b rows of each user are candidates
+    offsets: Optional[torch.Tensor]  # [B+1] int32 row offsets (None until uploaded)
+    num_candidates: Optional[torch.Tensor]  # [B] int32: the last c_b rows of each user
     max_len: int  # host-side: most rows of one user
     pages: Optional[PageTable] = None  # None: keys are the batch's own history rows
     host: Optional[Dict[str, np.ndarray]] = None  # offsets, num_candidates as numpy arrays
 
     @property
     def batch_size(self) -> int:
-        return self.offsets.numel() - 1
+        return len(self.host["offsets"]) - 1 if self.host else self.offsets.numel() - 1
+
+    def upload(self, device) -> "Batch":
+        return self.with_views(to_device(self.host, device))
+
+    def with_views(self, views: Dict[str, torch.Tensor]) -> "Batch":
+        return replace(self, **{k: views[k] for k in BATCH_FIELDS})
 
 
 def make_batch(rows: Sequence[int], num_candidates: Sequence[int], device,
-               pages: Optional[PageTable] = None) -> Batch:
+               pages: Optional[PageTable] = None, *, upload: bool = True) -> Batch:
+    """upload=False: host arrays only (`Batch.host`; see `upload_step`)."""
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(rows, out=offsets[1:])
     host = {"offsets": offsets, "num_candidates": np.asarray(num_candidates, dtype=np.int32)}
-    return Batch(**to_device(host, device), max_len=max(rows, default=0), pages=pages, host=host)
+    batch = Batch(None, None, max_len=int(max(rows, default=0)), pages=pages, host=host)
+    return batch.upload(device) if upload else batch
+
+
+def upload_step(batch: Batch, tokens, device):
+    """A step's metadata (batch, its page table, the token rows `tokens.device_arrays()`)
+    uploaded together: one pinned buffer, one non_blocking copy. Returns (batch, tokens) with
+    device tensors."""
+    groups = {"b": batch.host, "t": tokens.device_arrays()}
+    if batch.pages is not None:
+        groups["p"] = batch.pages.host
+    views = to_device({f"{g}.{k}": a for g, arrays in groups.items() for k, a in arrays.items()},
+                      device)
+    part = lambda g: {k: views[f"{g}.{k}"] for k in groups[g]}  # noqa: E731
+    if batch.pages is not None:
+        batch = replace(batch, pages=batch.pages.with_views(part("p")))
+    return batch.with_views(part("b")), tokens.with_views(part("t"))
 
 
 def row_to_user(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:

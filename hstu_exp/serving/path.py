@@ -8,19 +8,23 @@ came from (the tier: GPU pool, host tier, or a miss), how many tokens it compute
 its batch moved. Both e2e (offline batches) and serve (an open-loop request stream) call it; the
 model (`model/ranking.py`) only computes rows and never drives the cache manager.
 
-Nothing here waits for the device: metadata is built on the host and copied with non_blocking
-copies from pinned memory, so the host prepares a batch while the device may still run the
-previous one. Callers that time a batch synchronize themselves.
+Nothing here waits for the device: a step's metadata (page table, rows, token ids) is built on
+the host and reaches the device in one non_blocking copy from pinned memory (with graphs: the
+bucket's one packed copy), so the host prepares a batch while the device may still run the
+previous one. The cache manager records the batch's fingerprints after the launch. Each
+`Served` says how long the host took to issue the batch (`host_ms`) and how long its compute
+took on the device (`device_ms`). Callers that time a batch synchronize themselves.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from hstu_exp.data.synthetic import Request
-from hstu_exp.model.jagged import make_batch
+from hstu_exp.model.jagged import make_batch, upload_step
 from hstu_exp.model.ranking import HSTURanker, forward_rows, phase
 
 TIERS = ("gpu", "host", "miss")  # where a request's cached prefix came from
@@ -36,6 +40,18 @@ class Served:
     cached: List[int]  # prefix tokens served from the cache, per request
     was_on_host: List[bool]  # the user's cached prefix sat in the host tier
     batch_bytes: Tuple[int, int] = (0, 0)  # (onloaded, offloaded) by the batch
+    host_ms: float = 0.0  # host clock from the call to the batch's launch (and the bookkeeping)
+    # The compute's span: CUDA events around it (from the first launch to its end on the device;
+    # eager: the device's waits for the host's launches count), or the host clock on a CPU.
+    span: Optional[tuple] = None
+
+    @property
+    def device_ms(self) -> Optional[float]:
+        """The compute's time on the device, ms (CUDA: valid once the batch has finished)."""
+        if self.span is None:
+            return None
+        start, end = self.span
+        return start.elapsed_time(end) if hasattr(start, "elapsed_time") else (end - start) * 1e3
 
     @property
     def tiers(self) -> List[str]:
@@ -95,20 +111,31 @@ class RequestPath:
 
     @torch.no_grad()
     def serve(self, requests: Sequence[Request], *, return_hidden: bool = False) -> Served:
+        t0 = time.perf_counter()
         with phase("rank.plan"):
             cached, was_on_host, table, on_layer = self._plan_pages(requests)
         with phase("rank.tokens"):
-            tokens = self.model.embeddings.tokens(requests, cached, self.device)
-            batch = make_batch(tokens.rows, tokens.num_candidates, self.device, table)
+            tokens = self.model.embeddings.tokens(requests, cached, self.device, upload=False)
+            batch = make_batch(tokens.rows, tokens.num_candidates, self.device, table,
+                               upload=False)
         pool = self.manager.cache.pool if self.manager is not None else None
+        cuda = torch.device(self.device).type == "cuda"
         if self.graphs is None:  # eager: each layer waits for its own onloads (on_layer)
+            batch, tokens = upload_step(batch, tokens, self.device)
+            start = _mark(cuda)
             logits, h = forward_rows(self.model, tokens, batch, pool, on_layer)
         else:
             with phase("rank.graph"):
+                staged = self.graphs.stage_step(tokens, batch)
                 self._onload_all(on_layer)
-                logits, h = self.graphs.run(self.graphs.stage_step(tokens, batch))
+                start = _mark(cuda)
+                logits, h = self.graphs.run(staged)
+        span = (start, _mark(cuda))
+        if self.manager is not None:
+            self.manager.commit()  # fingerprints, while the device computes
         return Served(logits=logits, hidden=h if return_hidden else None, requests=requests,
-                      cached=cached, was_on_host=was_on_host, batch_bytes=self._bytes_moved())
+                      cached=cached, was_on_host=was_on_host, batch_bytes=self._bytes_moved(),
+                      host_ms=(time.perf_counter() - t0) * 1e3, span=span)
 
     def _plan_pages(self, requests):
         """Lookup and page planning: (cached prefix per request, whether it sat in the host
@@ -119,7 +146,7 @@ class RequestPath:
         # Which users sit in the host tier is known only before planning moves them back.
         on_host = getattr(self.manager.cache, "host_users", {})
         was_on_host = [r.user in on_host for r in requests]
-        cached, table, on_layer = self.manager.plan(requests)
+        cached, table, on_layer = self.manager.plan(requests, upload=False)
         return cached, was_on_host, table, on_layer
 
     def _onload_all(self, on_layer) -> None:
@@ -134,6 +161,15 @@ class RequestPath:
             return 0, 0
         last = self.manager.batches[-1]
         return last["onloaded_bytes"], last["offloaded_bytes"]
+
+
+def _mark(cuda: bool):
+    """A point in the compute's timeline: a recorded CUDA event, or the host clock."""
+    if not cuda:
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 def rank(model: HSTURanker, requests: Sequence[Request], *, device, manager=None, graphs=None,
