@@ -12,8 +12,8 @@ import json
 import torch
 from omegaconf import OmegaConf
 
-from hstu_exp.config import host_pages, pages_for, pool_pages
-from hstu_exp.env import DTYPES
+from hstu_exp.config import host_pages, pool_pages
+from hstu_exp.core.paging import pages_for
 from hstu_exp.kvcache.paged import PagedKVCache
 from hstu_exp.model.hstu import HSTUBlock
 
@@ -65,7 +65,8 @@ def build_layer_cache(model, cache, *, batch_size: int, tokens: int, device,
 
 
 def model_dtype(model) -> torch.dtype:
-    return DTYPES[model.dtype]
+    """model.dtype (a name `config.DTYPES` allows) as the torch dtype."""
+    return getattr(torch, model.dtype)
 
 
 _BUILT: dict = {}

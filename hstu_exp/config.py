@@ -13,6 +13,8 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from hstu_exp.core.paging import pages_for
+
 
 class ConfigError(ValueError):
     """Bad user input: printed as one line, exit status 2, no traceback."""
@@ -302,10 +304,6 @@ def max_time_s(workload) -> float:
     if workload.max_time_s is not None:
         return float(workload.max_time_s)
     return MAX_TIME_FACTOR * workload.min_time_s
-
-
-def pages_for(tokens: int, page_size: int) -> int:
-    return -(-tokens // page_size)
 
 
 def pool_pages(model, cache) -> int:

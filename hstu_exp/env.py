@@ -13,11 +13,7 @@ from pathlib import Path
 
 import torch
 
-from hstu_exp import config
-
 ROOT = Path(__file__).resolve().parent.parent
-
-DTYPES = {name: getattr(torch, name) for name in config.DTYPES}  # model.dtype -> torch dtype
 
 
 def resolve_device(name: str) -> torch.device:

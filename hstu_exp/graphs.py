@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from hstu_exp import first_use
-from hstu_exp.model.jagged import Batch, Layout, PageTable, pack, unpack
+from hstu_exp.core.jagged import Batch, Layout, PageTable, pack, unpack
 
 
 @dataclass(frozen=True)

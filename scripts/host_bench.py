@@ -25,7 +25,7 @@ from hstu_exp.graphs import BucketGraphs, GraphedRanker  # noqa: E402
 from hstu_exp.kvcache.manager import KVCacheManager  # noqa: E402
 from hstu_exp.kvcache.paged import PagedKVCache  # noqa: E402
 from hstu_exp.model.embeddings import make_tokens  # noqa: E402
-from hstu_exp.model.jagged import make_batch, upload_step  # noqa: E402
+from hstu_exp.core.jagged import make_batch, upload_step  # noqa: E402
 
 VOCAB = {"item": 10_000, "action": 128, "candidate": 10_000}
 MAX_HISTORY, PAGE = 4096, 32

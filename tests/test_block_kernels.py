@@ -10,7 +10,7 @@ import torch
 
 from hstu_exp.kvcache.paged import PagedKVCache
 from hstu_exp.model.hstu import HSTUBlock
-from hstu_exp.model.jagged import make_batch
+from hstu_exp.core.jagged import make_batch
 from hstu_exp.ops import triton_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

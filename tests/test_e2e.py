@@ -342,7 +342,7 @@ def test_a_step_padded_to_its_graph_bucket_equals_the_eager_step():
     hidden states for the live candidates (eager here; the replay itself: the CUDA tests)."""
     from hstu_exp.graphs import (Bucket, fit_rows, pad_metadata, pad_tokens, static_batch,
                                  static_tokens)
-    from hstu_exp.model.jagged import make_batch, pack, unpack
+    from hstu_exp.core.jagged import make_batch, pack, unpack
     from hstu_exp.model.ranking import forward_rows
 
     model = make_model()

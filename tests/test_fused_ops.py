@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from hstu_exp.kvcache.paged import PagedKVCache
-from hstu_exp.model.jagged import make_batch
+from hstu_exp.core.jagged import make_batch
 from hstu_exp.ops.fused import (append_kv, append_kv_torch, layernorm, layernorm_mul,
                                 layernorm_mul_torch, layernorm_torch, silu_qkv)
 

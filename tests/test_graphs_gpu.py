@@ -5,7 +5,7 @@ import torch
 from hstu_exp.graphs import BucketGraphs, GraphedBlock
 from hstu_exp.kvcache.paged import PagedKVCache
 from hstu_exp.model.hstu import HSTUBlock
-from hstu_exp.model.jagged import make_batch
+from hstu_exp.core.jagged import make_batch
 
 pytestmark = pytest.mark.gpu
 

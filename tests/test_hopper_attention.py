@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from hstu_exp.model.jagged import make_batch
+from hstu_exp.core.jagged import make_batch
 from hstu_exp.ops import reference
 from hstu_exp.ops import triton_attention as tri
 from test_triton_attention import paged_case

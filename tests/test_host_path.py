@@ -12,7 +12,7 @@ import torch
 from hstu_exp.data.synthetic import CONTEXT, make_request
 from hstu_exp.kvcache.paged import CacheFullError, PagedKVCache
 from hstu_exp.model.embeddings import KEYS, make_tokens
-from hstu_exp.model.jagged import make_batch, upload_step
+from hstu_exp.core.jagged import make_batch, upload_step
 
 
 class ListPlanner:

@@ -5,7 +5,7 @@ import torch
 
 from hstu_exp.graphs import Bucket, fit_rows, pad_metadata
 from hstu_exp.kvcache.paged import PagedKVCache
-from hstu_exp.model.jagged import make_batch, pack, to_device, unpack
+from hstu_exp.core.jagged import make_batch, pack, to_device, unpack
 
 SCRATCH = 8
 

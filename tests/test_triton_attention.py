@@ -15,7 +15,7 @@ import torch
 
 from hstu_exp.kvcache.paged import PagedKVCache
 from hstu_exp.model.hstu import append_kv
-from hstu_exp.model.jagged import make_batch
+from hstu_exp.core.jagged import make_batch
 from hstu_exp.ops import reference
 from hstu_exp.ops import triton_attention as tri
 

@@ -23,7 +23,7 @@ def records(root):
 
 
 def wandb_import(*args):
-    return subprocess.run([sys.executable, "-m", "hstu_exp.tracking.wandb_import", *args],
+    return subprocess.run([sys.executable, "-m", "hstu_exp.wandb_import", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 

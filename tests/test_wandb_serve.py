@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from hstu_exp.report.labels import serve_labels
 from hstu_exp.tracking.wandb_sink import summary_spec
 from helpers import ROOT, hstu_exp, read_run
 
@@ -120,7 +121,7 @@ def test_mixed_serve_records_in_summary_spec(online, search, tmp_path):
     failed = dict(search[0][0], graph="cudagraph", max_qps=None, slo_met=False)
     offline = dict(online[0][0], mode="offline-fifo")
     spec = summary_spec(pd.DataFrame(records + [failed, offline]), logger={},
-                        sweep_dir=tmp_path, group="mixed", images={}, csv=None)
+                        sweep_dir=tmp_path, group="mixed", images={}, labels=serve_labels, csv=None)
     tables, summary = spec["tables"], spec["summary"]
     assert not [k for k in tables if k.startswith("latency_B")]
 
@@ -146,7 +147,7 @@ def test_mixed_serve_records_in_summary_spec(online, search, tmp_path):
 
     # a one-rate sweep (serve_smoke as it ships): the tables, and no line of one point
     spec = summary_spec(pd.DataFrame([r for r in online[0] if r["qps"] == 10.0]), logger={},
-                        sweep_dir=tmp_path, group="one", images={}, csv=None)
+                        sweep_dir=tmp_path, group="one", images={}, labels=serve_labels, csv=None)
     assert len(spec["tables"]["serve_latency"]["data"]) == 2 and "serve_cache" in spec["tables"]
     assert not [p for p in spec["lines"] if p["key"].startswith("charts/serve_")]
 
@@ -158,7 +159,7 @@ def test_points_apart_only_in_an_override_get_labels_of_their_own(tmp_path):
     Points of the published serve_slo sweep keep the labels they had."""
     from hstu_exp.report import figures
     from hstu_exp.report.aggregate import load_sweep, write_csv
-    from hstu_exp.tracking.records import read_records, serve_labels
+    from hstu_exp.tracking.records import read_records
 
     published = list(read_records(ROOT / "outputs/published/serve_slo_h200/results.jsonl"))
     base = next(r for r in published if (r["cache"], r["graph"], r["mode"]) ==
@@ -172,7 +173,8 @@ def test_points_apart_only_in_an_override_get_labels_of_their_own(tmp_path):
     from_csv = load_sweep(tmp_path / "results.csv")
     assert isinstance(from_csv["overrides"][0], str)
     for df in (pd.DataFrame(skewed), from_csv):
-        spec = summary_spec(df, logger={}, sweep_dir=tmp_path, group="skew", images={}, csv=None)
+        spec = summary_spec(df, logger={}, sweep_dir=tmp_path, group="skew", images={},
+                            labels=serve_labels, csv=None)
         assert {k[len("serve/max_qps/"):]: v for k, v in spec["summary"].items()
                 if k.startswith("serve/max_qps/")} == expected
         fig = figures.serve_max_qps(df)
@@ -192,7 +194,7 @@ def test_points_apart_only_in_an_override_get_labels_of_their_own(tmp_path):
         labelled = list(figures._serve_label(pd.DataFrame(rows)))
         assert labelled == [f"{r['cache']}+{r['mode']}" for r in rows]
         spec = summary_spec(pd.DataFrame(rows), logger={}, sweep_dir=tmp_path, group="slo",
-                            images={}, csv=None)
+                            images={}, labels=serve_labels, csv=None)
         assert sorted(k for k in spec["summary"] if k.startswith("serve/max_qps/")) == \
             sorted(f"serve/max_qps/{label}" for label in set(labelled))
     assert "serve/max_qps/paged+max_qps-fifo" in spec["summary"]

@@ -14,7 +14,7 @@ from hstu_exp.bench.measure import Measured, stop_rule
 from hstu_exp.bench.roofline import attention_pairs
 from hstu_exp.bench.timer import time_fn
 from hstu_exp.builders import build_layer_cache, kernels_for, model_dtype, scaling_length
-from hstu_exp.model.jagged import make_batch
+from hstu_exp.core.jagged import make_batch
 from hstu_exp.ops import kernels
 
 

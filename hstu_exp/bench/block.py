@@ -16,7 +16,7 @@ from hstu_exp.bench.roofline import block_work
 from hstu_exp.bench.timer import time_fn
 from hstu_exp.builders import (kernel_args, model_dtype, shared_block, shared_cache,
                                shared_graphs)
-from hstu_exp.model.jagged import make_batch
+from hstu_exp.core.jagged import make_batch
 
 
 def candidate_rows(offsets: torch.Tensor, num_candidates: int) -> torch.Tensor:

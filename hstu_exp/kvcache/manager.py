@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from hstu_exp.config import pages_for
+from hstu_exp.core.paging import pages_for
 from hstu_exp.data.synthetic import Request
 from hstu_exp.kvcache.paged import PagedKVCache
 

@@ -16,7 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from hstu_exp.model.jagged import PageTable, to_device
+from hstu_exp.core.jagged import PageTable, to_device
+from hstu_exp.core.paging import pages_for
 
 
 class CacheFullError(RuntimeError):
@@ -82,7 +83,7 @@ class PagedKVCache:
         self.drop(user)
 
     def _pages_for(self, tokens: int) -> int:
-        return -(-tokens // self.page_size)
+        return pages_for(tokens, self.page_size)
 
     def plan(self, users: Sequence[int], new_history: Sequence[int],
              num_candidates: Sequence[int], *, upload: bool = True) -> PageTable:

@@ -21,7 +21,7 @@ from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
 from hstu_exp.data.synthetic import ACTION, CONTEXT, ITEM, Request
-from hstu_exp.model.jagged import to_device
+from hstu_exp.core.jagged import to_device
 
 # KJT keys, in the order their values are laid out. Candidates share the item table.
 KEYS = ("context", "item", "action", "candidate")

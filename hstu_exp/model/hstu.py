@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hstu_exp.model.jagged import Batch
+from hstu_exp.core.jagged import Batch
 from hstu_exp.ops import kernels
 from hstu_exp.ops.fused import append_kv_torch
 

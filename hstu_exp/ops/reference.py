@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hstu_exp.model.jagged import Batch, row_to_user
+from hstu_exp.core.jagged import Batch, row_to_user
 
 
 def _gather_rows(values: torch.Tensor, offsets: torch.Tensor, max_len: int):

@@ -37,7 +37,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from hstu_exp.first_use import first_use
-from hstu_exp.model.jagged import Batch
+from hstu_exp.core.jagged import Batch
 
 try:  # Gluon (Triton >= 3.5): the warp-specialised Hopper kernel for full mode
     from hstu_exp.ops import hopper_attention

@@ -49,10 +49,11 @@ def close_out(sweep_dir: Path, *, logger=None) -> dict:
     print(f"[hstu-exp] {csv}, {jsonl.name} (with samples)\n[hstu-exp] figures: "
           f"{', '.join(sorted(figures)) or 'none'} in {sweep_dir / 'figures'}", flush=True)
     if logger and logger.get("name") == "wandb":
+        from hstu_exp.report.labels import serve_labels
         from hstu_exp.tracking.wandb_sink import log_summary
 
         log_summary(df, logger=logger, sweep_dir=sweep_dir, group=sweep_dir.name,
-                    images=figures, csv=csv)
+                    images=figures, labels=serve_labels, headline=speed, csv=csv)
     return {"csv": csv, "figures": figures, "records": len(df)}
 
 

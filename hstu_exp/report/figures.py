@@ -29,8 +29,8 @@ from matplotlib.colors import LogNorm  # noqa: E402
 
 from hstu_exp.report.aggregate import (block_speedups, e2e_speedups, most_cached, ok,  # noqa: E402
                                        valid_mask)
-from hstu_exp.tracking.records import (FileWriteError, serve_label_title,  # noqa: E402
-                                       serve_labels, write_atomically)
+from hstu_exp.report.labels import serve_label_title, serve_labels  # noqa: E402
+from hstu_exp.tracking.records import FileWriteError, write_atomically  # noqa: E402
 
 E2E_MODES = {"baseline": "Baseline", "baseline_graph": "Baseline + CUDA graph",
              "cache": "KV cache", "cache_graph": "KV cache + CUDA graph"}
@@ -446,7 +446,7 @@ def draw_all(df: pd.DataFrame, out_dir: Path) -> dict:
 # -- workload=serve (docs/serving.md) -------------------------------------------------------------
 
 def _serve_label(df: pd.DataFrame) -> pd.Series:
-    """What a serve sweep compares, per point (records.serve_labels, as the W&B charts label
+    """What a serve sweep compares, per point (labels.serve_labels, as the W&B charts label
     it): cache / kernel / graph / mode / batch size and the other overrides that vary."""
     return pd.Series(serve_labels(df.to_dict("records")), index=df.index, dtype=object)
 

@@ -23,8 +23,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from hstu_exp.core.jagged import make_batch, upload_step
 from hstu_exp.data.synthetic import Request
-from hstu_exp.model.jagged import make_batch, upload_step
 from hstu_exp.model.ranking import HSTURanker, forward_rows, phase
 
 TIERS = ("gpu", "host", "miss")  # where a request's cached prefix came from

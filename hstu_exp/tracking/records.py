@@ -34,16 +34,6 @@ ENV_KEYS = ["device_name", "driver", "cuda", "torch", "triton", "torchrec", "fbg
             "cpu_cores", "sm_clock_mhz", "mem_clock_mhz", "power_w", "temperature_c", "throttle_reasons",
             "throttled", "clocks_unavailable"]
 STATS_KEYS = ["median_ms", "p10_ms", "p90_ms", "mean_ms", "min_ms", "max_ms", "iterations"]
-# What labels a serve point (what a serve sweep compares), where the values vary; batch_size
-# prints as "B<n>".
-SERVE_LABEL_KEYS = ("cache", "kernel", "graph", "mode", "batch_size")
-# Overrides already told apart by a label key (mode = search or mode, then policy; batch_size
-# follows max_batch) or by the x axis (qps): a part of their own would only repeat them.
-_SPOKEN_FOR = {"cache", "cache.mode", "kernel", "kernel.name", "graph", "graph.mode",
-               "workload.batch_size", "workload.max_batch", "workload.policy", "workload.search",
-               "workload.mode", "workload.qps"}
-# Overrides that say where and how a sweep ran, not what a point measures.
-_PLUMBING = ("logger", "hydra", "experiment", "resume", "name")
 # Every record starts with this key (runner builds it first): where a torn fragment and a whole
 # record were glued on one line by an older writer, the record after the fragment is recovered.
 _RECORD_START = '{"status": '
@@ -205,10 +195,6 @@ def is_missing(v) -> bool:
             or v is getattr(sys.modules.get("pandas"), "NA", None))
 
 
-def _text(v) -> str:
-    return "-" if is_missing(v) else str(v)
-
-
 def point_overrides(value):
     """A record's `overrides` as {key: value}, or None where it has none (older records). In
     results.csv the list is its Python repr; Hydra's +, ++ and ~ prefixes are dropped."""
@@ -225,33 +211,3 @@ def point_overrides(value):
         if sep:
             out[key.lstrip("+~")] = val
     return out
-
-
-def _serve_label_plan(rows: list):
-    """(label keys, override keys, each row's overrides) of serve_labels."""
-    keys = [k for k in SERVE_LABEL_KEYS if len({_text(r.get(k)) for r in rows}) > 1] or ["cache"]
-    given = [point_overrides(r.get("overrides")) for r in rows]
-    # a record without overrides says nothing about them: it would make every key vary
-    known = [o for o in given if o is not None]
-    extra = sorted(k for k in {k for o in known for k in o}
-                   if k not in _SPOKEN_FOR and k.split(".", 1)[0] not in _PLUMBING
-                   and len({o.get(k, "-") for o in known}) > 1)
-    return keys, extra, given
-
-
-def serve_labels(rows: list) -> list:
-    """One label per serve point (figures and W&B charts, serve/max_qps/<label> summary keys):
-    the SERVE_LABEL_KEYS whose values vary across `rows` (the cache alone when none do), then
-    "<last key component>=<value>" for every other override that varies, so points that differ
-    only there (workload.user_skew=0.5,1.0) stay apart; e.g. 'paged+max_qps-fifo',
-    'none+user_skew=0.5'. A missing value prints as "-"."""
-    keys, extra, given = _serve_label_plan(rows)
-    return ["+".join([("B" if k == "batch_size" else "") + _text(r.get(k)) for k in keys]
-                     + [f"{k.rsplit('.', 1)[-1]}={(o or {}).get(k, '-')}" for k in extra])
-            for r, o in zip(rows, given)]
-
-
-def serve_label_title(rows: list) -> str:
-    """What the parts of serve_labels(rows) are, e.g. 'cache+graph+user_skew' (a legend title)."""
-    keys, extra, _ = _serve_label_plan(rows)
-    return "+".join(keys + [k.rsplit(".", 1)[-1] for k in extra])

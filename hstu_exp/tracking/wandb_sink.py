@@ -20,9 +20,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from hstu_exp.tracking.records import ENV_KEYS, SWEPT_KEYS, is_missing, serve_labels
+from hstu_exp.tracking.records import ENV_KEYS, SWEPT_KEYS, is_missing
 
 MARKER = ".wandb-disabled"
 MODES = ("online", "offline", "disabled")
@@ -71,13 +71,16 @@ def log_point(record: dict, *, logger: dict, job_dir: Path, group: str, cfg: dic
 
 
 def log_summary(df, *, logger: dict, sweep_dir: Path, group: str, images: dict,
-                csv: Optional[Path] = None, grid_dir: Optional[Path] = None) -> Optional[str]:
+                labels: Callable[[list], list], headline=None, csv: Optional[Path] = None,
+                grid_dir: Optional[Path] = None) -> Optional[str]:
     """The sweep's summary run: grid (from `grid_dir`, default the sweep dir), counts,
     headline speedups, native charts, figures and the results CSV as an artifact. Returns its
-    run dir, or None."""
+    run dir, or None. The report layer hands over what it presents: `labels` (serve records ->
+    one label each, `report.labels.serve_labels`) and `headline` (the speedup table of
+    `report.aggregate.headline`, or None)."""
     return _guarded(lambda: summary_spec(df, logger=logger, sweep_dir=Path(sweep_dir),
-                                         group=group, images=images, csv=csv,
-                                         grid_dir=grid_dir),
+                                         group=group, images=images, labels=labels,
+                                         headline=headline, csv=csv, grid_dir=grid_dir),
                     logger=logger, where=Path(sweep_dir))
 
 
@@ -311,7 +314,9 @@ def _table(rows: list, columns: list) -> dict:
 
 
 def summary_spec(df, *, logger: dict, sweep_dir: Path, group: str, images: dict,
-                 csv: Optional[Path], grid_dir: Optional[Path] = None) -> dict:
+                 labels: Callable[[list], list], headline=None, csv: Optional[Path] = None,
+                 grid_dir: Optional[Path] = None) -> dict:
+    """The summary run's spec (`log_summary`'s arguments)."""
     records = [{k: v for k, v in row.items() if k not in ("samples_ms", "traceback")}
                for row in df.to_dict("records")]
     status = [r.get("status") for r in records]
@@ -352,12 +357,12 @@ def summary_spec(df, *, logger: dict, sweep_dir: Path, group: str, images: dict,
             lines.append({"key": "charts/latency_vs_batch_e2e", "table": "latency_e2e",
                           "x": "batch_size", "y": "median_ms", "stroke": "label",
                           "title": "e2e median latency (ms) per batch vs batch size"})
-        _add_serve(spec, [r for r in ok if r.get("workload") == "serve"])
+        _add_serve(spec, [r for r in ok if r.get("workload") == "serve"], labels)
     skipped = [r for r in records if r.get("status") == "skipped"]
     if skipped:
         tables["skipped"] = _table([dict(r, name=run_name(r)) for r in skipped],
                                    ["name", "reason"])
-    _add_headline(spec, df)
+    _add_headline(spec, headline)
     caption = f"{group} · {first.get('device_name', '?')} · {first.get('git_sha', '?')}"
     spec["images"] = {f"figures/{k}": {"path": str(v), "caption": f"{k} · {caption}"}
                       for k, v in sorted(images.items()) if Path(v).is_file()}
@@ -370,10 +375,9 @@ def summary_spec(df, *, logger: dict, sweep_dir: Path, group: str, images: dict,
     return spec
 
 
-def _serve_labelled(rows: list) -> list:
-    """Each serve point with its label (records.serve_labels, as the figures label it), e.g.
-    'paged+max_qps-fifo'."""
-    return [dict(r, label=label) for r, label in zip(rows, serve_labels(rows))]
+def _serve_labelled(rows: list, labels: Callable[[list], list]) -> list:
+    """Each serve point with its label (as the figures label it), e.g. 'paged+max_qps-fifo'."""
+    return [dict(r, label=label) for r, label in zip(rows, labels(rows))]
 
 
 def _searched(r: dict) -> bool:
@@ -385,14 +389,14 @@ def _some(rows: list, key: str, above=None) -> bool:
     return any(not is_missing(r.get(key)) and (above is None or r[key] > above) for r in rows)
 
 
-def _add_serve(spec: dict, serve: list) -> None:
+def _add_serve(spec: dict, serve: list, labels: Callable[[list], list]) -> None:
     """Serve points: latency percentiles vs offered QPS (online points), max QPS within the SLO
     (search=max_qps points, also in the summary as serve/max_qps/<label>), and hit rates and
     bytes moved per request. Line charts only where the sweep has several rates."""
     if not serve:
         return
     tables, lines = spec["tables"], spec["lines"]
-    serve = _serve_labelled(serve)
+    serve = _serve_labelled(serve, labels)
     search = sorted((dict(r, max_qps=0.0 if is_missing(r.get("max_qps")) else r["max_qps"])
                      for r in serve if _searched(r)), key=lambda r: r["label"])
     # offline mode makes every request available at t=0: its qps is no offered load
@@ -438,17 +442,8 @@ def _add_serve(spec: dict, serve: list) -> None:
                           "title": f"requests hitting the {k.split('_')[0]} tier vs QPS"})
 
 
-def _add_headline(spec: dict, df) -> None:
-    """Headline speedups with their 95 % intervals (report.aggregate.headline, when present)."""
-    from hstu_exp.report import aggregate
-
-    headline = getattr(aggregate, "headline", None)
-    if headline is None:
-        return
-    try:
-        table = headline(df)
-    except Exception:  # noqa: BLE001 - e.g. an older CSV without samples: no speedups, no crash
-        return
+def _add_headline(spec: dict, table) -> None:
+    """Headline speedups with their 95 % intervals (a report.aggregate.headline table, or None)."""
     if table is None or not len(table):
         return
     rows = []

@@ -13,6 +13,8 @@ import math
 import sys
 from pathlib import Path
 
+from hstu_exp.report.aggregate import CSV_FILE, SweepError, headline, load_sweep, require
+from hstu_exp.report.labels import serve_labels
 from hstu_exp.tracking import wandb_sink
 
 IMPORT_DIR = "wandb-import"
@@ -45,6 +47,14 @@ def _clean(row: dict) -> dict:
     return out
 
 
+def _headline(df):
+    """The sweep's headline speedups, or None where its records cannot give them."""
+    try:
+        return headline(df)
+    except Exception:  # noqa: BLE001 - e.g. an older CSV without samples: no speedups, no crash
+        return None
+
+
 def _sweep_dir(source: Path) -> Path:
     return source if source.is_dir() else source.parent
 
@@ -52,8 +62,6 @@ def _sweep_dir(source: Path) -> Path:
 def import_sweep(source: Path, *, logger: dict, out_dir: Path, group: str) -> dict:
     """Logs every point that ran and the summary run; returns counts. Stops at the first W&B
     failure (wandb_sink prints the one warning line)."""
-    from hstu_exp.report.aggregate import CSV_FILE, load_sweep, require
-
     df = load_sweep(source)
     require(df, REQUIRED, source, "needed for W&B runs")
     root = Path(out_dir) / IMPORT_DIR
@@ -74,7 +82,8 @@ def import_sweep(source: Path, *, logger: dict, out_dir: Path, group: str) -> di
     images = {p.stem: p for p in sorted((sweep / "figures").glob("*.png"))}
     csv = source if source.suffix == ".csv" else sweep / CSV_FILE
     summary = wandb_sink.log_summary(df, logger=logger, sweep_dir=root, group=group,
-                                     images=images, csv=csv if csv.is_file() else None,
+                                     images=images, labels=serve_labels,
+                                     headline=_headline(df), csv=csv if csv.is_file() else None,
                                      grid_dir=sweep)
     return {"points": written, "skipped": skipped, "summary": summary is not None,
             "failed": summary is None and wandb_sink.effective_mode(logger) != "disabled"}
@@ -101,8 +110,6 @@ def parse_args(argv):
 
 
 def main(argv=None) -> None:
-    from hstu_exp.report.aggregate import SweepError
-
     args = parse_args(sys.argv[1:] if argv is None else argv)
     source = Path(args.source).expanduser().resolve()
     sweep = _sweep_dir(source)
