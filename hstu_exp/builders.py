@@ -12,19 +12,32 @@ import json
 import torch
 from omegaconf import OmegaConf
 
+from hstu_exp import first_use
 from hstu_exp.config import host_pages, pool_pages
 from hstu_exp.core.paging import pages_for
 from hstu_exp.kvcache.paged import PagedKVCache
 from hstu_exp.model.hstu import HSTUBlock
+from hstu_exp.ops import kernels
+from hstu_exp.ops.policy import KernelPolicy
 
 
 def scaling_length(model) -> int:
     return model.scaling_length or model.max_history + model.max_candidates
 
 
+def kernel_policy(kernel) -> KernelPolicy:
+    """The kernel group's knobs as the value the kernels take; their one-off work (tuning) is
+    timed as first-use work, which workload=serve keeps off its service clock."""
+    return KernelPolicy(autotune=bool(kernel.autotune), split_k=kernel.split_k,
+                        tma=bool(kernel.tma), hopper=bool(kernel.hopper),
+                        hopper_group=int(kernel.hopper_group), fast_silu=bool(kernel.fast_silu),
+                        tune_timing=str(kernel.tune_timing),
+                        silu_on_load=bool(kernel.silu_on_load), one_off=first_use.first_use)
+
+
 def kernel_args(kernel) -> dict:
     """The kernel group as the model constructors' plain keyword arguments."""
-    return {"kernel": kernel.name, "autotune": bool(kernel.autotune)}
+    return {"kernel": kernel.name, "policy": kernel_policy(kernel)}
 
 
 def build_block(model, *, kernel: dict, device, dtype: torch.dtype) -> HSTUBlock:
@@ -36,9 +49,7 @@ def build_block(model, *, kernel: dict, device, dtype: torch.dtype) -> HSTUBlock
 def kernels_for(kernel):
     """The kernel group's attention/append ops (`ops.Kernels`), for workloads that call a
     kernel directly rather than through a block."""
-    from hstu_exp.ops import kernels
-
-    return kernels(kernel.name, autotune=bool(kernel.autotune))
+    return kernels(kernel.name, kernel_policy(kernel))
 
 
 def build_cache(model, cache, *, device, dtype: torch.dtype):
@@ -69,6 +80,10 @@ def model_dtype(model) -> torch.dtype:
     return getattr(torch, model.dtype)
 
 
+# kind -> (key, object): the last object of each kind, so the points of a sweep that share a
+# config share its weights, pool and graphs. Process-wide because Hydra runs a sweep's points as
+# calls of one task function in one process, and building (and capturing) again for every point
+# would cost more than the points themselves.
 _BUILT: dict = {}
 
 
@@ -84,6 +99,14 @@ def reuse(kind: str, key, make):
     obj = make()
     _BUILT[kind] = (key, obj)
     return obj
+
+
+def _built_key(obj) -> str:
+    """The kind and key `obj` was built under by `reuse`."""
+    for kind, (key, built) in _BUILT.items():
+        if built is obj:
+            return f"{kind}:{key}"
+    raise ValueError(f"{type(obj).__name__} was not built by hstu_exp.builders")
 
 
 def _plain(node):
@@ -140,9 +163,9 @@ def shared_graphs(module, cache, model, graph, *, device, dtype, progress):
         if isinstance(module, HSTUBlock):
             return GraphedBlock(module, core, hidden=model.hidden, dtype=dtype)
         return GraphedRanker(module, core)
-    # id() is a safe key only because `reuse` drops the graphs whenever it rebuilds a module or
-    # a cache (so an id is never reused by a new object while these graphs live).
-    graphs = reuse("graphs", [_plain(graph), id(module), id(cache)], make)
+    # Keyed by what the graphs capture: the config the module and the cache were built from.
+    graphs = reuse("graphs", [_plain(graph), _built_key(module),
+                              None if cache is None else _built_key(cache)], make)
     graphs.core.progress = progress
     return graphs
 

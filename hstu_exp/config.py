@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from hstu_exp.core.paging import pages_for
+from hstu_exp.ops.policy import TUNE_TIMINGS
 
 
 class ConfigError(ValueError):
@@ -58,7 +59,15 @@ class CacheConfig:
 @dataclass
 class KernelConfig:
     name: str = "reference"  # reference | triton
-    autotune: bool = True  # triton: attention tiles and splits timed once per shape bucket
+    # kernel=triton only; each is a field of ops.policy.KernelPolicy, which says what it does.
+    autotune: bool = True  # attention tiles and splits timed once per shape bucket
+    split_k: Optional[int] = None  # null: tuned or by rule; 1: never split; n: about n splits
+    tma: bool = True
+    hopper: bool = True
+    hopper_group: int = 8
+    fast_silu: bool = True
+    tune_timing: str = "graph"  # graph | events
+    silu_on_load: bool = True
 
 
 @dataclass
@@ -226,6 +235,8 @@ def validate(cfg) -> None:
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("cache.mode", cfg.cache.mode, ("none", "paged", "paged_offload"))
     _choice("kernel.name", cfg.kernel.name, ("reference", "triton"))
+    _choice("kernel.tune_timing", cfg.kernel.tune_timing, TUNE_TIMINGS)
+    _positive(cfg, "kernel.split_k", "kernel.hopper_group")
     _choice("graph.mode", cfg.graph.mode, ("none", "cudagraph"))
     _choice("workload.name", w.name, tuple(WORKLOAD_SCHEMAS))
     if w.name == "e2e":

@@ -26,15 +26,15 @@ import torch
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
+from hstu_exp.core.jagged import make_batch
 from hstu_exp.graphs import capture
 from hstu_exp.kvcache.paged import PagedKVCache
 from hstu_exp.model.hstu import append_kv
-from hstu_exp.core.jagged import make_batch
 from hstu_exp.ops import reference
 from hstu_exp.ops import triton_attention as tri
+from hstu_exp.ops.policy import KernelPolicy
 
 H, D, PAGE = 4, 256, 32
-HOPPER_GROUP = tri.hopper_attention.GROUP if tri.hopper_attention else None
 DT = torch.bfloat16
 
 
@@ -78,14 +78,17 @@ def make_case(B, history, new, cands, *, heads=H, dim=D, page=PAGE, seed=0, jagg
 
 
 def call(op, case, upcast=False, **kw):
+    """op: a module with attention_full/attention_paged (reference, tri) or a tri.Attention."""
     q, k, v = case["q"], case["k"], case["v"]
     alpha, inv_n = 1 / math.sqrt(q.shape[-1]), 1 / 4352
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
+    full, paged = ((op.full, op.paged) if isinstance(op, tri.Attention)
+                   else (op.attention_full, op.attention_paged))
     if case["paged"]:
         kp, vp = (case["kp"].float(), case["vp"].float()) if upcast else (case["kp"], case["vp"])
-        return op.attention_paged(q, k, v, case["batch"], kp, vp, alpha=alpha, inv_n=inv_n, **kw)
-    return op.attention_full(q, k, v, case["batch"], alpha=alpha, inv_n=inv_n, **kw)
+        return paged(q, k, v, case["batch"], kp, vp, alpha=alpha, inv_n=inv_n, **kw)
+    return full(q, k, v, case["batch"], alpha=alpha, inv_n=inv_n, **kw)
 
 
 def rel_err(out, ref):
@@ -99,16 +102,16 @@ def reference_fp32(case):
         return call(reference, case, upcast=True)
 
 
-def kernel_info() -> str:
-    k = tri.LAST_LAUNCH.get("kernel")
+def kernel_info(att: tri.Attention) -> str:
+    last = att.last_launch
+    k = last.get("kernel")
     regs, spills = getattr(k, "n_regs", "?"), getattr(k, "n_spills", "?")
     smem = getattr(getattr(k, "metadata", None), "shared", "?")
-    cfg = tri.LAST_LAUNCH.get("config")
+    cfg = last.get("config")
     tiles = (f"{cfg.kernel} {cfg.block_m}x{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}"
              if cfg else "?")
-    tma = " tma" if tri.LAST_LAUNCH.get("tma") else ""
-    return (f"{tiles}{tma} grid {tri.LAST_LAUNCH.get('grid')} regs {regs} spills {spills} "
-            f"smem {smem}")
+    tma = " tma" if last.get("tma") else ""
+    return f"{tiles}{tma} grid {last.get('grid')} regs {regs} spills {spills} smem {smem}"
 
 
 def time_it(fn):
@@ -193,8 +196,8 @@ SWEEP = {  # case -> [(config, split_k)] tried with --sweep
 #   silu: Triton LayerNorm, SiLU on load (silu_qkv: q, k, v in place + append; u in LN*U)
 #   zero: silu, and silu_qkv clears the attention's split-K sum buffer (no memset launch)
 #   new:  zero, and the residual added in place past layer 0 (no device copy of x a layer)
-#   notma: new, with full-mode attention tiles on per-thread async copies (tri.TMA off)
-#   nohopper: new, with full mode on the portable Triton kernel (tri.HOPPER off; TMA on)
+#   notma: new, with full-mode attention tiles on per-thread async copies (policy tma off)
+#   nohopper: new, with full mode on the portable Triton kernel (policy hopper off; TMA on)
 SEED = dict(num_layers=8, hidden=1024, num_heads=H, head_dim=D, scaling_length=4352)
 BLOCK_CASES = [  # name, B, history, new, candidates
     ("B=1 cached T=4096", 1, 4096, 128, 256), ("B=8 cached T=4096", 8, 4096, 128, 256),
@@ -203,9 +206,16 @@ BLOCK_CASES = [  # name, B, history, new, candidates
 ]
 
 
-def variant_kernels(variant):
+def variant_policy(variant) -> KernelPolicy:
+    """The policy a variant runs under (each policy has its own tuned table)."""
+    return KernelPolicy(silu_on_load=variant in ("silu", "zero", "new", "notma", "nohopper"),
+                        tma=variant != "notma", hopper=variant not in ("notma", "nohopper"))
+
+
+def variant_kernels(variant, policy):
+    """The ops of a variant: the policy's, with the older code paths swapped back in."""
     from hstu_exp.ops import fused, kernels
-    k = kernels("triton", True, variant in ("silu", "zero", "new", "notma", "nohopper"))
+    k = kernels("triton", policy)
     if variant == "old":
         k = dataclasses.replace(k, layernorm=fused.layernorm_torch)
     if variant == "silu":
@@ -282,9 +292,11 @@ def block_main(variants, reps, profile_cases, only=()):
     torch.manual_seed(0)
     blk = HSTUBlock(**SEED, kernel="triton").cuda().to(DT).eval()
     current = {"v": "new"}
+    # The block looks its ops up by (name, policy); the older code paths (old, ln, silu, zero)
+    # are no policy of the library, so this script swaps them in at that lookup.
     original = hstu.kernels
-    hstu.kernels = lambda name, autotune=True, silu_on_load=True: (
-        variant_kernels(current["v"]) if name == "triton" else original(name, autotune))
+    hstu.kernels = lambda name, policy: (
+        variant_kernels(current["v"], policy) if name == "triton" else original(name, policy))
     table = []
     for name, B, T, n, c in BLOCK_CASES:
         if only and name not in only:
@@ -296,12 +308,11 @@ def block_main(variants, reps, profile_cases, only=()):
         captured = {}
         for v in variants:
             current["v"] = v
-            tri.TMA = v != "notma"  # read at launch: baked into the capture
-            tri.HOPPER = v not in ("notma", "nohopper")
-            tri.TUNED.clear()  # each variant tunes its own launches
+            # read at launch and baked into the capture; a fresh policy tunes its own launches
+            blk.policy = variant_policy(v)
             with torch.no_grad():
                 captured[v], _ = capture(lambda: blk(x, batch, pool))
-        tri.TMA, tri.HOPPER = True, True
+        blk.policy = variant_policy("new")
         ms = {v: [] for v in variants}
         for _ in range(2):  # interleaved rounds
             for v in variants:
@@ -314,6 +325,7 @@ def block_main(variants, reps, profile_cases, only=()):
         if name in profile_cases:
             for v in ("old", "new"):
                 current["v"] = v
+                blk.policy = variant_policy(v)
                 print(f"  profile {name} {v}:", flush=True)
                 profile_block(blk, x, batch, pool)
         del captured, x, batch, pool
@@ -336,13 +348,13 @@ def inversion_main():
                           ("tuned-grf", {"autotune": True, "timing": "graph"}),
                           ("split=1", {"split_k": 1}), ("split=4", {"split_k": 4}),
                           ("split=8", {"split_k": 8}), ("split=16", {"split_k": 16})]:
-            tri.TUNED.clear()
-            tri.TUNE_TIMING = kw.pop("timing", "graph")
-            call(tri, case, **kw)
+            att = tri.Attention(KernelPolicy(autotune=kw.pop("autotune", False),
+                                             tune_timing=kw.pop("timing", "graph")))
+            call(att, case, **kw)
             torch.cuda.synchronize()
-            info = f"{tri.LAST_LAUNCH.get('config')} splits {tri.LAST_LAUNCH.get('splits')}"
+            info = f"{att.last_launch.get('config')} splits {att.last_launch.get('splits')}"
             with torch.cuda.stream(torch.cuda.Stream()):
-                gms = do_bench_cudagraph(lambda: call(tri, case, **kw), rep=30, return_mode="median")
+                gms = do_bench_cudagraph(lambda: call(att, case, **kw), rep=30, return_mode="median")
             print(f"  T={T:5} {label:9} {gms * 1e3:7.1f} us  {flops / gms / 1e9:4.0f} TF/s  {info}",
                   flush=True)
         del case
@@ -350,13 +362,13 @@ def inversion_main():
 
 def one_main(name):
     """One launch of a goal case by the rule (no tuning): a target for ncu."""
-    tri.TMA = os.environ.get("TMA", "1") == "1"
+    att = tri.Attention(KernelPolicy(autotune=False, tma=os.environ.get("TMA", "1") == "1"))
     _, B, T, n, c, heads, dim, _ = next(g for g in GOALS if g[0].replace(" ", "") == name)
     case = make_case(B, T, n, c, heads=heads, dim=dim)
     torch.cuda.synchronize()
-    call(tri, case)
+    call(att, case)
     torch.cuda.synchronize()
-    print(f"{name}: {kernel_info()} config {tri.LAST_LAUNCH.get('config')}", flush=True)
+    print(f"{name}: {kernel_info(att)} config {att.last_launch.get('config')}", flush=True)
 
 
 def main():
@@ -423,26 +435,22 @@ def main():
         for label, kw in variants:
             if args.labels and label not in args.labels.split(","):
                 continue
-            tri.FAST_SILU = not kw.pop("exact", False)
-            tri.TMA = kw.pop("tma", True)
-            tri.HOPPER = kw.pop("hopper", True)
-            group = kw.pop("group", None)
-            if group:
-                tri.hopper_attention.GROUP = group
+            kw = dict(kw)
+            att = tri.Attention(KernelPolicy(
+                autotune=kw.pop("autotune", False), fast_silu=not kw.pop("exact", False),
+                tma=kw.pop("tma", True), hopper=kw.pop("hopper", True),
+                hopper_group=kw.pop("group", KernelPolicy.hopper_group)))
             try:
-                out = call(tri, case, **kw)
+                out = call(att, case, **kw)
                 rel, _ = rel_err(out, ref)
-                times = time_it(lambda: call(tri, case, **kw))
+                times = time_it(lambda: call(att, case, **kw))
             except Exception as e:  # noqa: BLE001 - e.g. out of shared memory; keep going
                 print(f"  {name} {label}: {type(e).__name__} {e}"[:300], flush=True)
                 continue
-            finally:
-                tri.FAST_SILU, tri.TMA, tri.HOPPER = True, True, True
-                tri.hopper_attention.GROUP = HOPPER_GROUP
             rows.append((name, label, *times, flops, rel, goal))
             print(f"  {name} {label:28} {times[0]:.3f} / {times[1]:.3f} / {times[2]:.3f} ms  "
                   f"{flops / times[2] / 1e9:4.0f} TFLOP/s (graph)  host {times[3]:.0f} us  "
-                  f"rel {rel:.1e}  {kernel_info()}", flush=True)
+                  f"rel {rel:.1e}  {kernel_info(att)}", flush=True)
         if not args.no_ref:
             with torch.no_grad():
                 times = time_it(lambda: call(reference, case))

@@ -8,10 +8,11 @@ import random
 import pytest
 import torch
 
+from hstu_exp.core.jagged import make_batch
 from hstu_exp.kvcache.paged import PagedKVCache
 from hstu_exp.model.hstu import HSTUBlock
-from hstu_exp.core.jagged import make_batch
 from hstu_exp.ops import triton_attention
+from hstu_exp.ops.policy import KernelPolicy
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HIDDEN, HEADS, DIM, PAGE = 32, 2, 16, 8
@@ -54,7 +55,7 @@ def test_triton_block_equals_reference(seed, silu_on_load):
     rng = random.Random(seed)
     ref = reference_block(seed)
     tri = copy.deepcopy(ref)
-    tri.kernel, tri.silu_on_load = "triton", silu_on_load
+    tri.kernel, tri.policy = "triton", KernelPolicy(silu_on_load=silu_on_load)
     B = rng.randint(1, 3)
     hist = [rng.randint(1, 40) for _ in range(B)]
     cached = [rng.randint(0, h) for h in hist]
@@ -68,20 +69,20 @@ def test_triton_block_equals_reference(seed, silu_on_load):
 
 
 @pytest.mark.parametrize("seed", [3, 4])
-def test_triton_block_split_sums_cleared_by_silu_qkv(seed, monkeypatch):
+def test_triton_block_split_sums_cleared_by_silu_qkv(seed):
     """Key splits forced: the attention sums into a buffer that silu_qkv cleared (no memset)."""
-    monkeypatch.setattr(triton_attention, "FORCE_SPLIT_K", 3)
+    policy = KernelPolicy(split_k=3)
     rng = random.Random(seed)
     ref = reference_block(seed)
     tri = copy.deepcopy(ref)
-    tri.kernel = "triton"
+    tri.kernel, tri.policy = "triton", policy
     hist = [rng.randint(20, 40) for _ in range(2)]
     cached = [rng.randint(0, h - 1) for h in hist]
     cands = [rng.randint(0, 5) for _ in range(2)]
     seqs = [torch.randn(t + c, HIDDEN, device=DEVICE) for t, c in zip(hist, cands)]
     batch = make_batch([t + c for t, c in zip(hist, cands)], cands, DEVICE)
-    assert triton_attention.will_split(torch.zeros(sum(hist) + sum(cands), HEADS, DIM), batch,
-                                       False)
+    assert triton_attention.Attention(policy).will_split(
+        torch.zeros(sum(hist) + sum(cands), HEADS, DIM), batch, False)
     with torch.no_grad():
         want = full_and_cached(ref, seqs, hist, cached, cands, torch.float32)
         got = full_and_cached(tri, seqs, hist, cached, cands, torch.float32)

@@ -15,12 +15,14 @@ import torch
 from hstu_exp.core.jagged import make_batch
 from hstu_exp.ops import reference
 from hstu_exp.ops import triton_attention as tri
+from hstu_exp.ops.policy import KernelPolicy
 from test_triton_attention import paged_case
 
 pytestmark = pytest.mark.gpu
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 (Hopper) GPU")
 TOL = 2e-2
+NO_TUNE = KernelPolicy(autotune=False)
 
 
 def case(rows, cands, H, D, *, dead=0, dtype=torch.bfloat16, seed=0, nan_dead=True):
@@ -43,11 +45,12 @@ def oracle(batch, q, k, v, alpha, inv_n):
     return reference.attention_full(q, k, v, batch, alpha=alpha, inv_n=inv_n)
 
 
-def run(batch, q, k, v, *, out=None, config=tri.HOPPER_CONFIG):
+def run(batch, q, k, v, *, out=None, config=tri.HOPPER_CONFIG, policy=NO_TUNE):
     D = q.shape[-1]
     alpha, inv_n = 1 / math.sqrt(D), 1 / 512
-    got = tri.attention_full(q, k, v, batch, alpha=alpha, inv_n=inv_n, config=config, out=out)
-    assert tri.LAST_LAUNCH["config"].kernel == "hopper", "the Hopper kernel did not run"
+    att = tri.Attention(policy)
+    got = att.full(q, k, v, batch, alpha=alpha, inv_n=inv_n, config=config, out=out)
+    assert att.last_launch["config"].kernel == "hopper", "the Hopper kernel did not run"
     return got, oracle(batch, q, k, v, alpha, inv_n)
 
 
@@ -101,16 +104,15 @@ def test_random_jagged_batches():
 
 
 @needs_hopper
-def test_program_order_does_not_change_the_answer(monkeypatch):
+def test_program_order_does_not_change_the_answer():
     """Programs take (user, head) pairs in groups (hopper_attention._schedule): pair by pair, in
     groups of 3 (a last group of 1 of the 10 pairs incl. the dead-row "user"), the default 8, all
     at once; each program computes the same thing, so the outputs agree bit for bit."""
-    from hstu_exp.ops import hopper_attention
     batch, q, k, v = case([300, 129, 700, 1], [44, 0, 256, 1], H=2, D=128, dead=40, seed=4)
     outs = []
     for group in (1, 3, 8, 1000):
-        monkeypatch.setattr(hopper_attention, "GROUP", group)
-        outs.append(run(batch, q, k, v)[0])
+        policy = KernelPolicy(autotune=False, hopper_group=group)
+        outs.append(run(batch, q, k, v, policy=policy)[0])
     check(outs[0], run(batch, q, k, v)[1], 1130)
     for out in outs[1:]:
         assert torch.equal(out, outs[0])
@@ -122,9 +124,10 @@ def test_default_choice_and_cuda_graph():
     graph (grid from host ints, no sync) and replays to the eager answer."""
     batch, q, k, v = case([500, 200], [64, 32], H=4, D=256, dead=20, seed=5)
     alpha, inv_n = 1 / 16, 1 / 512
-    fn = lambda: tri.attention_full(q, k, v, batch, alpha=alpha, inv_n=inv_n)  # noqa: E731
+    att = tri.Attention(NO_TUNE)
+    fn = lambda: att.full(q, k, v, batch, alpha=alpha, inv_n=inv_n)  # noqa: E731
     expected = fn().clone()
-    assert tri.LAST_LAUNCH["config"] == tri.HOPPER_CONFIG
+    assert att.last_launch["config"] == tri.HOPPER_CONFIG
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -142,8 +145,9 @@ def test_falls_back_where_it_cannot_run():
     batch, q, k, v = case([90], [10], H=2, D=128, seed=8, nan_dead=False)
     q = torch.cat([q, q], dim=1)[:, ::2]  # head stride 2 D
     assert not q.is_contiguous()
-    out = tri.attention_full(q, k, v, batch, alpha=0.1, inv_n=0.01, config=tri.HOPPER_CONFIG)
-    assert tri.LAST_LAUNCH["config"].kernel == "triton"
+    att = tri.Attention(NO_TUNE)
+    out = att.full(q, k, v, batch, alpha=0.1, inv_n=0.01, config=tri.HOPPER_CONFIG)
+    assert att.last_launch["config"].kernel == "triton"
     check(out, oracle(batch, q, k, v, 0.1, 0.01), 90)
 
 
@@ -167,11 +171,12 @@ def test_paged_matches_reference(D, page_size, split_k):
         t[live:] = float("nan")
     alpha, inv_n = 1 / math.sqrt(D), 1 / 512
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device="cuda")
-    got = tri.attention_paged(q, k, v, batch, kp, vp, alpha=alpha, inv_n=inv_n, out=out,
-                              split_k=split_k, config=tri.HOPPER_CONFIG)
-    assert got is out and tri.LAST_LAUNCH["config"].kernel == "hopper"
+    att = tri.Attention(NO_TUNE)
+    got = att.paged(q, k, v, batch, kp, vp, alpha=alpha, inv_n=inv_n, out=out, split_k=split_k,
+                    config=tri.HOPPER_CONFIG)
+    assert got is out and att.last_launch["config"].kernel == "hopper"
     if split_k == 5:
-        assert tri.LAST_LAUNCH["splits"] > 1
+        assert att.last_launch["splits"] > 1
     check(out, paged_oracle(batch, q, k, v, kp, vp, alpha, inv_n), live)
 
 
@@ -183,10 +188,11 @@ def test_paged_goal_shape_split_fp32_sums_and_graph():
     batch, q, k, v, kp, vp = paged_case([3968], [128], [256], H=4, D=256, page_size=32,
                                         dtype=torch.bfloat16, device="cuda", seed=9)
     alpha, inv_n = 1 / 16, 1 / 4352
-    fn = lambda: tri.attention_paged(q, k, v, batch, kp, vp, alpha=alpha, inv_n=inv_n,  # noqa
-                                     partial_fp32=True)
+    att = tri.Attention(NO_TUNE)
+    fn = lambda: att.paged(q, k, v, batch, kp, vp, alpha=alpha, inv_n=inv_n,  # noqa: E731
+                           partial_fp32=True)
     first = fn()
-    assert tri.LAST_LAUNCH["config"].kernel == "hopper" and tri.LAST_LAUNCH["splits"] > 1
+    assert att.last_launch["config"].kernel == "hopper" and att.last_launch["splits"] > 1
     assert first.dtype == torch.float32
     check(first, paged_oracle(batch, q, k, v, kp, vp, alpha, inv_n), 384)
     expected = first.clone()

@@ -18,8 +18,10 @@ from hstu_exp.model.hstu import append_kv
 from hstu_exp.core.jagged import make_batch
 from hstu_exp.ops import reference
 from hstu_exp.ops import triton_attention as tri
+from hstu_exp.ops.policy import KernelPolicy
 
 CPU_CFG = tri.Config(16, 16, 4, 1)
+NO_TUNE = KernelPolicy(autotune=False)
 # The small float32 tests run on the GPU where there is one (the interpreter is off there).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -77,10 +79,12 @@ def paged_case(cached, new, cands, H, D, page_size, *, dead=0, dtype=torch.float
     return batch, q, k, v, pool[:, 0], pool[:, 1]
 
 
-def run_full(batch, q, k, v, **kw):
+def run_full(batch, q, k, v, att=None, **kw):
+    """att: the tri.Attention to call (default: one of its own, nothing tuned)."""
     D = q.shape[-1]
     out = poisoned(*q.shape, q.dtype, q.device)
-    got = tri.attention_full(q, k, v, batch, alpha=1 / math.sqrt(D), inv_n=1 / 64, out=out, **kw)
+    att = att or tri.Attention(NO_TUNE)
+    got = att.full(q, k, v, batch, alpha=1 / math.sqrt(D), inv_n=1 / 64, out=out, **kw)
     assert got is out
     ref = reference.attention_full(q.float(), k.float(), v.float(), batch,
                                    alpha=1 / math.sqrt(D), inv_n=1 / 64)
@@ -88,11 +92,11 @@ def run_full(batch, q, k, v, **kw):
     return got, ref
 
 
-def run_paged(batch, q, k, v, kp, vp, **kw):
+def run_paged(batch, q, k, v, kp, vp, att=None, **kw):
     D = q.shape[-1]
     out = poisoned(*q.shape, q.dtype, q.device)
-    got = tri.attention_paged(q, k, v, batch, kp, vp, alpha=1 / math.sqrt(D), inv_n=1 / 64,
-                              out=out, **kw)
+    att = att or tri.Attention(NO_TUNE)
+    got = att.paged(q, k, v, batch, kp, vp, alpha=1 / math.sqrt(D), inv_n=1 / 64, out=out, **kw)
     assert got is out
     ref = reference.attention_paged(q.float(), k.float(), v.float(), batch, kp.float(),
                                     vp.float(), alpha=1 / math.sqrt(D), inv_n=1 / 64)
@@ -132,16 +136,16 @@ def test_full_non_contiguous_qkv_and_default_rule():
     check(out, ref, 33)
 
 
-def test_force_split_override(monkeypatch):
+def test_policy_forces_splits():
+    """KernelPolicy.split_k forces the splits of every launch that names none: 2 splits, then
+    none, each checked against the reference and against what ran."""
     batch, q, k, v = full_case([40, 7], [8, 3], H=1, D=16)
-    monkeypatch.setattr(tri, "FORCE_SPLIT_K", 2)
-    assert tri.split_chunk(1, 1, 3, 1.0, 132, None) == 2
-    out, ref = run_full(batch, q, k, v, config=CPU_CFG)
-    check(out, ref, 47)
-    monkeypatch.setattr(tri, "FORCE_SPLIT_K", 1)
-    assert tri.split_chunk(1, 1, 3, 1.0, 132, None) == 0
-    out, ref = run_full(batch, q, k, v, config=CPU_CFG)
-    check(out, ref, 47)
+    for forced, splits in ((2, 2), (1, 1)):
+        att = tri.Attention(KernelPolicy(autotune=False, split_k=forced))
+        assert att.will_split(q, batch, False) == (splits > 1)
+        out, ref = run_full(batch, q, k, v, att=att, config=CPU_CFG)
+        check(out, ref, 47)
+        assert att.last_launch["splits"] == splits
 
 
 def test_split_rule():
@@ -256,10 +260,10 @@ GPU_TOL = 2e-2
 
 
 @pytest.fixture(params=[False, True], ids=["portable", "hopper-if-sm90"])
-def hopper(request, monkeypatch):
-    """GPU tests run this file's kernel, and the Hopper kernel where the GPU has it."""
-    monkeypatch.setattr(tri, "HOPPER", request.param)
-    return request.param
+def hopper(request):
+    """GPU tests run this file's kernel, and the Hopper kernel where the GPU has it: an
+    Attention whose policy says which."""
+    return tri.Attention(KernelPolicy(autotune=False, hopper=request.param))
 
 
 @pytest.mark.gpu
@@ -268,9 +272,9 @@ def hopper(request, monkeypatch):
 def test_gpu_full_bf16(D, split_k, hopper):
     batch, q, k, v = full_case([700, 0, 1290, 300], [256, 0, 256, 300], H=4, D=D, dead=5,
                                dtype=torch.bfloat16, device="cuda", seed=D)
-    out, ref = run_full(batch, q, k, v, split_k=split_k)
+    out, ref = run_full(batch, q, k, v, att=hopper, split_k=split_k)
     check(out, ref, 2290, tol=GPU_TOL)
-    expect_hopper(hopper and split_k != 8)  # a forced split keeps the portable kernel
+    expect_hopper(hopper, split_k != 8)  # a forced split keeps the portable kernel
 
 
 @pytest.mark.parametrize("split_k", [1, 3])
@@ -293,15 +297,17 @@ def test_gpu_paged_bf16(D, page_size, split_k, hopper):
     batch, q, k, v, kp, vp = paged_case([1500, 97, 0, 640], [128, 31, 200, 0], [256, 0, 64, 256],
                                         H=4, D=D, page_size=page_size, dead=3,
                                         dtype=torch.bfloat16, device="cuda", seed=D + page_size)
-    out, ref = run_paged(batch, q, k, v, kp, vp, split_k=split_k)
+    out, ref = run_paged(batch, q, k, v, kp, vp, att=hopper, split_k=split_k)
     check(out, ref, 128 + 256 + 31 + 264 + 256, tol=GPU_TOL)
     expect_hopper(hopper)
 
 
-def expect_hopper(hopper: bool):
-    """On an sm_90 GPU with the Hopper kernel on, it is the one that ran."""
+def expect_hopper(att, possible: bool = True):
+    """On an sm_90 GPU with the Hopper kernel on (and `possible` for this launch), it is the one
+    that ran."""
     sm90 = torch.cuda.get_device_capability()[0] == 9
-    assert (tri.LAST_LAUNCH["config"].kernel == "hopper") == (hopper and sm90)
+    assert (att.last_launch["config"].kernel == "hopper") == (att.policy.hopper and possible
+                                                              and sm90)
 
 
 @pytest.mark.gpu
@@ -311,7 +317,7 @@ def test_gpu_cuda_graph_capture():
                                         dtype=torch.bfloat16, device="cuda")
     for split_k in (1, 4):
         run = lambda: tri.attention_paged(q, k, v, batch, kp, vp, alpha=0.1, inv_n=0.01,  # noqa
-                                          split_k=split_k)
+                                          split_k=split_k)  # one Attention a call
         expected = run().clone()  # warm-up (compiles) outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -341,20 +347,20 @@ def test_partial_fp32_hands_over_the_split_sums():
 @pytest.mark.gpu
 @pytest.mark.parametrize("paged", [False, True])
 def test_gpu_autotune_picks_a_candidate_and_matches(paged):
-    """autotune=True times the candidates once per shape bucket, outside captures, and the
-    chosen launch still equals the reference; a capture afterwards reuses the choice."""
-    tri.TUNED.clear()
+    """autotune times the candidates once per shape bucket, outside captures, and the chosen
+    launch still equals the reference; a capture afterwards reuses the choice."""
+    att = tri.Attention(KernelPolicy(autotune=True))
     if paged:
         batch, q, k, v, kp, vp = paged_case([2000], [128], [256], H=4, D=256, page_size=32,
                                             dtype=torch.bfloat16, device="cuda", seed=5)
-        out, ref = run_paged(batch, q, k, v, kp, vp, autotune=True)
+        out, ref = run_paged(batch, q, k, v, kp, vp, att=att)
         rows = 384
     else:
         batch, q, k, v = full_case([1500, 300], [256, 44], H=4, D=256, dtype=torch.bfloat16,
                                    device="cuda", seed=6)
-        out, ref = run_full(batch, q, k, v, autotune=True)
+        out, ref = run_full(batch, q, k, v, att=att)
         rows = 2100
     check(out, ref, rows, tol=GPU_TOL)
-    assert len(tri.TUNED) == 1
-    (cfg, split), = tri.TUNED.values()
+    assert len(att.tuned) == 1
+    (cfg, split), = att.tuned.values()
     assert (cfg in tri.TUNE_CONFIGS[256] or cfg == tri.HOPPER_CONFIG) and split >= 1

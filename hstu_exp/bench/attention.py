@@ -76,7 +76,7 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
     nbytes = itemsize * H * D * (4 * rows + (2 * B * T if paged else 0))  # q,k,v,out + pages
     extra = {"cache": "paged" if paged else "none"}
     if cfg.kernel.name == "triton":
-        extra.update(_launch_plan(eager))
+        extra.update(_launch_plan(eager, kernel.attention.last_launch))
 
     def verify() -> float:
         out = step(0)
@@ -88,14 +88,11 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
                     extra=extra)
 
 
-def _launch_plan(eager) -> dict:
+def _launch_plan(eager, plan: dict) -> dict:
     """The tiles and splits the rule or the tuner chose for this shape. ops offers no pure
-    query for them yet: read what the last eager launch recorded (a graph replay launches
-    nothing from Python, so one eager call is made here, after timing)."""
-    from hstu_exp.ops import triton_attention
-
+    query for them yet: read what the last eager launch recorded in `plan` (a graph replay
+    launches nothing from Python, so one eager call is made here, after timing)."""
     eager(0)
-    plan = getattr(triton_attention, "LAST_LAUNCH", {})
     tiles = plan.get("config")
     if tiles is None:
         return {}

@@ -14,6 +14,7 @@ from torch import nn
 
 from hstu_exp.core.jagged import Batch
 from hstu_exp.ops import kernels
+from hstu_exp.ops.policy import KernelPolicy
 from hstu_exp.ops.fused import append_kv_torch
 
 
@@ -65,23 +66,22 @@ class HSTULayer(nn.Module):
 
 class HSTUBlock(nn.Module):
     def __init__(self, *, num_layers: int, hidden: int, num_heads: int, head_dim: int,
-                 scaling_length: int, kernel: str = "reference", autotune: bool = True,
-                 silu_on_load: bool = True):
+                 scaling_length: int, kernel: str = "reference",
+                 policy: KernelPolicy = KernelPolicy()):
         super().__init__()
         self.layers = nn.ModuleList(HSTULayer(hidden, num_heads, head_dim)
                                     for _ in range(num_layers))
         self.alpha = 1.0 / math.sqrt(head_dim)
         # Fixed N, never the batch's longest sequence: outputs must not depend on batch-mates.
         self.inv_n = 1.0 / scaling_length
-        # Names and flags, not the modules: blocks must stay deep-copyable.
-        # silu_on_load (kernel=triton): no SiLU pass over the projection (measured: BENCHMARKS).
-        self.kernel, self.autotune, self.silu_on_load = kernel, autotune, silu_on_load
+        # A name and a policy (plain values), not the ops: blocks must stay deep-copyable.
+        self.kernel, self.policy = kernel, policy
 
     def forward(self, x: torch.Tensor, batch: Batch, pool: Optional[torch.Tensor] = None,
                 on_layer=None) -> torch.Tensor:
         """x: [rows, hidden]. pool: [L, P, 2, page_size, H, D] when batch.pages is set.
         on_layer(l) runs before layer l (the host tier waits there for that layer's onload)."""
-        kernel = kernels(self.kernel, self.autotune, self.silu_on_load)
+        kernel = kernels(self.kernel, self.policy)
         for i, layer in enumerate(self.layers):
             if on_layer is not None:
                 on_layer(i)

@@ -17,6 +17,7 @@ from torch.profiler import record_function
 
 from hstu_exp.model.embeddings import SequenceEmbeddings
 from hstu_exp.model.hstu import HSTUBlock
+from hstu_exp.ops.policy import KernelPolicy
 
 
 class TaskHeads(nn.Module):
@@ -47,7 +48,7 @@ class HSTURanker(nn.Module):
                  scaling_length: int, kernel: str, item_vocab: int, action_vocab: int,
                  num_context: int, context_vocab: int, max_history: int,
                  position_embedding: bool, head_widths: Sequence[int], num_tasks: int,
-                 autotune: bool = True):
+                 policy: KernelPolicy = KernelPolicy()):
         super().__init__()
         self.embeddings = SequenceEmbeddings(
             hidden=hidden, item_vocab=item_vocab, action_vocab=action_vocab,
@@ -55,7 +56,7 @@ class HSTURanker(nn.Module):
             position_embedding=position_embedding)
         self.block = HSTUBlock(num_layers=num_layers, hidden=hidden, num_heads=num_heads,
                                head_dim=head_dim, scaling_length=scaling_length, kernel=kernel,
-                               autotune=autotune)
+                               policy=policy)
         self.heads = TaskHeads(hidden=hidden, widths=head_widths, num_tasks=num_tasks)
 
 

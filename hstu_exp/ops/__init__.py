@@ -2,16 +2,19 @@
 or `triton`. Both offer the signatures of `reference.attention_full/attention_paged` and of
 `fused.append_kv/layernorm_mul_linear_add/layernorm`.
 
-Triton options: autotune, attention tiles and key splits timed once per shape bucket (off: the
-hand-tuned table and split rule); silu_on_load, the layer hands over the raw UVQK projection and
-SiLU is applied where U, Q, K, V are read (`silu_qkv`: Q, K, V in place and the K/V append in one
-kernel; LayerNorm*U for U), instead of a separate SiLU pass over the projection plus an append.
+Triton options come in a `KernelPolicy` (ops/policy.py): autotune, attention tiles and key splits
+timed once per shape bucket (off: the hand-tuned table and split rule); silu_on_load, the layer
+hands over the raw UVQK projection and SiLU is applied where U, Q, K, V are read (`silu_qkv`: Q, K,
+V in place and the K/V append in one kernel; LayerNorm*U for U), instead of a separate SiLU pass
+over the projection plus an append; forced splits, TMA, the Hopper kernel, fast SiLU.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
+
+from hstu_exp.ops.policy import KernelPolicy
 
 
 @dataclass(frozen=True)
@@ -31,10 +34,17 @@ class Kernels:
     # layernorm_mul_linear_add(..., in_place=True) may add into the residual x it is given (the
     # block asks for it past its first layer, where x is its own intermediate).
     residual_in_place: bool = False
+    # The Triton attention behind the ops (triton_attention.Attention: its tuned table and last
+    # launch), None for the reference.
+    attention: Optional[object] = None
 
 
 @functools.lru_cache(maxsize=None)
-def kernels(name: str, autotune: bool = True, silu_on_load: bool = True) -> Kernels:
+def kernels(name: str, policy: KernelPolicy = KernelPolicy()) -> Kernels:
+    """The ops of kernel `name` under `policy`. One Kernels per (name, policy) for the process:
+    the Triton attention's tuned table is kept there, so the points of a sweep that share a
+    policy tune each shape bucket once (tuning takes seconds a bucket on a GPU), and points with
+    another policy get their own table."""
     from hstu_exp.ops import fused
 
     if name == "reference":  # the design's semantics as written: the oracle
@@ -44,12 +54,13 @@ def kernels(name: str, autotune: bool = True, silu_on_load: bool = True) -> Kern
                        fused.layernorm_mul_linear_add_torch, fused.layernorm_torch)
     if name != "triton":
         raise ValueError(f"unknown kernel {name!r} (reference | triton)")
-    from hstu_exp.ops import triton_attention as tri
+    from hstu_exp.ops.triton_attention import Attention
 
+    attention = Attention(policy)
     # The attention may hand the next op its float32 split-K sums: LayerNorm reads float32 anyway.
-    return Kernels(functools.partial(tri.attention_full, partial_fp32=True, autotune=autotune),
-                   functools.partial(tri.attention_paged, partial_fp32=True, autotune=autotune),
+    return Kernels(functools.partial(attention.full, partial_fp32=True),
+                   functools.partial(attention.paged, partial_fp32=True),
                    fused.append_kv,
-                   functools.partial(fused.layernorm_mul_linear_add, silu_u=silu_on_load),
-                   fused.layernorm, silu_on_load, fused.silu_qkv,
-                   functools.partial(tri.will_split, autotune=autotune), True)
+                   functools.partial(fused.layernorm_mul_linear_add, silu_u=policy.silu_on_load),
+                   fused.layernorm, policy.silu_on_load, fused.silu_qkv, attention.will_split,
+                   True, attention)

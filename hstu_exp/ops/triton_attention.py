@@ -19,8 +19,12 @@ loop is a plain sum, and sums over disjoint key ranges simply add. That gives th
 SiLU goes through tanh.approx: one special-function op a score instead of exp + reciprocal.
 No host syncs: grid sizes come from host ints (max_len, max_kv_len, B, H, shapes), everything else
 is read on the device, so the ops can be captured in CUDA graphs. Tile sizes and splits come from
-a hand-tuned table (`CONFIGS`) and a cost rule, or with autotune=True from timing the candidates once
+a hand-tuned table (`CONFIGS`) and a cost rule, or with autotune from timing the candidates once
 per shape bucket, outside any capture (a capture reuses the choice, or falls back to the rule).
+
+What to launch is decided by a `KernelPolicy` (ops/policy.py) and remembered by an `Attention`
+object: its tuned table and its last launch. Nothing here is module state, so two policies in
+one process never see each other's choices.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import functools
 import math
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -36,8 +40,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from hstu_exp.first_use import first_use
 from hstu_exp.core.jagged import Batch
+from hstu_exp.ops.policy import KernelPolicy
 
 try:  # Gluon (Triton >= 3.5): the warp-specialised Hopper kernel for full mode
     from hstu_exp.ops import hopper_attention
@@ -55,12 +59,12 @@ class Config:
 
 
 # (paged, head dim bucket, long queries) -> Config; "long" = max_len > 512 rows per user (a key so
-# short-query shapes can be retuned; today both buckets agree). Measured on an H200, Triton 3.6,
-# bf16, 4096 history + 256 candidates (scripts/gpu_attention_check.py --sweep):
-#   D=256: 128x64 tiles, 8 warps, 2 stages won in both modes (full B=8 432 TFLOP/s; 128x32, 64x64,
-#          64x32 <= 412). Nothing larger fits: acc [128, 256] fp32 is 128 registers a thread at
-#          8 warps, and q + 2 stages of K/V take 192 of the 227 KB of shared memory.
-#   D=128: 128x64, 8 warps, 3 stages: full B=8 H=8 433 TFLOP/s (128x128: 389, 64x64: 401).
+# short-query shapes can be retuned; today both buckets agree). The winners of
+# scripts/gpu_attention_check.py --sweep on the GPU box (BENCHMARKS: "attention tile table"):
+#   D=256: 128x64 tiles, 8 warps, 2 stages. Nothing larger fits: acc [128, 256] fp32 is 128
+#          registers a thread at 8 warps, and q + 2 stages of K/V take 192 of the 227 KB of
+#          shared memory.
+#   D=128: 128x64, 8 warps, 3 stages.
 #   D=64:  not measured; the D=128 shape with 4 warps.
 CONFIGS = {
     (paged, dim, long): cfg
@@ -76,29 +80,15 @@ INTERPRETER_CONFIG = Config(16, 16, 4, 1)  # CPU interpreter: small tiles keep n
 #   max(the longest program, waves x the mean program)
 # with PROGRAM_OVERHEAD_BLOCKS per program (launch, q tile, candidate self term) and
 # SPLIT_OVERHEAD_BLOCKS more per program when split (fp32 atomics epilogue), all in key-block units
-# (fitted on an H200, D=256). A chunk of c key blocks caps the longest program at c: batch 1
-# paged (12 programs x 64 key blocks) gets 11 splits (4.1x faster than none); batch 1 full gets
-# its long candidate and late-history blocks cut, where unsplit they ran alone in a last wave.
+# (fitted on an H200, D=256; BENCHMARKS: "split-K rule"). A chunk of c key blocks caps the
+# longest program at c: batch 1 paged (12 programs x 64 key blocks) gets 11 splits; batch 1 full
+# gets its long candidate and late-history blocks cut, where unsplit they ran alone in a last
+# wave.
 PROGRAM_OVERHEAD_BLOCKS = 2
 SPLIT_OVERHEAD_BLOCKS = 7
 MIN_SPLIT_BLOCKS = 2
-FORCE_SPLIT_K: Optional[int] = None  # tests / benchmarks: 1 = never split, n = n key splits
-FAST_SILU = True  # bf16/fp16 on GPU: SiLU through tanh.approx (1 MUFU op per score)
-# Full mode: Q, K and V tiles through the tensor-memory accelerator (host-built TMA descriptors
-# over [rows, H*D]) instead of 16 per-thread async copies a tile and their address arithmetic
-# (10 % of the key loop's stall samples on the H200). Measured there: full B=8 attention 435 ->
-# 476 TFLOP/s, block B=8 full 11.83 -> 11.33 ms. Paged keys stay on pointer loads: a key block
-# spans pages, not one box (boxes of one page each, 128x32 tiles at page 32, measured slower:
-# paged B=8 342 -> 248 TFLOP/s, the page-id load sits in front of every box).
-TMA = True
-# On an sm_90 GPU in bf16/fp16: the warp-specialised Gluon kernel (hopper_attention) instead of
-# this file's kernel, unless a config names another.
-HOPPER = True
-# 64-key boxes, 2 K and 2 V slots. Measured on an H200 (full B=8, graph replay): 557 TFLOP/s with
-# 2 K slots, 540 with 3 (224 KB of shared memory, and the consumers spill), 488 with 32-key boxes
-# and 4 slots; the portable kernel 476.
+# The Hopper kernel's tiles: 64-key boxes, 2 K and 2 V slots (3 K slots spill; BENCHMARKS).
 HOPPER_CONFIG = Config(128, 64, 4, 2, "hopper")
-LAST_LAUNCH: dict = {}  # the last compiled kernel and grid, for benchmarks (registers, spills)
 
 
 def _interpreting() -> bool:
@@ -149,8 +139,6 @@ def split_chunk(m_blocks: int, users_heads: int, kv_blocks: int, rows_per_key_bl
                 slots: int, split_k: Optional[int]) -> int:
     """Key blocks per split; 0 means no split. split_k: None = by the rule, 1 = never, n = about
     n splits of the longest key range."""
-    if split_k is None:
-        split_k = FORCE_SPLIT_K
     if split_k is None:
         if kv_blocks < 2 * MIN_SPLIT_BLOCKS:
             return 0
@@ -337,7 +325,7 @@ def _check(t: torch.Tensor, name: str) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(cfg, D, B, H, max_len, max_kv, split_k, _force, device_index, paged=True):
+def _plan(cfg, D, B, H, max_len, max_kv, split_k, device_index, paged=True):
     """Grid decisions from host ints, cached: the hot path only does a dict lookup. The Hopper
     kernel splits keys in paged mode only (at one user in full mode its 34 query blocks x 4 heads
     already fill the H200)."""
@@ -358,7 +346,6 @@ def _plan(cfg, D, B, H, max_len, max_kv, split_k, _force, device_index, paged=Tr
 TUNE_CONFIGS = {64: [Config(128, 64, 4, 3), Config(64, 64, 4, 3)],
                 128: [Config(128, 64, 8, 3), Config(64, 64, 4, 3)],
                 256: [Config(128, 64, 8, 2), Config(64, 64, 4, 2), Config(64, 32, 4, 3)]}
-TUNED: dict = {}  # shape bucket -> (Config, split_k)
 
 
 def _bucket(paged, B, H, D, dtype, max_len, max_kv):
@@ -366,17 +353,16 @@ def _bucket(paged, B, H, D, dtype, max_len, max_kv):
             triton.next_power_of_2(max(max_kv, 1)))
 
 
-TUNE_TIMING = "graph"  # "graph": launches captured back to back; "events": one eager launch
 GRAPH_LAUNCHES = 10
 
 
-def _median_ms(fn, reps: int = 5) -> float:
-    """Device time of one fn() (a launch, with its memset when split). "graph" times
+def _median_ms(fn, timing: str, reps: int = 5) -> float:
+    """Device time of one fn() (a launch, with its memset when split). timing "graph" times
     GRAPH_LAUNCHES launches captured in one CUDA graph, so the host's launch cost (tens of us a
-    Triton launch) stays out: timed eagerly one at a time, a 10 us candidate measured the host,
-    and a slow unsplit launch could win (the B=1 cached T=1024 vs 4096 inversion)."""
+    Triton launch) stays out: timed eagerly one at a time ("events"), a 10 us candidate measured
+    the host, and a slow unsplit launch could win (the B=1 cached T=1024 vs 4096 inversion)."""
     fn()  # compiles on first use
-    if TUNE_TIMING == "graph":
+    if timing == "graph":
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -397,21 +383,21 @@ def _median_ms(fn, reps: int = 5) -> float:
     return statistics.median(times)
 
 
-def _tune(run, D, B, H, max_len, max_kv, device_index, paged=True, hopper=False):
+def _tune(run, D, B, H, max_len, max_kv, device_index, paged=True, hopper=False,
+          timing="graph"):
     """(config, split_k) of the fastest candidate; run(config, split_k) launches one. hopper:
     the Hopper kernel is a candidate too (unsplit in full mode)."""
     bucket = 64 if D <= 64 else 128 if D <= 128 else 256
     options = [(HOPPER_CONFIG, 1)] if hopper and not paged else []
     for cfg in TUNE_CONFIGS[bucket] + ([HOPPER_CONFIG] if hopper and paged else []):
-        _, kv_blocks, chunk = _plan(cfg, D, B, H, max_len, max_kv, None, None, device_index,
-                                    paged)
+        _, kv_blocks, chunk = _plan(cfg, D, B, H, max_len, max_kv, None, device_index, paged)
         rule = triton.cdiv(kv_blocks, chunk) if chunk else 1
         for split in dict.fromkeys([rule, 1, 2 * rule, max(1, rule // 2)]):
             options.append((cfg, split))
     timed = []
     for cfg, split in options:
         try:
-            timed.append((_median_ms(lambda: run(cfg, split)), cfg, split))
+            timed.append((_median_ms(lambda: run(cfg, split), timing), cfg, split))
         except triton.runtime.errors.OutOfResources:  # a tile that does not fit this GPU
             continue
     _, cfg, split = min(timed, key=lambda t: t[0])
@@ -425,45 +411,145 @@ def _hopper_ok(paged: bool, *tensors, pages=None) -> bool:
             and (not paged or pages is None or hopper_attention.pool_rows(*pages) is not None))
 
 
-def _choice(q, batch: Batch, paged: bool, config, split_k, autotune, k=None, v=None,
-            k_pages=None, v_pages=None):
-    """(tile config, split_k) of a launch without tuning: explicit, tuned for the bucket, or the
-    table and rule (None). A Hopper config falls back to the table where that kernel cannot run;
-    the table's choice is HOPPER_CONFIG where it can."""
-    if autotune and config is None and split_k is None and FORCE_SPLIT_K is None and q.is_cuda:
-        max_kv = batch.pages.max_kv_len if paged else batch.max_len
-        rows, H, D = q.shape
-        config, split_k = TUNED.get(_bucket(paged, batch.batch_size, H, D, q.dtype,
-                                            batch.max_len, max_kv), (None, None))
-    tensors = [t for t in (q, k, v) if t is not None]
-    pages = (k_pages, v_pages) if k_pages is not None else None
-    ok = _hopper_ok(paged, *tensors, pages=pages)
-    if config is not None and config.kernel == "hopper" and not ok:
-        config = None
-    forced = split_k if split_k is not None else FORCE_SPLIT_K
-    if config is None and HOPPER and ok and (paged or (forced or 1) <= 1):
-        config = HOPPER_CONFIG  # (its full mode never splits: a forced split keeps this kernel)
-    return config or choose_config(q.shape[2], batch.max_len, paged, q.device), split_k
-
-
 def _device_index(q) -> int:
-    return q.device.index or 0 if q.is_cuda else -1
+    return (q.device.index or 0) if q.is_cuda else -1
 
 
-def will_split(q, batch: Batch, paged: bool, *, autotune: bool = False) -> bool:
-    """Whether the launch for these shapes sums key splits into a zeroed float32 buffer (as far
-    as is known before it runs: a first autotuned call may still decide otherwise)."""
-    if q.shape[0] == 0 or batch.max_len == 0 or batch.batch_size == 0:
-        return False
-    cfg, split_k = _choice(q, batch, paged, None, None, autotune)
-    max_kv = batch.pages.max_kv_len if paged else batch.max_len
-    return bool(_plan(cfg, q.shape[2], batch.batch_size, q.shape[1], batch.max_len, max_kv,
-                      split_k, FORCE_SPLIT_K, _device_index(q), paged)[2])
+@dataclass
+class Attention:
+    """The attention ops under one policy, with what they remember: the tuned (tiles, split)
+    per shape bucket and what the last launch ran (tiles, splits, grid and the compiled kernel,
+    for benchmarks: registers, spills). `ops.kernels` keeps one per policy."""
+
+    policy: KernelPolicy = field(default_factory=KernelPolicy)
+    tuned: dict = field(default_factory=dict)  # shape bucket -> (Config, split_k)
+    last_launch: dict = field(default_factory=dict)
+
+    def full(self, q, k, v, batch: Batch, *, alpha: float, inv_n: float,
+             split_k: Optional[int] = None, config: Optional[Config] = None,
+             out: Optional[torch.Tensor] = None, partial_fp32: bool = False,
+             out_zeroed: bool = False) -> torch.Tensor:
+        """q, k, v [rows, H, D] jagged by batch.offsets -> [rows, H, D] in q's dtype.
+        split_k: None = the policy's (tuned or by rule, unless it forces one), 1 = never,
+        n = about n key splits. config: tiles to use (skips tuning). out: optional destination.
+        partial_fp32: when split, return the float32 sum buffer as it is (the next op reads
+        float32 anyway: saves a cast pass). out_zeroed: out (float32, contiguous) already holds
+        zeros, so a split launch needs no memset (a neighbouring kernel cleared it)."""
+        return self._launch(q, k, v, batch, None, None, alpha=alpha, inv_n=inv_n,
+                            split_k=split_k, config=config, out=out,
+                            partial_fp32=partial_fp32, out_zeroed=out_zeroed)
+
+    def paged(self, q, k, v, batch: Batch, k_pages, v_pages, *, alpha: float, inv_n: float,
+              split_k: Optional[int] = None, config: Optional[Config] = None,
+              out: Optional[torch.Tensor] = None, partial_fp32: bool = False,
+              out_zeroed: bool = False) -> torch.Tensor:
+        """q, k, v: the new rows ([new history | candidates] per user); history keys come from
+        k_pages / v_pages ([P, page_size, H, D] views, any strides) through batch.pages.
+        Options as in `full`."""
+        return self._launch(q, k, v, batch, k_pages, v_pages, alpha=alpha, inv_n=inv_n,
+                            split_k=split_k, config=config, out=out,
+                            partial_fp32=partial_fp32, out_zeroed=out_zeroed)
+
+    def will_split(self, q, batch: Batch, paged: bool) -> bool:
+        """Whether the launch for these shapes sums key splits into a zeroed float32 buffer (as
+        far as is known before it runs: a first autotuned call may still decide otherwise)."""
+        if q.shape[0] == 0 or batch.max_len == 0 or batch.batch_size == 0:
+            return False
+        cfg, split_k = self._choice(q, batch, paged, None, None)
+        max_kv = batch.pages.max_kv_len if paged else batch.max_len
+        return bool(_plan(cfg, q.shape[2], batch.batch_size, q.shape[1], batch.max_len, max_kv,
+                          split_k, _device_index(q), paged)[2])
+
+    def _tunes(self, q, config, split_k) -> bool:
+        """Whether this call takes its tiles and split from the tuner."""
+        p = self.policy
+        return p.autotune and config is None and split_k is None and p.split_k is None \
+            and q.is_cuda
+
+    def _choice(self, q, batch: Batch, paged: bool, config, split_k, k=None, v=None,
+                k_pages=None, v_pages=None):
+        """(tile config, split_k) of a launch without tuning: explicit, tuned for the bucket,
+        or the table and rule (split_k None). A Hopper config falls back to the table where
+        that kernel cannot run; the table's choice is HOPPER_CONFIG where it can."""
+        if self._tunes(q, config, split_k):
+            max_kv = batch.pages.max_kv_len if paged else batch.max_len
+            rows, H, D = q.shape
+            config, split_k = self.tuned.get(_bucket(paged, batch.batch_size, H, D, q.dtype,
+                                                     batch.max_len, max_kv), (None, None))
+        tensors = [t for t in (q, k, v) if t is not None]
+        pages = (k_pages, v_pages) if k_pages is not None else None
+        ok = _hopper_ok(paged, *tensors, pages=pages)
+        if config is not None and config.kernel == "hopper" and not ok:
+            config = None
+        if split_k is None:
+            split_k = self.policy.split_k
+        if config is None and self.policy.hopper and ok and (paged or (split_k or 1) <= 1):
+            config = HOPPER_CONFIG  # (its full mode never splits: a forced split keeps this kernel)
+        return config or choose_config(q.shape[2], batch.max_len, paged, q.device), split_k
+
+    def _launch(self, q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k,
+                config, out, partial_fp32=False, out_zeroed=False):
+        rows, H, D = q.shape
+        if D < 16 or D > 256 or D & (D - 1):
+            raise ValueError(f"head dim must be a power of two in [16, 256], got {D}")
+        if q.device.type != "cuda" and not _interpreting():
+            raise RuntimeError("Triton attention needs a CUDA device (or TRITON_INTERPRET=1 on "
+                               "CPU)")
+        q, k, v = _check(q, "q"), _check(k, "k"), _check(v, "v")
+        if out is not None:
+            _check(out, "out")
+        paged = k_pages is not None
+        B = batch.batch_size
+        if out is None:
+            out = torch.empty(rows, H, D, dtype=q.dtype, device=q.device)
+        if rows == 0:
+            return out
+        if batch.max_len == 0 or B == 0:
+            return out.zero_()
+        max_kv = batch.pages.max_kv_len if paged else batch.max_len
+        device_index = _device_index(q)
+        policy = self.policy
+        if self._tunes(q, config, split_k):
+            key = _bucket(paged, B, H, D, q.dtype, batch.max_len, max_kv)
+            if key not in self.tuned and not torch.cuda.is_current_stream_capturing():
+                with policy.one_off():
+                    self.tuned[key] = _tune(
+                        lambda c, s: self._launch(q, k, v, batch, k_pages, v_pages, alpha=alpha,
+                                                  inv_n=inv_n, split_k=s, config=c, out=out),
+                        D, B, H, batch.max_len, max_kv, device_index, paged,
+                        policy.hopper and _hopper_ok(paged, q, k, v, pages=(k_pages, v_pages)),
+                        policy.tune_timing)
+                out_zeroed = False  # the candidates summed into it
+        cfg, split_k = self._choice(q, batch, paged, config, split_k, k, v, k_pages, v_pages)
+        m_blocks, kv_blocks, chunk = _plan(cfg, D, B, H, batch.max_len, max_kv, split_k,
+                                           device_index, paged)
+        splits = triton.cdiv(kv_blocks, chunk) if chunk else 1
+        dst = out
+        if chunk:  # fp32 partial sums over key chunks; dead rows stay zero
+            dst = out if (out.dtype == torch.float32 and out.is_contiguous()) else \
+                torch.zeros(rows, H, D, dtype=torch.float32, device=q.device)
+            if dst is out and not out_zeroed:
+                dst.zero_()
+        last = self.last_launch
+        if cfg.kernel == "hopper":
+            last["kernel"] = hopper_attention.launch(
+                q, k, v, dst, batch, alpha=alpha, inv_n=inv_n,
+                pages=(k_pages, v_pages) if paged else None, chunk=chunk, splits=splits,
+                block_n=cfg.block_n, k_stages=cfg.num_stages, group=policy.hopper_group)
+            last.update(grid=None, config=cfg, splits=splits, tma=True)
+        else:
+            _launch_portable(q, k, v, dst, batch, k_pages, v_pages, cfg, m_blocks, chunk, splits,
+                             alpha, inv_n, policy, last)
+        if dst is not out and not partial_fp32:
+            out.copy_(dst)
+        return dst if partial_fp32 else out
 
 
 def _launch_portable(q, k, v, dst, batch: Batch, k_pages, v_pages, cfg: Config, m_blocks: int,
-                     chunk: int, splits: int, alpha: float, inv_n: float):
-    """This file's kernel into dst (float32 and zeroed when split)."""
+                     chunk: int, splits: int, alpha: float, inv_n: float, policy: KernelPolicy,
+                     last: dict):
+    """This file's kernel into dst (float32 and zeroed when split); what ran goes into
+    `last`."""
     rows, H, D = q.shape
     B = batch.batch_size
     paged = k_pages is not None
@@ -481,14 +567,16 @@ def _launch_portable(q, k, v, dst, batch: Batch, k_pages, v_pages, cfg: Config, 
         indptr = ids = cached = batch.offsets
         pstrides = (0,) * 6
     half_gpu = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
-    fast = FAST_SILU and half_gpu
-    use_tma = TMA and half_gpu and not paged and all(_tma_ok(t) for t in (q, k, v))
+    fast = policy.fast_silu and half_gpu
+    # TMA in full mode only: a paged key block spans pages, not one box, and boxes of one page
+    # each measured slower than pointer loads (BENCHMARKS: "TMA").
+    use_tma = policy.tma and half_gpu and not paged and all(_tma_ok(t) for t in (q, k, v))
     qd, kd, vd = q, k, v  # unused pointers unless use_tma
     if use_tma:
         qd, kd, vd = (TensorDescriptor.from_tensor(t.flatten(1), [n, D])
                       for t, n in ((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n)))
     grid = (m_blocks, (B + (0 if chunk else 1)) * H, splits)
-    LAST_LAUNCH["kernel"], LAST_LAUNCH["grid"] = _hstu_fwd[grid](
+    last["kernel"], last["grid"] = _hstu_fwd[grid](
         q, k, v, qd, kd, vd, dst, kp, vp, batch.offsets, batch.num_candidates, indptr, ids, cached,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dst.stride(0), dst.stride(1), *pstrides,
@@ -497,85 +585,21 @@ def _launch_portable(q, k, v, dst, batch: Batch, k_pages, v_pages, cfg: Config, 
         PAGE_SIZE=page_size, SPLIT=bool(chunk), FAST=fast,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None, USE_TMA=use_tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages), grid
-    LAST_LAUNCH.update(config=cfg, splits=splits, tma=use_tma)
+    last.update(config=cfg, splits=splits, tma=use_tma)
 
-
-def _launch(q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k, config, out,
-            partial_fp32=False, autotune=False, out_zeroed=False):
-    rows, H, D = q.shape
-    if D < 16 or D > 256 or D & (D - 1):
-        raise ValueError(f"head dim must be a power of two in [16, 256], got {D}")
-    if q.device.type != "cuda" and not _interpreting():
-        raise RuntimeError("Triton attention needs a CUDA device (or TRITON_INTERPRET=1 on CPU)")
-    q, k, v = _check(q, "q"), _check(k, "k"), _check(v, "v")
-    if out is not None:
-        _check(out, "out")
-    paged = k_pages is not None
-    B = batch.batch_size
-    if out is None:
-        out = torch.empty(rows, H, D, dtype=q.dtype, device=q.device)
-    if rows == 0:
-        return out
-    if batch.max_len == 0 or B == 0:
-        return out.zero_()
-    max_kv = batch.pages.max_kv_len if paged else batch.max_len
-    device_index = _device_index(q)
-    if autotune and config is None and split_k is None and FORCE_SPLIT_K is None and q.is_cuda:
-        key = _bucket(paged, B, H, D, q.dtype, batch.max_len, max_kv)
-        if key not in TUNED and not torch.cuda.is_current_stream_capturing():
-            with first_use():
-                TUNED[key] = _tune(
-                    lambda c, s: _launch(q, k, v, batch, k_pages, v_pages, alpha=alpha,
-                                         inv_n=inv_n, split_k=s, config=c, out=out),
-                    D, B, H, batch.max_len, max_kv, device_index, paged,
-                    HOPPER and _hopper_ok(paged, q, k, v, pages=(k_pages, v_pages)))
-            out_zeroed = False  # the candidates summed into it
-    cfg, split_k = _choice(q, batch, paged, config, split_k, autotune, k, v, k_pages, v_pages)
-    m_blocks, kv_blocks, chunk = _plan(cfg, D, B, H, batch.max_len, max_kv, split_k,
-                                       FORCE_SPLIT_K, device_index, paged)
-    splits = triton.cdiv(kv_blocks, chunk) if chunk else 1
-    dst = out
-    if chunk:  # fp32 partial sums over key chunks; dead rows stay zero
-        dst = out if (out.dtype == torch.float32 and out.is_contiguous()) else \
-            torch.zeros(rows, H, D, dtype=torch.float32, device=q.device)
-        if dst is out and not out_zeroed:
-            dst.zero_()
-    if cfg.kernel == "hopper":
-        LAST_LAUNCH["kernel"] = hopper_attention.launch(
-            q, k, v, dst, batch, alpha=alpha, inv_n=inv_n,
-            pages=(k_pages, v_pages) if paged else None, chunk=chunk, splits=splits,
-            block_n=cfg.block_n, k_stages=cfg.num_stages)
-        LAST_LAUNCH.update(grid=None, config=cfg, splits=splits, tma=True)
-    else:
-        _launch_portable(q, k, v, dst, batch, k_pages, v_pages, cfg, m_blocks, chunk, splits,
-                         alpha, inv_n)
-    if dst is not out and not partial_fp32:
-        out.copy_(dst)
-    return dst if partial_fp32 else out
 
 
 def attention_full(q, k, v, batch: Batch, *, alpha: float, inv_n: float,
-                   split_k: Optional[int] = None, config: Optional[Config] = None,
-                   out: Optional[torch.Tensor] = None, partial_fp32: bool = False,
-                   autotune: bool = False, out_zeroed: bool = False) -> torch.Tensor:
-    """q, k, v [rows, H, D] jagged by batch.offsets -> [rows, H, D] in q's dtype.
-    split_k: None = tuned or by rule, 1 = never, n = about n key splits. out: optional destination.
-    partial_fp32: when split, return the float32 sum buffer as it is (the next op reads float32
-    anyway: saves a cast pass). autotune: time the candidates once per shape bucket (CUDA).
-    out_zeroed: out (float32, contiguous) already holds zeros, so a split launch needs no memset
-    (a neighbouring kernel cleared it: one launch less)."""
-    return _launch(q, k, v, batch, None, None, alpha=alpha, inv_n=inv_n, split_k=split_k,
-                   config=config, out=out, partial_fp32=partial_fp32, autotune=autotune,
-                   out_zeroed=out_zeroed)
+                   policy: KernelPolicy = KernelPolicy(autotune=False),
+                   **options) -> torch.Tensor:
+    """One call of `Attention(policy).full` (nothing tuned is kept: with autotune on, keep an
+    `Attention` to tune once per bucket)."""
+    return Attention(policy).full(q, k, v, batch, alpha=alpha, inv_n=inv_n, **options)
 
 
 def attention_paged(q, k, v, batch: Batch, k_pages, v_pages, *, alpha: float, inv_n: float,
-                    split_k: Optional[int] = None, config: Optional[Config] = None,
-                    out: Optional[torch.Tensor] = None, partial_fp32: bool = False,
-                    autotune: bool = False, out_zeroed: bool = False) -> torch.Tensor:
-    """q, k, v: the new rows ([new history | candidates] per user); history keys come from
-    k_pages / v_pages ([P, page_size, H, D] views, any strides) through batch.pages. Options as
-    in attention_full."""
-    return _launch(q, k, v, batch, k_pages, v_pages, alpha=alpha, inv_n=inv_n, split_k=split_k,
-                   config=config, out=out, partial_fp32=partial_fp32, autotune=autotune,
-                   out_zeroed=out_zeroed)
+                    policy: KernelPolicy = KernelPolicy(autotune=False),
+                    **options) -> torch.Tensor:
+    """One call of `Attention(policy).paged`."""
+    return Attention(policy).paged(q, k, v, batch, k_pages, v_pages, alpha=alpha, inv_n=inv_n,
+                                   **options)
