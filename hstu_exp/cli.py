@@ -45,6 +45,9 @@ def _conf_dir() -> Path:
 CONF_DIR = _conf_dir()
 register_configs()
 
+# Process-wide by necessity: Hydra calls the task function once per point and hands nothing back
+# that main could aggregate, and a signal handler reaches only module state. main reads these
+# after Hydra returns, for the exit status and for the close-out of a stopped sweep.
 _failed = []  # statuses of this process's points, for the exit code
 _sweep = {}  # sweep dir and logger of the points run in this process, for a close-out on Ctrl-C
 _unwritable = []  # the one-line cause when a record could not be written

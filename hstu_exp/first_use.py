@@ -10,6 +10,9 @@ from contextlib import contextmanager
 
 import torch
 
+# Process-wide: Triton's compile hooks are process-wide, and first-use work starts wherever a
+# kernel meets a new shape (policy.one_off wraps a tune, graphs wrap a capture); a workload reads
+# the running total before and after the work it times.
 _total = 0.0
 _depth = 0
 _compile_start = None  # perf_counter() of the Triton compile under way outside any block

@@ -24,7 +24,9 @@ from hstu_exp.tracking.records import RESULTS_FILE, append_record, read_records
 
 log = logging.getLogger(__name__)  # Hydra's job logging: the console and the job's .log file
 SCHEMA_VERSION = 2  # 2: statistics, validity, provenance, model dims, timing, overrides
-STOP: list = []  # signals received (cli.main's handler): the point in progress stops there
+# Signals received (cli.main's handler): the point in progress stops there. Module state because
+# a signal handler can reach nothing else.
+STOP: list = []
 
 # Keys that do not change what a point measures (so resume treats them as the same point).
 _NOT_IDENTITY = ("logger", "resume", "name", "hydra")
@@ -217,7 +219,9 @@ def result_line(r: dict) -> str:
     return line
 
 
-_FIRST_DONE: list = []  # (time, point) when this process finished its first point
+# (time, point) when this process finished its first point: the ETA's pace spans the points of
+# one process, which Hydra runs as separate calls of the task function.
+_FIRST_DONE: list = []
 
 
 def _eta(point: int, total, started) -> str:
