@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import importlib
 import inspect
-import json
 import logging
 import os
 import time
@@ -20,22 +18,23 @@ from hstu_exp.bench.measure import finish
 from hstu_exp.config import cv_max, device_problem, e2e_ran, max_time_s, point_problem
 from hstu_exp.data.synthetic import stream_for
 from hstu_exp.env import environment, resolve_device
+from hstu_exp.tracking import identity
 from hstu_exp.tracking.records import RESULTS_FILE, append_record, read_records
 
 log = logging.getLogger(__name__)  # Hydra's job logging: the console and the job's .log file
-SCHEMA_VERSION = 2  # 2: statistics, validity, provenance, model dims, timing, overrides
+SCHEMA_VERSION = 3  # 2: statistics, validity, provenance, model dims, timing, overrides; 3: config
 # Signals received (cli.main's handler): the point in progress stops there. Module state because
 # a signal handler can reach nothing else.
 STOP: list = []
 
-# Keys that do not change what a point measures (so resume treats them as the same point).
-_NOT_IDENTITY = ("logger", "resume", "name", "hydra")
+
+def point_config(cfg) -> dict:
+    """What the point measures: its resolved config less logger and output keys (identity)."""
+    return identity.point_config(OmegaConf.to_container(cfg, resolve=True))
 
 
 def config_key(cfg) -> str:
-    data = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-            if k not in _NOT_IDENTITY}
-    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return identity.config_key(point_config(cfg))
 
 
 def swept_values(cfg, device: torch.device) -> dict:
@@ -159,6 +158,7 @@ def run_point(cfg, *, job_dir: Path, group: str, point: int, total: int | None,
               "verify": cfg.verify, "seed": cfg.seed,
               "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               **values, **point_params(cfg, device), "overrides": _overrides(),
+              "config": point_config(cfg),
               "job_dir": str(job_dir)}
     problem = point_problem(cfg)
     if problem is None and device.type != "cuda":

@@ -38,6 +38,14 @@ def edited_copy(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
+def with_batch(r, batch):
+    """The record as if swept at another batch size: point key, override and config agree."""
+    config = {**r["config"], "workload": {**r["config"]["workload"], "batch_size": batch}}
+    overrides = [o if not o.startswith("workload.batch_size=") else
+                 f"workload.batch_size={batch}" for o in r["overrides"]]
+    return {**r, "batch_size": batch, "config": config, "overrides": overrides}
+
+
 def slower(factor, only=lambda r: True):
     def edit(r):
         if r["status"] == "ok" and only(r):
@@ -117,12 +125,11 @@ def test_join_on_swept_keys(two_sweeps, tmp_path, capsys):
     assert "4 points joined" in out
     # a results.csv (as in outputs/published/) joins with a sweep dir; the grid's overlap only
     shutil.copy(a / "results.csv", tmp_path / "results.csv")
-    part = edited_copy(a, tmp_path / "part", lambda r: {**r, "batch_size": r["batch_size"] * 2})
+    part = edited_copy(a, tmp_path / "part", lambda r: with_batch(r, r["batch_size"] * 2))
     assert compare_main([str(tmp_path / "results.csv"), str(part), "--no-figure"]) == 0
     assert "2 points joined" in capsys.readouterr().out
     # nothing in common: exit 2 with the keys it tried
-    none = edited_copy(a, tmp_path / "none", lambda r: {**r, "batch_size": r["batch_size"] + 10,
-                                                        "total_history": 1})
+    none = edited_copy(a, tmp_path / "none", lambda r: with_batch(r, r["batch_size"] + 10))
     assert compare_main([str(a), str(none), "--no-figure"]) == 2
     assert "no point of A matches" in capsys.readouterr().err
     assert compare_main([str(a), str(tmp_path / "missing")]) == 2
@@ -272,3 +279,51 @@ def test_agreement_says_what_the_records_know_about_a_difference(two_sweeps, tmp
         rows = [line for line in out.splitlines() if re.match(r"^\s*(none|paged)\s", line)]
         assert len(rows) == 4 and all(line.rstrip().endswith(verdict) for line in rows), out
         assert "agreement: 0 of 4 points" in out and verdict[4:] in out.splitlines()[-1]
+
+
+def test_gate_fails_when_b_lacks_points_and_refuses_bad_limits(two_sweeps, tmp_path, capsys):
+    """--fail-above cannot pass a sweep whose candidate failed or never ran a point; nan and 0
+    are refused in one line (nan would turn the gate off, 0 would divide by zero)."""
+    a = edited_copy(two_sweeps[0], tmp_path / "a", steady)
+    points = sorted({r["config_key"] for f in a.rglob("results.jsonl")
+                     for r in map(json.loads, f.read_text().splitlines())})
+
+    def broken(r):
+        if r["config_key"] == points[0]:
+            return {**r, "status": "failed", "error": "interrupted"}
+        return r
+    b = edited_copy(a, tmp_path / "b", broken)
+    gone = next(f for f in b.rglob("results.jsonl")
+                if points[1] in f.read_text() and f.parent != b)
+    gone.unlink()
+    assert compare_main([str(a), str(b), "--fail-above", "1.05", "--no-figure"]) == 1
+    captured = capsys.readouterr()
+    assert "2 points joined" in captured.out and "(2 only in A" in captured.out
+    assert "REGRESSION: 2 point(s) ok in A have no ok record in B" in captured.err
+    for bad in (["--fail-above", "nan"], ["--threshold", "0"], ["--threshold", "-1"]):
+        assert compare_main([str(a), str(a), "--no-figure", *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("hstu-exp-compare: error: ") and "\n" not in err, err
+
+
+def test_points_are_told_apart_by_any_swept_knob(tmp_path, capsys):
+    """graph.fit_rows is no point key: sweeping it keeps four points apart in speedups (two
+    pairs, none across fit_rows) and in compare (four joined, not two)."""
+    from hstu_exp.report.aggregate import block_speedups, load_sweep
+
+    sweep = tmp_path / "fit"
+    proc = hstu_exp("-m", "model=tiny", "logger=none", "cache=none,paged",
+                    "graph.fit_rows=true,false", "workload.batch_size=1",
+                    "workload.total_history=64", "workload.new_history=64", *FAST,
+                    f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    df = load_sweep(sweep)
+    assert len(df) == 4 and all(isinstance(c, dict) for c in df["config"])
+    sp = block_speedups(df)
+    assert len(sp) == 2
+    for _, r in sp.iterrows():  # each pair within one fit_rows value
+        base = df[(df["cache"] == "none") & (df["median_ms"] == r["baseline_median_ms"])]
+        assert base["config"].iloc[0]["graph"]["fit_rows"] == r["config"]["graph"]["fit_rows"]
+    assert compare_main([str(sweep), str(sweep), "--no-figure"]) == 0
+    out = capsys.readouterr().out
+    assert "4 points joined" in out and "fit_rows" in out.splitlines()[1], out

@@ -124,7 +124,7 @@ def test_every_cli_record_carries_schema_env_model_timing_and_overrides(tmp_path
     proc = hstu_exp(*args, f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     (r,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert r["schema_version"] == 2 and r["headline"] == "median_ms"
+    assert r["schema_version"] == 3 and r["headline"] == "median_ms"
     assert set(ENV_KEYS) <= set(r)
     assert all(r[k] is None or isinstance(r[k], str) for k in VERSIONS)
     assert isinstance(r["git_dirty"], (bool, type(None))) and r["cpu_cores"] >= 1

@@ -14,8 +14,9 @@ import numpy as np
 import pandas as pd
 
 from hstu_exp.stats import bootstrap_ratio
-from hstu_exp.tracking.records import (ENV_KEYS, RESULTS_FILE, SWEPT_KEYS, is_missing,
-                                       scan_records, write_atomically)
+from hstu_exp.tracking.identity import same_point_key
+from hstu_exp.tracking.records import (ENV_KEYS, RESULTS_FILE, is_missing, scan_records,
+                                       write_atomically)
 
 CSV_FILE = "results.csv"
 # Columns that are text whatever they look like: pandas reads cuda 13.0 as a float, a driver
@@ -23,7 +24,9 @@ CSV_FILE = "results.csv"
 STRING_COLUMNS = ENV_KEYS + ["reason", "error",
                              "invalid_reason", "headline", "config_key", "name", "sweep",
                              "job_dir", "time", "overrides", "throttle_reasons"]
-_NOT_IN_CSV = ("samples_ms", "traceback")
+# Kept in the sweep-level results.jsonl only (lists and the config tree); a results.csv read
+# with that file beside it gets them back.
+_NOT_IN_CSV = ("samples_ms", "traceback", "config", "repeat_samples_ms")
 
 
 class SweepError(ValueError):
@@ -106,9 +109,10 @@ def _read_csv(path: Path) -> pd.DataFrame:
     samples = path.with_name(RESULTS_FILE)
     if "config_key" in df and samples.is_file():  # the close-out's sibling file holds the samples
         recs = load(samples)
-        if "samples_ms" in recs and "config_key" in recs:
-            by_key = dict(zip(recs["config_key"], recs["samples_ms"]))
-            df["samples_ms"] = df["config_key"].map(by_key)
+        for column in ("samples_ms", "config", "repeat_samples_ms"):
+            if column in recs and "config_key" in recs:
+                by_key = dict(zip(recs["config_key"], recs[column]))
+                df[column] = df["config_key"].map(by_key)
     df.attrs["torn_note"] = ""
     return df
 
@@ -182,21 +186,23 @@ def ratio_interval(num_samples, den_samples) -> tuple[float, float]:
 
 def speedups(df: pd.DataFrame, *, key: str, baseline: str, value: str = "median_ms",
              ignore=()) -> pd.DataFrame:
-    """Each ok record vs the baseline record that agrees on every swept key but `key` (and the
-    keys in `ignore`, e.g. new_history against a full recompute). `speedup` = baseline / record,
-    with its 95 % interval (ci_low, ci_high) from the raw samples when the records have them;
-    `baseline_valid` says whether the baseline record was judged valid."""
+    """Each ok record vs the baseline record that is the same point but for `key` (and the keys
+    in `ignore`, e.g. new_history against a full recompute): tracking.identity decides, from
+    the resolved config. `speedup` = baseline / record, with its 95 % interval (ci_low,
+    ci_high) from the raw samples when the records have them; `baseline_valid` says whether
+    the baseline record was judged valid."""
     okd = ok(df).copy()
     okd["valid"] = valid_mask(okd)
-    on = [k for k in SWEPT_KEYS if k in okd and k != key and k not in ignore]
+    okd["_point"] = same_point_key(okd.to_dict("records"), ignore=(key, *ignore))
     carry = [value, "valid"] + (["samples_ms"] if "samples_ms" in okd else [])
-    base = okd[okd[key] == baseline][on + carry].rename(columns={c: "baseline_" + c
-                                                                 for c in carry})
+    base = okd[okd[key] == baseline][["_point"] + carry].rename(
+        columns={c: "baseline_" + c for c in carry})
     other = okd[okd[key] != baseline]
     if len(base) and len(other):
-        merged = other.merge(base, on=on, how="inner")
+        merged = other.merge(base, on="_point", how="inner").drop(columns="_point")
     else:
-        merged = other.head(0).assign(**{"baseline_" + c: [] for c in carry})
+        merged = other.head(0).drop(columns="_point").assign(
+            **{"baseline_" + c: [] for c in carry})
     merged["speedup"] = merged["baseline_" + value] / merged[value]
     lows, highs = [], []
     has_samples = "samples_ms" in merged and "baseline_samples_ms" in merged
@@ -251,7 +257,8 @@ def headline(df: pd.DataFrame) -> pd.DataFrame:
         parts.append(sp.assign(comparison=sp["mode"].astype(str) + " vs baseline"))
     if not parts:
         return pd.DataFrame(columns=HEADLINE_COLUMNS)
-    out = pd.concat([p[HEADLINE_COLUMNS] for p in parts], ignore_index=True)
+    # e2e records of older sweeps have no new_history column at all: missing, not an error
+    out = pd.concat([p.reindex(columns=HEADLINE_COLUMNS) for p in parts], ignore_index=True)
     return out.sort_values(["workload", "comparison", "batch_size", "total_history"],
                            kind="stable").reset_index(drop=True)
 

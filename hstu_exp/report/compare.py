@@ -30,6 +30,7 @@ import pandas as pd
 
 from hstu_exp.report.aggregate import SweepError, ok, ratio_interval, require
 from hstu_exp.report.aggregate import load_sweep as _load_sweep
+from hstu_exp.tracking.identity import has_config, identity, identity_hash, short, text
 from hstu_exp.tracking.records import SWEPT_KEYS, FileWriteError, write_atomically
 
 # (record column, short name, True when larger is worse)
@@ -55,38 +56,51 @@ def load_sweep(path) -> pd.DataFrame:
     return df
 
 
-def _canon(value) -> str:
-    """One spelling per key value, whether it came from JSON (None, 32) or CSV (NaN, 32.0)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return str(int(value))
-    return str(value)
-
-
 def join(a: pd.DataFrame, b: pd.DataFrame, ignore=()) -> tuple[pd.DataFrame, list, dict]:
-    """(joined ok records with ratio columns, join keys, {key: (value in A, value in B)} of the
-    keys left out because they differ sweep-wide)."""
+    """(joined ok records with ratio columns, the point keys that tell joined points apart,
+    {key: (value in A, value in B)} of the keys left out because they differ sweep-wide).
+
+    Points are joined on their identity (tracking.identity: the resolved config, or for older
+    records their point keys and overrides), less --ignore's keys and less every key that holds
+    one value in A and another in B (kernel=reference in A, kernel=triton in B)."""
     a, b = ok(a).copy(), ok(b).copy()
     if a.empty or b.empty:
         raise CompareError(f"no ok records in sweep {'A' if a.empty else 'B'}")
-    keys = [k for k in SWEPT_KEYS if k in a and k in b and k not in ignore]
-    for df in (a, b):
-        for k in keys:
-            df[k] = df[k].map(_canon)
+    recs_a, recs_b = a.to_dict("records"), b.to_dict("records")
+    with_config = all(has_config(r) for r in recs_a + recs_b)
+    ids_a = [identity(r, ignore=ignore, with_config=with_config) for r in recs_a]
+    ids_b = [identity(r, ignore=ignore, with_config=with_config) for r in recs_b]
     differ = {}
-    for k in keys:
-        va, vb = set(a[k]), set(b[k])
+    for k in sorted({k for i in ids_a + ids_b for k in i}):
+        va, vb = {i.get(k, "") for i in ids_a}, {i.get(k, "") for i in ids_b}
         if len(va) == 1 and len(vb) == 1 and va != vb:
             differ[k] = (va.pop(), vb.pop())
-    on = [k for k in keys if k not in differ]
+    a["_point"] = [identity_hash({k: v for k, v in i.items() if k not in differ}) for i in ids_a]
+    b["_point"] = [identity_hash({k: v for k, v in i.items() if k not in differ}) for i in ids_b]
+    for df, side in ((a, "A"), (b, "B")):
+        twice = df["_point"].duplicated(keep=False)
+        if twice.any():  # load() keeps the newest record of a point: these differ in a way
+            raise CompareError(f"sweep {side}: {int(twice.sum())} records are the same point "
+                               "once the ignored keys are left out; --ignore less")
+    on = [k for k in SWEPT_KEYS if k in a and k in b and k not in ignore
+          and k not in {short(d) for d in differ}]
+    for df in (a, b):
+        for k in on:
+            df[k] = df[k].map(text)
+    extra = []  # config paths that vary among A's points in a way no point key shows
+    for path in sorted({k for i in ids_a for k in i} - set(differ)):
+        values = pd.Series([i.get(path, "") for i in ids_a], index=a.index)
+        name = short(path)
+        if values.nunique() > 1 and name not in a and not _shown(values, a[on]):
+            a[name] = values
+            extra.append(name)
     metrics = [m for m, _, _ in METRICS]
     sides = []
     for df, tag in ((a, "a"), (b, "b")):
-        df = df.drop_duplicates(on, keep="last")  # a point run twice: its newest record
         cols = {m: f"{m}_{tag}" for m in metrics + ["samples_ms"] + WHERE if m in df}
-        sides.append(df[on + list(cols)].rename(columns=cols))
-    joined = sides[0].merge(sides[1], on=on, how="inner")
+        keep = ["_point"] + (on + extra if tag == "a" else [])
+        sides.append(df[keep + list(cols)].rename(columns=cols))
+    joined = sides[0].merge(sides[1], on="_point", how="inner").drop(columns="_point")
     for m in metrics:
         ma, mb = f"{m}_a", f"{m}_b"
         if ma in joined and mb in joined:
@@ -103,7 +117,18 @@ def join(a: pd.DataFrame, b: pd.DataFrame, ignore=()) -> tuple[pd.DataFrame, lis
         if len(joined) else ([], [])
     joined.attrs["only_a"] = len(sides[0]) - len(joined)
     joined.attrs["only_b"] = len(sides[1]) - len(joined)
-    return joined, on, differ
+    joined.attrs["missing_in_b"] = joined.attrs["only_a"]  # what --fail-above cannot clear
+    return joined, on + extra, {short(k): v for k, v in differ.items()}
+
+
+def _shown(values: pd.Series, keys: pd.DataFrame) -> bool:
+    """Whether one point key takes exactly the same partition of the points as `values` (a
+    kernel group's own settings follow kernel=triton; workload.mode is the mode column)."""
+    for k in keys:
+        pairs = pd.DataFrame({"v": values, "k": keys[k]}).drop_duplicates()
+        if len(pairs) == values.nunique() == keys[k].nunique():
+            return True
+    return False
 
 
 def _true(v) -> bool:
@@ -352,11 +377,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _gate(joined: pd.DataFrame, on: list, limit: float, how: str) -> tuple[bool, str]:
-    """(failed, what): the --fail-above verdict and the line that says why."""
+    """(failed, what): the --fail-above verdict and the line that says why. A point of A that
+    B did not measure (failed, skipped or never run) fails the gate: it cannot be shown not to
+    be slower."""
+    missing = joined.attrs.get("missing_in_b", 0)
+    lacking = (f"{missing} point(s) ok in A have no ok record in B (failed, skipped or never "
+               "run)") if missing else ""
+    if joined.empty:
+        return True, lacking or "no point joined"
     ratios = joined["median_ms_ratio"]
     if how == "geomean":
         value = geomean(ratios)
-        return value > limit, f"geometric mean of median latency B/A {value:.3f} (point estimate)"
+        what = f"geometric mean of median latency B/A {value:.3f} (point estimate)"
+        failed = value > limit
+        return failed or bool(missing), "; ".join(w for w in (what if failed else "", lacking)
+                                                 if w) or what
     low = joined["median_ms_ci_low"]
     # the interval's lower end where there are samples, else the point estimate
     evidence = low.where(low.notna(), ratios)
@@ -367,12 +402,18 @@ def _gate(joined: pd.DataFrame, on: list, limit: float, how: str) -> tuple[bool,
     basis = "95% interval's lower end" if low.notna().all() else \
         ("point estimate (no samples)" if low.isna().all() else
          "95% interval's lower end, or the point estimate where there are no samples")
+    flagged = joined[above]
+    invalid = sum(1 for _, r in flagged.iterrows()
+                  if any(str(r.get(f"valid_{s}")).lower() == "false" for s in "ab"))
     what = (f"{int(above.sum())} point(s) with median latency B/A above {limit:g} by the "
             f"{basis} (worst {worst['median_ms_ratio']:.3f}"
             + ("" if pd.isna(worst["median_ms_ci_low"]) else
                f", 95% CI {worst['median_ms_ci_low']:.3f}-{worst['median_ms_ci_high']:.3f}")
-            + (f" at {where})" if where else ")"))
-    return bool(above.any()), what
+            + (f" at {where})" if where else ")")
+            + (f"; {invalid} of them invalid in A or B (noise, not a verdict)" if invalid else ""))
+    if above.any():
+        return True, "; ".join(w for w in (what, lacking) if w)
+    return bool(missing), lacking or what
 
 
 def _write_csv(joined: pd.DataFrame, path: Path) -> None:
@@ -380,8 +421,19 @@ def _write_csv(joined: pd.DataFrame, path: Path) -> None:
     write_atomically(path, lambda tmp: table.to_csv(tmp, index=False))
 
 
+def _bad_number(args) -> str:
+    """'' or why --threshold / --fail-above cannot be used (nan would turn the gate off)."""
+    for flag, value in (("--threshold", args.threshold), ("--fail-above", args.fail_above)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            return f"{flag} {value:g}: must be a positive finite ratio"
+    return ""
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if _bad_number(args):
+        print(f"hstu-exp-compare: error: {_bad_number(args)}", file=sys.stderr)
+        return 2
     name_a, name_b = _name(args.sweep_a), _name(args.sweep_b)
     if name_a == name_b:
         name_a, name_b = f"A:{name_a}", f"B:{name_b}"

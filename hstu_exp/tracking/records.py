@@ -25,8 +25,8 @@ from typing import Callable, Iterator
 RESULTS_FILE = "results.jsonl"
 TORN_SUFFIX = ".torn"
 
-# Keys that identify a point: records of two sweeps are joined on these, and a speedup pairs
-# two records that agree on all of them but the compared one.
+# The point keys every record carries (runner.swept_values: what ran, derived from the config):
+# what tables and names show, and what identifies a record without a `config` (tracking.identity).
 SWEPT_KEYS = ["workload", "model", "dtype", "cache", "page_size", "kernel", "graph", "mode",
               "batch_size", "total_history", "new_history", "num_candidates", "qps", "device"]
 ENV_KEYS = ["device_name", "driver", "cuda", "torch", "triton", "torchrec", "fbgemm", "wandb",
