@@ -109,6 +109,11 @@ def _built_key(obj) -> str:
     raise ValueError(f"{type(obj).__name__} was not built by hstu_exp.builders")
 
 
+def forget() -> None:
+    """Drop every module built so far: the next point (or repeat) builds afresh."""
+    _BUILT.clear()
+
+
 def _plain(node):
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 

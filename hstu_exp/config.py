@@ -94,6 +94,9 @@ class WorkloadConfig:
     max_time_s: Optional[float] = None  # None: MAX_TIME_FACTOR x min_time_s
     cv_max: Optional[float] = None  # None: the device's default (CV_MAX_DEFAULT)
     min_samples: int = 10
+    # Independent repeats of the point, one after another in this process, each on a fresh
+    # server (model, KV cache and CUDA graphs built anew); the record keeps every repeat.
+    repeats: int = 1
 
 
 @dataclass
@@ -256,7 +259,7 @@ def validate(cfg) -> None:
               "workload.num_batches", "workload.num_users", "workload.cv_max",
               "workload.qps", "workload.items_per_return", "workload.max_batch",
               "workload.duration_s", "workload.min_requests", "workload.slo_ms",
-              "workload.search_steps", "workload.verify_requests")
+              "workload.search_steps", "workload.verify_requests", "workload.repeats")
     for key in ("workload.num_candidates", "workload.warmup", "model.num_context"):
         group, name = key.split(".")
         if cfg[group][name] < 0:
@@ -270,6 +273,9 @@ def validate(cfg) -> None:
     if w.min_samples < 2:
         raise ConfigError(f"workload.min_samples={w.min_samples}: must be at least 2 "
                           "(a CV needs two samples)")
+    if w.name == "serve" and w.repeats != 1:
+        raise ConfigError(f"workload.repeats={w.repeats}: serve points repeat through "
+                          "search=max_qps's final seeds, not workload.repeats")
 
 
 def _validate_serve(w) -> None:

@@ -116,10 +116,16 @@ THROTTLE_REASONS = {0x1: "GpuIdle", 0x2: "ApplicationsClocksSetting", 0x4: "SwPo
                     0x8: "HwSlowdown", 0x10: "SyncBoost", 0x20: "SwThermalSlowdown",
                     0x40: "HwThermalSlowdown", 0x80: "HwPowerBrakeSlowdown",
                     0x100: "DisplayClockSetting"}
-# The reasons that mean the clocks were held below what the workload asked for.
-SLOWDOWN = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
-CLOCK_KEYS = ["sm_clock_mhz", "mem_clock_mhz", "power_w", "temperature_c", "throttle_reasons",
-              "throttled", "clocks_unavailable"]
+# Power capping under sustained load is a card's normal state (every B=8 full-recompute point
+# on the H200 runs at it): recorded as power_capped, never a reason to call a point invalid.
+POWER_CAP = 0x4
+# Thermal and hardware slowdowns are not: with the SM clock measured while timing below
+# CLOCK_FLOOR of the card's maximum, the point is throttled (invalid). The flag alone is not
+# enough: NVML raises it for single samples whose clock never came down.
+SLOWDOWN = 0x8 | 0x20 | 0x40 | 0x80
+CLOCK_FLOOR = 0.9
+CLOCK_KEYS = ["sm_clock_mhz", "sm_clock_max_mhz", "mem_clock_mhz", "power_w", "temperature_c",
+              "throttle_reasons", "power_capped", "throttled", "clocks_unavailable"]
 
 
 def _nvml_handle(device: torch.device):
@@ -147,6 +153,7 @@ class ClockSampler:
         self.device, self.interval_s = torch.device(device), interval_s
         self.rows: list = []
         self.unavailable = None
+        self.max_sm = None
         self._stop = threading.Event()
         self._thread = None
 
@@ -159,6 +166,11 @@ class ClockSampler:
         except Exception as exc:  # noqa: BLE001 - ImportError, NVMLError (no permission), ...
             self.unavailable = f"NVML: {type(exc).__name__}: {exc}".strip()[:200]
             return self
+        try:
+            self.max_sm = self._nvml.nvmlDeviceGetMaxClockInfo(self._handle,
+                                                               self._nvml.NVML_CLOCK_SM)
+        except Exception:  # noqa: BLE001 - then the reason bits alone judge
+            self.max_sm = None
         self._sample()
         if self.unavailable:
             return self
@@ -192,17 +204,28 @@ class ClockSampler:
             self._stop.set()
 
     def summary(self) -> dict:
-        """Medians of the samples; throttle reasons seen in any sample, by name."""
-        if not self.rows:
-            return {**{k: None for k in CLOCK_KEYS},
-                    "clocks_unavailable": self.unavailable or "no sample taken"}
-        sm, mem, power, temp, reasons = zip(*self.rows)
-        seen = 0
-        for r in reasons:
-            seen |= r
-        names = [name for bit, name in THROTTLE_REASONS.items() if seen & bit]
-        return {"sm_clock_mhz": statistics.median(sm), "mem_clock_mhz": statistics.median(mem),
-                "power_w": round(statistics.median(power), 1),
-                "temperature_c": statistics.median(temp),
-                "throttle_reasons": ",".join(names), "throttled": bool(seen & SLOWDOWN),
-                "clocks_unavailable": self.unavailable}
+        return clock_summary(self.rows, self.max_sm, self.unavailable)
+
+
+def clock_summary(rows: list, max_sm, unavailable=None) -> dict:
+    """Medians of the (sm, mem, power, temperature, reasons) samples; the reasons seen in any
+    sample, by name; power_capped when the power cap held the clock at any time; throttled
+    when a thermal or hardware slowdown was seen and the median SM clock sat below CLOCK_FLOOR
+    of the card's maximum (without the maximum, the slowdown flag alone)."""
+    if not rows:
+        return {**{k: None for k in CLOCK_KEYS},
+                "clocks_unavailable": unavailable or "no sample taken"}
+    sm, mem, power, temp, reasons = zip(*rows)
+    seen = 0
+    for r in reasons:
+        seen |= r
+    names = [name for bit, name in THROTTLE_REASONS.items() if seen & bit]
+    sm_median = statistics.median(sm)
+    slow_clock = max_sm is None or sm_median < CLOCK_FLOOR * max_sm
+    return {"sm_clock_mhz": sm_median, "sm_clock_max_mhz": max_sm,
+            "mem_clock_mhz": statistics.median(mem),
+            "power_w": round(statistics.median(power), 1),
+            "temperature_c": statistics.median(temp),
+            "throttle_reasons": ",".join(names), "power_capped": bool(seen & POWER_CAP),
+            "throttled": bool(seen & SLOWDOWN) and slow_clock,
+            "clocks_unavailable": unavailable}

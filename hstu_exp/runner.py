@@ -14,7 +14,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from hstu_exp.bench.measure import finish
+from hstu_exp.bench.measure import combine_repeats, finish, resampling_units
 from hstu_exp.config import cv_max, device_problem, e2e_ran, max_time_s, point_problem
 from hstu_exp.data.synthetic import stream_for
 from hstu_exp.env import environment, resolve_device
@@ -123,12 +123,30 @@ WORKLOADS = {"block": "hstu_exp.bench.block", "attention": "hstu_exp.bench.atten
 
 
 def _run_workload(cfg, device, progress, job_dir) -> dict:
+    """The point timed `workload.repeats` times, each repeat on a fresh server: the model, KV
+    cache and CUDA graphs are built anew (builders.forget), so what one repeat left behind
+    (cache contents, captured buckets, allocator state) cannot carry into the next. Profile and
+    verify run once, after the last repeat."""
+    from hstu_exp.builders import forget
+
     workload = importlib.import_module(WORKLOADS[cfg.workload.name])
-    torch.manual_seed(cfg.seed)
     # serve also writes a per-request file beside the record
     extra = {"job_dir": job_dir} if "job_dir" in inspect.signature(workload.run).parameters else {}
-    measured = workload.run(cfg, device, progress=progress, **extra)
-    return finish(measured, cfg, device, job_dir=job_dir, progress=progress)
+    repeats = cfg.workload.get("repeats", 1)
+    results, units = [], []
+    for i in range(repeats):
+        if repeats > 1:
+            forget()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            progress(f"repeat {i + 1} of {repeats}")
+        torch.manual_seed(cfg.seed)
+        measured = workload.run(cfg, device, progress=progress, **extra)
+        last = i == repeats - 1
+        results.append(finish(measured, cfg, device, job_dir=job_dir if last else None,
+                              progress=progress, verify=last))
+        units.append(resampling_units(measured))
+    return combine_repeats(results, units)
 
 
 def find_ok_record(sweep_dir: Path, key: str):

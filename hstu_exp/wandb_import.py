@@ -23,7 +23,7 @@ REQUIRED = ["status", "workload", "model", "batch_size", "median_ms"]
 INT_KEYS = ["batch_size", "total_history", "new_history", "num_candidates", "page_size",
             "point", "iterations", "num_layers", "hidden", "num_heads", "head_dim",
             "max_history", "warmup", "iters", "min_samples", "input_sets", "seed"]
-BOOL_KEYS = ["valid", "verify", "throttled", "git_dirty", "autotune"]
+BOOL_KEYS = ["valid", "verify", "throttled", "power_capped", "git_dirty", "autotune"]
 
 
 def _clean(row: dict) -> dict:

@@ -376,3 +376,22 @@ def test_a_step_padded_to_its_graph_bucket_equals_the_eager_step():
         for padded_out in outs[1:]:
             for got, want in zip(padded_out, outs[0]):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_repeats_run_on_fresh_servers_and_the_record_keeps_each(tmp_path):
+    """workload.repeats=2: one record holding both repeats' pass totals, values and intervals;
+    the e2e record carries its own pass totals (the speedup's resampling unit)."""
+    proc = hstu_exp("workload=e2e", "model=tiny", "cache=paged", "device=cpu",
+                    "workload.batch_size=2", "workload.num_users=2", "workload.num_batches=4",
+                    "workload.warmup=1", "workload.min_time_s=0.01", "workload.iters=12",
+                    "workload.repeats=2", "calibrate=false", "logger=none",
+                    f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("repeat 1 of 2") == 1 and "repeat 2 of 2" in proc.stdout
+    (rec,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert rec["repeats"] == 2 and rec["repeat_key"] == "total_ms"
+    assert len(rec["repeat_ms"]) == len(rec["repeat_units_ms"]) == len(rec["repeat_ci_ms"]) == 2
+    assert rec["total_ms"] in rec["repeat_ms"] and rec["pass_ms"] in rec["repeat_units_ms"]
+    for units, ci in zip(rec["repeat_units_ms"], rec["repeat_ci_ms"]):
+        assert len(units) >= 3 and ci[0] <= sorted(units)[len(units) // 2] <= ci[1]
+    assert isinstance(rec["repeats_agree"], bool) and rec["config"]["workload"]["repeats"] == 2

@@ -100,6 +100,24 @@ def test_clocks_are_sampled_while_a_gpu_works():
     assert isinstance(summary["throttled"], bool)
 
 
+def test_power_cap_is_marked_and_slowdown_is_judged_by_the_measured_clock():
+    """SwPowerCap (a card's normal state under load) is recorded, never a reason to call a
+    point invalid; a thermal slowdown is one only where the median SM clock while timing sat
+    below 90 % of the card's maximum."""
+    from hstu_exp.env import clock_summary
+
+    def rows(sm, reasons):
+        return [(sm, 2619, 690.0, 70, reasons)] * 5
+    capped = clock_summary(rows(1600, 0x4), 1980)
+    assert capped["power_capped"] and not capped["throttled"]
+    assert capped["sm_clock_mhz"] == 1600 and capped["sm_clock_max_mhz"] == 1980
+    hot_but_fast = clock_summary(rows(1950, 0x20), 1980)
+    assert not hot_but_fast["throttled"] and hot_but_fast["throttle_reasons"] == \
+        "SwThermalSlowdown"
+    assert clock_summary(rows(1500, 0x20 | 0x4), 1980)["throttled"]
+    assert clock_summary(rows(1950, 0x20), None)["throttled"]  # no maximum: the flag judges
+
+
 def test_a_point_timed_while_throttled_is_not_valid():
     cfg = OmegaConf.create({"calibrate": False, "profile": False, "verify": False})
     stop = StopRule(iters=3, min_time_s=0.0, max_time_s=1.0, cv_max=0.03, min_samples=3)

@@ -58,3 +58,75 @@ def test_width_matches_the_delta_method_and_shrinks_with_n():
 def test_bad_level_is_refused():
     with pytest.raises(ValueError):
         bootstrap_ratio([1.0, 2.0], [1.0], level=1.5)
+
+
+def _e2e(mode, units, per_pass=4, **extra):
+    """An e2e record whose passes serve 4 batches of growing size (the second is 3x the first):
+    the per-batch median is a middle batch, the pass total the whole stream."""
+    repeats = [[t * w / 10 for t in u for w in (1, 2, 3, 4)] for u in units]
+    return {"status": "ok", "workload": "e2e", "model": "tiny", "mode": mode, "batch_size": 2,
+            "cache": "none", "graph": "none", "kernel": "triton", "num_candidates": 8,
+            "total_history": 512, "device": "cuda", "num_batches": per_pass,
+            "samples_ms": repeats[0], "median_ms": float(np.median(repeats[0])),
+            "total_ms": float(np.median(units[0])), "valid": True,
+            "overrides": [f"workload.mode={mode}"], **extra}
+
+
+def test_e2e_speedup_is_the_ratio_of_pass_totals_resampled_by_pass():
+    """The e2e speedup is baseline / candidate of the median pass total, its interval the
+    bootstrap of the pass totals (worked out of the samples of an older record)."""
+    import pandas as pd
+
+    from hstu_exp.report.aggregate import e2e_speedups
+
+    rng = np.random.default_rng(1)
+    base_passes = (100 * (1 + 0.02 * rng.standard_normal(12))).tolist()
+    fast_passes = (20 * (1 + 0.02 * rng.standard_normal(12))).tolist()
+    sp = e2e_speedups(pd.DataFrame([_e2e("baseline", [base_passes]),
+                                    _e2e("cache_graph", [fast_passes])]))
+    assert len(sp) == 1
+    r = sp.iloc[0]
+    assert r["speedup"] == pytest.approx(np.median(base_passes) / np.median(fast_passes))
+    _, lo, hi = bootstrap_ratio(base_passes, fast_passes)
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((lo, hi))
+    assert r["repeats"] == 1 and r["repeats_agree"]
+
+
+def test_repeats_report_their_spread_and_a_disagreement_is_flagged():
+    """Three repeats: the spread is the lowest and highest repeat-pair ratio; when one repeat of
+    the candidate ran 30 % slower, beyond every interval, the point is flagged, not averaged."""
+    import pandas as pd
+
+    from hstu_exp.report.aggregate import e2e_speedups, format_headline, headline
+
+    rng = np.random.default_rng(2)
+
+    def passes(ms):
+        return (ms * (1 + 0.01 * rng.standard_normal(10))).tolist()
+    base = [passes(100), passes(101), passes(99)]
+    agree = [passes(20), passes(20.2), passes(19.9)]
+    apart = [passes(20), passes(26), passes(19.9)]
+    for fast, agreeing in ((agree, True), (apart, False)):
+        recs = [_e2e("baseline", base, repeat_units_ms=base, repeats=3),
+                _e2e("cache_graph", fast, repeat_units_ms=fast, repeats=3)]
+        r = e2e_speedups(pd.DataFrame(recs)).iloc[0]
+        ratios = sorted(np.median(b) / np.median(f) for b, f in zip(base, fast))
+        assert (r["spread_low"], r["spread_high"]) == pytest.approx((ratios[0], ratios[-1]))
+        assert r["repeats"] == 3 and bool(r["repeats_agree"]) is agreeing
+        line = format_headline(headline(pd.DataFrame(recs)))
+        assert f"3 repeats {ratios[0]:.2f}-{ratios[-1]:.2f}x" in line
+        assert ("REPEATS DISAGREE" in line) is not agreeing
+
+
+def test_combined_repeats_keep_every_repeat_and_flag_disagreement():
+    from hstu_exp.bench.measure import combine_repeats
+
+    def result(ms, valid=True):
+        return {"median_ms": ms, "valid": valid, "invalid_reason": None if valid else "CV 9%"}
+    units = [[1.0, 1.01, 0.99] * 5, [1.3, 1.31, 1.29] * 5, [1.02, 1.0, 1.01] * 5]
+    rec = combine_repeats([result(1.0), result(1.3, valid=False), result(1.01)], units)
+    assert rec["repeats"] == 3 and rec["repeat_ms"] == [1.0, 1.3, 1.01]
+    assert rec["median_ms"] == 1.01  # the median repeat's body
+    assert rec["repeats_agree"] is False and rec["repeat_units_ms"] == units
+    assert rec["valid"] is False and rec["invalid_reason"] == "repeat 2: CV 9%"
+    assert rec["repeat_spread"] == pytest.approx(0.3 / 1.01)

@@ -85,7 +85,7 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
     # Every pass serves the same stream the same way: its work and cache traffic once (last).
     work = [([r.seq_len for r in b], [r.seq_len - s for r, s in zip(b, st)],
              [r.candidates.numel() for r in b]) for b, st in zip(stream.batches, starts)]
-    extra = {"total_ms": total_ms, "passes": len(passes),
+    extra = {"total_ms": total_ms, "passes": len(passes), "pass_ms": totals,
              "throughput_cps": B * k * w.num_batches / (total_ms / 1e3),
              "host_ms": statistics.median(sum(h) for _, h, _ in passes),
              "device_ms": statistics.median(sum(d) for _, _, d in passes),

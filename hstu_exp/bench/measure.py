@@ -7,6 +7,7 @@ every workload: statistics, validity, roofline, memory, clocks, profile and veri
 """
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
@@ -16,6 +17,7 @@ from hstu_exp.bench.roofline import floor, peaks
 from hstu_exp.bench.timer import StopRule, cv, latency_stats
 from hstu_exp.config import cv_max, max_time_s
 from hstu_exp.env import CLOCK_KEYS
+from hstu_exp.stats import bootstrap_stat, intervals_overlap
 
 # What the FLOPs (and so TFLOP/s) count: the attention term is 4*H*D per visible (query, key)
 # pair, i.e. the pairs the mask lets through, never the full square (bench/roofline.py).
@@ -49,15 +51,17 @@ def stop_rule(workload, device: torch.device) -> StopRule:
                     min_samples=workload.min_samples)
 
 
-def finish(m: Measured, cfg, device: torch.device, job_dir=None, progress=print) -> dict:
+def finish(m: Measured, cfg, device: torch.device, job_dir=None, progress=print,
+           verify: bool = True) -> dict:
     stats = latency_stats(m.samples_ms)
     repeats = m.repeats_ms if m.repeats_ms is not None else m.samples_ms
     stats["cv"] = cv(repeats)
     problems = m.rule.problems(repeats)
     clocks = {k: None for k in CLOCK_KEYS}
     clocks.update(m.clocks)
-    if clocks["throttled"]:
-        problems.append(f"GPU throttled ({clocks['throttle_reasons']})")
+    if clocks["throttled"]:  # a thermal or hardware slowdown; a power cap is only marked
+        problems.append(f"GPU throttled ({clocks['throttle_reasons']}, SM clock "
+                        f"{clocks['sm_clock_mhz']} of {clocks.get('sm_clock_max_mhz')} MHz)")
     unit_ms = m.per_unit_ms if m.per_unit_ms is not None else stats["median_ms"]
     result = {**stats, "samples_ms": list(m.samples_ms), "cv_basis": m.cv_basis,
               "valid": not problems, "invalid_reason": "; ".join(problems) or None,
@@ -75,6 +79,38 @@ def finish(m: Measured, cfg, device: torch.device, job_dir=None, progress=print)
 
         progress("profiling")
         result.update(profile_step(m.step, device=device, iters=m.profile_iters, out_dir=job_dir))
-    if cfg.verify and m.verify is not None:
+    if cfg.verify and verify and m.verify is not None:
         result["max_rel_error"] = m.verify()
     return result
+
+
+def resampling_units(m: Measured) -> List[float]:
+    """What a bootstrap of this point resamples (stats.py): the pass totals where validity is
+    judged on passes (e2e), else the samples."""
+    return list(m.repeats_ms if m.repeats_ms is not None else m.samples_ms)
+
+
+def combine_repeats(results: List[dict], units: List[List[float]]) -> dict:
+    """One record of `workload.repeats` independent repeats of a point. Its body is the median
+    repeat's (by the headline value: the median pass total for e2e, the median sample else),
+    so statistics, roofline and clocks belong together; beside it every repeat's value, units,
+    95 % interval and validity. A point is valid when every repeat is; repeats whose intervals
+    do not overlap are flagged (repeats_agree=false), not averaged away."""
+    key = "total_ms" if "total_ms" in results[0] else "median_ms"
+    values = [r[key] for r in results]
+    order = sorted(range(len(results)), key=lambda i: values[i])
+    body = dict(results[order[(len(order) - 1) // 2]])
+    intervals = [bootstrap_stat(u)[1:] for u in units]
+    problems = [f"repeat {i + 1}: {r['invalid_reason']}" if len(results) > 1 else
+                r["invalid_reason"] for i, r in enumerate(results) if not r["valid"]]
+    median = statistics.median(values)
+    body.update({
+        "repeats": len(results), "repeat_key": key, "repeat_ms": values,
+        "repeat_ci_ms": [list(ci) for ci in intervals],
+        "repeat_valid": [r["valid"] for r in results],
+        "repeat_spread": (max(values) - min(values)) / median if median > 0 else None,
+        "repeats_agree": intervals_overlap(intervals),
+        "valid": not problems, "invalid_reason": "; ".join(problems) or None})
+    if len(results) > 1:  # one repeat: its units are samples_ms (or e2e's pass_ms) already
+        body["repeat_units_ms"] = units
+    return body

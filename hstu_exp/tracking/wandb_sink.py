@@ -29,8 +29,8 @@ MODES = ("online", "offline", "disabled")
 DEFAULT_TIMEOUT_S = 30.0
 # Provenance keys that records may carry besides ENV_KEYS (older records lack some).
 ENV_EXTRA = ["git_dirty", "wandb", "python", "cpu_model", "cpu_cores", "gpu_uuid", "gpu_count",
-             "sm_clock_mhz", "mem_clock_mhz", "power_w", "temperature_c", "throttle_reasons",
-             "throttled", "clocks_unavailable"]
+             "sm_clock_mhz", "sm_clock_max_mhz", "mem_clock_mhz", "power_w", "temperature_c",
+             "throttle_reasons", "power_capped", "throttled", "clocks_unavailable"]
 PARAM_KEYS = ["num_layers", "hidden", "num_heads", "head_dim", "max_history", "warmup", "iters",
               "min_time_s", "max_time_s", "cv_max", "min_samples", "input_sets", "seed", "verify",
               "schema_version", "headline", "flop_convention", "cv_basis"]
