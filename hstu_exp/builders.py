@@ -109,6 +109,11 @@ def _built_key(obj) -> str:
     raise ValueError(f"{type(obj).__name__} was not built by hstu_exp.builders")
 
 
+def kv_tokens(model) -> int:
+    """The longest KV a user holds: the context prefix, then the history."""
+    return model.num_context + model.max_history
+
+
 def forget() -> None:
     """Drop every module built so far: the next point (or repeat) builds afresh."""
     _BUILT.clear()
@@ -162,9 +167,9 @@ def shared_graphs(module, cache, model, graph, *, device, dtype, progress):
         core = BucketGraphs(
             device=device, batch_buckets=graph.batch_buckets, token_buckets=graph.token_buckets,
             pool=None if cache is None else cache.pool,
-            page_size=0 if cache is None else cache.page_size, max_history=model.max_history,
+            page_size=0 if cache is None else cache.page_size, max_history=kv_tokens(model),
             scratch_page=0 if cache is None else cache.scratch_page, fit_rows=graph.fit_rows,
-            progress=progress)
+            max_graphs=graph.max_graphs, progress=progress)
         if isinstance(module, HSTUBlock):
             return GraphedBlock(module, core, hidden=model.hidden, dtype=dtype)
         return GraphedRanker(module, core)

@@ -76,6 +76,7 @@ class GraphConfig:
     batch_buckets: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     token_buckets: List[int] = field(default_factory=lambda: [128, 256, 512, 1024, 2048, 4352])
     fit_rows: bool = False  # a batch's rows padded to a power of two, not to batch x tokens
+    max_graphs: int = 64  # captured graphs kept (least recently replayed dropped past it)
 
 
 @dataclass
@@ -259,7 +260,8 @@ def validate(cfg) -> None:
               "workload.num_batches", "workload.num_users", "workload.cv_max",
               "workload.qps", "workload.items_per_return", "workload.max_batch",
               "workload.duration_s", "workload.min_requests", "workload.slo_ms",
-              "workload.search_steps", "workload.verify_requests", "workload.repeats")
+              "workload.search_steps", "workload.verify_requests", "workload.repeats",
+              "graph.max_graphs")
     for key in ("workload.num_candidates", "workload.warmup", "model.num_context"):
         group, name = key.split(".")
         if cfg[group][name] < 0:

@@ -18,6 +18,7 @@ the embedding and head launches cost the host about as much as the whole block.
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
@@ -178,18 +179,25 @@ class BucketGraphs:
 
     Captures are timed as first-use work (`hstu_exp.first_use`: a server that meets a bucket
     mid-run keeps its capture off the batch's clock) and summed in `capture_s`. `live_rows` and
-    `run_rows` count the rows staged and the rows their graphs compute (padding included)."""
+    `run_rows` count the rows staged and the rows their graphs compute (padding included).
+
+    `max_history` is the longest KV a user holds: context prefix and history together (a user's
+    page table is padded to that many tokens' pages). At most `max_graphs` graphs are kept:
+    each holds its activations in the pool, and serving meets ever more buckets; past that the
+    least recently replayed is dropped (`evicted` counts them) and recaptured if met again."""
 
     def __init__(self, *, device, batch_buckets, token_buckets,
                  pool: Optional[torch.Tensor] = None, page_size: int = 0, max_history: int = 0,
-                 scratch_page: int = 0, fit_rows: bool = False, progress=None):
+                 scratch_page: int = 0, fit_rows: bool = False, max_graphs: int = 64,
+                 progress=None):
         self.device, self.pool = torch.device(device), pool
         self.batch_buckets, self.token_buckets = list(batch_buckets), list(token_buckets)
         self.fit_rows = fit_rows
         self.page_size, self.max_history, self.scratch = page_size, max_history, scratch_page
         self.pages_per_user = -(-max_history // page_size) if page_size else 0
         self.mempool = None  # the graphs' shared memory pool, made at the first capture
-        self.graphs: Dict[Bucket, _Captured] = {}
+        self.graphs: "OrderedDict[Bucket, _Captured]" = OrderedDict()  # least recent first
+        self.max_graphs, self.evicted = max_graphs, 0
         self.used: set = set()  # bucket names replayed (a workload clears it per point)
         self.capture_s = 0.0
         self.live_rows = self.run_rows = 0
@@ -222,6 +230,8 @@ class BucketGraphs:
         """The bucket's graph; on a miss, `build(views, batch, bucket)` over the bucket's
         static buffers returns (the step to capture, its static input tensors)."""
         cap = self.graphs.get(staged.bucket)
+        if cap is not None:
+            self.graphs.move_to_end(staged.bucket)
         if cap is None:
             bucket = staged.bucket
             self.progress(f"capturing CUDA graph of {what} for bucket {bucket.name}")
@@ -235,6 +245,9 @@ class BucketGraphs:
                     views["new_page"].fill_(self.scratch)
                 step, inputs = build(views, static_batch(bucket, views), bucket)
                 graph, out = capture(step, self.mempool)
+            while len(self.graphs) >= self.max_graphs:
+                self.graphs.popitem(last=False)
+                self.evicted += 1
             cap = self.graphs[bucket] = _Captured(meta, inputs, out, graph)
             self.capture_s += first_use.seconds() - before
         self.used.add(staged.bucket.name)

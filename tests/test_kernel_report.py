@@ -52,3 +52,14 @@ def test_unknown_mode_is_one_line_error():
                            "--modes", "fast"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "unknown mode 'fast'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_hopper_launch_refuses_a_split_in_full_mode():
+    """The full-mode schedule is not split-safe: launch asserts before touching the tensors."""
+    import pytest
+
+    from hstu_exp.ops import hopper_attention
+
+    with pytest.raises(AssertionError, match="paged mode only"):
+        hopper_attention.launch(None, None, None, None, None, alpha=1.0, inv_n=1.0, pages=None,
+                                chunk=4, splits=2)

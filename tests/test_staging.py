@@ -81,3 +81,28 @@ def test_fitted_rows_pad_the_batch_not_every_user():
     padded = pad_metadata(batch, Bucket(batch=4, tokens=8, fit=16), pages_per_user=0,
                           scratch_page=0)
     assert padded["offsets"].tolist() == [0, 5, 7, 7, 7]
+
+
+def test_graph_page_tables_hold_the_context_prefix():
+    """A user of 512 history + 8 context tokens holds 17 pages of 32: the graphs' page tables are
+    sized from builders.kv_tokens (context + history), not max_history alone (16 pages, which
+    pad_metadata cannot fit)."""
+    import pytest
+    from omegaconf import OmegaConf
+
+    from hstu_exp.builders import kv_tokens
+
+    model = OmegaConf.create({"max_history": 512, "num_context": 8})
+    page = 32
+    cache = PagedKVCache(num_layers=1, num_pages=40, page_size=page, num_heads=1, head_dim=2,
+                         dtype=torch.float32, device="cpu")
+    cache.plan([7], [kv_tokens(model) - 1], [0])
+    table = cache.plan([7], [1], [1])
+    batch = make_batch([1], [1], "cpu", table)
+    assert batch.pages.page_ids.numel() == 17
+    per_user = -(-kv_tokens(model) // page)
+    bucket = Bucket(batch=1, tokens=8, kv=1024)
+    padded = pad_metadata(batch, bucket, pages_per_user=per_user, scratch_page=39)
+    assert padded["page_ids"].shape[0] == 17
+    with pytest.raises(ValueError):  # what graphs.py did before: max_history's 16 pages
+        pad_metadata(batch, bucket, pages_per_user=512 // page, scratch_page=39)

@@ -97,6 +97,8 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
     extra.update(_cache_stats(manager, work))
     if graphs is not None:
         extra["bucket"] = ",".join(sorted(graphs.core.used))
+        # graph memory: what is held (bounded by graph.max_graphs) and what was dropped
+        extra.update(graphs_captured=len(graphs.core.graphs), graphs_evicted=graphs.core.evicted)
     flops, nbytes = _block_work_per_batch(m, dtype, work)
 
     def profiled(i: int):  # one pass over the stream, batch by batch, on an emptied cache

@@ -367,6 +367,9 @@ def launch(q, k, v, out, batch, *, alpha: float, inv_n: float, pages=None, chunk
     and zeroed when split). pages: None (full mode) or (k_pages, v_pages) read through
     batch.pages. chunk: key blocks a split takes (0: no split), splits: how many. The grid
     comes from host ints, so the launch can be captured in a CUDA graph."""
+    # the full-mode schedule is not split-safe (docs/design.md §5); triton_attention._plan
+    # never splits it, and a caller that tried would get wrong sums, not an error
+    assert pages is not None or not chunk, "Hopper attention splits keys in paged mode only"
     rows, H, D = q.shape
     B = batch.batch_size
     qd, kd, vd = _desc(q, int(HALF), D), _desc(k, block_n, D), _desc(v, block_n, D)
