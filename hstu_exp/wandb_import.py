@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 from pathlib import Path
+from typing import Optional
 
 from hstu_exp.report.aggregate import CSV_FILE, SweepError, headline, load_sweep, require
 from hstu_exp.report.labels import serve_labels
@@ -47,23 +49,22 @@ def _clean(row: dict) -> dict:
     return out
 
 
-def _headline(df):
-    """The sweep's headline speedups, or None where its records cannot give them."""
-    try:
-        return headline(df)
-    except Exception:  # noqa: BLE001 - e.g. an older CSV without samples: no speedups, no crash
-        return None
-
-
 def _sweep_dir(source: Path) -> Path:
     return source if source.is_dir() else source.parent
 
 
-def import_sweep(source: Path, *, logger: dict, out_dir: Path, group: str) -> dict:
+def import_sweep(source: Path, *, logger: dict, out_dir: Path, group: str,
+                 id_group: Optional[str] = None) -> dict:
     """Logs every point that ran and the summary run; returns counts. Stops at the first W&B
     failure (wandb_sink prints the one warning line)."""
     df = load_sweep(source)
     require(df, REQUIRED, source, "needed for W&B runs")
+    sweeps = sorted({str(s) for s in df.get("sweep", []) if isinstance(s, str)})
+    if len(sweeps) > 1:  # one group and one summary run would silently merge them
+        raise SweepError(f"{source}: holds {len(sweeps)} sweeps ({', '.join(sweeps[:4])}"
+                         f"{', ...' if len(sweeps) > 4 else ''}); import each sweep dir alone")
+    if df.attrs.get("torn_note"):
+        print(f"[hstu-exp] {source}: {df.attrs['torn_note']}", flush=True)
     root = Path(out_dir) / IMPORT_DIR
     written, skipped = 0, 0
     for i, row in enumerate(df.to_dict("records")):
@@ -73,7 +74,7 @@ def import_sweep(source: Path, *, logger: dict, out_dir: Path, group: str) -> di
             continue
         point = record.get("point", i)
         if wandb_sink.log_point(record, logger=logger, job_dir=root / str(point), group=group,
-                                cfg=None, sweep_dir=root) is None:
+                                cfg=None, sweep_dir=root, id_group=id_group) is None:
             if wandb_sink.disabled_reason(root):
                 return {"points": written, "skipped": skipped, "summary": False, "failed": True}
         else:
@@ -83,10 +84,16 @@ def import_sweep(source: Path, *, logger: dict, out_dir: Path, group: str) -> di
     csv = source if source.suffix == ".csv" else sweep / CSV_FILE
     summary = wandb_sink.log_summary(df, logger=logger, sweep_dir=root, group=group,
                                      images=images, labels=serve_labels,
-                                     headline=_headline(df), csv=csv if csv.is_file() else None,
-                                     grid_dir=sweep)
+                                     headline=headline(df), csv=csv if csv.is_file() else None,
+                                     grid_dir=sweep, id_group=id_group)
     return {"points": written, "skipped": skipped, "summary": summary is not None,
             "failed": summary is None and wandb_sink.effective_mode(logger) != "disabled"}
+
+
+def sync_command(root: Path) -> str:
+    """The upload line: each run's newest local copy only (latest-run), paths shell-quoted."""
+    quoted = shlex.quote(str(root))
+    return f"wandb sync {quoted}/*/wandb/latest-run {quoted}/wandb/latest-run"
 
 
 def parse_args(argv):
@@ -122,7 +129,7 @@ def main(argv=None) -> None:
         sys.exit(2)
     try:
         done = import_sweep(source, logger=logger, out_dir=out_dir,
-                            group=args.group or sweep.name)
+                            group=args.group or sweep.name, id_group=sweep.name)
     except SweepError as exc:
         print(f"hstu-exp-wandb: error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -131,8 +138,7 @@ def main(argv=None) -> None:
           f"{' and a summary run' if done['summary'] else ''} in {root} "
           f"({done['skipped']} skipped points listed in the summary, not logged)", flush=True)
     if wandb_sink.effective_mode(logger) == "offline" and done["points"] + done["summary"]:
-        print(f"[hstu-exp] upload: wandb sync {root}/*/wandb/offline-run-* "
-              f"{root}/wandb/offline-run-*", flush=True)
+        print(f"[hstu-exp] upload: {sync_command(root)}", flush=True)
     if done["failed"]:
         sys.exit(1)
 

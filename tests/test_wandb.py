@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hstu_exp.tracking.records import SWEPT_KEYS
-from hstu_exp.tracking.wandb_sink import run_id
+from hstu_exp.tracking.wandb_sink import run_id, sweep_where
 from helpers import FAST, ROOT, hstu_exp, offline_runs, read_run
 
 # The H200 seed_e2e records as published on 2026-11-29 (schema 1: no samples, no validity).
@@ -57,7 +57,7 @@ def test_point_runs_hold_what_ran_env_and_samples(sweep):
         assert cfg["env"]["device_name"] == rec["device_name"]
         assert cfg["cfg"]["workload"]["batch_size"] == rec["batch_size"]
         assert f"workload.batch_size={rec['batch_size']}" in cfg["overrides"]
-        assert run["id"] == run_id(sweep.name, rec["config_key"])
+        assert run["id"] == run_id(sweep.name, rec["config_key"], sweep_where(rec))
         assert run["group"] == sweep.name and run["exit_code"] == 0
         assert {"nightly", "h200", f"cache:{rec['cache']}"} <= set(run["tags"])
         assert run["name"].startswith(f"B{rec['batch_size']} T256 n{rec['new_history']} ·")
@@ -78,7 +78,9 @@ def test_point_runs_hold_what_ran_env_and_samples(sweep):
 def test_summary_run_has_grid_counts_charts_and_artifact(sweep):
     (summary_dir,) = (sweep / "wandb").glob("offline-run-*")
     run = read_run(summary_dir)
-    assert run["job_type"] == "summary" and run["id"] == run_id(sweep.name, "summary")
+    rec = json.loads(next(sweep.rglob("results.jsonl")).read_text().splitlines()[0])
+    assert run["job_type"] == "summary" and \
+        run["id"] == run_id(sweep.name, "summary", sweep_where(rec))
     s, cfg = run["summary"], run["config"]
     ok = [r for r in records(sweep) if r["status"] == "ok"]
     assert (s["points"], s["ok"], s["skipped"], s["failed"]) == (8, 6, 2, 0)
@@ -116,14 +118,18 @@ def test_resume_and_import_update_runs_never_duplicate(sweep):
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = offline_runs(sweep)
     assert set(after) == set(before) and len(after) == 7  # 6 points + 1 summary, same ids
-    summary_id = run_id(sweep.name, "summary")
-    assert len(after[summary_id]) == 2  # the second close-out resumed the same run
+    rec = json.loads(next(sweep.rglob("results.jsonl")).read_text().splitlines()[0])
+    summary_id = run_id(sweep.name, "summary", sweep_where(rec))
+    assert len(after[summary_id]) == 1  # the second close-out resumed it: one local copy
     # importing the recorded sweep gives the very same run ids
     proc = wandb_import(str(sweep))
     assert proc.returncode == 0, proc.stderr
     imported = offline_runs(sweep / "wandb-import")
     assert set(imported) == set(before)
-    assert "wandb sync" in proc.stdout
+    assert "wandb sync" in proc.stdout and "latest-run" in proc.stdout
+    proc = wandb_import(str(sweep))  # again: still one local copy per id
+    assert proc.returncode == 0, proc.stderr
+    assert all(len(dirs) == 1 for dirs in offline_runs(sweep / "wandb-import").values())
 
 
 def test_failed_point_is_a_failed_run(tmp_path):

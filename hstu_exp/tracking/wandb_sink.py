@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -60,19 +61,22 @@ _noticed: list = []  # the WANDB_MODE notice is printed once per process
 # --------------------------------------------------------------------------- the public calls
 
 def log_point(record: dict, *, logger: dict, job_dir: Path, group: str, cfg: dict,
-              sweep_dir: Optional[Path] = None) -> Optional[str]:
-    """One point's run (none for a skipped point). Returns its run dir, or None."""
+              sweep_dir: Optional[Path] = None, id_group: Optional[str] = None) -> Optional[str]:
+    """One point's run (none for a skipped point). Returns its run dir, or None. `id_group`
+    (default `group`: the sweep dir's name) is what the run id follows; `group` may be a
+    display name of the importer's --group."""
     if record.get("status") == "skipped":
         return None  # on disk, and listed in the summary run's `skipped` table
     where = Path(sweep_dir or job_dir)
     return _guarded(lambda: point_spec(record, logger=logger, job_dir=Path(job_dir),
-                                       group=group, cfg=cfg, data_dir=where),
+                                       group=group, cfg=cfg, data_dir=where,
+                                       id_group=id_group),
                     logger=logger, where=where)
 
 
 def log_summary(df, *, logger: dict, sweep_dir: Path, group: str, images: dict,
                 labels: Callable[[list], list], headline=None, csv: Optional[Path] = None,
-                grid_dir: Optional[Path] = None) -> Optional[str]:
+                grid_dir: Optional[Path] = None, id_group: Optional[str] = None) -> Optional[str]:
     """The sweep's summary run: grid (from `grid_dir`, default the sweep dir), counts,
     headline speedups, native charts, figures and the results CSV as an artifact. Returns its
     run dir, or None. The report layer hands over what it presents: `labels` (serve records ->
@@ -80,7 +84,8 @@ def log_summary(df, *, logger: dict, sweep_dir: Path, group: str, images: dict,
     `report.aggregate.headline`, or None)."""
     return _guarded(lambda: summary_spec(df, logger=logger, sweep_dir=Path(sweep_dir),
                                          group=group, images=images, labels=labels,
-                                         headline=headline, csv=csv, grid_dir=grid_dir),
+                                         headline=headline, csv=csv, grid_dir=grid_dir,
+                                         id_group=id_group),
                     logger=logger, where=Path(sweep_dir))
 
 
@@ -125,7 +130,7 @@ def disabled_reason(where: Path) -> Optional[str]:
 def _disable(where: Path, reason: str) -> None:
     _off[str(where)] = reason
     log.warning(f"[hstu-exp] warning: W&B failed ({reason}); W&B is off for the rest of this "
-                f"sweep. The records are on disk: `hstu-exp-wandb {where}` replays them later")
+                f"sweep. The records are on disk: `hstu-exp-wandb {shlex.quote(str(where))}` replays them later")
     try:
         (where / MARKER).write_text(json.dumps(
             {"started": os.environ.get("HSTU_EXP_STARTED"), "reason": reason}))
@@ -192,9 +197,23 @@ def _plain(value):
 
 # --------------------------------------------------------------------------- records -> specs
 
-def run_id(group: str, key: str) -> str:
-    """Stable across re-runs: a resume or a second close-out updates the run, never adds one."""
-    return hashlib.sha1(f"{group}/{key}".encode()).hexdigest()[:16]
+def run_id(group: str, key: str, where: str = "") -> str:
+    """Stable across re-runs: a resume or a second close-out updates the run, never adds one.
+    `where` (sweep_where) keeps runs of another commit or GPU apart under the same sweep name."""
+    return hashlib.sha1(f"{group}/{key}{'@' + where if where else ''}".encode()).hexdigest()[:16]
+
+
+def sweep_where(r: dict) -> str:
+    """The commit and GPU a record ran on ('' for neither recorded): part of every run id."""
+    parts = [str(r[k]) for k in ("git_sha", "gpu_uuid") if not is_missing(r.get(k))]
+    return "/".join(parts)
+
+
+def artifact_name(group: str) -> str:
+    """W&B artifact names allow ASCII letters, digits, '-', '_' and '.': anything else (a space,
+    an accent) becomes '-', so a sweep dir named 'my sweeps/été' still gets its summary run."""
+    return "results-" + "".join(c if (c.isascii() and c.isalnum()) or c in "-_." else "-"
+                                for c in group)
 
 
 def _pick(record: dict, keys) -> dict:
@@ -258,7 +277,7 @@ def _overrides(r: dict) -> list:
 
 
 def point_spec(r: dict, *, logger: dict, job_dir: Path, group: str, cfg: Optional[dict],
-               data_dir: Path) -> Optional[dict]:
+               data_dir: Path, id_group: Optional[str] = None) -> Optional[dict]:
     samples = [float(s) for s in (r.get("samples_ms") or []) if not is_missing(s)]
     config = {"point": _pick(r, SWEPT_KEYS), "env": _pick(r, ENV_KEYS + ENV_EXTRA),
               "params": _pick(r, PARAM_KEYS), "config_key": r.get("config_key"),
@@ -266,8 +285,10 @@ def point_spec(r: dict, *, logger: dict, job_dir: Path, group: str, cfg: Optiona
     if cfg:
         config["cfg"] = cfg
     key = r.get("config_key") or hashlib.sha1(run_name(r).encode()).hexdigest()[:16]
+    # the id follows the sweep dir (not a display --group), the commit and the GPU
     return {"init": {**_where(logger), "group": group, "job_type": str(r.get("workload")),
-                     "name": run_name(r), "id": run_id(group, key), "dir": str(job_dir),
+                     "name": run_name(r), "id": run_id(id_group or group, key, sweep_where(r)),
+                     "dir": str(job_dir),
                      "tags": point_tags(r, logger.get("tags")), "config": config},
             "data_dir": str(Path(data_dir) / "wandb" / ".data"),
             "samples": samples, "summary": point_summary(r),
@@ -315,7 +336,7 @@ def _table(rows: list, columns: list) -> dict:
 
 def summary_spec(df, *, logger: dict, sweep_dir: Path, group: str, images: dict,
                  labels: Callable[[list], list], headline=None, csv: Optional[Path] = None,
-                 grid_dir: Optional[Path] = None) -> dict:
+                 grid_dir: Optional[Path] = None, id_group: Optional[str] = None) -> dict:
     """The summary run's spec (`log_summary`'s arguments)."""
     records = [{k: v for k, v in row.items() if k not in ("samples_ms", "traceback")}
                for row in df.to_dict("records")]
@@ -328,7 +349,8 @@ def summary_spec(df, *, logger: dict, sweep_dir: Path, group: str, images: dict,
                "invalid": len(invalid), "failed": status.count("failed"),
                "skipped": status.count("skipped")}
     spec = {"init": {**_where(logger), "group": group, "job_type": "summary",
-                     "name": f"{group} · summary", "id": run_id(group, "summary"),
+                     "name": f"{group} · summary",
+                     "id": run_id(id_group or group, "summary", sweep_where(first)),
                      "dir": str(sweep_dir), "tags": sorted({"summary", *map(str, logger.get(
                          "tags") or ())}),
                      "config": {"sweep": group, "grid": sweep_grid(grid_dir or sweep_dir),
@@ -369,8 +391,7 @@ def summary_spec(df, *, logger: dict, sweep_dir: Path, group: str, images: dict,
     files = [str(p) for p in (Path(csv) if csv else Path(sweep_dir) / "results.csv",
                               Path(sweep_dir) / "results.jsonl") if p.is_file()]
     if files:
-        spec["artifact"] = {"name": "results-" + "".join(c if c.isalnum() or c in "-_." else "-"
-                                                         for c in group),
+        spec["artifact"] = {"name": artifact_name(group),
                             "type": "benchmark-results", "files": files}
     return spec
 
@@ -514,7 +535,19 @@ def write_run(spec: dict) -> str:
         exit_code = spec.get("exit_code", 0)
     finally:
         run.finish(exit_code=exit_code)
+    _drop_older_copies(Path(run_dir), init["id"])
     return run_dir
+
+
+def _drop_older_copies(run_dir: Path, run_id_: str) -> None:
+    """One local copy per run id: a resume or re-import writes the run again (same id) in a new
+    offline-run dir, and `wandb sync` of both would upload whichever lands last. The older
+    copies go (the records they were made from stay on disk)."""
+    import shutil
+
+    for old in run_dir.parent.glob(f"offline-run-*-{run_id_}"):
+        if old.resolve() != run_dir.resolve():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _child_main() -> None:
