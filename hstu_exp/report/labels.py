@@ -2,6 +2,7 @@
 sweep compares, in a few characters a point (presentation; the records keep the raw keys)."""
 from __future__ import annotations
 
+from hstu_exp.tracking.identity import PLUMBING
 from hstu_exp.tracking.records import is_missing, point_overrides
 
 # What labels a serve point (what a serve sweep compares), where the values vary; batch_size
@@ -12,8 +13,6 @@ SERVE_LABEL_KEYS = ("cache", "kernel", "graph", "mode", "batch_size")
 _SPOKEN_FOR = {"cache", "cache.mode", "kernel", "kernel.name", "graph", "graph.mode",
                "workload.batch_size", "workload.max_batch", "workload.policy", "workload.search",
                "workload.mode", "workload.qps"}
-# Overrides that say where and how a sweep ran, not what a point measures.
-_PLUMBING = ("logger", "hydra", "experiment", "resume", "name")
 
 
 def _text(v) -> str:
@@ -27,7 +26,7 @@ def _serve_label_plan(rows: list):
     # a record without overrides says nothing about them: it would make every key vary
     known = [o for o in given if o is not None]
     extra = sorted(k for k in {k for o in known for k in o}
-                   if k not in _SPOKEN_FOR and k.split(".", 1)[0] not in _PLUMBING
+                   if k not in _SPOKEN_FOR and k.split(".", 1)[0] not in PLUMBING
                    and len({o.get(k, "-") for o in known}) > 1)
     return keys, extra, given
 

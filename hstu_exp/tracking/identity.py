@@ -17,10 +17,12 @@ import json
 import math
 from typing import Iterable
 
-from hstu_exp.tracking.records import _PLUMBING, SWEPT_KEYS, point_overrides
+from hstu_exp.tracking.records import SWEPT_KEYS, point_overrides
 
 # Top-level config keys that do not change what a point measures.
 NOT_IDENTITY = ("logger", "hydra", "resume", "name")
+# Overrides that say where and how a sweep ran, not what a point measures.
+PLUMBING = NOT_IDENTITY + ("experiment",)
 _GROUPS = ("model", "cache", "kernel", "graph")
 _TOP = ("device", "seed", "verify", "calibrate", "profile")
 # A point key named in a comparison -> the config paths it stands for.
@@ -96,7 +98,7 @@ def identity(record, *, ignore: Iterable[str] = (), with_config: bool | None = N
                  if k.split(".", 1)[0] not in NOT_IDENTITY}
     else:
         items = {k: v for k, v in (point_overrides(record.get("overrides")) or {}).items()
-                 if k.split(".", 1)[0] not in _PLUMBING}
+                 if k.split(".", 1)[0] not in PLUMBING}
     items.update({_POINT + k: record.get(k) for k in SWEPT_KEYS if k not in ignore})
     return {k: text(v) for k, v in sorted(items.items()) if not _under(k, prefixes)}
 
