@@ -50,9 +50,11 @@ def block():
 def e2e():
     rng = np.random.default_rng(1)
     speed = {"baseline": 1.0, "baseline_graph": 1.3, "cache": 2.0, "cache_graph": 4.0}
-    return pd.DataFrame([_rec(rng, 5.0 / speed[m] * b, workload="e2e", mode=m, batch_size=b,
-                              kernel="triton", graph="none", cache="none", total_history=4096)
-                         for m in speed for b in (1, 4)])
+    df = pd.DataFrame([_rec(rng, 5.0 / speed[m] * b, workload="e2e", mode=m, batch_size=b,
+                            kernel="triton", graph="none", cache="none", total_history=4096)
+                       for m in speed for b in (1, 4)])
+    # one batch a pass: every sample is a pass total (the e2e speedup's unit)
+    return df.assign(total_ms=df["median_ms"], num_batches=1)
 
 
 def _labelled(df):
@@ -118,7 +120,9 @@ def test_e2e_figures_show_all_four_modes_with_intervals(e2e):
 def test_headline_intervals_hold_the_known_speedups(block, e2e):
     table = headline(pd.concat([block, e2e], ignore_index=True))
     assert list(table.columns) == ["workload", "comparison", "batch_size", "total_history",
-                                   "new_history", "speedup", "ci_low", "ci_high"]
+                                   "new_history", "speedup", "ci_low", "ci_high", "spread_low",
+                                   "spread_high", "repeats", "repeats_agree", "valid",
+                                   "baseline_valid"]
     row = table[(table.comparison == "paged vs none (triton+cudagraph)") &
                 (table.batch_size == 2) & (table.total_history == 1024)].iloc[0]
     assert row.new_history == 64  # the largest cached prefix
