@@ -122,7 +122,8 @@ def test_a_point_timed_while_throttled_is_not_valid():
     cfg = OmegaConf.create({"calibrate": False, "profile": False, "verify": False})
     stop = StopRule(iters=3, min_time_s=0.0, max_time_s=1.0, cv_max=0.03, min_samples=3)
     steady = [1.0, 1.01, 0.99, 1.0]
-    clocks = {"sm_clock_mhz": 1500, "mem_clock_mhz": 2600, "power_w": 690.0,
+    clocks = {"sm_clock_mhz": 1500, "sm_clock_max_mhz": 1980, "mem_clock_mhz": 2600,
+              "power_w": 690.0,
               "temperature_c": 80, "throttle_reasons": "SwPowerCap,HwThermalSlowdown",
               "throttled": True, "clocks_unavailable": None}
     for throttled in (False, True):
@@ -130,8 +131,8 @@ def test_a_point_timed_while_throttled_is_not_valid():
                      clocks={**clocks, "throttled": throttled})
         r = finish(m, cfg, torch.device("cpu"))
         assert r["valid"] is not throttled
-        assert r["invalid_reason"] == ("GPU throttled (SwPowerCap,HwThermalSlowdown)"
-                                       if throttled else None)
+        assert r["invalid_reason"] == ("GPU throttled (SwPowerCap,HwThermalSlowdown, SM clock "
+                                       "1500 of 1980 MHz)" if throttled else None)
         assert r["tflops"] == pytest.approx(2e9 / 1.0 / 1e9)  # FLOPs / median ms / 1e9
         assert r["flop_convention"] == FLOP_CONVENTION == "unmasked query-key pairs"
 

@@ -60,8 +60,9 @@ def finish(m: Measured, cfg, device: torch.device, job_dir=None, progress=print,
     clocks = {k: None for k in CLOCK_KEYS}
     clocks.update(m.clocks)
     if clocks["throttled"]:  # a thermal or hardware slowdown; a power cap is only marked
+        top = clocks.get("sm_clock_max_mhz")
         problems.append(f"GPU throttled ({clocks['throttle_reasons']}, SM clock "
-                        f"{clocks['sm_clock_mhz']} of {clocks.get('sm_clock_max_mhz')} MHz)")
+                        f"{clocks['sm_clock_mhz']}{f' of {top}' if top else ''} MHz)")
     unit_ms = m.per_unit_ms if m.per_unit_ms is not None else stats["median_ms"]
     result = {**stats, "samples_ms": list(m.samples_ms), "cv_basis": m.cv_basis,
               "valid": not problems, "invalid_reason": "; ".join(problems) or None,
