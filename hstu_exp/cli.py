@@ -7,13 +7,19 @@ cannot be written, a sweep dir that already holds records (without `resume=true`
 TorchRec. A single run also checks the combination of keys; in a sweep an impossible combination
 becomes a `skipped` record instead. Exit status 1 when any point failed or a record could not be
 written, 128 + signal when interrupted.
+
+A sweep dir (and a single run's dir) is claimed before Hydra starts: a default one named by the
+second gets a `-2`, `-3` suffix when another hstu-exp took that name first, and a sweep holds a
+lock on its dir while it runs, so a second sweep into the same dir is refused.
 """
 from __future__ import annotations
 
 import atexit
+import fcntl
 import importlib.util
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -66,32 +72,103 @@ def _on_signal(signum, frame):
     raise KeyboardInterrupt
 
 
-# Flags that hand control to Hydra's own reporting (help, printing config, ...).
-_PASS_THROUGH = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "--shell-completion",
-                 "-sc", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
-                 "--experimental-rerun", "-p", "--package", "--resolve", "--version"}
+# Flags that hand control to Hydra's own reporting (printing config, shell completion, ...).
+_PASS_THROUGH = {"--hydra-help", "-i", "--info", "--shell-completion", "-sc", "-cp",
+                 "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
+                 "--experimental-rerun", "-p", "--package", "--resolve"}
+_PRINT_CONFIG = {"-c", "--cfg"}  # validated first, then Hydra prints the config
+
+HELP = """\
+hstu-exp: GPU inference experiments for HSTU (paged KV cache, Triton kernels, CUDA graphs).
+Each run times one point (model x cache x kernel x graph x workload) and writes its record.
+
+usage: hstu-exp [-m] [GROUP=OPTION ...] [KEY=VALUE ...]
+
+  hstu-exp                                   one point with the defaults (tiny model, block)
+  hstu-exp model=seed workload.batch_size=8  choose a group option, set any key
+  hstu-exp -m workload.batch_size=1,2,4      -m: a sweep, one point per value (a grid when
+                                             several keys have several values)
+  hstu-exp -m experiment=quick               a preset sweep
+  hstu-exp -m ... resume=true hydra.sweep.dir=DIR   finish an interrupted sweep
+
+groups and their options:
+{groups}
+
+where results go:
+  one run:  outputs/runs/<date>_<time>_<name>/results.jsonl   (hydra.run.dir=DIR)
+  a sweep:  outputs/multirun/<date>_<time>_<name>/<k>/results.jsonl, and at its end
+            results.csv, speedups.csv and figures/ in the sweep dir   (hydra.sweep.dir=DIR)
+  W&B runs: offline under each job dir (logger=none turns W&B off)
+
+flags:  -m/--multirun  --cfg job (print the composed config)  --version  --hydra-help
+more:   README.md; hstu-exp-compare A B (two sweeps); hstu-exp-wandb DIR (import to W&B)
+"""
+
+
+def _options(group: str) -> list:
+    """A group's selectable options: its yaml files (the `*_schema` bases are not options)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _help() -> str:
+    groups = [g for g in ("model", "cache", "kernel", "graph", "workload", "logger", "experiment")
+              if (CONF_DIR / g).is_dir()]
+    return HELP.format(groups="\n".join(f"  {g + ':':<12}{', '.join(_options(g))}"
+                                        for g in groups))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"hstu-exp {version('hstu-exp')}"
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "hstu-exp (not installed)"
 
 
 def _one_line(exc: BaseException) -> str:
-    from hydra.errors import MissingConfigException
+    from hydra.errors import MissingConfigException, OverrideParseException
 
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         group, _, option = str(exc.missing_cfg_file).rpartition("/")
         shown = [o for o in exc.options or [] if not o.endswith("_schema")]
         options = f" (available: {', '.join(shown)})" if shown else ""
         return f"{group}={option}: no such option{options}"
-    cause = exc
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
+    if isinstance(exc, OverrideParseException):
+        return f"{exc.override}: {_parse_hint(exc.override)}"
+    chain, cause = [exc], exc
+    while (cause := cause.__cause__ or cause.__context__) is not None and len(chain) < 10:
+        chain.append(cause)
+    if (mark := next((getattr(c, "problem_mark", None) for c in chain
+                      if getattr(c, "problem_mark", None)), None)) is not None:
+        yaml_error = next(c for c in chain if getattr(c, "problem_mark", None) is mark)
+        what = " ".join(x for x in (yaml_error.problem, f"({yaml_error.context})"
+                                    if yaml_error.context else "") if x)
+        return f"{mark.name}, line {mark.line + 1}: {what}"
+    cause = chain[-1]
     key = getattr(cause, "full_key", None)
     msg = getattr(cause, "msg", None) or str(cause)
     msg = msg.strip().splitlines()[0] if msg.strip() else type(cause).__name__
     if key and ("not in struct" in msg or msg.startswith(f"Key '{key.split('.')[-1]}' not in")):
         msg = "unknown key"
-    if not key and cause is not exc:
-        first = str(exc).strip().splitlines()[0]
-        return f"{first} {msg}"
-    return f"{key}: {msg}" if key else msg
+    where = str(exc).strip().splitlines()[0] if cause is not exc and str(exc).strip() else ""
+    if where.endswith("raised while composing config:"):  # Hydra's "In 'model/x': ..."
+        where = where.split(":")[0]
+    elif key:
+        where = ""
+    text = f"{key}: {msg}" if key else msg
+    return f"{where}: {text}" if where else text
+
+
+def _parse_hint(override: str) -> str:
+    """What to do about an override Hydra's grammar cannot read."""
+    value = override.partition("=")[2]
+    if value.startswith("~"):
+        return "the shell did not expand ~ here: write $HOME/... or an absolute path"
+    if any(c.isspace() or not c.isascii() for c in value):
+        return (f"spaces and non-ASCII letters need quotes: '{override.partition('=')[0]}=\"...\"' "
+                "(the outer quotes are for the shell)")
+    return "Hydra cannot read this value (brackets, quotes and commas must pair up)"
 
 
 def _expand(overrides):
@@ -145,7 +222,8 @@ def _grid_without_multirun(cfg, expanded) -> None:
 
 
 def _output_dir_problem(path: Path):
-    """Why `path` cannot be made and written, or None. Leaves nothing behind."""
+    """Why `path` cannot be made and written, or None. Leaves nothing behind. The probe writes
+    a little data, since a full disk still lets a directory be made."""
     probe = path
     while not probe.exists():
         if probe.parent == probe:
@@ -154,23 +232,117 @@ def _output_dir_problem(path: Path):
     if not probe.is_dir():
         return f"{probe} is not a directory"
     try:
-        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".hstu-exp-probe-"))
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".hstu-exp-probe-")
+        try:
+            os.write(fd, b"\0" * 65536)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(name)
     except OSError as exc:
         return f"cannot write in {probe} ({exc.strerror or exc})"
     return None
 
 
-def _check_output_dir(cfg, multirun: bool, dir_given: bool) -> None:
+def _check_output_dir(cfg, multirun: bool) -> None:
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     path = Path(OmegaConf.select(cfg, key))
     if (problem := _output_dir_problem(path)) is not None:
         raise ConfigError(f"{key}={path}: {problem}")
-    # A sweep dir named on the command line may hold an earlier sweep: its records would be mixed
-    # into this sweep's table. Only resume=true may continue it.
-    earlier = [path / "results.jsonl", *path.glob("*/results.jsonl")] if path.is_dir() else []
-    if multirun and dir_given and not cfg.resume and any(p.is_file() for p in earlier):
-        raise ConfigError(f"{key}={path}: holds the records of an earlier sweep; add resume=true "
-                          "to continue it, or choose a new hydra.sweep.dir")
+
+
+def _quoted(value: str) -> str:
+    """A value as a quoted Hydra override value (spaces, accents and `=` survive)."""
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def _claim_dir(path: Path) -> Path:
+    """A default output dir (named by the second) made for this process alone: when another
+    hstu-exp started in the same second took the name, the next free `<name>-2`, `-3`, ..."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise ConfigError(f"{path}: 999 runs already started with this name in this second")
+
+
+def _lock_sweep_dir(path: Path, key: str) -> int:
+    """Holds `<sweep dir>/.hstu-exp.lock` for this process's life: a second sweep into the
+    same dir is refused while this one runs (the kernel drops the lock when the process ends,
+    however it ends)."""
+    fd = os.open(path / ".hstu-exp.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(f"{key}={path}: another hstu-exp sweep (pid {holder}) is writing "
+                          "into it; wait for it to end, or choose another hydra.sweep.dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _older_schema(path: Path):
+    """The schema version of a record under `path` that this hstu-exp does not write, or None."""
+    from hstu_exp.runner import SCHEMA_VERSION
+    from hstu_exp.tracking.records import read_records
+
+    return next((v for r in read_records(path)
+                 if (v := r.get("schema_version", 1)) != SCHEMA_VERSION), None)
+
+
+def _claim_output_dir(cfg, multirun: bool, dir_given: bool):
+    """(override naming the dir Hydra is to use or None, lock fd or None). A sweep dir named on
+    the command line may hold an earlier sweep: only resume=true may continue it, and only one
+    recorded by this schema (an older one would have its points run again beside the old
+    records, since a point's key changed with the schema)."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    path = Path(OmegaConf.select(cfg, key))
+    override = None
+    if not dir_given:
+        path = _claim_dir(path)
+        override = f"{key}={_quoted(str(path))}"
+    if not multirun:
+        return override, None
+    path.mkdir(parents=True, exist_ok=True)
+    lock = _lock_sweep_dir(path, key)
+    earlier = [path / "results.jsonl", *path.glob("*/results.jsonl")]
+    if any(p.is_file() for p in earlier):
+        if not cfg.resume:
+            raise ConfigError(f"{key}={path}: holds the records of an earlier sweep; add "
+                              "resume=true to continue it, or choose a new hydra.sweep.dir")
+        if (old := _older_schema(path)) is not None:
+            from hstu_exp.runner import SCHEMA_VERSION
+
+            raise ConfigError(f"{key}={path}: recorded with record schema {old}, this hstu-exp "
+                              f"writes schema {SCHEMA_VERSION}; resume=true cannot tell its "
+                              "points apart: start a new hydra.sweep.dir (the old records stay "
+                              "readable by hstu-exp-compare and scripts/plot_sweep.py)")
+    return override, lock
+
+
+def _schema_option(expanded) -> None:
+    """The `<group>_schema` entries are the groups' bases, not options to choose."""
+    for key, values in expanded:
+        group = key.lstrip("+~")
+        for value in values:
+            option = value.partition("=")[2]
+            if (CONF_DIR / group).is_dir() and option.endswith("_schema"):
+                raise ConfigError(f"{group}={option}: no such option (available: "
+                                  f"{', '.join(_options(group))})")
+
+
+def _slurm_problem(cfg):
+    target = OmegaConf.select(cfg, "hydra.launcher._target_") or ""
+    if "Slurm" in target and shutil.which("sbatch") is None:
+        return ("hydra/launcher=slurm: no Slurm on this machine (sbatch is not on PATH); run "
+                "from a Slurm login node, or drop hydra/launcher=slurm to run the points here")
+    return None
 
 
 def _missing_e2e_packages(cfg):
@@ -185,13 +357,41 @@ def _missing_e2e_packages(cfg):
     return None
 
 
-def preflight(args) -> int:
-    """Validate; return the number of points (1 for a single run)."""
+def _point_configs(base: list, swept: list):
+    """The composed config of the base point, then of each swept value (the base with that one
+    value). A value of a plain key is set on a copy of the base config, where the schema checks
+    its type, instead of composing the whole config again (Hydra takes a sixth of a second a
+    composition): a 300-value sweep is checked in a second. A group option, an added or deleted
+    key compose in full."""
+    import copy
+
+    base_cfg = compose("config", overrides=base)
+    yield base_cfg
+    keys = [k for k, _ in _expand(base)]
+    for key, values in swept:
+        plain = (not key.startswith(("+", "~")) and not (CONF_DIR / key).is_dir() and "/" not in key
+                 and OmegaConf.select(base_cfg, key, default="\0absent") != "\0absent")
+        for value in values:
+            if plain:
+                cfg = copy.deepcopy(base_cfg)
+                parsed = OverridesParser.create().parse_overrides([value])[0]
+                OmegaConf.update(cfg, key, parsed.value(), merge=False)
+                yield cfg
+            else:
+                with_value = [value if k == key else b for k, b in zip(keys, base)]
+                yield compose("config", overrides=with_value if key in keys else base + [value])
+
+
+def preflight(args):
+    """Validate; claim the output dir. Returns (number of points, extra overrides for Hydra,
+    the sweep dir's lock fd or None)."""
     multirun = "-m" in args or "--multirun" in args
     overrides = [a for a in args if not a.startswith("-")]
     every = _expand(overrides)
     expanded = [(k, v) for k, v in every if not k.lstrip("+~").startswith("hydra.")]
-    dir_given = any(k.lstrip("+~") == "hydra.sweep.dir" for k, _ in every)
+    dir_given = any(k.lstrip("+~") == ("hydra.sweep.dir" if multirun else "hydra.run.dir")
+                    for k, _ in every)
+    _schema_option(every)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         _unknown_added_keys(expanded)
         base = [values[0] for _, values in expanded]
@@ -204,26 +404,41 @@ def preflight(args) -> int:
             for key, value in params.items():
                 if key not in cli_keys:
                     swept += _expand([f"{key}={value}"])
+            _schema_option(swept)
+            if problem := _slurm_problem(cfg):
+                raise ConfigError(problem)
         elif swept:
             raise ConfigError(f"{swept[0][1][0].split('=')[0]}: several values need -m (multirun)")
         else:
             _grid_without_multirun(cfg, expanded)
-        keys = [k for k, _ in expanded]
-
-        def with_value(key, value):
-            out = [value if k == key else b for k, b in zip(keys, base)]
-            return out if key in keys else out + [value]
-
-        variants = [base] + [with_value(k, v) for k, values in swept for v in values]
-        for overrides_ in variants:
-            point = compose("config", overrides=overrides_)
+        points = math.prod(len(v) for _, v in swept) if multirun else 1
+        checks = 1 + sum(len(v) for _, v in swept)
+        if checks > 50:
+            print(f"[hstu-exp] {points} points: checking {checks} values", flush=True)
+        for point in _point_configs(base, swept):
             validate(point)
             if problem := _missing_e2e_packages(point):
                 raise ConfigError(problem)
             if not multirun and (problem := point_problem(point) or _device_problem(point)):
                 raise ConfigError(problem)
-        _check_output_dir(cfg, multirun, dir_given)
-    return math.prod(len(v) for _, v in swept) if multirun else 1
+        _check_output_dir(cfg, multirun)
+        override, lock = _claim_output_dir(cfg, multirun, dir_given)
+    return points, [override] if override else [], lock
+
+
+def _print_config(args) -> None:
+    """`--cfg job|hydra|all`: the same checks as a run (a typo is one line), then Hydra prints;
+    with -m Hydra has no single config to print."""
+    if "-m" in args or "--multirun" in args:
+        raise ConfigError("--cfg prints the config of one run: drop -m (with a sweep, give one "
+                          "value of each swept key)")
+    overrides = [a for a in args if not a.startswith("-") and a not in ("job", "hydra", "all")]
+    every = _expand(overrides)
+    _schema_option(every)
+    expanded = [(k, v) for k, v in every if not k.lstrip("+~").startswith("hydra.")]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        _unknown_added_keys(expanded)
+        validate(compose("config", overrides=overrides))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -251,6 +466,7 @@ def app(cfg) -> None:
         from hstu_exp.report.console import print_summary
 
         print_summary([record])
+        print(f"[hstu-exp] record: {job_dir / 'results.jsonl'}", flush=True)
 
 
 def _exit_after_interrupt(status: int) -> None:
@@ -264,17 +480,32 @@ def _exit_after_interrupt(status: int) -> None:
     os._exit(status)
 
 
+def _error(msg: str, status: int = 2):
+    print(f"hstu-exp: error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
 def main() -> None:
     args = sys.argv[1:]
-    if not _PASS_THROUGH.intersection(args):
-        try:
-            points = preflight(args)
-        except Exception as exc:  # noqa: BLE001 - bad input: one line, no traceback
-            msg = str(exc) if isinstance(exc, ConfigError) else _one_line(exc)
-            print(f"hstu-exp: error: {msg}", file=sys.stderr)
-            sys.exit(2)
-        os.environ["HSTU_EXP_POINTS"] = str(points)
-        os.environ.setdefault("HSTU_EXP_STARTED", str(time.time()))
+    if "-h" in args or "--help" in args:
+        print(_help(), end="")
+        return
+    if "--version" in args:
+        print(_version())
+        return
+    lock = None  # held (open) until the process ends
+    try:
+        if _PRINT_CONFIG.intersection(args):
+            _print_config(args)
+        elif not _PASS_THROUGH.intersection(args):
+            points, extra, lock = preflight(args)
+            sys.argv += extra
+            os.environ["HSTU_EXP_POINTS"] = str(points)
+            os.environ.setdefault("HSTU_EXP_STARTED", str(time.time()))
+    except KeyboardInterrupt:
+        _error("interrupted while checking the config; nothing was run", 130)
+    except Exception as exc:  # noqa: BLE001 - bad input: one line, no traceback
+        _error(str(exc) if isinstance(exc, ConfigError) else _one_line(exc))
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _on_signal)
     try:
@@ -295,6 +526,7 @@ def main() -> None:
         _exit_after_interrupt(128 + _stop[0])
     if any(_failed):
         sys.exit(1)
+    del lock
 
 
 def _abandon_close_out(signum, frame):

@@ -1,17 +1,19 @@
 """Config schemas and validation.
 
 The dataclasses are registered in Hydra's ConfigStore as the base of every group option, so an
-unknown key or a value of the wrong type fails at composition. `validate` adds the range checks
-that a type cannot express; `point_problem` names what is wrong with a combination of keys (a sweep
+unknown key or a value of the wrong type fails at composition. Each field carries the checks a
+type cannot express beside it (`knob`: range, choice, power of two; every float finite), which
+`validate` applies, with the few rules that tie keys together; `point_problem` names what is wrong with a combination of keys (a sweep
 records such a point as skipped, a single run stops with the message).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from hstu_exp.core.paging import pages_for
 from hstu_exp.ops.policy import TUNE_TIMINGS
@@ -22,89 +24,115 @@ class ConfigError(ValueError):
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+SERVE_MODES = ("online", "offline")
+SERVE_SEARCHES = ("none", "max_qps")
+SERVE_POLICIES = ("fifo", "length_aware")
+# e2e mode -> (uses the KV cache, runs as CUDA graphs). The mode decides both: the cache group
+# only says which cache a caching mode uses, and graph=cudagraph must agree with the mode.
+E2E_MODES = {"baseline": (False, False), "baseline_graph": (False, True),
+             "cache": (True, False), "cache_graph": (True, True)}
+# What a serve point may ask for: past these a point runs for hours or draws gigabytes before it
+# says anything (the caps name the cost in the message).
+SERVE_MAX_REQUESTS = 200_000
+SERVE_MAX_USERS = 10_000_000
+_BYTES_PER_USER = 24  # the popularity weights, their cumulative sum and a first history length
+
+
+def knob(default: Any = MISSING, **rules) -> Any:
+    """A schema field with its constraints, checked by `validate` (every float must also be
+    finite): positive, nonneg (bool); at_least=(n, why); within=(lo, hi) inclusive, with
+    open_low=True for (lo, hi] and `what` naming the range; one_of=(...); pow2 (bool).
+    A list field's rules apply to each element."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=rules)
+    return field(default=default, metadata=rules)
 
 
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    num_layers: int = MISSING
-    hidden: int = MISSING
-    num_heads: int = MISSING
-    head_dim: int = MISSING
-    max_history: int = MISSING  # tokens of history per user (items and actions interleaved)
-    max_candidates: int = MISSING
-    max_batch: int = 16
-    dtype: str = "bfloat16"
+    num_layers: int = knob(positive=True)
+    hidden: int = knob(positive=True)
+    num_heads: int = knob(positive=True)
+    head_dim: int = knob(positive=True)
+    max_history: int = knob(positive=True)  # tokens of history per user (items and actions)
+    max_candidates: int = knob(positive=True)
+    max_batch: int = knob(16, positive=True)
+    dtype: str = knob("bfloat16", one_of=DTYPES)
     # Fixed attention scaling length N (docs/design.md §2); None = max_history + max_candidates.
-    scaling_length: Optional[int] = None
+    scaling_length: Optional[int] = knob(None, positive=True)
     # Ranking model around the block (workload=e2e).
-    item_vocab: int = 10_000
-    action_vocab: int = 128
-    num_context: int = 0  # contextual prefix tokens per request
-    context_vocab: int = 1000
+    item_vocab: int = knob(10_000, positive=True)
+    action_vocab: int = knob(128, positive=True)
+    num_context: int = knob(0, nonneg=True)  # contextual prefix tokens per request
+    context_vocab: int = knob(1000, positive=True)
     position_embedding: bool = True
-    head_widths: List[int] = field(default_factory=lambda: [128, 10, 1])
-    num_tasks: int = 3
+    head_widths: List[int] = knob([128, 10, 1], positive=True)
+    num_tasks: int = knob(3, positive=True)
 
 
 @dataclass
 class CacheConfig:
-    mode: str = "paged"  # none | paged | paged_offload
-    page_size: int = 32
+    mode: str = knob("paged", one_of=("none", "paged", "paged_offload"))
+    page_size: int = knob(32, positive=True, pow2=True)
     # GPU pool size in pages; None sizes it for max_batch users of max_history tokens.
-    num_pages: Optional[int] = None
-    host_pages: Optional[int] = None  # host tier (paged_offload); None = 4x the GPU pool
+    num_pages: Optional[int] = knob(None, positive=True)
+    # host tier (paged_offload); None = 4x the GPU pool
+    host_pages: Optional[int] = knob(None, positive=True)
 
 
 @dataclass
 class KernelConfig:
-    name: str = "reference"  # reference | triton
+    name: str = knob("reference", one_of=("reference", "triton"))
     # kernel=triton only; each is a field of ops.policy.KernelPolicy, which says what it does.
     autotune: bool = True  # attention tiles and splits timed once per shape bucket
-    split_k: Optional[int] = None  # null: tuned or by rule; 1: never split; n: about n splits
+    # null: tuned or by rule; 1: never split; n: about n splits
+    split_k: Optional[int] = knob(None, positive=True)
     tma: bool = True
     hopper: bool = True
-    hopper_group: int = 8
+    hopper_group: int = knob(8, positive=True)
     fast_silu: bool = True
-    tune_timing: str = "graph"  # graph | events
+    tune_timing: str = knob("graph", one_of=TUNE_TIMINGS)  # graph | events
     silu_on_load: bool = True
 
 
 @dataclass
 class GraphConfig:
-    mode: str = "none"  # none | cudagraph
-    batch_buckets: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    token_buckets: List[int] = field(default_factory=lambda: [128, 256, 512, 1024, 2048, 4352])
+    mode: str = knob("none", one_of=("none", "cudagraph"))
+    batch_buckets: List[int] = knob([1, 2, 4, 8, 16], positive=True)
+    token_buckets: List[int] = knob([128, 256, 512, 1024, 2048, 4352], positive=True)
     fit_rows: bool = False  # a batch's rows padded to a power of two, not to batch x tokens
-    max_graphs: int = 64  # captured graphs kept (least recently replayed dropped past it)
+    max_graphs: int = knob(64, positive=True)  # captured graphs kept (least recently replayed dropped past it)
 
 
 @dataclass
 class WorkloadConfig:
     """Keys every workload has; each workload's own schema adds its keys (an e2e key on a block
     run is an unknown key at composition)."""
-    name: str = MISSING  # block | attention | e2e | serve
-    batch_size: int = 1
-    num_candidates: int = 256
-    warmup: int = 10
-    min_time_s: float = 1.0
-    iters: int = 10  # at least this many timed iterations, however long min_time_s takes
+    name: str = MISSING  # block | attention | e2e | serve (WORKLOAD_SCHEMAS)
+    batch_size: int = knob(1, positive=True)
+    num_candidates: int = knob(256, nonneg=True)
+    warmup: int = knob(10, nonneg=True)
+    min_time_s: float = knob(1.0, positive=True)
+    # at least this many timed iterations, however long min_time_s takes
+    iters: int = knob(10, positive=True)
     # Validity: past min_time_s, timing goes on while the CV of the samples is above cv_max
     # (or fewer than min_samples were taken), up to max_time_s; a point that still misses
     # either is recorded ok with valid=false and the reason.
-    max_time_s: Optional[float] = None  # None: MAX_TIME_FACTOR x min_time_s
-    cv_max: Optional[float] = None  # None: the device's default (CV_MAX_DEFAULT)
-    min_samples: int = 10
+    max_time_s: Optional[float] = knob(None, positive=True)  # None: MAX_TIME_FACTOR x min_time_s
+    cv_max: Optional[float] = knob(None, positive=True)  # None: the device's CV_MAX_DEFAULT
+    min_samples: int = knob(10, at_least=(2, "a CV needs two samples"))
     # Independent repeats of the point, one after another in this process, each on a fresh
     # server (model, KV cache and CUDA graphs built anew); the record keeps every repeat.
-    repeats: int = 1
+    repeats: int = knob(1, positive=True)
 
 
 @dataclass
 class BlockWorkload(WorkloadConfig):
-    total_history: int = 128  # T: history tokens per user after this request
-    new_history: int = 128  # n: uncached history tokens computed by this request (n <= T)
-    input_sets: int = 2  # rotated input sets, so repeated runs do not measure a warm cache
+    total_history: int = knob(128, positive=True)  # T: history tokens per user after this request
+    new_history: int = knob(128, positive=True)  # n: uncached tokens this request computes (n <= T)
+    # rotated input sets, so repeated runs do not measure a warm cache
+    input_sets: int = knob(2, at_least=(2, "rotated, so no run measures a warm cache"))
 
 
 @dataclass
@@ -114,11 +142,11 @@ class AttentionWorkload(BlockWorkload):
 
 @dataclass
 class E2EWorkload(WorkloadConfig):
-    mode: str = "cache"  # baseline | baseline_graph | cache | cache_graph (E2E_MODES)
-    history_start: int = 256
-    history_step: int = 256
-    num_batches: int = 16
-    num_users: Optional[int] = None  # distinct users in the stream; None = batch_size
+    mode: str = knob("cache", one_of=tuple(E2E_MODES))
+    history_start: int = knob(256, positive=True)
+    history_step: int = knob(256, positive=True)
+    num_batches: int = knob(16, positive=True)
+    num_users: Optional[int] = knob(None, positive=True)  # users in the stream; None = batch_size
 
 
 @dataclass
@@ -126,38 +154,38 @@ class ServeWorkload(WorkloadConfig):
     """An open-loop request stream in front of the serving layer (bench/serve.py). The base keys
     warmup, iters, min_time_s, max_time_s, cv_max and min_samples are not used: the run lasts
     warmup_s + duration_s of simulated time and needs min_requests."""
-    mode: str = "online"  # online (arrivals over time) | offline (all available at once)
-    search: str = "none"  # none | max_qps (the highest qps meeting the SLO, by bisection)
-    qps: float = 20.0  # Poisson arrival rate (offered load)
+    # online (arrivals over time) | offline (all available at once)
+    mode: str = knob("online", one_of=SERVE_MODES)
+    # none | max_qps (the highest qps meeting the SLO, by bisection)
+    search: str = knob("none", one_of=SERVE_SEARCHES)
+    qps: float = knob(20.0, positive=True)  # Poisson arrival rate (offered load)
     trace: Optional[str] = None  # CSV time,user,new_items,candidates instead of Poisson arrivals
-    num_users: int = 64  # the returning population
-    user_skew: float = 1.0  # Zipf exponent of user popularity (0: uniform)
-    items_per_return: int = 8  # history items (item + action tokens) each return adds
-    new_user_rate: float = 0.0  # fraction of arrivals from users never seen before
-    candidates_max: Optional[int] = None  # candidates uniform in num_candidates..this; None: fixed
-    max_batch: int = 8  # at most this many requests a batch
-    max_wait_ms: float = 5.0  # the oldest waiting request waits at most this for a fuller batch
-    policy: str = "fifo"  # fifo | length_aware (SERVE_POLICIES)
-    warmup_s: float = 0.5  # served, not counted
-    duration_s: float = 2.0  # arrivals counted after warmup_s
-    min_requests: int = 20  # fewer counted requests: the point's percentiles mean nothing
-    slo_ms: float = 80.0  # the SLO: latency at slo_percentile <= slo_ms (MLPerf DLRMv3: p99 80)
-    slo_percentile: float = 99.0
-    search_steps: int = 6  # max_qps: bisection steps after the bracket is found
+    num_users: int = knob(64, positive=True)  # the returning population
+    user_skew: float = knob(1.0, nonneg=True)  # Zipf exponent of user popularity (0: uniform)
+    items_per_return: int = knob(8, positive=True)  # history items each return adds
+    # fraction of arrivals from users never seen before
+    new_user_rate: float = knob(0.0, within=(0, 1), what="a fraction of arrivals")
+    # candidates uniform in num_candidates..this; None: fixed
+    candidates_max: Optional[int] = knob(None, positive=True)
+    max_batch: int = knob(8, positive=True)  # at most this many requests a batch
+    # the oldest waiting request waits at most this for a fuller batch
+    max_wait_ms: float = knob(5.0, nonneg=True)
+    policy: str = knob("fifo", one_of=SERVE_POLICIES)
+    warmup_s: float = knob(0.5, nonneg=True)  # served, not counted
+    duration_s: float = knob(2.0, positive=True)  # arrivals counted after warmup_s
+    # fewer counted requests: the point's percentiles mean nothing
+    min_requests: int = knob(20, positive=True)
+    # the SLO: latency at slo_percentile <= slo_ms (MLPerf DLRMv3: p99 80)
+    slo_ms: float = knob(80.0, positive=True)
+    slo_percentile: float = knob(99.0, within=(0, 100), open_low=True)
+    search_steps: int = knob(6, positive=True)  # max_qps: bisection steps after the bracket
     # Stop a run once the SLO is surely missed (search trials always do): bounds the time an
     # overloaded point takes; its percentiles then cover the finished requests only (valid=false).
     stop_on_miss: bool = False
-    verify_requests: int = 16  # verify=true: requests sampled and checked vs a full recompute
+    # verify=true: requests sampled and checked vs a full recompute
+    verify_requests: int = knob(16, positive=True)
 
 
-SERVE_MODES = ("online", "offline")
-SERVE_SEARCHES = ("none", "max_qps")
-SERVE_POLICIES = ("fifo", "length_aware")
-
-# e2e mode -> (uses the KV cache, runs as CUDA graphs). The mode decides both: the cache group
-# only says which cache a caching mode uses, and graph=cudagraph must agree with the mode.
-E2E_MODES = {"baseline": (False, False), "baseline_graph": (False, True),
-             "cache": (True, False), "cache_graph": (True, True)}
 # Default CV ceiling per device type: a GPU times steadily; a shared CPU does not.
 CV_MAX_DEFAULT = {"cuda": 0.03, "cpu": 0.25}
 MAX_TIME_FACTOR = 5
@@ -167,14 +195,15 @@ WORKLOAD_SCHEMAS = {"block": BlockWorkload, "attention": AttentionWorkload, "e2e
 
 @dataclass
 class LoggerConfig:
-    name: str = "wandb"  # wandb | none
+    name: str = knob("wandb", one_of=("wandb", "none"))
     project: str = "hstu-exp"
     entity: Optional[str] = None
-    mode: str = "offline"  # offline | online | disabled (WANDB_MODE, when set, wins)
+    # offline | online | disabled (WANDB_MODE, when set, wins)
+    mode: str = knob("offline", one_of=("offline", "online", "disabled"))
     tags: List[str] = field(default_factory=list)
     # Seconds W&B may take to start (and to finish uploading) a run online; an online run is
     # killed after 2 * timeout_s + 10 s in all, and W&B is then off for the rest of the sweep.
-    timeout_s: float = 30.0
+    timeout_s: float = knob(30.0, positive=True)
 
 
 @dataclass
@@ -186,8 +215,8 @@ class Config:
     workload: WorkloadConfig = MISSING
     logger: LoggerConfig = MISSING
     name: str = "default"  # names the sweep: W&B group and sweep-dir prefix
-    device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0
+    device: str = knob("auto", one_of=("auto", "cpu", "cuda"))
+    seed: int = knob(0, nonneg=True)
     verify: bool = False
     resume: bool = False
     calibrate: bool = True  # measure peak FLOP/s and bandwidth once per device for the roofline
@@ -206,98 +235,91 @@ def register_configs() -> None:
         cs.store(group="workload", name=f"{name}_schema", node=node)
 
 
-def _choice(key: str, value: Any, options) -> None:
-    if value not in options:
-        raise ConfigError(f"{key}={value}: must be one of {', '.join(map(str, options))}")
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)  # -1, not -1.0
 
 
-def _positive(cfg, *keys: str) -> None:
-    for key in keys:
-        group, name = key.split(".")
-        if name not in cfg[group]:  # a key of another workload's schema
-            continue
-        value = cfg[group][name]
-        if value is not None and value <= 0:
-            shown = f"{value:g}" if isinstance(value, float) else value  # -1, not -1.0
-            raise ConfigError(f"{key}={shown}: must be positive")
+def _check_field(key: str, value, rules: dict) -> None:
+    """The field's own constraints (knob's rules); ConfigError naming key=value."""
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
+        for item in value:
+            _check_field(key, item, rules)
+        return
+    bad = f"{key}={_shown(value)}"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{bad}: must be a finite number")
+    if "one_of" in rules and value not in rules["one_of"]:
+        raise ConfigError(f"{bad}: must be one of {', '.join(map(str, rules['one_of']))}")
+    if rules.get("positive") and value <= 0:
+        raise ConfigError(f"{bad}: must be positive")
+    if rules.get("nonneg") and value < 0:
+        raise ConfigError(f"{bad}: must not be negative")
+    if "at_least" in rules and value < rules["at_least"][0]:
+        least, why = rules["at_least"]
+        raise ConfigError(f"{bad}: must be at least {least} ({why})")
+    if "within" in rules:
+        lo, hi = rules["within"]
+        if not ((lo < value if rules.get("open_low") else lo <= value) and value <= hi):
+            what = f"{rules['what']}, " if "what" in rules else ""
+            raise ConfigError(f"{bad}: must be {what}in {'(' if rules.get('open_low') else '['}"
+                              f"{lo}, {hi}]")
+    if rules.get("pow2") and value & (value - 1):
+        raise ConfigError(f"{bad}: must be a power of two")
 
 
-def _power_of_two(key: str, value: int) -> None:
-    if value & (value - 1):
-        raise ConfigError(f"{key}={value}: must be a power of two")
+def _check_schema(prefix: str, node, schema) -> None:
+    for f in fields(schema):
+        if f.name in node:
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            _check_field(key, node[f.name], f.metadata)
 
 
 def validate(cfg) -> None:
-    """Checks of one key at a time (and of keys that are wrong together whatever the point),
-    valid whatever the other keys say."""
+    """Each key against the constraints beside it in its schema (knob), then the rules that
+    tie keys together whatever the point (a combination that only some points cannot run is
+    point_problem's)."""
     import torch
 
+    _check_schema("", cfg, Config)
+    for group, schema in (("model", ModelConfig), ("cache", CacheConfig),
+                          ("kernel", KernelConfig), ("graph", GraphConfig),
+                          ("logger", LoggerConfig)):
+        _check_schema(group, cfg[group], schema)
     w = cfg.workload
-    _choice("device", cfg.device, ("auto", "cpu", "cuda"))
+    _check_field("workload.name", w.name, {"one_of": tuple(WORKLOAD_SCHEMAS)})
+    _check_schema("workload", w, WORKLOAD_SCHEMAS[w.name])
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda: no CUDA GPU is available on this machine")
-    _choice("model.dtype", cfg.model.dtype, DTYPES)
-    _choice("cache.mode", cfg.cache.mode, ("none", "paged", "paged_offload"))
-    _choice("kernel.name", cfg.kernel.name, ("reference", "triton"))
-    _choice("kernel.tune_timing", cfg.kernel.tune_timing, TUNE_TIMINGS)
-    _positive(cfg, "kernel.split_k", "kernel.hopper_group")
-    _choice("graph.mode", cfg.graph.mode, ("none", "cudagraph"))
-    _choice("workload.name", w.name, tuple(WORKLOAD_SCHEMAS))
-    if w.name == "e2e":
-        _choice("workload.mode", w.mode, tuple(E2E_MODES))
-    if w.name == "serve":
-        _validate_serve(w)
-    _choice("logger.name", cfg.logger.name, ("wandb", "none"))
-    _choice("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))
-    _positive(cfg, "logger.timeout_s")
-    _positive(cfg, "model.num_layers", "model.hidden", "model.num_heads", "model.head_dim",
-              "model.max_history", "model.max_candidates", "model.max_batch",
-              "model.scaling_length", "model.item_vocab", "model.action_vocab", "model.num_tasks",
-              "cache.page_size", "cache.num_pages", "cache.host_pages",
-              "workload.batch_size", "workload.total_history", "workload.new_history",
-              "workload.min_time_s", "workload.max_time_s", "workload.iters",
-              "workload.input_sets", "workload.history_start", "workload.history_step",
-              "workload.num_batches", "workload.num_users", "workload.cv_max",
-              "workload.qps", "workload.items_per_return", "workload.max_batch",
-              "workload.duration_s", "workload.min_requests", "workload.slo_ms",
-              "workload.search_steps", "workload.verify_requests", "workload.repeats",
-              "graph.max_graphs")
-    for key in ("workload.num_candidates", "workload.warmup", "model.num_context"):
-        group, name = key.split(".")
-        if cfg[group][name] < 0:
-            raise ConfigError(f"{key}={cfg[group][name]}: must not be negative")
-    _power_of_two("cache.page_size", cfg.cache.page_size)
-    if "input_sets" in w and w.input_sets < 2:
-        raise ConfigError(f"workload.input_sets={w.input_sets}: must be at least 2")
     if w.max_time_s is not None and w.max_time_s < w.min_time_s:
         raise ConfigError(f"workload.max_time_s={w.max_time_s:g}: below "
                           f"workload.min_time_s={w.min_time_s:g}")
-    if w.min_samples < 2:
-        raise ConfigError(f"workload.min_samples={w.min_samples}: must be at least 2 "
-                          "(a CV needs two samples)")
     if w.name == "serve" and w.repeats != 1:
         raise ConfigError(f"workload.repeats={w.repeats}: serve points repeat through "
                           "search=max_qps's final seeds, not workload.repeats")
+    if w.name == "serve":
+        _validate_serve(w)
 
 
 def _validate_serve(w) -> None:
-    _choice("workload.mode", w.mode, SERVE_MODES)
-    _choice("workload.search", w.search, SERVE_SEARCHES)
-    _choice("workload.policy", w.policy, SERVE_POLICIES)
-    for key in ("warmup_s", "max_wait_ms", "user_skew"):
-        if w[key] < 0:
-            raise ConfigError(f"workload.{key}={w[key]:g}: must not be negative")
-    if not 0 <= w.new_user_rate <= 1:
-        raise ConfigError(f"workload.new_user_rate={w.new_user_rate:g}: must be a fraction of "
-                          "arrivals, in [0, 1]")
-    if not 0 < w.slo_percentile <= 100:
-        raise ConfigError(f"workload.slo_percentile={w.slo_percentile:g}: must be in (0, 100]")
     if w.batch_size != w.max_batch:
         raise ConfigError(f"workload.batch_size={w.batch_size}: workload=serve forms batches of "
                           f"up to workload.max_batch={w.max_batch} (set that instead)")
     if w.candidates_max is not None and w.candidates_max < w.num_candidates:
         raise ConfigError(f"workload.candidates_max={w.candidates_max}: below "
                           f"workload.num_candidates={w.num_candidates} (the range's low end)")
+    if w.num_users > SERVE_MAX_USERS:
+        raise ConfigError(f"workload.num_users={w.num_users}: at most {SERVE_MAX_USERS} (the "
+                          f"population alone would take "
+                          f"{w.num_users * _BYTES_PER_USER / 1e9:.1f} GB)")
+    if w.trace is None and w.search == "none":
+        requests = w.qps * (w.warmup_s + w.duration_s)
+        if requests > SERVE_MAX_REQUESTS:
+            raise ConfigError(f"workload.qps={w.qps:g}: {requests:.3g} requests in "
+                              f"warmup_s + duration_s = {w.warmup_s + w.duration_s:g} s, more "
+                              f"than the {SERVE_MAX_REQUESTS} a point may serve (hours of "
+                              "serving): lower qps or duration_s")
     if w.trace is not None:
         if w.search != "none":
             raise ConfigError(f"workload.search={w.search}: searches the Poisson rate; a trace "

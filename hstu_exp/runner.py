@@ -149,9 +149,13 @@ def _run_workload(cfg, device, progress, job_dir) -> dict:
     return combine_repeats(results, units)
 
 
-def find_ok_record(sweep_dir: Path, key: str):
+def find_record(sweep_dir: Path, key: str, status: str):
     return next((r for r in read_records(sweep_dir)
-                 if r.get("config_key") == key and r.get("status") == "ok"), None)
+                 if r.get("config_key") == key and r.get("status") == status), None)
+
+
+def find_ok_record(sweep_dir: Path, key: str):
+    return find_record(sweep_dir, key, "ok")
 
 
 def run_point(cfg, *, job_dir: Path, group: str, point: int, total: int | None,
@@ -165,11 +169,18 @@ def run_point(cfg, *, job_dir: Path, group: str, point: int, total: int | None,
     def progress(msg: str):
         log.info(f"{label} {msg}")
 
+    problem = point_problem(cfg)
+    if problem is None and device.type != "cuda":
+        problem = device_problem(cfg)
     if cfg.resume and sweep_dir is not None:
         done = find_ok_record(sweep_dir, key)
         if done is not None:
             progress(f"{name}: already ok in this sweep, skipped (resume=true)")
             return done
+        earlier = find_record(sweep_dir, key, "skipped")
+        if problem and earlier is not None and earlier.get("reason") == problem:
+            progress(f"{name}: skipped again ({problem}); its record stands (resume=true)")
+            return earlier
 
     record = {"status": "ok", "schema_version": SCHEMA_VERSION, "reason": None, "error": None,
               "sweep": group, "point": point, "name": name, "config_key": key,
@@ -178,9 +189,6 @@ def run_point(cfg, *, job_dir: Path, group: str, point: int, total: int | None,
               **values, **point_params(cfg, device), "overrides": _overrides(),
               "config": point_config(cfg),
               "job_dir": str(job_dir)}
-    problem = point_problem(cfg)
-    if problem is None and device.type != "cuda":
-        problem = device_problem(cfg)
     if problem:
         record.update(status="skipped", reason=problem)
     else:
@@ -237,23 +245,31 @@ def result_line(r: dict) -> str:
     return line
 
 
-# (time, point) when this process finished its first point: the ETA's pace spans the points of
-# one process, which Hydra runs as separate calls of the task function.
-_FIRST_DONE: list = []
+# Times at which this process finished its points: the ETA's pace spans the points of one
+# process, which Hydra runs as separate calls of the task function.
+_DONE: list = []
+
+
+def duration(seconds: float) -> str:
+    """'45 s' up to 90 s, then h:mm ('0:07 h', '2:15 h')."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}:{minutes % 60:02d} h"
 
 
 def _eta(point: int, total, started) -> str:
     """The first point carries one-off costs (imports, roofline calibration, compilation), so the
-    pace comes from the points after it; no ETA before there is one."""
+    pace comes from the points after it: the median of their durations (one slow point does not
+    swing it), shown once two are known."""
     if not total or started is None:
         return ""
     now = time.time()
-    line = f" | elapsed {now - started:.0f} s"
-    if not _FIRST_DONE:
-        _FIRST_DONE.append((now, point))
-    elif point > _FIRST_DONE[0][1]:
-        pace = (now - _FIRST_DONE[0][0]) / (point - _FIRST_DONE[0][1])
-        line += f", ETA {pace * (total - point - 1):.0f} s"
+    _DONE.append(now)
+    line = f" | elapsed {duration(now - started)}"
+    steps = sorted(b - a for a, b in zip(_DONE[1:], _DONE[2:]))
+    if len(steps) >= 2 and point + 1 < total:
+        line += f", ETA {duration(steps[len(steps) // 2] * (total - point - 1))}"
     return line
 
 

@@ -185,18 +185,18 @@ def test_writer_starts_each_record_on_a_fresh_line(tmp_path):
     from hstu_exp.tracking.records import append_record, scan_records
 
     path = tmp_path / "results.jsonl"
-    path.write_text('{"status": "ok", "point": 0}\n{"status": "ok", "poi')
-    append_record(tmp_path, {"status": "ok", "point": 1})
+    path.write_text('{"status": "skipped", "point": 0}\n{"status": "skipped", "poi')
+    append_record(tmp_path, {"status": "skipped", "point": 1})
     assert [r["point"] for r in scan_records(tmp_path).records] == [0, 1]
-    assert (tmp_path / "results.jsonl.torn").read_text() == '{"status": "ok", "poi\n'
-    path.write_text(path.read_text() + '{"status": "ok", "point": 2}')  # no newline
-    append_record(tmp_path, {"status": "ok", "point": 3})
+    assert (tmp_path / "results.jsonl.torn").read_text() == '{"status": "skipped", "poi\n'
+    path.write_text(path.read_text() + '{"status": "skipped", "point": 2}')  # no newline
+    append_record(tmp_path, {"status": "skipped", "point": 3})
     scan = scan_records(tmp_path)
     assert [r["point"] for r in scan.records] == [0, 1, 2, 3] and scan.torn == 0
     assert scan.set_aside == 1
     # an older writer glued a record onto a fragment: the record is recovered, the line counted
-    path.write_text('{"status": "ok", "point": 0}\n{"status": "o{"status": "ok", "point": 1}\n'
-                    '{"stat\n')
+    path.write_text('{"status": "skipped", "point": 0}\n'
+                    '{"status": "o{"status": "skipped", "point": 1}\n{"stat\n')
     scan = scan_records(tmp_path)
     assert [r["point"] for r in scan.records] == [0, 1] and scan.torn == 2
     assert "passed over 2 torn line(s)" in scan.torn_note()

@@ -90,7 +90,7 @@ def test_single_run_prints_summary(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (rec,) = records(tmp_path)
     assert rec["status"] == "ok" and rec["cached_tokens"] == 2 * 56
-    assert "1 points: 1 ok, 0 skipped, 0 failed" in proc.stdout
+    assert "1 point: 1 ok, 0 skipped, 0 failed" in proc.stdout
 
 
 def test_impossible_point_is_skipped_and_sweep_goes_on(tmp_path):

@@ -49,7 +49,8 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
     dtype = model_dtype(m)
     B, k = w.batch_size, w.num_candidates
     stream = stream_for(m, w, seed=cfg.seed)
-    progress(f"stream: {w.num_batches} batches of {B} users ({w.num_users or B} users), history "
+    users = w.num_users or B
+    progress(f"stream: {w.num_batches} batches of {B} of {users} user{'s' * (users > 1)}, history "
              f"{w.history_start}..{stream.max_history} step {w.history_step}, {k} candidates")
     server = shared_server(m, cfg.cache, cfg.graph, cfg.kernel, cached=cached, graphed=graphed,
                            device=device, dtype=dtype, seed=cfg.seed, progress=progress)

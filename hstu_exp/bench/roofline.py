@@ -1,7 +1,11 @@
 """The hardware floor of a point: max(flops / peak FLOP/s, min bytes / bandwidth).
 
 Peaks come from a short calibration on the device itself (a large matmul in the model dtype and a
-device copy), cached per device and dtype under $HSTU_EXP_CACHE_DIR (default ~/.cache/hstu-exp).
+device copy), cached per device and dtype in $HSTU_EXP_CACHE_DIR/calibration.json (default
+$XDG_CACHE_HOME/hstu-exp, else ~/.cache/hstu-exp). The cache only saves time: one that cannot be
+read or written costs a calibration per point, never the point. A calibration measured while the
+machine was busy (load average above half its cores) is used by its point but not cached, and a
+cached one is measured again after CACHE_DAYS.
 """
 from __future__ import annotations
 
@@ -19,9 +23,52 @@ from hstu_exp.env import device_name
 log = logging.getLogger(__name__)
 
 
-def _cache_file() -> Path:
-    root = Path(os.environ.get("HSTU_EXP_CACHE_DIR", Path.home() / ".cache" / "hstu-exp"))
-    return root / "calibration.json"
+CACHE_DAYS = 30
+BUSY_LOAD_PER_CORE = 0.5
+
+
+def cache_file() -> Path:
+    if os.environ.get("HSTU_EXP_CACHE_DIR"):
+        return Path(os.environ["HSTU_EXP_CACHE_DIR"]) / "calibration.json"
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "hstu-exp" / "calibration.json"
+
+
+def _busy() -> bool:
+    """Whether other work competes with a calibration now (its peaks would come out low)."""
+    try:
+        return os.getloadavg()[0] > BUSY_LOAD_PER_CORE * (os.cpu_count() or 1)
+    except OSError:  # no load average on this platform
+        return False
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):  # missing, unreadable or torn: calibrate again
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def _fresh(entry) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("peak_tflops"), (int, float))
+            and isinstance(entry.get("peak_gbps"), (int, float))
+            and time.time() - entry.get("measured_at", 0) < CACHE_DAYS * 86400)
+
+
+def _write_cache(path: Path, table: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, path)  # a second process reads the old table or the new one
+    except OSError as exc:
+        log.warning(f"calibration not cached ({path}: {exc.strerror or exc}); set "
+                    "HSTU_EXP_CACHE_DIR to a writable dir, or calibrate=false")
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _best_ms(fn, device, reps: int) -> float:
@@ -53,14 +100,17 @@ def _measure(device: torch.device, dtype: torch.dtype) -> dict:
 
 def peaks(device: torch.device, dtype: torch.dtype) -> dict:
     key = f"{device_name(device)}|{dtype}"
-    path = _cache_file()
-    table = json.loads(path.read_text()) if path.exists() else {}
-    if key not in table:
-        log.info(f"calibrating peak FLOP/s and bandwidth of {key} (cached in {path})")
-        table[key] = _measure(device, dtype)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(table, indent=1))
-    return table[key]
+    path = cache_file()
+    table = _read_cache(path)
+    if _fresh(table.get(key)):
+        return {k: table[key][k] for k in ("peak_tflops", "peak_gbps")}
+    busy = _busy()
+    log.info(f"calibrating peak FLOP/s and bandwidth of {key} "
+             f"({'busy machine: not cached' if busy else f'cached in {path}'})")
+    peak = _measure(device, dtype)
+    if not busy:
+        _write_cache(path, {**_read_cache(path), key: {**peak, "measured_at": time.time()}})
+    return peak
 
 
 def attention_pairs(*, history: int, new: int, candidates: int) -> int:

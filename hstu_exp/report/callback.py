@@ -60,4 +60,9 @@ def close_out(sweep_dir: Path, *, logger=None) -> dict:
 class CloseOut(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         logger = OmegaConf.to_container(config.logger, resolve=True) if "logger" in config else None
-        close_out(Path(config.hydra.sweep.dir), logger=logger)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            close_out(sweep_dir, logger=logger)
+        except Exception as exc:  # noqa: BLE001 - Hydra would only warn, and exit 0
+            _fail(sweep_dir, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                  "; the points' records are on disk")

@@ -126,6 +126,7 @@ class Scan:
     """What reading the records of a dir found."""
     records: list = field(default_factory=list)
     torn: int = 0  # unreadable lines passed over in results.jsonl files
+    malformed: int = 0  # whole JSON lines that are not a record (hand edits, other tools)
     set_aside: int = 0  # fragments kept in results.jsonl.torn files by earlier writes
 
     def torn_note(self) -> str:
@@ -133,6 +134,8 @@ class Scan:
         parts = []
         if self.torn:
             parts.append(f"passed over {self.torn} torn line(s) in {RESULTS_FILE}")
+        if self.malformed:
+            parts.append(f"passed over {self.malformed} malformed record(s) in {RESULTS_FILE}")
         if self.set_aside:
             parts.append(f"{self.set_aside} torn fragment(s) from interrupted writes kept in "
                          f"{RESULTS_FILE}{TORN_SUFFIX}")
@@ -164,6 +167,22 @@ def _parse_line(line: str):
         return None, True
 
 
+STATUSES = ("ok", "skipped", "failed")
+# Numbers every reader computes with: a record where one is text (a hand edit) is malformed.
+_NUMERIC_KEYS = STATS_KEYS + ["p99_ms", "cv", "wall_s", "floor_fraction", "max_rel_error"]
+
+
+def well_formed(record) -> bool:
+    """What every reader may assume of a record: an object with a status, numbers where numbers
+    go, and an ok record's median."""
+    if not isinstance(record, dict) or record.get("status") not in STATUSES:
+        return False
+    if any(not (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))
+           for v in (record.get(k) for k in _NUMERIC_KEYS)):
+        return False
+    return record["status"] != "ok" or isinstance(record.get("median_ms"), (int, float))
+
+
 def scan_records(root: Path) -> Scan:
     """Every record under `root` (a job dir, a whole sweep dir or one results.jsonl), in path
     order, and the count of torn lines passed over."""
@@ -174,7 +193,9 @@ def scan_records(root: Path) -> Scan:
                 continue
             record, torn = _parse_line(line)
             scan.torn += torn
-            if record is not None:
+            if record is not None and not well_formed(record):
+                scan.malformed += 1
+            elif record is not None:
                 scan.records.append(record)
         torn_file = Path(str(path) + TORN_SUFFIX)
         if torn_file.is_file():
