@@ -185,9 +185,12 @@ def _expand(overrides):
 
 
 def _device_problem(cfg):
-    from hstu_exp.env import resolve_device
+    from hstu_exp.config import memory_problem
+    from hstu_exp.env import memory_bytes, resolve_device
 
-    return device_problem(cfg) if resolve_device(cfg.device).type != "cuda" else None
+    device = resolve_device(cfg.device)
+    problem = device_problem(cfg) if device.type != "cuda" else None
+    return problem or memory_problem(cfg, memory_bytes(device))
 
 
 def _unknown_added_keys(expanded) -> None:
@@ -337,6 +340,30 @@ def _schema_option(expanded) -> None:
                                   f"{', '.join(_options(group))})")
 
 
+def _sweep_values_problem(swept):
+    """A swept key with no value, or with one value twice (the same point would run twice)."""
+    for key, values in swept:
+        if not values:
+            return f"{key}: the sweep gives it no values"
+        seen = set()
+        for value in values:
+            if value in seen:
+                return f"{value}: given twice (the same point would run twice)"
+            seen.add(value)
+    return None
+
+
+def _resume_problem(cfg, multirun: bool, dir_given: bool):
+    if not cfg.resume:
+        return None
+    if not multirun:
+        return "resume=true: continues a sweep: add -m and hydra.sweep.dir=<the sweep's dir>"
+    if not dir_given:
+        return ("resume=true: name the sweep to continue with hydra.sweep.dir=<its dir> (a "
+                "sweep without one gets a new dir)")
+    return None
+
+
 def _slurm_problem(cfg):
     target = OmegaConf.select(cfg, "hydra.launcher._target_") or ""
     if "Slurm" in target and shutil.which("sbatch") is None:
@@ -405,12 +432,14 @@ def preflight(args):
                 if key not in cli_keys:
                     swept += _expand([f"{key}={value}"])
             _schema_option(swept)
-            if problem := _slurm_problem(cfg):
+            if problem := _sweep_values_problem(swept) or _slurm_problem(cfg):
                 raise ConfigError(problem)
         elif swept:
             raise ConfigError(f"{swept[0][1][0].split('=')[0]}: several values need -m (multirun)")
         else:
             _grid_without_multirun(cfg, expanded)
+        if problem := _resume_problem(cfg, multirun, dir_given):
+            raise ConfigError(problem)
         points = math.prod(len(v) for _, v in swept) if multirun else 1
         checks = 1 + sum(len(v) for _, v in swept)
         if checks > 50:

@@ -42,7 +42,7 @@ def knob(default: Any = MISSING, **rules) -> Any:
     """A schema field with its constraints, checked by `validate` (every float must also be
     finite): positive, nonneg (bool); at_least=(n, why); within=(lo, hi) inclusive, with
     open_low=True for (lo, hi] and `what` naming the range; one_of=(...); pow2 (bool).
-    A list field's rules apply to each element."""
+    name (bool: a path component). A list field's rules apply to each element."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=rules)
     return field(default=default, metadata=rules)
@@ -214,9 +214,10 @@ class Config:
     graph: GraphConfig = MISSING
     workload: WorkloadConfig = MISSING
     logger: LoggerConfig = MISSING
-    name: str = "default"  # names the sweep: W&B group and sweep-dir prefix
+    # names the sweep: W&B group and the default sweep dir's suffix (so one path component)
+    name: str = knob("default", name=True)
     device: str = knob("auto", one_of=("auto", "cpu", "cuda"))
-    seed: int = knob(0, nonneg=True)
+    seed: int = knob(0, within=(0, 2**63 - 1))  # numpy and torch take 0 .. 2**63 - 1
     verify: bool = False
     resume: bool = False
     calibrate: bool = True  # measure peak FLOP/s and bandwidth once per device for the roofline
@@ -267,6 +268,8 @@ def _check_field(key: str, value, rules: dict) -> None:
                               f"{lo}, {hi}]")
     if rules.get("pow2") and value & (value - 1):
         raise ConfigError(f"{bad}: must be a power of two")
+    if rules.get("name") and (not value.strip() or "/" in value or value in (".", "..")):
+        raise ConfigError(f"{bad}: names a dir: must be a non-empty name without '/'")
 
 
 def _check_schema(prefix: str, node, schema) -> None:
@@ -470,6 +473,34 @@ def point_problem(cfg) -> Optional[str]:
                                 page_size=c.page_size, num_pages=pool_pages(m, c),
                                 host_pages=None)
     return None
+
+
+def footprint_bytes(cfg) -> tuple:
+    """(weights, KV pool) in bytes: the least memory a point's model takes on its device
+    (activations and embeddings come on top)."""
+    m, c = cfg.model, cfg.cache
+    width = m.num_heads * m.head_dim
+    weights = m.num_layers * 5 * m.hidden * width  # UVQK projection and the output projection
+    pool = 0 if c.mode == "none" else \
+        pool_pages(m, c) * c.page_size * 2 * m.num_layers * width  # K and V of every slot
+    item = 4 if m.dtype == "float32" else 2
+    return item * weights, item * pool
+
+
+def memory_problem(cfg, device_bytes: int) -> Optional[str]:
+    """Why the point cannot fit the device's memory (`device_bytes` in all), or None."""
+    weights, pool = footprint_bytes(cfg)
+    if weights + pool <= device_bytes:
+        return None
+    m, c = cfg.model, cfg.cache
+    if pool > weights:
+        what = (f"cache.num_pages={c.num_pages}" if c.num_pages else
+                f"model.max_batch={m.max_batch} x model.max_history={m.max_history}")
+        part = f"{what}: the KV pool takes {pool / 1e9:.3g} GB"
+    else:
+        part = (f"model.hidden={m.hidden}, model.num_layers={m.num_layers}: the layers' weights "
+                f"take {weights / 1e9:.3g} GB")
+    return f"{part}, more than the device's {device_bytes / 1e9:.3g} GB of memory"
 
 
 def device_problem(cfg) -> Optional[str]:

@@ -22,6 +22,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def memory_bytes(device: torch.device) -> int:
+    """The device's total memory: the GPU's, or the machine's RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -15,9 +15,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from hstu_exp.bench.measure import combine_repeats, finish, resampling_units
-from hstu_exp.config import cv_max, device_problem, e2e_ran, max_time_s, point_problem
+from hstu_exp.config import (cv_max, device_problem, e2e_ran, max_time_s, memory_problem,
+                             point_problem)
 from hstu_exp.data.synthetic import stream_for
-from hstu_exp.env import environment, resolve_device
+from hstu_exp.env import environment, memory_bytes, resolve_device
 from hstu_exp.tracking import identity
 from hstu_exp.tracking.records import RESULTS_FILE, append_record, read_records
 
@@ -172,6 +173,7 @@ def run_point(cfg, *, job_dir: Path, group: str, point: int, total: int | None,
     problem = point_problem(cfg)
     if problem is None and device.type != "cuda":
         problem = device_problem(cfg)
+    problem = problem or memory_problem(cfg, memory_bytes(device))
     if cfg.resume and sweep_dir is not None:
         done = find_ok_record(sweep_dir, key)
         if done is not None:

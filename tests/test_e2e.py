@@ -137,7 +137,9 @@ def test_random_streams_match_on_cuda_with_side_stream_onloads(dtype, tol):
     stats = serve_random_stream(gpu_model, KVCacheManager(cache), device="cuda",
                                 ref_model=model if dtype == torch.float32 else
                                 copy.deepcopy(gpu_model).cpu().float(), tol=tol)
-    assert stats["onloaded_bytes"] > 0 and stats["onload_wait_ms"] >= 0, stats
+    assert stats["onloaded_bytes"] > 0, stats
+    # event-timed stalls of the compute stream: 0 where a copy was done before its layer
+    assert 0 <= stats["onload_wait_ms"] < 60_000, stats
 
 
 def test_a_changed_or_shrunk_history_is_recomputed_never_served_stale():
@@ -246,7 +248,9 @@ def test_done_when_command(tmp_path):
     assert r["workload"] == "e2e" and r["mode"] == "cache" and r["cache"] == "paged_offload"
     assert r["max_rel_error"] < 1e-4
     assert r["evictions"] > 0 and r["offloaded_bytes"] > 0 and r["onloaded_bytes"] > 0
-    assert r["hit_tokens"] > 0 and r["computed_tokens"] > 0 and r["onload_wait_ms"] >= 0
+    assert r["hit_tokens"] > 0 and r["computed_tokens"] > 0
+    # CPU: the copies are synchronous, so compute waited for them, within the point's run
+    assert 0 < r["onload_wait_ms"] < r["wall_s"] * 1e3
     assert r["iterations"] == len(r["samples_ms"]) >= 16 and r["passes"] >= 1
     assert r["total_ms"] > 0 and r["throughput_cps"] > 0 and r["median_ms"] > 0
     assert 0 < r["floor_fraction"] < 5

@@ -1,22 +1,19 @@
-"""A plain `pip install .` (not editable) into a new venv that already has torch: the configs ship
-inside the package, a block point runs from any directory, and the workloads with TorchRec
-embeddings (e2e, serve) are refused with one line while torchrec is missing."""
+"""The README's manual install in a clean venv: `pip install torch==2.13.0`, then `pip install .`
+(not editable), nothing else. The configs ship inside the package, every runtime dependency is
+declared (029de16 used Triton without declaring it: every point failed), a block point runs from
+any directory, and the workloads with TorchRec embeddings (e2e, serve) are refused with one line
+while torchrec is missing. Installing takes a minute or more: marked slow."""
 import json
 import os
-import re
-import site
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 
 from helpers import FAST, ROOT
 
-# What the new venv borrows from ours: everything but TorchRec and fbgemm, so "torch already
-# present, torchrec missing" is the situation under test.
-LEFT_OUT = re.compile(r"^(torchrec|fbgemm_gpu|hstu_exp|hstu-exp|__editable__|_hstu_exp)", re.I)
+TORCH = "torch==2.13.0"  # the README's CPU install
 
 
 def test_pyproject_names_every_package_folder():
@@ -30,24 +27,14 @@ def test_pyproject_names_every_package_folder():
 def installed(tmp_path_factory):
     root = tmp_path_factory.mktemp("install")
     venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    (borrowed := root / "borrowed").mkdir()
-    # Our site-packages and, on a machine that adds packages through PYTHONPATH (the GPU box),
-    # those folders too; the new venv then runs without PYTHONPATH.
-    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-             if p and Path(p).is_dir() and Path(p).resolve() != ROOT]
-    for folder in [*site.getsitepackages(), *extra]:
-        for entry in Path(folder).iterdir() if Path(folder).is_dir() else []:
-            link = borrowed / entry.name
-            if not (LEFT_OUT.match(entry.name) or entry.name == "__pycache__" or link.exists()):
-                link.symlink_to(entry)
-    (new_site,) = (venv / "lib").glob("python*/site-packages")
-    (new_site / "borrowed.pth").write_text(f"{borrowed}\n")
-    py = venv / "bin" / "python"
-    proc = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps",
-                           "--no-build-isolation", "--no-index", str(ROOT)],
-                          capture_output=True, text=True, timeout=600, env=_env())
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    for step in ([TORCH], [str(ROOT)]):
+        proc = subprocess.run(pip + step, capture_output=True, text=True, timeout=1200,
+                              env=_env(), cwd=root)
+        if step == [TORCH] and proc.returncode != 0 and "No matching distribution" in proc.stderr:
+            pytest.skip(f"no {TORCH} in reach: {proc.stderr.strip().splitlines()[-1]}")
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return venv, root
 
 
@@ -60,6 +47,7 @@ def run(venv, *args, cwd):
                           text=True, timeout=300, env=_env())
 
 
+@pytest.mark.slow
 def test_installed_package_runs_a_block_point_from_anywhere(installed):
     venv, root = installed
     proc = run(venv, *FAST, "logger=none", f"hydra.run.dir={root / 'run'}", cwd=root)
@@ -68,6 +56,7 @@ def test_installed_package_runs_a_block_point_from_anywhere(installed):
     assert record["status"] == "ok" and record["median_ms"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workload", ["e2e", "serve"])
 def test_installed_package_refuses_embedding_workloads_without_torchrec(installed, workload):
     venv, root = installed
