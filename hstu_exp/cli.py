@@ -249,6 +249,8 @@ def _output_dir_problem(path: Path):
 
 def _check_output_dir(cfg, multirun: bool) -> None:
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if not str(OmegaConf.select(cfg, key) or "").strip():  # Path("") is the current dir
+        raise ConfigError(f"{key}=: empty; name a dir (the current one is ./<name>)")
     path = Path(OmegaConf.select(cfg, key))
     if (problem := _output_dir_problem(path)) is not None:
         raise ConfigError(f"{key}={path}: {problem}")

@@ -3,8 +3,9 @@
 The dataclasses are registered in Hydra's ConfigStore as the base of every group option, so an
 unknown key or a value of the wrong type fails at composition. Each field carries the checks a
 type cannot express beside it (`knob`: range, choice, power of two; every float finite), which
-`validate` applies, with the few rules that tie keys together; `point_problem` names what is wrong with a combination of keys (a sweep
-records such a point as skipped, a single run stops with the message).
+`validate` applies, with the few rules that tie keys together; `point_problem` names what is
+wrong with a combination of keys (a sweep records such a point as skipped, a single run stops
+with the message).
 """
 from __future__ import annotations
 

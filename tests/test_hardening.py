@@ -1,7 +1,6 @@
 """Hardening round two (issue 22, docs/hardening.md): what a careless or hurried user types, and
 what a full disk, a killed process or a second copy at once do, each through the real CLI. Every
 test here failed on 029de16 (docs/hardening.md says how)."""
-import fcntl
 import json
 import os
 import signal
@@ -64,6 +63,16 @@ REFUSED = [
     ("empty-range", ["-m", "workload.batch_size=range(1,1)"],
      "workload.batch_size: the sweep gives it no values"),
     ("pool-pages-huge", ["cache.num_pages=1000000000"], "cache.num_pages=1000000000: the KV pool"),
+    ("layers-too-many", ["model.num_layers=100000"], "the KV pool takes"),
+    ("serve-duration-huge", ["workload=serve", "workload.duration_s=1e9"],
+     "workload.qps=20: 2e+10 requests in warmup_s + duration_s"),
+    ("serve-warmup-huge", ["workload=serve", "workload.warmup_s=1e9"],
+     "workload.qps=20: 2e+10 requests in warmup_s + duration_s"),
+    ("cfg-float-int", ["--cfg", "job", "workload.min_samples=1.5"],
+     "workload.min_samples: Value '1.5' of type 'float' could not be converted to Integer"),
+    ("empty-run-dir", ["hydra.run.dir="], "hydra.run.dir=: empty"),
+    ("empty-sweep-dir", ["-m", "workload.batch_size=1,2", "hydra.sweep.dir="],
+     "hydra.sweep.dir=: empty"),
     ("graph-bucket-zero", ["graph.token_buckets=[0,128]"],
      "graph.token_buckets=0: must be positive"),
     ("head-widths-zero", ["model.head_widths=[128,0,1]"], "model.head_widths=0: must be positive"),
@@ -93,9 +102,11 @@ REFUSED = [
 
 @pytest.mark.parametrize("args,needle", [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
 def test_refused_in_one_line_before_anything_is_written(tmp_path, args, needle):
-    proc = hstu_exp(*args, *QUIET, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    run_dir = [] if any(a.startswith("hydra.run.dir") for a in args) else \
+        [f"hydra.run.dir={tmp_path}/run"]
+    proc = hstu_exp(*QUIET, *run_dir, *args, cwd=tmp_path)
     one_line(proc, needle)
-    assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
 
 
 def test_slurm_launcher_without_slurm_is_one_line(tmp_path):
@@ -126,8 +137,9 @@ def test_unknown_key_in_a_group_file_keeps_its_reason(tmp_path):
     one_line(proc, "In 'model/typo': model.num_layrs: unknown key")
 
 
-def test_help_is_hstu_exps_own():
-    proc = hstu_exp("--help")
+@pytest.mark.parametrize("args", [["--help"], ["model=tiny", "-h"]])
+def test_help_is_hstu_exps_own(args):
+    proc = hstu_exp(*args)
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert text.startswith("hstu-exp: GPU inference experiments for HSTU")
@@ -292,23 +304,37 @@ def test_single_run_says_where_its_record_is_and_counts_one_point(tmp_path):
     assert "1 point: 1 ok" in proc.stdout and "1 points" not in proc.stdout
 
 
+GRID = ["cache=none,paged", "workload.batch_size=1,32", "workload.min_samples=50"]
+
+
 @pytest.fixture(scope="module")
-def small_sweep(tmp_path_factory):
-    """Two points, one of them impossible (skipped)."""
+def small_sweep_run(tmp_path_factory):
+    """Four points: cache none and paged at batch 1 (ok, and invalid: too few samples for
+    min_samples=50), two impossible ones at batch 32 (skipped)."""
     sweep = tmp_path_factory.mktemp("sweep")
-    proc = hstu_exp("-m", "workload.batch_size=1,32", *QUIET, f"hydra.sweep.dir={sweep}")
+    proc = hstu_exp("-m", *GRID, *QUIET, f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return sweep
+    return sweep, proc
+
+
+@pytest.fixture
+def small_sweep(small_sweep_run):
+    return small_sweep_run[0]
+
+
+def test_headline_speedup_between_invalid_points_is_marked(small_sweep_run):
+    line = next(x for x in small_sweep_run[1].stdout.splitlines() if "paged vs none" in x)
+    assert line.endswith("INVALID (baseline and point: see the table)"), line
 
 
 def test_resume_that_has_nothing_to_do_appends_nothing(small_sweep):
     before = {p: p.read_text() for p in small_sweep.glob("*/results.jsonl")}
-    proc = hstu_exp("-m", "workload.batch_size=1,32", *QUIET, "resume=true",
+    proc = hstu_exp("-m", *GRID, *QUIET, "resume=true",
                     f"hydra.sweep.dir={small_sweep}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {p: p.read_text() for p in small_sweep.glob("*/results.jsonl")} == before
-    assert "skipped again (workload.batch_size=32: more than the model's max_batch=16); its " \
-           "record stands" in proc.stdout
+    assert proc.stdout.count("skipped again (workload.batch_size=32: more than the model's "
+                             "max_batch=16); its record stands") == 2
 
 
 @pytest.mark.parametrize("line,what", [
@@ -324,12 +350,25 @@ def test_malformed_record_lines_are_passed_over_and_counted(small_sweep, tmp_pat
     shutil.copytree(small_sweep, sweep)
     with open(sweep / "0" / "results.jsonl", "a") as f:
         f.write(line + "\n")
-    proc = hstu_exp("-m", "workload.batch_size=1,32", *QUIET, "resume=true",
+    if what == "not an object":  # the readers besides the close-out: plot_sweep, compare
+        plot = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_sweep.py"),
+                               str(sweep), "--csv"], capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+        assert plot.returncode == 0 and "Traceback" not in plot.stderr, plot.stderr[-3000:]
+        assert "passed over 1 malformed record(s)" in plot.stdout + plot.stderr
+        compare = subprocess.run([sys.executable, "-m", "hstu_exp.report.compare", str(sweep),
+                                  str(small_sweep), "--no-figure"], capture_output=True,
+                                 text=True, cwd=ROOT, timeout=300,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert compare.returncode == 0 and "Traceback" not in compare.stderr, \
+            compare.stderr[-3000:]
+        assert "passed over 1 malformed record(s)" in compare.stdout + compare.stderr
+    proc = hstu_exp("-m", *GRID, *QUIET, "resume=true",
                     f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, what + proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "passed over 1 malformed record(s) in results.jsonl" in proc.stdout, what
-    assert "2 points: 1 ok, 1 skipped, 0 failed" in proc.stdout, what
-    assert len((sweep / "results.csv").read_text().splitlines()) == 3
+    assert "4 points: 2 ok, 2 skipped, 0 failed" in proc.stdout, what
+    assert len((sweep / "results.csv").read_text().splitlines()) == 5
 
 
 def test_close_out_that_raises_exits_1_in_one_line(small_sweep, tmp_path):
@@ -339,10 +378,10 @@ def test_close_out_that_raises_exits_1_in_one_line(small_sweep, tmp_path):
 
     sweep = tmp_path / "s"
     shutil.copytree(small_sweep, sweep)
-    path = sweep / "0" / "results.jsonl"
+    (path,) = [p for p in sweep.glob("*/results.jsonl") if '"status": "ok"' in p.read_text()][:1]
     record = json.loads(path.read_text().splitlines()[0])
     path.write_text(json.dumps({**record, "total_history": [256]}) + "\n")
-    proc = hstu_exp("-m", "workload.batch_size=1,32", *QUIET, "resume=true",
+    proc = hstu_exp("-m", *GRID, *QUIET, "resume=true",
                     f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
@@ -369,6 +408,40 @@ def test_serve_table_tells_qps_points_apart():
         assert col in header
     assert "5" in one and "met" in one and "simulated" in one
     assert "400" in two and "missed" in two and "350.000" in two
+
+
+def test_single_runs_started_in_the_same_second_get_their_own_dirs(tmp_path):
+    cmd = [sys.executable, "-m", "hstu_exp", *QUIET]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([*cmd, f"workload.batch_size={b}"], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for b in (1, 2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    files = sorted((tmp_path / "outputs" / "runs").glob("*/results.jsonl"))
+    assert sorted(len(f.read_text().splitlines()) for f in files) == [1, 1], files
+
+
+def test_serve_sweep_table_tells_qps_points_apart(tmp_path):
+    proc = hstu_exp("-m", "experiment=serve_smoke", "workload.qps=5,40", "cache=paged",
+                    "verify=false", "logger=none", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    header = next(i for i, x in enumerate(lines) if x.lstrip().startswith("status"))
+    cols = lines[header].split()
+    rows = [dict(zip(cols, x.split())) for x in lines[header + 1:header + 3]]
+    assert "qps" in cols and "p99" in lines[header] and "SLO" in cols, lines[header]
+    assert sorted(r["qps"] for r in rows) == ["40", "5"], rows
+
+
+def test_a_torn_calibration_cache_is_measured_again(tmp_path, monkeypatch):
+    import torch
+
+    import hstu_exp.bench.roofline as roofline
+
+    monkeypatch.setenv("HSTU_EXP_CACHE_DIR", str(tmp_path))
+    (tmp_path / "calibration.json").write_text('{"x86_64|torch.fl')
+    assert roofline.peaks(torch.device("cpu"), torch.float32)["peak_tflops"] > 0
 
 
 def test_headline_marks_speedups_between_invalid_points():

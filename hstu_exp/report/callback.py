@@ -64,5 +64,5 @@ class CloseOut(Callback):
         try:
             close_out(sweep_dir, logger=logger)
         except Exception as exc:  # noqa: BLE001 - Hydra would only warn, and exit 0
-            _fail(sweep_dir, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                  "; the points' records are on disk")
+            first = (str(exc).strip().splitlines() or [""])[0]
+            _fail(sweep_dir, f"{type(exc).__name__}: {first}; the points' records are on disk")

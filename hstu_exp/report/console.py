@@ -48,7 +48,8 @@ def summary_line(records) -> str:
     ok = [r for r in records if r.get("status") == "ok"]
     checked = [r for r in ok if r.get("valid") is not None and r.get("valid") == r.get("valid")]
     invalid = [r for r in checked if r["valid"] not in (True, "True", "true")]
-    line = f"{len(records)} point{'' if len(records) == 1 else 's'}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+    line = f"{len(records)} point{'' if len(records) == 1 else 's'}: " + \
+        ", ".join(f"{v} {k}" for k, v in counts.items())
     if checked:
         line += f"; {len(checked) - len(invalid)} valid, {len(invalid)} invalid" + \
             (f", {len(ok) - len(checked)} unchecked" if len(checked) < len(ok) else "")
