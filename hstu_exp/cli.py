@@ -120,10 +120,12 @@ def _help() -> str:
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
+    from hstu_exp import __version__
+
     try:
         return f"hstu-exp {version('hstu-exp')}"
     except PackageNotFoundError:  # a source tree that was never installed
-        return "hstu-exp (not installed)"
+        return f"hstu-exp {__version__}"
 
 
 def _one_line(exc: BaseException) -> str:
