@@ -138,7 +138,7 @@ def _one_line(exc: BaseException) -> str:
         return f"{group}={option}: no such option{options}"
     if isinstance(exc, OverrideParseException):
         return f"{exc.override}: {_parse_hint(exc.override)}"
-    chain, cause = [exc], exc
+    chain, cause = [exc], exc  # every exception behind this one, for a YAML error's position
     while (cause := cause.__cause__ or cause.__context__) is not None and len(chain) < 10:
         chain.append(cause)
     if (mark := next((getattr(c, "problem_mark", None) for c in chain
@@ -147,7 +147,13 @@ def _one_line(exc: BaseException) -> str:
         what = " ".join(x for x in (yaml_error.problem, f"({yaml_error.context})"
                                     if yaml_error.context else "") if x)
         return f"{mark.name}, line {mark.line + 1}: {what}"
-    cause = chain[-1]
+    # the reason: the end of the __cause__ chain, or (Hydra composing a group file) the first
+    # exception behind it that names a key
+    cause = exc
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    if not getattr(cause, "full_key", None):
+        cause = next((c for c in chain if getattr(c, "full_key", None)), cause)
     key = getattr(cause, "full_key", None)
     msg = getattr(cause, "msg", None) or str(cause)
     msg = msg.strip().splitlines()[0] if msg.strip() else type(cause).__name__
@@ -423,6 +429,8 @@ def preflight(args):
     dir_given = any(k.lstrip("+~") == ("hydra.sweep.dir" if multirun else "hydra.run.dir")
                     for k, _ in every)
     _schema_option(every)
+    if problem := _sweep_values_problem(every):
+        raise ConfigError(problem)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         _unknown_added_keys(expanded)
         base = [values[0] for _, values in expanded]

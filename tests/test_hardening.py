@@ -143,7 +143,7 @@ def test_help_is_hstu_exps_own(args):
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert text.startswith("hstu-exp: GPU inference experiments for HSTU")
-    for needle in ("-m", "experiment: quick", "serve_smoke", "outputs/multirun/", "results.csv",
+    for needle in ("-m", "quick, seed_attention", "serve_smoke", "outputs/multirun/", "results.csv",
                    "cache:      none, paged, paged_offload", "hydra.sweep.dir=DIR"):
         assert needle in text, needle
     assert "_schema" not in text and "powered by Hydra" not in text
