@@ -103,7 +103,8 @@ class GraphConfig:
     batch_buckets: List[int] = knob([1, 2, 4, 8, 16], positive=True)
     token_buckets: List[int] = knob([128, 256, 512, 1024, 2048, 4352], positive=True)
     fit_rows: bool = False  # a batch's rows padded to a power of two, not to batch x tokens
-    max_graphs: int = knob(64, positive=True)  # captured graphs kept (least recently replayed dropped past it)
+    # captured graphs kept (least recently replayed dropped past it)
+    max_graphs: int = knob(64, positive=True)
 
 
 @dataclass
