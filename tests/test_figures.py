@@ -164,3 +164,19 @@ def test_grouped_bars_give_every_series_its_own_colour():
     colours = {tuple(bar.get_facecolor()) for bar in ax.patches if bar.get_height() > 0}
     plt.close(fig)
     assert len(colours) == 12
+
+
+def test_e2e_host_device_bars_hold_the_per_batch_times():
+    """One panel per mode; per batch size the host and device bars are the records' pass
+    medians divided by the stream's batches, and the latency marker is median_ms."""
+    recs = [{**ENV, "workload": "e2e", "mode": m, "batch_size": b, "num_batches": 16,
+             "host_ms": 16 * host, "device_ms": 16 * dev, "median_ms": max(host, dev) + 0.05,
+             "valid": True}
+            for m, host, dev in (("cache", 2.0, 1.0), ("cache_graph", 0.3, 0.5))
+            for b in (1, 8)]
+    fig = figures.e2e_host_device(pd.DataFrame(recs))
+    assert [ax.get_title() for ax in fig.axes] == ["KV cache", "KV cache + CUDA graph"]
+    for ax, (host, dev) in zip(fig.axes, ((2.0, 1.0), (0.3, 0.5))):
+        heights = [round(p.get_height(), 6) for p in ax.patches]
+        assert heights == [host, host, dev, dev]
+        assert np.allclose(ax.lines[0].get_ydata(), max(host, dev) + 0.05)

@@ -386,6 +386,27 @@ def e2e_speedup(sp: pd.DataFrame):
     return fig
 
 
+def e2e_host_device(df: pd.DataFrame):
+    """Per e2e mode, per batch size: the host's time to issue a batch and its compute's time on
+    the device (pass medians / batches), beside the batch latency: where host >= device the
+    step is host-bound."""
+    d = df[df["device_ms"].notna()]
+    modes = [m for m in E2E_MODES if m in set(d["mode"])]
+    fig, axes = _grid(len(modes))
+    for ax, mode in zip(axes, modes):
+        part = d[d["mode"] == mode].sort_values("batch_size")
+        x = np.arange(len(part))
+        per = part["num_batches"].to_numpy(dtype=float)
+        ax.bar(x - 0.2, part["host_ms"] / per, 0.4, label="host (issue)")
+        ax.bar(x + 0.2, part["device_ms"] / per, 0.4, label="device (compute)")
+        ax.plot(x, part["median_ms"], "k_", markersize=14, label="batch latency (median)")
+        ax.set_xticks(x, [str(b) for b in part["batch_size"]])
+        ax.set(title=_e2e_label(mode), xlabel="batch size", ylabel="ms a batch")
+        ax.legend(fontsize=7)
+    _finish(fig, "Host vs device time a batch (e2e)", df)
+    return fig
+
+
 def attention_tflops(df: pd.DataFrame):
     d = _with_valid(most_cached(df, ["label", "batch_size", "total_history"]))
     batches = sorted(d["batch_size"].unique())
@@ -435,6 +456,8 @@ def draw_all(df: pd.DataFrame, out_dir: Path) -> dict:
         sp = e2e_speedups(e2e)
         if len(sp):
             _draw(figs, out, "e2e_speedup", e2e_speedup, sp)
+        if "device_ms" in e2e and e2e["device_ms"].notna().any():
+            _draw(figs, out, "e2e_host_device", e2e_host_device, e2e)
     att = good[good["workload"] == "attention"]
     att = att.assign(label=mode_label(att))
     if len(att) and "tflops" in att:
