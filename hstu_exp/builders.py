@@ -32,7 +32,8 @@ def kernel_policy(kernel) -> KernelPolicy:
                         tma=bool(kernel.tma), hopper=bool(kernel.hopper),
                         hopper_group=int(kernel.hopper_group), fast_silu=bool(kernel.fast_silu),
                         tune_timing=str(kernel.tune_timing),
-                        silu_on_load=bool(kernel.silu_on_load), one_off=first_use.first_use)
+                        silu_on_load=bool(kernel.silu_on_load),
+                        gemm_dtype=str(kernel.gemm_dtype), one_off=first_use.first_use)
 
 
 def kernel_args(kernel) -> dict:
@@ -52,10 +53,20 @@ def kernels_for(kernel):
     return kernels(kernel.name, kernel_policy(kernel))
 
 
-def build_cache(model, cache, *, device, dtype: torch.dtype):
+def card_pages(model, cache, *, device, dtype: torch.dtype) -> int:
+    """Pages of a pool that takes cache.gpu_fraction of the GPU memory free now (call it once
+    the model is on the GPU)."""
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    page = model.num_layers * 2 * cache.page_size * model.num_heads * model.head_dim * itemsize
+    return int(cache.gpu_fraction * free // page)
+
+
+def build_cache(model, cache, *, device, dtype: torch.dtype, num_pages=None):
+    """num_pages: overrides the cache group's sizing (`card_pages`)."""
     if cache.mode == "none":
         return None
-    kwargs = dict(num_layers=model.num_layers, num_pages=pool_pages(model, cache),
+    kwargs = dict(num_layers=model.num_layers, num_pages=num_pages or pool_pages(model, cache),
                   page_size=cache.page_size, num_heads=model.num_heads, head_dim=model.head_dim,
                   dtype=dtype, device=device)
     if cache.mode == "paged_offload":
@@ -148,12 +159,29 @@ def shared_ranker(model, *, kernel: dict, device, dtype, seed: int):
     return reuse("ranker", [_plain(model), kernel, str(device), str(dtype), seed], make)
 
 
-def shared_cache(model, cache, *, device, dtype):
-    """A cache with no users in it (a reused pool is reset)."""
+def shared_cache(model, cache, *, device, dtype, to_card: bool = False):
+    """A cache with no users in it (a reused pool is reset). to_card: a paged pool on a GPU
+    without cache.num_pages takes cache.gpu_fraction of the free memory (`card_pages`)."""
     if cache.mode == "none":
         return None
-    built = reuse("cache", [_plain(model), _plain(cache), str(device), str(dtype)],
-                  lambda: build_cache(model, cache, device=device, dtype=dtype))
+    num_pages = None
+    if to_card and cache.mode == "paged" and not cache.num_pages \
+            and torch.device(device).type == "cuda":
+        hit = _BUILT.get("cache")
+        if hit is not None and hit[0] == json.dumps(
+                ["card", _plain(model), _plain(cache), str(device), str(dtype)], sort_keys=True,
+                default=str):
+            num_pages = hit[1].num_pages  # the card-sized pool already built: keep it
+        else:
+            _BUILT.pop("cache", None)  # free the old pool before measuring what is free
+            _BUILT.pop("graphs", None)
+            torch.cuda.empty_cache()
+            num_pages = card_pages(model, cache, device=device, dtype=dtype)
+    key = ([_plain(model), _plain(cache), str(device), str(dtype)] if num_pages is None
+           else ["card", _plain(model), _plain(cache), str(device), str(dtype)])
+    built = reuse("cache", key,
+                  lambda: build_cache(model, cache, device=device, dtype=dtype,
+                                      num_pages=num_pages))
     built.reset()
     return built
 
@@ -181,10 +209,10 @@ def shared_graphs(module, cache, model, graph, *, device, dtype, progress):
 
 
 def shared_server(model, cache, graph, kernel, *, cached: bool, graphed: bool, device, dtype,
-                  seed: int, progress):
+                  seed: int, progress, pool_to_card: bool = False):
     """The request path of e2e and serve (`serving.path.RequestPath`): the ranking model, a KV-cache
     manager over the cache group's (emptied) cache when `cached`, and a graph runner of the
-    whole step when `graphed` (its `used` buckets cleared)."""
+    whole step when `graphed` (its `used` buckets cleared). pool_to_card: see `shared_cache`."""
     from hstu_exp.kvcache.manager import KVCacheManager
     from hstu_exp.serving.path import RequestPath
 
@@ -192,8 +220,8 @@ def shared_server(model, cache, graph, kernel, *, cached: bool, graphed: bool, d
                            seed=seed)
     manager = None
     if cached:
-        manager = KVCacheManager(shared_cache(model, cache, device=device, dtype=dtype),
-                                 warn=progress)
+        manager = KVCacheManager(shared_cache(model, cache, device=device, dtype=dtype,
+                                              to_card=pool_to_card), warn=progress)
     graphs = None
     if graphed:
         graphs = shared_graphs(ranker, manager.cache if manager else None, model, graph,

@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from hstu_exp.core.paging import pages_for
-from hstu_exp.ops.policy import TUNE_TIMINGS
+from hstu_exp.ops.policy import GEMM_DTYPES, TUNE_TIMINGS
 
 
 class ConfigError(ValueError):
@@ -32,6 +32,10 @@ SERVE_POLICIES = ("fifo", "length_aware")
 # only says which cache a caching mode uses, and graph=cudagraph must agree with the mode.
 E2E_MODES = {"baseline": (False, False), "baseline_graph": (False, True),
              "cache": (True, False), "cache_graph": (True, True)}
+# What a reduced-precision point (kernel.gemm_dtype=fp8) must meet, or it is recorded failed
+# and its timing dropped: candidate outputs within max_rel_error of a float32 full recompute
+# (worst request, norm-wise), and (e2e) the top-k of each ranking shared with the bf16 path.
+ACCURACY_GATE = {"max_rel_error": 2e-2, "topk": 10, "topk_agreement": 0.99}
 # What a serve point may ask for: past these a point runs for hours or draws gigabytes before it
 # says anything (the caps name the cost in the message).
 SERVE_MAX_REQUESTS = 200_000
@@ -76,8 +80,12 @@ class ModelConfig:
 class CacheConfig:
     mode: str = knob("paged", one_of=("none", "paged", "paged_offload"))
     page_size: int = knob(32, positive=True, pow2=True)
-    # GPU pool size in pages; None sizes it for max_batch users of max_history tokens.
+    # GPU pool size in pages; None sizes it for max_batch users of max_history tokens, or for
+    # workload=serve with cache=paged on a GPU, to gpu_fraction of the memory free once the
+    # model is built (the record says how many users of max_history it holds).
     num_pages: Optional[int] = knob(None, positive=True)
+    gpu_fraction: float = knob(0.5, within=(0, 0.95), open_low=True,
+                               what="a fraction of the free GPU memory; the step needs the rest")
     # host tier (paged_offload); None = 4x the GPU pool
     host_pages: Optional[int] = knob(None, positive=True)
 
@@ -95,6 +103,10 @@ class KernelConfig:
     fast_silu: bool = True
     tune_timing: str = knob("graph", one_of=TUNE_TIMINGS)  # graph | events
     silu_on_load: bool = True
+    # UVQK and W_o GEMMs (both kernels): bf16 (the model dtype) | fp8 (e4m3, row-wise scales;
+    # ops/fp8.py). A reduced-precision point passes its accuracy gate (ACCURACY_GATE) or is
+    # recorded failed.
+    gemm_dtype: str = knob("bf16", one_of=GEMM_DTYPES)
 
 
 @dataclass
@@ -337,6 +349,11 @@ def _validate_serve(w) -> None:
             raise ConfigError(f"workload.trace={w.trace}: {exc}") from None
 
 
+def reduced_precision(cfg) -> List[str]:
+    """The keys of a point that trade accuracy for speed (its accuracy gate applies)."""
+    return ["kernel.gemm_dtype=fp8"] if cfg.kernel.gemm_dtype == "fp8" else []
+
+
 def cv_max(workload, device_type: str) -> float:
     """The CV ceiling of a point: workload.cv_max, or the device's default."""
     if workload.cv_max is not None:
@@ -452,6 +469,13 @@ def _serve_problem(cfg) -> Optional[str]:
 def point_problem(cfg) -> Optional[str]:
     """What makes this combination of keys impossible, or None. Message names the keys."""
     m, w, c = cfg.model, cfg.workload, cfg.cache
+    if cfg.kernel.gemm_dtype == "fp8":
+        if m.dtype != "bfloat16":  # row-wise scaled GEMMs write bf16 (torch._scaled_mm on CUDA)
+            return f"kernel.gemm_dtype=fp8 needs model.dtype=bfloat16, not {m.dtype}"
+        width = m.num_heads * m.head_dim
+        if m.hidden % 16 or width % 16:
+            return (f"kernel.gemm_dtype=fp8: e4m3 GEMMs need model.hidden ({m.hidden}) and "
+                    f"num_heads x head_dim ({width}) to be multiples of 16")
     if w.num_candidates > m.max_candidates:
         return (f"workload.num_candidates={w.num_candidates}: more than the model's "
                 f"max_candidates={m.max_candidates}")

@@ -90,7 +90,7 @@ def point_params(cfg, device: torch.device) -> dict:
             "head_dim": m.head_dim, "max_history": m.max_history, "warmup": w.warmup,
             "iters": w.iters, "min_time_s": w.min_time_s, "max_time_s": max_time_s(w),
             "cv_max": cv_max(w, device.type), "min_samples": w.min_samples,
-            "input_sets": w.get("input_sets")}
+            "input_sets": w.get("input_sets"), "gemm_dtype": cfg.kernel.gemm_dtype}
 
 
 def _overrides() -> list:

@@ -424,6 +424,10 @@ def main():
                 variants += [("hopper all pairs", {"config": tri.HOPPER_CONFIG, "group": 10**6}),
                              ("hopper ks3", {"config": C(128, 64, 4, 3, "hopper")}),
                              ("triton auto no-tma", {"tma": False, "hopper": False})]
+            if dim <= 128:  # D=128 candidates: half the head dim frees the registers and shared
+                # memory for 128-key boxes (the S tile grows as the O accumulator shrinks)
+                variants += [("hopper n128", {"config": C(128, 128, 4, 2, "hopper")}),
+                             ("hopper n128 ks3", {"config": C(128, 128, 4, 3, "hopper")})]
         if not case["paged"]:
             variants.append(("hopper pairs in turn", {"config": tri.HOPPER_CONFIG, "group": 1}))
         variants += [("tuned", {"autotune": True})]

@@ -7,8 +7,6 @@ slots every iteration). cache=none computes the whole history every time.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from hstu_exp.bench.measure import Measured, stop_rule
@@ -17,6 +15,7 @@ from hstu_exp.bench.timer import time_fn
 from hstu_exp.builders import (kernel_args, model_dtype, shared_block, shared_cache,
                                shared_graphs)
 from hstu_exp.core.jagged import make_batch
+from hstu_exp.model.hstu import oracle
 
 
 def candidate_rows(offsets: torch.Tensor, num_candidates: int) -> torch.Tensor:
@@ -97,8 +96,7 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
 def _verify(block, step, x_new, prefix, batch, B, cached, n, k, device) -> float:
     """Candidate outputs of the timed path vs a float32 reference full recompute."""
     out = step(0)[candidate_rows(batch.offsets, k)]
-    ref_block = copy.deepcopy(block).float()
-    ref_block.kernel = "reference"
+    ref_block = oracle(block)
     new_rows = (x_new.shape[0] // B)
     seqs = [torch.cat([prefix[b * cached:(b + 1) * cached], x_new[b * new_rows:(b + 1) * new_rows]])
             for b in range(B)]

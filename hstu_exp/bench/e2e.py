@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from dataclasses import replace
 from typing import List
 
 import torch
@@ -31,11 +32,12 @@ import torch
 from hstu_exp.bench.measure import Measured, stop_rule
 from hstu_exp.bench.roofline import block_work
 from hstu_exp.bench.timer import reset_peak_memory
-from hstu_exp.bench.accuracy import relative_error
+from hstu_exp.bench.accuracy import relative_error, topk_agreement
 from hstu_exp.builders import model_dtype, shared_server
-from hstu_exp.config import E2E_MODES
+from hstu_exp.config import ACCURACY_GATE, E2E_MODES
 from hstu_exp.data.synthetic import stream_for
 from hstu_exp.env import ClockSampler
+from hstu_exp.model.hstu import oracle
 from hstu_exp.serving.path import rank
 
 # Per-batch cache statistics (KVCacheManager.batches), also summed over a pass in the record.
@@ -191,14 +193,20 @@ def _time_pass(batches, step, device):
 
 
 @torch.no_grad()
-def _verify(model, batches, manager, device, graphs=None) -> float:
+def _verify(model, batches, manager, device, graphs=None) -> dict:
     """The stream served again (fresh cache) vs a float32 full recompute of every user's whole
-    sequence: worst relative error of candidate outputs and logits."""
+    sequence: worst relative error of candidate outputs and logits. A reduced-precision model
+    (fp8 GEMMs) is also ranked against the same model with bf16 GEMMs: the mean top-k
+    agreement of task 0's ranking (accuracy.topk_agreement, k = ACCURACY_GATE's)."""
     ref = copy.deepcopy(model).float()
-    ref.block.kernel = "reference"
+    ref.block = oracle(model.block)
+    exact = None
+    if model.block.policy.gemm_dtype != "bf16":
+        exact = copy.deepcopy(model)
+        exact.block.policy = replace(model.block.policy, gemm_dtype="bf16")
     if manager is not None:
         manager.reset()
-    worst = 0.0
+    worst, agree, users = 0.0, 0.0, 0
     for batch in batches:
         counts = [r.candidates.numel() for r in batch]
         logits, h = rank(model, batch, device=device, manager=manager, graphs=graphs,
@@ -206,4 +214,12 @@ def _verify(model, batches, manager, device, graphs=None) -> float:
         ref_logits, ref_h = rank(ref, batch, device=device, return_hidden=True)
         worst = max(worst, relative_error(logits, ref_logits, counts),
                     relative_error(h, ref_h, counts))
-    return worst
+        if exact is not None:
+            base = rank(exact, batch, device=device)
+            agree += len(batch) * topk_agreement(logits[:, 0], base[:, 0], counts,
+                                                 ACCURACY_GATE["topk"])
+            users += len(batch)
+    out = {"max_rel_error": worst}
+    if exact is not None:
+        out["topk_agreement"] = agree / users
+    return out

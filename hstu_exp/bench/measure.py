@@ -15,7 +15,7 @@ import torch
 
 from hstu_exp.bench.roofline import floor, peaks
 from hstu_exp.bench.timer import StopRule, cv, latency_stats
-from hstu_exp.config import cv_max, max_time_s
+from hstu_exp.config import ACCURACY_GATE, cv_max, max_time_s, reduced_precision
 from hstu_exp.env import CLOCK_KEYS
 from hstu_exp.stats import bootstrap_stat, intervals_overlap
 
@@ -34,7 +34,9 @@ class Measured:
     clocks: dict = field(default_factory=dict)  # env.ClockSampler summary of the timed region
     step: Optional[Callable[[int], object]] = None  # profile=true: step(i), i < profile_iters
     profile_iters: int = 5
-    verify: Optional[Callable[[], float]] = None  # verify=true: max relative error vs fp32
+    # verify=true: max relative error vs fp32 (a float), or a dict of record keys holding it
+    # ("max_rel_error") and, where the workload ranks, "topk_agreement" with the bf16 path.
+    verify: Optional[Callable[[], object]] = None
     extra: dict = field(default_factory=dict)  # the workload's own record keys
     # Validity is judged on repeats of the same work: the samples themselves, or (e2e, whose
     # samples are batches of different sizes) one total per pass over the stream.
@@ -80,9 +82,35 @@ def finish(m: Measured, cfg, device: torch.device, job_dir=None, progress=print,
 
         progress("profiling")
         result.update(profile_step(m.step, device=device, iters=m.profile_iters, out_dir=job_dir))
-    if cfg.verify and verify and m.verify is not None:
-        result["max_rel_error"] = m.verify()
+    reduced = reduced_precision(cfg)
+    if (cfg.verify or reduced) and verify and m.verify is not None:
+        checked = m.verify()
+        result.update(checked if isinstance(checked, dict) else {"max_rel_error": checked})
+        if reduced:
+            gate_check(result, reduced)
     return result
+
+
+class AccuracyGateError(RuntimeError):
+    """A reduced-precision point missed its accuracy gate: recorded failed, its timing dropped."""
+
+
+def gate_check(result: dict, reduced: list) -> None:
+    """config.ACCURACY_GATE for a point with reduced-precision keys (verified whatever verify
+    says): the record keeps the gate's verdict, or the point fails with why."""
+    gate = ACCURACY_GATE
+    err, agree = result.get("max_rel_error"), result.get("topk_agreement")
+    misses = []
+    if err is None or not err <= gate["max_rel_error"]:
+        misses.append(f"max relative error {err:.3g} vs a float32 full recompute > "
+                      f"{gate['max_rel_error']:g}" if err is not None else "no verify result")
+    if agree is not None and not agree >= gate["topk_agreement"]:
+        misses.append(f"top-{gate['topk']} agreement with the bf16 path {agree:.3f} < "
+                      f"{gate['topk_agreement']:g}")
+    if misses:
+        raise AccuracyGateError(f"accuracy gate of {', '.join(reduced)} failed: "
+                                f"{'; '.join(misses)} (not timed)")
+    result["accuracy_gate"] = "passed"
 
 
 def resampling_units(m: Measured) -> List[float]:

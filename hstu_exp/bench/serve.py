@@ -20,6 +20,8 @@ from hstu_exp.bench.measure import Measured
 from hstu_exp.bench.roofline import block_work
 from hstu_exp.bench.timer import StopRule
 from hstu_exp.builders import model_dtype, shared_server
+from hstu_exp.config import pages_for
+from hstu_exp.model.hstu import oracle
 from hstu_exp.env import ClockSampler
 from hstu_exp.serving.path import rank
 from hstu_exp.serving.simulated import (REQUESTS_FILE, ServePoint, Trial, latencies_ms,
@@ -32,7 +34,8 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> Measured:
     dtype = model_dtype(cfg.model)
     path = shared_server(cfg.model, cfg.cache, cfg.graph, cfg.kernel,
                          cached=cfg.cache.mode != "none", graphed=cfg.graph.mode == "cudagraph",
-                         device=device, dtype=dtype, seed=cfg.seed, progress=progress)
+                         device=device, dtype=dtype, seed=cfg.seed, progress=progress,
+                         pool_to_card=True)
     first_use.count_triton_compiles()
     point = ServePoint(cfg, path, device)
     stream = make_stream(cfg, w.qps)
@@ -69,6 +72,7 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> Measured:
                  warmup_s=w.warmup_s, duration_s=w.duration_s)
     if point.graphs is not None:
         extra["bucket"] = ",".join(sorted(point.graphs.core.used))
+    extra.update(pool_capacity(cfg, path.manager))
     if job_dir is not None:
         write_requests(best, Path(job_dir) / REQUESTS_FILE)
         extra["requests_file"] = REQUESTS_FILE
@@ -87,6 +91,23 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> Measured:
         dtype=dtype, step=profiled, profile_iters=min(len(batches), 8),
         verify=lambda: _verify(point, best), extra=extra, cv_basis="requests",
         per_unit_ms=1e3 * sum(best.service_s) / max(len(best.service_s), 1))
+
+
+def pool_capacity(cfg, manager) -> dict:
+    """The KV pool's pages and how many users of the model's longest sequence it holds."""
+    if manager is None:
+        return {"kv_pool_pages": 0, "kv_pool_users": 0}
+    m, pages = cfg.model, manager.cache.num_pages
+    return {"kv_pool_pages": pages, "kv_pool_bytes": manager.cache.nbytes,
+            "kv_pool_users": pages // pages_for(m.num_context + m.max_history,
+                                                cfg.cache.page_size),
+            "kv_pool_sized": "num_pages" if cfg.cache.num_pages else
+            (f"gpu_fraction={cfg.cache.gpu_fraction:g} of free memory"
+             if device_is_cuda(manager) and cfg.cache.mode == "paged" else "max_batch users")}
+
+
+def device_is_cuda(manager) -> bool:
+    return manager.cache.pool.device.type == "cuda"
 
 
 def _work_per_batch(cfg, dtype, trial: Trial):
@@ -112,7 +133,7 @@ def _verify(point: ServePoint, trial: Trial) -> float:
     if not trial.checked:
         return math.nan
     ref = copy.deepcopy(point.model).float()
-    ref.block.kernel = "reference"
+    ref.block = oracle(point.model.block)
     worst = 0.0
     for request, logits, hidden in trial.checked:
         ref_logits, ref_h = rank(ref, [request], device=point.device, return_hidden=True)

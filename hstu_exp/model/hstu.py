@@ -5,7 +5,9 @@ Hot path takes plain arguments: the jagged batch, and the pool when keys come fr
 """
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -14,6 +16,7 @@ from torch import nn
 
 from hstu_exp.core.jagged import Batch
 from hstu_exp.ops import kernels
+from hstu_exp.ops.fp8 import fp8_weight, scaled_linear
 from hstu_exp.ops.policy import KernelPolicy
 from hstu_exp.ops.fused import append_kv_torch
 
@@ -39,7 +42,11 @@ class HSTULayer(nn.Module):
         """x_is_scratch: x belongs to the block (not its caller), so the residual sum may be
         written into it where the kernels can (no copy of x)."""
         width = self.num_heads * self.head_dim
-        z = self.uvqk(kernel.layernorm(x, self.norm.weight, self.norm.bias, self.norm.eps))
+        fp8 = kernel.gemm_fp8  # e4m3 GEMMs: the LayerNorms hand over e4m3 rows and row scales
+        h = kernel.layernorm(x, self.norm.weight, self.norm.bias, self.norm.eps,
+                             **({"fp8": True} if fp8 else {}))
+        z = scaled_linear(*h, fp8_weight(self, "uvqk"), self.uvqk.bias, x.dtype) if fp8 \
+            else self.uvqk(h)
         if not kernel.silu_on_load:
             z = F.silu(z)
         u, v, q, k = (t.reshape(-1, self.num_heads, self.head_dim) for t in z.split(width, dim=-1))
@@ -59,9 +66,10 @@ class HSTULayer(nn.Module):
             a = kernel.attention_paged(q, k, v, batch, pool_layer[:, 0], pool_layer[:, 1],
                                        alpha=alpha, inv_n=inv_n, **out)
         in_place = dict(in_place=True) if x_is_scratch and kernel.residual_in_place else {}
+        w_o = fp8_weight(self, "out") if fp8 else self.out.weight
         return kernel.layernorm_mul_linear_add(a.reshape(-1, width), u.reshape(-1, width),
                                                self.attn_norm.weight, self.attn_norm.bias,
-                                               self.out.weight, x, self.attn_norm.eps, **in_place)
+                                               w_o, x, self.attn_norm.eps, **in_place)
 
 
 class HSTUBlock(nn.Module):
@@ -88,3 +96,11 @@ class HSTUBlock(nn.Module):
             x = layer(x, batch, kernel, alpha=self.alpha, inv_n=self.inv_n,
                       pool_layer=None if pool is None else pool[i], x_is_scratch=i > 0)
         return x
+
+
+def oracle(block: HSTUBlock) -> HSTUBlock:
+    """A float32 copy of the block on the reference kernels with exact GEMMs: what verify
+    compares a timed path against."""
+    ref = copy.deepcopy(block).float()
+    ref.kernel, ref.policy = "reference", replace(block.policy, gemm_dtype="bf16")
+    return ref

@@ -37,6 +37,9 @@ class Kernels:
     # The Triton attention behind the ops (triton_attention.Attention: its tuned table and last
     # launch), None for the reference.
     attention: Optional[object] = None
+    # policy.gemm_dtype=fp8: layernorm(..., fp8=True) returns e4m3 rows and row scales, and
+    # layernorm_mul_linear_add takes an `fp8.Fp8Weight` (UVQK and W_o in e4m3, ops/fp8.py).
+    gemm_fp8: bool = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,11 +50,13 @@ def kernels(name: str, policy: KernelPolicy = KernelPolicy()) -> Kernels:
     another policy get their own table."""
     from hstu_exp.ops import fused
 
+    fp8 = policy.gemm_dtype == "fp8"
     if name == "reference":  # the design's semantics as written: the oracle
         from hstu_exp.ops import reference
 
         return Kernels(reference.attention_full, reference.attention_paged, fused.append_kv_torch,
-                       fused.layernorm_mul_linear_add_torch, fused.layernorm_torch)
+                       fused.layernorm_mul_linear_add_torch, fused.layernorm_torch,
+                       gemm_fp8=fp8)
     if name != "triton":
         raise ValueError(f"unknown kernel {name!r} (reference | triton)")
     from hstu_exp.ops.triton_attention import Attention
@@ -63,4 +68,4 @@ def kernels(name: str, policy: KernelPolicy = KernelPolicy()) -> Kernels:
                    fused.append_kv,
                    functools.partial(fused.layernorm_mul_linear_add, silu_u=policy.silu_on_load),
                    fused.layernorm, policy.silu_on_load, fused.silu_qkv, attention.will_split,
-                   True, attention)
+                   True, attention, fp8)

@@ -133,8 +133,32 @@ def silu_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch,
 
 
 @triton.jit
-def _layernorm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, stride_x, stride_o, eps,
-                      WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+def _e4m3_round(y):
+    """y (float32, |y| <= 448) rounded to the nearest e4m3 value (ties away from zero), still
+    float32: the cast to e4m3 after it is then exact on every backend (Triton's CPU interpreter
+    does not round its fp8 casts to nearest). The step is 2^(exponent - 3) (3 mantissa bits),
+    2^-9 below e4m3's smallest normal 2^-6; the exponent comes from the bits, not a log2."""
+    bits = tl.abs(y).to(tl.int32, bitcast=True)
+    exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+    step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where(y < 0, -1.0, 1.0) * tl.floor(tl.abs(y) / step + 0.5) * step
+
+
+@triton.jit
+def _store_row(out_ptr, scale_ptr, row, stride_o, cols, y, mask, FP8: tl.constexpr):
+    """A float32 row out in out's dtype; FP8: scaled so its largest magnitude is e4m3's 448,
+    its scale (float32) to scale_ptr[row] (fused.fp8 documents the scheme)."""
+    if FP8:
+        amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0)
+        scale = tl.maximum(amax / 448.0, 1e-12)
+        y = _e4m3_round(tl.minimum(tl.maximum(y / scale, -448.0), 448.0))
+        tl.store(scale_ptr + row, scale)
+    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layernorm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, scale_ptr, stride_x, stride_o, eps,
+                      WIDTH: tl.constexpr, BLOCK: tl.constexpr, FP8: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < WIDTH
@@ -145,25 +169,37 @@ def _layernorm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, stride_x, stride_o, eps,
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = centered * tl.rsqrt(var + eps) * w + b
-    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_row(out_ptr, scale_ptr, row, stride_o, cols, y, mask, FP8)
 
 
-def layernorm(x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dim of x [rows, width]: one read, one write, a row a program."""
+def _fp8_out(rows: int, width: int, device):
+    from hstu_exp.ops.fp8 import E4M3
+
+    return (torch.empty(rows, width, dtype=E4M3, device=device),
+            torch.empty(rows, 1, dtype=torch.float32, device=device))
+
+
+def layernorm(x: torch.Tensor, weight, bias, eps: float, fp8: bool = False):
+    """LayerNorm over the last dim of x [rows, width]: one read, one write, a row a program.
+    fp8: (e4m3 rows, float32 row scales [rows, 1]) for `fp8.scaled_linear`, instead."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     rows, width = x.shape
-    out = torch.empty(rows, width, dtype=x.dtype, device=x.device)
+    if fp8:
+        out, scale = _fp8_out(rows, width, x.device)
+    else:
+        out = scale = torch.empty(rows, width, dtype=x.dtype, device=x.device)
     if rows:
-        _layernorm_kernel[(rows,)](x, weight, bias, out, x.stride(0), out.stride(0), eps,
-                                   WIDTH=width, BLOCK=triton.next_power_of_2(width),
+        _layernorm_kernel[(rows,)](x, weight, bias, out, scale, x.stride(0), out.stride(0), eps,
+                                   WIDTH=width, BLOCK=triton.next_power_of_2(width), FP8=fp8,
                                    num_warps=4 if width <= 2048 else 8)
-    return out
+    return (out, scale) if fp8 else out
 
 
 @triton.jit
-def _ln_mul_kernel(a_ptr, u_ptr, w_ptr, b_ptr, out_ptr, stride_a, stride_u, stride_o, eps,
-                   WIDTH: tl.constexpr, BLOCK: tl.constexpr, SILU_U: tl.constexpr):
+def _ln_mul_kernel(a_ptr, u_ptr, w_ptr, b_ptr, out_ptr, scale_ptr, stride_a, stride_u, stride_o,
+                   eps, WIDTH: tl.constexpr, BLOCK: tl.constexpr, SILU_U: tl.constexpr,
+                   FP8: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < WIDTH
@@ -178,21 +214,24 @@ def _ln_mul_kernel(a_ptr, u_ptr, w_ptr, b_ptr, out_ptr, stride_a, stride_u, stri
     if SILU_U:  # u is the raw projection: SiLU rounded to u's dtype, as a separate pass would
         u = _silu_rounded(u)
     u = u.to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (u * (y * w + b)).to(out_ptr.dtype.element_ty),
-             mask=mask)
+    _store_row(out_ptr, scale_ptr, row, stride_o, cols, u * (y * w + b), mask, FP8)
 
 
 def layernorm_mul(a: torch.Tensor, u: torch.Tensor, weight, bias, eps: float,
-                  silu_u: bool = False) -> torch.Tensor:
+                  silu_u: bool = False, fp8: bool = False):
     """u * LayerNorm(a) over the last dim; a, u [rows, width] (row-strided views are fine).
-    silu_u: u is the raw projection, SiLU(u) is used."""
+    silu_u: u is the raw projection, SiLU(u) is used. fp8: (e4m3 rows, row scales) instead."""
     rows, width = a.shape
-    out = torch.empty(rows, width, dtype=u.dtype, device=u.device)
+    if fp8:
+        out, scale = _fp8_out(rows, width, u.device)
+    else:
+        out = scale = torch.empty(rows, width, dtype=u.dtype, device=u.device)
     if rows:
-        _ln_mul_kernel[(rows,)](a, u, weight, bias, out, a.stride(0), u.stride(0), out.stride(0),
-                                eps, WIDTH=width, BLOCK=triton.next_power_of_2(width),
-                                SILU_U=silu_u, num_warps=4 if width <= 2048 else 8)
-    return out
+        _ln_mul_kernel[(rows,)](a, u, weight, bias, out, scale, a.stride(0), u.stride(0),
+                                out.stride(0), eps, WIDTH=width,
+                                BLOCK=triton.next_power_of_2(width), SILU_U=silu_u, FP8=fp8,
+                                num_warps=4 if width <= 2048 else 8)
+    return (out, scale) if fp8 else out
 
 
 def layernorm_mul_linear_add(a, u, norm_w, norm_b, w, x, eps: float, silu_u: bool = False,
@@ -200,7 +239,15 @@ def layernorm_mul_linear_add(a, u, norm_w, norm_b, w, x, eps: float, silu_u: boo
     """x + (u * LayerNorm(a)) w^T: the row-wise kernel (a may be float32 split-K sums), then a
     cuBLAS GEMM with the residual as its C input. silu_u: u is raw, SiLU(u) is used.
     in_place: the sum goes into x itself (an out-of-place addmm first copies x into the result:
-    one device copy of [rows, hidden] a layer)."""
+    one device copy of [rows, hidden] a layer). w: the weight, or an `fp8.Fp8Weight` (the rows
+    are quantised to e4m3 by the row-wise kernel; `_scaled_mm` has no C input, so the residual
+    is one add after it)."""
+    from hstu_exp.ops.fp8 import Fp8Weight, scaled_linear
+
+    if isinstance(w, Fp8Weight):
+        yq, scale = layernorm_mul(a, u, norm_w, norm_b, eps, silu_u, fp8=True)
+        out = scaled_linear(yq, scale, w, None, x.dtype)
+        return x.add_(out) if in_place and not x.requires_grad else x + out
     y = layernorm_mul(a, u, norm_w, norm_b, eps, silu_u)
     if in_place and not x.requires_grad:
         return x.addmm_(y, w.t())
@@ -208,7 +255,12 @@ def layernorm_mul_linear_add(a, u, norm_w, norm_b, w, x, eps: float, silu_u: boo
 
 
 def layernorm_mul_linear_add_torch(a, u, norm_w, norm_b, w, x, eps: float):
-    return torch.addmm(x, layernorm_mul_torch(a.to(u.dtype), u, norm_w, norm_b, eps), w.t())
+    from hstu_exp.ops.fp8 import Fp8Weight, quantize_rows, scaled_linear
+
+    y = layernorm_mul_torch(a.to(u.dtype), u, norm_w, norm_b, eps)
+    if isinstance(w, Fp8Weight):
+        return x + scaled_linear(*quantize_rows(y), w, None, x.dtype)
+    return torch.addmm(x, y, w.t())
 
 
 def append_kv_torch(pool_layer, new_rows, new_page, new_slot, k, v) -> None:
@@ -220,5 +272,10 @@ def layernorm_mul_torch(a, u, weight, bias, eps: float):
     return u * F.layer_norm(a, (a.shape[-1],), weight, bias, eps)
 
 
-def layernorm_torch(x, weight, bias, eps: float):
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+def layernorm_torch(x, weight, bias, eps: float, fp8: bool = False):
+    y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    if fp8:
+        from hstu_exp.ops.fp8 import quantize_rows
+
+        return quantize_rows(y)
+    return y

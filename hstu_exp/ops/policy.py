@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional
 
 TUNE_TIMINGS = ("graph", "events")
+GEMM_DTYPES = ("bf16", "fp8")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class KernelPolicy:
     # The layer hands the raw UVQK projection to the kernels, which apply SiLU as they read it
     # (no separate SiLU pass and append; ops.Kernels.silu_on_load).
     silu_on_load: bool = True
+    # The layer's UVQK and W_o GEMMs (both kernels): "bf16" (the model dtype) or "fp8" (e4m3 with
+    # row-wise scales; ops/fp8.py).
+    gemm_dtype: str = "bf16"
     # Wraps one-off work (tuning a bucket) so the harness can keep it off its clocks
     # (`hstu_exp.first_use.first_use`); the kernels themselves know nothing of benchmarks.
     one_off: Callable[[], ContextManager] = nullcontext
@@ -47,3 +51,5 @@ class KernelPolicy:
             raise ValueError(f"hopper_group={self.hopper_group}: must be >= 1")
         if self.tune_timing not in TUNE_TIMINGS:
             raise ValueError(f"tune_timing={self.tune_timing!r}: one of {TUNE_TIMINGS}")
+        if self.gemm_dtype not in GEMM_DTYPES:
+            raise ValueError(f"gemm_dtype={self.gemm_dtype!r}: one of {GEMM_DTYPES}")

@@ -1,0 +1,61 @@
+"""FP8 (e4m3) GEMMs for the HSTU layer's two projections, UVQK and W_o (kernel.gemm_dtype=fp8).
+
+Row-wise scales on both sides: each activation row and each weight row (output channel) is
+scaled so its largest magnitude maps to e4m3's 448, and the product is rescaled in the GEMM's
+epilogue (`torch._scaled_mm` with an [M, 1] and a [1, N] float32 scale: cuBLASLt / CUTLASS on
+Hopper, also implemented on CPUs). Why `torch._scaled_mm` and not torchao's float8: it is in the
+torch the GPU box has (2.11), needs no wheel, takes bias in the same call, is CUDA-graph safe and
+keeps the quantisation of activations ours, so it can live in the LayerNorm kernels that already
+read and write those rows (`fused.layernorm(..., fp8=True)`, `fused.layernorm_mul(..., fp8=
+True)`); torchao's dynamic float8 linear would add its own quantisation pass over them.
+Row-wise rather than per-tensor: one outlier row (a candidate, a context token) would otherwise
+cost every other row its precision, and the row amax is free where the row is in registers.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+# Scale floor: an all-zero row (a graph bucket's dead row) keeps a finite, nonzero scale.
+MIN_SCALE = 1e-12
+
+
+def quantize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, k] -> (e4m3 [rows, k], float32 scale [rows, 1]); x ~ q * scale. The PyTorch
+    version of what the fused kernels do (kernel=reference, and the tests' oracle)."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp_min(MIN_SCALE)
+    return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+class Fp8Weight:
+    """A linear weight [n, k] quantised once per output channel: `q` [n, k] e4m3 and `scale`
+    [1, n] float32, as `torch._scaled_mm` takes them (q.t() is the column-major B operand)."""
+
+    def __init__(self, weight: torch.Tensor):
+        q, scale = quantize_rows(weight.detach())
+        self.q, self.scale = q, scale.reshape(1, -1).contiguous()
+        self.source = (weight.data_ptr(), weight._version, weight.device)
+
+    def stale(self, weight: torch.Tensor) -> bool:
+        return self.source != (weight.data_ptr(), weight._version, weight.device)
+
+
+def fp8_weight(module: torch.nn.Module, name: str) -> Fp8Weight:
+    """`module.<name>`'s weight in e4m3, quantised on first use and again only if the weight
+    changed (moved, or written in place)."""
+    weight = getattr(module, name).weight
+    cached = module.__dict__.get(f"_fp8_{name}")
+    if cached is None or cached.stale(weight):
+        cached = Fp8Weight(weight)
+        module.__dict__[f"_fp8_{name}"] = cached  # not a parameter or buffer: never saved
+    return cached
+
+
+def scaled_linear(xq: torch.Tensor, x_scale: torch.Tensor, w: Fp8Weight,
+                  bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """(xq * x_scale) (w.q * w.scale)^T + bias in out_dtype; float32 accumulation."""
+    return torch._scaled_mm(xq, w.q.t(), x_scale, w.scale, bias=bias, out_dtype=out_dtype)

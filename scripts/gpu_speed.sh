@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Issue 24's levers side by side in one GPU call (< 9 minutes), after the install line of
+# scripts/gpu_run.sh, from the repository root:
+#   scripts/gpu_speed.sh OUT_DIR [OLD_TREE] [parts...]
+# OLD_TREE: a source tree of the commit before the host-path change (c616487), e.g. unpacked on
+# the box from `git archive c616487 | tar -x -C .whl/base` made before the call; "-" skips it.
+# Parts (default: all, in this order; each has its own time limit):
+#   tests   the new GPU tests and the kernels' own: test_fp8 test_host_path test_e2e test_graphs_gpu
+#   host    e2e cache_graph B=1/8, this tree vs OLD_TREE (host_ms, device_ms, ms a batch)
+#   gemm    block B=1/8 cached and full, T=4096, Triton + graphs, bf16 vs fp8 GEMMs, verify=true
+#           (an fp8 point that misses its accuracy gate is recorded failed, not timed)
+#   d128    the attention at H8 D128 (full B=8, paged B=1) with the Hopper D=128 candidates
+#   dlrmv3  experiment=dlrmv3_block at B=32 (1024 history, 2048 candidates), bf16 vs fp8
+# Every sweep lands in OUT_DIR/<part>; OUT_DIR/speed.tar.gz holds them all at the end.
+# Expected ~7.5 minutes for all parts (limits add up to 11): if a call must be split, run
+# `tests host gemm` in one and `d128 dlrmv3` in the next (warm machine).
+set -u
+out=${1:?usage: scripts/gpu_speed.sh OUT_DIR [OLD_TREE|-] [tests host gemm d128 dlrmv3]}
+old=${2:--}
+shift $(( $# > 1 ? 2 : 1 ))
+parts=${*:-tests host gemm d128 dlrmv3}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+here=$PWD
+sweep() { local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 -m hstu_exp -m logger=none hydra.sweep.dir="$out/$name" "$@" \
+    > "$out/$name.log" 2>&1; echo "$name: exit $?"; tail -n 12 "$out/$name.log"; }
+E2E=(experiment=seed_e2e workload.mode=cache_graph workload.batch_size=1,8
+     workload.min_time_s=0.5 workload.max_time_s=1.5)
+for part in $parts; do
+  case $part in
+    tests) timeout 120 python3 -m pytest -q -x tests/test_fp8.py tests/test_host_path.py \
+             tests/test_e2e.py tests/test_graphs_gpu.py > "$out/tests.log" 2>&1
+           echo "tests: exit $?"; tail -n 5 "$out/tests.log" ;;
+    host) sweep e2e_new 90 "${E2E[@]}"
+          if [ "$old" != "-" ]; then
+            (cd "$old" && PYTHONPATH=${PYTHONPATH/$here/$old} sweep e2e_old 90 "${E2E[@]}")
+          fi ;;
+    gemm) sweep block_gemm 170 experiment=seed_block kernel=triton graph=cudagraph verify=true \
+            kernel.gemm_dtype=bf16,fp8 workload.batch_size=1,8 workload.total_history=4096 \
+            workload.new_history=128,4096 workload.min_time_s=0.2 ;;
+    d128) timeout 70 python3 scripts/gpu_attention_check.py --sweep --no-check --no-ref \
+            --only "full  B=8 H8 D128,paged B=1 H8 D128" \
+            --labels "triton auto,hopper,tuned,hopper ks3,hopper n128,hopper n128 ks3,hopper split=4" \
+            > "$out/d128.log" 2>&1; echo "d128: exit $?"; tail -n 20 "$out/d128.log" ;;
+    dlrmv3) sweep dlrmv3 120 experiment=dlrmv3_block kernel=triton verify=true \
+              workload.batch_size=32 kernel.gemm_dtype=bf16,fp8 ;;
+    *) echo "gpu_speed.sh: unknown part '$part' (tests host gemm d128 dlrmv3)" >&2; exit 2 ;;
+  esac
+done
+tar -czf "$out/speed.tar.gz" -C "$out" --exclude speed.tar.gz . && echo "packed $out/speed.tar.gz"
