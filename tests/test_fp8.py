@@ -127,7 +127,7 @@ def test_fp8_block_replays_in_a_cuda_graph():
     """The e4m3 path captured in a CUDA graph (weights quantised before capture, activations
     by the LayerNorm kernels inside it) replays to the eager result, on fresh inputs."""
     from hstu_exp.graphs import capture
-    from hstu_exp.model.jagged import make_batch
+    from hstu_exp.core.jagged import make_batch
 
     block = reference_block(11).to(torch.bfloat16)
     block.kernel, block.policy = "triton", replace(block.policy, gemm_dtype="fp8")

@@ -20,7 +20,7 @@ from hstu_exp.bench.measure import Measured
 from hstu_exp.bench.roofline import block_work
 from hstu_exp.bench.timer import StopRule
 from hstu_exp.builders import model_dtype, shared_server
-from hstu_exp.config import pages_for
+from hstu_exp.core.paging import pages_for
 from hstu_exp.model.hstu import oracle
 from hstu_exp.env import ClockSampler
 from hstu_exp.serving.path import rank
