@@ -5,7 +5,9 @@
 # OLD_TREE: a source tree of the commit before the host-path change (c616487), e.g. unpacked on
 # the box from `git archive c616487 | tar -x -C .whl/base` made before the call; "-" skips it.
 # Parts (default: all, in this order; each has its own time limit):
-#   tests   the new GPU tests and the kernels' own: test_fp8 test_host_path test_e2e test_graphs_gpu
+#   tests   test_fp8 and test_host_path on the GPU (the e4m3 kernels and _scaled_mm on CUDA, the
+#           graph replay of the fp8 block), then `-m gpu` of test_e2e, test_graphs_gpu,
+#           test_offload, test_fused_ops (the request path, uploads and graphs on CUDA)
 #   host    e2e cache_graph B=1/8, this tree vs OLD_TREE (host_ms, device_ms, ms a batch)
 #   gemm    block B=1/8 cached and full, T=4096, Triton + graphs, bf16 vs fp8 GEMMs, verify=true
 #           (an fp8 point that misses its accuracy gate is recorded failed, not timed)
@@ -30,8 +32,10 @@ E2E=(experiment=seed_e2e workload.mode=cache_graph workload.batch_size=1,8
 for part in $parts; do
   case $part in
     tests) timeout 120 python3 -m pytest -q -x tests/test_fp8.py tests/test_host_path.py \
-             tests/test_e2e.py tests/test_graphs_gpu.py > "$out/tests.log" 2>&1
-           echo "tests: exit $?"; tail -n 5 "$out/tests.log" ;;
+             > "$out/tests.log" 2>&1; echo "tests (fp8, host path): exit $?"
+           timeout 100 python3 -m pytest -q -x -m gpu tests/test_e2e.py tests/test_graphs_gpu.py \
+             tests/test_offload.py tests/test_fused_ops.py >> "$out/tests.log" 2>&1
+           echo "tests (-m gpu: e2e, graphs, offload): exit $?"; tail -n 5 "$out/tests.log" ;;
     host) sweep e2e_new 90 "${E2E[@]}"
           if [ "$old" != "-" ]; then
             (cd "$old" && PYTHONPATH=${PYTHONPATH/$here/$old} sweep e2e_old 90 "${E2E[@]}")
