@@ -138,6 +138,9 @@ def _one_line(exc: BaseException) -> str:
         return f"{group}={option}: no such option{options}"
     if isinstance(exc, OverrideParseException):
         return f"{exc.override}: {_parse_hint(exc.override)}"
+    if str(exc).startswith("Multiple values for "):  # `+group=x` where the defaults name group
+        group = str(exc).split()[3].rstrip(".")
+        return f"+{group}: {group} is already in the defaults: write {group}=<option> (no +)"
     chain, cause = [exc], exc  # every exception behind this one, for a YAML error's position
     while (cause := cause.__cause__ or cause.__context__) is not None and len(chain) < 10:
         chain.append(cause)
@@ -350,6 +353,17 @@ def _schema_option(expanded) -> None:
                                   f"{', '.join(_options(group))})")
 
 
+def _subdir_problem(every, points: int):
+    """A job subdir that does not vary by job puts every point's records in one dir."""
+    given = [v[0].partition("=")[2] for k, v in every if k.lstrip("+~") == "hydra.sweep.subdir"]
+    if points > 1 and given and "${hydra.job.num}" not in given[0]:
+        return (f"hydra.sweep.subdir={given[0]}: every point would write into the same job dir; "
+                "keep ${hydra.job.num} in it")
+    if given and given[0].startswith("/"):
+        return f"hydra.sweep.subdir={given[0]}: a dir inside the sweep dir, not an absolute path"
+    return None
+
+
 def _sweep_values_problem(swept):
     """A swept key with no value, or with one value twice (the same point would run twice)."""
     for key, values in swept:
@@ -453,6 +467,8 @@ def preflight(args):
         if problem := _resume_problem(cfg, multirun, dir_given):
             raise ConfigError(problem)
         points = math.prod(len(v) for _, v in swept) if multirun else 1
+        if multirun and (problem := _subdir_problem(every, points)):
+            raise ConfigError(problem)
         checks = 1 + sum(len(v) for _, v in swept)
         if checks > 50:
             print(f"[hstu-exp] {points} points: checking {checks} values", flush=True)
