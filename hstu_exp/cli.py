@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 
 from hstu_exp.config import (ConfigError, device_problem, point_problem, register_configs,
                              validate)
+from hstu_exp.gpus import gpus_problem
 from hstu_exp.runner import STOP as _stop  # signals received, for the exit code
 from hstu_exp.tracking.records import RecordWriteError
 
@@ -458,7 +459,8 @@ def preflight(args):
                 if key not in cli_keys:
                     swept += _expand([f"{key}={value}"])
             _schema_option(swept)
-            if problem := _sweep_values_problem(swept) or _slurm_problem(cfg):
+            if problem := (_sweep_values_problem(swept) or _slurm_problem(cfg)
+                           or gpus_problem(OmegaConf.select(cfg, "hydra.launcher"))):
                 raise ConfigError(problem)
         elif swept:
             raise ConfigError(f"{swept[0][1][0].split('=')[0]}: several values need -m (multirun)")
@@ -499,7 +501,7 @@ def _print_config(args) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def app(cfg) -> None:
+def app(cfg) -> str:
     from hstu_exp.runner import run_point, sweep_started, sweep_total
 
     hc = HydraConfig.get()
@@ -517,13 +519,36 @@ def app(cfg) -> None:
                            sweep_dir=sweep_dir, started=sweep_started())
     except RecordWriteError as exc:  # the promise is a record per point: stop rather than lose more
         _unwritable.append(str(exc))
-        raise _StopSweep from None
+        raise _StopSweep(str(exc)) from None
     _failed.append(record["status"] == "failed")
     if not multirun:
         from hstu_exp.report.console import print_summary
 
         print_summary([record])
         print(f"[hstu-exp] record: {job_dir / 'results.jsonl'}", flush=True)
+    return record["status"]  # for a launcher whose points run in other processes
+
+
+def sweep_in_workers(sweep_dir, logger) -> None:
+    """hydra/launcher=gpus (hstu_exp.gpu_launch) runs the points in worker processes: a stop
+    closes out this sweep dir."""
+    _sweep.update(dir=Path(sweep_dir), logger=logger)
+
+
+def points_ran_in_workers(outcomes) -> None:
+    """The outcomes of points that ran in worker processes (hstu_exp.gpu_launch) count as if
+    they had run here: failed points for the exit status; an interrupted point or a record that
+    could not be written stops the sweep the same way."""
+    _failed.extend(o.get("status") == "failed" for o in outcomes)
+    signals = [o["signal"] for o in outcomes if o.get("signal")]
+    if signals and not _stop:
+        _stop.append(signals[0])
+    if _stop:
+        raise KeyboardInterrupt
+    stops = [o["stop"] for o in outcomes if o.get("stop")]
+    if stops:
+        _unwritable.append(stops[0])
+        raise _StopSweep(stops[0])
 
 
 def _exit_after_interrupt(status: int) -> None:

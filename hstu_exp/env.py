@@ -82,6 +82,20 @@ def _gpu_uuid(device: torch.device):
     return None if uuid is None else f"GPU-{uuid}"
 
 
+def _gpu_index(uuid):
+    """The GPU's index on its host (nvidia-smi's numbering), whatever CUDA_VISIBLE_DEVICES made
+    of it in this process; None without NVML."""
+    if uuid is None:
+        return None
+    try:
+        import pynvml  # nvidia-ml-py
+
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetIndex(pynvml.nvmlDeviceGetHandleByUUID(uuid)))
+    except Exception:  # noqa: BLE001 - no NVML, not permitted, a MIG uuid it does not know
+        return None
+
+
 @functools.lru_cache(maxsize=None)
 def environment(device_type: str) -> dict:
     """What a point ran on and with. Versions are strings (a CSV reader must not turn CUDA
@@ -98,6 +112,7 @@ def environment(device_type: str) -> dict:
         git_sha = _run("git", "rev-parse", "--short=12", "HEAD")
         if git_sha:
             dirty = bool(_run("git", "status", "--porcelain", "--untracked-files=no"))
+    uuid = _gpu_uuid(device)
     return {
         "device_name": device_name(device),
         "driver": driver,
@@ -112,7 +127,10 @@ def environment(device_type: str) -> dict:
         "git_dirty": dirty,
         "hostname": socket.gethostname(),
         "boot_id": _boot_id(),
-        "gpu_uuid": _gpu_uuid(device),
+        "gpu_uuid": uuid,
+        "gpu_index": _gpu_index(uuid),
+        # the GPUs this process was given (hydra/launcher=gpus gives each worker one)
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "cpu_model": _cpu_model(),
         "cpu_cores": os.cpu_count(),
     }

@@ -14,7 +14,7 @@ wheels=(torchrec==1.6.1 fbgemm-gpu-cpu==1.6.0 tensordict==0.15.3 pyvers==0.2.3 i
         torchmetrics==1.0.3 hydra-core==1.3.8 omegaconf==2.3.1 wandb==0.27.2 gitpython==3.2.1
         gitdb==4.0.12 smmap==5.0.3 sentry-sdk==2.75.0 platformdirs==4.14.8 pydantic==2.14.4
         pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
-        nvidia-ml-py==13.615.71)
+        nvidia-ml-py==13.615.71 hydra-joblib-launcher==1.2.0 joblib==1.6.0)
 for spec in "${wheels[@]}"; do
   ls .whl | grep -qi "^${spec%%==*}-${spec##*==}-" 2>/dev/null && continue
   ls .whl | grep -qi "^$(echo "${spec%%==*}" | tr - _)-${spec##*==}-" && continue

@@ -31,11 +31,14 @@ def _default_sigint():
 
 
 class LiveSweep:
-    def __init__(self, *args, timeout: float = 240):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def __init__(self, *args, timeout: float = 240, env=None, new_session: bool = False):
+        """new_session: a process group of its own, so `signal_group` can stand in for a
+        terminal's Ctrl-C (which reaches every process of the group)."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "hstu_exp", *args], cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=env, preexec_fn=_default_sigint)
+                                     env=env, preexec_fn=_default_sigint,
+                                     start_new_session=new_session)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -58,6 +61,9 @@ class LiveSweep:
 
     def signal(self, signum) -> None:
         self.proc.send_signal(signum)
+
+    def signal_group(self, signum) -> None:
+        os.killpg(self.proc.pid, signum)
 
     def finish(self) -> int:
         rc = self.proc.wait(timeout=max(1.0, self.deadline - time.monotonic()))

@@ -19,7 +19,7 @@ TORCH = "torch==2.13.0"  # the README's CPU install
 def test_pyproject_names_every_package_folder():
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     folders = {".".join(p.parent.relative_to(ROOT).parts)
-               for p in (ROOT / "hstu_exp").rglob("__init__.py")}
+               for top in ("hstu_exp", "hydra_plugins") for p in (ROOT / top).rglob("__init__.py")}
     assert folders | {"hstu_exp.conf"} == set(packages)
 
 

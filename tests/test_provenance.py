@@ -40,7 +40,8 @@ def test_environment_says_what_the_machine_says(monkeypatch):
     assert env["python"] == platform.python_version()
     assert env["cpu_cores"] == os.cpu_count() and env["cpu_model"]
     assert env["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    assert env["gpu_uuid"] is None  # a CPU point names no GPU
+    assert env["gpu_uuid"] is None and env["gpu_index"] is None  # a CPU point names no GPU
+    assert env["cuda_visible_devices"] == os.environ.get("CUDA_VISIBLE_DEVICES")
     head = git("rev-parse", "--short=12", "HEAD")
     if head:
         assert env["git_sha"] == head
@@ -77,9 +78,12 @@ def test_the_gpu_is_named_by_the_uuid_nvidia_smi_gives():
         env = environment("cuda")
     finally:
         environment.cache_clear()
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout.split()
-    assert env["gpu_uuid"].startswith("GPU-") and env["gpu_uuid"] in smi, (env, smi)
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=uuid,index", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.splitlines()
+    index_of = dict(tuple(part.strip() for part in line.split(",")) for line in smi)
+    assert env["gpu_uuid"].startswith("GPU-") and env["gpu_uuid"] in index_of, (env, smi)
+    # the host's index (nvidia-smi's), not CUDA's 0 under CUDA_VISIBLE_DEVICES
+    assert env["gpu_index"] == int(index_of[env["gpu_uuid"]]), (env, smi)
 
 
 @pytest.mark.gpu

@@ -30,9 +30,10 @@ TORN_SUFFIX = ".torn"
 SWEPT_KEYS = ["workload", "model", "dtype", "cache", "page_size", "kernel", "graph", "mode",
               "batch_size", "total_history", "new_history", "num_candidates", "qps", "device"]
 ENV_KEYS = ["device_name", "driver", "cuda", "torch", "triton", "torchrec", "fbgemm", "wandb",
-            "python", "git_sha", "git_dirty", "hostname", "boot_id", "gpu_uuid", "cpu_model",
-            "cpu_cores", "sm_clock_mhz", "sm_clock_max_mhz", "mem_clock_mhz", "power_w",
-            "temperature_c", "throttle_reasons", "power_capped", "throttled", "clocks_unavailable"]
+            "python", "git_sha", "git_dirty", "hostname", "boot_id", "gpu_uuid", "gpu_index",
+            "cuda_visible_devices", "cpu_model", "cpu_cores", "sm_clock_mhz", "sm_clock_max_mhz",
+            "mem_clock_mhz", "power_w", "temperature_c", "throttle_reasons", "power_capped",
+            "throttled", "clocks_unavailable"]
 STATS_KEYS = ["median_ms", "p10_ms", "p90_ms", "mean_ms", "min_ms", "max_ms", "iterations"]
 # Every record starts with this key (runner builds it first): where a torn fragment and a whole
 # record were glued on one line by an older writer, the record after the fragment is recovered.

@@ -1,0 +1,217 @@
+"""hydra/launcher=gpus: one point per GPU at a time, through Hydra's joblib launcher.
+
+The GPU list is stood in by CUDA_VISIBLE_DEVICES (two "GPUs" on this CPU host): the points run on
+the CPU, but each worker holds one of the entries and runs its points under it alone, which is
+all the launcher decides. Unit tests cover the listing, the choice and the leases; real Hydra
+multiruns (model=tiny, logger=none) check that the records, failures, resume, interruption and
+close-out are those of the basic launcher.
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from hstu_exp.gpus import LAUNCHER, GpuError, GpuLeases, choose_gpus, gpus_problem, visible_gpus
+from hstu_exp.tracking.records import SWEPT_KEYS
+from helpers import FAST, ROOT, hstu_exp
+from live_sweep import LiveSweep
+from test_sweep import records
+
+TWO = {"CUDA_VISIBLE_DEVICES": "0,1"}
+GPUS = ["hydra/launcher=gpus"]
+# Four points: two cannot allocate their pool of 10^9 pages (failed), two run (ok).
+GRID = ["model=tiny", "logger=none", "cache.num_pages=1000000000,64", "workload.total_history=64", "workload.new_history=64", *FAST,
+        "workload.min_time_s=0.3"]
+# What a record says about the point itself (not when, where or how fast it ran).
+SAME = ["point", "name", "config_key", "status", "overrides", "seed", "verify", "sweep",
+        *SWEPT_KEYS]
+
+
+# --- the GPUs a sweep may use -------------------------------------------------------------------
+
+def test_visible_gpus_come_from_cuda_visible_devices_else_from_the_count():
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2, 3,5"}) == ["2", "3", "5"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "GPU-aa,MIG-bb"}) == ["GPU-aa", "MIG-bb"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}, count=8) == []  # set but empty: none
+    assert visible_gpus({}, count=4) == ["0", "1", "2", "3"]
+    assert visible_gpus({}, count=0) == []
+
+
+def test_choose_all_or_the_first_n():
+    eight = [str(i) for i in range(8)]
+    assert choose_gpus(eight, "all") == eight
+    assert choose_gpus(eight, 3) == ["0", "1", "2"] and choose_gpus(eight, "8") == eight
+    assert choose_gpus(["3", "5"], 1) == ["3"]
+
+
+@pytest.mark.parametrize("gpus, visible, message", [
+    (9, ["0", "1"], "hydra.launcher.gpus=9: only 2 GPU(s) visible (visible: 0,1)"),
+    (0, ["0"], "hydra.launcher.gpus=0: must be 'all' or a number of GPUs >= 1"),
+    ("two", ["0"], "hydra.launcher.gpus=two: must be 'all' or a number of GPUs"),
+    ("all", [], "hydra.launcher.gpus=all: no GPU to run on (CUDA sees no GPU here)"),
+])
+def test_bad_gpus_say_key_value_and_why(gpus, visible, message):
+    with pytest.raises(GpuError) as exc:
+        choose_gpus(visible, gpus)
+    assert str(exc.value) == message
+
+
+def test_gpus_problem_concerns_only_the_gpus_launcher(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert gpus_problem(None) is None
+    assert gpus_problem({"_target_": "some.OtherLauncher", "gpus": 99}) is None
+    assert gpus_problem({"_target_": LAUNCHER, "gpus": 2}) is None
+    assert gpus_problem({"_target_": LAUNCHER, "gpus": 3}).startswith("hydra.launcher.gpus=3:")
+
+
+# --- leases: one holder per GPU ------------------------------------------------------------------
+
+def test_each_claim_takes_a_free_gpu_until_none_is_left(tmp_path):
+    leases = GpuLeases(["4", "7"], tmp_path)
+    k0, d0, fd0 = leases.claim()
+    k1, d1, fd1 = leases.claim()  # another open file: flock tells them apart within a process
+    assert (k0, d0, k1, d1) == (0, "4", 1, "7")
+    assert leases.holders() == {"4": os.getpid(), "7": os.getpid()}
+    with pytest.raises(TimeoutError, match="no free GPU among 4,7"):
+        leases.claim(timeout_s=0.2)
+    os.close(fd0)  # its holder ended: the GPU is free again, and no longer has a holder
+    assert leases.holders() == {"7": os.getpid()}
+    assert leases.claim(timeout_s=0.2)[:2] == (0, "4")
+    os.close(fd1)
+
+
+def test_a_killed_holder_frees_its_gpu(tmp_path):
+    leases = GpuLeases(["0"], tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from hstu_exp.gpus import GpuLeases; "
+         f"GpuLeases(['0'], {str(tmp_path)!r}).claim(); print('held', flush=True); "
+         "time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert holder.stdout.readline() == "held\n"
+    assert leases.holders() == {"0": holder.pid}
+    with pytest.raises(TimeoutError):
+        leases.claim(timeout_s=0.1)
+    holder.kill()  # SIGKILL: nothing of its own releases the lock, the OS does
+    holder.wait()
+    assert leases.claim(timeout_s=5)[:2] == (0, "0")
+
+
+def test_stop_file_and_its_reset(tmp_path):
+    leases = GpuLeases(["0"], tmp_path / "leases")
+    assert not leases.stopped()
+    leases.stop()
+    assert leases.stopped()
+    leases.reset()  # a resumed sweep starts its points again
+    assert not leases.stopped()
+
+
+# --- real multiruns ------------------------------------------------------------------------------
+
+def sweep(out, *args, batches="1,2", launcher=GPUS, env=TWO):
+    return hstu_exp("-m", *launcher, *GRID, f"workload.batch_size={batches}", *args,
+                    f"hydra.sweep.dir={out}", env=env, timeout=400)
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory):
+    """The grid through the gpus launcher on two stand-in GPUs, and through the basic one."""
+    gpus, local = tmp_path_factory.mktemp("gpus"), tmp_path_factory.mktemp("local")
+    return (gpus, sweep(gpus)), (local, sweep(local, launcher=[], env={}))
+
+
+def by_point(out):
+    return {r["point"]: r for r in records(out)}
+
+
+def test_the_gpus_launcher_writes_the_records_the_basic_one_does(both):
+    (gpus, proc), (local, proc_local) = both
+    # a failed point is recorded, the sweep goes on, the exit status says so: as the basic one
+    assert proc.returncode == proc_local.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = by_point(gpus), by_point(local)
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3]
+    for point in a:
+        same = {k: a[point][k] for k in SAME if k != "sweep"}
+        assert same == {k: b[point][k] for k in SAME if k != "sweep"}
+        assert set(a[point]) == set(b[point])  # the same fields, the GPU's among them
+        assert a[point]["job_dir"] == str(gpus / str(point)) and a[point]["sweep"] == gpus.name
+        if a[point]["status"] == "failed":
+            assert a[point]["error"] == b[point]["error"] and "allocate" in a[point]["error"]
+    assert sorted(r["status"] for r in a.values()) == ["failed", "failed", "ok", "ok"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_every_point_ran_under_one_gpu_held_by_one_worker(both):
+    (gpus, _), (local, _) = both
+    held = GpuLeases(["0", "1"], gpus / ".gpus")
+    pids = {}
+    for k, device in enumerate(held.devices):  # the lock files name the worker that held each
+        pid, named = (gpus / ".gpus" / f"gpu{k}.lock").read_text().split()
+        pids[device] = int(pid)
+        assert named == device
+    assert len(set(pids.values())) == 2 and os.getpid() not in pids.values()
+    assert held.holders() == {}  # the workers are gone, and their locks with them
+    ran_on = [r["cuda_visible_devices"] for r in records(gpus)]
+    assert set(ran_on) == {"0", "1"}, ran_on  # both GPUs worked, each point on one of them
+    assert {r["cuda_visible_devices"] for r in records(local)} == {None}
+
+
+def test_close_out_covers_the_workers_records(both):
+    (gpus, proc), (local, proc_local) = both
+    summary = "4 points: 2 ok, 0 skipped, 2 failed"
+    assert summary in proc.stdout and summary in proc_local.stdout
+    a, b = pd.read_csv(gpus / "results.csv"), pd.read_csv(local / "results.csv")
+    assert sorted(a["status"]) == sorted(b["status"]) == ["failed", "failed", "ok", "ok"]
+    assert (gpus / "figures" / "latency_vs_history.png").is_file()
+    # each point's progress lines came through from its worker, with the sweep's size
+    assert all(f"[{p}/4] block-tiny-paged" in proc.stdout for p in (1, 2, 3, 4)), proc.stdout
+
+
+def test_resume_runs_only_the_new_points_on_the_gpus(both, tmp_path):
+    (gpus, _), _ = both
+    out = tmp_path / "sweep"
+    shutil.copytree(gpus, out, ignore=shutil.ignore_patterns("figures", ".gpus"))
+    for f in out.rglob("results.jsonl"):  # the records point at their copies
+        f.write_text(f.read_text().replace(str(gpus), str(out)))
+    proc = sweep(out, "resume=true", batches="1,2,4")
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the failed points fail again
+    assert proc.stdout.count("skipped (resume=true)") == 2  # the two ok points
+    assert proc.stdout.count(": running") == 4  # the two failed again, and the two of batch 4
+    recs = records(out)
+    assert len(recs) == 4 + 4  # the ok records stay as they were; nothing ok ran twice
+    assert sorted(r["batch_size"] for r in recs if r["status"] == "ok") == [1, 2, 4]
+    df = pd.read_csv(out / "results.csv")  # a row per point, its latest record
+    assert len(df) == 6 and sorted(df["status"]) == ["failed"] * 3 + ["ok"] * 3
+    assert {r["cuda_visible_devices"] for r in recs} <= {"0", "1"}
+
+
+# Six points of at least 5 s each: two run at once, one on each stand-in GPU.
+LONG = ["model=tiny", "cache=paged", "logger=none", "workload.batch_size=1,2,4",
+        "workload.total_history=32,64", "workload.new_history=32", "workload.warmup=1",
+        "workload.iters=3", "workload.min_time_s=5"]
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the launcher", "Ctrl-C to the process group"])
+def test_a_stop_marks_the_running_points_and_closes_out(tmp_path, how):
+    group = how.startswith("Ctrl-C")
+    run = LiveSweep("-m", *GPUS, *LONG, f"hydra.sweep.dir={tmp_path}", env=TWO,
+                    new_session=group)
+    run.wait_for(r"^\[\d/6\] .*: running$", count=2)  # both GPUs are timing a point
+    signum = signal.SIGINT if group else signal.SIGTERM
+    run.signal_group(signum) if group else run.signal(signum)
+    rc = run.finish()
+    assert rc == 128 + signum, run.output
+    recs = records(tmp_path)
+    started = [line for line in run.lines if line.endswith(": running")]
+    assert len(recs) == len(started) < 6, run.output  # a record for every started point, no more
+    stopped = [r for r in recs if r["status"] != "ok"]
+    assert 1 <= len(stopped) <= 2 and all(r["error"] == "interrupted" for r in stopped)
+    assert len({r["cuda_visible_devices"] for r in stopped}) == len(stopped)  # one per GPU
+    assert "interrupted; finished records are on disk" in run.output
+    assert "Traceback" not in run.output, run.output
+    df = pd.read_csv(tmp_path / "results.csv")  # the close-out ran on what exists
+    assert len(df) == len(recs) and (df["status"] == "failed").sum() == len(stopped)
+    assert GpuLeases(["0", "1"], tmp_path / ".gpus").holders() == {}  # no worker is left
