@@ -14,6 +14,7 @@ import functools
 import os
 import signal
 import sys
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from hydra.core.utils import JobStatus
@@ -35,17 +36,17 @@ class _Worker:
             raise RuntimeError("CUDA started in this worker before it took a GPU")
         self.index, self.device, self._fd = leases.claim()  # the fd holds the lock: keep it
         os.environ[ENV] = self.device
-        self.running = False
+        self.running = self.interrupted = False
         for signum in _SIGNALS:
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame):
-        # The first signal interrupts the point being timed (runner.run_point writes its
-        # `interrupted` record); a Ctrl-C reaches a worker twice (the terminal's, then the
-        # launcher's), and the second must not cut that record short.
-        first = not STOP
+        # The first signal in a point interrupts it (runner.run_point writes its `interrupted`
+        # record); a Ctrl-C reaches a worker twice (the terminal's, then the launcher's), and
+        # the second must not cut that record short.
         STOP.append(signum)
-        if first and self.running:
+        if self.running and not self.interrupted:
+            self.interrupted = True
             raise KeyboardInterrupt
 
 
@@ -57,9 +58,12 @@ def run_point_on_gpu(task_function, leases: GpuLeases, cfg) -> dict:
     worker = _WORKERS.get(leases.folder)
     if worker is None:
         worker = _WORKERS[leases.folder] = _Worker(leases)
-    if leases.stopped():
+    if STOP:  # a signal came between points: the sweep stops here too
+        leases.stop()
+        return {"ran": False, "gpu": worker.device, "signal": STOP[0]}
+    if leases.stopped():  # another worker or the launching process stopped the sweep
         return {"ran": False, "gpu": worker.device}
-    worker.running = True
+    worker.running, worker.interrupted = True, False
     try:
         status = task_function(cfg)
     except KeyboardInterrupt:  # its record says `interrupted`
@@ -109,6 +113,16 @@ def launch(launcher, job_overrides, initial_job_idx: int):
     try:
         runs = _core.launch(launcher=launcher, job_overrides=job_overrides,
                             initial_job_idx=initial_job_idx)
+    except BrokenProcessPool as exc:  # a worker died (a crash, the OOM killer, C++ terminate):
+        # joblib has ended the others; their points in progress have no record
+        if STOP:
+            raise KeyboardInterrupt from None
+        codes = [line for line in str(exc).splitlines() if "exit codes" in line]
+        cli.points_ran_in_workers([{"stop": "a worker process ended abruptly ("
+                                    + (codes[0].strip() if codes else type(exc).__name__)
+                                    + "); the points it and the others were running have no "
+                                    "record"}])
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -194,9 +194,9 @@ def run_point(cfg, *, job_dir: Path, group: str, point: int, total: int | None,
     if problem:
         record.update(status="skipped", reason=problem)
     else:
-        progress(f"{name}: running")
         t0 = time.perf_counter()
-        try:
+        try:  # from the "running" line on: a signal seen just after it still marks the point
+            progress(f"{name}: running")
             record.update(_run_workload(cfg, device, progress, job_dir))
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (cli.main): mark this point, then stop
             record.update(status="failed", error="interrupted")

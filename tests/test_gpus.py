@@ -19,13 +19,14 @@ from hstu_exp.gpus import LAUNCHER, GpuError, GpuLeases, choose_gpus, gpus_probl
 from hstu_exp.tracking.records import SWEPT_KEYS
 from helpers import FAST, ROOT, hstu_exp
 from live_sweep import LiveSweep
+from test_faults_cli import one_line_error
 from test_sweep import records
 
 TWO = {"CUDA_VISIBLE_DEVICES": "0,1"}
 GPUS = ["hydra/launcher=gpus"]
 # Four points: two cannot allocate their pool of 10^9 pages (failed), two run (ok).
-GRID = ["model=tiny", "logger=none", "cache.num_pages=1000000000,64", "workload.total_history=64", "workload.new_history=64", *FAST,
-        "workload.min_time_s=0.3"]
+GRID = ["model=tiny", "logger=none", "cache.num_pages=1000000000,64", "workload.total_history=64",
+        "workload.new_history=64", *FAST, "workload.min_time_s=0.3"]
 # What a record says about the point itself (not when, where or how fast it ran).
 SAME = ["point", "name", "config_key", "status", "overrides", "seed", "verify", "sweep",
         *SWEPT_KEYS]
@@ -188,10 +189,10 @@ def test_resume_runs_only_the_new_points_on_the_gpus(both, tmp_path):
     assert {r["cuda_visible_devices"] for r in recs} <= {"0", "1"}
 
 
-# Six points of at least 5 s each: two run at once, one on each stand-in GPU.
+# Six points of at least 3 s each: two run at once, one on each stand-in GPU.
 LONG = ["model=tiny", "cache=paged", "logger=none", "workload.batch_size=1,2,4",
         "workload.total_history=32,64", "workload.new_history=32", "workload.warmup=1",
-        "workload.iters=3", "workload.min_time_s=5"]
+        "workload.iters=3", "workload.min_time_s=3"]
 
 
 @pytest.mark.parametrize("how", ["SIGTERM to the launcher", "Ctrl-C to the process group"])
@@ -199,7 +200,10 @@ def test_a_stop_marks_the_running_points_and_closes_out(tmp_path, how):
     group = how.startswith("Ctrl-C")
     run = LiveSweep("-m", *GPUS, *LONG, f"hydra.sweep.dir={tmp_path}", env=TWO,
                     new_session=group)
-    run.wait_for(r"^\[\d/6\] .*: running$", count=2)  # both GPUs are timing a point
+    # the second round: both workers are timing a point, their imports done (an interrupt
+    # inside an extension's import can abort a process, whatever the launcher)
+    run.wait_for(r"^\[\d/6\] .*: ok median", count=2)
+    run.wait_for(r"^\[\d/6\] .*: running$", count=4)
     signum = signal.SIGINT if group else signal.SIGTERM
     run.signal_group(signum) if group else run.signal(signum)
     rc = run.finish()
@@ -215,3 +219,18 @@ def test_a_stop_marks_the_running_points_and_closes_out(tmp_path, how):
     df = pd.read_csv(tmp_path / "results.csv")  # the close-out ran on what exists
     assert len(df) == len(recs) and (df["status"] == "failed").sum() == len(stopped)
     assert GpuLeases(["0", "1"], tmp_path / ".gpus").holders() == {}  # no worker is left
+
+
+def test_an_unwritable_record_stops_the_sweep_in_every_worker(tmp_path):
+    # A directory stands where point 1's results.jsonl must go: its record cannot be written.
+    (tmp_path / "1" / "results.jsonl").mkdir(parents=True)
+    proc = hstu_exp("-m", *GPUS, "model=tiny", "logger=none", "workload.batch_size=1,2,4,8,16,32",
+                    "workload.total_history=64", "workload.new_history=64", *FAST,
+                    f"hydra.sweep.dir={tmp_path}", env=TWO)
+    line = one_line_error(proc, code=1)
+    assert "1/results.jsonl" in line and "the sweep stopped" in line
+    recs = records(tmp_path)
+    # the other worker finishes its point; no further point starts (all 5 would, unstopped)
+    assert 1 not in {r["point"] for r in recs} and len(recs) <= 3, recs
+    assert {r["status"] for r in recs} == {"ok"}
+    assert len(pd.read_csv(tmp_path / "results.csv")) == len(recs)  # closed out what exists
