@@ -328,3 +328,24 @@ def test_points_are_told_apart_by_any_swept_knob(tmp_path, capsys):
     assert compare_main([str(sweep), str(sweep), "--no-figure"]) == 0
     out = capsys.readouterr().out
     assert "4 points joined" in out and "fit_rows" in out.splitlines()[1], out
+
+
+def test_gate_says_when_flagged_points_ran_on_another_gpu(two_sweeps, tmp_path, capsys):
+    """A sweep on all GPUs of a host puts a point on whichever card is free: a slower point on
+    another card is not called a regression without saying so."""
+    def on(uuid):
+        return lambda r: {**r, "gpu_uuid": uuid, "gpu_index": int(uuid[-1])}
+
+    a = edited_copy(two_sweeps[0], tmp_path / "a", lambda r: on("GPU-0")(steady(r)))
+    moved = edited_copy(a, tmp_path / "moved", lambda r: slower(1.2)(on("GPU-1")(r)))
+    stayed = edited_copy(a, tmp_path / "stayed", slower(1.2))
+    assert compare_main([str(a), str(moved), "--fail-above", "1.05", "--no-figure"]) == 1
+    err = capsys.readouterr().err
+    assert "REGRESSION: 4 point(s)" in err and "; 4 of them ran on another GPU in B than in A " \
+        "(cards of one kind differ: rerun both on one card" in err, err
+    assert compare_main([str(a), str(moved), "--fail-above", "1.05", "--gate", "geomean",
+                         "--no-figure"]) == 1
+    assert "1.200 (point estimate); 4 of the points ran on another GPU" in capsys.readouterr().err
+    assert compare_main([str(a), str(stayed), "--fail-above", "1.05", "--no-figure"]) == 1
+    err = capsys.readouterr().err
+    assert "REGRESSION: 4 point(s)" in err and "another GPU" not in err, err

@@ -24,7 +24,7 @@ from test_sweep import records
 
 TWO = {"CUDA_VISIBLE_DEVICES": "0,1"}
 GPUS = ["hydra/launcher=gpus"]
-# Four points: two cannot allocate their pool of 10^9 pages (failed), two run (ok).
+# Four points: two cannot hold their pool of 10^9 pages (skipped), two run (ok).
 GRID = ["model=tiny", "logger=none", "cache.num_pages=1000000000,64", "workload.total_history=64",
         "workload.new_history=64", *FAST, "workload.min_time_s=0.3"]
 # What a record says about the point itself (not when, where or how fast it ran).
@@ -110,6 +110,27 @@ def test_stop_file_and_its_reset(tmp_path):
     assert not leases.stopped()
 
 
+# --- what the workers' points came to, in the launching process --------------------------------
+
+def test_worker_outcomes_give_the_exit_status_and_the_stop(monkeypatch):
+    from hstu_exp import cli
+
+    for name in ("_failed", "_unwritable"):
+        monkeypatch.setattr(cli, name, [])
+    monkeypatch.setattr(cli, "_stop", [])
+    cli.points_ran_in_workers([{"ran": True, "status": "ok"}, {"ran": False}])
+    assert not any(cli._failed)
+    cli.points_ran_in_workers([{"ran": True, "status": "failed"}])
+    assert any(cli._failed)  # exit status 1, as for a point failed in this process
+    with pytest.raises(KeyboardInterrupt):  # a worker's point was interrupted by SIGTERM
+        cli.points_ran_in_workers([{"ran": True, "status": "failed", "signal": 15}])
+    assert cli._stop == [15]  # exit status 128 + 15 and the close-out after a stop
+    monkeypatch.setattr(cli, "_stop", [])
+    with pytest.raises(BaseException) as exc:
+        cli.points_ran_in_workers([{"ran": True, "status": None, "stop": "x: cannot write"}])
+    assert isinstance(exc.value, cli._StopSweep) and cli._unwritable == ["x: cannot write"]
+
+
 # --- real multiruns ------------------------------------------------------------------------------
 
 def sweep(out, *args, batches="1,2", launcher=GPUS, env=TWO):
@@ -130,8 +151,7 @@ def by_point(out):
 
 def test_the_gpus_launcher_writes_the_records_the_basic_one_does(both):
     (gpus, proc), (local, proc_local) = both
-    # a failed point is recorded, the sweep goes on, the exit status says so: as the basic one
-    assert proc.returncode == proc_local.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == proc_local.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a, b = by_point(gpus), by_point(local)
     assert sorted(a) == sorted(b) == [0, 1, 2, 3]
     for point in a:
@@ -139,9 +159,9 @@ def test_the_gpus_launcher_writes_the_records_the_basic_one_does(both):
         assert same == {k: b[point][k] for k in SAME if k != "sweep"}
         assert set(a[point]) == set(b[point])  # the same fields, the GPU's among them
         assert a[point]["job_dir"] == str(gpus / str(point)) and a[point]["sweep"] == gpus.name
-        if a[point]["status"] == "failed":
-            assert a[point]["error"] == b[point]["error"] and "allocate" in a[point]["error"]
-    assert sorted(r["status"] for r in a.values()) == ["failed", "failed", "ok", "ok"]
+        if a[point]["status"] == "skipped":
+            assert a[point]["reason"] == b[point]["reason"] and "10000" in a[point]["reason"]
+    assert sorted(r["status"] for r in a.values()) == ["ok", "ok", "skipped", "skipped"]
     assert "Traceback" not in proc.stderr
 
 
@@ -162,10 +182,10 @@ def test_every_point_ran_under_one_gpu_held_by_one_worker(both):
 
 def test_close_out_covers_the_workers_records(both):
     (gpus, proc), (local, proc_local) = both
-    summary = "4 points: 2 ok, 0 skipped, 2 failed"
+    summary = "4 points: 2 ok, 2 skipped, 0 failed"
     assert summary in proc.stdout and summary in proc_local.stdout
     a, b = pd.read_csv(gpus / "results.csv"), pd.read_csv(local / "results.csv")
-    assert sorted(a["status"]) == sorted(b["status"]) == ["failed", "failed", "ok", "ok"]
+    assert sorted(a["status"]) == sorted(b["status"]) == ["ok", "ok", "skipped", "skipped"]
     assert (gpus / "figures" / "latency_vs_history.png").is_file()
     # each point's progress lines came through from its worker, with the sweep's size
     assert all(f"[{p}/4] block-tiny-paged" in proc.stdout for p in (1, 2, 3, 4)), proc.stdout
@@ -178,14 +198,14 @@ def test_resume_runs_only_the_new_points_on_the_gpus(both, tmp_path):
     for f in out.rglob("results.jsonl"):  # the records point at their copies
         f.write_text(f.read_text().replace(str(gpus), str(out)))
     proc = sweep(out, "resume=true", batches="1,2,4")
-    assert proc.returncode == 1, proc.stderr[-3000:]  # the failed points fail again
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("skipped (resume=true)") == 2  # the two ok points
-    assert proc.stdout.count(": running") == 4  # the two failed again, and the two of batch 4
+    assert proc.stdout.count(": running") == 1  # the new point of batch 4 that fits
     recs = records(out)
-    assert len(recs) == 4 + 4  # the ok records stay as they were; nothing ok ran twice
+    assert len(recs) == 4 + 2  # the two new points; nothing ran twice or was skipped twice
     assert sorted(r["batch_size"] for r in recs if r["status"] == "ok") == [1, 2, 4]
     df = pd.read_csv(out / "results.csv")  # a row per point, its latest record
-    assert len(df) == 6 and sorted(df["status"]) == ["failed"] * 3 + ["ok"] * 3
+    assert len(df) == 6 and sorted(df["status"]) == ["ok"] * 3 + ["skipped"] * 3
     assert {r["cuda_visible_devices"] for r in recs} <= {"0", "1"}
 
 

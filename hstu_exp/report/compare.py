@@ -139,6 +139,19 @@ def _known(v) -> bool:
     return v is not None and v == v and str(v) not in ("", "nan", "None")
 
 
+def _other_gpu(r) -> bool:
+    """Whether the records name two different cards for A and B (a sweep on all GPUs of a host
+    puts a point on whichever card is free)."""
+    ua, ub = r.get("gpu_uuid_a"), r.get("gpu_uuid_b")
+    return _known(ua) and _known(ub) and ua != ub
+
+
+def _other_gpu_note(rows: pd.DataFrame, of: str = "them") -> str:
+    moved = sum(1 for _, r in rows.iterrows() if _other_gpu(r))
+    return (f"; {moved} of {of} ran on another GPU in B than in A (cards of one kind differ: "
+            "rerun both on one card before calling it a regression)") if moved else ""
+
+
 def agreement(r) -> tuple:
     """(whether B/A's 95 % interval holds 1, what the records say about a difference).
 
@@ -155,7 +168,7 @@ def agreement(r) -> tuple:
     why = []
     ua, ub = r.get("gpu_uuid_a"), r.get("gpu_uuid_b")
     ba, bb = r.get("boot_id_a"), r.get("boot_id_b")
-    if _known(ua) and _known(ub) and ua != ub:
+    if _other_gpu(r):
         why.append("another GPU")
     elif _known(ba) and _known(bb) and ba != bb:
         why.append("another boot")
@@ -388,7 +401,8 @@ def _gate(joined: pd.DataFrame, on: list, limit: float, how: str) -> tuple[bool,
     ratios = joined["median_ms_ratio"]
     if how == "geomean":
         value = geomean(ratios)
-        what = f"geometric mean of median latency B/A {value:.3f} (point estimate)"
+        what = (f"geometric mean of median latency B/A {value:.3f} (point estimate)"
+                + _other_gpu_note(joined, of="the points"))
         failed = value > limit
         return failed or bool(missing), "; ".join(w for w in (what if failed else "", lacking)
                                                  if w) or what
@@ -410,7 +424,8 @@ def _gate(joined: pd.DataFrame, on: list, limit: float, how: str) -> tuple[bool,
             + ("" if pd.isna(worst["median_ms_ci_low"]) else
                f", 95% CI {worst['median_ms_ci_low']:.3f}-{worst['median_ms_ci_high']:.3f}")
             + (f" at {where})" if where else ")")
-            + (f"; {invalid} of them invalid in A or B (noise, not a verdict)" if invalid else ""))
+            + (f"; {invalid} of them invalid in A or B (noise, not a verdict)" if invalid else "")
+            + _other_gpu_note(flagged))
     if above.any():
         return True, "; ".join(w for w in (what, lacking) if w)
     return bool(missing), lacking or what
