@@ -61,10 +61,11 @@ def _compile_done(*args, **kwargs):
 
 
 def count_triton_compiles() -> bool:
-    """Count Triton's JIT compiles (a kernel met with a new specialization: on an H200 about a
-    second each, on the host) as first-use work, through Triton's compile hooks. Eager serving
-    meets new specializations mid-run: without this, a seed-model trial's first batches took
-    seconds. False where this Triton has no such hooks or they are taken by someone else."""
+    """Count Triton's JIT compiles (a kernel met with a new specialization compiles on the host,
+    BENCHMARKS "first-use work") as first-use work, through Triton's compile hooks. Eager
+    serving meets new specializations mid-run: without this, a trial's first batches carry
+    compile time. False where this Triton has no such hooks or they are taken by someone
+    else."""
     try:
         from triton import knobs
         runtime = knobs.runtime

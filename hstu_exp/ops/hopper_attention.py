@@ -3,9 +3,9 @@
 Same semantics and signatures as `triton_attention` in both modes (full: queries = keys = a user's
 rows; paged: queries = the new rows, history keys from the pages; candidates see the history and
 themselves); bf16/fp16 on an sm_90 GPU only; key splits in paged mode. What Triton's automatic
-pipeliner could not give the portable kernel (profile in outputs/BENCHMARKS.md, 2026-12-03: 30 %
-of its loop samples waited for K/V tiles, 20 % waited for Q.K^T before the SiLU, because both
-warpgroups of a program did the same phase at the same time):
+pipeliner could not give the portable kernel (its key loop waited for K/V tiles and for Q.K^T
+before the SiLU, because both warpgroups of a program did the same phase at the same time;
+outputs/BENCHMARKS.md, "Hopper kernel"):
 
   * a producer warp issues every TMA copy (Q halves once, then K and V boxes into K_STAGES /
     V_STAGES rings guarded by ready / empty mbarriers), so loads go out as soon as a slot is free;
@@ -13,8 +13,8 @@ warpgroups of a program did the same phase at the same time):
   * two consumer warpgroups own 64 query rows each of the program's 128 and run their own loop,
     so while one applies SiLU and masks on the CUDA cores the other keeps the tensor cores busy;
   * K and V have rings of their own, so Q.K^T starts when K lands (2 slots each + the 64 KB Q tile
-    take 192 of the 227 KB at D = 256; a third K slot fits but measured slower, its consumers
-    spill).
+    take 192 of the 227 KB at D = 256; a third K slot fits, but its consumers spill and it is
+    slower).
 
 Per program (query block of 128 rows, user, head, key split) the key blocks visited are the key
 sequence's blocks up to the block's last history row (all of them if it holds candidates), then

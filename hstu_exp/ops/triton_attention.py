@@ -15,7 +15,7 @@ loop is a plain sum, and sums over disjoint key ranges simply add. That gives th
     run alone in a last wave, the key range is cut into chunks handled by separate programs that
     add fp32 partials with atomics into a zeroed buffer, cast to the output dtype after unless the
     caller takes the fp32 sums (batch 1 paged: 12 query-block programs against 4352 keys would
-    leave 120 of 132 SMs idle; 11 splits run 4.1x faster).
+    leave 120 of 132 SMs idle).
 SiLU goes through tanh.approx: one special-function op a score instead of exp + reciprocal.
 No host syncs: grid sizes come from host ints (max_len, max_kv_len, B, H, shapes), everything else
 is read on the device, so the ops can be captured in CUDA graphs. Tile sizes and splits come from
@@ -156,9 +156,9 @@ def split_chunk(m_blocks: int, users_heads: int, kv_blocks: int, rows_per_key_bl
 def _silu(s, alpha, FAST: tl.constexpr):
     """SiLU(alpha * s). FAST: x * sigmoid(x) = t + t * tanh(t) with t = x / 2, and tanh.approx is a
     single MUFU op where exp + reciprocal take two; the special-function unit sits on the critical
-    path beside the tensor cores (the exact form measured 1.4x slower at D=256, 1.7x at D=128).
+    path beside the tensor cores (the exact form is slower: BENCHMARKS, "fast SiLU").
     Its error (~2^-11 relative) stays below the bf16 rounding of the output. (tanh.approx.f16x2,
-    two scores an op, measured no faster on the H200: 431 vs 435 TFLOP/s at full B=8.)"""
+    two scores an op, was no faster.)"""
     if FAST:
         t = s * (0.5 * alpha)
         th = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [t],

@@ -156,8 +156,8 @@ def agreement(r) -> tuple:
     """(whether B/A's 95 % interval holds 1, what the records say about a difference).
 
     The interval covers the sampling noise within each run, not what differs between runs: a
-    second card of the same kind (cards differ by up to ~20 %; two starts of the lent H200 VM
-    differed by 0.7-0.9 %), a second boot, a throttled or invalid point. Where the records
+    second card of the same kind (BENCHMARKS, "card to card"), a second boot, a throttled or
+    invalid point. Where the records
     name such a cause, `why_not` says it; where they name none, the difference is the code's
     or the settings'."""
     lo, hi = r.get("median_ms_ci_low"), r.get("median_ms_ci_high")
