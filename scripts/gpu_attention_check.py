@@ -311,7 +311,7 @@ def block_main(variants, reps, profile_cases, only=()):
             # read at launch and baked into the capture; a fresh policy tunes its own launches
             blk.policy = variant_policy(v)
             with torch.no_grad():
-                captured[v], _ = capture(lambda: blk(x, batch, pool))
+                captured[v], _ = capture(lambda x=x, batch=batch, pool=pool: blk(x, batch, pool))
         blk.policy = variant_policy("new")
         ms = {v: [] for v in variants}
         for _ in range(2):  # interleaved rounds
@@ -354,7 +354,8 @@ def inversion_main():
             torch.cuda.synchronize()
             info = f"{att.last_launch.get('config')} splits {att.last_launch.get('splits')}"
             with torch.cuda.stream(torch.cuda.Stream()):
-                gms = do_bench_cudagraph(lambda: call(att, case, **kw), rep=30, return_mode="median")
+                gms = do_bench_cudagraph(lambda att=att, case=case, kw=kw: call(att, case, **kw),
+                                         rep=30, return_mode="median")
             print(f"  T={T:5} {label:9} {gms * 1e3:7.1f} us  {flops / gms / 1e9:4.0f} TF/s  {info}",
                   flush=True)
         del case
@@ -447,7 +448,7 @@ def main():
             try:
                 out = call(att, case, **kw)
                 rel, _ = rel_err(out, ref)
-                times = time_it(lambda: call(att, case, **kw))
+                times = time_it(lambda att=att, case=case, kw=kw: call(att, case, **kw))
             except Exception as e:  # noqa: BLE001 - e.g. out of shared memory; keep going
                 print(f"  {name} {label}: {type(e).__name__} {e}"[:300], flush=True)
                 continue
@@ -457,7 +458,7 @@ def main():
                   f"rel {rel:.1e}  {kernel_info(att)}", flush=True)
         if not args.no_ref:
             with torch.no_grad():
-                times = time_it(lambda: call(reference, case))
+                times = time_it(lambda case=case: call(reference, case))
             rows.append((name, "reference (bf16)", *times, flops, float("nan"), goal))
         del case, ref
         torch.cuda.empty_cache()

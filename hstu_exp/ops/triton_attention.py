@@ -397,7 +397,7 @@ def _tune(run, D, B, H, max_len, max_kv, device_index, paged=True, hopper=False,
     timed = []
     for cfg, split in options:
         try:
-            timed.append((_median_ms(lambda: run(cfg, split), timing), cfg, split))
+            timed.append((_median_ms(lambda c=cfg, s=split: run(c, s), timing), cfg, split))
         except triton.runtime.errors.OutOfResources:  # a tile that does not fit this GPU
             continue
     _, cfg, split = min(timed, key=lambda t: t[0])

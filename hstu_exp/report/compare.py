@@ -303,7 +303,7 @@ def draw(joined: pd.DataFrame, path: Path, *, threshold: float, name_a: str, nam
 
     shown = [(m, short) for m, short, _ in METRICS
              if f"{m}_ratio" in joined and joined[f"{m}_ratio"].notna().any()]
-    for i, (m, short) in enumerate(shown):
+    for i, (m, _short) in enumerate(shown):
         ratio = joined[f"{m}_ratio"].astype(float)
         worse = joined.get(f"worse_{m}", pd.Series(False, index=joined.index)).astype(bool)
         xs = i + np.linspace(-0.25, 0.25, len(ratio)) if len(ratio) > 1 else np.full(1, i)
