@@ -148,8 +148,8 @@ def report(cfg: tri.Config, *, paged: bool, split: bool, arch: int, dump: Path =
          compile_attention(cfg, paged=paged, split=split, arch=arch, tma=tma))
     ttgir, ptx = k.asm["ttgir"], k.asm["ptx"]
     if dump:
-        tag = (f"{cfg.kernel}_{'paged' if paged else 'full'}{'_split' if split else ''}{'_tma' if tma else ''}"
-               f"_{cfg.block_m}x{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}")
+        tag = (f"{cfg.kernel}_{'paged' if paged else 'full'}{'_split' if split else ''}"
+               f"{'_tma' if tma else ''}_{cfg.block_m}x{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}")
         dump.mkdir(parents=True, exist_ok=True)
         (dump / f"{tag}.ttgir").write_text(ttgir)
         (dump / f"{tag}.ptx").write_text(ptx)

@@ -58,7 +58,7 @@ def test_cached_candidates_equal_full_recompute(histories, cached, cands, page):
     outs = run_cached(block, cache, list(range(len(seqs))), seqs, cached, cands)
     full_rows = [t + c for t, c in zip(histories, cands)]
     full = block(torch.cat(seqs), make_batch(full_rows, cands, "cpu")).split(full_rows)
-    for seq, out, f, t, c, k in zip(seqs, outs, full, histories, cached, cands):
+    for seq, out, f, _t, c, k in zip(seqs, outs, full, histories, cached, cands):
         ref = naive_block(block, seq, k)
         torch.testing.assert_close(f, ref, rtol=1e-9, atol=1e-9)  # full path == spec
         torch.testing.assert_close(out, ref[c:], rtol=1e-9, atol=1e-9)  # cached == spec

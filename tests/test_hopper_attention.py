@@ -1,11 +1,11 @@
 """The warp-specialised Hopper kernel (hstu_exp.ops.hopper_attention) against the float32 oracle on
-fresh random inputs, on an sm_90 GPU (bf16 and fp16), in full and paged mode, whole and split. Gluon kernels have no CPU interpreter: on a
-machine without such a GPU these tests skip, and tests/test_kernel_report.py still compiles the
-kernel for sm_90a there. Shapes cross every path of its schedule: users shorter than a box, lengths
-one past a block edge, zero-length users, candidate-only users, no candidates, a consumer half
-with no rows, the last key block reaching past the user into NaN-filled dead rows; in paged mode
-page sizes below, at and above the 64-key block, pages of users interleaved in the pool, users
-with no cache, key splits."""
+fresh random inputs, on an sm_90 GPU (bf16 and fp16), in full and paged mode, whole and split. Gluon
+kernels have no CPU interpreter: on a machine without such a GPU these tests skip, and
+tests/test_kernel_report.py still compiles the kernel for sm_90a there. Shapes cross every path of
+its schedule: users shorter than a box, lengths one past a block edge, zero-length users,
+candidate-only users, no candidates, a consumer half with no rows, the last key block reaching past
+the user into NaN-filled dead rows; in paged mode page sizes below, at and above the 64-key block,
+pages of users interleaved in the pool, users with no cache, key splits."""
 import math
 import random
 

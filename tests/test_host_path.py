@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hstu_exp.data.synthetic import CONTEXT, make_request
+from hstu_exp.data.synthetic import make_request
 from hstu_exp.kvcache.paged import CacheFullError, PagedKVCache
 from hstu_exp.model.embeddings import KEYS, make_tokens
 from hstu_exp.core.jagged import make_batch, upload_step

@@ -18,7 +18,7 @@ def test_attention_compiles_for_hopper_pipelined_with_wgmma():
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
             if line.startswith("| full") or line.startswith("| paged")]
     assert [r[0].strip() for r in rows] == ["full", "paged-split", "full-tma"], proc.stdout
-    for mode, tiles, warps, stages, regs, spills, smem, copies, wgmma, waits in rows:
+    for mode, tiles, warps, stages, regs, _spills, smem, copies, wgmma, _waits in rows:
         assert tiles.strip() == "128x64" and int(warps) == 8 and int(stages) == 2
         assert 0 < int(regs) <= 255
         assert int(smem) <= 227, f"{mode}: {smem} KB of shared memory"
@@ -34,7 +34,7 @@ def test_hopper_kernel_compiles_warp_specialised(tmp_path):
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
             if line.startswith("| hopper")]
     assert [r[0].strip() for r in rows] == ["hopper", "hopper-paged-split"], proc.stdout
-    for mode, tiles, warps, stages, regs, spills, smem, copies, wgmma, waits in rows:
+    for mode, _tiles, _warps, _stages, regs, _spills, smem, copies, wgmma, _waits in rows:
         assert int(regs) * (4 + 4 + 4) * 32 <= 65536, "three warpgroups must fit the register file"
         assert int(smem) <= 227
         assert int(copies) >= 3, f"{mode}: Q, K and V come through TMA"

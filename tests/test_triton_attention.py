@@ -316,8 +316,8 @@ def test_gpu_cuda_graph_capture():
     batch, q, k, v, kp, vp = paged_case([300, 40], [16, 8], [32, 4], H=2, D=128, page_size=32,
                                         dtype=torch.bfloat16, device="cuda")
     for split_k in (1, 4):
-        run = lambda: tri.attention_paged(q, k, v, batch, kp, vp, alpha=0.1, inv_n=0.01,  # noqa
-                                          split_k=split_k)  # one Attention a call
+        run = lambda split_k=split_k: tri.attention_paged(  # noqa: E731 - one Attention a call
+            q, k, v, batch, kp, vp, alpha=0.1, inv_n=0.01, split_k=split_k)
         expected = run().clone()  # warm-up (compiles) outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from hstu_exp.core.jagged import PageTable, to_device
+from hstu_exp.core.jagged import PageTable
 from hstu_exp.core.paging import pages_for
 
 
