@@ -51,17 +51,16 @@ def spec_block(block, x, history: int):
 
 
 def read_run(run_dir):
-    """Everything an offline W&B run holds, read back from its .wandb file with wandb's own
-    reader: id, name, group, tags, job type, config, summary, history rows, metric definitions,
-    exit code, logged artifacts."""
+    """Everything an offline W&B run holds, read back from its .wandb file (wandb's own record
+    protobufs, framed as its log format says: wandb_sink.log_records): id, name, group, tags,
+    job type, config, summary, history rows, metric definitions, exit code, logged artifacts."""
     import json
 
     from wandb.proto import wandb_internal_pb2 as pb
-    from wandb.sdk.internal import datastore
+
+    from hstu_exp.tracking.wandb_sink import log_records
 
     (path,) = Path(run_dir).glob("run-*.wandb")
-    store = datastore.DataStore()
-    store.open_for_scan(str(path))
     out = {"id": None, "config": {}, "summary": {}, "history": [], "metrics": {},
            "exit_code": None, "artifacts": [], "group": None, "tags": [], "job_type": None,
            "name": None}
@@ -69,7 +68,7 @@ def read_run(run_dir):
     def items(updates):
         return {(u.key or "/".join(u.nested_key)): json.loads(u.value_json) for u in updates}
 
-    while (data := store.scan_data()) is not None:
+    for data in log_records(path):
         rec = pb.Record()
         rec.ParseFromString(data)
         kind = rec.WhichOneof("record_type")

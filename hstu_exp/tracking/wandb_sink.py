@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shlex
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -563,17 +564,47 @@ def _child_main() -> None:
 
 # --------------------------------------------------------------------------- reading runs back
 
+_LOG_BLOCK, _LOG_HEADER = 32768, struct.Struct("<IHB")  # checksum, length, chunk type
+
+
+def log_records(path: Path):
+    """The records of a .wandb file, W&B's LevelDB-style log: a 7-byte file header (":W&B", magic,
+    version), then 32 KiB blocks of chunks, each a 7-byte header (checksum, length, type: 1 a
+    whole record, 2/3/4 its first/middle/last part) and its bytes; a block's tail too short for a
+    header is padding. Read here because wandb >= 0.29 ships no Python reader of its own
+    (wandb.sdk.internal.datastore is gone)."""
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path}: not a W&B run file")
+    pos, parts = _LOG_HEADER.size, []
+    while pos + _LOG_HEADER.size <= len(data):
+        room = _LOG_BLOCK - pos % _LOG_BLOCK
+        if room < _LOG_HEADER.size:
+            pos += room
+            continue
+        _, length, kind = _LOG_HEADER.unpack_from(data, pos)
+        chunk = data[pos + _LOG_HEADER.size:pos + _LOG_HEADER.size + length]
+        pos += _LOG_HEADER.size + length
+        if kind == 1:
+            yield chunk
+        elif kind == 2:
+            parts = [chunk]
+        elif kind == 3:
+            parts.append(chunk)
+        elif kind == 4:
+            yield b"".join(parts + [chunk])
+        else:  # zero fill past the last record
+            return
+
+
 def read_offline_run(run_dir: Path) -> dict:
     """Config, summary, group and tags of an offline run, read back from its .wandb file
     (tests/helpers.read_run reads everything else)."""
     from wandb.proto import wandb_internal_pb2 as pb
-    from wandb.sdk.internal import datastore
 
     (path,) = Path(run_dir).glob("run-*.wandb")
-    store = datastore.DataStore()
-    store.open_for_scan(str(path))
     out = {"config": {}, "summary": {}, "group": None, "tags": [], "job_type": None, "name": None}
-    while (data := store.scan_data()) is not None:
+    for data in log_records(path):
         rec = pb.Record()
         rec.ParseFromString(data)
         kind = rec.WhichOneof("record_type")
