@@ -1,9 +1,29 @@
-# make run    install into .venv if needed, then run the default experiment (a small sweep)
-# make test   install into .venv if needed, then run the test suite
-.PHONY: run test setup
+# make run        install into .venv if needed, then run the default experiment (a small sweep)
+# make test       install into .venv if needed, then the whole test suite (GPU tests skip without
+#                 CUDA; slow ones included), in two workers
+# make test-fast  the suite without the tests marked slow (and the GPU ones)
+# make test-gpu   the GPU tests only (on a CUDA machine)
+# make test-box-triton  the kernels compiled for sm_90a with the GPU box's Triton (3.6)
+# make lint       ruff check + the import layers (lint-imports)
+# make format     the one-time whole-tree reformat (ruff format, import sort); not run in CI yet
+.PHONY: run test test-fast test-gpu test-box-triton lint format setup
+PY := .venv/bin/python
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 setup:
 	@scripts/setup_env.sh
 run: setup
 	.venv/bin/hstu-exp -m experiment=quick
 test: setup
-	.venv/bin/python -m pytest -q
+	$(PYTEST)
+test-fast: setup
+	$(PYTEST) -m "not slow and not gpu"
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu
+test-box-triton: setup
+	scripts/box_triton.sh $(PY) -m pytest -q tests/test_kernel_report.py
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/lint-imports
+format: setup
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --select I --fix .

@@ -1,26 +1,50 @@
 #!/usr/bin/env bash
 # Make ./.venv hold everything hstu-exp needs; called by `make run` and `make test`.
 #   scripts/setup_env.sh          # no-op when the install is already current
-# Picks the CUDA builds of torch and fbgemm-gpu where an NVIDIA GPU answers, the CPU builds
-# elsewhere. torchrec goes in with --no-deps because it names the CUDA-only `fbgemm-gpu`.
+# One stack per target, each pinned by a constraints file:
+#   no NVIDIA GPU (CI, laptops): constraints/cpu.txt, the CPU builds of torch 2.13 and fbgemm 1.8
+#     (Triton 3.9 runs the kernels in its interpreter);
+#   an NVIDIA GPU answers: constraints/gpu-box.txt, the GPU box's torch 2.11 / Triton 3.6 /
+#     torchrec 1.6 (every published number ran on them), with fbgemm's CUDA build.
+# fbgemm comes first in the build the target needs; torchrec then goes in with --no-deps (it
+# names the CUDA-only `fbgemm-gpu`), followed by its own other requirements, read from its
+# metadata (they are torchrec's, not ours, so pyproject does not list them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv
 stamp=$venv/.installed
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt "$0" ]; then exit 0; fi
+current() { for f in pyproject.toml "$0" constraints/*.txt; do [ "$stamp" -nt "$f" ] || return 1; done; }
+if [ -f "$stamp" ] && current; then exit 0; fi
 
 ${PYTHON:-python3} -m venv "$venv"
-pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+py=$venv/bin/python
+pip=("$py" -m pip install -q --disable-pip-version-check)
 # Machines with a local wheel store (CI's, ours) take torch from there instead of downloading it.
 [ -d /opt/wheels ] && pip+=(--find-links /opt/wheels)
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  echo "setup: NVIDIA GPU found, installing the CUDA stack" >&2
-  "${pip[@]}" torch==2.13.0 fbgemm-gpu==1.8.0          # this torch brings its own triton
+  echo "setup: NVIDIA GPU found, installing the GPU box's stack with CUDA fbgemm" >&2
+  pip+=(-c constraints/gpu-box.txt)
+  "${pip[@]}" torch triton fbgemm-gpu==1.6.0
 else
   echo "setup: no NVIDIA GPU, installing the CPU stack" >&2
-  "${pip[@]}" torch==2.13.0 fbgemm-gpu-cpu==1.8.0 triton==3.9.0
+  pip+=(-c constraints/cpu.txt)
+  "${pip[@]}" torch triton fbgemm-gpu-cpu
 fi
-"${pip[@]}" --no-deps torchrec==1.8.0
-"${pip[@]}" -e '.[test,dashboard]'
+"${pip[@]}" --no-deps torchrec
+mapfile -t torchrec_needs < <("$py" - <<'PY'
+import importlib.metadata as md
+try:
+    from packaging.requirements import Requirement
+except ImportError:  # a fresh venv has packaging only inside pip
+    from pip._vendor.packaging.requirements import Requirement
+for line in md.requires("torchrec") or []:
+    req = Requirement(line)
+    if req.name != "fbgemm-gpu" and (req.marker is None or req.marker.evaluate({"extra": ""})):
+        print(req)
+PY
+)
+"${pip[@]}" "${torchrec_needs[@]}"
+# Not the e2e extra: pip would resolve torchrec's fbgemm-gpu again.
+"${pip[@]}" -e '.[test,lint,dashboard]'
 touch "$stamp"
