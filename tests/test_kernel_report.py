@@ -7,7 +7,12 @@ kernel (the GPU default in full mode) with its register budget re-balanced betwe
 import subprocess
 import sys
 
+import pytest
+
 from helpers import ROOT
+
+# Each compiles the attention for sm_90a in a subprocess (tens of seconds on two cores).
+pytestmark = pytest.mark.slow
 
 
 def test_attention_compiles_for_hopper_pipelined_with_wgmma():

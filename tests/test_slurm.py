@@ -22,6 +22,9 @@ from helpers import FAST, hstu_exp
 from slurm_cluster import PARTITION, LocalSlurm
 from test_sweep import assert_real_png, records
 
+# Starts a single-node Slurm and runs sweeps through it.
+pytestmark = pytest.mark.slow
+
 REQUIRED = os.environ.get("HSTU_EXP_REQUIRE_SLURM") == "1"
 TIMEOUT_S = 180  # a bound on each sweep: a Slurm that never runs a job fails, it does not hang
 # The preset as it is, but sized for this small node (2 CPUs, a few GB).

@@ -14,6 +14,9 @@ from hstu_exp.report.labels import serve_labels
 from hstu_exp.tracking.wandb_sink import summary_spec
 from helpers import ROOT, hstu_exp, read_run
 
+# Two serve sweeps logged to offline W&B (module fixtures), then read back.
+pytestmark = pytest.mark.slow
+
 ENV = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 WANDB = ["logger.name=wandb", "logger.mode=offline", "verify=false"]
 
