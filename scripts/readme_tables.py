@@ -140,7 +140,7 @@ def render(text: str) -> str:
         if not pattern.search(text):
             raise ValueError(f"no <!-- table:{name} --> ... <!-- /table:{name} --> markers")
         body = "\n".join(make()) + "\n"
-        text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), text)
     return text
 
 

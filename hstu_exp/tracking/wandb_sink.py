@@ -131,7 +131,8 @@ def disabled_reason(where: Path) -> Optional[str]:
 def _disable(where: Path, reason: str) -> None:
     _off[str(where)] = reason
     log.warning(f"[hstu-exp] warning: W&B failed ({reason}); W&B is off for the rest of this "
-                f"sweep. The records are on disk: `hstu-exp-wandb {shlex.quote(str(where))}` replays them later")
+                f"sweep. The records are on disk: `hstu-exp-wandb {shlex.quote(str(where))}` "
+                "replays them later")
     try:
         (where / MARKER).write_text(json.dumps(
             {"started": os.environ.get("HSTU_EXP_STARTED"), "reason": reason}))
