@@ -142,7 +142,7 @@ def test_mixed_serve_records_in_summary_spec(online, search, tmp_path):
         [(f"{c}+none+online-fifo{online_}", q) for c in ("none", "paged_offload")
          for q in (10.0, 20.0)]
     maxed = {r["label"]: r["max_qps"] for r in rows("serve_max_qps")}
-    assert maxed == {**{f"{r['cache']}+none+max_qps-fifo{search_}": r["max_qps"] or 0.0
+    assert maxed == {**{f"{r['cache']}+none+max_qps-fifo{search_}": r.get("max_qps") or 0.0
                         for r in search[0]}, f"none+cudagraph+max_qps-fifo{search_}": 0.0}
     assert {k[len("serve/max_qps/"):]: v for k, v in summary.items()
             if k.startswith("serve/max_qps/")} == maxed
