@@ -4,7 +4,6 @@ interpreter on CPU), the block with e4m3 UVQK / W_o against the float32 oracle o
 accuracy gate that a reduced-precision point must pass to be timed."""
 import copy
 import json
-import random
 from dataclasses import replace
 
 import pytest
