@@ -40,7 +40,7 @@ def visible_gpus(environ=os.environ, count=None) -> list[str]:
 def choose_gpus(visible: list[str], gpus, key: str = "hydra.launcher.gpus") -> list[str]:
     """`gpus: all` keeps every visible GPU, `gpus: N` the first N."""
     where = f" (visible: {','.join(visible)})" if visible else \
-        f" (CUDA sees no GPU here)"
+        " (CUDA sees no GPU here)"
     if str(gpus).strip().lower() == "all":
         if not visible:
             raise GpuError(f"{key}=all: no GPU to run on{where}")
