@@ -16,6 +16,7 @@ mkdir -p "$out"
 echo "GPUs: $n"; nvidia-smi -L
 python3 -m hstu_exp "${args[@]}" logger=none workload.batch_size=1 workload.total_history=128 \
   workload.new_history=128 cache=none hydra.run.dir="$out/warmup" > "$out/warmup.log" 2>&1
+echo "warm-up point: exit $?"
 sweep() { local name=$1 gpus=$2 t0 t1
   t0=$(date +%s.%N)
   python3 -m hstu_exp -m "${args[@]}" hydra/launcher=gpus hydra.launcher.gpus="$gpus" \

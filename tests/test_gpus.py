@@ -88,9 +88,9 @@ def test_each_claim_takes_a_free_gpu_until_none_is_left(tmp_path):
 def test_a_killed_holder_frees_its_gpu(tmp_path):
     leases = GpuLeases(["0"], tmp_path)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from hstu_exp.gpus import GpuLeases; "
+        [sys.executable, "-c", ("import sys, time; from hstu_exp.gpus import GpuLeases; "
          f"GpuLeases(['0'], {str(tmp_path)!r}).claim(); print('held', flush=True); "
-         "time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+         "time.sleep(60)")], cwd=ROOT, stdout=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert holder.stdout.readline() == "held\n"
     assert leases.holders() == {"0": holder.pid}
