@@ -14,4 +14,5 @@ if ! ls "$dir" 2>/dev/null | grep -q "^triton-${spec#triton==}.dist-info$"; then
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --target "$dir" "$spec"
 fi
 export PYTHONPATH="$PWD/$dir:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+.venv/bin/python -c 'import triton; print("box_triton: triton", triton.__version__, "from", triton.__file__)'
 "$@"
