@@ -10,6 +10,7 @@ the workers through them); a `stop` file beside them tells workers not to start 
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import os
 import time
 from pathlib import Path
@@ -61,6 +62,12 @@ def gpus_problem(launcher) -> str | None:
     visible, ...), or None; None for any other launcher."""
     if launcher is None or launcher.get("_target_") != LAUNCHER:
         return None
+    for module, why in (("hydra_plugins.hydra_joblib_launcher", "needs hydra-joblib-launcher "
+                         "(pip install hydra-joblib-launcher==1.2.0)"),
+                        ("hydra_plugins.hstu_exp_gpus", "its Hydra plugin hydra_plugins/"
+                         "hstu_exp_gpus is not installed (run pip install -e . once more)")):
+        if importlib.util.find_spec(module) is None:
+            return f"hydra/launcher=gpus: {why}"
     try:
         choose_gpus(visible_gpus(), launcher.get("gpus"))
     except GpuError as exc:

@@ -11,12 +11,14 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from hstu_exp.gpus import LAUNCHER, GpuError, GpuLeases, choose_gpus, gpus_problem, visible_gpus
 from hstu_exp.tracking.records import SWEPT_KEYS
+from hstu_exp.tracking.wandb_sink import read_offline_run
 from helpers import FAST, ROOT, hstu_exp
 from live_sweep import LiveSweep
 from test_faults_cli import one_line_error
@@ -67,6 +69,17 @@ def test_gpus_problem_concerns_only_the_gpus_launcher(monkeypatch):
     assert gpus_problem({"_target_": "some.OtherLauncher", "gpus": 99}) is None
     assert gpus_problem({"_target_": LAUNCHER, "gpus": 2}) is None
     assert gpus_problem({"_target_": LAUNCHER, "gpus": 3}).startswith("hydra.launcher.gpus=3:")
+
+
+def test_a_missing_plugin_is_one_line_not_hydras_traceback(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if
+                        name == "hydra_plugins.hstu_exp_gpus" else find_spec(name, *a))
+    assert gpus_problem({"_target_": LAUNCHER, "gpus": 1}) == (
+        "hydra/launcher=gpus: its Hydra plugin hydra_plugins/hstu_exp_gpus is not installed "
+        "(run pip install -e . once more)")
 
 
 # --- leases: one holder per GPU ------------------------------------------------------------------
@@ -254,3 +267,17 @@ def test_an_unwritable_record_stops_the_sweep_in_every_worker(tmp_path):
     assert 1 not in {r["point"] for r in recs} and len(recs) <= 3, recs
     assert {r["status"] for r in recs} == {"ok"}
     assert len(pd.read_csv(tmp_path / "results.csv")) == len(recs)  # closed out what exists
+
+
+def test_wandb_runs_come_from_the_workers_and_the_summary_from_the_launcher(tmp_path):
+    proc = hstu_exp("-m", *GPUS, "model=tiny", "logger=wandb", "workload.batch_size=1,2",
+                    "workload.total_history=64", "workload.new_history=64", *FAST,
+                    f"hydra.sweep.dir={tmp_path}", env=TWO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for r in records(tmp_path):  # a run per point, in its job dir, written by its worker
+        (run_dir,) = (Path(r["job_dir"]) / "wandb").glob("offline-run-*")
+        run = read_offline_run(run_dir)
+        assert run["group"] == tmp_path.name
+        assert run["summary"]["latency/median_ms"] == pytest.approx(r["median_ms"])
+    (summary_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert read_offline_run(summary_dir)["summary"]["points"] == 2
