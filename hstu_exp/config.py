@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+SERVE_CLOCKS = ("real", "simulated")
 SERVE_MODES = ("online", "offline")
 SERVE_SEARCHES = ("none", "max_qps")
 SERVE_POLICIES = ("fifo", "length_aware")
@@ -165,17 +166,22 @@ class E2EWorkload(WorkloadConfig):
 
 @dataclass
 class ServeWorkload(WorkloadConfig):
-    """An open-loop request stream in front of the serving layer (bench/serve.py). The base keys
-    warmup, iters, min_time_s, max_time_s, cv_max and min_samples are not used: the run lasts
-    warmup_s + duration_s of simulated time and needs min_requests."""
-    # online (arrivals over time) | offline (all available at once)
+    """Ranking requests served under load (bench/serve.py, docs/serving.md). clock=real: LoadGen
+    drives the real server on the wall clock (min_duration_s, min_query_count); clock=simulated:
+    the discrete-event simulator over warmup_s + duration_s of simulated time. The base keys
+    warmup, iters, min_time_s, max_time_s, cv_max and min_samples are not used."""
+    # real (LoadGen on the wall clock) | simulated (the discrete-event what-if)
+    clock: str = knob("real", one_of=SERVE_CLOCKS)
+    # online (LoadGen Server: arrivals over time) | offline (LoadGen Offline: all at once)
     mode: str = knob("online", one_of=SERVE_MODES)
     # none | max_qps (the highest qps meeting the SLO, by bisection)
     search: str = knob("none", one_of=SERVE_SEARCHES)
-    qps: float = knob(20.0, positive=True)  # Poisson arrival rate (offered load)
-    trace: Optional[str] = None  # CSV time,user,new_items,candidates instead of Poisson arrivals
-    num_users: int = knob(64, positive=True)  # the returning population
-    user_skew: float = knob(1.0, nonneg=True)  # Zipf exponent of user popularity (0: uniform)
+    qps: float = knob(20.0, positive=True)  # Poisson arrival rate (offline: the expected rate)
+    trace: Optional[str] = None  # clock=simulated: CSV time,user,new_items,candidates
+    # the returning population; None: sized to the rate (qps x user_return_s)
+    num_users: Optional[int] = knob(None, positive=True)
+    user_return_s: float = knob(5.0, positive=True)  # num_users=None: mean time between returns
+    user_skew: float = knob(0.0, nonneg=True)  # Zipf exponent of user popularity (0: uniform)
     items_per_return: int = knob(8, positive=True)  # history items each return adds
     # fraction of arrivals from users never seen before
     new_user_rate: float = knob(0.0, within=(0, 1), what="a fraction of arrivals")
@@ -185,19 +191,27 @@ class ServeWorkload(WorkloadConfig):
     # the oldest waiting request waits at most this for a fuller batch
     max_wait_ms: float = knob(5.0, nonneg=True)
     policy: str = knob("fifo", one_of=SERVE_POLICIES)
-    warmup_s: float = knob(0.5, nonneg=True)  # served, not counted
-    duration_s: float = knob(2.0, positive=True)  # arrivals counted after warmup_s
-    # fewer counted requests: the point's percentiles mean nothing
+    # requests of qps x warmup_s fill the cache before the timed part (simulated: not counted)
+    warmup_s: float = knob(0.5, nonneg=True)
+    duration_s: float = knob(2.0, positive=True)  # simulated: arrivals counted after warmup_s
+    # simulated: fewer counted requests, the point's percentiles mean nothing
     min_requests: int = knob(20, positive=True)
     # the SLO: latency at slo_percentile <= slo_ms (MLPerf DLRMv3: p99 80)
     slo_ms: float = knob(80.0, positive=True)
     slo_percentile: float = knob(99.0, within=(0, 100), open_low=True)
     search_steps: int = knob(6, positive=True)  # max_qps: bisection steps after the bracket
     # Stop a run once the SLO is surely missed (search trials always do): bounds the time an
-    # overloaded point takes; its percentiles then cover the finished requests only (valid=false).
+    # overloaded point takes (simulated: its percentiles cover the finished requests only).
     stop_on_miss: bool = False
     # verify=true: requests sampled and checked vs a full recompute
     verify_requests: int = knob(16, positive=True)
+    # clock=real (LoadGen):
+    min_duration_s: float = knob(60.0, positive=True)  # a run's minimum (MLPerf official: 600)
+    min_query_count: int = knob(100, positive=True)  # a run's minimum query count
+    search_duration_s: float = knob(10.0, positive=True)  # max_qps: each search trial's minimum
+    final_seeds: int = knob(3, positive=True)  # max_qps: the final rate re-run with these seeds
+    warm_rounds: int = knob(3, positive=True)  # start-up: quiet rounds of batches 1..max_batch
+    warm_max_s: float = knob(600.0, positive=True)  # start-up warm-up stops after this long
 
 
 # Default CV ceiling per device type: a GPU times steadily; a shared CPU does not.
@@ -326,11 +340,13 @@ def _validate_serve(w) -> None:
     if w.candidates_max is not None and w.candidates_max < w.num_candidates:
         raise ConfigError(f"workload.candidates_max={w.candidates_max}: below "
                           f"workload.num_candidates={w.num_candidates} (the range's low end)")
-    if w.num_users > SERVE_MAX_USERS:
+    if w.clock == "real":
+        _real_clock(w)
+    if w.num_users is not None and w.num_users > SERVE_MAX_USERS:
         raise ConfigError(f"workload.num_users={w.num_users}: at most {SERVE_MAX_USERS} (the "
                           f"population alone would take "
                           f"{w.num_users * _BYTES_PER_USER / 1e9:.1f} GB)")
-    if w.trace is None and w.search == "none":
+    if w.trace is None and w.search == "none" and w.clock == "simulated":
         requests = w.qps * (w.warmup_s + w.duration_s)
         if requests > SERVE_MAX_REQUESTS:
             raise ConfigError(f"workload.qps={w.qps:g}: {requests:.3g} requests in "
@@ -338,6 +354,9 @@ def _validate_serve(w) -> None:
                               f"than the {SERVE_MAX_REQUESTS} a point may serve (hours of "
                               "serving): lower qps or duration_s")
     if w.trace is not None:
+        if w.clock == "real":
+            raise ConfigError(f"workload.trace={w.trace}: LoadGen draws its own arrival times; "
+                              "a trace drives workload.clock=simulated")
         if w.search != "none":
             raise ConfigError(f"workload.search={w.search}: searches the Poisson rate; a trace "
                               "(workload.trace) fixes its own arrival times")
@@ -352,6 +371,31 @@ def _validate_serve(w) -> None:
 def reduced_precision(cfg) -> List[str]:
     """The keys of a point that trade accuracy for speed (its accuracy gate applies)."""
     return ["kernel.gemm_dtype=fp8"] if cfg.kernel.gemm_dtype == "fp8" else []
+
+
+def _real_clock(w) -> None:
+    """What LoadGen needs (workload.clock=real)."""
+    if w.slo_percentile >= 100:
+        raise ConfigError(f"workload.slo_percentile={w.slo_percentile:g}: LoadGen's latency "
+                          "percentile must be in (0, 100)")
+    from hstu_exp.stats import early_stopping_queries
+
+    if w.mode == "online":  # the early-stopping rule judges the Server scenario only
+        need = early_stopping_queries(w.slo_percentile)
+        durations = [("workload.min_duration_s", w.min_duration_s)]
+        if w.search == "max_qps":
+            durations.append(("workload.search_duration_s", w.search_duration_s))
+        for key, seconds in durations:
+            if max(w.qps * seconds, w.min_query_count) < need:
+                raise ConfigError(
+                    f"{key}={seconds:g}: about {w.qps * seconds:g} queries at {w.qps:g} qps, "
+                    f"fewer than the {need} LoadGen's early stopping needs at "
+                    f"p{w.slo_percentile:g} (raise it to {need / w.qps:.3g} s or more)")
+    try:
+        import mlperf_loadgen  # noqa: F401 - present, and it loads
+    except ImportError:
+        raise ConfigError("workload.clock=real: needs MLPerf LoadGen: pip install "
+                          "mlcommons-loadgen") from None
 
 
 def cv_max(workload, device_type: str) -> float:
@@ -438,13 +482,26 @@ def serve_window_requests(w) -> float:
     return sum(w.warmup_s <= a.time_s < end for a in read_trace(w.trace))
 
 
+def serve_candidates(w) -> tuple:
+    """(fewest, most) candidates of a serve point's requests: the trace's, or
+    num_candidates..candidates_max."""
+    if w.trace is not None:
+        from hstu_exp.data.arrivals import read_trace
+
+        counts = [a.candidates for a in read_trace(w.trace)]
+        return min(counts), max(counts)
+    return w.num_candidates, (w.candidates_max if w.candidates_max is not None
+                              else w.num_candidates)
+
+
 def _serve_problem(cfg) -> Optional[str]:
     m, w, c, g = cfg.model, cfg.workload, cfg.cache, cfg.graph
-    most = w.candidates_max if w.candidates_max is not None else w.num_candidates
-    if w.num_candidates == 0:
+    if w.num_candidates == 0 and w.trace is None:
         return "workload.num_candidates=0: a ranking request needs at least one candidate"
+    most = serve_candidates(w)[1]
     if most > m.max_candidates:
-        return (f"workload.candidates_max={most}: more than the model's "
+        key = f"workload.trace={w.trace}" if w.trace is not None else "workload.candidates_max"
+        return (f"{key}: a request of {most} candidates, more than the model's "
                 f"max_candidates={m.max_candidates}")
     if w.max_batch > m.max_batch:
         return f"workload.max_batch={w.max_batch}: more than the model's max_batch={m.max_batch}"
@@ -455,7 +512,7 @@ def _serve_problem(cfg) -> Optional[str]:
     if g.mode == "cudagraph" and rows > max(g.token_buckets):
         return (f"graph.token_buckets={list(g.token_buckets)}: none holds a request's "
                 f"{rows} rows (context + model.max_history + candidates)")
-    expected = serve_window_requests(w)
+    expected = serve_window_requests(w) if w.clock == "simulated" else math.inf
     if expected < w.min_requests:
         return (f"workload.duration_s={w.duration_s:g}: about {expected:g} requests arrive in it, "
                 f"fewer than workload.min_requests={w.min_requests} (raise duration_s or qps)")
@@ -476,7 +533,7 @@ def point_problem(cfg) -> Optional[str]:
         if m.hidden % 16 or width % 16:
             return (f"kernel.gemm_dtype=fp8: e4m3 GEMMs need model.hidden ({m.hidden}) and "
                     f"num_heads x head_dim ({width}) to be multiples of 16")
-    if w.num_candidates > m.max_candidates:
+    if w.num_candidates > m.max_candidates and not (w.name == "serve" and w.trace is not None):
         return (f"workload.num_candidates={w.num_candidates}: more than the model's "
                 f"max_candidates={m.max_candidates}")
     if w.name == "serve":

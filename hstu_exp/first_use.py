@@ -14,6 +14,7 @@ import torch
 # kernel meets a new shape (policy.one_off wraps a tune, graphs wrap a capture); a workload reads
 # the running total before and after the work it times.
 _total = 0.0
+_events = 0  # outermost first-use blocks and compiles so far (the real server fails on one)
 _depth = 0
 _compile_start = None  # perf_counter() of the Triton compile under way outside any block
 
@@ -26,8 +27,9 @@ def _sync() -> None:
 @contextmanager
 def first_use():
     """Times the block (synchronized on CUDA, so queued work before it is not counted)."""
-    global _total, _depth
+    global _total, _depth, _events
     outer = _depth == 0
+    _events += outer
     _depth += 1
     if outer:
         _sync()
@@ -46,6 +48,11 @@ def seconds() -> float:
     return _total
 
 
+def events() -> int:
+    """First-use events in this process so far (a nested one counts with its outer block)."""
+    return _events
+
+
 def _compile_started(*args, **kwargs):
     global _compile_start
     _compile_start = time.perf_counter() if _depth == 0 else None
@@ -53,9 +60,10 @@ def _compile_started(*args, **kwargs):
 
 
 def _compile_done(*args, **kwargs):
-    global _total, _compile_start
+    global _total, _compile_start, _events
     if _compile_start is not None and _depth == 0:
         _total += time.perf_counter() - _compile_start
+        _events += 1
     _compile_start = None
     return None
 

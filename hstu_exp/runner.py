@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from hstu_exp.bench.measure import combine_repeats, finish, resampling_units
 from hstu_exp.config import (cv_max, device_problem, e2e_ran, max_time_s, memory_problem,
-                             point_problem)
+                             point_problem, serve_candidates)
 from hstu_exp.data.synthetic import stream_for
 from hstu_exp.env import environment, memory_bytes, resolve_device
 from hstu_exp.tracking import identity
@@ -44,9 +44,10 @@ def swept_values(cfg, device: torch.device) -> dict:
     m, c, w = cfg.model, cfg.cache, cfg.workload
     cache, graph = c.mode, cfg.graph.mode
     total, new, mode, qps = w.get("total_history"), w.get("new_history"), None, None
-    batch = w.batch_size
+    batch, candidates = w.batch_size, w.num_candidates
     if w.name == "serve":
         mode, batch, qps = serve_mode(w), w.max_batch, serve_qps(w)
+        candidates = serve_candidates(w)[0]  # a trace's own, not the config's
     elif w.name == "e2e":
         mode = w.mode
         cache, graph = e2e_ran(cfg).values()
@@ -57,7 +58,7 @@ def swept_values(cfg, device: torch.device) -> dict:
             "page_size": c.page_size if cache != "none" else None, "kernel": cfg.kernel.name,
             "autotune": cfg.kernel.autotune if cfg.kernel.name == "triton" else None,
             "graph": graph, "mode": mode, "batch_size": batch, "total_history": total,
-            "new_history": new, "num_candidates": w.num_candidates, "qps": qps,
+            "new_history": new, "num_candidates": candidates, "qps": qps,
             "device": device.type}
 
 

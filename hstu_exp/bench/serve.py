@@ -2,6 +2,11 @@
 (`hstu_exp.serving`) does the work; this module builds the request path, runs the point on the
 clock the config asks for and turns it into `Measured`.
 
+workload.clock=real (the default): MLPerf LoadGen drives the real server (`serving.server`:
+a batcher thread with real timers, a pipelined worker) on the wall clock; the record takes
+LoadGen's verdict. search=max_qps bisects target_qps with short LoadGen trials, then re-runs the
+highest passing rate with `final_seeds` schedule seeds for `min_duration_s` each.
+
 workload.clock=simulated: the discrete-event simulator over measured per-batch service times
 (`serving.simulated`), a what-if tool; every number it gives is labelled simulated.
 """
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from pathlib import Path
 from typing import List
 
@@ -23,26 +29,53 @@ from hstu_exp.builders import model_dtype, shared_server
 from hstu_exp.core.paging import pages_for
 from hstu_exp.model.hstu import oracle
 from hstu_exp.env import ClockSampler
+from hstu_exp.serving import outcome
+from hstu_exp.serving.loadgen_sut import Test, early_stopping_queries
 from hstu_exp.serving.path import rank
-from hstu_exp.serving.simulated import (REQUESTS_FILE, ServePoint, Trial, latencies_ms,
+from hstu_exp.serving.population import UserSequences, population_for
+from hstu_exp.serving.server import RealServer
+from hstu_exp.serving.simulated import (REQUESTS_FILE, ServePoint, Trial, counted, latencies_ms,
                                         make_stream, search_max_qps, trial_stats,
                                         write_requests)
+from hstu_exp.serving.stats import user_shares
+
+NO_RULE = StopRule(iters=1, min_time_s=0.0, max_time_s=0.0, cv_max=math.inf, min_samples=1)
 
 
 def run(cfg, device: torch.device, progress=print, job_dir=None) -> Measured:
-    w = cfg.workload
     dtype = model_dtype(cfg.model)
     path = shared_server(cfg.model, cfg.cache, cfg.graph, cfg.kernel,
                          cached=cfg.cache.mode != "none", graphed=cfg.graph.mode == "cudagraph",
                          device=device, dtype=dtype, seed=cfg.seed, progress=progress,
                          pool_to_card=True)
     first_use.count_triton_compiles()
+    if cfg.workload.clock == "real":
+        return _run_real(cfg, path, device, dtype, progress, job_dir)
+    return _run_simulated(cfg, path, device, dtype, progress, job_dir)
+
+
+def _contract(cfg) -> dict:
+    """Keys every serve record carries whatever the clock (CONTRACT: the serve record)."""
+    w = cfg.workload
+    return {"clock": w.clock, "scenario": "offline" if w.mode == "offline" else "server",
+            "target_qps": None if w.mode == "offline" or w.trace is not None else w.qps,
+            "slo_ms": w.slo_ms, "slo_percentile": w.slo_percentile, "policy": w.policy,
+            "max_batch": w.max_batch, "max_wait_ms": w.max_wait_ms, "user_skew": w.user_skew,
+            "num_users": w.num_users, "items_per_return": w.items_per_return,
+            "new_user_rate": w.new_user_rate, "cache_warmup_s": w.warmup_s,
+            "trace": w.trace, "candidates_max": w.candidates_max}
+
+
+def _run_simulated(cfg, path, device, dtype, progress, job_dir) -> Measured:
+    w = cfg.workload
+    t0 = time.perf_counter()
     point = ServePoint(cfg, path, device)
     stream = make_stream(cfg, w.qps)
     progress(f"serve: {len(stream.times)} requests ({sum(stream.counted)} counted), "
              f"{'offline' if w.mode == 'offline' else f'{stream.offered_qps:g} qps offered'}, "
              f"max_batch {w.max_batch}, max_wait {w.max_wait_ms:g} ms, {w.policy}")
     point.warm_up(stream)
+    warm_s = time.perf_counter() - t0
     problems: List[str] = []
     progress("clock: simulated (a discrete-event simulation over measured service times)")
     with ClockSampler(device) as clocks:
@@ -65,11 +98,21 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> Measured:
     if best.schedule.stopped_early:
         problems.append("stopped early, the SLO surely missed (percentiles of the finished "
                         "requests only)")
+    extra.update(_contract(cfg))
     extra.update(valid=not problems, invalid_reason="; ".join(problems) or None,
-                 policy=w.policy, max_batch=w.max_batch,
-                 max_wait_ms=w.max_wait_ms, user_skew=w.user_skew, num_users=w.num_users,
-                 items_per_return=w.items_per_return, new_user_rate=w.new_user_rate,
-                 warmup_s=w.warmup_s, duration_s=w.duration_s)
+                 verdict=None, verdict_reason=None, early_stopping_met=None,
+                 scheduled_qps=extra["offered_qps"], completed_qps=extra["achieved_qps"],
+                 warmup_s=warm_s, duration_s=w.duration_s,
+                 **user_shares([best.stream.users[i] for i in counted(best)],
+                               latencies_ms(best)))
+    if w.search == "max_qps":
+        extra["search_passed"] = extra["search_slo_met"]
+        failing = [q for q, ok in zip(extra["search_qps"], extra["search_passed"]) if not ok
+                   and (extra["max_qps"] is None or q > extra["max_qps"])]
+        extra["min_failing_qps"] = min(failing, default=None)
+    if w.trace is not None:  # the trace's own candidates, not the config's
+        extra["num_candidates"] = min(best.stream.candidates)
+        extra["candidates_max"] = max(best.stream.candidates)
     if point.graphs is not None:
         extra["bucket"] = ",".join(sorted(point.graphs.core.used))
     extra.update(pool_capacity(cfg, path.manager))
@@ -87,8 +130,7 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> Measured:
 
     return Measured(
         samples_ms=lat, clocks=clocks.summary(), flops=flops, nbytes=nbytes,
-        rule=StopRule(iters=1, min_time_s=0.0, max_time_s=0.0, cv_max=math.inf, min_samples=1),
-        dtype=dtype, step=profiled, profile_iters=min(len(batches), 8),
+        rule=NO_RULE, dtype=dtype, step=profiled, profile_iters=min(len(batches), 8),
         verify=lambda: _verify(point, best), extra=extra, cv_basis="requests",
         per_unit_ms=1e3 * sum(best.service_s) / max(len(best.service_s), 1))
 
@@ -108,6 +150,174 @@ def pool_capacity(cfg, manager) -> dict:
 
 def device_is_cuda(manager) -> bool:
     return manager.cache.pool.device.type == "cuda"
+
+
+class _Trials:
+    """LoadGen runs of one point on the real server: each on a fresh population at its rate,
+    the cache emptied and re-warmed to a steady state first (graphs and tuning stay warm)."""
+
+    def __init__(self, cfg, server: RealServer, job_dir, progress):
+        self.cfg, self.w, self.server, self.progress = cfg, cfg.workload, server, progress
+        self.log_root = Path(job_dir or ".") / "loadgen"
+        self.runs: List[tuple] = []  # (Test, Served)
+        self.warm: List[dict] = []
+
+    def run(self, qps: float, *, seed: int, min_duration_s: float, label: str,
+            sample_every: int = 0):
+        w = self.w
+        # A short trial runs long enough for early stopping to judge it at any rate.
+        queries = max(w.min_query_count, early_stopping_queries(w.slo_percentile)
+                      if w.mode == "online" else 1)
+        test = Test(scenario="offline" if w.mode == "offline" else "server", target_qps=qps,
+                    slo_ms=w.slo_ms, slo_percentile=w.slo_percentile,
+                    min_duration_s=min_duration_s, min_query_count=queries, seed=seed)
+        population = population_for(self.cfg, qps, seed)
+        self.server.path.reset()
+        self.warm.append(self.server.warm(
+            population, cache_requests=math.ceil(qps * w.warmup_s), quiet_rounds=w.warm_rounds,
+            max_s=w.warm_max_s, progress=self.progress))
+        self.progress(f"LoadGen {test.scenario}: {qps:g} qps, at least {min_duration_s:g} s and "
+                      f"{queries} queries, seed {seed} (clock: real)")
+        served = self.server.run(test, population, self.log_root / label,
+                                 sample_every=sample_every, progress=self.progress)
+        lg = served.loadgen
+        self.progress(f"LoadGen {qps:g} qps: {lg['verdict']}, p{w.slo_percentile:g} "
+                      f"{_ms(lg, w.slo_percentile)} ms, completed {lg['completed_qps']} qps"
+                      + (f" ({lg['verdict_reason']})" if lg["verdict_reason"] else ""))
+        self.runs.append((test, served))
+        return served
+
+
+def _ms(lg: dict, p: float) -> str:
+    v = lg.get({50: "p50_ms", 90: "p90_ms", 99: "p99_ms", 99.9: "p999_ms"}.get(p, "p99_ms"))
+    return "?" if v is None else f"{v:.1f}"
+
+
+def _run_real(cfg, path, device, dtype, progress, job_dir) -> Measured:
+    w, m = cfg.workload, cfg.model
+    server = RealServer(path, UserSequences(m, cfg.seed), max_batch=w.max_batch,
+                        max_wait_s=w.max_wait_ms / 1e3, policy=w.policy, device=device,
+                        token_buckets=cfg.graph.token_buckets, num_context=m.num_context)
+    trials = _Trials(cfg, server, job_dir, progress)
+    expected = max(w.qps * w.min_duration_s, w.min_query_count)
+    every = max(1, int(expected // max(w.verify_requests, 1))) if cfg.verify else 0
+    extra: dict = {}
+    with ClockSampler(device) as clocks:
+        if w.search == "max_qps":
+            best = _search_real(trials, w, cfg.seed, progress, extra, every)
+        else:
+            best = trials.run(w.qps, seed=cfg.seed, min_duration_s=w.min_duration_s,
+                              label="run", sample_every=every)
+    rows = [best.log.rows[i] for i in sorted(best.log.rows)]
+    lg = best.loadgen
+    extra.update(outcome.run_stats(rows, best.log.batches, w.max_batch))
+    extra.update(_contract(cfg))
+    extra.update({k: v for k, v in lg.items()})
+    problems = [] if lg["verdict"] == "VALID" else [f"LoadGen: {lg['verdict']} "
+                                                     f"({lg['verdict_reason']})"]
+    extra.update(valid=not problems, invalid_reason="; ".join(problems) or None,
+                 warmup_s=trials.warm[0]["warm_s"], warm_requests=trials.warm[0]["warm_requests"],
+                 warm_first_use=trials.warm[0]["warm_first_use"],
+                 min_duration_s=w.min_duration_s, min_query_count=w.min_query_count,
+                 offered_qps=lg["scheduled_qps"], achieved_qps=lg["completed_qps"],
+                 loadgen_logs=str(Path("loadgen")), stopped_early=False)
+    if w.mode == "offline":
+        extra["target_qps"] = None
+    extra.update(pool_capacity(cfg, path.manager))
+    if path.graphs is not None:
+        extra["bucket"] = ",".join(sorted(path.graphs.core.used))
+    if job_dir is not None:
+        outcome.write_requests(rows, Path(job_dir) / REQUESTS_FILE)
+        extra["requests_file"] = REQUESTS_FILE
+    lat = outcome.latencies_ms(rows) or [math.nan]
+    flops, nbytes = _work_of(m, dtype, rows)
+    return Measured(
+        samples_ms=lat, clocks=clocks.summary(), flops=flops, nbytes=nbytes, rule=NO_RULE,
+        dtype=dtype, verify=lambda: _verify_scores(path, best.log.checked, device),
+        extra=extra, cv_basis="requests", per_unit_ms=extra["device_ms_per_batch"])
+
+
+def _search_real(trials: _Trials, w, seed: int, progress, extra: dict, every: int):
+    """Bisection over target_qps with short LoadGen trials (a pass: LoadGen's VALID), then the
+    highest passing rate again with `final_seeds` seeds for min_duration_s each."""
+    tried: List[tuple] = []
+
+    def passed(qps: float) -> bool:
+        served = trials.run(qps, seed=seed, min_duration_s=w.search_duration_s,
+                            label=f"search-{len(tried)}-{qps:g}qps")
+        tried.append((qps, served.loadgen["verdict"] == "VALID", served.loadgen["verdict"]))
+        return tried[-1][1]
+
+    lo = hi = None
+    qps = w.qps
+    for _ in range(12):  # the bracket: a rate that passes and one that fails
+        if passed(qps):
+            lo = qps
+            if hi is not None:
+                break
+            qps *= 2
+        else:
+            hi = qps
+            if lo is not None:
+                break
+            qps /= 2
+    if lo is not None and hi is not None:
+        for _ in range(w.search_steps):
+            mid = round((lo + hi) / 2, 1)
+            if mid in (lo, hi):
+                break
+            lo, hi = (mid, hi) if passed(mid) else (lo, mid)
+    extra.update(search_qps=[t[0] for t in tried], search_passed=[t[1] for t in tried],
+                 search_verdicts=[t[2] for t in tried], max_qps=lo, min_failing_qps=hi,
+                 search_duration_s=w.search_duration_s)
+    final_rate = lo if lo is not None else min(t[0] for t in tried)
+    progress(f"max_qps bracket: passed {lo}, failed {hi} (clock: real); the final rate "
+             f"{final_rate:g} qps with {w.final_seeds} seeds x {w.min_duration_s:g} s")
+    finals = [trials.run(final_rate, seed=seed + 1 + k, min_duration_s=w.min_duration_s,
+                         label=f"final-{k}-{final_rate:g}qps", sample_every=every)
+              for k in range(w.final_seeds)]
+    extra.update(final_qps=final_rate, final_seeds=[seed + 1 + k for k in range(w.final_seeds)],
+                 final_passed=[f.loadgen["verdict"] == "VALID" for f in finals],
+                 final_p99_ms=[f.loadgen["p99_ms"] for f in finals])
+    if lo is None:
+        extra["max_qps"] = None
+    # The record's percentiles and verdict: the final seed with the worst p99 (a max QPS that
+    # one seed fails is not claimed).
+    return max(finals, key=lambda f: f.loadgen["p99_ms"] or math.inf)
+
+
+def _work_of(m, dtype, rows: List[dict]):
+    """The block's FLOPs and fewest bytes per batch, averaged over a real run's batches."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    batches: dict = {}
+    for r in rows:
+        batches.setdefault(r["batch"], []).append(r)
+    flops = nbytes = 0
+    for members in batches.values():
+        seq = [m.num_context + r["history"] for r in members]
+        f, b = block_work(num_layers=m.num_layers, hidden=m.hidden, num_heads=m.num_heads,
+                          head_dim=m.head_dim, itemsize=itemsize, histories=seq,
+                          news=[s - r["cached_tokens"] for s, r in zip(seq, members)],
+                          candidates=[r["candidates"] for r in members])
+        flops, nbytes = flops + f, nbytes + b
+    return flops / max(len(batches), 1), nbytes / max(len(batches), 1)
+
+
+@torch.no_grad()
+def _verify_scores(path, checked, device) -> float:
+    """Sampled queries' scores as LoadGen received them (cache hits, host onloads, batching,
+    pipelining) vs a float32 full recompute of each user's whole sequence: worst relative
+    error."""
+    if not checked:
+        return math.nan
+    ref = copy.deepcopy(path.model).float()
+    ref.block = oracle(path.model.block)
+    worst = 0.0
+    for request, scores in checked:
+        ref_logits = rank(ref, [request], device=device)
+        worst = max(worst, relative_error(scores, ref_logits.cpu(),
+                                          [request.candidates.numel()]))
+    return worst
 
 
 def _work_per_batch(cfg, dtype, trial: Trial):

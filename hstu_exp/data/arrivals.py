@@ -17,6 +17,7 @@ Everything is drawn from the seed: the same config gives the same arrivals.
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -56,29 +57,57 @@ def poisson_times(qps: float, horizon_s: float, rng: np.random.Generator) -> np.
     return out[out < horizon_s]
 
 
+class UserDraws:
+    """Who sends the next requests, drawn on demand in arrival order: (user, new history items,
+    candidates) per request, as `poisson_arrivals` describes. The real server draws its
+    requests here one LoadGen query at a time; the arrival times come from LoadGen."""
+
+    def __init__(self, *, num_users: int, user_skew: float, new_user_rate: float,
+                 items_per_return: int, max_items: int, num_candidates: int,
+                 candidates_max: Optional[int], rng: np.random.Generator):
+        self.num_users, self.new_user_rate, self.rng = num_users, new_user_rate, rng
+        self.items_per_return = items_per_return
+        self.p = zipf_weights(num_users, user_skew)
+        self.first_items = rng.integers(1, max_items + 1, size=num_users)  # histories so far
+        self.cands = (num_candidates,
+                      candidates_max if candidates_max is not None else num_candidates)
+        self.seen: set = set()
+        self.next_new = num_users
+
+    def draw(self, n: int) -> List[tuple]:
+        rng = self.rng
+        popular = rng.choice(self.num_users, size=n, p=self.p)
+        is_new = rng.random(n) < self.new_user_rate
+        cands = rng.integers(self.cands[0], self.cands[1] + 1, size=n)
+        out = []
+        for user, new, c in zip(popular, is_new, cands):
+            if new:
+                user, items = self.next_new, self.items_per_return
+                self.next_new += 1
+            else:
+                user = int(user)
+                items = self.items_per_return if user in self.seen else int(self.first_items[user])
+            self.seen.add(user)
+            out.append((user, items, int(c)))
+        return out
+
+
 def poisson_arrivals(*, qps: float, horizon_s: float, num_users: int, user_skew: float,
                      new_user_rate: float, items_per_return: int, max_items: int,
                      num_candidates: int, candidates_max: Optional[int],
                      seed: int) -> List[Arrival]:
     rng = np.random.default_rng(seed)
     times = poisson_times(qps, horizon_s, rng)
-    n = times.size
-    popular = rng.choice(num_users, size=n, p=zipf_weights(num_users, user_skew))
-    is_new = rng.random(n) < new_user_rate
-    first_items = rng.integers(1, max_items + 1, size=num_users)  # the population's histories
-    hi = candidates_max if candidates_max is not None else num_candidates
-    cands = rng.integers(num_candidates, hi + 1, size=n)
-    seen, next_new, out = set(), num_users, []
-    for t, user, new, c in zip(times, popular, is_new, cands):
-        if new:
-            user, items = next_new, items_per_return
-            next_new += 1
-        else:
-            user = int(user)
-            items = items_per_return if user in seen else int(first_items[user])
-        seen.add(user)
-        out.append(Arrival(float(t), user, items, int(c)))
-    return out
+    users = UserDraws(num_users=num_users, user_skew=user_skew, new_user_rate=new_user_rate,
+                      items_per_return=items_per_return, max_items=max_items,
+                      num_candidates=num_candidates, candidates_max=candidates_max, rng=rng)
+    return [Arrival(float(t), *drawn) for t, drawn in zip(times, users.draw(times.size))]
+
+
+def users_for_rate(qps: float, return_s: float) -> int:
+    """A population sized to the rate: users who each come back every `return_s` seconds on
+    average make `qps` together (at least 64)."""
+    return max(64, math.ceil(qps * return_s))
 
 
 def read_trace(path) -> List[Arrival]:
@@ -127,7 +156,9 @@ def _trace_row(row, col, lineno: int, seen: set, last_time: float) -> Arrival:
 
     t, user = number("time", float), number("user", int)
     items, cands = number("new_items", int), number("candidates", int)
-    if not t >= 0:  # also NaN
+    if not math.isfinite(t):
+        raise TraceError(f"line {lineno}: time={t:g} is not a finite number of seconds")
+    if t < 0:
         raise TraceError(f"line {lineno}: time={t:g} is negative")
     if t < last_time:
         raise TraceError(f"line {lineno}: time={t:g} is before the previous line's {last_time:g} "

@@ -10,7 +10,8 @@ from typing import List
 import numpy as np
 import torch
 
-from hstu_exp.data.arrivals import histories, poisson_arrivals, read_trace
+from hstu_exp.data.arrivals import (UserDraws, histories, poisson_arrivals, read_trace,
+                                    users_for_rate)
 from hstu_exp.data.synthetic import Request, interleave
 
 
@@ -61,8 +62,9 @@ def make_stream(cfg, qps: float) -> Stream:
         arrivals = read_trace(w.trace)
     else:
         arrivals = poisson_arrivals(
-            qps=qps, horizon_s=horizon, num_users=w.num_users, user_skew=w.user_skew,
-            new_user_rate=w.new_user_rate, items_per_return=w.items_per_return,
+            qps=qps, horizon_s=horizon,
+            num_users=w.num_users or users_for_rate(qps, w.user_return_s),
+            user_skew=w.user_skew, new_user_rate=w.new_user_rate, items_per_return=w.items_per_return,
             max_items=max_items, num_candidates=w.num_candidates,
             candidates_max=w.candidates_max, seed=cfg.seed)
     counted = [w.warmup_s <= a.time_s < horizon for a in arrivals]
@@ -73,3 +75,33 @@ def make_stream(cfg, qps: float) -> Stream:
                   history=[min(2 * k, m.max_history) for k in items],
                   candidates=[a.candidates for a in arrivals], counted=counted,
                   offered_qps=offered)
+
+
+class Population:
+    """Requests drawn on demand, in arrival order (the real server: LoadGen says when, this says
+    who and what). Request k: (user, history tokens, candidates); a user's history grows by
+    each return (data/arrivals.UserDraws), capped at the model's max_history."""
+
+    def __init__(self, model, draws: UserDraws, *, chunk: int = 4096):
+        self.max_items = -(-model.max_history // 2)
+        self.max_history, self.draws, self.chunk = model.max_history, draws, chunk
+        self._items: dict = {}
+        self._buffer: List[tuple] = []
+
+    def next(self) -> tuple:
+        if not self._buffer:
+            self._buffer = self.draws.draw(self.chunk)[::-1]
+        user, new_items, candidates = self._buffer.pop()
+        items = self._items[user] = min(self._items.get(user, 0) + new_items, self.max_items)
+        return user, min(2 * items, self.max_history), candidates
+
+
+def population_for(cfg, qps: float, seed: int) -> Population:
+    """The population of a serve point: workload.num_users, or (null) sized to the rate."""
+    m, w = cfg.model, cfg.workload
+    num_users = w.num_users or users_for_rate(qps, w.user_return_s)
+    return Population(m, UserDraws(
+        num_users=num_users, user_skew=w.user_skew, new_user_rate=w.new_user_rate,
+        items_per_return=w.items_per_return, max_items=-(-m.max_history // 2),
+        num_candidates=w.num_candidates, candidates_max=w.candidates_max,
+        rng=np.random.default_rng([seed, 17])))

@@ -16,18 +16,13 @@ import torch
 
 from hstu_exp import first_use
 from hstu_exp.data.synthetic import Request
+from hstu_exp.serving.outcome import REQUEST_COLUMNS
 from hstu_exp.serving.path import TIERS
 from hstu_exp.serving.population import Stream, UserSequences, make_stream
 from hstu_exp.serving.sim import Schedule, eligible, simulate, slo_give_up, token_bucket
 from hstu_exp.serving.stats import percentile
 
 REQUESTS_FILE = "requests.csv"
-REQUEST_COLUMNS = ("request", "user", "arrival_s", "start_s", "finish_s", "latency_ms",
-                   "queue_ms", "service_ms", "batch", "batch_size", "tier", "history",
-                   "candidates", "cached_tokens", "tokens_computed", "onloaded_bytes",
-                   "offloaded_bytes", "counted")
-
-
 @dataclass
 class Trial:
     qps: float
@@ -129,6 +124,12 @@ def _verify_sample(stream: Stream, k: int, seed: int) -> List[int]:
     counted = [i for i, c in enumerate(stream.counted) if c]
     rng = np.random.default_rng([seed, 13])
     return sorted(rng.choice(counted, size=min(k, len(counted)), replace=False).tolist())
+
+
+def counted(trial: Trial) -> List[int]:
+    """Counted requests that finished, in request order."""
+    s, st = trial.schedule, trial.stream
+    return [i for i in range(len(st.times)) if st.counted[i] and s.finish[i] is not None]
 
 
 def latencies_ms(trial: Trial) -> List[float]:

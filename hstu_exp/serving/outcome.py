@@ -1,0 +1,71 @@
+"""What a real-clock run measured, for the record and requests.csv: the server's side of each
+query (arrival at the SUT, batch start, answer), its batches (host and device time), tiers and
+bytes. LoadGen's own verdict and percentiles come from its log (`loadgen_sut.read_detail`)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from statistics import median
+from typing import List
+
+from hstu_exp.serving.path import TIERS
+from hstu_exp.serving.stats import percentile, user_shares
+from hstu_exp.serving.worker import busy_fraction
+
+REQUEST_COLUMNS = ("request", "user", "arrival_s", "start_s", "finish_s", "latency_ms",
+                   "queue_ms", "service_ms", "batch", "batch_size", "tier", "history",
+                   "candidates", "cached_tokens", "tokens_computed", "onloaded_bytes",
+                   "offloaded_bytes", "counted")
+
+
+def latencies_ms(rows: List[dict]) -> List[float]:
+    """The server's side of each query's latency (arrival at the SUT to the answer), in
+    request order."""
+    return [1e3 * (r["finish_s"] - r["arrival_s"]) for r in rows]
+
+
+def run_stats(rows: List[dict], batches: List[dict], max_batch: int) -> dict:
+    """Record keys of a real run from the worker's log (rows in request order)."""
+    n = max(len(rows), 1)
+    lat = latencies_ms(rows)
+    first = min((r["arrival_s"] for r in rows), default=0.0)
+    last = max((r["finish_s"] for r in rows), default=first)
+    wall_ms = 1e3 * (last - first)
+    hist = [0] * max_batch
+    for b in batches:
+        hist[b["size"] - 1] += 1
+    tiers = {t: sum(r["tier"] == t for r in rows) for t in TIERS}
+    spans = [(a - 1e3 * first, b - 1e3 * first) for a, b in (x["span_ms"] for x in batches)]
+    return {"requests": len(rows), "requests_total": len(rows), "batches": len(batches),
+            "batch_size_hist": hist,
+            "mean_batch_size": sum(b["size"] for b in batches) / max(len(batches), 1),
+            "server_p50_ms": percentile(sorted(lat), 50),
+            "server_p99_ms": percentile(sorted(lat), 99),
+            "queue_p50_ms": percentile(sorted(1e3 * (r["start_s"] - r["arrival_s"])
+                                              for r in rows), 50),
+            "host_ms_per_batch": median(b["host_ms"] for b in batches) if batches else None,
+            "device_ms_per_batch": median(b["device_ms"] for b in batches) if batches else None,
+            "busy_fraction": busy_fraction(spans, wall_ms),
+            **user_shares([r["user"] for r in rows], lat),
+            **{f"{t}_requests": tiers[t] for t in TIERS},
+            **{f"{t}_hit_rate" if t != "miss" else "miss_rate": tiers[t] / n for t in TIERS},
+            "cached_tokens": sum(r["cached_tokens"] for r in rows),
+            "computed_tokens": sum(r["tokens_computed"] for r in rows),
+            "onloaded_bytes": sum(r["onloaded_bytes"] for r in rows),
+            "offloaded_bytes": sum(r["offloaded_bytes"] for r in rows)}
+
+
+def write_requests(rows: List[dict], path: Path) -> None:
+    """requests.csv of a real run: every query LoadGen issued, in issue order (all counted:
+    LoadGen judges every query)."""
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(REQUEST_COLUMNS)
+        for i, r in enumerate(rows):
+            ms = lambda a, b: round(1e3 * (r[a] - r[b]), 6)  # noqa: E731
+            out.writerow([i, r["user"], round(r["arrival_s"], 9), round(r["start_s"], 9),
+                          round(r["finish_s"], 9), ms("finish_s", "arrival_s"),
+                          ms("start_s", "arrival_s"), ms("finish_s", "start_s"), r["batch"],
+                          r["batch_size"], r["tier"], r["history"], r["candidates"],
+                          r["cached_tokens"], r["tokens_computed"], r["onloaded_bytes"],
+                          r["offloaded_bytes"], 1])
