@@ -375,7 +375,7 @@ def reduced_precision(cfg) -> List[str]:
 
 def _real_clock(w) -> None:
     """What LoadGen needs (workload.clock=real)."""
-    if w.slo_percentile >= 100:
+    if not 0 < w.slo_percentile < 100:
         raise ConfigError(f"workload.slo_percentile={w.slo_percentile:g}: LoadGen's latency "
                           "percentile must be in (0, 100)")
     from hstu_exp.stats import early_stopping_queries

@@ -14,6 +14,8 @@ of a pass whose batches differ in size by design, so the unit is the pass: its t
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # Resamples are drawn in chunks of about this many values, so that long sample sets (thousands
@@ -77,3 +79,10 @@ def pass_totals(samples, per_pass: int) -> list:
     if per_pass <= 0 or len(x) == 0 or len(x) % per_pass:
         return []
     return x.reshape(-1, per_pass).sum(axis=1).tolist()
+
+
+def early_stopping_queries(percentile: float, confidence: float = 0.99) -> int:
+    """Fewest queries with which MLPerf LoadGen's early stopping can pass at `percentile` (%),
+    even with every query within the latency bound: fewer cannot show with `confidence` that
+    the percentile holds (n with (percentile/100)^n <= 1 - confidence)."""
+    return math.ceil(math.log(1 - confidence) / math.log(percentile / 100))

@@ -1,6 +1,7 @@
-"""workload=serve: the arrival process, the scheduler, the serving layer's accounting, the
-CLI's smoke sweep (no request lost or served twice, causal latencies, tier counts that add up,
-outputs equal to a full recompute) and bad input.
+"""workload=serve on the simulated clock (the discrete-event simulator; the real server and
+LoadGen: test_serve_real.py): the arrival process, the scheduler, the serving layer's
+accounting, the CLI's smoke sweep (no request lost or served twice, causal latencies, tier
+counts that add up, outputs equal to a full recompute) and bad input.
 
 CPU timing on a shared machine: the CLI runs get OMP_NUM_THREADS=1 (two OpenMP threads fighting
 other processes for two cores make a 5 ms batch take 300 ms)."""
@@ -22,6 +23,7 @@ from helpers import hstu_exp
 from test_e2e import assert_matches, make_cache, make_model, random_users, request
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+SIMULATED = "workload.clock=simulated"
 
 
 # -- arrivals ----------------------------------------------------------------------------------
@@ -259,16 +261,17 @@ def check_requests(record, rows, *, qps=None, duration=None):
 
 
 def test_serve_smoke_sweep_through_the_cli(tmp_path):
-    out = hstu_exp("-m", "experiment=serve_smoke", f"hydra.sweep.dir={tmp_path}",
+    out = hstu_exp("-m", "experiment=serve_smoke", SIMULATED, f"hydra.sweep.dir={tmp_path}",
                    env=ONE_THREAD)
     assert out.returncode == 0, out.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert sorted(r["cache"] for r in records) == ["none", "paged", "paged_offload"]
     for r in records:
-        assert r["status"] == "ok" and r["workload"] == "serve" and r["qps"] == 10.0
+        assert r["status"] == "ok" and r["workload"] == "serve" and r["qps"] == 20.0
         assert r["mode"] == "online-fifo" and r["batch_size"] == 4
+        assert r["clock"] == "simulated" and r["verdict"] is None
         assert r["max_rel_error"] < 1e-4  # sampled requests vs a float32 full recompute
-        tiers = check_requests(r, read_csv(Path(r["job_dir"]) / "requests.csv"), qps=10.0,
+        tiers = check_requests(r, read_csv(Path(r["job_dir"]) / "requests.csv"), qps=20.0,
                                duration=3.0)
         if r["cache"] == "none":
             assert tiers["gpu"] == tiers["host"] == 0 and r["onloaded_bytes"] == 0
@@ -290,7 +293,8 @@ def test_a_trace_drives_the_arrivals_and_the_search_finds_a_rate(tmp_path):
     for i in range(40):
         rows.append(f"{i * 0.05:.3f},{rng.randrange(6)},{rng.randint(1, 5)},{rng.randint(1, 8)}")
     trace.write_text("\n".join(rows) + "\n")
-    out = hstu_exp("experiment=serve_smoke", "cache=paged_offload", f"workload.trace={trace}",
+    out = hstu_exp("experiment=serve_smoke", SIMULATED, "cache=paged_offload",
+                   f"workload.trace={trace}",
                    "workload.warmup_s=0.2", "workload.duration_s=1.8", "workload.min_requests=10",
                    f"hydra.run.dir={tmp_path / 'run'}", env=ONE_THREAD)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -300,8 +304,12 @@ def test_a_trace_drives_the_arrivals_and_the_search_finds_a_rate(tmp_path):
     assert [(float(r["arrival_s"]), int(r["user"]), int(r["candidates"])) for r in got] == \
         [(float(t), int(u), int(c)) for t, u, _, c in (x.split(",") for x in rows[1:])]
     assert record["qps"] is None and record["max_rel_error"] < 1e-4
+    # the trace's own candidates and its name are in the record, not the config's 8..16
+    assert (record["num_candidates"], record["candidates_max"]) == \
+        (min(int(x.split(",")[3]) for x in rows[1:]), max(int(x.split(",")[3]) for x in rows[1:]))
+    assert record["trace"] == str(trace)
 
-    out = hstu_exp("experiment=serve_smoke", "cache=paged", "workload.search=max_qps",
+    out = hstu_exp("experiment=serve_smoke", SIMULATED, "cache=paged", "workload.search=max_qps",
                    "workload.qps=40", "workload.search_steps=2", "workload.slo_ms=60",
                    "verify=false", f"hydra.run.dir={tmp_path / 'search'}", env=ONE_THREAD)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -332,8 +340,12 @@ def write_trace(tmp_path, text):
     (["trace:time,user,new_items,candidates\n-0.5,1,2,3\n"], "line 2: time=-0.5 is negative"),
     (["trace:time,user,new_items,candidates\n0,1,2,3\n0.1,1,-1,3\n"],
      "line 3: user 1's history decreases (new_items=-1)"),
-    (["workload.duration_s=1"], "workload.duration_s=1: about 10 requests arrive in it, fewer "
-                                "than workload.min_requests=15"),
+    (["workload.duration_s=0.5"], "workload.duration_s=0.5: about 10 requests arrive in it, "
+                                  "fewer than workload.min_requests=15"),
+    (["trace:time,user,new_items,candidates\n0,1,2,3\ninf,1,2,3\n"],
+     "line 3: time=inf is not a finite number of seconds"),
+    (["trace:time,user,new_items,candidates\n0,1,2,3\n0.5,2,2,100000\n"],
+     "a request of 100000 candidates, more than the model's max_candidates=64"),
     (["cache.num_pages=12"], "cache.num_pages=12: the KV pool holds fewer pages than one batch "
                              "needs (4 requests x 4 pages of 32 tokens for 128 tokens)"),
     (["workload.batch_size=2"], "workload.batch_size=2: workload=serve forms batches of up to "
@@ -343,7 +355,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, overrides, message):
     args = [write_trace(tmp_path, o[len("trace:"):]) if o.startswith("trace:") else o
             for o in overrides]
     run_dir = tmp_path / "run"
-    out = hstu_exp("experiment=serve_smoke", "cache=paged_offload", *args,
+    out = hstu_exp("experiment=serve_smoke", SIMULATED, "cache=paged_offload", *args,
                    f"hydra.run.dir={run_dir}")
     assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
     lines = out.stderr.strip().splitlines()
@@ -353,21 +365,21 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, overrides, message):
 
 
 def test_offline_mode_serves_back_to_back_and_stop_on_miss_bounds_a_run(tmp_path):
-    out = hstu_exp("experiment=serve_smoke", "cache=paged", "workload.mode=offline",
+    out = hstu_exp("experiment=serve_smoke", SIMULATED, "cache=paged", "workload.mode=offline",
                    "verify=false", f"hydra.run.dir={tmp_path / 'offline'}", env=ONE_THREAD)
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((tmp_path / "offline" / "results.jsonl").read_text())
     rows = read_csv(tmp_path / "offline" / "requests.csv")
     check_requests(record, rows)
-    assert record["mode"] == "offline-fifo" and record["qps"] == 10.0
+    assert record["mode"] == "offline-fifo" and record["qps"] == 20.0
     assert all(float(r["arrival_s"]) == 0 for r in rows)  # every request there at once
     spans = sorted({(float(r["start_s"]), float(r["finish_s"])) for r in rows})
     assert spans[0][0] == 0  # the server starts at once and never idles
     assert all(b[0] == pytest.approx(a[1], abs=1e-12) for a, b in zip(spans, spans[1:]))
     assert record["busy_fraction"] == pytest.approx(1.0)
-    assert record["achieved_qps"] > record["offered_qps"]  # the tiny model outruns 10 qps
+    assert record["achieved_qps"] > record["offered_qps"]  # the tiny model outruns 20 qps
 
-    out = hstu_exp("experiment=serve_smoke", "cache=paged", "workload.stop_on_miss=true",
+    out = hstu_exp("experiment=serve_smoke", SIMULATED, "cache=paged", "workload.stop_on_miss=true",
                    "workload.slo_ms=0.01", "verify=false", f"hydra.run.dir={tmp_path / 'miss'}",
                    env=ONE_THREAD)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -30,14 +30,15 @@ from hstu_exp.core.paging import pages_for
 from hstu_exp.model.hstu import oracle
 from hstu_exp.env import ClockSampler
 from hstu_exp.serving import outcome
-from hstu_exp.serving.loadgen_sut import Test, early_stopping_queries
+from hstu_exp.serving.loadgen_sut import LoadGenTest
 from hstu_exp.serving.path import rank
 from hstu_exp.serving.population import UserSequences, population_for
 from hstu_exp.serving.server import RealServer
 from hstu_exp.serving.simulated import (REQUESTS_FILE, ServePoint, Trial, counted, latencies_ms,
                                         make_stream, search_max_qps, trial_stats,
                                         write_requests)
-from hstu_exp.serving.stats import user_shares
+from hstu_exp.serving.stats import user_shares, violations_to_miss
+from hstu_exp.stats import early_stopping_queries
 
 NO_RULE = StopRule(iters=1, min_time_s=0.0, max_time_s=0.0, cv_max=math.inf, min_samples=1)
 
@@ -163,12 +164,12 @@ class _Trials:
         self.warm: List[dict] = []
 
     def run(self, qps: float, *, seed: int, min_duration_s: float, label: str,
-            sample_every: int = 0):
+            sample_every: int = 0, give_up: bool = False):
         w = self.w
         # A short trial runs long enough for early stopping to judge it at any rate.
         queries = max(w.min_query_count, early_stopping_queries(w.slo_percentile)
                       if w.mode == "online" else 1)
-        test = Test(scenario="offline" if w.mode == "offline" else "server", target_qps=qps,
+        test = LoadGenTest(scenario="offline" if w.mode == "offline" else "server", target_qps=qps,
                     slo_ms=w.slo_ms, slo_percentile=w.slo_percentile,
                     min_duration_s=min_duration_s, min_query_count=queries, seed=seed)
         population = population_for(self.cfg, qps, seed)
@@ -178,9 +179,20 @@ class _Trials:
             max_s=w.warm_max_s, progress=self.progress))
         self.progress(f"LoadGen {test.scenario}: {qps:g} qps, at least {min_duration_s:g} s and "
                       f"{queries} queries, seed {seed} (clock: real)")
+        limit = None
+        if (give_up or w.stop_on_miss) and test.scenario == "server":
+            # An upper estimate of the queries LoadGen issues: a limit from fewer would stop
+            # a run that could still pass.
+            issued = max(queries, math.ceil(1.2 * qps * min_duration_s))
+            limit = violations_to_miss(issued, w.slo_percentile)
         served = self.server.run(test, population, self.log_root / label,
-                                 sample_every=sample_every, progress=self.progress)
+                                 sample_every=sample_every, give_up_after=limit,
+                                 progress=self.progress)
         lg = served.loadgen
+        if served.stopped_early:  # LoadGen judged answers the model never computed
+            lg.update(verdict="INVALID", slo_met=False, verdict_reason=(
+                f"stopped early by the server: p{w.slo_percentile:g} over {w.slo_ms:g} ms for "
+                f"sure (LoadGen's verdict on the cut run: {lg['verdict']})"))
         self.progress(f"LoadGen {qps:g} qps: {lg['verdict']}, p{w.slo_percentile:g} "
                       f"{_ms(lg, w.slo_percentile)} ms, completed {lg['completed_qps']} qps"
                       + (f" ({lg['verdict_reason']})" if lg["verdict_reason"] else ""))
@@ -220,7 +232,7 @@ def _run_real(cfg, path, device, dtype, progress, job_dir) -> Measured:
                  warm_first_use=trials.warm[0]["warm_first_use"],
                  min_duration_s=w.min_duration_s, min_query_count=w.min_query_count,
                  offered_qps=lg["scheduled_qps"], achieved_qps=lg["completed_qps"],
-                 loadgen_logs=str(Path("loadgen")), stopped_early=False)
+                 loadgen_logs=str(Path("loadgen")), stopped_early=best.stopped_early)
     if w.mode == "offline":
         extra["target_qps"] = None
     extra.update(pool_capacity(cfg, path.manager))
@@ -244,7 +256,7 @@ def _search_real(trials: _Trials, w, seed: int, progress, extra: dict, every: in
 
     def passed(qps: float) -> bool:
         served = trials.run(qps, seed=seed, min_duration_s=w.search_duration_s,
-                            label=f"search-{len(tried)}-{qps:g}qps")
+                            label=f"search-{len(tried)}-{qps:g}qps", give_up=True)
         tried.append((qps, served.loadgen["verdict"] == "VALID", served.loadgen["verdict"]))
         return tried[-1][1]
 
@@ -258,7 +270,7 @@ def _search_real(trials: _Trials, w, seed: int, progress, extra: dict, every: in
             qps *= 2
         else:
             hi = qps
-            if lo is not None:
+            if lo is not None or qps / 2 < w.qps / 8:  # no rate down to an eighth: stop there
                 break
             qps /= 2
     if lo is not None and hi is not None:

@@ -14,16 +14,13 @@ each query is (user, history, candidates) comes from the population, in issue or
 from __future__ import annotations
 
 import json
-import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
 PACKAGE = "mlcommons-loadgen"
-# LoadGen's early stopping passes only with at least this confidence that the percentile holds.
-EARLY_STOPPING_CONFIDENCE = 0.99
-SCENARIOS = ("server", "offline")
+LOADGEN_MISSING = f"needs MLPerf LoadGen: pip install {PACKAGE}"
 
 
 class LoadGenMissing(RuntimeError):
@@ -35,19 +32,12 @@ def loadgen():
     try:
         import mlperf_loadgen
     except ImportError:
-        raise LoadGenMissing(f"workload.clock=real needs MLPerf LoadGen: pip install "
-                             f"{PACKAGE}") from None
+        raise LoadGenMissing(f"workload.clock=real {LOADGEN_MISSING}") from None
     return mlperf_loadgen
 
 
-def early_stopping_queries(percentile: float) -> int:
-    """Fewest queries with which LoadGen's early stopping can pass at `percentile` (%): even
-    with every query within the bound, fewer cannot show the percentile holds."""
-    return math.ceil(math.log(1 - EARLY_STOPPING_CONFIDENCE) / math.log(percentile / 100))
-
-
 @dataclass
-class Test:
+class LoadGenTest:
     """One LoadGen run."""
     scenario: str  # server | offline
     target_qps: float  # server: the Poisson rate; offline: the expected rate (sizes the query)
@@ -89,7 +79,7 @@ class SUT:
         self.answered += len(responses)
 
 
-def run(test: Test, sut: SUT, log_dir: Path, *, on_interrupt: Callable[[], None]) -> dict:
+def run(test: LoadGenTest, sut: SUT, log_dir: Path, *, on_interrupt: Callable[[], None]) -> dict:
     """Runs LoadGen (on its own thread, so that Ctrl-C reaches this one) and returns the
     verdict read back from its detail log. On Ctrl-C, `on_interrupt()` must make the server
     answer what is left at once; LoadGen then ends and closes its logs, and KeyboardInterrupt
@@ -118,24 +108,29 @@ def run(test: Test, sut: SUT, log_dir: Path, *, on_interrupt: Callable[[], None]
     qsl = lg.ConstructQSL(samples, samples, lambda idx: None, lambda idx: None)
     handle = lg.ConstructSUT(sut.issue, sut.flush)
     failed: list = []
+    # An Event, not Thread.join: a join interrupted by Ctrl-C may take a live thread for
+    # finished, and LoadGen's objects must outlive its run.
+    done = threading.Event()
 
     def start():
         try:
             lg.StartTestWithLogSettings(handle, qsl, settings, logs)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
             failed.append(exc)
+        finally:
+            done.set()
 
-    thread = threading.Thread(target=start, name="loadgen", daemon=True)
-    thread.start()
+    threading.Thread(target=start, name="loadgen", daemon=True).start()
     try:
-        while thread.is_alive():
-            thread.join(0.1)
+        while not done.wait(0.1):
+            pass
     except KeyboardInterrupt:
         on_interrupt()
-        thread.join()
+        while not done.wait(0.1):  # LoadGen ends at its schedule's end (a second Ctrl-C: now)
+            pass
         raise
     finally:
-        if not thread.is_alive():
+        if done.is_set():
             lg.DestroySUT(handle)
             lg.DestroyQSL(qsl)
     if failed:
@@ -143,7 +138,7 @@ def run(test: Test, sut: SUT, log_dir: Path, *, on_interrupt: Callable[[], None]
     return read_detail(log_dir / "mlperf_log_detail.txt", test)
 
 
-def read_detail(path: Path, test: Test) -> dict:
+def read_detail(path: Path, test: LoadGenTest) -> dict:
     """The record's LoadGen keys, from its detail log (`:::MLLOG {json}` lines)."""
     values = {}
     for line in Path(path).read_text().splitlines():

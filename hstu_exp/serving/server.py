@@ -41,6 +41,7 @@ class Served:
     log: WorkerLog
     specs: List[tuple]  # per request index: (user, history tokens, candidates)
     wall_s: float  # from the first query's arrival to the last answer
+    stopped_early: bool = False  # the SLO was surely missed; the rest answered without the model
 
 
 class RealServer:
@@ -88,10 +89,12 @@ class RealServer:
         return {"warm_s": elapsed, "warm_requests": served, "warm_first_use": events,
                 "warm_quiet": quiet >= quiet_rounds}
 
-    def run(self, test: loadgen_sut.Test, population, log_dir, *, sample_every: int = 0,
-            progress=print) -> Served:
+    def run(self, test: loadgen_sut.LoadGenTest, population, log_dir, *, sample_every: int = 0,
+            give_up_after: Optional[int] = None, progress=print) -> Served:
         """One LoadGen run. sample_every > 0: every that many-th request's scores are kept for
-        verification (log.checked)."""
+        verification (log.checked). give_up_after: once that many queries were answered later
+        than test.slo_ms (the percentile surely missed), the rest are answered at once without
+        the model, so that an overloaded trial ends soon (LoadGen waits for every answer)."""
         batcher = Batcher(max_batch=self.max_batch, max_wait_s=self.max_wait_s,
                           policy=self.policy)
         specs: List[tuple] = []
@@ -114,8 +117,20 @@ class RealServer:
             user, history, cands = specs[p.index]
             return self.users.request(user, history, cands, p.index)
 
+        late, stopped = [0], []
+
         def answer(batch, scores) -> None:
             sut.answer([p.query_id for p in batch], scores)
+            if give_up_after is None or scores is None or stopped:
+                return
+            now = time.perf_counter()
+            late[0] += sum(now - p.arrival > test.slo_ms / 1e3 for p in batch)
+            if late[0] >= give_up_after:
+                stopped.append(True)
+                progress(f"stopped: {late[0]} queries over {test.slo_ms:g} ms, "
+                         f"p{test.slo_percentile:g} surely missed; the rest answered without "
+                         "the model")
+                worker.stop_serving()
 
         sut = loadgen_sut.SUT(admit)
         worker = Worker(self.path, batcher, request=request, answer=answer,
@@ -139,7 +154,7 @@ class RealServer:
         rows = worker.log.rows.values()
         wall = (max((r["finish_s"] for r in rows), default=0.0)
                 - min((r["arrival_s"] for r in rows), default=0.0))
-        served = Served(result, worker.log, specs, wall)
+        served = Served(result, worker.log, specs, wall, stopped_early=bool(stopped))
         if worker.log.first_use:
             raise FirstUseDuringRun(
                 "first-use work (a graph capture, an autotune or a Triton compile) during the "
