@@ -48,13 +48,17 @@ class Batcher:
             self._waiting.extend(items)
             self._cond.notify_all()
 
-    def take(self, block: bool = True) -> Optional[List[Pending]]:
-        """The next batch; None when closed and drained, or (block=False) when none is ready."""
+    def take(self, block: bool = True, timeout: Optional[float] = None) -> Optional[List[Pending]]:
+        """The next batch; None when closed and drained, or (block=False) when none is ready
+        (within `timeout` seconds, if given)."""
         with self._cond:
+            end = None if timeout is None else self.clock() + timeout
             while self._handoff is None:
-                if not block or (self._closed and not self._waiting):
+                if self._closed and not self._waiting:
                     return None
-                self._cond.wait()
+                if not block and (end is None or self.clock() >= end):
+                    return None
+                self._cond.wait(None if end is None else max(end - self.clock(), 0))
             batch, self._handoff = self._handoff, None
             self._cond.notify_all()
             return batch
@@ -73,9 +77,10 @@ class Batcher:
             self._cond.notify_all()
         self._thread.join()
 
-    def idle(self) -> bool:
+    def has_batch(self) -> bool:
+        """A batch is formed and waits for the worker."""
         with self._cond:
-            return not self._waiting and self._handoff is None and not self._busy_users
+            return self._handoff is not None
 
     def _ready(self) -> List[int]:
         seen, out = set(self._busy_users), []

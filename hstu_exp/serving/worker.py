@@ -25,6 +25,8 @@ import torch
 from hstu_exp import first_use
 from hstu_exp.serving.batcher import Batcher, Pending
 
+POLL_S = 2e-4  # how often the worker looks for a next batch while the device computes
+
 
 @dataclass
 class InFlight:
@@ -35,8 +37,11 @@ class InFlight:
     scores: torch.Tensor  # [sum of candidates, tasks] float32 on the host (pinned on CUDA)
     start: float  # clock() when its host work began
     launched: float  # clock() when its host work ended
-    events: Optional[tuple]  # (start, end) CUDA events, None on a CPU
+    done: Optional[object]  # CUDA event after its scores' copy, None on a CPU
     first_use: int  # first-use events during its host work
+
+    def ready(self) -> bool:
+        return self.done is None or self.done.query()
 
 
 @dataclass
@@ -104,6 +109,10 @@ class Worker:
             # Block for a batch only when nothing is in flight; otherwise take one if ready,
             # so its host work overlaps the device work of the one in flight.
             batch = self.batcher.take(block=inflight is None)
+            # While the device still runs the batch in flight, a batch that becomes ready goes
+            # first (its host work overlaps); a CPU is done with it already.
+            while batch is None and inflight is not None and not inflight.ready():
+                batch = self.batcher.take(block=False, timeout=POLL_S)
             if batch is None and inflight is None:
                 return  # closed and drained
             if self._drain and batch is not None:
@@ -123,28 +132,27 @@ class Worker:
         self.log.order.append(("launch", number))
         start = self.clock()
         uses = first_use.events()
-        events = None
-        if self.cuda:
-            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            events[0].record()
         requests = [self.request(p) for p in batch]
-        served = self.path.serve(requests)
+        served = self.path.serve(requests)  # on CUDA: enqueued, not waited for
+        done = None
         if self.cuda:
             scores = torch.empty(served.logits.shape, dtype=torch.float32, pin_memory=True)
             scores.copy_(served.logits, non_blocking=True)
-            events[1].record()
+            done = torch.cuda.Event(enable_timing=True)
+            done.record()
         else:
             scores = served.logits.float()
-        return InFlight(number, batch, requests, served, scores, start, self.clock(), events,
+        return InFlight(number, batch, requests, served, scores, start, self.clock(), done,
                         first_use.events() - uses)
 
     def _finish(self, f: InFlight) -> None:
         self.log.order.append(("wait", f.number))
-        device_ms = span = None
-        if f.events is not None:
-            f.events[1].synchronize()
-            device_ms = f.events[0].elapsed_time(f.events[1])
-            span = (self._origin.elapsed_time(f.events[0]), self._origin.elapsed_time(f.events[1]))
+        begin = f.served.span[0]  # the path marks where its device work starts
+        if f.done is not None:
+            f.done.synchronize()  # this batch's event: no device-wide synchronize
+            span = (self._origin.elapsed_time(begin), self._origin.elapsed_time(f.done))
+        else:  # a CPU computes inside the call: the compute part of the host time
+            span = (1e3 * (begin - self._t0), 1e3 * (f.served.span[1] - self._t0))
         done = self.clock()
         counts = [r.candidates.numel() for r in f.requests]
         per_request = list(f.scores.split(counts))
@@ -163,10 +171,8 @@ class Worker:
                 "onloaded_bytes": onloaded[j], "offloaded_bytes": offloaded[j]}
             if p.index in self.sample:
                 self.log.checked.append((f.requests[j], per_request[j].clone()))
-        if span is None:  # a CPU computes during the host work: that is its device time
-            span = (1e3 * (f.start - self._t0), 1e3 * (f.launched - self._t0))
-            device_ms = span[1] - span[0]
-        self.log.batches.append({"host_ms": 1e3 * (f.launched - f.start), "device_ms": device_ms,
+        self.log.batches.append({"host_ms": 1e3 * (f.launched - f.start),
+                                 "device_ms": span[1] - span[0],
                                  "span_ms": span, "size": len(f.batch)})
         if f.first_use:
             self.log.first_use.append(f"batch {f.number} ({len(f.batch)} requests, "
