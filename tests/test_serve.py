@@ -269,7 +269,7 @@ def test_serve_smoke_sweep_through_the_cli(tmp_path):
     for r in records:
         assert r["status"] == "ok" and r["workload"] == "serve" and r["qps"] == 20.0
         assert r["mode"] == "online-fifo" and r["batch_size"] == 4
-        assert r["clock"] == "simulated" and r["verdict"] is None
+        assert r["clock"] == "simulated" and r.get("verdict") is None  # None is not written
         assert r["max_rel_error"] < 1e-4  # sampled requests vs a float32 full recompute
         tiers = check_requests(r, read_csv(Path(r["job_dir"]) / "requests.csv"), qps=20.0,
                                duration=3.0)
