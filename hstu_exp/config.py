@@ -40,6 +40,7 @@ ACCURACY_GATE = {"max_rel_error": 2e-2, "topk": 10, "topk_agreement": 0.99}
 # What a serve point may ask for: past these a point runs for hours or draws gigabytes before it
 # says anything (the caps name the cost in the message).
 SERVE_MAX_REQUESTS = 200_000
+SERVE_MAX_QUERIES = 2_000_000  # clock=real: LoadGen's queries in a run (~8 min at 4,000 qps)
 SERVE_MAX_USERS = 10_000_000
 _BYTES_PER_USER = 24  # the popularity weights, their cumulative sum and a first history length
 
@@ -346,13 +347,16 @@ def _validate_serve(w) -> None:
         raise ConfigError(f"workload.num_users={w.num_users}: at most {SERVE_MAX_USERS} (the "
                           f"population alone would take "
                           f"{w.num_users * _BYTES_PER_USER / 1e9:.1f} GB)")
-    if w.trace is None and w.search == "none" and w.clock == "simulated":
-        requests = w.qps * (w.warmup_s + w.duration_s)
-        if requests > SERVE_MAX_REQUESTS:
+    if w.trace is None and (w.search == "none" or w.clock == "real"):
+        keys, cap = ("warmup_s", "duration_s"), SERVE_MAX_REQUESTS
+        if w.clock == "real":
+            keys, cap = ("warmup_s", "min_duration_s"), SERVE_MAX_QUERIES
+        span = w[keys[0]] + w[keys[1]]
+        requests = w.qps * span
+        if requests > cap:
             raise ConfigError(f"workload.qps={w.qps:g}: {requests:.3g} requests in "
-                              f"warmup_s + duration_s = {w.warmup_s + w.duration_s:g} s, more "
-                              f"than the {SERVE_MAX_REQUESTS} a point may serve (hours of "
-                              "serving): lower qps or duration_s")
+                              f"{' + '.join(keys)} = {span:g} s, more than the {cap} a point "
+                              f"may serve (hours of serving): lower qps or {keys[1]}")
     if w.trace is not None:
         if w.clock == "real":
             raise ConfigError(f"workload.trace={w.trace}: LoadGen draws its own arrival times; "
