@@ -390,7 +390,8 @@ def test_offline_mode_serves_back_to_back_and_stop_on_miss_bounds_a_run(tmp_path
     assert any(r["finish_s"] == "" for r in rows)  # the rest was never served
 
 
-@pytest.mark.parametrize("experiment", ["serve_smoke", "serve_qps", "serve_slo"])
+@pytest.mark.parametrize("experiment", ["serve_smoke", "serve_qps", "serve_slo", "dlrmv3_server",
+                                        "dlrmv3_offline"])
 def test_the_presets_compose_and_every_grid_point_is_possible(experiment):
     """Each preset's grid validates and no point is refused (device and kernel set for this
     machine: the GPU presets run on the H200)."""
@@ -406,7 +407,7 @@ def test_the_presets_compose_and_every_grid_point_is_possible(experiment):
         base = [f"experiment={experiment}", "device=cpu", "kernel=reference"]
         params = OmegaConf.select(compose("config", overrides=base, return_hydra_config=True),
                                   "hydra.sweeper.params")
-        keys = list(params)
+        keys = list(params or {})  # the dlrmv3 presets are single points
         for values in itertools.product(*(str(params[k]).split(",") for k in keys)):
             cfg = compose("config", overrides=base + [f"{k}={v}" for k, v in zip(keys, values)])
             validate(cfg)
