@@ -2,8 +2,8 @@
 # The real-clock serving runs of issue 20 (LoadGen driving the real server), on the GPU box after
 # the install line of gpu_run.sh. Each part fits one 10-minute device call (limits below leave
 # room for start-up); a part cut short is continued by running it again (resume=true skips the
-# points already ok in its sweep dir). Pool: 48 GiB of seed-model KV pages (serve_slo.yaml);
-# population: 1024 users, uniform.
+# points already ok in its sweep dir). Pool: cache=paged sized to the card (cache.gpu_fraction of
+# the free memory); paged_offload: 16 GiB pool + 32 GiB host tier. Population: 1024 users.
 #   scripts/gpu_serve.sh OUT_DIR goal_fifo          # the goal: paged + graphs, FIFO, 3 seeds
 #   scripts/gpu_serve.sh OUT_DIR goal_la            # the goal: paged + graphs, length-aware
 #   scripts/gpu_serve.sh OUT_DIR paged_eager none_graph offload_graph    # 1 seed each
@@ -32,7 +32,7 @@ for part in "$@"; do
                   workload.policy=fifo workload.final_seeds=1 workload.qps=250 ;;
     offload_graph) run serve_configs 420 experiment=serve_slo cache=paged_offload \
                      graph=cudagraph workload.policy=fifo workload.final_seeds=1 \
-                     workload.qps=500 ;;
+                     workload.qps=500 cache.num_pages=16384 cache.host_pages=32768 ;;
     dlrmv3_server) run dlrmv3_server 480 experiment=dlrmv3_server workload.final_seeds=1 ;;
     dlrmv3_offline) run dlrmv3_offline 300 experiment=dlrmv3_offline ;;
     sim_check) run serve_sim_check 480 experiment=serve_qps cache=paged graph=cudagraph \
