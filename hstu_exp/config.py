@@ -374,7 +374,8 @@ def _validate_serve(w) -> None:
 
 def reduced_precision(cfg) -> List[str]:
     """The keys of a point that trade accuracy for speed (its accuracy gate applies)."""
-    return ["kernel.gemm_dtype=fp8"] if cfg.kernel.gemm_dtype == "fp8" else []
+    kernel = cfg.get("kernel") or {}
+    return ["kernel.gemm_dtype=fp8"] if kernel.get("gemm_dtype") == "fp8" else []
 
 
 def _real_clock(w) -> None:
