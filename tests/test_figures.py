@@ -96,7 +96,7 @@ def test_speedup_bars_have_a_one_line_error_bars_labels_and_hatched_invalid(bloc
 
 def test_latency_bars_per_batch_size_one_bar_per_cached_length(block):
     fig = figures.latency_bars(_labelled(block))
-    axes = fig.axes
+    axes = [a for a in fig.axes if a.get_label() != "<colorbar>"]
     assert len(axes) == 2 * 2  # kernel/graph rows x batch columns
     ax = axes[0]
     # T=256: cached 0, 128, 192; T=1024: 0, 512, 960
@@ -180,3 +180,59 @@ def test_e2e_host_device_bars_hold_the_per_batch_times():
         heights = [round(p.get_height(), 6) for p in ax.patches]
         assert heights == [host, host, dev, dev]
         assert np.allclose(ax.lines[0].get_ydata(), max(host, dev) + 0.05)
+
+
+def _serve(clock, label_cache, qps, p99, verdict, **extra):
+    samples = list(np.linspace(5, p99 * 1.1, 50))
+    return {"workload": "serve", "status": "ok", "cache": label_cache, "kernel": "triton",
+            "graph": "none", "mode": "online-fifo", "batch_size": 8, "qps": qps,
+            "target_qps": qps, "p50_ms": p99 / 3, "p99_ms": p99, "p999_ms": p99 * 1.2,
+            "slo_ms": 80.0, "slo_percentile": 99.0, "clock": clock, "verdict": verdict,
+            "valid": True, "samples_ms": samples, **extra}
+
+
+def test_serve_figures_say_the_clock_and_the_verdict_and_draw_the_slo_right():
+    """Real solid, simulated dashed; INVALID points hollow; the CDF's SLO is a vertical line at
+    80 ms spanning the fraction axis; max-QPS bars carry the bracket up to the lowest failing
+    rate; every title says which clock."""
+    recs = [_serve(c, "paged", q, p, v) for c in ("real", "simulated")
+            for q, p, v in ((100, 20, "VALID"), (400, 60, "VALID"), (800, 300, "INVALID"))]
+    df = pd.DataFrame(recs)
+    fig = figures.serve_latency_vs_qps(df)
+    ax = fig.axes[1]  # p99
+    styles = {line.get_label(): line.get_linestyle() for line in ax.lines
+              if not line.get_label().startswith("_")}
+    assert styles["paged (real)"] == "-" and styles["paged (simulated)"] == "--"
+    hollow = [line for line in ax.lines if line.get_markerfacecolor() == "white"]
+    assert sorted(float(x) for line in hollow for x in line.get_xdata()) == [800, 800]
+    assert "clock: real and simulated" in fig._suptitle.get_text()
+
+    fig = figures.serve_latency_cdf(df[df["clock"] == "simulated"])
+    ax = fig.axes[0]
+    slo = [line for line in ax.lines if line.get_label() == "SLO 80 ms"]
+    assert len(slo) == 1 and set(slo[0].get_xdata()) == {80.0}
+    assert list(slo[0].get_ydata()) == [0, 1]  # axvline: the full height, in axes units
+    assert ax.get_ylim()[1] <= 1.05 and "clock: simulated" in fig._suptitle.get_text()
+
+    search = pd.DataFrame([_serve("real", c, None, 50, "VALID", mode="max_qps-fifo",
+                                  max_qps=m, min_failing_qps=f)
+                           for c, m, f in (("none", 450.0, 500.0), ("paged", 700.0, None))])
+    fig = figures.serve_max_qps(search)
+    ax = fig.axes[0]
+    brackets = [line for line in ax.lines if len(line.get_ydata()) == 2]
+    assert len(brackets) == 1 and list(brackets[0].get_ydata()) == [450.0, 500.0]
+
+
+def test_latency_bars_zero_cached_bar_is_the_cache_none_baseline(block):
+    """A paged point with n = T recorded after the cache=none point must not replace it."""
+    d = _labelled(block)
+    full = d[(d["cache"] == "none") & (d["batch_size"] == 1) & (d["total_history"] == 256)
+             & (d["kernel"] == "triton")].iloc[0]
+    late = full.copy()
+    late["cache"], late["median_ms"], late["time"] = "paged", full["median_ms"] * 3, "9"
+    d = pd.concat([d.assign(time="0"), late.to_frame().T], ignore_index=True)
+    fig = figures.latency_bars(d)
+    ax = next(a for a in fig.axes if a.get_title() == "triton+cudagraph, batch size 1")
+    heights = [p.get_height() for p in ax.patches]
+    assert heights[0] == pytest.approx(full["median_ms"])
+    assert any("cached share" in a.get_ylabel() for a in fig.axes)  # the colour legend

@@ -16,6 +16,7 @@ markers, never drawn like valid ones. Each PNG is written to a temporary name an
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 import matplotlib.ticker as mticker
@@ -226,6 +227,9 @@ def latency_bars(df: pd.DataFrame):
     d = _with_valid(d)
     if "time" in d:
         d = d.sort_values("time", kind="stable")
+    # "0 cached" is the full-recompute baseline (cache=none), not a paged point with n = T,
+    # whichever ran last: the none records go last so drop_duplicates keeps them
+    d = d.assign(_baseline=(d["cache"] == "none")).sort_values("_baseline", kind="stable")
     rows = sorted(d["kg"].unique())
     batches = sorted(d["batch_size"].unique())
     fig, axes = plt.subplots(len(rows), len(batches), squeeze=False, layout="constrained",
@@ -264,6 +268,8 @@ def latency_bars(df: pd.DataFrame):
             ax.set(title=f"{kg}, batch size {b}", ylabel="median latency (ms)")
             ax.set_xlabel("cached tokens per user (0 = full recompute), grouped by total "
                           "history T", labelpad=20)
+    share = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1 / 0.9))
+    fig.colorbar(share, ax=axes.ravel().tolist(), label="cached share of T", shrink=0.8)
     _finish(fig, "HSTU block latency per batch size (bars: median, whiskers p10-p90, colour: "
             "cached share of T; hatched = invalid)", df)
     return fig
@@ -343,10 +349,16 @@ def roofline(df: pd.DataFrame):
     fig, ax = plt.subplots(layout="constrained", figsize=(6.5, 4.2))
     sns.lineplot(data=data, x=x, y="floor_pct", hue="label", style="batch_size", markers=True,
                  errorbar=None, ax=ax)
+    bad = _with_valid(data)
+    bad = bad[[_is_invalid(v) for v in bad["valid_"]]]
+    if len(bad):  # the footer promises hollow invalid points
+        ax.scatter(bad[x], bad["floor_pct"], s=46, facecolors="white", edgecolors="black",
+                   zorder=3, label="invalid")
     _log2_x(ax, data[x])
     ax.set(xlabel=KEY_NAMES.get(x, x), ylabel="hardware floor / measured latency (%)")
     ax.legend(title=f"{'+'.join(label_keys(df))} / batch size", fontsize=7, title_fontsize=7)
-    _finish(fig, "Fraction of the hardware floor reached (fewest new tokens per T)", df)
+    _finish(fig, "Fraction of the hardware floor reached (fewest new tokens per T; hollow = "
+            "invalid)", df)
     return fig
 
 
@@ -474,66 +486,127 @@ def _serve_label(df: pd.DataFrame) -> pd.Series:
     return pd.Series(serve_labels(df.to_dict("records")), index=df.index, dtype=object)
 
 
-def _slo_line(ax, df: pd.DataFrame) -> None:
+def _slo(df: pd.DataFrame):
     slo = df["slo_ms"].dropna().unique() if "slo_ms" in df else []
-    if len(slo) == 1:
-        ax.axhline(float(slo[0]), color="firebrick", lw=0.9, ls="--", label=f"SLO {slo[0]:g} ms")
+    return float(slo[0]) if len(slo) == 1 else None
+
+
+def _slo_line(ax, df: pd.DataFrame, vertical: bool = False) -> None:
+    """The latency SLO: horizontal where latency is the y axis, vertical on a CDF (latency x)."""
+    slo = _slo(df)
+    if slo is not None:
+        draw = ax.axvline if vertical else ax.axhline
+        draw(slo, color="firebrick", lw=0.9, ls="--", label=f"SLO {slo:g} ms")
+
+
+def _clock(r) -> str:
+    """'real' (LoadGen drove a server on the wall clock) or 'simulated' (the discrete-event
+    what-if simulator). Records older than the clock field came from the simulator, the only
+    serve path there was."""
+    c = r.get("clock")
+    return str(c) if isinstance(c, str) and c else "simulated"
+
+
+def _clocks(df: pd.DataFrame) -> str:
+    """What every serve figure says in its title: 'clock: real', '... simulated', or both."""
+    return "clock: " + " and ".join(sorted({_clock(r) for r in df.to_dict("records")}))
+
+
+def _offered(df: pd.DataFrame) -> pd.Series:
+    """The rate asked of the server: target_qps (LoadGen's), else the older records' qps."""
+    if "target_qps" in df:
+        return df["target_qps"].fillna(df["qps"]) if "qps" in df else df["target_qps"]
+    return df["qps"]
+
+
+def _passed(r) -> Optional[bool]:
+    """LoadGen's verdict where there is one (VALID / INVALID), else the record's validity."""
+    verdict = r.get("verdict")
+    if isinstance(verdict, str) and verdict:
+        return verdict.upper() == "VALID"
+    return None if r.get("valid_") is None else bool(r.get("valid_"))
 
 
 def serve_latency_vs_qps(df: pd.DataFrame):
-    """The hockey stick: p50 / p99 / p99.9 latency (queueing + service) vs offered QPS."""
-    d = _with_valid(df).assign(label=_serve_label(df)).sort_values("qps")
+    """The hockey stick: p50 / p99 / p99.9 latency (queueing + service) vs offered QPS; real
+    clock solid, simulated dashed beside it; every point marked by its verdict (filled:
+    VALID, hollow: INVALID)."""
+    d = _with_valid(df).assign(label=_serve_label(df), offered=_offered(df))
+    d = d.assign(clock_=[_clock(r) for r in d.to_dict("records")]).sort_values("offered")
     stats = [(k, t) for k, t in (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9"))
              if k in d]
     fig, axes = _grid(len(stats))
+    both = d["clock_"].nunique() > 1
     for ax, (key, name) in zip(axes, stats):
-        for label, part in d.groupby("label", sort=True):
-            line, = ax.plot(part["qps"], part[key], marker="o", label=label)
-            bad = part[[_is_invalid(v) for v in part["valid_"]]]
-            if len(bad):  # invalid points hollow
-                ax.plot(bad["qps"], bad[key], "o", mfc="white", color=line.get_color())
+        for (label, clock), part in d.groupby(["label", "clock_"], sort=True):
+            line, = ax.plot(part["offered"], part[key], ls="-" if clock == "real" else "--",
+                            label=f"{label} ({clock})" if both else label)
+            passed = [_passed(r) for r in part.to_dict("records")]
+            for ok_, face in ((True, line.get_color()), (False, "white"), (None, "lightgrey")):
+                pts = part[[p is ok_ for p in passed]]
+                if len(pts):
+                    ax.plot(pts["offered"], pts[key], "o", mfc=face, color=line.get_color())
         _slo_line(ax, d)
         ax.set_yscale("log")
+        _plain_log_y(ax)
         ax.set(title=f"{name} latency", xlabel="offered load (requests/s)",
                ylabel=f"{name} latency, queueing + service (ms)")
-        ax.legend(title=serve_label_title(df.to_dict("records")), fontsize=7, title_fontsize=7)
-    _finish(fig, "Serving latency vs offered load (hollow = invalid)", df)
+    axes[-1].legend(title=serve_label_title(df.to_dict("records")), fontsize=7, title_fontsize=7,
+                    loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _finish(fig, f"Serving latency vs offered load ({_clocks(d)}; solid real, dashed "
+            "simulated; filled VALID, hollow INVALID)", df)
     return fig
 
 
 def serve_max_qps(df: pd.DataFrame):
-    """The highest QPS within the SLO per configuration (search=max_qps points)."""
+    """The highest QPS within the SLO per configuration (search=max_qps points), with the
+    bracket the search left: from the highest rate that passed to the lowest that failed."""
     d = _with_valid(df).assign(label=_serve_label(df))
     d = d.assign(max_qps=d["max_qps"].fillna(0.0), group="all")
     labels = sorted(d["label"].unique())
     fig, ax = plt.subplots(layout="constrained", figsize=(max(5.0, 0.9 * len(labels) + 3), 4.2))
     _bars(ax, ["all"], labels, d, x="group", hue="label", y="max_qps", fmt="{:.0f}")
+    width = 0.8 / max(1, len(labels))  # where _bars puts each label's bar in the one group
+    for j, label in enumerate(labels):
+        row = d[d["label"] == label].iloc[0]
+        top = row.get("min_failing_qps")
+        if top is not None and not pd.isna(top):
+            x = (j - (len(labels) - 1) / 2) * width
+            ax.plot([x, x], [row["max_qps"], float(top)], color="black", lw=1.0, marker="_",
+                    markersize=8)
     ax.set_xticks([])
     slo = f"p{_values(d, 'slo_percentile')} <= {_values(d, 'slo_ms')} ms"
     ax.set(ylabel=f"max requests/s with {slo}")
     ax.legend(title="configuration", fontsize=7, title_fontsize=7, loc="upper left",
               bbox_to_anchor=(1.01, 1.0))
-    _finish(fig, f"Max QPS within the SLO ({slo}; 0: no rate met it; hatched = invalid)", d)
+    _finish(fig, f"Max QPS within the SLO ({slo}; {_clocks(d)}; bracket: up to the lowest rate "
+            "that failed; 0: no rate met it; hatched = invalid)", d)
     return fig
 
 
 def serve_latency_cdf(df: pd.DataFrame):
-    """Latency CDF of every point, one panel per offered QPS (at most 4, spread over the sweep)."""
-    d = df.assign(label=_serve_label(df))
+    """Latency CDF of every point, one panel per offered QPS (at most 4, spread over the sweep),
+    the SLO as a vertical line at its latency."""
+    d = df.assign(label=_serve_label(df), offered=_offered(df))
     d = d[d["samples_ms"].map(lambda s: isinstance(s, (list, tuple)) and len(s) > 0)]
-    rates = _spread(sorted(d["qps"].dropna().unique()), most=4) or [None]
+    rates = _spread(sorted(d["offered"].dropna().unique()), most=4) or [None]
     fig, axes = _grid(len(rates))
+    both = len({_clock(r) for r in d.to_dict("records")}) > 1
     for ax, rate in zip(axes, rates):
-        part = d if rate is None else d[d["qps"] == rate]
+        part = d if rate is None else d[d["offered"] == rate]
         for _, r in part.sort_values("label").iterrows():
             s = np.sort(np.asarray(r["samples_ms"], dtype=float))
-            ax.plot(s, np.arange(1, s.size + 1) / s.size, label=r["label"])
-        _slo_line(ax, d)
+            ax.plot(s, np.arange(1, s.size + 1) / s.size, ls="-" if _clock(r) == "real" else "--",
+                    label=r["label"] + (f" ({_clock(r)})" if both else ""))
+        _slo_line(ax, d, vertical=True)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(mticker.NullFormatter())
         ax.set(title="all points" if rate is None else f"{rate:g} requests/s offered",
-               xlabel="latency, queueing + service (ms)", ylabel="fraction of requests")
-        ax.legend(fontsize=7)
-    _finish(fig, "Serving latency CDF (counted requests)", df)
+               xlabel="latency, queueing + service (ms)", ylabel="fraction of requests",
+               ylim=(0, 1.02))
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _finish(fig, f"Serving latency CDF (counted requests; {_clocks(d)})", df)
     return fig
 
 
@@ -553,7 +626,7 @@ def serve_cache(df: pd.DataFrame):
                                "MiB moved per request (on + off)")):
         ax.set(xlabel="offered load (requests/s)", ylabel=what)
         ax.legend(fontsize=7)
-    _finish(fig, "KV cache: hit rates per tier and bytes moved", df)
+    _finish(fig, f"KV cache: hit rates per tier and bytes moved ({_clocks(d)})", df)
     return fig
 
 
