@@ -23,7 +23,7 @@ IMPORT_DIR = "wandb-import"
 # Without these a record cannot become a run that says what ran and how fast.
 REQUIRED = ["status", "workload", "model", "batch_size", "median_ms"]
 INT_KEYS = ["batch_size", "total_history", "new_history", "num_candidates", "page_size",
-            "point", "iterations", "num_layers", "hidden", "num_heads", "head_dim",
+            "cpu_cores", "point", "iterations", "num_layers", "hidden", "num_heads", "head_dim",
             "max_history", "warmup", "iters", "min_samples", "input_sets", "seed"]
 BOOL_KEYS = ["valid", "verify", "throttled", "power_capped", "git_dirty", "autotune"]
 
@@ -122,7 +122,8 @@ def main(argv=None) -> None:
     sweep = _sweep_dir(source)
     out_dir = Path(args.dir).expanduser().resolve() if args.dir else sweep
     logger = {"name": "wandb", "project": args.project, "entity": args.entity,
-              "mode": args.mode, "tags": args.tags, "timeout_s": args.timeout_s}
+              "mode": args.mode, "tags": args.tags, "timeout_s": args.timeout_s,
+              "imported": True}
     if args.timeout_s <= 0:
         print(f"hstu-exp-wandb: error: --timeout-s={args.timeout_s:g}: must be positive",
               file=sys.stderr)

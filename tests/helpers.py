@@ -74,7 +74,8 @@ def read_run(run_dir):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             out.update(id=rec.run.run_id, group=rec.run.run_group, tags=list(rec.run.tags),
-                       job_type=rec.run.job_type, name=rec.run.display_name)
+                       job_type=rec.run.job_type, name=rec.run.display_name,
+                       git_commit=rec.run.git.commit, host=rec.run.host)
             out["config"].update(items(rec.run.config.update))
         elif kind == "config":
             out["config"].update(items(rec.config.update))
@@ -84,6 +85,8 @@ def read_run(run_dir):
             out["history"].append(items(rec.history.item))
         elif kind == "metric":
             out["metrics"][rec.metric.name] = rec.metric.step_metric
+        elif kind == "environment":
+            out["environment"] = True
         elif kind == "exit":
             out["exit_code"] = rec.exit.exit_code
         elif kind == "artifact":

@@ -21,7 +21,10 @@ from hstu_exp.tracking.records import (ENV_KEYS, RESULTS_FILE, is_missing, scan_
 CSV_FILE = "results.csv"
 # Columns that are text whatever they look like: pandas reads cuda 13.0 as a float, a driver
 # 580.159.04 with NaNs as object, and a git sha made of digits as an integer.
-STRING_COLUMNS = ENV_KEYS + ["reason", "error",
+# Measured environment numbers and flags stay numbers and booleans.
+_TYPED_ENV = ("cpu_cores", "sm_clock_mhz", "sm_clock_max_mhz", "mem_clock_mhz", "power_w",
+              "temperature_c", "throttled", "power_capped", "git_dirty")
+STRING_COLUMNS = [k for k in ENV_KEYS if k not in _TYPED_ENV] + ["reason", "error",
                              "invalid_reason", "headline", "config_key", "name", "sweep",
                              "job_dir", "time", "overrides", "throttle_reasons"]
 # Kept in the sweep-level results.jsonl only (lists and the config tree); a results.csv read
@@ -71,10 +74,22 @@ def _as_text(v):
     return str(v)
 
 
+def _as_bool(v):
+    """A flag as a bool: older sweep files wrote 'True' / 'False' text."""
+    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+        return v.strip().lower() == "true"
+    return v
+
+
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
     for c in STRING_COLUMNS:
         if c in df:
             df[c] = df[c].map(_as_text).astype(object)
+    for c in _TYPED_ENV:  # older sweep files wrote these as text too
+        if c in df:
+            numeric = c not in ("throttled", "power_capped", "git_dirty")
+            df[c] = pd.to_numeric(df[c], errors="coerce") if numeric else \
+                df[c].map(_as_bool).astype(object)
     return df
 
 

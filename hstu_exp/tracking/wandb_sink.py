@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from hstu_exp.tracking.records import ENV_KEYS, SWEPT_KEYS, is_missing
+from hstu_exp.tracking.identity import PLUMBING
+from hstu_exp.tracking.records import ENV_KEYS, SWEPT_KEYS, is_missing, point_overrides
 
 MARKER = ".wandb-disabled"
 MODES = ("online", "offline", "disabled")
@@ -228,7 +229,9 @@ def run_name(r: dict) -> str:
     block tiny'."""
     where = [f"B{r.get('batch_size')}"]
     if r.get("workload") == "serve":  # offered load, not T and n, tells serve points apart
-        where.append(f"qps{_int(r.get('qps'))}")
+        qps = r.get("qps")
+        where.append(f"qps{_int(qps)}" if not is_missing(qps) else
+                     "max_qps" if str(r.get("mode") or "").startswith("max_qps") else "trace")
     elif r.get("workload") == "e2e":
         where.append(f"c{r.get('num_candidates')}")
     else:
@@ -236,7 +239,24 @@ def run_name(r: dict) -> str:
             [] if is_missing(r.get("new_history")) else [f"n{_int(r['new_history'])}"])
     how = "/".join(str(r[k]) for k in ("mode", "cache", "kernel", "graph")
                    if not is_missing(r.get(k)))
-    return f"{' '.join(where)} · {how} · {r.get('workload')} {r.get('model')}"
+    knobs = " ".join(f"{k}={v}" for k, v in other_overrides(r).items())
+    return f"{' '.join(where)} · {how} · {r.get('workload')} {r.get('model')}" + \
+        (f" · {knobs}" if knobs else "")
+
+
+# Overrides the point keys already show (the name's B, T, n, qps, mode and cache/kernel/graph).
+_SHOWN = {"cache", "cache.mode", "kernel", "kernel.name", "graph", "graph.mode", "model",
+          "workload", "device", "workload.batch_size", "workload.max_batch",
+          "workload.total_history", "workload.new_history", "workload.num_candidates",
+          "workload.mode", "workload.qps", "workload.search", "workload.policy"}
+
+
+def other_overrides(r: dict) -> dict:
+    """The point's own overrides that no point key shows ({'num_pages': '64'}): two points
+    that differ only there (cache.num_pages=64 vs 128) get two names and two config values."""
+    given = point_overrides(r.get("overrides")) or {}
+    return {k.rsplit(".", 1)[-1]: v for k, v in sorted(given.items())
+            if k not in _SHOWN and k.split(".", 1)[0] not in PLUMBING}
 
 
 def _int(v):
@@ -249,13 +269,30 @@ def point_tags(r: dict, user_tags=()) -> list:
     return sorted(set(tags) | {str(t) for t in user_tags or ()})
 
 
+# A serve or e2e point's input knobs: config (what was asked, to group and filter by), never
+# summary (what was measured).
+INPUT_KEYS = ["policy", "search", "trace", "max_wait_ms", "num_users", "user_skew",
+              "items_per_return", "new_user_rate", "candidates_max", "slo_ms", "slo_percentile",
+              "duration_s", "warmup_s", "min_requests", "search_steps", "verify_requests",
+              "history_start", "history_step", "num_batches", "repeats", "target_qps"]
+
+
+def point_inputs(r: dict) -> dict:
+    """The workload's input knobs of a record: its config's workload group where it has one,
+    else the INPUT_KEYS it carries."""
+    config = r.get("config")
+    if isinstance(config, dict) and isinstance(config.get("workload"), dict):
+        return {k: v for k, v in config["workload"].items() if not isinstance(v, (dict, list))}
+    return _pick(r, INPUT_KEYS)
+
+
 def point_summary(r: dict) -> dict:
     out = {"status": r.get("status")}
     for key in ("reason", "error"):
         if r.get(key):
             out[key] = str(r[key]).splitlines()[0][:500]
     placed = set(out) | NOT_SUMMARY | set(SWEPT_KEYS) | set(ENV_KEYS) | set(ENV_EXTRA) | \
-        set(PARAM_KEYS)
+        set(PARAM_KEYS) | set(INPUT_KEYS) | set(point_inputs(r))
     for space, keys in NAMESPACES.items():
         for k in keys:
             if k in r and not is_missing(r[k]):
@@ -281,11 +318,12 @@ def _overrides(r: dict) -> list:
 def point_spec(r: dict, *, logger: dict, job_dir: Path, group: str, cfg: Optional[dict],
                data_dir: Path, id_group: Optional[str] = None) -> Optional[dict]:
     samples = [float(s) for s in (r.get("samples_ms") or []) if not is_missing(s)]
-    config = {"point": _pick(r, SWEPT_KEYS), "env": _pick(r, ENV_KEYS + ENV_EXTRA),
+    config = {"point": {**_pick(r, SWEPT_KEYS), **other_overrides(r)},
+              "workload": point_inputs(r), "env": _pick(r, ENV_KEYS + ENV_EXTRA),
               "params": _pick(r, PARAM_KEYS), "config_key": r.get("config_key"),
               "overrides": _overrides(r)}
-    if cfg:
-        config["cfg"] = cfg
+    if cfg or isinstance(r.get("config"), dict):
+        config["cfg"] = cfg or r["config"]
     key = r.get("config_key") or hashlib.sha1(run_name(r).encode()).hexdigest()[:16]
     # the id follows the sweep dir (not a display --group), the commit and the GPU
     return {"init": {**_where(logger), "group": group, "job_type": str(r.get("workload")),
@@ -294,7 +332,19 @@ def point_spec(r: dict, *, logger: dict, job_dir: Path, group: str, cfg: Optiona
                      "tags": point_tags(r, logger.get("tags")), "config": config},
             "data_dir": str(Path(data_dir) / "wandb" / ".data"),
             "samples": samples, "summary": point_summary(r),
+            "settings": _recorded_where(r) if logger.get("imported") else {},
             "exit_code": 1 if r.get("status") == "failed" else 0}
+
+
+def _recorded_where(r: dict) -> dict:
+    """W&B settings of an imported run: the commit and host the record ran on, not the
+    importer's, and no machine metadata of the importing machine."""
+    out = {"x_disable_meta": True, "disable_git": True, "x_disable_machine_info": True}
+    if not is_missing(r.get("git_sha")):
+        out["git_commit"] = str(r["git_sha"])
+    if not is_missing(r.get("hostname")):
+        out["host"] = str(r["hostname"])
+    return out
 
 
 def _where(logger: dict) -> dict:
@@ -362,6 +412,7 @@ def summary_spec(df, *, logger: dict, sweep_dir: Path, group: str, images: dict,
                                                        "num_heads", "head_dim", "max_history"]),
                                 "workloads": sorted({str(r.get("workload")) for r in records})}},
             "data_dir": str(Path(sweep_dir) / "wandb" / ".data"),
+            "settings": _recorded_where(first) if logger.get("imported") else {},
             "summary": summary, "tables": {}, "lines": [], "bars": [], "images": {},
             "artifact": None, "exit_code": 0}
     tables, lines = spec["tables"], spec["lines"]
@@ -370,11 +421,15 @@ def summary_spec(df, *, logger: dict, sweep_dir: Path, group: str, images: dict,
         # e2e and serve points have no T axis (serve: histories come from the arrivals)
         timed = [r for r in ok if r.get("workload") not in ("e2e", "serve")]
         for b in sorted({r.get("batch_size") for r in timed}):
-            rows = [r for r in timed if r.get("batch_size") == b]
-            tables[f"latency_B{b}"] = _table(rows, ["label", "total_history", "median_ms"])
-            lines.append({"key": f"charts/latency_vs_T_B{b}", "table": f"latency_B{b}",
-                          "x": "total_history", "y": "median_ms", "stroke": "label",
-                          "title": f"median latency (ms) vs total history T, batch {b}"})
+            rows = _most_cached([r for r in timed if r.get("batch_size") == b])
+            tables[f"latency_B{b}"] = _table(rows, ["label", "total_history", "new_history",
+                                                    "median_ms", "valid"])
+            if len({r.get("total_history") for r in rows}) > 1:  # one T: no line to draw
+                lines.append({"key": f"charts/latency_vs_T_B{b}", "table": f"latency_B{b}",
+                              "x": "total_history", "y": "median_ms", "stroke": "label",
+                              "title": f"median latency (ms) vs total history T, batch {b} "
+                                       "(each mode at its fewest new tokens n; validity in "
+                                       "the table)"})
         e2e = [r for r in ok if r.get("workload") == "e2e"]
         if e2e:
             tables["latency_e2e"] = _table(e2e, ["label", "batch_size", "median_ms"])
@@ -390,12 +445,27 @@ def summary_spec(df, *, logger: dict, sweep_dir: Path, group: str, images: dict,
     caption = f"{group} · {first.get('device_name', '?')} · {first.get('git_sha', '?')}"
     spec["images"] = {f"figures/{k}": {"path": str(v), "caption": f"{k} · {caption}"}
                       for k, v in sorted(images.items()) if Path(v).is_file()}
-    files = [str(p) for p in (Path(csv) if csv else Path(sweep_dir) / "results.csv",
-                              Path(sweep_dir) / "results.jsonl") if p.is_file()]
+    records_dir = Path(grid_dir or sweep_dir)  # an import writes its runs elsewhere
+    files = [str(p) for p in (Path(csv) if csv else records_dir / "results.csv",
+                              records_dir / "results.jsonl") if p.is_file()]
     if files:
         spec["artifact"] = {"name": artifact_name(group),
                             "type": "benchmark-results", "files": files}
     return spec
+
+
+def _most_cached(rows: list) -> list:
+    """One record per (label, T): the one with the fewest new tokens (a full recompute has
+    n = T), so a line over T holds one value per x, not every n of the sweep."""
+    best: dict = {}
+    for r in rows:
+        key = (r["label"], r.get("total_history"))
+        n = r.get("new_history")
+        n = float("inf") if is_missing(n) else n
+        if key not in best or n < best[key][0]:
+            best[key] = (n, r)
+    return [r for _, r in sorted(best.values(), key=lambda nr: (nr[1]["label"],
+                                                                 nr[1].get("total_history")))]
 
 
 def _serve_labelled(rows: list, labels: Callable[[list], list]) -> list:
@@ -498,7 +568,8 @@ def write_run(spec: dict) -> str:
 
     t = spec["timeout_s"]
     settings = wandb.Settings(console="off", silent=True, init_timeout=t, finish_timeout=t,
-                              x_graphql_timeout_seconds=t, x_disable_stats=True)
+                              x_graphql_timeout_seconds=t, x_disable_stats=True,
+                              **spec.get("settings", {}))
     init = spec["init"]
     Path(init["dir"]).mkdir(parents=True, exist_ok=True)
     run = wandb.init(**init, resume="allow", reinit="finish_previous", settings=settings)
