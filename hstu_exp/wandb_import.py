@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -90,12 +89,6 @@ def import_sweep(source: Path, *, logger: dict, out_dir: Path, group: str,
             "failed": summary is None and wandb_sink.effective_mode(logger) != "disabled"}
 
 
-def sync_command(root: Path) -> str:
-    """The upload line: each run's newest local copy only (latest-run), paths shell-quoted."""
-    quoted = shlex.quote(str(root))
-    return f"wandb sync {quoted}/*/wandb/latest-run {quoted}/wandb/latest-run"
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="hstu-exp-wandb",
@@ -139,7 +132,7 @@ def main(argv=None) -> None:
           f"{' and a summary run' if done['summary'] else ''} in {root} "
           f"({done['skipped']} skipped points listed in the summary, not logged)", flush=True)
     if wandb_sink.effective_mode(logger) == "offline" and done["points"] + done["summary"]:
-        print(f"[hstu-exp] upload: {sync_command(root)}", flush=True)
+        print(f"[hstu-exp] upload: {wandb_sink.sync_command(root)}", flush=True)
     if done["failed"]:
         sys.exit(1)
 

@@ -16,8 +16,12 @@ import json
 import os
 import sys
 
+# Every close-out figure (report/figures.py draw_all and draw_serve).
 FIGURES = ["figures/latency_vs_history", "figures/speedup_heatmap", "figures/speedup_bars",
-           "figures/latency_bars", "figures/roofline_fraction", "figures/e2e_latency"]
+           "figures/latency_bars", "figures/roofline_fraction", "figures/e2e_latency",
+           "figures/e2e_speedup", "figures/attention_tflops", "figures/serve_latency_vs_qps",
+           "figures/serve_max_qps", "figures/serve_latency_cdf", "figures/serve_cache"]
+WORKLOADS = ["block", "attention", "e2e", "serve"]
 PINNED = ["config:point.batch_size", "config:point.total_history", "config:point.new_history",
           "config:point.cache", "config:point.kernel", "config:point.graph",
           "summary:latency/median_ms", "summary:latency/p90_ms", "summary:latency/cv",
@@ -53,6 +57,25 @@ def build(entity: str, project: str, sweep=None, workload=None):
             column(wr.Config("point.new_history")),
             column(wr.SummaryMetric("latency/median_ms"), log=True)]),
     ])
+    # what a recsys engineer opens first: latency by batch size per cache mode and graph (the
+    # runs are grouped by both), the speedups with their intervals, serving p99 vs load
+    batch = ws.Section(name="Latency vs batch size", is_open=True, panels=[
+        wr.ScatterPlot(title="median latency (ms) vs batch size, by cache mode and graph",
+                       log_x=True, log_y=True, x=wr.Config("point.batch_size"),
+                       y=wr.SummaryMetric("latency/median_ms")),
+        wr.CustomChart(query={"summaryTable": {"tableKey": "charts/speedup_vs_batch_table"}},
+                       chart_name="wandb/line/v0",
+                       chart_fields={"x": "batch_size", "y": "speedup", "stroke": "series"},
+                       chart_strings={"title": "speedup vs batch size with its 95 % interval "
+                                               "(summary runs)"}),
+    ])
+    serve = ws.Section(name="Serving", is_open=False, panels=[
+        wr.ScatterPlot(title="p99 latency (ms) vs offered QPS (the figures say real or "
+                             "simulated)", log_y=True, x=wr.Config("point.qps"),
+                       y=wr.SummaryMetric("latency/p99_ms")),
+        wr.MediaBrowser(title="serve figures", media_keys=[f for f in FIGURES
+                                                            if "serve_" in f], num_columns=2),
+    ])
     samples = ws.Section(name="Per-iteration samples", is_open=True, panels=[
         wr.LinePlot(title="latency (ms) per timed iteration", x="iteration", y=["latency_ms"]),
     ])
@@ -70,9 +93,10 @@ def build(entity: str, project: str, sweep=None, workload=None):
     return ws.Workspace(
         entity=entity, project=project,
         name=f"hstu-exp: {workload or 'all workloads'}" + (f" · {sweep}" if sweep else ""),
-        sections=[latency, samples, validity, summary],
+        sections=[batch, latency, serve, samples, validity, summary],
         runset_settings=ws.RunsetSettings(filters=filters,
-                                          groupby=[ws.Config("point.cache")],
+                                          groupby=[ws.Config("point.cache"),
+                                                   ws.Config("point.graph")],
                                           pinned_columns=PINNED))
 
 
@@ -93,7 +117,7 @@ def main(argv=None) -> None:
                    help="W&B team or user (default: WANDB_ENTITY)")
     p.add_argument("--project", default="hstu-exp")
     p.add_argument("--sweep", default=None, help="only this sweep (its W&B group)")
-    p.add_argument("--workload", choices=["block", "attention", "e2e"], default=None)
+    p.add_argument("--workload", choices=WORKLOADS, default=None)
     p.add_argument("--save", action="store_true", help="save to W&B (needs a login)")
     p.add_argument("--json", action="store_true", help="print the layout as JSON")
     args = p.parse_args(argv)

@@ -176,7 +176,7 @@ def test_gate_looks_at_the_interval_not_the_point_estimate(two_sweeps, tmp_path,
     assert compare_main([str(a), str(wide), "--fail-above", "1.05", "--no-figure",
                          "--csv", str(tmp_path / "wide.csv")]) == 0
     out = capsys.readouterr().out
-    assert "median B/A 95% CI" in out and "gate passed" in out
+    assert "latency B/A 95% CI" in out and "gate passed" in out
     assert "1.100!" in out  # the point estimate is still flagged against --threshold
     joined = pd.read_csv(tmp_path / "wide.csv")
 
@@ -188,11 +188,11 @@ def test_gate_looks_at_the_interval_not_the_point_estimate(two_sweeps, tmp_path,
     assert cdf[low_k - 1] < 0.01 and cdf[low_k] > 0.04  # far from a jump: no Monte-Carlo luck
     assert cdf[high_k - 1] < 0.96 and cdf[high_k] > 0.99
     # A's steady samples lie within 1 % of its median, so B/A sits within 1 % of 1.1 x factor
-    ok = joined.dropna(subset=["median_ms_ci_low"])
+    ok = joined.dropna(subset=["ci_low"])
     assert len(ok) > 0
-    assert np.allclose(ok["median_ms_ci_low"], 1.1 * factors[low_k], rtol=0.011)
-    assert np.allclose(ok["median_ms_ci_high"], 1.1 * factors[high_k], rtol=0.011)
-    assert (ok["median_ms_ci_low"] < 1.05).all() and (ok["median_ms_ci_high"] > 1.10).all()
+    assert np.allclose(ok["ci_low"], 1.1 * factors[low_k], rtol=0.011)
+    assert np.allclose(ok["ci_high"], 1.1 * factors[high_k], rtol=0.011)
+    assert (ok["ci_low"] < 1.05).all() and (ok["ci_high"] > 1.10).all()
 
     tight = edited_copy(a, tmp_path / "tight", slower(1.10))
     proc = run_script(a, tight, "--fail-above", "1.05", "--no-figure")
@@ -349,3 +349,36 @@ def test_gate_says_when_flagged_points_ran_on_another_gpu(two_sweeps, tmp_path, 
     assert compare_main([str(a), str(stayed), "--fail-above", "1.05", "--no-figure"]) == 1
     err = capsys.readouterr().err
     assert "REGRESSION: 4 point(s)" in err and "another GPU" not in err, err
+
+
+def test_e2e_points_compare_by_pass_totals_with_the_spread_between_repeats(tmp_path, capsys):
+    """e2e with 3 repeats a point: B/A of the median pass total, its within-run interval, and the
+    lowest and highest repeat-pair ratio; a repeat 30 % off is flagged DISAGREE."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+
+    def rec(mode, passes):
+        units = [(p * (1 + 0.01 * rng.standard_normal(10))).tolist() for p in passes]
+        batches = [[t * w / 10 for w in (1, 2, 3, 4)] for t in units[0]]
+        return {"status": "ok", "workload": "e2e", "model": "seed", "mode": mode,
+                "batch_size": 2, "cache": "none", "graph": "none", "kernel": "triton",
+                "num_candidates": 256, "device": "cuda", "num_batches": 4,
+                "samples_ms": [b for p in batches for b in p],
+                "median_ms": float(np.median(batches)), "total_ms": float(np.median(units[1])),
+                "repeat_units_ms": units, "repeats": 3, "valid": True,
+                "overrides": [f"workload.mode={mode}"], "config_key": mode}
+
+    def sweep(name, passes):
+        path = tmp_path / name / "results.jsonl"
+        path.parent.mkdir()
+        path.write_text(json.dumps(rec("cache_graph", passes)) + "\n")
+        return path.parent
+    a = sweep("a", (20, 20.2, 19.9))
+    b = sweep("b", (21, 26, 20.9))
+    assert compare_main([str(a), str(b), "--no-figure", "--csv", str(tmp_path / "j.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "B/A between repeats" in out and "DISAGREE" in out and "pass B/A" in out
+    j = pd.read_csv(tmp_path / "j.csv").iloc[0]
+    assert j["ratio_of"] == "pass total" and j["repeats"] == 3
+    assert j["spread_low"] < 1.06 < 1.25 < j["spread_high"]

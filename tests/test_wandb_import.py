@@ -44,6 +44,10 @@ def test_e2e_import_has_its_speedups_provenance_and_one_copy_per_id(tmp_path):
     run_dir, summary = summary_of(root)
     speedups = [k for k in summary["summary"] if k.startswith("speedup/")]
     assert len(speedups) == 12  # the swallowed KeyError gave 0
+    (table,) = (run_dir / "files" / "media" / "table" / "charts").glob("speedup_vs_batch_table*")
+    data = json.loads(table.read_text())
+    series = {row[0] for row in data["data"]}
+    assert "e2e cache_graph vs baseline (95% low)" in series and len(data["data"]) == 3 * 12
     # provenance of the record, not of the importing machine
     first = json.loads((sweep / "results.jsonl").read_text().splitlines()[0])
     point = read_run(next(d for d in root.glob("*/wandb/offline-run-*")))

@@ -216,9 +216,20 @@ def repeat_units(r) -> list:
     return [list(samples)] if samples is not None else []
 
 
-def _repeat_ratios(base: list, other: list) -> list:
-    """(ratio, low, high) of each repeat pair, paired in the order they ran."""
-    return [bootstrap_ratio(b, o) for b, o in zip(base, other)]
+REPEAT_COLUMNS = ["ci_low", "ci_high", "spread_low", "spread_high", "repeats", "repeats_agree"]
+
+
+def repeat_ratio(num_units: list, den_units: list) -> tuple:
+    """stat(num) / stat(den) over two records' repeats (repeat_units), paired in the order
+    they ran: (ci_low, ci_high) the within-run 95 % interval of the median pair, (spread_low,
+    spread_high) the lowest and highest pair ratio, repeats the pairs, repeats_agree whether
+    the pairs' intervals overlap. NaNs and 0 pairs without units."""
+    pairs = [bootstrap_ratio(n, d) for n, d in zip(num_units, den_units)]
+    if not pairs:
+        return (np.nan,) * 4 + (0, pd.NA)
+    mid = sorted(pairs)[(len(pairs) - 1) // 2]
+    return (mid[1], mid[2], min(p[0] for p in pairs), max(p[0] for p in pairs), len(pairs),
+            intervals_overlap([p[1:] for p in pairs]))
 
 
 def speedups(df: pd.DataFrame, *, key: str, baseline: str, value: str = "median_ms",
@@ -245,17 +256,8 @@ def speedups(df: pd.DataFrame, *, key: str, baseline: str, value: str = "median_
         merged = other.head(0).drop(columns="_point").assign(
             **{"baseline_" + c: [] for c in carry})
     merged["speedup"] = merged["baseline_" + value] / merged[value]
-    rows = []
-    for b, o in zip(merged["baseline__units"], merged["_units"]):
-        pairs = _repeat_ratios(b, o)
-        if not pairs:
-            rows.append((np.nan,) * 4 + (0, pd.NA))
-            continue
-        mid = sorted(pairs)[(len(pairs) - 1) // 2]
-        rows.append((mid[1], mid[2], min(p[0] for p in pairs), max(p[0] for p in pairs),
-                     len(pairs), intervals_overlap([p[1:] for p in pairs])))
-    columns = ["ci_low", "ci_high", "spread_low", "spread_high", "repeats", "repeats_agree"]
-    for i, c in enumerate(columns):
+    rows = [repeat_ratio(b, o) for b, o in zip(merged["baseline__units"], merged["_units"])]
+    for i, c in enumerate(REPEAT_COLUMNS):
         merged[c] = [r[i] for r in rows]
     return merged.drop(columns=["_units", "baseline__units"])
 

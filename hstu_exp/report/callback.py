@@ -50,10 +50,13 @@ def close_out(sweep_dir: Path, *, logger=None) -> dict:
           f"{', '.join(sorted(figures)) or 'none'} in {sweep_dir / 'figures'}", flush=True)
     if logger and logger.get("name") == "wandb":
         from hstu_exp.report.labels import serve_labels
-        from hstu_exp.tracking.wandb_sink import log_summary
+        from hstu_exp.tracking.wandb_sink import effective_mode, log_summary, sync_command
 
-        log_summary(df, logger=logger, sweep_dir=sweep_dir, group=sweep_dir.name,
-                    images=figures, labels=serve_labels, headline=speed, csv=csv)
+        run = log_summary(df, logger=logger, sweep_dir=sweep_dir, group=sweep_dir.name,
+                          images=figures, labels=serve_labels, headline=speed, csv=csv)
+        if run and effective_mode(logger) == "offline":  # say where the runs are, and how
+            print(f"[hstu-exp] W&B: offline runs in {sweep_dir}/*/wandb and {sweep_dir}/wandb; "
+                  f"upload: {sync_command(sweep_dir)}", flush=True)
     return {"csv": csv, "figures": figures, "records": len(df)}
 
 

@@ -8,15 +8,19 @@ A sweep is a sweep dir (its results.jsonl records, or its results.csv when it ho
 as in outputs/published/) or a results.csv file. The ok records of both are joined on the swept
 keys (SWEPT_KEYS); a key that holds one value in each sweep but different values between them
 (e.g. kernel=reference in A and kernel=triton in B) is left out of the join, so two sweeps of
-the same grid with one choice changed line up. Ratios are B / A: median and p90 latency and
-peak memory (> 1 is worse) and the floor fraction (< 1 is worse). A point is flagged when a
-ratio is worse than --threshold; the geometric mean of each ratio closes the table. A figure
-(B vs A latency, and the ratio of every metric per point) goes to --figure, by default
-SWEEP_B/figures/compare_vs_<A>.png. The median ratio carries a 95 % bootstrap interval from the
-raw samples (a sweep dir, a results.jsonl, or a results.csv with the close-out's results.jsonl
-beside it). Exit status: 0, or 1 when --fail-above R is given and a point's median ratio B/A is
-above R with confidence: the lower end of its 95 % interval is above R (without samples, the
-point estimate; with --gate geomean, the geometric mean of the point estimates); 2 on bad input.
+the same grid with one choice changed line up. Ratios are B / A: median and p90 latency,
+e2e's median pass total, and peak memory (> 1 is worse) and the floor fraction (< 1 is worse).
+A point is flagged when a ratio is worse than --threshold; the geometric mean of each ratio
+closes the table. A figure (B vs A latency, and the ratio of every metric per point) goes to
+--figure, by default SWEEP_B/figures/compare_vs_<A>.png. The latency ratio a point is judged by
+(e2e: of the median pass totals, else of the medians) carries a 95 % bootstrap interval within
+a run from the raw samples (a sweep dir, a results.jsonl, or a results.csv with the close-out's
+results.jsonl beside it), and where points ran several repeats (workload.repeats) the lowest
+and highest B/A of the repeat pairs, flagged DISAGREE when their intervals do not overlap.
+Exit status: 0, or 1 when --fail-above R is given and a point's latency ratio B/A is above R
+with confidence (the lower end of its 95 % interval is above R; without samples, the point
+estimate; with --gate geomean, the geometric mean of the point estimates) or a point ok in A
+has no ok record in B; 2 on bad input.
 """
 from __future__ import annotations
 
@@ -28,13 +32,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hstu_exp.report.aggregate import SweepError, ok, ratio_interval, require
+from hstu_exp.report.aggregate import (REPEAT_COLUMNS, SweepError, ok, repeat_ratio,
+                                       repeat_units, require)
 from hstu_exp.report.aggregate import load_sweep as _load_sweep
 from hstu_exp.tracking.identity import has_config, identity, identity_hash, short, text
 from hstu_exp.tracking.records import SWEPT_KEYS, FileWriteError, write_atomically
 
 # (record column, short name, True when larger is worse)
-METRICS = [("median_ms", "median", True), ("p90_ms", "p90", True),
+METRICS = [("median_ms", "median", True), ("total_ms", "pass", True), ("p90_ms", "p90", True),
            ("mem_allocated_bytes", "memory", True), ("floor_fraction", "floor", False)]
 _SHORT = {"batch_size": "B", "total_history": "T", "new_history": "n", "num_candidates": "cand",
           "page_size": "page"}
@@ -97,7 +102,9 @@ def join(a: pd.DataFrame, b: pd.DataFrame, ignore=()) -> tuple[pd.DataFrame, lis
     metrics = [m for m, _, _ in METRICS]
     sides = []
     for df, tag in ((a, "a"), (b, "b")):
-        cols = {m: f"{m}_{tag}" for m in metrics + ["samples_ms"] + WHERE if m in df}
+        df = df.assign(_units=[repeat_units(r) for r in df.to_dict("records")],
+                       _e2e=df["workload"].astype(str).eq("e2e"))
+        cols = {m: f"{m}_{tag}" for m in metrics + ["_units", "_e2e"] + WHERE if m in df}
         keep = ["_point"] + (on + extra if tag == "a" else [])
         sides.append(df[keep + list(cols)].rename(columns=cols))
     joined = sides[0].merge(sides[1], on="_point", how="inner").drop(columns="_point")
@@ -107,12 +114,17 @@ def join(a: pd.DataFrame, b: pd.DataFrame, ignore=()) -> tuple[pd.DataFrame, lis
             va = pd.to_numeric(joined[ma], errors="coerce")
             vb = pd.to_numeric(joined[mb], errors="coerce")
             joined[f"{m}_ratio"] = (vb / va).where((va > 0) & (vb > 0))
-    lows, highs = [], []
-    for _, r in joined.iterrows():
-        lo, hi = ratio_interval(r.get("samples_ms_b"), r.get("samples_ms_a"))
-        lows.append(lo)
-        highs.append(hi)
-    joined["median_ms_ci_low"], joined["median_ms_ci_high"] = lows, highs
+    # the latency B/A a point is judged by: e2e's median pass total (a pass repeats the same
+    # stream; the per-batch median is one middle batch), else the median
+    e2e = joined["_e2e_a"].astype(bool) & joined.get(
+        "total_ms_ratio", pd.Series(np.nan, index=joined.index)).notna()
+    joined["ratio"] = joined["total_ms_ratio"].where(e2e, joined["median_ms_ratio"]) \
+        if "total_ms_ratio" in joined else joined["median_ms_ratio"]
+    joined["ratio_of"] = np.where(e2e, "pass total", "median")
+    stats = [repeat_ratio(b, a) for a, b in zip(joined["_units_a"], joined["_units_b"])]
+    for i, c in enumerate(REPEAT_COLUMNS):
+        joined[c] = [row[i] for row in stats]
+    joined = joined.drop(columns=["_units_a", "_units_b", "_e2e_a", "_e2e_b"])
     joined["agrees"], joined["why_not"] = zip(*(agreement(r) for _, r in joined.iterrows())) \
         if len(joined) else ([], [])
     joined.attrs["only_a"] = len(sides[0]) - len(joined)
@@ -160,7 +172,7 @@ def agreement(r) -> tuple:
     invalid point. Where the records
     name such a cause, `why_not` says it; where they name none, the difference is the code's
     or the settings'."""
-    lo, hi = r.get("median_ms_ci_low"), r.get("median_ms_ci_high")
+    lo, hi = r.get("ci_low"), r.get("ci_high")
     if lo is None or lo != lo:
         return None, "no samples"
     if lo <= 1.0 <= hi:
@@ -237,6 +249,16 @@ def _fmt_ci(lo, hi) -> str:
     return "-" if lo is None or lo != lo else f"{lo:.3f}-{hi:.3f}"
 
 
+def _fmt_spread(r) -> str:
+    """'0.981-1.020 (3)': the lowest and highest B/A of the repeat pairs; DISAGREE where the
+    pairs' own intervals do not overlap."""
+    n = r.get("repeats")
+    if n is None or n != n or int(n) < 2:
+        return "-"
+    return (f"{r['spread_low']:.3f}-{r['spread_high']:.3f} ({int(n)})"
+            + (" DISAGREE" if r.get("repeats_agree") is False else ""))
+
+
 def format_table(joined: pd.DataFrame, on: list, *, threshold: float, name_a: str,
                  name_b: str) -> str:
     """One row per joined point: the keys that vary, A and B median, B/A ratios; then the
@@ -244,22 +266,26 @@ def format_table(joined: pd.DataFrame, on: list, *, threshold: float, name_a: st
     shown = [k for k in on if joined[k].nunique() > 1] or on[:1]
     metrics = [(m, s, w) for m, s, w in METRICS if f"{m}_ratio" in joined
                and joined[f"{m}_ratio"].notna().any()]
-    with_ci = joined["median_ms_ci_low"].notna().any() if "median_ms_ci_low" in joined else False
+    with_ci = joined["ci_low"].notna().any() if "ci_low" in joined else False
+    # the spread between repeats, where a point ran several (workload.repeats)
+    with_spread = with_ci and (pd.to_numeric(joined["repeats"], errors="coerce") > 1).any()
     head = [_SHORT.get(k, k) for k in shown] + ["A median ms", "B median ms"] + \
         [f"{s} B/A" for _, s, _ in metrics] + \
-        (["median B/A 95% CI", "within CI"] if with_ci else []) + ["worse"]
+        (["latency B/A 95% CI", "within CI"] if with_ci else []) + \
+        (["B/A between repeats"] if with_spread else []) + ["worse"]
     rows = [head]
     for _, r in joined.iterrows():
         rows.append([str(r[k]) or "-" for k in shown] +
                     [_fmt_ms(r.get("median_ms_a")), _fmt_ms(r.get("median_ms_b"))] +
                     [_fmt_ratio(r[f"{m}_ratio"], bool(r.get(f"worse_{m}", False)))
                      for m, _, _ in metrics] +
-                    ([_fmt_ci(r["median_ms_ci_low"], r["median_ms_ci_high"]),
-                      _fmt_agrees(r.get("agrees"), r.get("why_not"))] if with_ci else [])
+                    ([_fmt_ci(r["ci_low"], r["ci_high"]),
+                      _fmt_agrees(r.get("agrees"), r.get("why_not"))] if with_ci else []) +
+                    ([_fmt_spread(r)] if with_spread else [])
                     + [" ".join(s for m, s, _ in metrics if r.get(f"worse_{m}", False))])
     gm = ["geomean"] + [""] * (len(shown) + 1) + \
         [_fmt_ratio(geomean(joined[f"{m}_ratio"]), False) for m, _, _ in metrics] + \
-        (["", ""] if with_ci else []) + [""]
+        (["", ""] if with_ci else []) + ([""] if with_spread else []) + [""]
     widths = [max(len(row[i]) for row in rows + [gm]) for i in range(len(head))]
 
     def line(row):
@@ -307,11 +333,13 @@ def draw(joined: pd.DataFrame, path: Path, *, threshold: float, name_a: str, nam
         ratio = joined[f"{m}_ratio"].astype(float)
         worse = joined.get(f"worse_{m}", pd.Series(False, index=joined.index)).astype(bool)
         xs = i + np.linspace(-0.25, 0.25, len(ratio)) if len(ratio) > 1 else np.full(1, i)
-        if m == "median_ms" and "median_ms_ci_low" in joined:
-            # the median ratio's 95 % bootstrap interval: what --fail-above gates on
-            lo = joined["median_ms_ci_low"].astype(float)
-            hi = joined["median_ms_ci_high"].astype(float)
-            has = lo.notna().to_numpy()
+        if m in ("median_ms", "total_ms") and "ci_low" in joined:
+            # the latency ratio's 95 % bootstrap interval: what --fail-above gates on (e2e: of
+            # the pass totals, on the pass strip)
+            lo = joined["ci_low"].astype(float)
+            hi = joined["ci_high"].astype(float)
+            judged = joined["ratio_of"].eq("pass total" if m == "total_ms" else "median")
+            has = (lo.notna() & judged).to_numpy()
             ax2.errorbar(xs[has], ratio[has], yerr=[(ratio - lo)[has].clip(lower=0),
                                                      (hi - ratio)[has].clip(lower=0)],
                          fmt="none", ecolor="grey", lw=0.8, capsize=2)
@@ -398,7 +426,7 @@ def _gate(joined: pd.DataFrame, on: list, limit: float, how: str) -> tuple[bool,
                "run)") if missing else ""
     if joined.empty:
         return True, lacking or "no point joined"
-    ratios = joined["median_ms_ratio"]
+    ratios = joined["ratio"]
     if how == "geomean":
         value = geomean(ratios)
         what = (f"geometric mean of median latency B/A {value:.3f} (point estimate)"
@@ -406,7 +434,7 @@ def _gate(joined: pd.DataFrame, on: list, limit: float, how: str) -> tuple[bool,
         failed = value > limit
         return failed or bool(missing), "; ".join(w for w in (what if failed else "", lacking)
                                                  if w) or what
-    low = joined["median_ms_ci_low"]
+    low = joined["ci_low"]
     # the interval's lower end where there are samples, else the point estimate
     evidence = low.where(low.notna(), ratios)
     above = evidence > limit
@@ -420,10 +448,12 @@ def _gate(joined: pd.DataFrame, on: list, limit: float, how: str) -> tuple[bool,
     invalid = sum(1 for _, r in flagged.iterrows()
                   if any(str(r.get(f"valid_{s}")).lower() == "false" for s in "ab"))
     what = (f"{int(above.sum())} point(s) with median latency B/A above {limit:g} by the "
-            f"{basis} (worst {worst['median_ms_ratio']:.3f}"
-            + ("" if pd.isna(worst["median_ms_ci_low"]) else
-               f", 95% CI {worst['median_ms_ci_low']:.3f}-{worst['median_ms_ci_high']:.3f}")
+            f"{basis} (worst {worst['ratio']:.3f}"
+            + ("" if pd.isna(worst["ci_low"]) else
+               f", 95% CI {worst['ci_low']:.3f}-{worst['ci_high']:.3f}")
             + (f" at {where})" if where else ")")
+            + ("; e2e points by their median pass total" if
+               joined["ratio_of"].eq("pass total").any() else "")
             + (f"; {invalid} of them invalid in A or B (noise, not a verdict)" if invalid else "")
             + _other_gpu_note(flagged))
     if above.any():

@@ -212,6 +212,12 @@ def sweep_where(r: dict) -> str:
     return "/".join(parts)
 
 
+def sync_command(root: Path, runs: str = "*/wandb/latest-run") -> str:
+    """The upload line: each run's newest local copy only (latest-run), paths shell-quoted."""
+    quoted = shlex.quote(str(root))
+    return f"wandb sync {quoted}/{runs} {quoted}/wandb/latest-run"
+
+
 def artifact_name(group: str) -> str:
     """W&B artifact names allow ASCII letters, digits, '-', '_' and '.': anything else (a space,
     an accent) becomes '-', so a sweep dir named 'my sweeps/été' still gets its summary run."""
@@ -256,7 +262,8 @@ def other_overrides(r: dict) -> dict:
     that differ only there (cache.num_pages=64 vs 128) get two names and two config values."""
     given = point_overrides(r.get("overrides")) or {}
     return {k.rsplit(".", 1)[-1]: v for k, v in sorted(given.items())
-            if k not in _SHOWN and k.split(".", 1)[0] not in PLUMBING}
+            if k not in _SHOWN and k.split(".", 1)[0] not in PLUMBING
+            and k.rsplit(".", 1)[-1] not in PARAM_KEYS}  # timing settings: config.params
 
 
 def _int(v):
@@ -553,6 +560,25 @@ def _add_headline(spec: dict, table) -> None:
     spec["bars"].append({"key": "charts/speedup", "table": "headline", "label": "label",
                          "value": "speedup", "title": "speedup (median ratio; intervals in the "
                                                       "headline table)"})
+    # speedup vs batch size with its interval: three lines a comparison (speedup, 95 % low and
+    # high), e2e and block at each comparison's largest T
+    top = {}
+    for r in rows:
+        key = (r["workload"], r["comparison"], r["batch_size"])
+        if key not in top or (r.get("total_history") or 0) > (top[key].get("total_history") or 0):
+            top[key] = r
+    series = [{"series": f"{r['workload']} {r['comparison']}{suffix}", "batch_size":
+               r["batch_size"], "speedup": r[col]}
+              for r in top.values() for col, suffix in (("speedup", ""), ("ci_low", " (95% low)"),
+                                                        ("ci_high", " (95% high)"))
+              if not is_missing(r.get(col))]
+    if len({s_["batch_size"] for s_ in series}) > 1:
+        spec["tables"]["speedup_vs_batch"] = _table(sorted(series, key=lambda s_: (
+            s_["series"], s_["batch_size"])), ["series", "batch_size", "speedup"])
+        spec["lines"].append({"key": "charts/speedup_vs_batch", "table": "speedup_vs_batch",
+                              "x": "batch_size", "y": "speedup", "stroke": "series",
+                              "title": "speedup vs batch size, with its 95 % interval within a "
+                                       "run (block: the largest T)"})
 
 
 # --------------------------------------------------------------------------- spec -> W&B run
