@@ -54,29 +54,28 @@ _WORKERS: dict = {}  # lease folder -> _Worker of this process
 
 
 def run_point_on_gpu(task_function, leases: GpuLeases, cfg) -> dict:
-    """One point in a worker: what became of it, for `launch` in the launching process."""
+    """One point in a worker. What became of it, for `launch` in the launching process:
+    status (None: not run), and the signal or the cause that stopped the sweep, if one did."""
     worker = _WORKERS.get(leases.folder)
     if worker is None:
         worker = _WORKERS[leases.folder] = _Worker(leases)
     if STOP:  # a signal came between points: the sweep stops here too
         leases.stop()
-        return {"ran": False, "gpu": worker.device, "signal": STOP[0]}
+        return {"status": None, "signal": STOP[0]}
     if leases.stopped():  # another worker or the launching process stopped the sweep
-        return {"ran": False, "gpu": worker.device}
+        return {"status": None}
     worker.running, worker.interrupted = True, False
     try:
         status = task_function(cfg)
     except KeyboardInterrupt:  # its record says `interrupted`
         leases.stop()
-        return {"ran": True, "gpu": worker.device, "status": "failed",
-                "signal": STOP[0] if STOP else signal.SIGINT}
+        return {"status": "failed", "signal": STOP[0] if STOP else signal.SIGINT}
     except BaseException as exc:  # noqa: BLE001 - the point ended the sweep (a record unwritable)
         leases.stop()
-        return {"ran": True, "gpu": worker.device, "status": None, "stop": str(exc) or
-                type(exc).__name__}
+        return {"status": None, "stop": str(exc) or type(exc).__name__}
     finally:
         worker.running = False
-    return {"ran": True, "gpu": worker.device, "status": status}
+    return {"status": status}
 
 
 def launch(launcher, job_overrides, initial_job_idx: int):

@@ -131,16 +131,16 @@ def test_worker_outcomes_give_the_exit_status_and_the_stop(monkeypatch):
     for name in ("_failed", "_unwritable"):
         monkeypatch.setattr(cli, name, [])
     monkeypatch.setattr(cli, "_stop", [])
-    cli.points_ran_in_workers([{"ran": True, "status": "ok"}, {"ran": False}])
+    cli.points_ran_in_workers([{"status": "ok"}, {"status": None}])
     assert not any(cli._failed)
-    cli.points_ran_in_workers([{"ran": True, "status": "failed"}])
+    cli.points_ran_in_workers([{"status": "failed"}])
     assert any(cli._failed)  # exit status 1, as for a point failed in this process
     with pytest.raises(KeyboardInterrupt):  # a worker's point was interrupted by SIGTERM
-        cli.points_ran_in_workers([{"ran": True, "status": "failed", "signal": 15}])
+        cli.points_ran_in_workers([{"status": "failed", "signal": 15}])
     assert cli._stop == [15]  # exit status 128 + 15 and the close-out after a stop
     monkeypatch.setattr(cli, "_stop", [])
     with pytest.raises(BaseException) as exc:
-        cli.points_ran_in_workers([{"ran": True, "status": None, "stop": "x: cannot write"}])
+        cli.points_ran_in_workers([{"status": None, "stop": "x: cannot write"}])
     assert isinstance(exc.value, cli._StopSweep) and cli._unwritable == ["x: cannot write"]
 
 
@@ -281,3 +281,21 @@ def test_wandb_runs_come_from_the_workers_and_the_summary_from_the_launcher(tmp_
         assert run["summary"]["latency/median_ms"] == pytest.approx(r["median_ms"])
     (summary_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     assert read_offline_run(summary_dir)["summary"]["points"] == 2
+
+
+def test_a_worker_killed_mid_point_stops_the_sweep_with_one_line(tmp_path):
+    run = LiveSweep("-m", *GPUS, *LONG, f"hydra.sweep.dir={tmp_path}", env=TWO)
+    run.wait_for(r"^\[\d/6\] .*: ok median", count=2)
+    run.wait_for(r"^\[\d/6\] .*: running$", count=4)
+    pid = GpuLeases(["0", "1"], tmp_path / ".gpus").holders()["1"]
+    os.kill(pid, signal.SIGKILL)  # the OOM killer's way: no handler, no record
+    rc = run.finish()
+    assert rc == 1, run.output
+    errors = [line for line in run.lines if line.startswith("hstu-exp: error:")]
+    assert len(errors) == 1 and "a worker process ended abruptly" in errors[0], run.output
+    assert "SIGKILL" in errors[0] and errors[0].endswith("the sweep stopped"), errors
+    assert "Traceback" not in run.output, run.output
+    recs = records(tmp_path)
+    assert 2 <= len(recs) < 6 and all(r["status"] == "ok" for r in recs)  # none half-written
+    assert len(pd.read_csv(tmp_path / "results.csv")) == len(recs)  # closed out what exists
+    assert GpuLeases(["0", "1"], tmp_path / ".gpus").holders() == {}
