@@ -110,11 +110,21 @@ REFUSED = [
 ]
 
 
+def leading_flags(args) -> list:
+    """The flags that open a command line (`-m`, `--cfg job`): Hydra's parser wants them
+    before the overrides."""
+    n = 0
+    while n < len(args) and args[n].startswith("-"):
+        n += 2 if args[n] == "--cfg" else 1
+    return args[:n]
+
+
 @pytest.mark.parametrize("args,needle", [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
 def test_refused_in_one_line_before_anything_is_written(tmp_path, args, needle):
     run_dir = [] if any(a.startswith("hydra.run.dir") for a in args) else \
         [f"hydra.run.dir={tmp_path}/run"]
-    proc = hstu_exp(*QUIET, *run_dir, *args, cwd=tmp_path)
+    proc = hstu_exp(*leading_flags(args), *QUIET, *run_dir, *args[len(leading_flags(args)):],
+                    cwd=tmp_path)
     one_line(proc, needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
 
