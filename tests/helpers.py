@@ -9,11 +9,33 @@ ROOT = Path(__file__).resolve().parent.parent
 FAST = ["workload.warmup=1", "workload.iters=3", "workload.min_time_s=0.01"]
 
 
-def hstu_exp(*args, cwd=None, timeout=300, env=None):
-    """Runs `python -m hstu_exp ARGS`; returns the CompletedProcess (text mode)."""
+def hstu_exp(*args, cwd=None, timeout=300, env=None, address_space=None):
+    """Runs `python -m hstu_exp ARGS`; returns the CompletedProcess (text mode). address_space:
+    a cap in bytes on the process's address space (RLIMIT_AS, as `ulimit -v` sets it)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+
+    def cap():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+
     return subprocess.run([sys.executable, "-m", "hstu_exp", *args], cwd=cwd or ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=full_env)
+                          capture_output=True, text=True, timeout=timeout, env=full_env,
+                          preexec_fn=cap if address_space else None)
+
+
+def failing_pool():
+    """(overrides, address-space cap) for a point that fails at run time: a CPU pool of model=tiny
+    that fits the machine's memory, which is all the preflight's memory check sees, but not the
+    cap, a limit on the process (`ulimit -v`, a batch scheduler's) that only the allocation
+    meets. The cap is this process's size (torch imported, as in the child) plus 1.5 GB of
+    headroom, so the point beside it (64 pages) runs."""
+    size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+                if line.startswith("VmSize:"))
+    cap = size + 1_500_000_000
+    page_bytes = 32 * 2 * 2 * 64 * 4  # page_size x (K, V) x layers x heads*head_dim x float32
+    pages = (cap + 1_000_000_000) // page_bytes  # a pool 1 GB past the cap by itself
+    return ["model=tiny", "device=cpu", "cache=paged", f"cache.num_pages={pages},64"], cap
 
 
 def spec_block(block, x, history: int):

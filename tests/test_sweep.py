@@ -8,7 +8,7 @@ import pytest
 from hstu_exp.env import environment
 from hstu_exp.tracking.records import SWEPT_KEYS, read_records
 from hstu_exp.tracking.wandb_sink import read_offline_run
-from helpers import FAST, ROOT, hstu_exp
+from helpers import FAST, ROOT, failing_pool, hstu_exp
 
 
 def records(root):
@@ -105,11 +105,14 @@ def test_impossible_point_is_skipped_and_sweep_goes_on(tmp_path):
 
 
 def test_failing_point_is_recorded_and_sweep_goes_on(tmp_path):
-    """A pool of 10^9 pages cannot be allocated: that point raises, the next one still runs."""
-    proc = hstu_exp("-m", "logger=none", "cache.num_pages=1000000000,64", *FAST,
-                    f"hydra.sweep.dir={tmp_path}")
+    """A pool past the process's address-space cap cannot be allocated: that point raises, the
+    next one still runs."""
+    pools, cap = failing_pool()
+    proc = hstu_exp("-m", "logger=none", *pools, *FAST, f"hydra.sweep.dir={tmp_path}",
+                    address_space=cap)
     recs = {r["point"]: r for r in records(tmp_path)}
-    assert recs[0]["status"] == "failed" and "allocate" in recs[0]["error"], recs[0]["error"]
+    assert recs[0]["status"] == "failed", (recs[0], proc.stderr[-2000:])
+    assert "can't allocate memory" in recs[0]["error"], recs[0]["error"]
     assert recs[1]["status"] == "ok"
     assert proc.returncode == 1
     assert (tmp_path / "results.csv").exists() and "1 failed" in proc.stdout

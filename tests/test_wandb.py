@@ -11,7 +11,7 @@ import pytest
 
 from hstu_exp.tracking.records import SWEPT_KEYS
 from hstu_exp.tracking.wandb_sink import run_id, sweep_where
-from helpers import FAST, ROOT, hstu_exp, offline_runs, read_run
+from helpers import FAST, ROOT, failing_pool, hstu_exp, offline_runs, read_run
 
 # The H200 seed_e2e records as published on 2026-11-29 (schema 1: no samples, no validity).
 OLD_SCHEMA = ROOT / "tests" / "data" / "seed_e2e_h200_schema1.csv"
@@ -135,13 +135,14 @@ def test_resume_and_import_update_runs_never_duplicate(sweep):
 
 
 def test_failed_point_is_a_failed_run(tmp_path):
-    proc = hstu_exp("-m", "cache.num_pages=1000000000,64", *FAST, f"hydra.sweep.dir={tmp_path}")
-    assert proc.returncode == 1
+    pools, cap = failing_pool()  # the first pool fits the machine, not the process's cap
+    proc = hstu_exp("-m", *pools, *FAST, f"hydra.sweep.dir={tmp_path}", address_space=cap)
+    assert proc.returncode == 1, proc.stderr[-2000:]
     recs = {str(r["point"]): r for r in records(tmp_path)}
     runs = point_runs(tmp_path)
     assert recs["0"]["status"] == "failed" and recs["1"]["status"] == "ok"
     assert runs["0"]["exit_code"] == 1 and runs["0"]["summary"]["status"] == "failed"
-    assert "allocate" in runs["0"]["summary"]["error"]
+    assert "can't allocate memory" in runs["0"]["summary"]["error"]
     assert runs["1"]["exit_code"] == 0
 
 
