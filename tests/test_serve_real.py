@@ -325,3 +325,25 @@ def test_ctrl_c_during_a_loadgen_run_marks_the_point_and_keeps_the_logs(tmp_path
     detail = (tmp_path / "loadgen" / "run" / "mlperf_log_detail.txt").read_text()
     assert '"key": "result_validity"' in detail  # LoadGen ended and closed its logs
     assert "interrupted: answering LoadGen's remaining queries" in rest
+
+
+def test_the_simulator_is_checked_against_the_real_server(tmp_path):
+    """One configuration and rate on both clocks; scripts/serve_sim_check.py sets the simulated
+    p50 / p99 beside LoadGen's and says where they are more than 25 % apart."""
+    out = hstu_exp("-m", "experiment=serve_smoke", "cache=paged", "verify=false",
+                   "workload.clock=real,simulated", f"hydra.sweep.dir={tmp_path}", env=ONE_THREAD)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = {r["clock"]: r for r in map(json.loads,
+                                          (tmp_path / "results.jsonl").read_text().splitlines())}
+    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve_sim_check.py"),
+                            str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr
+    (line,) = [x for x in check.stdout.splitlines()[1:] if x.strip()]
+    sim, real = records["simulated"], records["real"]
+    assert f"{sim['p99_ms']:.2f}" in line and f"{real['p99_ms']:.2f}" in line
+    gap = (sim["p99_ms"] - real["p99_ms"]) / real["p99_ms"]
+    assert f"p99 {gap:+.0%}" in line
+    assert ("p99 {:+.0%} OFF BY MORE THAN 25 %".format(gap) in line) == (abs(gap) > 0.25)
+    empty = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve_sim_check.py"),
+                            str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert empty.returncode == 2 and "no serve point ran on both clocks" in empty.stderr
