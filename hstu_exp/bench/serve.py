@@ -160,7 +160,6 @@ class _Trials:
     def __init__(self, cfg, server: RealServer, job_dir, progress):
         self.cfg, self.w, self.server, self.progress = cfg, cfg.workload, server, progress
         self.log_root = Path(job_dir or ".") / "loadgen"
-        self.runs: List[tuple] = []  # (Test, Served)
         self.warm: List[dict] = []
 
     def run(self, qps: float, *, seed: int, min_duration_s: float, label: str,
@@ -196,7 +195,6 @@ class _Trials:
         self.progress(f"LoadGen {qps:g} qps: {lg['verdict']}, p{w.slo_percentile:g} "
                       f"{_ms(lg, w.slo_percentile)} ms, completed {lg['completed_qps']} qps"
                       + (f" ({lg['verdict_reason']})" if lg["verdict_reason"] else ""))
-        self.runs.append((test, served))
         return served
 
 

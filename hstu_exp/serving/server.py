@@ -35,7 +35,7 @@ class FirstUseDuringRun(RuntimeError):
 
 
 @dataclass
-class Served:
+class RunResult:
     """One LoadGen run on the real server."""
     loadgen: dict  # loadgen_sut.read_detail
     log: WorkerLog
@@ -90,7 +90,7 @@ class RealServer:
                 "warm_quiet": quiet >= quiet_rounds}
 
     def run(self, test: loadgen_sut.LoadGenTest, population, log_dir, *, sample_every: int = 0,
-            give_up_after: Optional[int] = None, progress=print) -> Served:
+            give_up_after: Optional[int] = None, progress=print) -> RunResult:
         """One LoadGen run. sample_every > 0: every that many-th request's scores are kept for
         verification (log.checked). give_up_after: once that many queries were answered later
         than test.slo_ms (the percentile surely missed), the rest are answered at once without
@@ -154,7 +154,7 @@ class RealServer:
         rows = worker.log.rows.values()
         wall = (max((r["finish_s"] for r in rows), default=0.0)
                 - min((r["arrival_s"] for r in rows), default=0.0))
-        served = Served(result, worker.log, specs, wall, stopped_early=bool(stopped))
+        served = RunResult(result, worker.log, specs, wall, stopped_early=bool(stopped))
         if worker.log.first_use:
             raise FirstUseDuringRun(
                 "first-use work (a graph capture, an autotune or a Triton compile) during the "
