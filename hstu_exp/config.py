@@ -211,6 +211,9 @@ class ServeWorkload(WorkloadConfig):
     min_query_count: int = knob(100, positive=True)  # a run's minimum query count
     search_duration_s: float = knob(10.0, positive=True)  # max_qps: each search trial's minimum
     final_seeds: int = knob(3, positive=True)  # max_qps: the final rate re-run with these seeds
+    # LoadGen's schedule seed (and the population's) of a single run; None: the point's seed.
+    # A sweep over it repeats a rate on the same model, graphs and tuning (gpu_serve.sh).
+    loadgen_seed: Optional[int] = knob(None, nonneg=True)
     warm_rounds: int = knob(3, positive=True)  # start-up: quiet rounds of batches 1..max_batch
     warm_max_s: float = knob(600.0, positive=True)  # start-up warm-up stops after this long
 

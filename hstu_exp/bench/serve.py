@@ -172,6 +172,7 @@ class _Trials:
                     slo_ms=w.slo_ms, slo_percentile=w.slo_percentile,
                     min_duration_s=min_duration_s, min_query_count=queries, seed=seed)
         population = population_for(self.cfg, qps, seed)
+        self.num_users = population.draws.num_users  # sized to the rate when num_users=null
         self.server.path.reset()
         self.warm.append(self.server.warm(
             population, cache_requests=math.ceil(qps * w.warmup_s), quiet_rounds=w.warm_rounds,
@@ -216,10 +217,13 @@ def _run_real(cfg, path, device, dtype, progress, job_dir) -> Measured:
         if w.search == "max_qps":
             best = _search_real(trials, w, cfg.seed, progress, extra, every)
         else:
-            best = trials.run(w.qps, seed=cfg.seed, min_duration_s=w.min_duration_s,
+            seed = cfg.seed if w.loadgen_seed is None else w.loadgen_seed
+            extra["loadgen_seed"] = seed
+            best = trials.run(w.qps, seed=seed, min_duration_s=w.min_duration_s,
                               label="run", sample_every=every)
     rows = [best.log.rows[i] for i in sorted(best.log.rows)]
     lg = best.loadgen
+    best_qps = extra.get("final_qps", w.qps)  # the rate asked of LoadGen (offered)
     extra.update(outcome.run_stats(rows, best.log.batches, w.max_batch))
     extra.update(_contract(cfg))
     extra.update({k: v for k, v in lg.items()})
@@ -229,10 +233,10 @@ def _run_real(cfg, path, device, dtype, progress, job_dir) -> Measured:
                  warmup_s=trials.warm[0]["warm_s"], warm_requests=trials.warm[0]["warm_requests"],
                  warm_first_use=trials.warm[0]["warm_first_use"],
                  min_duration_s=w.min_duration_s, min_query_count=w.min_query_count,
-                 offered_qps=lg["scheduled_qps"], achieved_qps=lg["completed_qps"],
+                 offered_qps=best_qps, achieved_qps=lg["completed_qps"],
                  loadgen_logs=str(Path("loadgen")), stopped_early=best.stopped_early)
-    if w.mode == "offline":
-        extra["target_qps"] = None
+    extra["target_qps"] = None if w.mode == "offline" else best_qps
+    extra["num_users"] = trials.num_users
     extra.update(pool_capacity(cfg, path.manager))
     if path.graphs is not None:
         extra["bucket"] = ",".join(sorted(path.graphs.core.used))
