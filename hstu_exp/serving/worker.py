@@ -137,7 +137,7 @@ class Worker:
         done = None
         if self.cuda:
             scores = torch.empty(served.logits.shape, dtype=torch.float32, pin_memory=True)
-            scores.copy_(served.logits, non_blocking=True)
+            scores.copy_(served.logits.float(), non_blocking=True)  # cast on the device
             done = torch.cuda.Event(enable_timing=True)
             done.record()
         else:
