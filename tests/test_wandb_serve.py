@@ -40,10 +40,10 @@ def online(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def search(tmp_path_factory):
-    """search=max_qps on the simulated clock, no cache vs paged: 2 points, each a short search
-    (80 qps, then 160 or 40, one bisection)."""
+    """search=max_qps, no cache vs paged: 2 points, each a short search (80 qps, then 160 or 40,
+    one bisection)."""
     out = tmp_path_factory.mktemp("wbserve") / "search"
-    return serve_sweep(out, "workload.clock=simulated", "workload.search=max_qps", "workload.qps=80",
+    return serve_sweep(out, "workload.search=max_qps", "workload.qps=80",
                        "workload.search_steps=1", "workload.slo_ms=25",
                        "workload.duration_s=1.5", "cache=none,paged")
 
