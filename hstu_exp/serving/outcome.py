@@ -62,10 +62,13 @@ def write_requests(rows: List[dict], path: Path) -> None:
         out = csv.writer(f)
         out.writerow(REQUEST_COLUMNS)
         for i, r in enumerate(rows):
-            ms = lambda a, b: round(1e3 * (r[a] - r[b]), 6)  # noqa: E731
             out.writerow([i, r["user"], round(r["arrival_s"], 9), round(r["start_s"], 9),
-                          round(r["finish_s"], 9), ms("finish_s", "arrival_s"),
-                          ms("start_s", "arrival_s"), ms("finish_s", "start_s"), r["batch"],
-                          r["batch_size"], r["tier"], r["history"], r["candidates"],
+                          round(r["finish_s"], 9), _ms(r, "finish_s", "arrival_s"),
+                          _ms(r, "start_s", "arrival_s"), _ms(r, "finish_s", "start_s"),
+                          r["batch"], r["batch_size"], r["tier"], r["history"], r["candidates"],
                           r["cached_tokens"], r["tokens_computed"], r["onloaded_bytes"],
                           r["offloaded_bytes"], 1])
+
+
+def _ms(row: dict, end: str, start: str) -> float:
+    return round(1e3 * (row[end] - row[start]), 6)
