@@ -32,8 +32,8 @@ def test_finished_records_intact_and_partial_point_marked(interrupted):
     recs = sorted(records(out), key=lambda r: r["point"])
     assert [r["point"] for r in recs] == [0, 1, 2], output
     assert [r["status"] for r in recs] == ["ok", "ok", "failed"]
-    # the interrupted point ran for a while, and not before the finished points' timing
-    assert recs[2]["error"] == "interrupted" and 0 < recs[2]["wall_s"] < \
+    # the interrupted point's time (0.0 when stopped at once) lies within the sweep's
+    assert recs[2]["error"] == "interrupted" and 0 <= recs[2]["wall_s"] < \
         time.time() - dt.datetime.fromisoformat(recs[0]["time"]).timestamp() + 1
     assert all(r["median_ms"] > 0 for r in recs[:2])
     assert f"[3/{POINTS}]" in output and "failed (interrupted)" in output
