@@ -144,19 +144,23 @@ def shared_block(model, *, kernel: dict, device, dtype, seed: int):
 
 def shared_ranker(model, *, kernel: dict, device, dtype, seed: int):
     """The ranking model of workload=e2e (embeddings, block, heads). kernel: `kernel_args`."""
+    return reuse("ranker", [_plain(model), kernel, str(device), str(dtype), seed],
+                 lambda: new_ranker(model, kernel=kernel, device=device, dtype=dtype, seed=seed))
+
+
+def new_ranker(model, *, kernel: dict, device, dtype, seed: int):
+    """A ranking model of its own (not reused): `shared_ranker`'s, built afresh."""
     from hstu_exp.model.ranking import HSTURanker
 
-    def make():
-        torch.manual_seed(seed)
-        ranker = HSTURanker(
-            num_layers=model.num_layers, hidden=model.hidden, num_heads=model.num_heads,
-            head_dim=model.head_dim, scaling_length=scaling_length(model), **kernel,
-            item_vocab=model.item_vocab, action_vocab=model.action_vocab,
-            num_context=model.num_context, context_vocab=model.context_vocab,
-            max_history=model.max_history, position_embedding=model.position_embedding,
-            head_widths=list(model.head_widths), num_tasks=model.num_tasks)
-        return ranker.to(device=device, dtype=dtype).eval()
-    return reuse("ranker", [_plain(model), kernel, str(device), str(dtype), seed], make)
+    torch.manual_seed(seed)
+    ranker = HSTURanker(
+        num_layers=model.num_layers, hidden=model.hidden, num_heads=model.num_heads,
+        head_dim=model.head_dim, scaling_length=scaling_length(model), **kernel,
+        item_vocab=model.item_vocab, action_vocab=model.action_vocab,
+        num_context=model.num_context, context_vocab=model.context_vocab,
+        max_history=model.max_history, position_embedding=model.position_embedding,
+        head_widths=list(model.head_widths), num_tasks=model.num_tasks)
+    return ranker.to(device=device, dtype=dtype).eval()
 
 
 def shared_cache(model, cache, *, device, dtype, to_card: bool = False):
@@ -189,23 +193,28 @@ def shared_cache(model, cache, *, device, dtype, to_card: bool = False):
 def shared_graphs(module, cache, model, graph, *, device, dtype, progress):
     """Graph runner of `module` over one `BucketGraphs` core: an HSTUBlock (GraphedBlock) or a
     whole HSTURanker (GraphedRanker: embeddings, block and heads in each graph)."""
-    from hstu_exp.graphs import BucketGraphs, GraphedBlock, GraphedRanker
-
-    def make():
-        core = BucketGraphs(
-            device=device, batch_buckets=graph.batch_buckets, token_buckets=graph.token_buckets,
-            pool=None if cache is None else cache.pool,
-            page_size=0 if cache is None else cache.page_size, max_history=kv_tokens(model),
-            scratch_page=0 if cache is None else cache.scratch_page, fit_rows=graph.fit_rows,
-            max_graphs=graph.max_graphs, progress=progress)
-        if isinstance(module, HSTUBlock):
-            return GraphedBlock(module, core, hidden=model.hidden, dtype=dtype)
-        return GraphedRanker(module, core)
     # Keyed by what the graphs capture: the config the module and the cache were built from.
     graphs = reuse("graphs", [_plain(graph), _built_key(module),
-                              None if cache is None else _built_key(cache)], make)
+                              None if cache is None else _built_key(cache)],
+                   lambda: new_graphs(module, cache, model, graph, device=device, dtype=dtype,
+                                      progress=progress))
     graphs.core.progress = progress
     return graphs
+
+
+def new_graphs(module, cache, model, graph, *, device, dtype, progress):
+    """A graph runner of its own (not reused): `shared_graphs`'s, built afresh."""
+    from hstu_exp.graphs import BucketGraphs, GraphedBlock, GraphedRanker
+
+    core = BucketGraphs(
+        device=device, batch_buckets=graph.batch_buckets, token_buckets=graph.token_buckets,
+        pool=None if cache is None else cache.pool,
+        page_size=0 if cache is None else cache.page_size, max_history=kv_tokens(model),
+        scratch_page=0 if cache is None else cache.scratch_page, fit_rows=graph.fit_rows,
+        max_graphs=graph.max_graphs, progress=progress)
+    if isinstance(module, HSTUBlock):
+        return GraphedBlock(module, core, hidden=model.hidden, dtype=dtype)
+    return GraphedRanker(module, core)
 
 
 def shared_server(model, cache, graph, kernel, *, cached: bool, graphed: bool, device, dtype,
@@ -229,3 +238,45 @@ def shared_server(model, cache, graph, kernel, *, cached: bool, graphed: bool, d
         graphs.core.used.clear()
     return RequestPath(ranker, device=device, manager=manager, graphs=graphs)
 
+
+
+def replica_servers(model, cache, graph, kernel, *, cached: bool, graphed: bool, devices,
+                    dtype, seed: int, progress, pool_to_card: bool = False) -> list:
+    """One request path per serving replica (workload.replicas), each with its own weights,
+    KV pool and graphs on its own device; built afresh, never reused (`reuse` keeps one object
+    of a kind, and replicas sharing a pool would share their users' caches). The same seed:
+    every replica ranks with the same weights. On a GPU each pool is sized to its own card."""
+
+    from hstu_exp.serving.worker import on_device
+
+    _BUILT.clear()  # free a reused model, pool and graphs before sizing the pools to the cards
+    paths = []
+    for device in devices:
+        device = torch.device(device)
+        with on_device(device):  # graphs capture (and streams start) on the current device
+            paths.append(_replica_path(model, cache, graph, kernel, cached=cached,
+                                       graphed=graphed, device=device, dtype=dtype, seed=seed,
+                                       progress=progress, pool_to_card=pool_to_card))
+    return paths
+
+
+def _replica_path(model, cache, graph, kernel, *, cached, graphed, device, dtype, seed,
+                  progress, pool_to_card):
+    from hstu_exp.kvcache.manager import KVCacheManager
+    from hstu_exp.serving.path import RequestPath
+
+    ranker = new_ranker(model, kernel=kernel_args(kernel), device=device, dtype=dtype,
+                        seed=seed)
+    manager = None
+    if cached:
+        num_pages = None
+        if pool_to_card and cache.mode == "paged" and not cache.num_pages \
+                and device.type == "cuda":
+            num_pages = card_pages(model, cache, device=device, dtype=dtype)
+        manager = KVCacheManager(build_cache(model, cache, device=device, dtype=dtype,
+                                             num_pages=num_pages), warn=progress)
+    graphs = None
+    if graphed:
+        graphs = new_graphs(ranker, manager.cache if manager else None, model, graph,
+                            device=device, dtype=dtype, progress=progress)
+    return RequestPath(ranker, device=device, manager=manager, graphs=graphs)

@@ -29,6 +29,7 @@ SERVE_CLOCKS = ("real", "simulated")
 SERVE_MODES = ("online", "offline")
 SERVE_SEARCHES = ("none", "max_qps")
 SERVE_POLICIES = ("fifo", "length_aware")
+ROUTING_POLICIES = ("hash", "least_loaded")  # serving.routing.POLICIES
 # e2e mode -> (uses the KV cache, runs as CUDA graphs). The mode decides both: the cache group
 # only says which cache a caching mode uses, and graph=cudagraph must agree with the mode.
 E2E_MODES = {"baseline": (False, False), "baseline_graph": (False, True),
@@ -216,6 +217,14 @@ class ServeWorkload(WorkloadConfig):
     loadgen_seed: Optional[int] = knob(None, nonneg=True)
     warm_rounds: int = knob(3, positive=True)  # start-up: quiet rounds of batches 1..max_batch
     warm_max_s: float = knob(600.0, positive=True)  # start-up warm-up stops after this long
+    # clock=real: serving replicas behind the one LoadGen (each its own device, weights, pool)
+    replicas: int = knob(1, positive=True)
+    routing: str = knob("least_loaded", one_of=ROUTING_POLICIES)  # user -> replica
+    # least_loaded: a pinned user moves once its replica's outstanding rows exceed the least
+    # loaded one's by this fraction plus route_slack_rows (None: one full batch of the longest
+    # requests)
+    max_imbalance: float = knob(0.5, nonneg=True)
+    route_slack_rows: Optional[int] = knob(None, nonneg=True)
 
 
 # Default CV ceiling per device type: a GPU times steadily; a shared CPU does not.
@@ -335,6 +344,10 @@ def validate(cfg) -> None:
                           "search=max_qps's final seeds, not workload.repeats")
     if w.name == "serve":
         _validate_serve(w)
+        gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        if gpu and w.replicas > torch.cuda.device_count():
+            raise ConfigError(f"workload.replicas={w.replicas}: more than the "
+                              f"{torch.cuda.device_count()} visible GPU(s), one replica a GPU")
 
 
 def _validate_serve(w) -> None:
@@ -346,6 +359,9 @@ def _validate_serve(w) -> None:
                           f"workload.num_candidates={w.num_candidates} (the range's low end)")
     if w.clock == "real":
         _real_clock(w)
+    elif w.replicas > 1:
+        raise ConfigError(f"workload.replicas={w.replicas}: replicas serve on the real clock "
+                          "only (workload.clock=real); the simulator models one server")
     if w.num_users is not None and w.num_users > SERVE_MAX_USERS:
         raise ConfigError(f"workload.num_users={w.num_users}: at most {SERVE_MAX_USERS} (the "
                           f"population alone would take "

@@ -25,7 +25,7 @@ from hstu_exp.bench.accuracy import relative_error
 from hstu_exp.bench.measure import Measured
 from hstu_exp.bench.roofline import block_work
 from hstu_exp.bench.timer import StopRule
-from hstu_exp.builders import model_dtype, shared_server
+from hstu_exp.builders import model_dtype, replica_servers, shared_server
 from hstu_exp.core.paging import pages_for
 from hstu_exp.model.hstu import oracle
 from hstu_exp.env import ClockSampler
@@ -45,14 +45,41 @@ NO_RULE = StopRule(iters=1, min_time_s=0.0, max_time_s=0.0, cv_max=math.inf, min
 
 def run(cfg, device: torch.device, progress=print, job_dir=None) -> Measured:
     dtype = model_dtype(cfg.model)
+    if cfg.workload.replicas > 1:  # config.validate: clock=real only
+        devices = replica_devices(device, cfg.workload.replicas)
+        progress(f"serve: {len(devices)} replicas on {', '.join(map(str, devices))} (threads "
+                 "of one process)")
+        paths = replica_servers(cfg.model, cfg.cache, cfg.graph, cfg.kernel,
+                                cached=cfg.cache.mode != "none",
+                                graphed=cfg.graph.mode == "cudagraph", devices=devices,
+                                dtype=dtype, seed=cfg.seed, progress=progress,
+                                pool_to_card=True)
+        first_use.count_triton_compiles()
+        return _run_real(cfg, paths, devices, dtype, progress, job_dir)
     path = shared_server(cfg.model, cfg.cache, cfg.graph, cfg.kernel,
                          cached=cfg.cache.mode != "none", graphed=cfg.graph.mode == "cudagraph",
                          device=device, dtype=dtype, seed=cfg.seed, progress=progress,
                          pool_to_card=True)
     first_use.count_triton_compiles()
     if cfg.workload.clock == "real":
-        return _run_real(cfg, path, device, dtype, progress, job_dir)
+        return _run_real(cfg, [path], [device], dtype, progress, job_dir)
     return _run_simulated(cfg, path, device, dtype, progress, job_dir)
+
+
+def replica_devices(device: torch.device, replicas: int) -> List[torch.device]:
+    """Replica i on cuda:i (config.validate checked there are enough), or all on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return [torch.device("cuda", i) for i in range(replicas)]
+    return [device] * replicas
+
+
+def slack_rows(cfg) -> int:
+    """workload.route_slack_rows, or by default one full batch of the longest requests."""
+    w, m = cfg.workload, cfg.model
+    if w.route_slack_rows is not None:
+        return w.route_slack_rows
+    return w.max_batch * (m.num_context + m.max_history + (w.candidates_max or w.num_candidates))
 
 
 def _contract(cfg) -> dict:
@@ -173,7 +200,7 @@ class _Trials:
                     min_duration_s=min_duration_s, min_query_count=queries, seed=seed)
         population = population_for(self.cfg, qps, seed)
         self.num_users = population.draws.num_users  # sized to the rate when num_users=null
-        self.server.path.reset()
+        self.server.reset()
         self.warm.append(self.server.warm(
             population, cache_requests=math.ceil(qps * w.warmup_s), quiet_rounds=w.warm_rounds,
             max_s=w.warm_max_s, progress=self.progress))
@@ -204,11 +231,14 @@ def _ms(lg: dict, p: float) -> str:
     return "?" if v is None else f"{v:.1f}"
 
 
-def _run_real(cfg, path, device, dtype, progress, job_dir) -> Measured:
+def _run_real(cfg, paths, devices, dtype, progress, job_dir) -> Measured:
     w, m = cfg.workload, cfg.model
-    server = RealServer(path, UserSequences(m, cfg.seed), max_batch=w.max_batch,
-                        max_wait_s=w.max_wait_ms / 1e3, policy=w.policy, device=device,
-                        token_buckets=cfg.graph.token_buckets, num_context=m.num_context)
+    path, device = paths[0], devices[0]
+    server = RealServer(paths, UserSequences(m, cfg.seed), max_batch=w.max_batch,
+                        max_wait_s=w.max_wait_ms / 1e3, policy=w.policy, device=devices,
+                        token_buckets=cfg.graph.token_buckets, num_context=m.num_context,
+                        routing=w.routing, max_imbalance=w.max_imbalance,
+                        slack_rows=slack_rows(cfg))
     trials = _Trials(cfg, server, job_dir, progress)
     expected = max(w.qps * w.min_duration_s, w.min_query_count)
     every = max(1, int(expected // max(w.verify_requests, 1))) if cfg.verify else 0
@@ -225,6 +255,9 @@ def _run_real(cfg, path, device, dtype, progress, job_dir) -> Measured:
     lg = best.loadgen
     best_qps = extra.get("final_qps", w.qps)  # the rate asked of LoadGen (offered)
     extra.update(outcome.run_stats(rows, best.log.batches, w.max_batch))
+    extra.update(outcome.replica_stats(rows, best.log.batches, len(paths), best.routing))
+    extra.update(routing=w.routing, max_imbalance=w.max_imbalance,
+                 route_slack_rows=slack_rows(cfg))
     extra.update(_contract(cfg))
     extra.update({k: v for k, v in lg.items()})
     problems = [] if lg["verdict"] == "VALID" else [f"LoadGen: {lg['verdict']} "
@@ -237,9 +270,9 @@ def _run_real(cfg, path, device, dtype, progress, job_dir) -> Measured:
                  loadgen_logs=str(Path("loadgen")), stopped_early=best.stopped_early)
     extra["target_qps"] = None if w.mode == "offline" else best_qps
     extra["num_users"] = trials.num_users
-    extra.update(pool_capacity(cfg, path.manager))
+    extra.update(pool_capacity(cfg, path.manager))  # each replica's pool (replica 0's size)
     if path.graphs is not None:
-        extra["bucket"] = ",".join(sorted(path.graphs.core.used))
+        extra["bucket"] = ",".join(sorted(set().union(*(p.graphs.core.used for p in paths))))
     if job_dir is not None:
         outcome.write_requests(rows, Path(job_dir) / REQUESTS_FILE)
         extra["requests_file"] = REQUESTS_FILE
@@ -304,8 +337,8 @@ def _work_of(m, dtype, rows: List[dict]):
     """The block's FLOPs and fewest bytes per batch, averaged over a real run's batches."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     batches: dict = {}
-    for r in rows:
-        batches.setdefault(r["batch"], []).append(r)
+    for r in rows:  # batch numbers count per replica
+        batches.setdefault((r.get("replica", 0), r["batch"]), []).append(r)
     flops = nbytes = 0
     for members in batches.values():
         seq = [m.num_context + r["history"] for r in members]

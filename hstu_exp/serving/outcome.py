@@ -15,7 +15,7 @@ from hstu_exp.serving.worker import busy_fraction
 REQUEST_COLUMNS = ("request", "user", "arrival_s", "start_s", "finish_s", "latency_ms",
                    "queue_ms", "service_ms", "batch", "batch_size", "tier", "history",
                    "candidates", "cached_tokens", "tokens_computed", "onloaded_bytes",
-                   "offloaded_bytes", "counted")
+                   "offloaded_bytes", "counted", "replica")
 
 
 def latencies_ms(rows: List[dict]) -> List[float]:
@@ -55,6 +55,32 @@ def run_stats(rows: List[dict], batches: List[dict], max_batch: int) -> dict:
             "offloaded_bytes": sum(r["offloaded_bytes"] for r in rows)}
 
 
+def replica_stats(rows: List[dict], batches: List[dict], replicas: int,
+                  routing: dict) -> dict:
+    """Per-replica record keys (lists indexed by replica) of a run on `replicas` replicas:
+    each one's device-busy share of the whole run's wall time (first arrival to last answer),
+    its requests and hit rates per tier; with the router's counts (`Router.stats`). The
+    record's `busy_fraction` stays the replicas' mean (`replica_busy_fraction` the spread)."""
+    first = min((r["arrival_s"] for r in rows), default=0.0)
+    wall_ms = 1e3 * (max((r["finish_s"] for r in rows), default=first) - first)
+    out: dict = {"replicas": replicas, "replica_busy_fraction": [], "replica_requests": []}
+    out.update({f"replica_{t}_hit_rate" if t != "miss" else "replica_miss_rate": []
+                for t in TIERS})
+    for k in range(replicas):
+        mine = [r for r in rows if r.get("replica", 0) == k]
+        spans = [(a - 1e3 * first, b - 1e3 * first)
+                 for a, b in (x["span_ms"] for x in batches if x.get("replica", 0) == k)]
+        out["replica_busy_fraction"].append(busy_fraction(spans, wall_ms))
+        out["replica_requests"].append(len(mine))
+        for t in TIERS:
+            share = sum(r["tier"] == t for r in mine) / len(mine) if mine else None
+            out[f"replica_{t}_hit_rate" if t != "miss" else "replica_miss_rate"].append(share)
+    out.update(routing)
+    known = [b for b in out["replica_busy_fraction"] if b is not None]
+    out["busy_fraction"] = sum(known) / len(known) if known else None
+    return out
+
+
 def write_requests(rows: List[dict], path: Path) -> None:
     """requests.csv of a real run: every query LoadGen issued, in issue order (all counted:
     LoadGen judges every query)."""
@@ -67,7 +93,7 @@ def write_requests(rows: List[dict], path: Path) -> None:
                           _ms(r, "start_s", "arrival_s"), _ms(r, "finish_s", "start_s"),
                           r["batch"], r["batch_size"], r["tier"], r["history"], r["candidates"],
                           r["cached_tokens"], r["tokens_computed"], r["onloaded_bytes"],
-                          r["offloaded_bytes"], 1])
+                          r["offloaded_bytes"], 1, r.get("replica", 0)])
 
 
 def _ms(row: dict, end: str, start: str) -> float:

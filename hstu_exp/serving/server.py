@@ -10,6 +10,14 @@ not subtracted from anything: it fails the point (`FirstUseDuringRun`), naming t
 A query's identity comes from the population in issue order, so a user's requests reach the
 batcher in the order LoadGen issued them; the batcher keeps one request per user in flight, so
 each request is served after the user's earlier ones and sees only history from before it.
+
+Replicas (workload.replicas=N): N request paths (each its own weights, KV pool and graphs on its
+own device), each behind its own batcher and worker, all behind the one LoadGen SUT; the
+`Router` sends each query to the replica holding its user's cache (`serving.routing`). The
+router moves a user only when none of its queries is in flight, so a user's queries are still
+served one at a time in issue order. The replicas are threads of this one process: their
+Python host work per batch shares the GIL, which may cap the scaling on N GPUs (one process
+per GPU would not share it).
 """
 from __future__ import annotations
 
@@ -23,11 +31,13 @@ import torch
 from hstu_exp import first_use
 from hstu_exp.serving import loadgen_sut
 from hstu_exp.serving.batcher import Batcher, Pending
+from hstu_exp.serving.routing import Router
 from hstu_exp.serving.sim import token_bucket
-from hstu_exp.serving.worker import Worker, WorkerLog
+from hstu_exp.serving.worker import Worker, WorkerLog, on_device
 
 
 WARM_INDEX = 1 << 40  # warm-up requests draw their candidates apart from the run's
+WARM_DRAWS = 64  # warm-up draws at most this many requests per request of a batch
 
 
 class FirstUseDuringRun(RuntimeError):
@@ -38,24 +48,43 @@ class FirstUseDuringRun(RuntimeError):
 class RunResult:
     """One LoadGen run on the real server."""
     loadgen: dict  # loadgen_sut.read_detail
-    log: WorkerLog
+    log: WorkerLog  # every replica's, merged: rows and batches carry their "replica"
     specs: List[tuple]  # per request index: (user, history tokens, candidates)
     wall_s: float  # from the first query's arrival to the last answer
     stopped_early: bool = False  # the SLO was surely missed; the rest answered without the model
+    routing: Optional[dict] = None  # Router.stats() of the timed run (warm-up not counted)
 
 
 class RealServer:
-    """`population` says who each query is; `users` (UserSequences) builds its request."""
+    """`population` says who each query is; `users` (UserSequences) builds its request.
+    `path` and `device`: one request path and its device, or lists of them (one per replica),
+    behind a Router of `routing` (policy), `max_imbalance` and `slack_rows`."""
 
     def __init__(self, path, users, *, max_batch: int, max_wait_s: float, policy: str,
-                 device, token_buckets, num_context: int):
-        self.path, self.users, self.device = path, users, torch.device(device)
+                 device, token_buckets, num_context: int, routing: str = "least_loaded",
+                 max_imbalance: float = 0.5, slack_rows: int = 0):
+        self.paths = list(path) if isinstance(path, (list, tuple)) else [path]
+        devices = device if isinstance(device, (list, tuple)) else [device] * len(self.paths)
+        self.devices = [torch.device(d) for d in devices]
+        if len(self.devices) != len(self.paths):
+            raise ValueError(f"{len(self.paths)} request paths, {len(self.devices)} devices")
+        self.path, self.device, self.users = self.paths[0], self.devices[0], users
         self.max_batch, self.max_wait_s, self.policy = max_batch, max_wait_s, policy
         self.token_buckets, self.num_context = list(token_buckets), num_context
+        self._router_args = dict(policy=routing, max_imbalance=max_imbalance,
+                                 slack_rows=slack_rows)
+        self.router = Router(len(self.paths), **self._router_args)
+
+    def reset(self) -> None:
+        """Every replica's cache emptied, every user unplaced (a new trial)."""
+        for path in self.paths:
+            path.reset()
+        self.router = Router(len(self.paths), **self._router_args)
 
     def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        for d in self.devices:
+            if d.type == "cuda":
+                torch.cuda.synchronize(d)
 
     @torch.no_grad()
     def warm(self, population, *, cache_requests: int, quiet_rounds: int, max_s: float,
@@ -67,15 +96,28 @@ class RealServer:
         while True:
             before = first_use.events()
             for size in range(1, self.max_batch + 1):
-                batch, seen = [], set()
-                while len(batch) < size:
-                    user, history, cands = population.next()
-                    if user in seen:  # one request per user a batch: the duplicate goes later
-                        continue
-                    seen.add(user)
-                    batch.append(self.users.request(user, history, cands, WARM_INDEX + served))
-                    served += 1
-                self.path.serve(batch)
+                for replica, path in enumerate(self.paths):
+                    batch, seen, drawn = [], set(), 0
+                    # a replica few users are placed on takes a smaller batch, not forever
+                    while len(batch) < size and drawn < WARM_DRAWS * size:
+                        drawn += 1
+                        user, history, cands = population.next()
+                        if user in seen:  # one request per user a batch: skipped
+                            continue
+                        # the user is placed where the run will find its cache; a request of
+                        # another replica's user is skipped (its history still grows)
+                        rows = self.num_context + history + cands
+                        home = self.router.route(user, rows)
+                        self.router.done(user, home, rows)
+                        if home != replica:
+                            continue
+                        seen.add(user)
+                        batch.append(self.users.request(user, history, cands,
+                                                        WARM_INDEX + served))
+                        served += 1
+                    if batch:
+                        with on_device(self.devices[replica]):
+                            path.serve(batch)
                 self._sync()
             rounds += 1
             new = first_use.events() - before
@@ -84,7 +126,8 @@ class RealServer:
             elapsed = time.perf_counter() - t0
             if (quiet >= quiet_rounds and served >= cache_requests) or elapsed > max_s:
                 break
-        progress(f"warm-up: {served} requests in {rounds} rounds of batches 1..{self.max_batch}, "
+        progress(f"warm-up: {served} requests in {rounds} rounds of batches 1..{self.max_batch}"
+                 f"{f' on each of {len(self.paths)} replicas' if len(self.paths) > 1 else ''}, "
                  f"{events} first-use events, {elapsed:.1f} s")
         return {"warm_s": elapsed, "warm_requests": served, "warm_first_use": events,
                 "warm_quiet": quiet >= quiet_rounds}
@@ -95,23 +138,30 @@ class RealServer:
         verification (log.checked). give_up_after: once that many queries were answered later
         than test.slo_ms (the percentile surely missed), the rest are answered at once without
         the model, so that an overloaded trial ends soon (LoadGen waits for every answer)."""
-        batcher = Batcher(max_batch=self.max_batch, max_wait_s=self.max_wait_s,
-                          policy=self.policy)
-        specs: List[tuple] = []
+        replicas = range(len(self.paths))
+        batchers = [Batcher(max_batch=self.max_batch, max_wait_s=self.max_wait_s,
+                            policy=self.policy) for _ in replicas]
+        router, routed_before = self.router, self.router.stats()
+        specs: List[tuple] = []  # per request index: (user, history, candidates)
+        placed: List[int] = []  # per request index: its replica
         lock = threading.Lock()
         sut: Optional[loadgen_sut.SUT] = None
 
         def admit(samples) -> None:  # LoadGen's thread: who each query is, in issue order
             now = time.perf_counter()
-            items = []
+            items: List[list] = [[] for _ in replicas]
             with lock:
                 for qid, _ in samples:
                     user, history, cands = population.next()
                     rows = self.num_context + history + cands
-                    items.append(Pending(qid, len(specs), user,
-                                         token_bucket(rows, self.token_buckets), now))
+                    replica = router.route(user, rows)
+                    items[replica].append(Pending(qid, len(specs), user,
+                                                  token_bucket(rows, self.token_buckets), now))
                     specs.append((user, history, cands))
-            batcher.put(items)
+                    placed.append(replica)
+            for replica, mine in enumerate(items):
+                if mine:
+                    batchers[replica].put(mine)
 
         def request(p: Pending):
             user, history, cands = specs[p.index]
@@ -119,49 +169,96 @@ class RealServer:
 
         late, stopped = [0], []
 
-        def answer(batch, scores) -> None:
+        def answer(replica: int, batch, scores) -> None:
             sut.answer([p.query_id for p in batch], scores)
-            if give_up_after is None or scores is None or stopped:
+            for p in batch:
+                user, history, cands = specs[p.index]
+                router.done(user, replica, self.num_context + history + cands)
+            if give_up_after is None or scores is None:
                 return
-            now = time.perf_counter()
-            late[0] += sum(now - p.arrival > test.slo_ms / 1e3 for p in batch)
-            if late[0] >= give_up_after:
+            with lock:
+                if stopped:
+                    return
+                now = time.perf_counter()
+                late[0] += sum(now - p.arrival > test.slo_ms / 1e3 for p in batch)
+                if late[0] < give_up_after:
+                    return
                 stopped.append(True)
-                progress(f"stopped: {late[0]} queries over {test.slo_ms:g} ms, "
-                         f"p{test.slo_percentile:g} surely missed; the rest answered without "
-                         "the model")
-                worker.stop_serving()
+            progress(f"stopped: {late[0]} queries over {test.slo_ms:g} ms, "
+                     f"p{test.slo_percentile:g} surely missed; the rest answered without "
+                     "the model")
+            for w in workers:
+                w.stop_serving()
 
         sut = loadgen_sut.SUT(admit)
-        worker = Worker(self.path, batcher, request=request, answer=answer,
-                        device=self.device, sample=_Every(sample_every) if sample_every else ())
+        workers = [Worker(self.paths[r], batchers[r], request=request,
+                          answer=lambda batch, scores, r=r: answer(r, batch, scores),
+                          device=self.devices[r],
+                          sample=_Every(sample_every) if sample_every else ())
+                   for r in replicas]
         self._sync()
-        batcher.start()
-        worker.start()
+        t0 = time.perf_counter()
+        for batcher, worker in zip(batchers, workers):
+            batcher.start()
+            worker.start(t0)
 
         def interrupted() -> None:
             progress("interrupted: answering LoadGen's remaining queries without the model, "
                      "so that its logs close")
-            worker.stop_serving()
+            for w in workers:
+                w.stop_serving()
 
         try:
             result = loadgen_sut.run(test, sut, log_dir, on_interrupt=interrupted)
         finally:
-            batcher.close()
-            worker.join()
-        if worker.error is not None:
-            raise worker.error
-        rows = worker.log.rows.values()
-        wall = (max((r["finish_s"] for r in rows), default=0.0)
-                - min((r["arrival_s"] for r in rows), default=0.0))
-        served = RunResult(result, worker.log, specs, wall, stopped_early=bool(stopped))
-        if worker.log.first_use:
+            for batcher, worker in zip(batchers, workers):
+                batcher.close()
+                worker.join()
+        for worker in workers:
+            if worker.error is not None:
+                raise worker.error
+        log = _merged([w.log for w in workers])
+        routing = _minus(router.stats(), routed_before)
+        served = self._served(result, log, specs, stopped, routing)
+        if log.first_use:
             raise FirstUseDuringRun(
                 "first-use work (a graph capture, an autotune or a Triton compile) during the "
-                "timed run, in " + "; ".join(worker.log.first_use[:3]) +
-                (" ..." if len(worker.log.first_use) > 3 else "") +
+                "timed run, in " + "; ".join(log.first_use[:3]) +
+                (" ..." if len(log.first_use) > 3 else "") +
                 ": the start-up warm-up missed a shape (raise workload.warm_rounds)")
         return served
+
+    @staticmethod
+    def _served(result, log: WorkerLog, specs, stopped, routing) -> "RunResult":
+        rows = log.rows.values()
+        wall = (max((r["finish_s"] for r in rows), default=0.0)
+                - min((r["arrival_s"] for r in rows), default=0.0))
+        return RunResult(result, log, specs, wall, stopped_early=bool(stopped), routing=routing)
+
+
+def _merged(logs: List[WorkerLog]) -> WorkerLog:
+    """The replicas' logs as one: rows (keyed by request index) and batches say their replica;
+    first-use notes name it when there are several."""
+    out = WorkerLog()
+    for replica, log in enumerate(logs):
+        for index, row in log.rows.items():
+            out.rows[index] = {**row, "replica": replica}
+        out.batches += [{**b, "replica": replica} for b in log.batches]
+        out.order += [(kind, replica, n) for kind, n in log.order]
+        out.first_use += [note if len(logs) == 1 else f"replica {replica} {note}"
+                          for note in log.first_use]
+        out.checked += log.checked
+    return out
+
+
+def _minus(after: dict, before: dict) -> dict:
+    """Router counts of the timed run: the per-replica query and move counts less the
+    warm-up's (replica_users: where users are pinned at the end)."""
+    out = dict(after)
+    for key in ("replica_queries", "replica_moved_in", "replica_moved_out"):
+        out[key] = [a - b for a, b in zip(after[key], before[key])]
+    out["moves"] = after["moves"] - before["moves"]
+    return out
 
 
 class _Every:

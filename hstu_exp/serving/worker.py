@@ -15,6 +15,7 @@ fails the point on it.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -71,11 +72,13 @@ class Worker:
         self._t0 = 0.0
         self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
 
-    def start(self) -> "Worker":
-        self._t0 = self.clock()
+    def start(self, t0: Optional[float] = None) -> "Worker":
+        """t0: the clock() reading its times count from (replicas share one)."""
+        self._t0 = self.clock() if t0 is None else t0
         if self.cuda:
-            self._origin = torch.cuda.Event(enable_timing=True)
-            self._origin.record()
+            with on_device(self.device):
+                self._origin = torch.cuda.Event(enable_timing=True)
+                self._origin.record()
         self._thread.start()
         return self
 
@@ -89,7 +92,7 @@ class Worker:
 
     def _run(self) -> None:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), on_device(self.device):
                 self._loop()
         except BaseException as exc:  # noqa: BLE001 - handed to the server's thread
             self.error = exc
@@ -177,6 +180,13 @@ class Worker:
         if f.first_use:
             self.log.first_use.append(f"batch {f.number} ({len(f.batch)} requests, "
                                       f"{f.first_use} first-use event(s))")
+
+
+def on_device(device):
+    """Makes `device` the current CUDA device (a no-op on a CPU): graphs, streams and events
+    of a replica on cuda:i must be made and used there, whatever thread runs them."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def busy_fraction(spans: List[tuple], wall_ms: float) -> Optional[float]:
