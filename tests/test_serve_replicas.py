@@ -107,3 +107,31 @@ def test_more_replicas_than_gpus_is_refused(monkeypatch):
             validate(cfg)
         validate(compose("config", overrides=["workload=serve", "device=cuda",
                                               "workload.replicas=2"]))
+
+
+def test_a_sure_miss_stops_every_replica_and_every_query_is_answered(tmp_path):
+    from hstu_exp.kvcache.manager import KVCacheManager
+    from hstu_exp.serving.loadgen_sut import LoadGenTest
+    from hstu_exp.serving.path import RequestPath
+    from hstu_exp.serving.server import RealServer
+    from test_e2e import make_cache, make_model
+    from test_serve_real import Cycle, Sequences
+
+    model = make_model()
+    paths = [RequestPath(model, device="cpu", manager=KVCacheManager(
+        make_cache("paged", num_pages=64, host_pages=0))) for _ in range(2)]
+    server = RealServer(paths, Sequences(8), max_batch=2, max_wait_s=0.002, policy="fifo",
+                        device="cpu", token_buckets=[64], num_context=0, routing="hash")
+    # every answer is late for a 1 us bound: the first answered batch stops both replicas
+    test = LoadGenTest(scenario="server", target_qps=50, slo_ms=1e-3, slo_percentile=90,
+                       min_duration_s=1.0, min_query_count=50, seed=1)
+    served = server.run(test, Cycle(8), tmp_path / "lg", give_up_after=1)
+    assert served.stopped_early
+    issued = served.loadgen["loadgen_queries"]
+    assert issued >= 50 and len(served.specs) == issued  # each query admitted once
+    assert "Result is" in (tmp_path / "lg" / "mlperf_log_summary.txt").read_text()
+    # every routed query was answered on its replica (the router's outstanding work is back
+    # to zero); after the stop only what both replicas had in flight or handed off (2 batches
+    # of 2 each) ran the model, the rest of the ~25 each were answered without it
+    assert server.router.load == [0, 0] and sum(served.routing["replica_queries"]) == issued
+    assert 0 < len(served.log.rows) <= 8
