@@ -10,6 +10,7 @@
 #   scripts/gpu_serve.sh OUT_DIR paged_eager none_graph offload_graph    # 1 seed each
 #   scripts/gpu_serve.sh OUT_DIR dlrmv3_server dlrmv3_offline
 #   scripts/gpu_serve.sh OUT_DIR sim_check          # 4 rates x both clocks, then the comparison
+#   scripts/gpu_serve.sh OUT_DIR replicas=1 replicas=8   # serving replicas: max QPS, 1 vs 8 GPUs
 # Goal (H200): max QPS at p99 <= 80 ms >= 4000, VALID, busy_fraction >= 0.8 at that rate. A
 # search with its 3 final seeds does not fit one call (start-up warm-up, ~7 trials of 10 s, 3 x
 # 60 s), so the goal's search runs with one final seed and the _final part re-runs the rate it
@@ -49,6 +50,12 @@ for part in "$@"; do
     offload_graph) run serve_configs 420 experiment=serve_slo cache=paged_offload \
                      graph=cudagraph workload.policy=fifo workload.final_seeds=1 \
                      workload.qps=500 cache.num_pages=16384 cache.host_pages=32768 ;;
+    replicas=*)  # issue 25: N replicas (cuda:0..N-1) vs replicas=1; the population and the
+                 # starting rate scale with N (the same users per replica)
+      n=${part#replicas=}
+      run "replicas_$n" 480 experiment=serve_slo cache=paged graph=cudagraph \
+        workload.policy=fifo workload.final_seeds=1 workload.replicas="$n" \
+        workload.num_users=$((1024 * n)) workload.qps=$((1000 * n)) ;;
     dlrmv3_server) run dlrmv3_server 480 experiment=dlrmv3_server workload.final_seeds=1 ;;
     dlrmv3_offline) run dlrmv3_offline 300 experiment=dlrmv3_offline ;;
     sim_check) run serve_sim_check 480 experiment=serve_qps cache=paged graph=cudagraph \
@@ -56,6 +63,6 @@ for part in "$@"; do
                python3 scripts/serve_sim_check.py "$out/serve_sim_check" ;;
     *) echo "gpu_serve.sh: unknown part '$part' (goal_fifo goal_fifo_final goal_la" \
             "goal_la_final paged_eager none_graph offload_graph dlrmv3_server dlrmv3_offline" \
-            "sim_check)" >&2; exit 2 ;;
+            "sim_check replicas=N)" >&2; exit 2 ;;
   esac
 done
