@@ -236,3 +236,14 @@ def test_latency_bars_zero_cached_bar_is_the_cache_none_baseline(block):
     heights = [p.get_height() for p in ax.patches]
     assert heights[0] == pytest.approx(full["median_ms"])
     assert any("cached share" in a.get_ylabel() for a in fig.axes)  # the colour legend
+
+
+def test_e2e_figures_give_each_mode_one_colour(e2e):
+    """The speedup figure has no baseline bar; a mode keeps its latency figure's colour."""
+    def colours(fig):
+        handles, labels = fig.axes[0].get_legend_handles_labels()
+        return {label: tuple(h.patches[0].get_facecolor()) for h, label in zip(handles, labels)}
+    latency = colours(figures.e2e_latency(e2e))
+    speedup = colours(figures.e2e_speedup(e2e_speedups(e2e)))
+    assert set(speedup) == {"Baseline + CUDA graph", "KV cache", "KV cache + CUDA graph"}
+    assert all(speedup[m] == latency[m] for m in speedup)

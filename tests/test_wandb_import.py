@@ -117,3 +117,8 @@ def test_serve_runs_are_named_by_what_they_ran_and_knobs_are_config(tmp_path):
     assert points and all("qpsNone" not in r["name"] and "max_qps" in r["name"] for r in points)
     for r in points:
         assert "policy" in r["config"]["workload"] and "workload/policy" not in r["summary"]
+    _, summary = summary_of(sweep / "wandb-import")
+    charts = {k: v["panel_config"] for k, v in summary["config"].items()
+              if k.startswith("_wandb/visualize/")}
+    serve_charts = [c for k, c in charts.items() if "serve_" in k]
+    assert serve_charts and all("clock: simulated" in json.dumps(c) for c in serve_charts)

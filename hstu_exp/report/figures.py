@@ -121,12 +121,16 @@ def _grid(n: int, width: float = 4.2, height: float = 3.4):
 
 
 def _bars(ax, groups, series, table: pd.DataFrame, *, x: str, hue: str, y: str,
-          lo: str | None = None, hi: str | None = None, labels=None, fmt="{:.2f}"):
+          lo: str | None = None, hi: str | None = None, labels=None, fmt="{:.2f}",
+          palette=None):
     """Grouped bars: one group per x value, one bar per hue value; error bars from lo/hi
-    columns; invalid records hatched; a value label on every bar."""
+    columns; invalid records hatched; a value label on every bar. `palette` ({series: colour})
+    keeps a series' colour the same across figures."""
     width = 0.8 / max(1, len(series))
     # "deep" has 10 colours and then repeats: more series than that get tab20's 20
     colors = sns.color_palette("deep" if len(series) <= 10 else "tab20", len(series))
+    if palette:
+        colors = [palette.get(s, c) for s, c in zip(series, colors)]
     for j, s in enumerate(series):
         part = table[table[hue] == s].set_index(x)
         xs, ys, errs, bad = [], [], [], []
@@ -366,13 +370,17 @@ def _e2e_label(mode) -> str:
     return E2E_MODES.get(str(mode), str(mode))
 
 
+# One colour per e2e mode in every e2e figure (the speedup figure has no baseline bar).
+E2E_COLORS = dict(zip(E2E_MODES, sns.color_palette("deep", len(E2E_MODES))))
+
+
 def e2e_latency(df: pd.DataFrame):
     d = _with_valid(df)
     modes = [m for m in E2E_MODES if m in set(d["mode"])] + \
         sorted(set(d["mode"].astype(str)) - set(E2E_MODES))
     fig, ax = plt.subplots(layout="constrained", figsize=(7.5, 4.2))
     _bars(ax, sorted(d["batch_size"].unique()), modes, d, x="batch_size", hue="mode",
-          y="median_ms", lo="p10_ms", hi="p90_ms", labels=_e2e_label)
+          y="median_ms", lo="p10_ms", hi="p90_ms", labels=_e2e_label, palette=E2E_COLORS)
     ax.set(xlabel="batch size (users per request batch)",
            ylabel="median latency per batch (ms)")
     ax.legend(title="e2e mode", fontsize=7, title_fontsize=7, loc="upper left",
@@ -388,13 +396,14 @@ def e2e_speedup(sp: pd.DataFrame):
         sorted(set(d["mode"].astype(str)) - set(E2E_MODES))
     fig, ax = plt.subplots(layout="constrained", figsize=(7.5, 4.2))
     _bars(ax, sorted(d["batch_size"].unique()), modes, d, x="batch_size", hue="mode",
-          y="speedup", lo="ci_low", hi="ci_high", labels=_e2e_label, fmt="{:.2f}x")
+          y="speedup", lo="ci_low", hi="ci_high", labels=_e2e_label, fmt="{:.2f}x",
+          palette=E2E_COLORS)
     ax.axhline(1.0, color="black", lw=0.9, ls="--")
     ax.set(xlabel="batch size (users per request batch)", ylabel="speedup over baseline")
     ax.legend(title="e2e mode", fontsize=7, title_fontsize=7, loc="upper left",
               bbox_to_anchor=(1.01, 1.0))
-    _finish(fig, "End-to-end speedup over baseline (whiskers: 95% bootstrap interval; "
-            "dashed: 1.0; hatched = invalid)", d)
+    _finish(fig, "End-to-end speedup over baseline: ratio of median pass totals (whiskers: "
+            "95% interval within a run, passes resampled; dashed: 1.0; hatched = invalid)", d)
     return fig
 
 

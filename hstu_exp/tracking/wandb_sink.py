@@ -497,6 +497,9 @@ def _add_serve(spec: dict, serve: list, labels: Callable[[list], list]) -> None:
         return
     tables, lines = spec["tables"], spec["lines"]
     serve = _serve_labelled(serve, labels)
+    # every serve chart says its clock; records older than the field came from the simulator
+    clock = "clock: " + " and ".join(sorted({str(r.get("clock") or "simulated")
+                                              for r in serve}))
     search = sorted((dict(r, max_qps=0.0 if is_missing(r.get("max_qps")) else r["max_qps"])
                      for r in serve if _searched(r)), key=lambda r: r["label"])
     # offline mode makes every request available at t=0: its qps is no offered load
@@ -506,21 +509,22 @@ def _add_serve(spec: dict, serve: list, labels: Callable[[list], list]) -> None:
     if online:
         tables["serve_latency"] = _table(online, [c for c in (
             "label", "qps", "achieved_qps", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "slo_ms",
-            "slo_met", "valid") if any(c in r for r in online)])
+            "slo_met", "clock", "verdict", "valid") if any(c in r for r in online)])
         for p, name in (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9")):
             # wandb.plot.line draws one y series: one chart per percentile
             if len({r["qps"] for r in online}) > 1 and _some(online, p):
                 lines.append({"key": f"charts/serve_{p[:-3]}_vs_qps", "table": "serve_latency",
                               "x": "qps", "y": p, "stroke": "label",
                               "title": f"{name} latency (ms, queueing + service) vs offered "
-                                       f"QPS"})
+                                       f"QPS ({clock})"})
     if search:
-        tables["serve_max_qps"] = _table(search, ["label", "max_qps", "slo_ms", "slo_percentile",
-                                                  "slo_latency_ms", "valid"])
+        tables["serve_max_qps"] = _table(search, [c for c in (
+            "label", "max_qps", "min_failing_qps", "slo_ms", "slo_percentile", "slo_latency_ms",
+            "clock", "valid") if c in ("label", "max_qps") or any(c in r for r in search)])
         slo = f"p{_int(search[0].get('slo_percentile'))} <= {_int(search[0].get('slo_ms'))} ms"
         spec["bars"].append({"key": "charts/serve_max_qps", "table": "serve_max_qps",
                              "label": "label", "value": "max_qps",
-                             "title": f"max QPS with {slo} (0: no rate met it)"})
+                             "title": f"max QPS with {slo} ({clock}; 0: no rate met it)"})
         spec["summary"].update({f"serve/max_qps/{r['label']}": r["max_qps"] for r in search})
     # hit rates and bytes at the rate the point's reported trial ran (a search's best; a trace's)
     rows = sorted((dict(r, offered_qps=next((r[k] for k in ("offered_qps", "qps", "max_qps")
@@ -539,7 +543,8 @@ def _add_serve(spec: dict, serve: list, labels: Callable[[list], list]) -> None:
         if len({r["offered_qps"] for r in rows}) > 1 and _some(rows, k, above=0):
             lines.append({"key": f"charts/serve_{k}_vs_qps", "table": "serve_cache",
                           "x": "offered_qps", "y": k, "stroke": "label",
-                          "title": f"requests hitting the {k.split('_')[0]} tier vs QPS"})
+                          "title": f"requests hitting the {k.split('_')[0]} tier vs QPS "
+                                   f"({clock})"})
 
 
 def _add_headline(spec: dict, table) -> None:
