@@ -122,3 +122,17 @@ def test_serve_runs_are_named_by_what_they_ran_and_knobs_are_config(tmp_path):
               if k.startswith("_wandb/visualize/")}
     serve_charts = [c for k, c in charts.items() if "serve_" in k]
     assert serve_charts and all("clock: simulated" in json.dumps(c) for c in serve_charts)
+
+
+def test_run_ids_differ_by_commit_and_gpu_and_not_by_display_group(tmp_path):
+    from hstu_exp.tracking.wandb_sink import point_spec
+
+    rec = {"status": "ok", "config_key": "k", "workload": "block", "model": "tiny",
+           "batch_size": 1, "git_sha": "aaa", "gpu_uuid": "GPU-1", "median_ms": 1.0}
+
+    def rid(r, group="nightly"):
+        return point_spec(r, logger={}, job_dir=tmp_path, group=group, cfg=None,
+                          data_dir=tmp_path, id_group="nightly")["init"]["id"]
+    same = rid(rec)
+    assert rid(dict(rec)) == same and rid(rec, group="renamed") == same
+    assert rid({**rec, "git_sha": "bbb"}) != same and rid({**rec, "gpu_uuid": "GPU-2"}) != same
