@@ -49,7 +49,7 @@ def check_record(r, rows):
     assert r["replica_requests"] == r["replica_queries"] == [len(p) for p in per]
     assert all(len(p) > 0 for p in per), "both replicas served"
     for k, mine in enumerate(per):
-        assert 0 < r["replica_busy_fraction"][k] < 1
+        assert 0 < r["replica_busy_fraction"][k] < 1 and r["replica_host_ms_per_batch"][k] > 0
         for t in TIERS:
             key = f"replica_{t}_hit_rate" if t != "miss" else "replica_miss_rate"
             assert r[key][k] == pytest.approx(sum(x["tier"] == t for x in mine) / len(mine))
@@ -135,3 +135,17 @@ def test_a_sure_miss_stops_every_replica_and_every_query_is_answered(tmp_path):
     # of 2 each) ran the model, the rest of the ~25 each were answered without it
     assert server.router.load == [0, 0] and sum(served.routing["replica_queries"]) == issued
     assert 0 < len(served.log.rows) <= 8
+
+
+def test_a_point_that_sees_fewer_gpus_than_replicas_fails_naming_them(monkeypatch):
+    # a launcher giving each worker one GPU (hydra/launcher=gpus) after the sweep saw them all
+    import torch
+
+    from hstu_exp.bench.serve import replica_devices
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with pytest.raises(ValueError, match=r"workload.replicas=2: this point sees 1 GPU\(s\) "
+                                         r"\(CUDA_VISIBLE_DEVICES=3\)"):
+        replica_devices(torch.device("cuda"), 2)
+    assert replica_devices(torch.device("cpu"), 2) == [torch.device("cpu")] * 2

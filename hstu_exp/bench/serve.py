@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from pathlib import Path
 from typing import List
@@ -67,9 +68,15 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> Measured:
 
 
 def replica_devices(device: torch.device, replicas: int) -> List[torch.device]:
-    """Replica i on cuda:i (config.validate checked there are enough), or all on the CPU."""
+    """Replica i on cuda:i, or all on the CPU. config.validate checked the GPUs the sweep saw;
+    a launcher may show a point fewer (hydra/launcher=gpus: one per worker), failing it here."""
     device = torch.device(device)
     if device.type == "cuda":
+        if replicas > torch.cuda.device_count():
+            raise ValueError(f"workload.replicas={replicas}: this point sees "
+                             f"{torch.cuda.device_count()} GPU(s) (CUDA_VISIBLE_DEVICES="
+                             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}), one replica "
+                             "a GPU")
         return [torch.device("cuda", i) for i in range(replicas)]
     return [device] * replicas
 

@@ -63,7 +63,8 @@ def replica_stats(rows: List[dict], batches: List[dict], replicas: int,
     record's `busy_fraction` stays the replicas' mean (`replica_busy_fraction` the spread)."""
     first = min((r["arrival_s"] for r in rows), default=0.0)
     wall_ms = 1e3 * (max((r["finish_s"] for r in rows), default=first) - first)
-    out: dict = {"replicas": replicas, "replica_busy_fraction": [], "replica_requests": []}
+    out: dict = {"replicas": replicas, "replica_busy_fraction": [], "replica_requests": [],
+                 "replica_host_ms_per_batch": []}
     out.update({f"replica_{t}_hit_rate" if t != "miss" else "replica_miss_rate": []
                 for t in TIERS})
     for k in range(replicas):
@@ -71,6 +72,9 @@ def replica_stats(rows: List[dict], batches: List[dict], replicas: int,
         spans = [(a - 1e3 * first, b - 1e3 * first)
                  for a, b in (x["span_ms"] for x in batches if x.get("replica", 0) == k)]
         out["replica_busy_fraction"].append(busy_fraction(spans, wall_ms))
+        # host time a batch (median): grows with N where the replicas' threads wait on the GIL
+        host = [x["host_ms"] for x in batches if x.get("replica", 0) == k]
+        out["replica_host_ms_per_batch"].append(median(host) if host else None)
         out["replica_requests"].append(len(mine))
         for t in TIERS:
             share = sum(r["tier"] == t for r in mine) / len(mine) if mine else None
