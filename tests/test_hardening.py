@@ -224,8 +224,10 @@ def test_resume_of_an_older_schema_is_refused(tmp_path):
     (tmp_path / "0" / "results.jsonl").write_text(json.dumps(old) + "\n")
     proc = hstu_exp("-m", "workload.batch_size=1,2", *QUIET, "resume=true",
                     f"hydra.sweep.dir={tmp_path}")
-    one_line(proc, "recorded with record schema 1, this hstu-exp writes schema 2; resume=true "
-                   "cannot tell its points apart")
+    from hstu_exp.runner import SCHEMA_VERSION
+
+    one_line(proc, f"recorded with record schema 1, this hstu-exp writes schema {SCHEMA_VERSION}; "
+                   "resume=true cannot tell its points apart")
     assert (tmp_path / "0" / "results.jsonl").read_text() == json.dumps(old) + "\n"
     assert not (tmp_path / "1").exists()
 
