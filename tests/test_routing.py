@@ -86,7 +86,8 @@ def test_slack_rows_keep_small_differences_from_moving_users():
 
 
 @pytest.mark.parametrize("bad", [{"replicas": 0}, {"replicas": 2, "policy": "random"},
-                                 {"replicas": 2, "max_imbalance": -1}, {"replicas": 2, "slack_rows": -1}])
+                                 {"replicas": 2, "max_imbalance": -1},
+                                 {"replicas": 2, "slack_rows": -1}])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         Router(**{"slack_rows": 0, **bad})
