@@ -382,3 +382,14 @@ def test_e2e_points_compare_by_pass_totals_with_the_spread_between_repeats(tmp_p
     j = pd.read_csv(tmp_path / "j.csv").iloc[0]
     assert j["ratio_of"] == "pass total" and j["repeats"] == 3
     assert j["spread_low"] < 1.06 < 1.25 < j["spread_high"]
+
+
+def test_regression_line_says_when_flagged_points_are_invalid(two_sweeps, tmp_path):
+    """A point invalid in A or B (its CV above the gate) is noise: the REGRESSION line, through
+    the script a user runs, says how many of the flagged points are invalid (029de16 did not)."""
+    a = edited_copy(two_sweeps[0], tmp_path / "a", lambda r: {**steady(r), "valid": True})
+    noisy = edited_copy(a, tmp_path / "noisy", lambda r: {**slower(1.2)(r), "valid": False})
+    proc = run_script(a, noisy, "--fail-above", "1.05", "--no-figure")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "REGRESSION: 4 point(s)" in proc.stderr
+    assert "; 4 of them invalid in A or B (noise, not a verdict)" in proc.stderr, proc.stderr
