@@ -377,6 +377,9 @@ def _validate_serve(w) -> None:
                               f"{' + '.join(keys)} = {span:g} s, more than the {cap} a point "
                               f"may serve (hours of serving): lower qps or {keys[1]}")
     if w.trace is not None:
+        if not str(w.trace).strip():
+            raise ConfigError("workload.trace='': empty: name a trace CSV, or leave the key out "
+                              "for Poisson arrivals at workload.qps")
         if w.clock == "real":
             raise ConfigError(f"workload.trace={w.trace}: LoadGen draws its own arrival times; "
                               "a trace drives workload.clock=simulated")
@@ -495,24 +498,29 @@ def _e2e_problem(cfg) -> Optional[str]:
                             host_pages=host_pages(m, c))
 
 
-def serve_window_requests(w) -> float:
-    """Requests a serve point expects to count (arrivals in [warmup_s, warmup_s + duration_s)):
-    qps x duration_s, or the trace's rows in that window."""
+def _trace_arrivals(w) -> Optional[list]:
+    """The trace's arrivals, or None for Poisson arrivals."""
     if w.trace is None:
-        return w.qps * w.duration_s
+        return None
     from hstu_exp.data.arrivals import read_trace
 
+    return read_trace(w.trace)
+
+
+def serve_window_requests(w, arrivals: Optional[list]) -> float:
+    """Requests a serve point expects to count (arrivals in [warmup_s, warmup_s + duration_s)):
+    qps x duration_s, or the trace's rows in that window (arrivals: _trace_arrivals(w))."""
+    if arrivals is None:
+        return w.qps * w.duration_s
     end = w.warmup_s + w.duration_s
-    return sum(w.warmup_s <= a.time_s < end for a in read_trace(w.trace))
+    return sum(w.warmup_s <= a.time_s < end for a in arrivals)
 
 
-def serve_candidates(w) -> tuple:
+def serve_candidates(w, arrivals: Optional[list] = None) -> tuple:
     """(fewest, most) candidates of a serve point's requests: the trace's, or
-    num_candidates..candidates_max."""
+    num_candidates..candidates_max. arrivals: the trace's when the caller has read it."""
     if w.trace is not None:
-        from hstu_exp.data.arrivals import read_trace
-
-        counts = [a.candidates for a in read_trace(w.trace)]
+        counts = [a.candidates for a in (arrivals or _trace_arrivals(w))]
         return min(counts), max(counts)
     return w.num_candidates, (w.candidates_max if w.candidates_max is not None
                               else w.num_candidates)
@@ -522,7 +530,8 @@ def _serve_problem(cfg) -> Optional[str]:
     m, w, c, g = cfg.model, cfg.workload, cfg.cache, cfg.graph
     if w.num_candidates == 0 and w.trace is None:
         return "workload.num_candidates=0: a ranking request needs at least one candidate"
-    most = serve_candidates(w)[1]
+    arrivals = _trace_arrivals(w)  # read once for the candidate and window checks
+    most = serve_candidates(w, arrivals)[1]
     if most > m.max_candidates:
         key = f"workload.trace={w.trace}" if w.trace is not None else "workload.candidates_max"
         return (f"{key}: a request of {most} candidates, more than the model's "
@@ -536,7 +545,7 @@ def _serve_problem(cfg) -> Optional[str]:
     if g.mode == "cudagraph" and rows > max(g.token_buckets):
         return (f"graph.token_buckets={list(g.token_buckets)}: none holds a request's "
                 f"{rows} rows (context + model.max_history + candidates)")
-    expected = serve_window_requests(w) if w.clock == "simulated" else math.inf
+    expected = serve_window_requests(w, arrivals) if w.clock == "simulated" else math.inf
     if expected < w.min_requests:
         return (f"workload.duration_s={w.duration_s:g}: about {expected:g} requests arrive in it, "
                 f"fewer than workload.min_requests={w.min_requests} (raise duration_s or qps)")

@@ -344,6 +344,9 @@ def write_trace(tmp_path, text):
                                   "fewer than workload.min_requests=15"),
     (["trace:time,user,new_items,candidates\n0,1,2,3\ninf,1,2,3\n"],
      "line 3: time=inf is not a finite number of seconds"),
+    (["trace:time,user,new_items,candidates\n0,1,2,3\nnan,1,2,3\n"],
+     "line 3: time=nan is not a finite number of seconds"),
+    (["workload.trace=''"], "workload.trace='': empty: name a trace CSV"),
     (["trace:time,user,new_items,candidates\n0,1,2,3\n0.5,2,2,100000\n"],
      "a request of 100000 candidates, more than the model's max_candidates=64"),
     (["cache.num_pages=12"], "cache.num_pages=12: the KV pool holds fewer pages than one batch "
