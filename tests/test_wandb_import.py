@@ -87,6 +87,19 @@ def test_a_dir_of_several_sweeps_is_refused(tmp_path):
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "all" / "wandb-import").exists()
 
 
+def test_torn_lines_are_passed_over_and_said(tmp_path):
+    """A sweep killed mid-write leaves a torn last line: the import goes on and says so, as
+    plot_sweep and hstu-exp-compare do (029de16 imported it without a word)."""
+    sweep = subset(PUBLISHED / "seed_e2e_h200", tmp_path / "torn",
+                   lambda r: r["batch_size"] == 1 and r["mode"] == "baseline")
+    with (sweep / "results.jsonl").open("a") as f:
+        f.write('{"status": "ok", "median_ms": 1.')
+    proc = wandb_import(sweep)
+    assert proc.returncode == 0, proc.stderr
+    assert f"[hstu-exp] {sweep}: passed over 1 torn line" in proc.stdout, proc.stdout
+    assert "1 point run" in proc.stdout, proc.stdout
+
+
 def test_latency_vs_t_chart_has_one_value_per_mode_and_t_with_validity(tmp_path):
     """The native line chart's table: each mode at its fewest new tokens, one row per T (it
     zig-zagged over every n before), with a valid column."""
