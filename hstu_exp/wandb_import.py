@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from hstu_exp.report.aggregate import CSV_FILE, SweepError, headline, load_sweep, require
+from hstu_exp.report.aggregate import (CSV_FILE, SweepError, headline, load_sweep, one_sweep,
+                                       require)
 from hstu_exp.report.labels import serve_labels
 from hstu_exp.tracking import wandb_sink
 
@@ -58,10 +59,7 @@ def import_sweep(source: Path, *, logger: dict, out_dir: Path, group: str,
     failure (wandb_sink prints the one warning line)."""
     df = load_sweep(source)
     require(df, REQUIRED, source, "needed for W&B runs")
-    sweeps = sorted({str(s) for s in df.get("sweep", []) if isinstance(s, str)})
-    if len(sweeps) > 1:  # one group and one summary run would silently merge them
-        raise SweepError(f"{source}: holds {len(sweeps)} sweeps ({', '.join(sweeps[:4])}"
-                         f"{', ...' if len(sweeps) > 4 else ''}); import each sweep dir alone")
+    one_sweep(df, source, "import")
     if df.attrs.get("torn_note"):
         print(f"[hstu-exp] {source}: {df.attrs['torn_note']}", flush=True)
     root = Path(out_dir) / IMPORT_DIR

@@ -6,8 +6,8 @@
     .venv/bin/python scripts/plot_sweep.py outputs/published/<name>/results.csv --out /tmp/figs
 
 SWEEP is a sweep dir (its results.jsonl records, or its results.csv when it holds no records),
-a results.csv or a results.jsonl. The figures are the close-out's (hstu_exp.report.figures),
-each written to a temporary name and renamed. Exit status 0; 1 when there is nothing to draw or
+a results.csv or a results.jsonl, of one sweep (a dir of several is refused). The figures are
+the close-out's (hstu_exp.report.figures), each written to a temporary name and renamed. Exit status 0; 1 when there is nothing to draw or
 a file cannot be written; 2 on bad input (one line).
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from hstu_exp.report.aggregate import (SweepError, format_headline, headline, load_sweep,
-                                           require, write_csv, write_jsonl)
+                                           one_sweep, require, write_csv, write_jsonl)
     from hstu_exp.report.console import print_summary
     from hstu_exp.report.figures import draw_all
     from hstu_exp.tracking.records import FileWriteError, record_files
@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     try:
         df = load_sweep(args.sweep)
         require(df, ["workload", "median_ms"], args.sweep, "the figures need them")
+        one_sweep(df, args.sweep, "draw")
     except SweepError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

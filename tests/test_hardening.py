@@ -486,3 +486,21 @@ def test_headline_marks_speedups_between_invalid_points():
     text = format_headline(headline(df))
     line = next(x for x in text.splitlines() if "4.00x" in x)
     assert line.endswith("(INVALID: baseline)"), text
+
+
+def test_plot_sweep_refuses_a_dir_of_several_sweeps(tmp_path):
+    """`plot_sweep.py outputs/published` merged every published sweep into one table and wrote
+    figures into the parent dir (029de16: rc 0); now one line, exit 2, no figures dir."""
+    import shutil
+
+    for name in ("seed_e2e_h200", "serve_slo_h200"):
+        shutil.copytree(ROOT / "outputs" / "published" / name, tmp_path / "all" / name,
+                        ignore=shutil.ignore_patterns("wandb-import", "figures"))
+    plot = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_sweep.py"),
+                           str(tmp_path / "all")], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert plot.returncode == 2, plot.stdout[-2000:] + plot.stderr[-2000:]
+    assert plot.stderr.startswith("plot_sweep.py: error: ") and plot.stderr.count("\n") == 1
+    assert "holds 2 sweeps (e2e, serve_slo); draw each sweep dir alone" \
+        in plot.stderr, plot.stderr
+    assert not (tmp_path / "all" / "figures").exists()

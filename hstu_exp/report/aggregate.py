@@ -67,6 +67,15 @@ def require(df: pd.DataFrame, columns, source, what: str = "") -> None:
                          + (f" ({what})" if what else ""))
 
 
+def one_sweep(df: pd.DataFrame, source, what: str) -> None:
+    """Refuses records of several sweeps (a parent dir such as outputs/published): one table, one
+    W&B group or one figures dir would silently merge them."""
+    sweeps = sorted({str(s) for s in df.get("sweep", []) if isinstance(s, str)})
+    if len(sweeps) > 1:
+        raise SweepError(f"{source}: holds {len(sweeps)} sweeps ({', '.join(sweeps[:4])}"
+                         f"{', ...' if len(sweeps) > 4 else ''}); {what} each sweep dir alone")
+
+
 def _as_text(v):
     """A scalar as text; missing values and structures (a list of overrides) as they are."""
     if is_missing(v) or isinstance(v, (list, dict)):
