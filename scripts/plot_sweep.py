@@ -7,8 +7,9 @@
 
 SWEEP is a sweep dir (its results.jsonl records, or its results.csv when it holds no records),
 a results.csv or a results.jsonl, of one sweep (a dir of several is refused). The figures are
-the close-out's (hstu_exp.report.figures), each written to a temporary name and renamed. Exit status 0; 1 when there is nothing to draw or
-a file cannot be written; 2 on bad input (one line).
+the close-out's (hstu_exp.report.figures), each written to a temporary name and renamed. Exit
+status 0; 1 when there is nothing to draw or a file cannot be written; 2 on bad input (one
+line).
 """
 from __future__ import annotations
 
