@@ -153,3 +153,18 @@ def test_child_writes_the_run_and_reports_its_errors(tmp_path):
     spec["init"]["id"] = "not/a valid id"
     with pytest.raises(RuntimeError, match="Run ID cannot contain"):
         wandb_sink._write_in_child(spec)
+
+
+def test_an_unwritable_home_keeps_wandb_cores_log_off_the_console(tmp_path):
+    """HOME below a regular file (read-only, even as root): wandb-core could not make
+    ~/.cache/wandb/logs and printed its Go log lines to stderr (029de16: 24 lines); its log now
+    goes under the run's W&B data dir and the console stays quiet."""
+    (tmp_path / "file").write_text("")
+    env = {"HOME": str(tmp_path / "file" / "home"), "XDG_CACHE_HOME": "", "WANDB_CACHE_DIR": ""}
+    proc = hstu_exp("model=tiny", "logger.mode=offline", *FAST, f"hydra.run.dir={tmp_path}/run",
+                    env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "failed to get logger path" not in proc.stderr and " INFO " not in proc.stderr, \
+        proc.stderr[-3000:]
+    (log,) = (tmp_path / "run").rglob("core-debug-*.log")
+    assert log.stat().st_size > 0

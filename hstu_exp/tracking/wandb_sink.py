@@ -21,6 +21,7 @@ import shlex
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -588,9 +589,23 @@ def _add_headline(spec: dict, table) -> None:
 
 # --------------------------------------------------------------------------- spec -> W&B run
 
+def _can_write(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
 def write_run(spec: dict) -> str:
     """Writes one run from its spec and returns the run dir. Raises on any W&B failure."""
     os.environ.setdefault("WANDB_SILENT", "true")
+    # wandb-core keeps its debug log in $WANDB_CACHE_DIR/wandb/logs, else the user cache dir;
+    # where that cannot be made (a read-only HOME) it prints two dozen Go log lines to stderr.
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    if not os.environ.get("WANDB_CACHE_DIR") and not _can_write(user_cache / "wandb"):
+        os.environ["WANDB_CACHE_DIR"] = str(Path(spec["data_dir"]) / "cache")
     # Tables and artifacts are staged under the sweep (or job) dir, so `wandb sync` finds them
     # wherever the sweep dir is synced from (same path).
     os.environ["WANDB_DATA_DIR"] = spec["data_dir"]
