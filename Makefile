@@ -23,6 +23,7 @@ test-box-triton: setup
 	scripts/box_triton.sh $(PY) -m pytest -q tests/test_kernel_report.py
 lint: setup
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 	.venv/bin/lint-imports
 format: setup
 	.venv/bin/ruff format .

@@ -1,5 +1,6 @@
 """`python -m hstu_exp` and the `hstu-exp` command. Ctrl-C while the libraries load (torch and
 Hydra take seconds) ends in one line; cli.main installs the handlers of a run once it starts."""
+
 import os
 import signal
 import sys

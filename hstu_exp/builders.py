@@ -5,6 +5,7 @@ own sizes (batch, histories, timing) from the config; construction is this modul
 Modules are reused across the points of a sweep that share their config (one of each kind is
 kept): a sweep over batch and history keeps its weights, its KV pool and its captured graphs.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,12 +29,18 @@ def scaling_length(model) -> int:
 def kernel_policy(kernel) -> KernelPolicy:
     """The kernel group's knobs as the value the kernels take; their one-off work (tuning) is
     timed as first-use work, which workload=serve keeps off its service clock."""
-    return KernelPolicy(autotune=bool(kernel.autotune), split_k=kernel.split_k,
-                        tma=bool(kernel.tma), hopper=bool(kernel.hopper),
-                        hopper_group=int(kernel.hopper_group), fast_silu=bool(kernel.fast_silu),
-                        tune_timing=str(kernel.tune_timing),
-                        silu_on_load=bool(kernel.silu_on_load),
-                        gemm_dtype=str(kernel.gemm_dtype), one_off=first_use.first_use)
+    return KernelPolicy(
+        autotune=bool(kernel.autotune),
+        split_k=kernel.split_k,
+        tma=bool(kernel.tma),
+        hopper=bool(kernel.hopper),
+        hopper_group=int(kernel.hopper_group),
+        fast_silu=bool(kernel.fast_silu),
+        tune_timing=str(kernel.tune_timing),
+        silu_on_load=bool(kernel.silu_on_load),
+        gemm_dtype=str(kernel.gemm_dtype),
+        one_off=first_use.first_use,
+    )
 
 
 def kernel_args(kernel) -> dict:
@@ -42,8 +49,14 @@ def kernel_args(kernel) -> dict:
 
 
 def build_block(model, *, kernel: dict, device, dtype: torch.dtype) -> HSTUBlock:
-    block = HSTUBlock(num_layers=model.num_layers, hidden=model.hidden, num_heads=model.num_heads,
-                      head_dim=model.head_dim, scaling_length=scaling_length(model), **kernel)
+    block = HSTUBlock(
+        num_layers=model.num_layers,
+        hidden=model.hidden,
+        num_heads=model.num_heads,
+        head_dim=model.head_dim,
+        scaling_length=scaling_length(model),
+        **kernel,
+    )
     return block.to(device=device, dtype=dtype).eval()
 
 
@@ -66,9 +79,15 @@ def build_cache(model, cache, *, device, dtype: torch.dtype, num_pages=None):
     """num_pages: overrides the cache group's sizing (`card_pages`)."""
     if cache.mode == "none":
         return None
-    kwargs = dict(num_layers=model.num_layers, num_pages=num_pages or pool_pages(model, cache),
-                  page_size=cache.page_size, num_heads=model.num_heads, head_dim=model.head_dim,
-                  dtype=dtype, device=device)
+    kwargs = dict(
+        num_layers=model.num_layers,
+        num_pages=num_pages or pool_pages(model, cache),
+        page_size=cache.page_size,
+        num_heads=model.num_heads,
+        head_dim=model.head_dim,
+        dtype=dtype,
+        device=device,
+    )
     if cache.mode == "paged_offload":
         from hstu_exp.kvcache.offload import OffloadPagedKVCache
 
@@ -76,14 +95,21 @@ def build_cache(model, cache, *, device, dtype: torch.dtype, num_pages=None):
     return PagedKVCache(**kwargs)
 
 
-def build_layer_cache(model, cache, *, batch_size: int, tokens: int, device,
-                      dtype: torch.dtype) -> PagedKVCache:
+def build_layer_cache(
+    model, cache, *, batch_size: int, tokens: int, device, dtype: torch.dtype
+) -> PagedKVCache:
     """One layer of K/V pages (workload=attention times one layer's kernel call), large enough
     for `batch_size` users of `tokens` tokens whatever cache.num_pages says."""
     num_pages = max(pool_pages(model, cache), batch_size * pages_for(tokens, cache.page_size))
-    return PagedKVCache(num_layers=1, num_pages=num_pages, page_size=cache.page_size,
-                        num_heads=model.num_heads, head_dim=model.head_dim, dtype=dtype,
-                        device=device)
+    return PagedKVCache(
+        num_layers=1,
+        num_pages=num_pages,
+        page_size=cache.page_size,
+        num_heads=model.num_heads,
+        head_dim=model.head_dim,
+        dtype=dtype,
+        device=device,
+    )
 
 
 def model_dtype(model) -> torch.dtype:
@@ -136,16 +162,21 @@ def _plain(node):
 
 def shared_block(model, *, kernel: dict, device, dtype, seed: int):
     """kernel: `kernel_args(cfg.kernel)`."""
+
     def make():
         torch.manual_seed(seed)
         return build_block(model, kernel=kernel, device=device, dtype=dtype)
+
     return reuse("block", [_plain(model), kernel, str(device), str(dtype), seed], make)
 
 
 def shared_ranker(model, *, kernel: dict, device, dtype, seed: int):
     """The ranking model of workload=e2e (embeddings, block, heads). kernel: `kernel_args`."""
-    return reuse("ranker", [_plain(model), kernel, str(device), str(dtype), seed],
-                 lambda: new_ranker(model, kernel=kernel, device=device, dtype=dtype, seed=seed))
+    return reuse(
+        "ranker",
+        [_plain(model), kernel, str(device), str(dtype), seed],
+        lambda: new_ranker(model, kernel=kernel, device=device, dtype=dtype, seed=seed),
+    )
 
 
 def new_ranker(model, *, kernel: dict, device, dtype, seed: int):
@@ -154,12 +185,21 @@ def new_ranker(model, *, kernel: dict, device, dtype, seed: int):
 
     torch.manual_seed(seed)
     ranker = HSTURanker(
-        num_layers=model.num_layers, hidden=model.hidden, num_heads=model.num_heads,
-        head_dim=model.head_dim, scaling_length=scaling_length(model), **kernel,
-        item_vocab=model.item_vocab, action_vocab=model.action_vocab,
-        num_context=model.num_context, context_vocab=model.context_vocab,
-        max_history=model.max_history, position_embedding=model.position_embedding,
-        head_widths=list(model.head_widths), num_tasks=model.num_tasks)
+        num_layers=model.num_layers,
+        hidden=model.hidden,
+        num_heads=model.num_heads,
+        head_dim=model.head_dim,
+        scaling_length=scaling_length(model),
+        **kernel,
+        item_vocab=model.item_vocab,
+        action_vocab=model.action_vocab,
+        num_context=model.num_context,
+        context_vocab=model.context_vocab,
+        max_history=model.max_history,
+        position_embedding=model.position_embedding,
+        head_widths=list(model.head_widths),
+        num_tasks=model.num_tasks,
+    )
     return ranker.to(device=device, dtype=dtype).eval()
 
 
@@ -169,23 +209,25 @@ def shared_cache(model, cache, *, device, dtype, to_card: bool = False):
     if cache.mode == "none":
         return None
     num_pages = None
-    if to_card and cache.mode == "paged" and not cache.num_pages \
-            and torch.device(device).type == "cuda":
+    if to_card and cache.mode == "paged" and not cache.num_pages and torch.device(device).type == "cuda":
         hit = _BUILT.get("cache")
         if hit is not None and hit[0] == json.dumps(
-                ["card", _plain(model), _plain(cache), str(device), str(dtype)], sort_keys=True,
-                default=str):
+            ["card", _plain(model), _plain(cache), str(device), str(dtype)], sort_keys=True, default=str
+        ):
             num_pages = hit[1].num_pages  # the card-sized pool already built: keep it
         else:
             _BUILT.pop("cache", None)  # free the old pool before measuring what is free
             _BUILT.pop("graphs", None)
             torch.cuda.empty_cache()
             num_pages = card_pages(model, cache, device=device, dtype=dtype)
-    key = ([_plain(model), _plain(cache), str(device), str(dtype)] if num_pages is None
-           else ["card", _plain(model), _plain(cache), str(device), str(dtype)])
-    built = reuse("cache", key,
-                  lambda: build_cache(model, cache, device=device, dtype=dtype,
-                                      num_pages=num_pages))
+    key = (
+        [_plain(model), _plain(cache), str(device), str(dtype)]
+        if num_pages is None
+        else ["card", _plain(model), _plain(cache), str(device), str(dtype)]
+    )
+    built = reuse(
+        "cache", key, lambda: build_cache(model, cache, device=device, dtype=dtype, num_pages=num_pages)
+    )
     built.reset()
     return built
 
@@ -194,10 +236,11 @@ def shared_graphs(module, cache, model, graph, *, device, dtype, progress):
     """Graph runner of `module` over one `BucketGraphs` core: an HSTUBlock (GraphedBlock) or a
     whole HSTURanker (GraphedRanker: embeddings, block and heads in each graph)."""
     # Keyed by what the graphs capture: the config the module and the cache were built from.
-    graphs = reuse("graphs", [_plain(graph), _built_key(module),
-                              None if cache is None else _built_key(cache)],
-                   lambda: new_graphs(module, cache, model, graph, device=device, dtype=dtype,
-                                      progress=progress))
+    graphs = reuse(
+        "graphs",
+        [_plain(graph), _built_key(module), None if cache is None else _built_key(cache)],
+        lambda: new_graphs(module, cache, model, graph, device=device, dtype=dtype, progress=progress),
+    )
     graphs.core.progress = progress
     return graphs
 
@@ -207,41 +250,77 @@ def new_graphs(module, cache, model, graph, *, device, dtype, progress):
     from hstu_exp.graphs import BucketGraphs, GraphedBlock, GraphedRanker
 
     core = BucketGraphs(
-        device=device, batch_buckets=graph.batch_buckets, token_buckets=graph.token_buckets,
+        device=device,
+        batch_buckets=graph.batch_buckets,
+        token_buckets=graph.token_buckets,
         pool=None if cache is None else cache.pool,
-        page_size=0 if cache is None else cache.page_size, max_history=kv_tokens(model),
-        scratch_page=0 if cache is None else cache.scratch_page, fit_rows=graph.fit_rows,
-        max_graphs=graph.max_graphs, progress=progress)
+        page_size=0 if cache is None else cache.page_size,
+        max_history=kv_tokens(model),
+        scratch_page=0 if cache is None else cache.scratch_page,
+        fit_rows=graph.fit_rows,
+        max_graphs=graph.max_graphs,
+        progress=progress,
+    )
     if isinstance(module, HSTUBlock):
         return GraphedBlock(module, core, hidden=model.hidden, dtype=dtype)
     return GraphedRanker(module, core)
 
 
-def shared_server(model, cache, graph, kernel, *, cached: bool, graphed: bool, device, dtype,
-                  seed: int, progress, pool_to_card: bool = False):
+def shared_server(
+    model,
+    cache,
+    graph,
+    kernel,
+    *,
+    cached: bool,
+    graphed: bool,
+    device,
+    dtype,
+    seed: int,
+    progress,
+    pool_to_card: bool = False,
+):
     """The request path of e2e and serve (`serving.path.RequestPath`): the ranking model, a KV-cache
     manager over the cache group's (emptied) cache when `cached`, and a graph runner of the
     whole step when `graphed` (its `used` buckets cleared). pool_to_card: see `shared_cache`."""
     from hstu_exp.kvcache.manager import KVCacheManager
     from hstu_exp.serving.path import RequestPath
 
-    ranker = shared_ranker(model, kernel=kernel_args(kernel), device=device, dtype=dtype,
-                           seed=seed)
+    ranker = shared_ranker(model, kernel=kernel_args(kernel), device=device, dtype=dtype, seed=seed)
     manager = None
     if cached:
-        manager = KVCacheManager(shared_cache(model, cache, device=device, dtype=dtype,
-                                              to_card=pool_to_card), warn=progress)
+        manager = KVCacheManager(
+            shared_cache(model, cache, device=device, dtype=dtype, to_card=pool_to_card), warn=progress
+        )
     graphs = None
     if graphed:
-        graphs = shared_graphs(ranker, manager.cache if manager else None, model, graph,
-                               device=device, dtype=dtype, progress=progress)
+        graphs = shared_graphs(
+            ranker,
+            manager.cache if manager else None,
+            model,
+            graph,
+            device=device,
+            dtype=dtype,
+            progress=progress,
+        )
         graphs.core.used.clear()
     return RequestPath(ranker, device=device, manager=manager, graphs=graphs)
 
 
-
-def replica_servers(model, cache, graph, kernel, *, cached: bool, graphed: bool, devices,
-                    dtype, seed: int, progress, pool_to_card: bool = False) -> list:
+def replica_servers(
+    model,
+    cache,
+    graph,
+    kernel,
+    *,
+    cached: bool,
+    graphed: bool,
+    devices,
+    dtype,
+    seed: int,
+    progress,
+    pool_to_card: bool = False,
+) -> list:
     """One request path per serving replica (workload.replicas), each with its own weights,
     KV pool and graphs on its own device; built afresh, never reused (`reuse` keeps one object
     of a kind, and replicas sharing a pool would share their users' caches). The same seed:
@@ -254,29 +333,48 @@ def replica_servers(model, cache, graph, kernel, *, cached: bool, graphed: bool,
     for device in devices:
         device = torch.device(device)
         with on_device(device):  # graphs capture (and streams start) on the current device
-            paths.append(_replica_path(model, cache, graph, kernel, cached=cached,
-                                       graphed=graphed, device=device, dtype=dtype, seed=seed,
-                                       progress=progress, pool_to_card=pool_to_card))
+            paths.append(
+                _replica_path(
+                    model,
+                    cache,
+                    graph,
+                    kernel,
+                    cached=cached,
+                    graphed=graphed,
+                    device=device,
+                    dtype=dtype,
+                    seed=seed,
+                    progress=progress,
+                    pool_to_card=pool_to_card,
+                )
+            )
     return paths
 
 
-def _replica_path(model, cache, graph, kernel, *, cached, graphed, device, dtype, seed,
-                  progress, pool_to_card):
+def _replica_path(
+    model, cache, graph, kernel, *, cached, graphed, device, dtype, seed, progress, pool_to_card
+):
     from hstu_exp.kvcache.manager import KVCacheManager
     from hstu_exp.serving.path import RequestPath
 
-    ranker = new_ranker(model, kernel=kernel_args(kernel), device=device, dtype=dtype,
-                        seed=seed)
+    ranker = new_ranker(model, kernel=kernel_args(kernel), device=device, dtype=dtype, seed=seed)
     manager = None
     if cached:
         num_pages = None
-        if pool_to_card and cache.mode == "paged" and not cache.num_pages \
-                and device.type == "cuda":
+        if pool_to_card and cache.mode == "paged" and not cache.num_pages and device.type == "cuda":
             num_pages = card_pages(model, cache, device=device, dtype=dtype)
-        manager = KVCacheManager(build_cache(model, cache, device=device, dtype=dtype,
-                                             num_pages=num_pages), warn=progress)
+        manager = KVCacheManager(
+            build_cache(model, cache, device=device, dtype=dtype, num_pages=num_pages), warn=progress
+        )
     graphs = None
     if graphed:
-        graphs = new_graphs(ranker, manager.cache if manager else None, model, graph,
-                            device=device, dtype=dtype, progress=progress)
+        graphs = new_graphs(
+            ranker,
+            manager.cache if manager else None,
+            model,
+            graph,
+            device=device,
+            dtype=dtype,
+            progress=progress,
+        )
     return RequestPath(ranker, device=device, manager=manager, graphs=graphs)

@@ -12,6 +12,7 @@ A sweep dir (and a single run's dir) is claimed before Hydra starts: a default o
 second gets a `-2`, `-3` suffix when another hstu-exp took that name first, and a sweep holds a
 lock on its dir while it runs, so a second sweep into the same dir is refused.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -33,20 +34,20 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from hstu_exp.config import (ConfigError, device_problem, point_problem, register_configs,
-                             validate)
+from hstu_exp.config import ConfigError, device_problem, point_problem, register_configs, validate
 from hstu_exp.gpus import gpus_problem
 from hstu_exp.runner import STOP as _stop  # signals received, for the exit code
 from hstu_exp.tracking.records import RecordWriteError
-
 
 
 def _conf_dir() -> Path:
     # An installed package carries the configs as hstu_exp/conf (pyproject maps conf/ there); a
     # source tree has them in conf/ beside the package.
     here = Path(__file__).resolve().parent
-    return next((d for d in (here / "conf", here.parent / "conf") if (d / "config.yaml").is_file()),
-                here.parent / "conf")
+    return next(
+        (d for d in (here / "conf", here.parent / "conf") if (d / "config.yaml").is_file()),
+        here.parent / "conf",
+    )
 
 
 CONF_DIR = _conf_dir()
@@ -74,9 +75,23 @@ def _on_signal(signum, frame):
 
 
 # Flags that hand control to Hydra's own reporting (printing config, shell completion, ...).
-_PASS_THROUGH = {"--hydra-help", "-i", "--info", "--shell-completion", "-sc", "-cp",
-                 "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
-                 "--experimental-rerun", "-p", "--package", "--resolve"}
+_PASS_THROUGH = {
+    "--hydra-help",
+    "-i",
+    "--info",
+    "--shell-completion",
+    "-sc",
+    "-cp",
+    "--config-path",
+    "-cn",
+    "--config-name",
+    "-cd",
+    "--config-dir",
+    "--experimental-rerun",
+    "-p",
+    "--package",
+    "--resolve",
+}
 _PRINT_CONFIG = {"-c", "--cfg"}  # validated first, then Hydra prints the config
 
 HELP = """\
@@ -112,10 +127,12 @@ def _options(group: str) -> list:
 
 
 def _help() -> str:
-    groups = [g for g in ("model", "cache", "kernel", "graph", "workload", "logger", "experiment")
-              if (CONF_DIR / g).is_dir()]
-    return HELP.format(groups="\n".join(f"  {g + ':':<12}{', '.join(_options(g))}"
-                                        for g in groups))
+    groups = [
+        g
+        for g in ("model", "cache", "kernel", "graph", "workload", "logger", "experiment")
+        if (CONF_DIR / g).is_dir()
+    ]
+    return HELP.format(groups="\n".join(f"  {g + ':':<12}{', '.join(_options(g))}" for g in groups))
 
 
 def _version() -> str:
@@ -145,11 +162,15 @@ def _one_line(exc: BaseException) -> str:
     chain, cause = [exc], exc  # every exception behind this one, for a YAML error's position
     while (cause := cause.__cause__ or cause.__context__) is not None and len(chain) < 10:
         chain.append(cause)
-    if (mark := next((getattr(c, "problem_mark", None) for c in chain
-                      if getattr(c, "problem_mark", None)), None)) is not None:
+    if (
+        mark := next(
+            (getattr(c, "problem_mark", None) for c in chain if getattr(c, "problem_mark", None)), None
+        )
+    ) is not None:
         yaml_error = next(c for c in chain if getattr(c, "problem_mark", None) is mark)
-        what = " ".join(x for x in (yaml_error.problem, f"({yaml_error.context})"
-                                    if yaml_error.context else "") if x)
+        what = " ".join(
+            x for x in (yaml_error.problem, f"({yaml_error.context})" if yaml_error.context else "") if x
+        )
         return f"{mark.name}, line {mark.line + 1}: {what}"
     # the reason: the end of the __cause__ chain, or (Hydra composing a group file) the first
     # exception behind it that names a key
@@ -178,8 +199,10 @@ def _parse_hint(override: str) -> str:
     if value.startswith("~"):
         return "the shell did not expand ~ here: write $HOME/... or an absolute path"
     if any(c.isspace() or not c.isascii() for c in value):
-        return (f"spaces and non-ASCII letters need quotes: '{override.partition('=')[0]}=\"...\"' "
-                "(the outer quotes are for the shell)")
+        return (
+            f"spaces and non-ASCII letters need quotes: '{override.partition('=')[0]}=\"...\"' "
+            "(the outer quotes are for the shell)"
+        )
     return "Hydra cannot read this value (brackets, quotes and commas must pair up)"
 
 
@@ -231,9 +254,11 @@ def _grid_without_multirun(cfg, expanded) -> None:
         points = math.prod(len(_expand([f"{k}={params[k]}"])[0][1]) for k in left)
         experiment = OmegaConf.select(cfg, "hydra.runtime.choices.experiment")
         what = f"experiment={experiment}" if experiment else cfg.name
-        raise ConfigError(f"{what}: sweeps {', '.join(left)} ({points} points): add -m to run "
-                          f"the grid, or set {'that key' if len(left) == 1 else 'those keys'} "
-                          "to run one point")
+        raise ConfigError(
+            f"{what}: sweeps {', '.join(left)} ({points} points): add -m to run "
+            f"the grid, or set {'that key' if len(left) == 1 else 'those keys'} "
+            "to run one point"
+        )
 
 
 def _output_dir_problem(path: Path):
@@ -297,8 +322,10 @@ def _lock_sweep_dir(path: Path, key: str) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise ConfigError(f"{key}={path}: another hstu-exp sweep (pid {holder}) is writing "
-                          "into it; wait for it to end, or choose another hydra.sweep.dir") from None
+        raise ConfigError(
+            f"{key}={path}: another hstu-exp sweep (pid {holder}) is writing "
+            "into it; wait for it to end, or choose another hydra.sweep.dir"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
@@ -309,8 +336,9 @@ def _older_schema(path: Path):
     from hstu_exp.runner import SCHEMA_VERSION
     from hstu_exp.tracking.records import read_records
 
-    return next((v for r in read_records(path)
-                 if (v := r.get("schema_version", 1)) != SCHEMA_VERSION), None)
+    return next(
+        (v for r in read_records(path) if (v := r.get("schema_version", 1)) != SCHEMA_VERSION), None
+    )
 
 
 def _claim_output_dir(cfg, multirun: bool, dir_given: bool):
@@ -331,15 +359,19 @@ def _claim_output_dir(cfg, multirun: bool, dir_given: bool):
     earlier = [path / "results.jsonl", *path.glob("*/results.jsonl")]
     if any(p.is_file() for p in earlier):
         if not cfg.resume:
-            raise ConfigError(f"{key}={path}: holds the records of an earlier sweep; add "
-                              "resume=true to continue it, or choose a new hydra.sweep.dir")
+            raise ConfigError(
+                f"{key}={path}: holds the records of an earlier sweep; add "
+                "resume=true to continue it, or choose a new hydra.sweep.dir"
+            )
         if (old := _older_schema(path)) is not None:
             from hstu_exp.runner import SCHEMA_VERSION
 
-            raise ConfigError(f"{key}={path}: recorded with record schema {old}, this hstu-exp "
-                              f"writes schema {SCHEMA_VERSION}; resume=true cannot tell its "
-                              "points apart: start a new hydra.sweep.dir (the old records stay "
-                              "readable by hstu-exp-compare and scripts/plot_sweep.py)")
+            raise ConfigError(
+                f"{key}={path}: recorded with record schema {old}, this hstu-exp "
+                f"writes schema {SCHEMA_VERSION}; resume=true cannot tell its "
+                "points apart: start a new hydra.sweep.dir (the old records stay "
+                "readable by hstu-exp-compare and scripts/plot_sweep.py)"
+            )
     return override, lock
 
 
@@ -350,16 +382,19 @@ def _schema_option(expanded) -> None:
         for value in values:
             option = value.partition("=")[2]
             if (CONF_DIR / group).is_dir() and option.endswith("_schema"):
-                raise ConfigError(f"{group}={option}: no such option (available: "
-                                  f"{', '.join(_options(group))})")
+                raise ConfigError(
+                    f"{group}={option}: no such option (available: {', '.join(_options(group))})"
+                )
 
 
 def _subdir_problem(every, points: int):
     """A job subdir that does not vary by job puts every point's records in one dir."""
     given = [v[0].partition("=")[2] for k, v in every if k.lstrip("+~") == "hydra.sweep.subdir"]
     if points > 1 and given and "${hydra.job.num}" not in given[0]:
-        return (f"hydra.sweep.subdir={given[0]}: every point would write into the same job dir; "
-                "keep ${hydra.job.num} in it")
+        return (
+            f"hydra.sweep.subdir={given[0]}: every point would write into the same job dir; "
+            "keep ${hydra.job.num} in it"
+        )
     if given and given[0].startswith("/"):
         return f"hydra.sweep.subdir={given[0]}: a dir inside the sweep dir, not an absolute path"
     return None
@@ -384,28 +419,37 @@ def _resume_problem(cfg, multirun: bool, dir_given: bool):
     if not multirun:
         return "resume=true: continues a sweep: add -m and hydra.sweep.dir=<the sweep's dir>"
     if not dir_given:
-        return ("resume=true: name the sweep to continue with hydra.sweep.dir=<its dir> (a "
-                "sweep without one gets a new dir)")
+        return (
+            "resume=true: name the sweep to continue with hydra.sweep.dir=<its dir> (a "
+            "sweep without one gets a new dir)"
+        )
     return None
 
 
 def _slurm_problem(cfg):
     target = OmegaConf.select(cfg, "hydra.launcher._target_") or ""
     if "Slurm" in target and shutil.which("sbatch") is None:
-        return ("hydra/launcher=slurm: no Slurm on this machine (sbatch is not on PATH); run "
-                "from a Slurm login node, or drop hydra/launcher=slurm to run the points here")
+        return (
+            "hydra/launcher=slurm: no Slurm on this machine (sbatch is not on PATH); run "
+            "from a Slurm login node, or drop hydra/launcher=slurm to run the points here"
+        )
     return None
 
 
 def _missing_e2e_packages(cfg):
     if cfg.workload.name not in ("e2e", "serve"):  # the workloads with TorchRec embeddings
         return None
-    missing = [name for name, module in (("torchrec", "torchrec"), ("fbgemm-gpu", "fbgemm_gpu"))
-               if importlib.util.find_spec(module) is None]
+    missing = [
+        name
+        for name, module in (("torchrec", "torchrec"), ("fbgemm-gpu", "fbgemm_gpu"))
+        if importlib.util.find_spec(module) is None
+    ]
     if missing:
-        return (f"workload={cfg.workload.name}: needs {' and '.join(missing)}, which "
-                f"{'is' if len(missing) == 1 else 'are'} not installed (scripts/setup_env.sh "
-                "installs them; see the README's install section)")
+        return (
+            f"workload={cfg.workload.name}: needs {' and '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not installed (scripts/setup_env.sh "
+            "installs them; see the README's install section)"
+        )
     return None
 
 
@@ -421,8 +465,12 @@ def _point_configs(base: list, swept: list):
     yield base_cfg
     keys = [k for k, _ in _expand(base)]
     for key, values in swept:
-        plain = (not key.startswith(("+", "~")) and not (CONF_DIR / key).is_dir() and "/" not in key
-                 and OmegaConf.select(base_cfg, key, default="\0absent") != "\0absent")
+        plain = (
+            not key.startswith(("+", "~"))
+            and not (CONF_DIR / key).is_dir()
+            and "/" not in key
+            and OmegaConf.select(base_cfg, key, default="\0absent") != "\0absent"
+        )
         for value in values:
             if plain:
                 cfg = copy.deepcopy(base_cfg)
@@ -441,8 +489,9 @@ def preflight(args):
     overrides = [a for a in args if not a.startswith("-")]
     every = _expand(overrides)
     expanded = [(k, v) for k, v in every if not k.lstrip("+~").startswith("hydra.")]
-    dir_given = any(k.lstrip("+~") == ("hydra.sweep.dir" if multirun else "hydra.run.dir")
-                    for k, _ in every)
+    dir_given = any(
+        k.lstrip("+~") == ("hydra.sweep.dir" if multirun else "hydra.run.dir") for k, _ in every
+    )
     _schema_option(every)
     if problem := _sweep_values_problem(every):
         raise ConfigError(problem)
@@ -459,8 +508,11 @@ def preflight(args):
                 if key not in cli_keys:
                     swept += _expand([f"{key}={value}"])
             _schema_option(swept)
-            if problem := (_sweep_values_problem(swept) or _slurm_problem(cfg)
-                           or gpus_problem(OmegaConf.select(cfg, "hydra.launcher"))):
+            if problem := (
+                _sweep_values_problem(swept)
+                or _slurm_problem(cfg)
+                or gpus_problem(OmegaConf.select(cfg, "hydra.launcher"))
+            ):
                 raise ConfigError(problem)
         elif swept:
             raise ConfigError(f"{swept[0][1][0].split('=')[0]}: several values need -m (multirun)")
@@ -489,8 +541,10 @@ def _print_config(args) -> None:
     """`--cfg job|hydra|all`: the same checks as a run (a typo is one line), then Hydra prints;
     with -m Hydra has no single config to print."""
     if "-m" in args or "--multirun" in args:
-        raise ConfigError("--cfg prints the config of one run: drop -m (with a sweep, give one "
-                          "value of each swept key)")
+        raise ConfigError(
+            "--cfg prints the config of one run: drop -m (with a sweep, give one "
+            "value of each swept key)"
+        )
     overrides = [a for a in args if not a.startswith("-") and a not in ("job", "hydra", "all")]
     every = _expand(overrides)
     _schema_option(every)
@@ -513,10 +567,15 @@ def app(cfg) -> str:
     if multirun:
         _sweep.update(dir=sweep_dir, logger=OmegaConf.to_container(cfg.logger, resolve=True))
     try:
-        record = run_point(cfg, job_dir=job_dir, group=group,
-                           point=hc.job.num if multirun else 0,
-                           total=sweep_total() if multirun else 1,
-                           sweep_dir=sweep_dir, started=sweep_started())
+        record = run_point(
+            cfg,
+            job_dir=job_dir,
+            group=group,
+            point=hc.job.num if multirun else 0,
+            total=sweep_total() if multirun else 1,
+            sweep_dir=sweep_dir,
+            started=sweep_started(),
+        )
     except RecordWriteError as exc:  # the promise is a record per point: stop rather than lose more
         _unwritable.append(str(exc))
         raise _StopSweep(str(exc)) from None
@@ -612,8 +671,11 @@ def main() -> None:
 
 
 def _abandon_close_out(signum, frame):
-    print("hstu-exp: close-out abandoned (second signal); the records are on disk",
-          file=sys.stderr, flush=True)
+    print(
+        "hstu-exp: close-out abandoned (second signal); the records are on disk",
+        file=sys.stderr,
+        flush=True,
+    )
     _exit_after_interrupt(128 + (_stop[0] if _stop else signum))
 
 
@@ -630,9 +692,11 @@ def _close_out_after_stop(args) -> None:
         except SystemExit:  # it said what went wrong in one line; the exit status is ours
             pass
     elif "-m" in args or "--multirun" in args:
-        print("hstu-exp: no point ran in this process (with Slurm, submitted jobs go on: "
-              "scancel them, or close out later with scripts/plot_sweep.py SWEEP_DIR --csv)",
-              file=sys.stderr)
+        print(
+            "hstu-exp: no point ran in this process (with Slurm, submitted jobs go on: "
+            "scancel them, or close out later with scripts/plot_sweep.py SWEEP_DIR --csv)",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ type cannot express beside it (`knob`: range, choice, power of two; every float 
 wrong with a combination of keys (a sweep records such a point as skipped, a single run stops
 with the message).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,12 @@ SERVE_POLICIES = ("fifo", "length_aware")
 ROUTING_POLICIES = ("hash", "least_loaded")  # serving.routing.POLICIES
 # e2e mode -> (uses the KV cache, runs as CUDA graphs). The mode decides both: the cache group
 # only says which cache a caching mode uses, and graph=cudagraph must agree with the mode.
-E2E_MODES = {"baseline": (False, False), "baseline_graph": (False, True),
-             "cache": (True, False), "cache_graph": (True, True)}
+E2E_MODES = {
+    "baseline": (False, False),
+    "baseline_graph": (False, True),
+    "cache": (True, False),
+    "cache_graph": (True, True),
+}
 # What a reduced-precision point (kernel.gemm_dtype=fp8) must meet, or it is recorded failed
 # and its timing dropped: candidate outputs within max_rel_error of a float32 full recompute
 # (worst request, norm-wise), and (e2e) the top-k of each ranking shared with the bf16 path.
@@ -87,8 +92,12 @@ class CacheConfig:
     # workload=serve with cache=paged on a GPU, to gpu_fraction of the memory free once the
     # model is built (the record says how many users of max_history it holds).
     num_pages: Optional[int] = knob(None, positive=True)
-    gpu_fraction: float = knob(0.5, within=(0, 0.95), open_low=True,
-                               what="a fraction of the free GPU memory; the step needs the rest")
+    gpu_fraction: float = knob(
+        0.5,
+        within=(0, 0.95),
+        open_low=True,
+        what="a fraction of the free GPU memory; the step needs the rest",
+    )
     # host tier (paged_offload); None = 4x the GPU pool
     host_pages: Optional[int] = knob(None, positive=True)
 
@@ -126,6 +135,7 @@ class GraphConfig:
 class WorkloadConfig:
     """Keys every workload has; each workload's own schema adds its keys (an e2e key on a block
     run is an unknown key at composition)."""
+
     name: str = MISSING  # block | attention | e2e | serve (WORKLOAD_SCHEMAS)
     batch_size: int = knob(1, positive=True)
     num_candidates: int = knob(256, nonneg=True)
@@ -172,6 +182,7 @@ class ServeWorkload(WorkloadConfig):
     drives the real server on the wall clock (min_duration_s, min_query_count); clock=simulated:
     the discrete-event simulator over warmup_s + duration_s of simulated time. The base keys
     warmup, iters, min_time_s, max_time_s, cv_max and min_samples are not used."""
+
     # real (LoadGen on the wall clock) | simulated (the discrete-event what-if)
     clock: str = knob("real", one_of=SERVE_CLOCKS)
     # online (LoadGen Server: arrivals over time) | offline (LoadGen Offline: all at once)
@@ -230,8 +241,12 @@ class ServeWorkload(WorkloadConfig):
 # Default CV ceiling per device type: a GPU times steadily; a shared CPU does not.
 CV_MAX_DEFAULT = {"cuda": 0.03, "cpu": 0.25}
 MAX_TIME_FACTOR = 5
-WORKLOAD_SCHEMAS = {"block": BlockWorkload, "attention": AttentionWorkload, "e2e": E2EWorkload,
-                    "serve": ServeWorkload}
+WORKLOAD_SCHEMAS = {
+    "block": BlockWorkload,
+    "attention": AttentionWorkload,
+    "e2e": E2EWorkload,
+    "serve": ServeWorkload,
+}
 
 
 @dataclass
@@ -268,9 +283,14 @@ class Config:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    for group, node in [("model", ModelConfig), ("cache", CacheConfig), ("kernel", KernelConfig),
-                        ("graph", GraphConfig), ("workload", WorkloadConfig),
-                        ("logger", LoggerConfig)]:
+    for group, node in [
+        ("model", ModelConfig),
+        ("cache", CacheConfig),
+        ("kernel", KernelConfig),
+        ("graph", GraphConfig),
+        ("workload", WorkloadConfig),
+        ("logger", LoggerConfig),
+    ]:
         cs.store(group=group, name=f"{group}_schema", node=node)
     # Each conf/workload/*.yaml names its own schema: `<name>_schema`.
     for name, node in WORKLOAD_SCHEMAS.items():
@@ -305,8 +325,9 @@ def _check_field(key: str, value, rules: dict) -> None:
         lo, hi = rules["within"]
         if not ((lo < value if rules.get("open_low") else lo <= value) and value <= hi):
             what = f"{rules['what']}, " if "what" in rules else ""
-            raise ConfigError(f"{bad}: must be {what}in {'(' if rules.get('open_low') else '['}"
-                              f"{lo}, {hi}]")
+            raise ConfigError(
+                f"{bad}: must be {what}in {'(' if rules.get('open_low') else '['}{lo}, {hi}]"
+            )
     if rules.get("pow2") and value & (value - 1):
         raise ConfigError(f"{bad}: must be a power of two")
     if rules.get("name") and (not value.strip() or "/" in value or value in (".", "..")):
@@ -327,9 +348,13 @@ def validate(cfg) -> None:
     import torch
 
     _check_schema("", cfg, Config)
-    for group, schema in (("model", ModelConfig), ("cache", CacheConfig),
-                          ("kernel", KernelConfig), ("graph", GraphConfig),
-                          ("logger", LoggerConfig)):
+    for group, schema in (
+        ("model", ModelConfig),
+        ("cache", CacheConfig),
+        ("kernel", KernelConfig),
+        ("graph", GraphConfig),
+        ("logger", LoggerConfig),
+    ):
         _check_schema(group, cfg[group], schema)
     w = cfg.workload
     _check_field("workload.name", w.name, {"one_of": tuple(WORKLOAD_SCHEMAS)})
@@ -337,35 +362,48 @@ def validate(cfg) -> None:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda: no CUDA GPU is available on this machine")
     if w.max_time_s is not None and w.max_time_s < w.min_time_s:
-        raise ConfigError(f"workload.max_time_s={w.max_time_s:g}: below "
-                          f"workload.min_time_s={w.min_time_s:g}")
+        raise ConfigError(
+            f"workload.max_time_s={w.max_time_s:g}: below workload.min_time_s={w.min_time_s:g}"
+        )
     if w.name == "serve" and w.repeats != 1:
-        raise ConfigError(f"workload.repeats={w.repeats}: serve points repeat through "
-                          "search=max_qps's final seeds, not workload.repeats")
+        raise ConfigError(
+            f"workload.repeats={w.repeats}: serve points repeat through "
+            "search=max_qps's final seeds, not workload.repeats"
+        )
     if w.name == "serve":
         _validate_serve(w)
         gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
         if gpu and w.replicas > torch.cuda.device_count():
-            raise ConfigError(f"workload.replicas={w.replicas}: more than the "
-                              f"{torch.cuda.device_count()} visible GPU(s), one replica a GPU")
+            raise ConfigError(
+                f"workload.replicas={w.replicas}: more than the "
+                f"{torch.cuda.device_count()} visible GPU(s), one replica a GPU"
+            )
 
 
 def _validate_serve(w) -> None:
     if w.batch_size != w.max_batch:
-        raise ConfigError(f"workload.batch_size={w.batch_size}: workload=serve forms batches of "
-                          f"up to workload.max_batch={w.max_batch} (set that instead)")
+        raise ConfigError(
+            f"workload.batch_size={w.batch_size}: workload=serve forms batches of "
+            f"up to workload.max_batch={w.max_batch} (set that instead)"
+        )
     if w.candidates_max is not None and w.candidates_max < w.num_candidates:
-        raise ConfigError(f"workload.candidates_max={w.candidates_max}: below "
-                          f"workload.num_candidates={w.num_candidates} (the range's low end)")
+        raise ConfigError(
+            f"workload.candidates_max={w.candidates_max}: below "
+            f"workload.num_candidates={w.num_candidates} (the range's low end)"
+        )
     if w.clock == "real":
         _real_clock(w)
     elif w.replicas > 1:
-        raise ConfigError(f"workload.replicas={w.replicas}: replicas serve on the real clock "
-                          "only (workload.clock=real); the simulator models one server")
+        raise ConfigError(
+            f"workload.replicas={w.replicas}: replicas serve on the real clock "
+            "only (workload.clock=real); the simulator models one server"
+        )
     if w.num_users is not None and w.num_users > SERVE_MAX_USERS:
-        raise ConfigError(f"workload.num_users={w.num_users}: at most {SERVE_MAX_USERS} (the "
-                          f"population alone would take "
-                          f"{w.num_users * _BYTES_PER_USER / 1e9:.1f} GB)")
+        raise ConfigError(
+            f"workload.num_users={w.num_users}: at most {SERVE_MAX_USERS} (the "
+            f"population alone would take "
+            f"{w.num_users * _BYTES_PER_USER / 1e9:.1f} GB)"
+        )
     if w.trace is None and (w.search == "none" or w.clock == "real"):
         keys, cap = ("warmup_s", "duration_s"), SERVE_MAX_REQUESTS
         if w.clock == "real":
@@ -373,19 +411,27 @@ def _validate_serve(w) -> None:
         span = w[keys[0]] + w[keys[1]]
         requests = w.qps * span
         if requests > cap:
-            raise ConfigError(f"workload.qps={w.qps:g}: {requests:.3g} requests in "
-                              f"{' + '.join(keys)} = {span:g} s, more than the {cap} a point "
-                              f"may serve (hours of serving): lower qps or {keys[1]}")
+            raise ConfigError(
+                f"workload.qps={w.qps:g}: {requests:.3g} requests in "
+                f"{' + '.join(keys)} = {span:g} s, more than the {cap} a point "
+                f"may serve (hours of serving): lower qps or {keys[1]}"
+            )
     if w.trace is not None:
         if not str(w.trace).strip():
-            raise ConfigError("workload.trace='': empty: name a trace CSV, or leave the key out "
-                              "for Poisson arrivals at workload.qps")
+            raise ConfigError(
+                "workload.trace='': empty: name a trace CSV, or leave the key out "
+                "for Poisson arrivals at workload.qps"
+            )
         if w.clock == "real":
-            raise ConfigError(f"workload.trace={w.trace}: LoadGen draws its own arrival times; "
-                              "a trace drives workload.clock=simulated")
+            raise ConfigError(
+                f"workload.trace={w.trace}: LoadGen draws its own arrival times; "
+                "a trace drives workload.clock=simulated"
+            )
         if w.search != "none":
-            raise ConfigError(f"workload.search={w.search}: searches the Poisson rate; a trace "
-                              "(workload.trace) fixes its own arrival times")
+            raise ConfigError(
+                f"workload.search={w.search}: searches the Poisson rate; a trace "
+                "(workload.trace) fixes its own arrival times"
+            )
         from hstu_exp.data.arrivals import TraceError, read_trace
 
         try:
@@ -403,8 +449,10 @@ def reduced_precision(cfg) -> List[str]:
 def _real_clock(w) -> None:
     """What LoadGen needs (workload.clock=real)."""
     if not 0 < w.slo_percentile < 100:
-        raise ConfigError(f"workload.slo_percentile={w.slo_percentile:g}: LoadGen's latency "
-                          "percentile must be in (0, 100)")
+        raise ConfigError(
+            f"workload.slo_percentile={w.slo_percentile:g}: LoadGen's latency "
+            "percentile must be in (0, 100)"
+        )
     from hstu_exp.stats import early_stopping_queries
 
     if w.mode == "online":  # the early-stopping rule judges the Server scenario only
@@ -417,12 +465,14 @@ def _real_clock(w) -> None:
                 raise ConfigError(
                     f"{key}={seconds:g}: about {w.qps * seconds:g} queries at {w.qps:g} qps, "
                     f"fewer than the {need} LoadGen's early stopping needs at "
-                    f"p{w.slo_percentile:g} (raise it to {need / w.qps:.3g} s or more)")
+                    f"p{w.slo_percentile:g} (raise it to {need / w.qps:.3g} s or more)"
+                )
     try:
         import mlperf_loadgen  # noqa: F401 - present, and it loads
     except ImportError:
-        raise ConfigError("workload.clock=real: needs MLPerf LoadGen: pip install "
-                          "mlcommons-loadgen") from None
+        raise ConfigError(
+            "workload.clock=real: needs MLPerf LoadGen: pip install mlcommons-loadgen"
+        ) from None
 
 
 def cv_max(workload, device_type: str) -> float:
@@ -452,26 +502,30 @@ def host_pages(model, cache) -> Optional[int]:
     return cache.host_pages or 4 * pool_pages(model, cache)
 
 
-def capacity_problem(*, seq_tokens: int, batch_size: int, page_size: int, num_pages: int,
-                     host_pages: Optional[int]) -> Optional[str]:
+def capacity_problem(
+    *, seq_tokens: int, batch_size: int, page_size: int, num_pages: int, host_pages: Optional[int]
+) -> Optional[str]:
     """Why a pool (and host tier) cannot serve batches of requests of up to `seq_tokens` cached
     tokens (context + history), or None."""
     one = pages_for(seq_tokens, page_size)
     if num_pages < batch_size * one:
-        return (f"cache.num_pages={num_pages}: the KV pool holds fewer pages than one batch needs "
-                f"({batch_size} requests x {one} pages of {page_size} tokens for {seq_tokens} "
-                f"tokens)")
+        return (
+            f"cache.num_pages={num_pages}: the KV pool holds fewer pages than one batch needs "
+            f"({batch_size} requests x {one} pages of {page_size} tokens for {seq_tokens} "
+            f"tokens)"
+        )
     if host_pages is not None and host_pages < one:
-        return (f"cache.host_pages={host_pages}: the host tier holds fewer pages than one request "
-                f"needs ({one} pages of {page_size} tokens for {seq_tokens} tokens)")
+        return (
+            f"cache.host_pages={host_pages}: the host tier holds fewer pages than one request "
+            f"needs ({one} pages of {page_size} tokens for {seq_tokens} tokens)"
+        )
     return None
 
 
 def e2e_ran(cfg) -> dict:
     """What an e2e point runs, from workload.mode: the cache ("none" without one) and graph."""
     cached, graphed = E2E_MODES[cfg.workload.mode]
-    return {"cache": cfg.cache.mode if cached else "none",
-            "graph": "cudagraph" if graphed else "none"}
+    return {"cache": cfg.cache.mode if cached else "none", "graph": "cudagraph" if graphed else "none"}
 
 
 def _e2e_problem(cfg) -> Optional[str]:
@@ -479,23 +533,30 @@ def _e2e_problem(cfg) -> Optional[str]:
     if w.num_candidates == 0:
         return "workload.num_candidates=0: a ranking request needs at least one candidate"
     if w.num_users is not None and w.num_users < w.batch_size:
-        return (f"workload.num_users={w.num_users}: fewer users than "
-                f"workload.batch_size={w.batch_size}")
+        return f"workload.num_users={w.num_users}: fewer users than workload.batch_size={w.batch_size}"
     cached, graphed = E2E_MODES[w.mode]
     if cfg.graph.mode == "cudagraph" and not graphed:
-        return (f"graph=cudagraph contradicts workload.mode={w.mode}: with workload=e2e the mode "
-                "decides (baseline_graph or cache_graph run as CUDA graphs)")
+        return (
+            f"graph=cudagraph contradicts workload.mode={w.mode}: with workload=e2e the mode "
+            "decides (baseline_graph or cache_graph run as CUDA graphs)"
+        )
     if not cached:
         return None
     if c.mode == "none":
-        return (f"workload.mode={w.mode} needs cache=paged or cache=paged_offload "
-                "(cache=none is workload.mode=baseline or baseline_graph)")
+        return (
+            f"workload.mode={w.mode} needs cache=paged or cache=paged_offload "
+            "(cache=none is workload.mode=baseline or baseline_graph)"
+        )
     from hstu_exp.data.synthetic import stream_for
 
     longest = stream_for(m, w, seed=cfg.seed).max_history
-    return capacity_problem(seq_tokens=m.num_context + longest, batch_size=w.batch_size,
-                            page_size=c.page_size, num_pages=pool_pages(m, c),
-                            host_pages=host_pages(m, c))
+    return capacity_problem(
+        seq_tokens=m.num_context + longest,
+        batch_size=w.batch_size,
+        page_size=c.page_size,
+        num_pages=pool_pages(m, c),
+        host_pages=host_pages(m, c),
+    )
 
 
 def _trace_arrivals(w) -> Optional[list]:
@@ -522,8 +583,7 @@ def serve_candidates(w, arrivals: Optional[list] = None) -> tuple:
     if w.trace is not None:
         counts = [a.candidates for a in (arrivals or _trace_arrivals(w))]
         return min(counts), max(counts)
-    return w.num_candidates, (w.candidates_max if w.candidates_max is not None
-                              else w.num_candidates)
+    return w.num_candidates, (w.candidates_max if w.candidates_max is not None else w.num_candidates)
 
 
 def _serve_problem(cfg) -> Optional[str]:
@@ -534,26 +594,38 @@ def _serve_problem(cfg) -> Optional[str]:
     most = serve_candidates(w, arrivals)[1]
     if most > m.max_candidates:
         key = f"workload.trace={w.trace}" if w.trace is not None else "workload.candidates_max"
-        return (f"{key}: a request of {most} candidates, more than the model's "
-                f"max_candidates={m.max_candidates}")
+        return (
+            f"{key}: a request of {most} candidates, more than the model's "
+            f"max_candidates={m.max_candidates}"
+        )
     if w.max_batch > m.max_batch:
         return f"workload.max_batch={w.max_batch}: more than the model's max_batch={m.max_batch}"
     if g.mode == "cudagraph" and w.max_batch > max(g.batch_buckets):
-        return (f"workload.max_batch={w.max_batch}: more than the largest graph bucket "
-                f"(graph.batch_buckets={list(g.batch_buckets)})")
+        return (
+            f"workload.max_batch={w.max_batch}: more than the largest graph bucket "
+            f"(graph.batch_buckets={list(g.batch_buckets)})"
+        )
     rows = m.num_context + m.max_history + most  # a miss computes the whole sequence
     if g.mode == "cudagraph" and rows > max(g.token_buckets):
-        return (f"graph.token_buckets={list(g.token_buckets)}: none holds a request's "
-                f"{rows} rows (context + model.max_history + candidates)")
+        return (
+            f"graph.token_buckets={list(g.token_buckets)}: none holds a request's "
+            f"{rows} rows (context + model.max_history + candidates)"
+        )
     expected = serve_window_requests(w, arrivals) if w.clock == "simulated" else math.inf
     if expected < w.min_requests:
-        return (f"workload.duration_s={w.duration_s:g}: about {expected:g} requests arrive in it, "
-                f"fewer than workload.min_requests={w.min_requests} (raise duration_s or qps)")
+        return (
+            f"workload.duration_s={w.duration_s:g}: about {expected:g} requests arrive in it, "
+            f"fewer than workload.min_requests={w.min_requests} (raise duration_s or qps)"
+        )
     if c.mode == "none":
         return None
-    return capacity_problem(seq_tokens=m.num_context + m.max_history, batch_size=w.max_batch,
-                            page_size=c.page_size, num_pages=pool_pages(m, c),
-                            host_pages=host_pages(m, c))
+    return capacity_problem(
+        seq_tokens=m.num_context + m.max_history,
+        batch_size=w.max_batch,
+        page_size=c.page_size,
+        num_pages=pool_pages(m, c),
+        host_pages=host_pages(m, c),
+    )
 
 
 def point_problem(cfg) -> Optional[str]:
@@ -564,11 +636,15 @@ def point_problem(cfg) -> Optional[str]:
             return f"kernel.gemm_dtype=fp8 needs model.dtype=bfloat16, not {m.dtype}"
         width = m.num_heads * m.head_dim
         if m.hidden % 16 or width % 16:
-            return (f"kernel.gemm_dtype=fp8: e4m3 GEMMs need model.hidden ({m.hidden}) and "
-                    f"num_heads x head_dim ({width}) to be multiples of 16")
+            return (
+                f"kernel.gemm_dtype=fp8: e4m3 GEMMs need model.hidden ({m.hidden}) and "
+                f"num_heads x head_dim ({width}) to be multiples of 16"
+            )
     if w.num_candidates > m.max_candidates and not (w.name == "serve" and w.trace is not None):
-        return (f"workload.num_candidates={w.num_candidates}: more than the model's "
-                f"max_candidates={m.max_candidates}")
+        return (
+            f"workload.num_candidates={w.num_candidates}: more than the model's "
+            f"max_candidates={m.max_candidates}"
+        )
     if w.name == "serve":
         return _serve_problem(cfg)
     if w.batch_size > m.max_batch:
@@ -576,18 +652,27 @@ def point_problem(cfg) -> Optional[str]:
     if w.name == "e2e":
         return _e2e_problem(cfg)
     if w.total_history > m.max_history:
-        return (f"workload.total_history={w.total_history}: longer than the model's "
-                f"max_history={m.max_history}")
+        return (
+            f"workload.total_history={w.total_history}: longer than the model's "
+            f"max_history={m.max_history}"
+        )
     if w.new_history > w.total_history:
-        return (f"workload.new_history={w.new_history}: more than "
-                f"workload.total_history={w.total_history}")
+        return (
+            f"workload.new_history={w.new_history}: more than workload.total_history={w.total_history}"
+        )
     if w.name == "block" and c.mode == "none" and w.new_history != w.total_history:
-        return (f"cache=none recomputes the whole history: workload.new_history={w.new_history}"
-                f" must equal workload.total_history={w.total_history}")
+        return (
+            f"cache=none recomputes the whole history: workload.new_history={w.new_history}"
+            f" must equal workload.total_history={w.total_history}"
+        )
     if w.name == "block" and c.mode != "none":  # attention sizes its own pool for the batch
-        return capacity_problem(seq_tokens=w.total_history, batch_size=w.batch_size,
-                                page_size=c.page_size, num_pages=pool_pages(m, c),
-                                host_pages=None)
+        return capacity_problem(
+            seq_tokens=w.total_history,
+            batch_size=w.batch_size,
+            page_size=c.page_size,
+            num_pages=pool_pages(m, c),
+            host_pages=None,
+        )
     return None
 
 
@@ -597,8 +682,9 @@ def footprint_bytes(cfg) -> tuple:
     m, c = cfg.model, cfg.cache
     width = m.num_heads * m.head_dim
     weights = m.num_layers * 5 * m.hidden * width  # UVQK projection and the output projection
-    pool = 0 if c.mode == "none" else \
-        pool_pages(m, c) * c.page_size * 2 * m.num_layers * width  # K and V of every slot
+    pool = (
+        0 if c.mode == "none" else pool_pages(m, c) * c.page_size * 2 * m.num_layers * width
+    )  # K and V of every slot
     item = 4 if m.dtype == "float32" else 2
     return item * weights, item * pool
 
@@ -610,12 +696,17 @@ def memory_problem(cfg, device_bytes: int) -> Optional[str]:
         return None
     m, c = cfg.model, cfg.cache
     if pool > weights:
-        what = (f"cache.num_pages={c.num_pages}" if c.num_pages else
-                f"model.max_batch={m.max_batch} x model.max_history={m.max_history}")
+        what = (
+            f"cache.num_pages={c.num_pages}"
+            if c.num_pages
+            else f"model.max_batch={m.max_batch} x model.max_history={m.max_history}"
+        )
         part = f"{what}: the KV pool takes {pool / 1e9:.3g} GB"
     else:
-        part = (f"model.hidden={m.hidden}, model.num_layers={m.num_layers}: the layers' weights "
-                f"take {weights / 1e9:.3g} GB")
+        part = (
+            f"model.hidden={m.hidden}, model.num_layers={m.num_layers}: the layers' weights "
+            f"take {weights / 1e9:.3g} GB"
+        )
     return f"{part}, more than the device's {device_bytes / 1e9:.3g} GB of memory"
 
 

@@ -1,4 +1,5 @@
 """Where a point runs: device resolution and the environment stamped on every record."""
+
 from __future__ import annotations
 
 import functools
@@ -44,8 +45,10 @@ def _version(package: str):
 
 def _run(*cmd: str):
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=10,
-                              cwd=ROOT).stdout.strip() or None
+        return (
+            subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=ROOT).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -137,10 +140,17 @@ def environment(device_type: str) -> dict:
 
 
 # NVML clock-event ("throttle") reason bits (nvml.h, nvmlClocksEventReason*).
-THROTTLE_REASONS = {0x1: "GpuIdle", 0x2: "ApplicationsClocksSetting", 0x4: "SwPowerCap",
-                    0x8: "HwSlowdown", 0x10: "SyncBoost", 0x20: "SwThermalSlowdown",
-                    0x40: "HwThermalSlowdown", 0x80: "HwPowerBrakeSlowdown",
-                    0x100: "DisplayClockSetting"}
+THROTTLE_REASONS = {
+    0x1: "GpuIdle",
+    0x2: "ApplicationsClocksSetting",
+    0x4: "SwPowerCap",
+    0x8: "HwSlowdown",
+    0x10: "SyncBoost",
+    0x20: "SwThermalSlowdown",
+    0x40: "HwThermalSlowdown",
+    0x80: "HwPowerBrakeSlowdown",
+    0x100: "DisplayClockSetting",
+}
 # Power capping under sustained load is a card's normal state (every B=8 full-recompute point
 # on the H200 runs at it): recorded as power_capped, never a reason to call a point invalid.
 POWER_CAP = 0x4
@@ -149,8 +159,17 @@ POWER_CAP = 0x4
 # enough: NVML raises it for single samples whose clock never came down.
 SLOWDOWN = 0x8 | 0x20 | 0x40 | 0x80
 CLOCK_FLOOR = 0.9
-CLOCK_KEYS = ["sm_clock_mhz", "sm_clock_max_mhz", "mem_clock_mhz", "power_w", "temperature_c",
-              "throttle_reasons", "power_capped", "throttled", "clocks_unavailable"]
+CLOCK_KEYS = [
+    "sm_clock_mhz",
+    "sm_clock_max_mhz",
+    "mem_clock_mhz",
+    "power_w",
+    "temperature_c",
+    "throttle_reasons",
+    "power_capped",
+    "throttled",
+    "clocks_unavailable",
+]
 
 
 def _nvml_handle(device: torch.device):
@@ -192,8 +211,7 @@ class ClockSampler:
             self.unavailable = f"NVML: {type(exc).__name__}: {exc}".strip()[:200]
             return self
         try:
-            self.max_sm = self._nvml.nvmlDeviceGetMaxClockInfo(self._handle,
-                                                               self._nvml.NVML_CLOCK_SM)
+            self.max_sm = self._nvml.nvmlDeviceGetMaxClockInfo(self._handle, self._nvml.NVML_CLOCK_SM)
         except Exception:  # noqa: BLE001 - then the reason bits alone judge
             self.max_sm = None
         self._sample()
@@ -217,13 +235,20 @@ class ClockSampler:
     def _sample(self):
         nvml, h = self._nvml, self._handle
         try:
-            reasons = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons",
-                              nvml.nvmlDeviceGetCurrentClocksThrottleReasons)(h)
-            self.rows.append((nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM),
-                              nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_MEM),
-                              nvml.nvmlDeviceGetPowerUsage(h) / 1e3,
-                              nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU),
-                              int(reasons)))
+            reasons = getattr(
+                nvml,
+                "nvmlDeviceGetCurrentClocksEventReasons",
+                nvml.nvmlDeviceGetCurrentClocksThrottleReasons,
+            )(h)
+            self.rows.append(
+                (
+                    nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM),
+                    nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_MEM),
+                    nvml.nvmlDeviceGetPowerUsage(h) / 1e3,
+                    nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU),
+                    int(reasons),
+                )
+            )
         except Exception as exc:  # noqa: BLE001 - a query this GPU does not support
             self.unavailable = f"NVML: {type(exc).__name__}: {exc}".strip()[:200]
             self._stop.set()
@@ -238,8 +263,7 @@ def clock_summary(rows: list, max_sm, unavailable=None) -> dict:
     when a thermal or hardware slowdown was seen and the median SM clock sat below CLOCK_FLOOR
     of the card's maximum (without the maximum, the slowdown flag alone)."""
     if not rows:
-        return {**{k: None for k in CLOCK_KEYS},
-                "clocks_unavailable": unavailable or "no sample taken"}
+        return {**{k: None for k in CLOCK_KEYS}, "clocks_unavailable": unavailable or "no sample taken"}
     sm, mem, power, temp, reasons = zip(*rows)
     seen = 0
     for r in reasons:
@@ -247,10 +271,14 @@ def clock_summary(rows: list, max_sm, unavailable=None) -> dict:
     names = [name for bit, name in THROTTLE_REASONS.items() if seen & bit]
     sm_median = statistics.median(sm)
     slow_clock = max_sm is None or sm_median < CLOCK_FLOOR * max_sm
-    return {"sm_clock_mhz": sm_median, "sm_clock_max_mhz": max_sm,
-            "mem_clock_mhz": statistics.median(mem),
-            "power_w": round(statistics.median(power), 1),
-            "temperature_c": statistics.median(temp),
-            "throttle_reasons": ",".join(names), "power_capped": bool(seen & POWER_CAP),
-            "throttled": bool(seen & SLOWDOWN) and slow_clock,
-            "clocks_unavailable": unavailable}
+    return {
+        "sm_clock_mhz": sm_median,
+        "sm_clock_max_mhz": max_sm,
+        "mem_clock_mhz": statistics.median(mem),
+        "power_w": round(statistics.median(power), 1),
+        "temperature_c": statistics.median(temp),
+        "throttle_reasons": ",".join(names),
+        "power_capped": bool(seen & POWER_CAP),
+        "throttled": bool(seen & SLOWDOWN) and slow_clock,
+        "clocks_unavailable": unavailable,
+    }

@@ -3,6 +3,7 @@ an attention shape, capturing a CUDA graph, compiling a Triton kernel for a new 
 A long-running server pays it once at start-up; a measurement that meets new shapes mid-run
 (workload=serve) takes it off its clock with `seconds()` and records it instead. Nested
 first-use work (a tune inside a capture's warm-up, a compile inside a tune) counts once."""
+
 from __future__ import annotations
 
 import time
@@ -76,13 +77,16 @@ def count_triton_compiles() -> bool:
     else."""
     try:
         from triton import knobs
+
         runtime = knobs.runtime
         if not hasattr(runtime, "jit_post_compile_hook"):
             return False
     except (ImportError, AttributeError):
         return False
-    if runtime.jit_cache_hook in (None, _compile_started) and \
-            runtime.jit_post_compile_hook in (None, _compile_done):
+    if runtime.jit_cache_hook in (None, _compile_started) and runtime.jit_post_compile_hook in (
+        None,
+        _compile_done,
+    ):
         runtime.jit_cache_hook, runtime.jit_post_compile_hook = _compile_started, _compile_done
         return True
     return False

@@ -8,6 +8,7 @@ points write their records into the sweep dir, the close-out reads them. A Ctrl-
 to the launching process goes on to the workers through the leases: each marks its point
 interrupted, no further point starts, and the launching process closes out as after any stop.
 """
+
 from __future__ import annotations
 
 import functools
@@ -110,17 +111,24 @@ def launch(launcher, job_overrides, initial_job_idx: int):
     launcher.joblib.update(n_jobs=len(devices), batch_size=1)  # a point at a time per worker
     previous = {signum: signal.signal(signum, forward) for signum in _SIGNALS}
     try:
-        runs = _core.launch(launcher=launcher, job_overrides=job_overrides,
-                            initial_job_idx=initial_job_idx)
+        runs = _core.launch(
+            launcher=launcher, job_overrides=job_overrides, initial_job_idx=initial_job_idx
+        )
     except BrokenProcessPool as exc:  # a worker died (a crash, the OOM killer, C++ terminate):
         # joblib has ended the others; their points in progress have no record
         if STOP:
             raise KeyboardInterrupt from None
         codes = [line for line in str(exc).splitlines() if "exit codes" in line]
-        cli.points_ran_in_workers([{"stop": "a worker process ended abruptly ("
-                                    + (codes[0].strip() if codes else type(exc).__name__)
-                                    + "); the points it and the others were running have no "
-                                    "record"}])
+        cli.points_ran_in_workers(
+            [
+                {
+                    "stop": "a worker process ended abruptly ("
+                    + (codes[0].strip() if codes else type(exc).__name__)
+                    + "); the points it and the others were running have no "
+                    "record"
+                }
+            ]
+        )
         raise
     finally:
         for signum, handler in previous.items():

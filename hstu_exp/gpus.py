@@ -7,6 +7,7 @@ to its devices once, and the OS drops the lock however the worker ends, so a rep
 finds that GPU free. The lock files name their holder's pid (the launcher forwards a Ctrl-C to
 the workers through them); a `stop` file beside them tells workers not to start further points.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -40,8 +41,7 @@ def visible_gpus(environ=os.environ, count=None) -> list[str]:
 
 def choose_gpus(visible: list[str], gpus, key: str = "hydra.launcher.gpus") -> list[str]:
     """`gpus: all` keeps every visible GPU, `gpus: N` the first N."""
-    where = f" (visible: {','.join(visible)})" if visible else \
-        " (CUDA sees no GPU here)"
+    where = f" (visible: {','.join(visible)})" if visible else " (CUDA sees no GPU here)"
     if str(gpus).strip().lower() == "all":
         if not visible:
             raise GpuError(f"{key}=all: no GPU to run on{where}")
@@ -62,10 +62,17 @@ def gpus_problem(launcher) -> str | None:
     visible, ...), or None; None for any other launcher."""
     if launcher is None or launcher.get("_target_") != LAUNCHER:
         return None
-    for module, why in (("hydra_plugins.hydra_joblib_launcher", "needs hydra-joblib-launcher "
-                         "(pip install hydra-joblib-launcher==1.2.0)"),
-                        ("hydra_plugins.hstu_exp_gpus", "its Hydra plugin hydra_plugins/"
-                         "hstu_exp_gpus is not installed (run pip install -e . once more)")):
+    for module, why in (
+        (
+            "hydra_plugins.hydra_joblib_launcher",
+            "needs hydra-joblib-launcher (pip install hydra-joblib-launcher==1.2.0)",
+        ),
+        (
+            "hydra_plugins.hstu_exp_gpus",
+            "its Hydra plugin hydra_plugins/"
+            "hstu_exp_gpus is not installed (run pip install -e . once more)",
+        ),
+    ):
         if importlib.util.find_spec(module) is None:
             return f"hydra/launcher=gpus: {why}"
     try:
@@ -115,8 +122,10 @@ class GpuLeases:
                 os.pwrite(fd, f"{os.getpid()} {device}\n".encode(), 0)
                 return k, device, fd
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no free GPU among {','.join(self.devices)} after "
-                                   f"{timeout_s:g} s (each is held by a worker of this sweep)")
+                raise TimeoutError(
+                    f"no free GPU among {','.join(self.devices)} after "
+                    f"{timeout_s:g} s (each is held by a worker of this sweep)"
+                )
             time.sleep(poll_s)
 
     def holders(self) -> dict[str, int]:

@@ -15,6 +15,7 @@ alone (workload=block). `GraphedRanker` replays the device part of a ranking ste
 block, candidate rows, heads: `ranking.forward_rows`) with the token ids padded too; at batch 1
 the embedding and head launches cost the host about as much as the whole block.
 """
+
 from __future__ import annotations
 
 from bisect import bisect_left
@@ -38,8 +39,11 @@ class Bucket:
 
     @property
     def name(self) -> str:
-        return (f"b{self.batch}xt{self.tokens}" + (f"xkv{self.kv}" if self.kv else "")
-                + (f"xr{self.fit}" if self.fit else ""))
+        return (
+            f"b{self.batch}xt{self.tokens}"
+            + (f"xkv{self.kv}" if self.kv else "")
+            + (f"xr{self.fit}" if self.fit else "")
+        )
 
     @property
     def rows(self) -> int:
@@ -74,6 +78,7 @@ def _kv_bucket(need: int, page_size: int, limit: int) -> int:
 class Staged:
     """A batch's metadata padded to its bucket, packed in one host buffer (pinned on CUDA):
     a replay copies it into the captured graph's buffer with one non_blocking copy."""
+
     bucket: Bucket
     rows: int
     host: torch.Tensor  # uint8, `pack`ed
@@ -83,30 +88,36 @@ class Staged:
 
 def _pad(a: np.ndarray, n: int, fill) -> np.ndarray:
     out = np.full(n, fill, dtype=a.dtype)
-    out[:a.size] = a
+    out[: a.size] = a
     return out
 
 
-def pad_metadata(batch: Batch, bucket: Bucket, *, pages_per_user: int,
-                 scratch_page: int) -> Dict[str, np.ndarray]:
+def pad_metadata(
+    batch: Batch, bucket: Bucket, *, pages_per_user: int, scratch_page: int
+) -> Dict[str, np.ndarray]:
     """The batch's metadata (its host arrays) padded to the bucket. Extra users have length 0
     (offsets and page_indptr repeat their last value, no candidates, no cached keys); page ids
     and K/V appends past the batch's own go to the scratch page."""
     if batch.host is None or (bucket.kv and batch.pages.host is None):
-        raise ValueError("graph staging needs the host-side metadata of `make_batch` and "
-                         "`PagedKVCache.plan`")
+        raise ValueError(
+            "graph staging needs the host-side metadata of `make_batch` and `PagedKVCache.plan`"
+        )
     b, h = bucket.batch, batch.host
-    out = {"offsets": _pad(h["offsets"], b + 1, h["offsets"][-1]),
-           "num_candidates": _pad(h["num_candidates"], b, 0)}
+    out = {
+        "offsets": _pad(h["offsets"], b + 1, h["offsets"][-1]),
+        "num_candidates": _pad(h["num_candidates"], b, 0),
+    }
     if bucket.kv:
         p = batch.pages.host
-        out.update(page_indptr=_pad(p["page_indptr"], b + 1, p["page_indptr"][-1]),
-                   cached_lengths=_pad(p["cached_lengths"], b, 0),
-                   last_page_len=_pad(p["last_page_len"], b, 0),
-                   page_ids=_pad(p["page_ids"], b * pages_per_user, scratch_page),
-                   new_rows=_pad(p["new_rows"], bucket.rows, 0),
-                   new_page=_pad(p["new_page"], bucket.rows, scratch_page),
-                   new_slot=_pad(p["new_slot"], bucket.rows, 0))
+        out.update(
+            page_indptr=_pad(p["page_indptr"], b + 1, p["page_indptr"][-1]),
+            cached_lengths=_pad(p["cached_lengths"], b, 0),
+            last_page_len=_pad(p["last_page_len"], b, 0),
+            page_ids=_pad(p["page_ids"], b * pages_per_user, scratch_page),
+            new_rows=_pad(p["new_rows"], bucket.rows, 0),
+            new_page=_pad(p["new_page"], bucket.rows, scratch_page),
+            new_slot=_pad(p["new_slot"], bucket.rows, 0),
+        )
     return out
 
 
@@ -133,24 +144,35 @@ def pad_tokens(tokens, bucket: Bucket) -> Dict[str, np.ndarray]:
     are padded with row 0: their head outputs are computed and dropped."""
     h, cap, b = tokens.host, bucket.rows, bucket.batch
     lengths = [np.concatenate([_pad(n, b, 0), [cap - int(n.sum())]]) for n in h["lengths"]]
-    return {"tok_values": np.concatenate([_pad(v, cap, 0) for v in h["values"]]),
-            "tok_dest": np.concatenate([_pad(d, cap, cap) for d in h["dest"]]),
-            "tok_lengths": np.concatenate(lengths).astype(np.int64),
-            "tok_positions": _pad(h["positions"], cap + 1, 0),
-            "tok_candidate_rows": _pad(h["candidate_rows"], cap, 0)}
+    return {
+        "tok_values": np.concatenate([_pad(v, cap, 0) for v in h["values"]]),
+        "tok_dest": np.concatenate([_pad(d, cap, cap) for d in h["dest"]]),
+        "tok_lengths": np.concatenate(lengths).astype(np.int64),
+        "tok_positions": _pad(h["positions"], cap + 1, 0),
+        "tok_candidate_rows": _pad(h["candidate_rows"], cap, 0),
+    }
 
 
 def static_batch(bucket: Bucket, views: dict) -> Batch:
     """`Batch` (and `PageTable`) over a graph's static buffers (the views of `pad_metadata`)."""
     pages = None
     if bucket.kv:
-        pages = PageTable(page_indptr=views["page_indptr"], page_ids=views["page_ids"],
-                          cached_lengths=views["cached_lengths"],
-                          last_page_len=views["last_page_len"], new_rows=views["new_rows"],
-                          new_page=views["new_page"], new_slot=views["new_slot"],
-                          max_kv_len=bucket.kv)
-    return Batch(offsets=views["offsets"], num_candidates=views["num_candidates"],
-                 max_len=bucket.tokens, pages=pages)
+        pages = PageTable(
+            page_indptr=views["page_indptr"],
+            page_ids=views["page_ids"],
+            cached_lengths=views["cached_lengths"],
+            last_page_len=views["last_page_len"],
+            new_rows=views["new_rows"],
+            new_page=views["new_page"],
+            new_slot=views["new_slot"],
+            max_kv_len=bucket.kv,
+        )
+    return Batch(
+        offsets=views["offsets"],
+        num_candidates=views["num_candidates"],
+        max_len=bucket.tokens,
+        pages=pages,
+    )
 
 
 def static_tokens(views: dict, keys, bucket: Bucket):
@@ -159,12 +181,22 @@ def static_tokens(views: dict, keys, bucket: Bucket):
 
     from hstu_exp.model.embeddings import Tokens
 
-    features = KeyedJaggedTensor(keys=list(keys), values=views["tok_values"],
-                                 lengths=views["tok_lengths"], stride=bucket.batch + 1,
-                                 length_per_key=[bucket.rows] * len(keys))
-    return Tokens(features=features, dest=views["tok_dest"], positions=views["tok_positions"],
-                  candidate_rows=views["tok_candidate_rows"], rows=[], num_candidates=[],
-                  num_rows=bucket.rows)
+    features = KeyedJaggedTensor(
+        keys=list(keys),
+        values=views["tok_values"],
+        lengths=views["tok_lengths"],
+        stride=bucket.batch + 1,
+        length_per_key=[bucket.rows] * len(keys),
+    )
+    return Tokens(
+        features=features,
+        dest=views["tok_dest"],
+        positions=views["tok_positions"],
+        candidate_rows=views["tok_candidate_rows"],
+        rows=[],
+        num_candidates=[],
+        num_rows=bucket.rows,
+    )
 
 
 class _Captured:
@@ -186,10 +218,20 @@ class BucketGraphs:
     each holds its activations in the pool, and serving meets ever more buckets; past that the
     least recently replayed is dropped (`evicted` counts them) and recaptured if met again."""
 
-    def __init__(self, *, device, batch_buckets, token_buckets,
-                 pool: Optional[torch.Tensor] = None, page_size: int = 0, max_history: int = 0,
-                 scratch_page: int = 0, fit_rows: bool = False, max_graphs: int = 64,
-                 progress=None):
+    def __init__(
+        self,
+        *,
+        device,
+        batch_buckets,
+        token_buckets,
+        pool: Optional[torch.Tensor] = None,
+        page_size: int = 0,
+        max_history: int = 0,
+        scratch_page: int = 0,
+        fit_rows: bool = False,
+        max_graphs: int = 64,
+        progress=None,
+    ):
         self.device, self.pool = torch.device(device), pool
         self.batch_buckets, self.token_buckets = list(batch_buckets), list(token_buckets)
         self.fit_rows = fit_rows
@@ -215,11 +257,11 @@ class BucketGraphs:
         return Bucket(b, t, kv, fit)
 
     def pad(self, batch: Batch, bucket: Bucket) -> Dict[str, np.ndarray]:
-        return pad_metadata(batch, bucket, pages_per_user=self.pages_per_user,
-                            scratch_page=self.scratch)
+        return pad_metadata(batch, bucket, pages_per_user=self.pages_per_user, scratch_page=self.scratch)
 
-    def stage(self, arrays: Dict[str, np.ndarray], bucket: Bucket, rows: int,
-              candidates: int = 0) -> Staged:
+    def stage(
+        self, arrays: Dict[str, np.ndarray], bucket: Bucket, rows: int, candidates: int = 0
+    ) -> Staged:
         """Padded host arrays packed into one buffer (pinned on CUDA); no device work."""
         host, layout = pack(arrays, pin=self.device.type == "cuda")
         self.live_rows, self.run_rows = self.live_rows + rows, self.run_rows + bucket.rows
@@ -276,9 +318,9 @@ class GraphedBlock:
 
     def replay(self, x: torch.Tensor, staged: Staged) -> torch.Tensor:
         cap = self.core.get_or_capture(staged, self._build, "the block")
-        cap.inputs[:staged.rows].copy_(x)
+        cap.inputs[: staged.rows].copy_(x)
         self.core.replay(cap, staged)
-        return cap.out[:staged.rows]
+        return cap.out[: staged.rows]
 
 
 class GraphedRanker:
@@ -292,8 +334,9 @@ class GraphedRanker:
         bucket = self.core.bucket_for(batch)
         arrays = self.core.pad(batch, bucket)
         arrays.update(pad_tokens(tokens, bucket))
-        return self.core.stage(arrays, bucket, tokens.num_rows,
-                               candidates=int(tokens.host["candidate_rows"].size))
+        return self.core.stage(
+            arrays, bucket, tokens.num_rows, candidates=int(tokens.host["candidate_rows"].size)
+        )
 
     def _build(self, views, batch: Batch, bucket: Bucket):
         from hstu_exp.model.ranking import forward_rows
@@ -306,4 +349,4 @@ class GraphedRanker:
         cap = self.core.get_or_capture(staged, self._build, "the ranking step")
         self.core.replay(cap, staged)
         logits, h = cap.out
-        return logits[:staged.candidates], h[:staged.candidates]
+        return logits[: staged.candidates], h[: staged.candidates]

@@ -1,4 +1,5 @@
 """One sweep point: validated config -> workload -> record on disk -> W&B -> console line."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -15,8 +16,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from hstu_exp.bench.measure import combine_repeats, finish, resampling_units
-from hstu_exp.config import (cv_max, device_problem, e2e_ran, max_time_s, memory_problem,
-                             point_problem, serve_candidates)
+from hstu_exp.config import (
+    cv_max,
+    device_problem,
+    e2e_ran,
+    max_time_s,
+    memory_problem,
+    point_problem,
+    serve_candidates,
+)
 from hstu_exp.data.synthetic import stream_for
 from hstu_exp.env import environment, memory_bytes, resolve_device
 from hstu_exp.tracking import identity
@@ -54,12 +62,23 @@ def swept_values(cfg, device: torch.device) -> dict:
         total = _e2e_longest_history(cfg)
     elif w.name == "attention":
         cache = "paged" if w.new_history < w.total_history else "none"
-    return {"workload": w.name, "model": m.name, "dtype": m.dtype, "cache": cache,
-            "page_size": c.page_size if cache != "none" else None, "kernel": cfg.kernel.name,
-            "autotune": cfg.kernel.autotune if cfg.kernel.name == "triton" else None,
-            "graph": graph, "mode": mode, "batch_size": batch, "total_history": total,
-            "new_history": new, "num_candidates": candidates, "qps": qps,
-            "device": device.type}
+    return {
+        "workload": w.name,
+        "model": m.name,
+        "dtype": m.dtype,
+        "cache": cache,
+        "page_size": c.page_size if cache != "none" else None,
+        "kernel": cfg.kernel.name,
+        "autotune": cfg.kernel.autotune if cfg.kernel.name == "triton" else None,
+        "graph": graph,
+        "mode": mode,
+        "batch_size": batch,
+        "total_history": total,
+        "new_history": new,
+        "num_candidates": candidates,
+        "qps": qps,
+        "device": device.type,
+    }
 
 
 def serve_mode(w) -> str:
@@ -87,11 +106,21 @@ def point_params(cfg, device: torch.device) -> dict:
     """What every record carries besides its identity: model dimensions and timing settings
     (cv_max and max_time_s: the values in force, defaults filled in)."""
     m, w = cfg.model, cfg.workload
-    return {"num_layers": m.num_layers, "hidden": m.hidden, "num_heads": m.num_heads,
-            "head_dim": m.head_dim, "max_history": m.max_history, "warmup": w.warmup,
-            "iters": w.iters, "min_time_s": w.min_time_s, "max_time_s": max_time_s(w),
-            "cv_max": cv_max(w, device.type), "min_samples": w.min_samples,
-            "input_sets": w.get("input_sets"), "gemm_dtype": cfg.kernel.gemm_dtype}
+    return {
+        "num_layers": m.num_layers,
+        "hidden": m.hidden,
+        "num_heads": m.num_heads,
+        "head_dim": m.head_dim,
+        "max_history": m.max_history,
+        "warmup": w.warmup,
+        "iters": w.iters,
+        "min_time_s": w.min_time_s,
+        "max_time_s": max_time_s(w),
+        "cv_max": cv_max(w, device.type),
+        "min_samples": w.min_samples,
+        "input_sets": w.get("input_sets"),
+        "gemm_dtype": cfg.kernel.gemm_dtype,
+    }
 
 
 def _overrides() -> list:
@@ -103,25 +132,35 @@ def _overrides() -> list:
 
 
 def point_name(values: dict) -> str:
-    parts = [values["workload"], values["model"], values["cache"], values["kernel"],
-             values["graph"]] + ([values["mode"]] if values["mode"] else [])
+    parts = [values["workload"], values["model"], values["cache"], values["kernel"], values["graph"]] + (
+        [values["mode"]] if values["mode"] else []
+    )
     if values["workload"] == "serve":  # histories from the arrivals; batches up to max_batch
         qps = f"-q{values['qps']:g}" if values["qps"] is not None else ""
         return "-".join(parts) + f"-b{values['batch_size']}{qps}-c{values['num_candidates']}"
     if values["workload"] == "e2e":  # its histories come from the stream, not T and n
         return "-".join(parts) + f"-b{values['batch_size']}-c{values['num_candidates']}"
-    return "-".join(parts) + (f"-b{values['batch_size']}-T{values['total_history']}"
-                              f"-n{values['new_history']}-c{values['num_candidates']}")
+    return "-".join(parts) + (
+        f"-b{values['batch_size']}-T{values['total_history']}"
+        f"-n{values['new_history']}-c{values['num_candidates']}"
+    )
 
 
 def point_tags(values: dict) -> list:
-    return [f"{k}:{values[k]}" for k in ("workload", "model", "cache", "kernel", "graph", "mode")
-            if values[k] is not None]
+    return [
+        f"{k}:{values[k]}"
+        for k in ("workload", "model", "cache", "kernel", "graph", "mode")
+        if values[k] is not None
+    ]
 
 
 # workload name -> module with `run(cfg, device, progress) -> bench.measure.Measured`
-WORKLOADS = {"block": "hstu_exp.bench.block", "attention": "hstu_exp.bench.attention",
-             "e2e": "hstu_exp.bench.e2e", "serve": "hstu_exp.bench.serve"}
+WORKLOADS = {
+    "block": "hstu_exp.bench.block",
+    "attention": "hstu_exp.bench.attention",
+    "e2e": "hstu_exp.bench.e2e",
+    "serve": "hstu_exp.bench.serve",
+}
 
 
 def _run_workload(cfg, device, progress, job_dir) -> dict:
@@ -145,23 +184,36 @@ def _run_workload(cfg, device, progress, job_dir) -> dict:
         torch.manual_seed(cfg.seed)
         measured = workload.run(cfg, device, progress=progress, **extra)
         last = i == repeats - 1
-        results.append(finish(measured, cfg, device, job_dir=job_dir if last else None,
-                              progress=progress, verify=last))
+        results.append(
+            finish(
+                measured, cfg, device, job_dir=job_dir if last else None, progress=progress, verify=last
+            )
+        )
         units.append(resampling_units(measured))
     return combine_repeats(results, units)
 
 
 def find_record(sweep_dir: Path, key: str, status: str):
-    return next((r for r in read_records(sweep_dir)
-                 if r.get("config_key") == key and r.get("status") == status), None)
+    return next(
+        (r for r in read_records(sweep_dir) if r.get("config_key") == key and r.get("status") == status),
+        None,
+    )
 
 
 def find_ok_record(sweep_dir: Path, key: str):
     return find_record(sweep_dir, key, "ok")
 
 
-def run_point(cfg, *, job_dir: Path, group: str, point: int, total: int | None,
-              sweep_dir: Path | None = None, started: float | None = None) -> dict:
+def run_point(
+    cfg,
+    *,
+    job_dir: Path,
+    group: str,
+    point: int,
+    total: int | None,
+    sweep_dir: Path | None = None,
+    started: float | None = None,
+) -> dict:
     device = resolve_device(cfg.device)
     values = swept_values(cfg, device)
     name = point_name(values)
@@ -185,13 +237,24 @@ def run_point(cfg, *, job_dir: Path, group: str, point: int, total: int | None,
             progress(f"{name}: skipped again ({problem}); its record stands (resume=true)")
             return earlier
 
-    record = {"status": "ok", "schema_version": SCHEMA_VERSION, "reason": None, "error": None,
-              "sweep": group, "point": point, "name": name, "config_key": key,
-              "verify": cfg.verify, "seed": cfg.seed,
-              "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              **values, **point_params(cfg, device), "overrides": _overrides(),
-              "config": point_config(cfg),
-              "job_dir": str(job_dir)}
+    record = {
+        "status": "ok",
+        "schema_version": SCHEMA_VERSION,
+        "reason": None,
+        "error": None,
+        "sweep": group,
+        "point": point,
+        "name": name,
+        "config_key": key,
+        "verify": cfg.verify,
+        "seed": cfg.seed,
+        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **values,
+        **point_params(cfg, device),
+        "overrides": _overrides(),
+        "config": point_config(cfg),
+        "job_dir": str(job_dir),
+    }
     if problem:
         record.update(status="skipped", reason=problem)
     else:
@@ -205,8 +268,11 @@ def run_point(cfg, *, job_dir: Path, group: str, point: int, total: int | None,
             if STOP:  # a library turned the interrupt into an exception of its own
                 record.update(status="failed", error="interrupted")
             else:
-                record.update(status="failed", error=f"{type(exc).__name__}: {exc}".strip()[:2000],
-                              traceback=traceback.format_exc(limit=8)[-4000:])
+                record.update(
+                    status="failed",
+                    error=f"{type(exc).__name__}: {exc}".strip()[:2000],
+                    traceback=traceback.format_exc(limit=8)[-4000:],
+                )
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         record["wall_s"] = round(time.perf_counter() - t0, 3)
@@ -219,9 +285,14 @@ def run_point(cfg, *, job_dir: Path, group: str, point: int, total: int | None,
     if cfg.logger.name == "wandb":
         from hstu_exp.tracking.wandb_sink import log_point
 
-        log_point(record, logger=OmegaConf.to_container(cfg.logger, resolve=True),
-                  job_dir=job_dir, group=group, cfg=OmegaConf.to_container(cfg, resolve=True),
-                  sweep_dir=sweep_dir)
+        log_point(
+            record,
+            logger=OmegaConf.to_container(cfg.logger, resolve=True),
+            job_dir=job_dir,
+            group=group,
+            cfg=OmegaConf.to_container(cfg, resolve=True),
+            sweep_dir=sweep_dir,
+        )
     progress(result_line(record) + _eta(point, total, started))
     return record
 
@@ -235,8 +306,10 @@ def result_line(r: dict) -> str:
     line = f"{head} median {r['median_ms']:.3f} ms (p10 {r['p10_ms']:.3f}, p90 {r['p90_ms']:.3f})"
     if r.get("slo_met") is not None:  # serve: the tail, the rate achieved, the SLO
         verdict = "met" if r["slo_met"] else "missed"
-        line += (f", p99 {r['p99_ms']:.1f} ms, {r['achieved_qps']:.1f} qps, SLO "
-                 f"p{r['slo_percentile']:g}<={r['slo_ms']:g} ms {verdict}")
+        line += (
+            f", p99 {r['p99_ms']:.1f} ms, {r['achieved_qps']:.1f} qps, SLO "
+            f"p{r['slo_percentile']:g}<={r['slo_ms']:g} ms {verdict}"
+        )
         if r.get("max_qps") is not None:
             line += f", max {r['max_qps']:.1f} qps"
     if r.get("floor_fraction") is not None:

@@ -12,6 +12,7 @@ says nothing about another run, which `workload.repeats` measures). e2e: a sampl
 of a pass whose batches differ in size by design, so the unit is the pass: its total
 (`pass_totals`), resampled pass by pass -- a block bootstrap whose blocks are the passes.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,9 @@ def _resampled_stat(x: np.ndarray, n: int, stat, rng: np.random.Generator) -> np
     return out
 
 
-def bootstrap_ratio(a_samples, b_samples, stat=np.median, n: int = 2000, seed: int = 0,
-                    level: float = 0.95) -> tuple[float, float, float]:
+def bootstrap_ratio(
+    a_samples, b_samples, stat=np.median, n: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """(stat(a) / stat(b), low, high): the ratio and its percentile-bootstrap interval.
     `stat` takes (array, axis=) as numpy's reductions do. NaNs when either set is empty."""
     a = np.asarray(a_samples, dtype=float).ravel()
@@ -52,8 +54,9 @@ def bootstrap_ratio(a_samples, b_samples, stat=np.median, n: int = 2000, seed: i
     return ratio, float(lo), float(hi)
 
 
-def bootstrap_stat(samples, stat=np.median, n: int = 2000, seed: int = 0,
-                   level: float = 0.95) -> tuple[float, float, float]:
+def bootstrap_stat(
+    samples, stat=np.median, n: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """(stat(x), low, high): one set's statistic and its percentile-bootstrap interval."""
     x = np.asarray(samples, dtype=float).ravel()
     x = x[np.isfinite(x)]

@@ -6,6 +6,7 @@ that ran and a summary run, with the same stable ids, so importing twice, or imp
 that also logged live, updates runs instead of adding them. Runs are written under
 `<dir>/wandb-import/`; `wandb sync` uploads them (docs/wandb.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,17 +15,33 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from hstu_exp.report.aggregate import (CSV_FILE, SweepError, headline, load_sweep, one_sweep,
-                                       require)
+from hstu_exp.report.aggregate import CSV_FILE, SweepError, headline, load_sweep, one_sweep, require
 from hstu_exp.report.labels import serve_labels
 from hstu_exp.tracking import wandb_sink
 
 IMPORT_DIR = "wandb-import"
 # Without these a record cannot become a run that says what ran and how fast.
 REQUIRED = ["status", "workload", "model", "batch_size", "median_ms"]
-INT_KEYS = ["batch_size", "total_history", "new_history", "num_candidates", "page_size",
-            "cpu_cores", "point", "iterations", "num_layers", "hidden", "num_heads", "head_dim",
-            "max_history", "warmup", "iters", "min_samples", "input_sets", "seed"]
+INT_KEYS = [
+    "batch_size",
+    "total_history",
+    "new_history",
+    "num_candidates",
+    "page_size",
+    "cpu_cores",
+    "point",
+    "iterations",
+    "num_layers",
+    "hidden",
+    "num_heads",
+    "head_dim",
+    "max_history",
+    "warmup",
+    "iters",
+    "min_samples",
+    "input_sets",
+    "seed",
+]
 BOOL_KEYS = ["valid", "verify", "throttled", "power_capped", "git_dirty", "autotune"]
 
 
@@ -53,8 +70,9 @@ def _sweep_dir(source: Path) -> Path:
     return source if source.is_dir() else source.parent
 
 
-def import_sweep(source: Path, *, logger: dict, out_dir: Path, group: str,
-                 id_group: Optional[str] = None) -> dict:
+def import_sweep(
+    source: Path, *, logger: dict, out_dir: Path, group: str, id_group: Optional[str] = None
+) -> dict:
     """Logs every point that ran and the summary run; returns counts. Stops at the first W&B
     failure (wandb_sink prints the one warning line)."""
     df = load_sweep(source)
@@ -70,8 +88,18 @@ def import_sweep(source: Path, *, logger: dict, out_dir: Path, group: str,
             skipped += 1
             continue
         point = record.get("point", i)
-        if wandb_sink.log_point(record, logger=logger, job_dir=root / str(point), group=group,
-                                cfg=None, sweep_dir=root, id_group=id_group) is None:
+        if (
+            wandb_sink.log_point(
+                record,
+                logger=logger,
+                job_dir=root / str(point),
+                group=group,
+                cfg=None,
+                sweep_dir=root,
+                id_group=id_group,
+            )
+            is None
+        ):
             if wandb_sink.disabled_reason(root):
                 return {"points": written, "skipped": skipped, "summary": False, "failed": True}
         else:
@@ -79,31 +107,55 @@ def import_sweep(source: Path, *, logger: dict, out_dir: Path, group: str,
     sweep = _sweep_dir(source)
     images = {p.stem: p for p in sorted((sweep / "figures").glob("*.png"))}
     csv = source if source.suffix == ".csv" else sweep / CSV_FILE
-    summary = wandb_sink.log_summary(df, logger=logger, sweep_dir=root, group=group,
-                                     images=images, labels=serve_labels,
-                                     headline=headline(df), csv=csv if csv.is_file() else None,
-                                     grid_dir=sweep, id_group=id_group)
-    return {"points": written, "skipped": skipped, "summary": summary is not None,
-            "failed": summary is None and wandb_sink.effective_mode(logger) != "disabled"}
+    summary = wandb_sink.log_summary(
+        df,
+        logger=logger,
+        sweep_dir=root,
+        group=group,
+        images=images,
+        labels=serve_labels,
+        headline=headline(df),
+        csv=csv if csv.is_file() else None,
+        grid_dir=sweep,
+        id_group=id_group,
+    )
+    return {
+        "points": written,
+        "skipped": skipped,
+        "summary": summary is not None,
+        "failed": summary is None and wandb_sink.effective_mode(logger) != "disabled",
+    }
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="hstu-exp-wandb",
         description="Replay a recorded sweep (a sweep dir, results.csv or results.jsonl) into "
-                    "W&B runs: one per point that ran, and a summary run.")
+        "W&B runs: one per point that ran, and a summary run.",
+    )
     p.add_argument("source", help="sweep dir, results.csv or results.jsonl")
-    p.add_argument("--mode", choices=wandb_sink.MODES, default="offline",
-                   help="offline (default; upload later with `wandb sync`), online, disabled. "
-                        "WANDB_MODE in the environment wins, as for hstu-exp")
+    p.add_argument(
+        "--mode",
+        choices=wandb_sink.MODES,
+        default="offline",
+        help="offline (default; upload later with `wandb sync`), online, disabled. "
+        "WANDB_MODE in the environment wins, as for hstu-exp",
+    )
     p.add_argument("--project", default="hstu-exp")
     p.add_argument("--entity", default=None)
     p.add_argument("--group", default=None, help="W&B group (default: the sweep's dir name)")
     p.add_argument("--tags", nargs="*", default=[], help="tags added to every run")
-    p.add_argument("--dir", default=None, help="where the runs go (default: the sweep dir); "
-                                               f"they land in DIR/{IMPORT_DIR}/")
-    p.add_argument("--timeout-s", type=float, default=wandb_sink.DEFAULT_TIMEOUT_S,
-                   help="online: seconds W&B may take to start or finish a run")
+    p.add_argument(
+        "--dir",
+        default=None,
+        help=f"where the runs go (default: the sweep dir); they land in DIR/{IMPORT_DIR}/",
+    )
+    p.add_argument(
+        "--timeout-s",
+        type=float,
+        default=wandb_sink.DEFAULT_TIMEOUT_S,
+        help="online: seconds W&B may take to start or finish a run",
+    )
     return p.parse_args(argv)
 
 
@@ -112,23 +164,34 @@ def main(argv=None) -> None:
     source = Path(args.source).expanduser().resolve()
     sweep = _sweep_dir(source)
     out_dir = Path(args.dir).expanduser().resolve() if args.dir else sweep
-    logger = {"name": "wandb", "project": args.project, "entity": args.entity,
-              "mode": args.mode, "tags": args.tags, "timeout_s": args.timeout_s,
-              "imported": True}
+    logger = {
+        "name": "wandb",
+        "project": args.project,
+        "entity": args.entity,
+        "mode": args.mode,
+        "tags": args.tags,
+        "timeout_s": args.timeout_s,
+        "imported": True,
+    }
     if args.timeout_s <= 0:
-        print(f"hstu-exp-wandb: error: --timeout-s={args.timeout_s:g}: must be positive",
-              file=sys.stderr)
+        print(
+            f"hstu-exp-wandb: error: --timeout-s={args.timeout_s:g}: must be positive", file=sys.stderr
+        )
         sys.exit(2)
     try:
-        done = import_sweep(source, logger=logger, out_dir=out_dir,
-                            group=args.group or sweep.name, id_group=sweep.name)
+        done = import_sweep(
+            source, logger=logger, out_dir=out_dir, group=args.group or sweep.name, id_group=sweep.name
+        )
     except SweepError as exc:
         print(f"hstu-exp-wandb: error: {exc}", file=sys.stderr)
         sys.exit(2)
     root = out_dir / IMPORT_DIR
-    print(f"[hstu-exp] W&B: {done['points']} point runs"
-          f"{' and a summary run' if done['summary'] else ''} in {root} "
-          f"({done['skipped']} skipped points listed in the summary, not logged)", flush=True)
+    print(
+        f"[hstu-exp] W&B: {done['points']} point runs"
+        f"{' and a summary run' if done['summary'] else ''} in {root} "
+        f"({done['skipped']} skipped points listed in the summary, not logged)",
+        flush=True,
+    )
     if wandb_sink.effective_mode(logger) == "offline" and done["points"] + done["summary"]:
         print(f"[hstu-exp] upload: {wandb_sink.sync_command(root)}", flush=True)
     if done["failed"]:

@@ -1,6 +1,7 @@
 """Imported first by the scripts: makes the source tree importable and, when the Python that
 started a script lacks the project's packages (`scripts/goals.py ...` from a plain shell), runs
 the script again under the project's .venv."""
+
 import os
 import signal
 import sys
@@ -37,5 +38,7 @@ except ImportError:
             if _python.exists():
                 os.environ["HSTU_EXP_REEXEC"] = "1"
                 os.execv(str(_python), [str(_python), *sys.argv])
-    sys.exit(f"{Path(sys.argv[0]).name}: error: pandas is missing: install the project "
-             "(make setup) and run with .venv/bin/python")
+    sys.exit(
+        f"{Path(sys.argv[0]).name}: error: pandas is missing: install the project "
+        "(make setup) and run with .venv/bin/python"
+    )

@@ -7,6 +7,7 @@ regressions. Same as `hstu-exp-compare`.
     scripts/compare.py BASE NEW --fail-above 1.05   # exit 1 when a point is slower with confidence
     scripts/compare.py --help
 """
+
 import sys
 
 import _venv  # noqa: F401,E402  (source tree on the path; re-run under .venv if needed)

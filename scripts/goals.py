@@ -10,6 +10,7 @@ over baseline with their 95 % bootstrap intervals, each against its goal where o
 ("met" needs the point to be valid too; an e2e speedup goal needs the interval's lower end above
 it). Exit status 0, or 2 on bad input (one line).
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -19,14 +20,28 @@ import pandas as pd  # noqa: E402
 
 PROG = "goals.py"
 # (case, batch, new tokens of 4096, goal ms): docs/design.md §6
-BLOCK = [("batch 1, cached", 1, 128, 0.25), ("batch 8, cached", 8, 128, 1.25),
-         ("batch 1, full recompute", 1, 4096, 1.25), ("batch 8, full recompute", 8, 4096, 8.5)]
+BLOCK = [
+    ("batch 1, cached", 1, 128, 0.25),
+    ("batch 8, cached", 8, 128, 1.25),
+    ("batch 1, full recompute", 1, 4096, 1.25),
+    ("batch 8, full recompute", 8, 4096, 8.5),
+]
 # (batch, cache, new tokens of 4096) -> goal TFLOP/s
 ATTENTION = {(8, "none", 4096): 620, (1, "paged", 128): 350, (8, "paged", 128): 520}
 E2E_MS = {1: 0.45, 8: 1.5}  # cache_graph, ms a batch
 E2E_SPEEDUP = 3.0  # cache_graph over baseline, with the interval's lower end above it
-BLOCK_COLUMNS = ["workload", "cache", "kernel", "graph", "batch_size", "total_history",
-                 "new_history", "num_candidates", "median_ms", "floor_ms"]
+BLOCK_COLUMNS = [
+    "workload",
+    "cache",
+    "kernel",
+    "graph",
+    "batch_size",
+    "total_history",
+    "new_history",
+    "num_candidates",
+    "median_ms",
+    "floor_ms",
+]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,14 +103,18 @@ def block_table(df) -> list:
         return []
     require(block, BLOCK_COLUMNS, "block records", "the block goal cases need them")
     block = block[(block.total_history == 4096) & (block.num_candidates == 256)]
-    lines = ["| block case | cache | kernel | graph | median ms | floor ms | valid | goal ms "
-             "| met |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| block case | cache | kernel | graph | median ms | floor ms | valid | goal ms | met |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, b, n, goal in BLOCK:
         rows = block[(block.batch_size == b) & (block.new_history == n)]
         for _, r in rows.sort_values(["kernel", "graph", "cache"]).iterrows():
-            lines.append(f"| {name} | {r.cache} | {kernel_label(r)} | {r.graph} | "
-                         f"{r.median_ms:.3f} | {r.floor_ms:.3f} | {_valid(r)} | <= {goal} | "
-                         f"{_met(r.median_ms <= goal, r.get('valid'))} |")
+            lines.append(
+                f"| {name} | {r.cache} | {kernel_label(r)} | {r.graph} | "
+                f"{r.median_ms:.3f} | {r.floor_ms:.3f} | {_valid(r)} | <= {goal} | "
+                f"{_met(r.median_ms <= goal, r.get('valid'))} |"
+            )
     return lines if len(lines) > 2 else []
 
 
@@ -103,18 +122,20 @@ def attention_table(df) -> list:
     att = df[df.workload == "attention"]
     if att.empty or "tflops" not in att:
         return []
-    lines = ["| attention | kernel | B | T | n | median ms | TFLOP/s | rel err | valid | goal "
-             "| met |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for _, r in att.sort_values(["kernel", "batch_size", "total_history",
-                                 "new_history"]).iterrows():
+    lines = [
+        "| attention | kernel | B | T | n | median ms | TFLOP/s | rel err | valid | goal | met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for _, r in att.sort_values(["kernel", "batch_size", "total_history", "new_history"]).iterrows():
         err = r.get("max_rel_error")
-        goal = ATTENTION.get((r.batch_size, r.cache, r.new_history)) \
-            if r.total_history == 4096 else None
-        lines.append(f"| {r.cache} | {r.kernel} | {r.batch_size} | {r.total_history} | "
-                     f"{r.new_history:.0f} | {r.median_ms:.3f} | {r.tflops:.0f} | "
-                     + ("-" if pd.isna(err) else f"{err:.1e}") + f" | {_valid(r)} | "
-                     + ("- | - |" if goal is None else
-                        f">= {goal} | {_met(r.tflops >= goal, r.get('valid'))} |"))
+        goal = ATTENTION.get((r.batch_size, r.cache, r.new_history)) if r.total_history == 4096 else None
+        lines.append(
+            f"| {r.cache} | {r.kernel} | {r.batch_size} | {r.total_history} | "
+            f"{r.new_history:.0f} | {r.median_ms:.3f} | {r.tflops:.0f} | "
+            + ("-" if pd.isna(err) else f"{err:.1e}")
+            + f" | {_valid(r)} | "
+            + ("- | - |" if goal is None else f">= {goal} | {_met(r.tflops >= goal, r.get('valid'))} |")
+        )
     return lines
 
 
@@ -125,34 +146,46 @@ def e2e_table(df) -> list:
     if sp.empty:
         return []
     # the speedup is the ratio of pass totals (report.aggregate.e2e_speedups)
-    lines = ["| e2e mode | B | median ms/batch | pass ms | baseline pass ms | speedup | 95% CI | "
-             "candidates/s | valid | goal | met |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| e2e mode | B | median ms/batch | pass ms | baseline pass ms | speedup | 95% CI | "
+        "candidates/s | valid | goal | met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for _, r in sp.sort_values(["mode", "batch_size"]).iterrows():
         ci = "-" if pd.isna(r.ci_low) else f"{r.ci_low:.2f}-{r.ci_high:.2f}x"
         cps = r.get("throughput_cps")
         goal, met = "-", "-"
         if r["mode"] == "cache_graph":
-            goal = f">= {E2E_SPEEDUP:g}x, CI above" + \
-                (f"; <= {E2E_MS[r.batch_size]} ms" if r.batch_size in E2E_MS else "")
+            goal = f">= {E2E_SPEEDUP:g}x, CI above" + (
+                f"; <= {E2E_MS[r.batch_size]} ms" if r.batch_size in E2E_MS else ""
+            )
             fast_enough = r.median_ms <= E2E_MS.get(r.batch_size, float("inf"))
             if fast_enough and pd.isna(r.ci_low):
                 met = "unknown (no samples for the interval)"
             else:
-                met = _met(fast_enough and r.ci_low > E2E_SPEEDUP, r.get("valid"),
-                           r.get("baseline_valid"))
-        lines.append(f"| {r['mode']} | {r.batch_size} | {r.median_ms:.2f} | {r.total_ms:.2f} | "
-                     f"{r.baseline_total_ms:.2f} | {r.speedup:.2f}x | {ci} | "
-                     + ("-" if pd.isna(cps) else f"{cps:.0f}") + f" | {_valid(r)} | {goal} | "
-                     f"{met} |")
+                met = _met(
+                    fast_enough and r.ci_low > E2E_SPEEDUP, r.get("valid"), r.get("baseline_valid")
+                )
+        lines.append(
+            f"| {r['mode']} | {r.batch_size} | {r.median_ms:.2f} | {r.total_ms:.2f} | "
+            f"{r.baseline_total_ms:.2f} | {r.speedup:.2f}x | {ci} | "
+            + ("-" if pd.isna(cps) else f"{cps:.0f}")
+            + f" | {_valid(r)} | {goal} | "
+            f"{met} |"
+        )
     return lines
 
 
 def main(argv=None) -> int:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("sweeps", nargs="+", type=Path, metavar="SWEEP",
-                   help="sweep dir, results.csv or results.jsonl")
+    p = _Parser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "sweeps", nargs="+", type=Path, metavar="SWEEP", help="sweep dir, results.csv or results.jsonl"
+    )
     args = p.parse_args(argv)
     from hstu_exp.report.aggregate import SweepError
 
@@ -163,8 +196,11 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     if not tables:
-        print(f"{PROG}: error: no goal case in {', '.join(map(str, args.sweeps))} (block at "
-              "T=4096 with 256 candidates, attention, or e2e with a baseline)", file=sys.stderr)
+        print(
+            f"{PROG}: error: no goal case in {', '.join(map(str, args.sweeps))} (block at "
+            "T=4096 with 256 candidates, attention, or e2e with a baseline)",
+            file=sys.stderr,
+        )
         return 2
     print("\n\n".join("\n".join(t) for t in tables))
     return 0

@@ -11,6 +11,7 @@ back-to-back eager calls under CUDA events (as the project's timer), and replay 
 eager numbers measure the host's launch cost, not the kernel: the graph column is the kernel.
 TFLOP/s = 4 H D x visible (query, key) pairs, candidate self pairs included.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,19 +63,40 @@ def make_case(B, history, new, cands, *, heads=H, dim=D, page=PAGE, seed=0, jagg
     rows = [n + c for n, c in zip(news, cand)]
     q, k, v = (randn(sum(rows), heads, dim) for _ in range(3))
     if not paged:
-        return dict(paged=False, batch=make_batch(rows, cand, "cuda"), q=q, k=k, v=v,
-                    pairs=sum(pairs(h, n, c) for h, n, c in zip(hist, news, cand)))
+        return dict(
+            paged=False,
+            batch=make_batch(rows, cand, "cuda"),
+            q=q,
+            k=k,
+            v=v,
+            pairs=sum(pairs(h, n, c) for h, n, c in zip(hist, news, cand)),
+        )
     pages = sum(-(-h // page) for h in hist) + 1
-    cache = PagedKVCache(num_layers=1, num_pages=pages, page_size=page, num_heads=heads,
-                         head_dim=dim, dtype=DT, device="cuda")
+    cache = PagedKVCache(
+        num_layers=1,
+        num_pages=pages,
+        page_size=page,
+        num_heads=heads,
+        head_dim=dim,
+        dtype=DT,
+        device="cuda",
+    )
     users = list(range(B))
     cache.plan(users, cached, [0] * B)
     cache.pool.copy_(randn(*cache.pool.shape))
     batch = make_batch(rows, cand, "cuda", cache.plan(users, news, cand))
     pool = cache.pool[0]
     append_kv(pool, batch, k, v)
-    return dict(paged=True, batch=batch, q=q, k=k, v=v, kp=pool[:, 0], vp=pool[:, 1],
-                pairs=sum(pairs(h, n, c) for h, n, c in zip(hist, news, cand)))
+    return dict(
+        paged=True,
+        batch=batch,
+        q=q,
+        k=k,
+        v=v,
+        kp=pool[:, 0],
+        vp=pool[:, 1],
+        pairs=sum(pairs(h, n, c) for h, n, c in zip(hist, news, cand)),
+    )
 
 
 def call(op, case, upcast=False, **kw):
@@ -83,8 +105,9 @@ def call(op, case, upcast=False, **kw):
     alpha, inv_n = 1 / math.sqrt(q.shape[-1]), 1 / 4352
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
-    full, paged = ((op.full, op.paged) if isinstance(op, tri.Attention)
-                   else (op.attention_full, op.attention_paged))
+    full, paged = (
+        (op.full, op.paged) if isinstance(op, tri.Attention) else (op.attention_full, op.attention_paged)
+    )
     if case["paged"]:
         kp, vp = (case["kp"].float(), case["vp"].float()) if upcast else (case["kp"], case["vp"])
         return paged(q, k, v, case["batch"], kp, vp, alpha=alpha, inv_n=inv_n, **kw)
@@ -108,8 +131,7 @@ def kernel_info(att: tri.Attention) -> str:
     regs, spills = getattr(k, "n_regs", "?"), getattr(k, "n_spills", "?")
     smem = getattr(getattr(k, "metadata", None), "shared", "?")
     cfg = last.get("config")
-    tiles = (f"{cfg.kernel} {cfg.block_m}x{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}"
-             if cfg else "?")
+    tiles = f"{cfg.kernel} {cfg.block_m}x{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}" if cfg else "?"
     tma = " tma" if last.get("tma") else ""
     return f"{tiles}{tma} grid {last.get('grid')} regs {regs} spills {spills} smem {smem}"
 
@@ -121,8 +143,9 @@ def time_it(fn):
     fn()
     torch.cuda.synchronize()
     ms = do_bench(fn, warmup=10, rep=60, return_mode="median")
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(50)]
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(50)
+    ]
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for a, b in events:
@@ -145,9 +168,12 @@ def check_correctness():
     print("== correctness (bf16 vs float32 reference) ==", flush=True)
     worst = 0.0
     shapes = [  # (B, history, new, candidates, heads, dim, page, jagged)
-        (3, 900, 900, 128, 4, 128, 32, True), (4, 1000, 1000, 64, 2, 256, 32, True),
-        (4, 1500, 200, 128, 4, 256, 32, True), (2, 700, 50, 100, 3, 64, 16, True),
-        (1, 4096, 128, 256, 4, 256, 32, False), (2, 2048, 2048, 256, 4, 128, 32, False),
+        (3, 900, 900, 128, 4, 128, 32, True),
+        (4, 1000, 1000, 64, 2, 256, 32, True),
+        (4, 1500, 200, 128, 4, 256, 32, True),
+        (2, 700, 50, 100, 3, 64, 16, True),
+        (1, 4096, 128, 256, 4, 256, 32, False),
+        (2, 2048, 2048, 256, 4, 128, 32, False),
     ]
     for B, T, n, c, h, d, p, jag in shapes:
         case = make_case(B, T, n, c, heads=h, dim=d, page=p, jagged=jag, seed=B + T)
@@ -159,16 +185,22 @@ def check_correctness():
             worst = max(worst, rel)
             mode = "paged" if case["paged"] else "full"
             ok = "ok" if rel < 1e-2 and torch.isfinite(out).all() else "FAIL"
-            print(f"  {mode:5} B={B} T={T} n={n} c={c} H={h} D={d} page={p} jagged={jag} "
-                  f"split={split}: rel {rel:.2e} max {mx:.2e} {ok}", flush=True)
+            print(
+                f"  {mode:5} B={B} T={T} n={n} c={c} H={h} D={d} page={p} jagged={jag} "
+                f"split={split}: rel {rel:.2e} max {mx:.2e} {ok}",
+                flush=True,
+            )
     return worst
 
 
 C = tri.Config
 GOALS = [  # name, B, history, new, candidates, heads, dim, goal TFLOP/s (None: no stated goal)
-    ("full  B=1", 1, 4096, 4096, 256, H, D, None), ("full  B=8", 8, 4096, 4096, 256, H, D, 400),
-    ("paged B=1", 1, 4096, 128, 256, H, D, 120), ("paged B=2", 2, 4096, 128, 256, H, D, None),
-    ("paged B=4", 4, 4096, 128, 256, H, D, None), ("paged B=8", 8, 4096, 128, 256, H, D, None),
+    ("full  B=1", 1, 4096, 4096, 256, H, D, None),
+    ("full  B=8", 8, 4096, 4096, 256, H, D, 400),
+    ("paged B=1", 1, 4096, 128, 256, H, D, 120),
+    ("paged B=2", 2, 4096, 128, 256, H, D, None),
+    ("paged B=4", 4, 4096, 128, 256, H, D, None),
+    ("paged B=8", 8, 4096, 128, 256, H, D, None),
 ]
 EXTRA = [  # --sweep only: the D=128 table entries
     ("full  B=8 H8 D128", 8, 4096, 4096, 256, 8, 128, None),
@@ -177,12 +209,20 @@ EXTRA = [  # --sweep only: the D=128 table entries
 SWEEP = {  # case -> [(config, split_k)] tried with --sweep
     "full  B=1": [(C(128, 64, 8, 2), s) for s in (2, 3)],
     "paged B=1": [(C(128, 64, 8, 2), s) for s in (6, 8, 16, 22)]
-    + [(C(64, 32, 4, 3), s) for s in (None, 6, 11)] + [(C(128, 32, 8, 3), s) for s in (None, 11)]
+    + [(C(64, 32, 4, 3), s) for s in (None, 6, 11)]
+    + [(C(128, 32, 8, 3), s) for s in (None, 11)]
     + [(C(64, 64, 4, 2), 11)],
-    "paged B=8": [(C(128, 64, 8, 2), s) for s in (2, 3, 6)]
-    + [(C(64, 32, 4, 3), s) for s in (1, 2)],
-    "full  B=8 H8 D128": [(c, None) for c in (C(128, 64, 8, 3), C(128, 128, 8, 2), C(128, 64, 4, 3),
-                                              C(64, 64, 4, 3), C(128, 32, 4, 3))],
+    "paged B=8": [(C(128, 64, 8, 2), s) for s in (2, 3, 6)] + [(C(64, 32, 4, 3), s) for s in (1, 2)],
+    "full  B=8 H8 D128": [
+        (c, None)
+        for c in (
+            C(128, 64, 8, 3),
+            C(128, 128, 8, 2),
+            C(128, 64, 4, 3),
+            C(64, 64, 4, 3),
+            C(128, 32, 4, 3),
+        )
+    ],
     "paged B=1 H8 D128": [(C(128, 64, 8, 3), s) for s in (None, 1, 4)]
     + [(C(64, 64, 4, 3), s) for s in (None, 6)],
 }
@@ -200,21 +240,28 @@ SWEEP = {  # case -> [(config, split_k)] tried with --sweep
 #   nohopper: new, with full mode on the portable Triton kernel (policy hopper off; TMA on)
 SEED = dict(num_layers=8, hidden=1024, num_heads=H, head_dim=D, scaling_length=4352)
 BLOCK_CASES = [  # name, B, history, new, candidates
-    ("B=1 cached T=4096", 1, 4096, 128, 256), ("B=8 cached T=4096", 8, 4096, 128, 256),
-    ("B=1 full T=4096", 1, 4096, 4096, 256), ("B=8 full T=4096", 8, 4096, 4096, 256),
-    ("B=1 cached T=1024", 1, 1024, 128, 256), ("B=1 cached T=2048", 1, 2048, 128, 256),
+    ("B=1 cached T=4096", 1, 4096, 128, 256),
+    ("B=8 cached T=4096", 8, 4096, 128, 256),
+    ("B=1 full T=4096", 1, 4096, 4096, 256),
+    ("B=8 full T=4096", 8, 4096, 4096, 256),
+    ("B=1 cached T=1024", 1, 1024, 128, 256),
+    ("B=1 cached T=2048", 1, 2048, 128, 256),
 ]
 
 
 def variant_policy(variant) -> KernelPolicy:
     """The policy a variant runs under (each policy has its own tuned table)."""
-    return KernelPolicy(silu_on_load=variant in ("silu", "zero", "new", "notma", "nohopper"),
-                        tma=variant != "notma", hopper=variant not in ("notma", "nohopper"))
+    return KernelPolicy(
+        silu_on_load=variant in ("silu", "zero", "new", "notma", "nohopper"),
+        tma=variant != "notma",
+        hopper=variant not in ("notma", "nohopper"),
+    )
 
 
 def variant_kernels(variant, policy):
     """The ops of a variant: the policy's, with the older code paths swapped back in."""
     from hstu_exp.ops import fused, kernels
+
     k = kernels("triton", policy)
     if variant == "old":
         k = dataclasses.replace(k, layernorm=fused.layernorm_torch)
@@ -233,8 +280,15 @@ def block_case(B, T, n, c, seed=0):
     x = torch.randn(sum(rows), SEED["hidden"], generator=g, device="cuda").to(DT)
     if n == T:
         return x, make_batch(rows, [c] * B, "cuda"), None
-    cache = PagedKVCache(num_layers=SEED["num_layers"], num_pages=B * -(-T // PAGE) + 2,
-                         page_size=PAGE, num_heads=H, head_dim=D, dtype=DT, device="cuda")
+    cache = PagedKVCache(
+        num_layers=SEED["num_layers"],
+        num_pages=B * -(-T // PAGE) + 2,
+        page_size=PAGE,
+        num_heads=H,
+        head_dim=D,
+        dtype=DT,
+        device="cuda",
+    )
     users = list(range(B))
     cache.plan(users, [T - n] * B, [0] * B)
     for layer in cache.pool:
@@ -268,6 +322,7 @@ def block_verify(blk, x, batch, pool):
 def profile_block(blk, x, batch, pool, iters=3):
     """Per-kernel device time a block call (eager: the kernels are those the graph replays)."""
     from torch.profiler import ProfilerActivity, profile
+
     with torch.no_grad():
         blk(x, batch, pool)
         torch.cuda.synchronize()
@@ -275,12 +330,18 @@ def profile_block(blk, x, batch, pool, iters=3):
             for _ in range(iters):
                 blk(x, batch, pool)
             torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total / iters, e.count / iters) for e in prof.key_averages()
-            if e.device_time_total > 0]
+    rows = [
+        (e.key, e.device_time_total / iters, e.count / iters)
+        for e in prof.key_averages()
+        if e.device_time_total > 0
+    ]
     rows.sort(key=lambda r: -r[1])
     launches = sum(r[2] for r in rows)
-    print(f"    {launches:.0f} kernels a call ({launches / SEED['num_layers']:.1f} a layer), "
-          f"{sum(r[1] for r in rows) / 1e3:.3f} ms of kernel time", flush=True)
+    print(
+        f"    {launches:.0f} kernels a call ({launches / SEED['num_layers']:.1f} a layer), "
+        f"{sum(r[1] for r in rows) / 1e3:.3f} ms of kernel time",
+        flush=True,
+    )
     for key, us, count in rows[:10]:
         print(f"      {us:8.1f} us  x{count:4.0f}  {key[:90]}", flush=True)
 
@@ -296,7 +357,8 @@ def block_main(variants, reps, profile_cases, only=()):
     # are no policy of the library, so this script swaps them in at that lookup.
     original = hstu.kernels
     hstu.kernels = lambda name, policy: (
-        variant_kernels(current["v"], policy) if name == "triton" else original(name, policy))
+        variant_kernels(current["v"], policy) if name == "triton" else original(name, policy)
+    )
     table = []
     for name, B, T, n, c in BLOCK_CASES:
         if only and name not in only:
@@ -319,9 +381,14 @@ def block_main(variants, reps, profile_cases, only=()):
                 ms[v].append(replay_ms(captured[v], reps))
         best = {v: min(t) for v, t in ms.items()}
         table.append((name, best))
-        print(f"  {name}: " + "  ".join(f"{v} {best[v]:.3f} ms ({'/'.join(f'{t:.3f}' for t in ms[v])})"
-                                         for v in variants) + f"  [{time.time() - t0:.0f}s]",
-              flush=True)
+        print(
+            f"  {name}: "
+            + "  ".join(
+                f"{v} {best[v]:.3f} ms ({'/'.join(f'{t:.3f}' for t in ms[v])})" for v in variants
+            )
+            + f"  [{time.time() - t0:.0f}s]",
+            flush=True,
+        )
         if name in profile_cases:
             for v in ("old", "new"):
                 current["v"] = v
@@ -330,8 +397,7 @@ def block_main(variants, reps, profile_cases, only=()):
                 profile_block(blk, x, batch, pool)
         del captured, x, batch, pool
         torch.cuda.empty_cache()
-    print("\n| block case (graph replay, median ms, best of 2 rounds) | " +
-          " | ".join(variants) + " |")
+    print("\n| block case (graph replay, median ms, best of 2 rounds) | " + " | ".join(variants) + " |")
     print("|---|" + "---|" * len(variants))
     for name, best in table:
         print(f"| {name} | " + " | ".join(f"{best[v]:.3f}" for v in variants) + " |")
@@ -344,20 +410,29 @@ def inversion_main():
     for T in (1024, 4096):
         case = make_case(1, T, 128, 256)
         flops = 4 * H * D * case["pairs"]
-        for label, kw in [("rule", {}), ("tuned-evt", {"autotune": True, "timing": "events"}),
-                          ("tuned-grf", {"autotune": True, "timing": "graph"}),
-                          ("split=1", {"split_k": 1}), ("split=4", {"split_k": 4}),
-                          ("split=8", {"split_k": 8}), ("split=16", {"split_k": 16})]:
-            att = tri.Attention(KernelPolicy(autotune=kw.pop("autotune", False),
-                                             tune_timing=kw.pop("timing", "graph")))
+        for label, kw in [
+            ("rule", {}),
+            ("tuned-evt", {"autotune": True, "timing": "events"}),
+            ("tuned-grf", {"autotune": True, "timing": "graph"}),
+            ("split=1", {"split_k": 1}),
+            ("split=4", {"split_k": 4}),
+            ("split=8", {"split_k": 8}),
+            ("split=16", {"split_k": 16}),
+        ]:
+            att = tri.Attention(
+                KernelPolicy(autotune=kw.pop("autotune", False), tune_timing=kw.pop("timing", "graph"))
+            )
             call(att, case, **kw)
             torch.cuda.synchronize()
             info = f"{att.last_launch.get('config')} splits {att.last_launch.get('splits')}"
             with torch.cuda.stream(torch.cuda.Stream()):
-                gms = do_bench_cudagraph(lambda att=att, case=case, kw=kw: call(att, case, **kw),
-                                         rep=30, return_mode="median")
-            print(f"  T={T:5} {label:9} {gms * 1e3:7.1f} us  {flops / gms / 1e9:4.0f} TF/s  {info}",
-                  flush=True)
+                gms = do_bench_cudagraph(
+                    lambda att=att, case=case, kw=kw: call(att, case, **kw), rep=30, return_mode="median"
+                )
+            print(
+                f"  T={T:5} {label:9} {gms * 1e3:7.1f} us  {flops / gms / 1e9:4.0f} TF/s  {info}",
+                flush=True,
+            )
         del case
 
 
@@ -383,8 +458,11 @@ def main():
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--profile", default="B=1 cached T=4096,B=8 full T=4096")
     ap.add_argument("--inversion", action="store_true", help="attention alone at B=1 vs T")
-    ap.add_argument("--only", default="",
-                    help="goal cases whose name holds one of these, comma-separated (e.g. full)")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="goal cases whose name holds one of these, comma-separated (e.g. full)",
+    )
     ap.add_argument("--labels", default="", help="timed variants, comma-separated (all: empty)")
     ap.add_argument("--one", default="", help="one launch of a goal case, e.g. pagedB=1 (ncu)")
     args = ap.parse_args()
@@ -393,20 +471,32 @@ def main():
     if args.one:
         return one_main(args.one)
     if args.block or args.inversion:
-        print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
-              f"{triton.__version__}", flush=True)
+        print(
+            f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}",
+            flush=True,
+        )
         if args.inversion:
             inversion_main()
         if args.block:
-            block_main(args.variants.split(","), args.reps, args.profile.split(","),
-                       [c for c in args.cases.split(",") if c])
+            block_main(
+                args.variants.split(","),
+                args.reps,
+                args.profile.split(","),
+                [c for c in args.cases.split(",") if c],
+            )
         return
     t0 = time.time()
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}"
-          f"  SMs {torch.cuda.get_device_properties(0).multi_processor_count}", flush=True)
+    print(
+        f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}"
+        f"  SMs {torch.cuda.get_device_properties(0).multi_processor_count}",
+        flush=True,
+    )
     worst = 0.0 if args.no_check else check_correctness()
-    print(f"[{time.time() - t0:.0f}s] == timing (bf16, page {PAGE}); ms: do_bench (L2 flushed) / "
-          f"back-to-back eager / CUDA graph ==", flush=True)
+    print(
+        f"[{time.time() - t0:.0f}s] == timing (bf16, page {PAGE}); ms: do_bench (L2 flushed) / "
+        f"back-to-back eager / CUDA graph ==",
+        flush=True,
+    )
     rows = []
     for name, B, T, n, c, heads, dim, goal in GOALS + (EXTRA if args.sweep else []):
         if args.only and not any(o in name for o in args.only.split(",")):
@@ -416,35 +506,52 @@ def main():
         ref = reference_fp32(case)
         variants = [("triton auto", {"hopper": False}), ("hopper", {"config": tri.HOPPER_CONFIG})]
         if args.sweep:  # the Hopper kernel's knobs
-            variants += [("triton split=1", {"split_k": 1, "hopper": False}),
-                         ("hopper split=1", {"config": tri.HOPPER_CONFIG, "split_k": 1})]
+            variants += [
+                ("triton split=1", {"split_k": 1, "hopper": False}),
+                ("hopper split=1", {"config": tri.HOPPER_CONFIG, "split_k": 1}),
+            ]
             if case["paged"]:
-                variants += [(f"hopper split={n}", {"config": tri.HOPPER_CONFIG, "split_k": n})
-                             for n in (4, 8, 16)]
+                variants += [
+                    (f"hopper split={n}", {"config": tri.HOPPER_CONFIG, "split_k": n})
+                    for n in (4, 8, 16)
+                ]
             else:
-                variants += [("hopper all pairs", {"config": tri.HOPPER_CONFIG, "group": 10**6}),
-                             ("hopper ks3", {"config": C(128, 64, 4, 3, "hopper")}),
-                             ("triton auto no-tma", {"tma": False, "hopper": False})]
+                variants += [
+                    ("hopper all pairs", {"config": tri.HOPPER_CONFIG, "group": 10**6}),
+                    ("hopper ks3", {"config": C(128, 64, 4, 3, "hopper")}),
+                    ("triton auto no-tma", {"tma": False, "hopper": False}),
+                ]
             if dim <= 128:  # D=128 candidates: half the head dim frees the registers and shared
                 # memory for 128-key boxes (the S tile grows as the O accumulator shrinks)
-                variants += [("hopper n128", {"config": C(128, 128, 4, 2, "hopper")}),
-                             ("hopper n128 ks3", {"config": C(128, 128, 4, 3, "hopper")})]
+                variants += [
+                    ("hopper n128", {"config": C(128, 128, 4, 2, "hopper")}),
+                    ("hopper n128 ks3", {"config": C(128, 128, 4, 3, "hopper")}),
+                ]
         if not case["paged"]:
             variants.append(("hopper pairs in turn", {"config": tri.HOPPER_CONFIG, "group": 1}))
         variants += [("tuned", {"autotune": True})]
         if args.sweep:
             variants.append(("triton exact-silu", {"exact": True}))
-            variants += [(f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} "
-                          f"split={split}", {"config": cfg, "split_k": split})
-                         for cfg, split in SWEEP.get(name, [])]
+            variants += [
+                (
+                    f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} split={split}",
+                    {"config": cfg, "split_k": split},
+                )
+                for cfg, split in SWEEP.get(name, [])
+            ]
         for label, kw in variants:
             if args.labels and label not in args.labels.split(","):
                 continue
             kw = dict(kw)
-            att = tri.Attention(KernelPolicy(
-                autotune=kw.pop("autotune", False), fast_silu=not kw.pop("exact", False),
-                tma=kw.pop("tma", True), hopper=kw.pop("hopper", True),
-                hopper_group=kw.pop("group", KernelPolicy.hopper_group)))
+            att = tri.Attention(
+                KernelPolicy(
+                    autotune=kw.pop("autotune", False),
+                    fast_silu=not kw.pop("exact", False),
+                    tma=kw.pop("tma", True),
+                    hopper=kw.pop("hopper", True),
+                    hopper_group=kw.pop("group", KernelPolicy.hopper_group),
+                )
+            )
             try:
                 out = call(att, case, **kw)
                 rel, _ = rel_err(out, ref)
@@ -453,9 +560,12 @@ def main():
                 print(f"  {name} {label}: {type(e).__name__} {e}"[:300], flush=True)
                 continue
             rows.append((name, label, *times, flops, rel, goal))
-            print(f"  {name} {label:28} {times[0]:.3f} / {times[1]:.3f} / {times[2]:.3f} ms  "
-                  f"{flops / times[2] / 1e9:4.0f} TFLOP/s (graph)  host {times[3]:.0f} us  "
-                  f"rel {rel:.1e}  {kernel_info(att)}", flush=True)
+            print(
+                f"  {name} {label:28} {times[0]:.3f} / {times[1]:.3f} / {times[2]:.3f} ms  "
+                f"{flops / times[2] / 1e9:4.0f} TFLOP/s (graph)  host {times[3]:.0f} us  "
+                f"rel {rel:.1e}  {kernel_info(att)}",
+                flush=True,
+            )
         if not args.no_ref:
             with torch.no_grad():
                 times = time_it(lambda case=case: call(reference, case))
@@ -464,13 +574,17 @@ def main():
         torch.cuda.empty_cache()
         print(f"[{time.time() - t0:.0f}s] {name} done", flush=True)
 
-    print("\n| case | variant | do_bench ms | eager ms | graph ms | TFLOP/s do_bench / eager / "
-          "graph | rel err | goal |")
+    print(
+        "\n| case | variant | do_bench ms | eager ms | graph ms | TFLOP/s do_bench / eager / "
+        "graph | rel err | goal |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, label, ms, loop_ms, gms, _host, flops, rel, goal in rows:
         tf = " / ".join(f"{flops / t / 1e9:.0f}" for t in (ms, loop_ms, gms))
-        print(f"| {name} | {label} | {ms:.3f} | {loop_ms:.3f} | {gms:.3f} | {tf} | {rel:.1e} | "
-              f"{goal or ''} |")
+        print(
+            f"| {name} | {label} | {ms:.3f} | {loop_ms:.3f} | {gms:.3f} | {tf} | {rel:.1e} | "
+            f"{goal or ''} |"
+        )
     print(f"worst correctness rel error {worst:.2e}; total {time.time() - t0:.0f}s")
 
 

@@ -14,6 +14,7 @@ samples, and the opcodes that collect the most samples with their top reasons. A
 share against the prologue's and epilogue's says whether a program's fixed cost or its inner
 loop is the time; a loop stalled on long_sb right after DEPBAR waits for its tiles.
 """
+
 import argparse
 import collections
 import csv
@@ -28,10 +29,12 @@ def read(path):
         rows = list(csv.reader(f))
     head = next((i for i, r in enumerate(rows) if SAMPLES in r), None)
     if head is None:
-        sys.exit(f"ncu_stalls.py: error: {path}: no '{SAMPLES}' column (export with --page source "
-                 "--csv --print-source sass)")
+        sys.exit(
+            f"ncu_stalls.py: error: {path}: no '{SAMPLES}' column (export with --page source "
+            "--csv --print-source sass)"
+        )
     names = rows[head]
-    return [dict(zip(names, r)) for r in rows[head + 1:] if len(r) >= len(names)]
+    return [dict(zip(names, r)) for r in rows[head + 1 :] if len(r) >= len(names)]
 
 
 def opcode(source: str) -> str:
@@ -51,8 +54,7 @@ def summary(path, top: int = 12, min_share: float = 0.01) -> None:
     total = sum(num(r[SAMPLES]) for r in data) or 1.0
     print(f"== {path}: {total:.0f} samples, {len(data)} instructions")
     by_reason = collections.Counter({k[6:]: sum(num(r[k]) for r in data) for k in reasons})
-    print("stall reasons: " + ", ".join(f"{k} {v / total:.1%}"
-                                         for k, v in by_reason.most_common(8)))
+    print("stall reasons: " + ", ".join(f"{k} {v / total:.1%}" for k, v in by_reason.most_common(8)))
     regions = []  # [executions, first, last, samples]
     for i, r in enumerate(data):
         runs = r.get("Instructions Executed", "")
@@ -64,8 +66,10 @@ def summary(path, top: int = 12, min_share: float = 0.01) -> None:
     for runs, a, b, s in regions:
         if s / total >= min_share:
             ops = collections.Counter(opcode(data[j]["Source"]) for j in range(a, b + 1))
-            print(f"| {a}-{b} | {runs} | {s / total:.1%} | "
-                  f"{', '.join(f'{o} x{n}' for o, n in ops.most_common(4))} |")
+            print(
+                f"| {a}-{b} | {runs} | {s / total:.1%} | "
+                f"{', '.join(f'{o} x{n}' for o, n in ops.most_common(4))} |"
+            )
     by_op, op_reasons = collections.Counter(), collections.defaultdict(collections.Counter)
     for r in data:
         op = opcode(r["Source"])

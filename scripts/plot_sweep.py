@@ -11,6 +11,7 @@ the close-out's (hstu_exp.report.figures), each written to a temporary name and 
 status 0; 1 when there is nothing to draw or a file cannot be written; 2 on bad input (one
 line).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,19 +30,37 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv=None) -> int:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog=__doc__.split("\n\n", 1)[1])
+    p = _Parser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("sweep", type=Path, help="sweep dir, results.csv or results.jsonl")
-    p.add_argument("--out", type=Path, default=None,
-                   help="figures dir (default: figures/ beside the records or the CSV)")
-    p.add_argument("--csv", action="store_true",
-                   help="also write results.csv from the records (a sweep dir with records)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="figures dir (default: figures/ beside the records or the CSV)",
+    )
+    p.add_argument(
+        "--csv",
+        action="store_true",
+        help="also write results.csv from the records (a sweep dir with records)",
+    )
     p.add_argument("--quiet", action="store_true", help="do not print the table")
     args = p.parse_args(argv)
 
-    from hstu_exp.report.aggregate import (SweepError, format_headline, headline, load_sweep,
-                                           one_sweep, require, write_csv, write_jsonl)
+    from hstu_exp.report.aggregate import (
+        SweepError,
+        format_headline,
+        headline,
+        load_sweep,
+        one_sweep,
+        require,
+        write_csv,
+        write_jsonl,
+    )
     from hstu_exp.report.console import print_summary
     from hstu_exp.report.figures import draw_all
     from hstu_exp.tracking.records import FileWriteError, record_files
@@ -59,8 +78,9 @@ def main(argv=None) -> int:
     try:
         if args.csv:
             if not (args.sweep.is_dir() and record_files(args.sweep)):
-                print(f"{PROG}: error: --csv needs a sweep dir with results.jsonl records",
-                      file=sys.stderr)
+                print(
+                    f"{PROG}: error: --csv needs a sweep dir with results.jsonl records", file=sys.stderr
+                )
                 return 2
             print(f"table: {write_csv(df, root)}, {write_jsonl(df, root).name}")
         if not args.quiet:

@@ -1,5 +1,6 @@
 """Shared test set-up. On machines without CUDA, Triton kernels run under its interpreter:
 the variable must be set before triton is first imported."""
+
 import os
 
 import pytest

@@ -1,4 +1,5 @@
 """Running the real CLI from tests."""
+
 import contextlib
 import os
 import subprocess
@@ -19,9 +20,15 @@ def hstu_exp(*args, cwd=None, timeout=300, env=None, address_space=None):
 
         resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
 
-    return subprocess.run([sys.executable, "-m", "hstu_exp", *args], cwd=cwd or ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=full_env,
-                          preexec_fn=cap if address_space else None)
+    return subprocess.run(
+        [sys.executable, "-m", "hstu_exp", *args],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        preexec_fn=cap if address_space else None,
+    )
 
 
 def failing_pool():
@@ -30,8 +37,9 @@ def failing_pool():
     cap, a limit on the process (`ulimit -v`, a batch scheduler's) that only the allocation
     meets. The cap is this process's size (torch imported, as in the child) plus 1.5 GB of
     headroom, so the point beside it (64 pages) runs."""
-    size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
-                if line.startswith("VmSize:"))
+    size = next(
+        int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize:")
+    )
     cap = size + 1_500_000_000
     page_bytes = 32 * 2 * 2 * 64 * 4  # page_size x (K, V) x layers x heads*head_dim x float32
     pages = (cap + 1_000_000_000) // page_bytes  # a pool 1 GB past the cap by itself
@@ -52,7 +60,7 @@ def spec_block(block, x, history: int):
     mask = torch.zeros(length, length, dtype=torch.float64)
     for i in range(length):
         if i < history:
-            mask[i, :i + 1] = 1
+            mask[i, : i + 1] = 1
         else:
             mask[i, :history] = 1
             mask[i, i] = 1
@@ -66,8 +74,9 @@ def spec_block(block, x, history: int):
             sl = slice(h * D, (h + 1) * D)
             s = F.silu(q[:, sl] @ k[:, sl].T / math.sqrt(D)) * block.inv_n
             heads.append((s * mask) @ v[:, sl])
-        a = F.layer_norm(torch.cat(heads, -1), (H * D,), p["attn_norm.weight"],
-                         p["attn_norm.bias"], 1e-5)
+        a = F.layer_norm(
+            torch.cat(heads, -1), (H * D,), p["attn_norm.weight"], p["attn_norm.bias"], 1e-5
+        )
         x = x + (u * a) @ p["out.weight"].T
     return x
 
@@ -83,9 +92,19 @@ def read_run(run_dir):
     from hstu_exp.tracking.wandb_sink import log_records
 
     (path,) = Path(run_dir).glob("run-*.wandb")
-    out = {"id": None, "config": {}, "summary": {}, "history": [], "metrics": {},
-           "exit_code": None, "artifacts": [], "group": None, "tags": [], "job_type": None,
-           "name": None}
+    out = {
+        "id": None,
+        "config": {},
+        "summary": {},
+        "history": [],
+        "metrics": {},
+        "exit_code": None,
+        "artifacts": [],
+        "group": None,
+        "tags": [],
+        "job_type": None,
+        "name": None,
+    }
 
     def items(updates):
         return {(u.key or "/".join(u.nested_key)): json.loads(u.value_json) for u in updates}
@@ -95,9 +114,15 @@ def read_run(run_dir):
         rec.ParseFromString(data)
         kind = rec.WhichOneof("record_type")
         if kind == "run":
-            out.update(id=rec.run.run_id, group=rec.run.run_group, tags=list(rec.run.tags),
-                       job_type=rec.run.job_type, name=rec.run.display_name,
-                       git_commit=rec.run.git.commit, host=rec.run.host)
+            out.update(
+                id=rec.run.run_id,
+                group=rec.run.run_group,
+                tags=list(rec.run.tags),
+                job_type=rec.run.job_type,
+                name=rec.run.display_name,
+                git_commit=rec.run.git.commit,
+                host=rec.run.host,
+            )
             out["config"].update(items(rec.run.config.update))
         elif kind == "config":
             out["config"].update(items(rec.config.update))
@@ -112,10 +137,14 @@ def read_run(run_dir):
         elif kind == "exit":
             out["exit_code"] = rec.exit.exit_code
         elif kind == "artifact":
-            out["artifacts"].append({"name": rec.artifact.name, "type": rec.artifact.type,
-                                     "files": [e.path for e in rec.artifact.manifest.contents],
-                                     "local_paths": [e.local_path for e in
-                                                     rec.artifact.manifest.contents]})
+            out["artifacts"].append(
+                {
+                    "name": rec.artifact.name,
+                    "type": rec.artifact.type,
+                    "files": [e.path for e in rec.artifact.manifest.contents],
+                    "local_paths": [e.local_path for e in rec.artifact.manifest.contents],
+                }
+            )
     return out
 
 
@@ -134,8 +163,9 @@ def tmpfs(path: Path, options: str):
     import pytest
 
     path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:

@@ -6,6 +6,7 @@ line and send it a signal at a chosen moment.
     sweep.signal(signal.SIGTERM)
     rc = sweep.finish()
 """
+
 import os
 import re
 import signal
@@ -18,9 +19,17 @@ from helpers import ROOT
 
 # A sweep (with -m) of six points of the tiny model; each times for at least min_time_s, which
 # leaves a window to signal a sweep while a given point runs.
-GRID = ["model=tiny", "cache=paged", "logger=none", "workload.batch_size=1,2",
-        "workload.total_history=32,64,128", "workload.new_history=32", "workload.warmup=1",
-        "workload.iters=3", "workload.min_time_s=0.5"]
+GRID = [
+    "model=tiny",
+    "cache=paged",
+    "logger=none",
+    "workload.batch_size=1,2",
+    "workload.total_history=32,64,128",
+    "workload.new_history=32",
+    "workload.warmup=1",
+    "workload.iters=3",
+    "workload.min_time_s=0.5",
+]
 POINTS = 6
 
 
@@ -35,10 +44,16 @@ class LiveSweep:
         """new_session: a process group of its own, so `signal_group` can stand in for a
         terminal's Ctrl-C (which reaches every process of the group)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "hstu_exp", *args], cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=env, preexec_fn=_default_sigint,
-                                     start_new_session=new_session)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hstu_exp", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            preexec_fn=_default_sigint,
+            start_new_session=new_session,
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

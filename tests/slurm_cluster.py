@@ -16,6 +16,7 @@ Also a command line, to try the launcher presets by hand on one machine:
     python tests/slurm_cluster.py start /tmp/slurm   # prints the `export SLURM_CONF=... PATH=...`
     python tests/slurm_cluster.py stop /tmp/slurm
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-BINARIES = ("slurmctld", "slurmd", "sinfo", "squeue", "sbatch", "munged", "munge", "unmunge",
-            "setpriv")
+BINARIES = ("slurmctld", "slurmd", "sinfo", "squeue", "sbatch", "munged", "munge", "unmunge", "setpriv")
 PORTS = (6817, 6818)
 PARTITION = "debug"
 FAKE_GPUS = 2
@@ -68,11 +68,12 @@ class LocalSlurm:
         """Why a local Slurm cannot run on this machine, or None."""
         if not sys.platform.startswith("linux"):
             return "needs Linux"
-        missing = [b for b in BINARIES if shutil.which(b) is None and
-                   not Path("/usr/sbin", b).exists()]
+        missing = [b for b in BINARIES if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
         if missing:
-            return (f"Slurm/munge binaries missing ({', '.join(missing)}); install with "
-                    "`apt-get install slurmctld slurmd slurm-client munge` (.ci/run does)")
+            return (
+                f"Slurm/munge binaries missing ({', '.join(missing)}); install with "
+                "`apt-get install slurmctld slurmd slurm-client munge` (.ci/run does)"
+            )
         if os.geteuid() != 0:
             return "slurmd and munged need root"
         try:
@@ -88,16 +89,19 @@ class LocalSlurm:
 
     # -- start / stop ---------------------------------------------------------------------
     def env(self) -> dict:
-        return {"SLURM_CONF": str(self.conf),
-                "PATH": f"{self.root / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+        return {
+            "SLURM_CONF": str(self.conf),
+            "PATH": f"{self.root / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
 
     def _which(self, name: str) -> str:
         return shutil.which(name) or str(Path("/usr/sbin", name))
 
     def _spawn(self, name: str, argv: list, **kw) -> None:
         log = open(self.root / "log" / f"{name}.out", "ab")
-        self._procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, **kw)
+        self._procs[name] = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kw
+        )
         self.pids[name] = self._procs[name].pid
         (self.root / "pids.json").write_text(json.dumps(self.pids))
 
@@ -125,15 +129,35 @@ class LocalSlurm:
         self.munge_socket = munge_dir / "munge.socket.2"
 
         # munged as the munge user (it refuses a root-owned key); the PID we keep is its own.
-        self._spawn("munged", [self._which("setpriv"), f"--reuid={munge_user.pw_uid}",
-                               f"--regid={munge_user.pw_gid}", "--init-groups",
-                               self._which("munged"), "-F", f"--socket={self.munge_socket}",
-                               f"--key-file={key}", f"--pid-file={munge_dir / 'munged.pid'}",
-                               f"--seed-file={munge_dir / 'munged.seed'}",
-                               f"--log-file={munge_dir / 'munged.log'}"])
-        self._wait(lambda: subprocess.run(
-            f"munge -n -S {self.munge_socket} | unmunge -S {self.munge_socket}", shell=True,
-            capture_output=True).returncode == 0, timeout, "munged", "munge -n | unmunge")
+        self._spawn(
+            "munged",
+            [
+                self._which("setpriv"),
+                f"--reuid={munge_user.pw_uid}",
+                f"--regid={munge_user.pw_gid}",
+                "--init-groups",
+                self._which("munged"),
+                "-F",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--pid-file={munge_dir / 'munged.pid'}",
+                f"--seed-file={munge_dir / 'munged.seed'}",
+                f"--log-file={munge_dir / 'munged.log'}",
+            ],
+        )
+        self._wait(
+            lambda: (
+                subprocess.run(
+                    f"munge -n -S {self.munge_socket} | unmunge -S {self.munge_socket}",
+                    shell=True,
+                    capture_output=True,
+                ).returncode
+                == 0
+            ),
+            timeout,
+            "munged",
+            "munge -n | unmunge",
+        )
 
         gres = []
         for i in range(FAKE_GPUS):
@@ -143,8 +167,9 @@ class LocalSlurm:
         gres.append(f"NodeName={self.host} Name=gpu File={r / 'dev'}/fakegpu[0-{FAKE_GPUS - 1}]")
         (r / "etc" / "gres.conf").write_text("\n".join(gres) + "\n")
 
-        hw = subprocess.run([self._which("slurmd"), "-C"], capture_output=True, text=True,
-                            check=True).stdout.splitlines()[0]
+        hw = subprocess.run(
+            [self._which("slurmd"), "-C"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()[0]
         hw = " ".join(f for f in hw.split() if not f.startswith(("NodeName=", "UpTime=")))
         self.conf.write_text(f"""# written by tests/slurm_cluster.py
 ClusterName=hstuexp
@@ -154,12 +179,12 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={self.munge_socket}
-StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool'}
-SlurmctldPidFile={r / 'slurmctld.pid'}
-SlurmdPidFile={r / 'slurmd.pid'}
-SlurmctldLogFile={r / 'log' / 'slurmctld.log'}
-SlurmdLogFile={r / 'log' / 'slurmd.log'}
+StateSaveLocation={r / "state"}
+SlurmdSpoolDir={r / "spool"}
+SlurmctldPidFile={r / "slurmctld.pid"}
+SlurmdPidFile={r / "slurmd.pid"}
+SlurmctldLogFile={r / "log" / "slurmctld.log"}
+SlurmdLogFile={r / "log" / "slurmd.log"}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SchedulerType=sched/backfill
@@ -183,16 +208,15 @@ PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         sacct.chmod(0o755)
 
         env = {**os.environ, **self.env()}
-        self._spawn("slurmctld", [self._which("slurmctld"), "-D", "-i", "-f", str(self.conf)],
-                    env=env)
-        self._spawn("slurmd", [self._which("slurmd"), "-D", "-N", self.host, "-f", str(self.conf)],
-                    env=env)
+        self._spawn("slurmctld", [self._which("slurmctld"), "-D", "-i", "-f", str(self.conf)], env=env)
+        self._spawn(
+            "slurmd", [self._which("slurmd"), "-D", "-N", self.host, "-f", str(self.conf)], env=env
+        )
 
         def idle():
             for name in ("slurmctld", "slurmd"):
                 self._check_alive(name)
-            out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
-                                 env=env)
+            out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=env)
             return out.returncode == 0 and out.stdout.strip() == "idle"
 
         self._wait(idle, timeout, "slurmd", "node idle in sinfo")
@@ -205,19 +229,28 @@ PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             if ready():
                 return
             time.sleep(0.2)
-        logs = "\n".join(p.read_text(errors="replace")[-1500:]
-                         for p in sorted((self.root / "log").glob("*")) if p.is_file())
+        logs = "\n".join(
+            p.read_text(errors="replace")[-1500:]
+            for p in sorted((self.root / "log").glob("*"))
+            if p.is_file()
+        )
         raise RuntimeError(f"local Slurm: no '{what}' after {timeout:.0f} s\n{logs}")
 
     def _cancel_jobs(self, timeout: float) -> None:
         env = {**os.environ, **self.env()}
         try:
-            subprocess.run(["scancel", "--full", "-p", PARTITION], env=env, capture_output=True,
-                           timeout=timeout)
+            subprocess.run(
+                ["scancel", "--full", "-p", PARTITION], env=env, capture_output=True, timeout=timeout
+            )
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                out = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True,
-                                     text=True, timeout=timeout)
+                out = subprocess.run(
+                    ["squeue", "-h", "-o", "%i"],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                )
                 if out.returncode != 0 or not out.stdout.strip():
                     return
                 time.sleep(0.2)

@@ -2,6 +2,7 @@
 full and paged, on fresh random inputs (Triton's interpreter on CPU, a GPU where there is one).
 kernel=triton hands the raw UVQK projection over (SiLU where U, Q, K, V are read) unless
 silu_on_load is off; the reference applies the design's SiLU pass."""
+
 import copy
 import random
 
@@ -20,8 +21,9 @@ HIDDEN, HEADS, DIM, PAGE = 32, 2, 16, 8
 
 def reference_block(seed):
     torch.manual_seed(seed)
-    ref = HSTUBlock(num_layers=2, hidden=HIDDEN, num_heads=HEADS, head_dim=DIM,
-                    scaling_length=200).to(DEVICE)
+    ref = HSTUBlock(num_layers=2, hidden=HIDDEN, num_heads=HEADS, head_dim=DIM, scaling_length=200).to(
+        DEVICE
+    )
     with torch.no_grad():  # LayerNorm weights away from (1, 0)
         for p in ref.parameters():
             if p.dim() == 1:
@@ -36,16 +38,29 @@ def full_and_cached(block, seqs, hist, cached, cands, dtype):
     rows = [t + c for t, c in zip(hist, cands)]
     x = torch.cat(seqs).to(dtype)
     full = block(x, make_batch(rows, cands, DEVICE))
-    cache = PagedKVCache(num_layers=2, num_pages=64, page_size=PAGE, num_heads=HEADS,
-                         head_dim=DIM, dtype=dtype, device=DEVICE)
+    cache = PagedKVCache(
+        num_layers=2,
+        num_pages=64,
+        page_size=PAGE,
+        num_heads=HEADS,
+        head_dim=DIM,
+        dtype=dtype,
+        device=DEVICE,
+    )
     users = list(range(B))
     table = cache.plan(users, cached, [0] * B)
-    block(torch.cat([s[:c] for s, c in zip(seqs, cached)]).to(dtype),
-          make_batch(cached, [0] * B, DEVICE, table), cache.pool)
+    block(
+        torch.cat([s[:c] for s, c in zip(seqs, cached)]).to(dtype),
+        make_batch(cached, [0] * B, DEVICE, table),
+        cache.pool,
+    )
     new = [t - c for t, c in zip(hist, cached)]
     table = cache.plan(users, new, cands)
-    out = block(torch.cat([s[c:] for s, c in zip(seqs, cached)]).to(dtype),
-                make_batch([n + k for n, k in zip(new, cands)], cands, DEVICE, table), cache.pool)
+    out = block(
+        torch.cat([s[c:] for s, c in zip(seqs, cached)]).to(dtype),
+        make_batch([n + k for n, k in zip(new, cands)], cands, DEVICE, table),
+        cache.pool,
+    )
     return full, out
 
 
@@ -82,7 +97,8 @@ def test_triton_block_split_sums_cleared_by_silu_qkv(seed):
     seqs = [torch.randn(t + c, HIDDEN, device=DEVICE) for t, c in zip(hist, cands)]
     batch = make_batch([t + c for t, c in zip(hist, cands)], cands, DEVICE)
     assert triton_attention.Attention(policy).will_split(
-        torch.zeros(sum(hist) + sum(cands), HEADS, DIM), batch, False)
+        torch.zeros(sum(hist) + sum(cands), HEADS, DIM), batch, False
+    )
     with torch.no_grad():
         want = full_and_cached(ref, seqs, hist, cached, cands, torch.float32)
         got = full_and_cached(tri, seqs, hist, cached, cands, torch.float32)

@@ -2,16 +2,17 @@
 
 The reference is a direct per-user, per-head loop over docs/design.md §2 (no gathers, no pages), so it
 shares no indexing code with the block under test."""
+
 import copy
 import random
 
 import pytest
 import torch
+from helpers import spec_block
 
+from hstu_exp.core.jagged import make_batch
 from hstu_exp.kvcache.paged import CacheFullError, PagedKVCache
 from hstu_exp.model.hstu import HSTUBlock
-from hstu_exp.core.jagged import make_batch
-from helpers import spec_block
 
 
 def naive_block(block: HSTUBlock, seq: torch.Tensor, num_candidates: int) -> torch.Tensor:
@@ -20,28 +21,39 @@ def naive_block(block: HSTUBlock, seq: torch.Tensor, num_candidates: int) -> tor
 
 def make_block(hidden=16, heads=2, head_dim=8, layers=2, scaling=300):
     torch.manual_seed(random.randrange(1 << 30))
-    return HSTUBlock(num_layers=layers, hidden=hidden, num_heads=heads, head_dim=head_dim,
-                     scaling_length=scaling).double().eval()
+    return (
+        HSTUBlock(
+            num_layers=layers, hidden=hidden, num_heads=heads, head_dim=head_dim, scaling_length=scaling
+        )
+        .double()
+        .eval()
+    )
 
 
 def run_cached(block, cache, users, seqs, cached, cands):
     """Prefill each user's first `cached` tokens, then serve the rest + candidates."""
     table = cache.plan(users, cached, [0] * len(users))
-    block(torch.cat([s[:c] for s, c in zip(seqs, cached)]),
-          make_batch(cached, [0] * len(users), "cpu", table), cache.pool)
+    block(
+        torch.cat([s[:c] for s, c in zip(seqs, cached)]),
+        make_batch(cached, [0] * len(users), "cpu", table),
+        cache.pool,
+    )
     new = [s.shape[0] - c - k for s, c, k in zip(seqs, cached, cands)]
     table = cache.plan(users, new, cands)
     rows = [n + k for n, k in zip(new, cands)]
-    out = block(torch.cat([s[c:] for s, c in zip(seqs, cached)]),
-                make_batch(rows, cands, "cpu", table), cache.pool)
+    out = block(
+        torch.cat([s[c:] for s, c in zip(seqs, cached)]),
+        make_batch(rows, cands, "cpu", table),
+        cache.pool,
+    )
     return out.split(rows)
 
 
 CASES = [  # (histories, cached prefixes, candidates, page size)
-    ([8], [0], [0], 8),            # full compute, one exact page
-    ([8], [8], [3], 8),            # everything cached, candidates only
-    ([9], [8], [2], 8),            # one new token opens a page
-    ([16], [7], [1], 8),           # new tokens cross a page boundary
+    ([8], [0], [0], 8),  # full compute, one exact page
+    ([8], [8], [3], 8),  # everything cached, candidates only
+    ([9], [8], [2], 8),  # one new token opens a page
+    ([16], [7], [1], 8),  # new tokens cross a page boundary
     ([17, 1], [16, 0], [4, 0], 8),  # last page with 1 token; a user with no candidates
     ([31, 32, 33], [30, 31, 1], [2, 5, 3], 16),
     ([40, 5, 0], [0, 5, 0], [2, 2, 3], 4),  # zero-length history: candidates only
@@ -53,8 +65,15 @@ CASES = [  # (histories, cached prefixes, candidates, page size)
 def test_cached_candidates_equal_full_recompute(histories, cached, cands, page):
     block = make_block()
     seqs = [torch.randn(t + c, 16, dtype=torch.float64) for t, c in zip(histories, cands)]
-    cache = PagedKVCache(num_layers=2, num_pages=64, page_size=page, num_heads=2, head_dim=8,
-                         dtype=torch.float64, device="cpu")
+    cache = PagedKVCache(
+        num_layers=2,
+        num_pages=64,
+        page_size=page,
+        num_heads=2,
+        head_dim=8,
+        dtype=torch.float64,
+        device="cpu",
+    )
     outs = run_cached(block, cache, list(range(len(seqs))), seqs, cached, cands)
     full_rows = [t + c for t, c in zip(histories, cands)]
     full = block(torch.cat(seqs), make_batch(full_rows, cands, "cpu")).split(full_rows)
@@ -75,8 +94,15 @@ def test_random_splits_float32():
         cands = [rng.randint(0, 6) for _ in range(batch)]
         block = make_block().float()
         seqs = [torch.randn(t + c, 16) for t, c in zip(hist, cands)]
-        cache = PagedKVCache(num_layers=2, num_pages=128, page_size=page, num_heads=2,
-                             head_dim=8, dtype=torch.float32, device="cpu")
+        cache = PagedKVCache(
+            num_layers=2,
+            num_pages=128,
+            page_size=page,
+            num_heads=2,
+            head_dim=8,
+            dtype=torch.float32,
+            device="cpu",
+        )
         outs = run_cached(block, cache, rng.sample(range(100), batch), seqs, cached, cands)
         oracle = copy.deepcopy(block).double()
         for seq, out, c, k in zip(seqs, outs, cached, cands):
@@ -88,8 +114,15 @@ def test_random_splits_float32():
 def test_requests_grow_history_over_time():
     """A user served request after request: each answer equals a recompute of all history."""
     block = make_block()
-    cache = PagedKVCache(num_layers=2, num_pages=32, page_size=8, num_heads=2, head_dim=8,
-                         dtype=torch.float64, device="cpu")
+    cache = PagedKVCache(
+        num_layers=2,
+        num_pages=32,
+        page_size=8,
+        num_heads=2,
+        head_dim=8,
+        dtype=torch.float64,
+        device="cpu",
+    )
     history = torch.randn(0, 16, dtype=torch.float64)
     for step in [5, 11, 8, 1, 16]:
         new = torch.randn(step, 16, dtype=torch.float64)
@@ -103,8 +136,15 @@ def test_requests_grow_history_over_time():
 
 
 def small_cache(pages=6, page=4):
-    return PagedKVCache(num_layers=1, num_pages=pages, page_size=page, num_heads=1, head_dim=2,
-                        dtype=torch.float32, device="cpu")
+    return PagedKVCache(
+        num_layers=1,
+        num_pages=pages,
+        page_size=page,
+        num_heads=1,
+        head_dim=2,
+        dtype=torch.float32,
+        device="cpu",
+    )
 
 
 def test_lru_evicts_least_recent_user_outside_the_batch():

@@ -1,5 +1,6 @@
 """scripts/compare.py (= hstu-exp-compare): two real sweeps of the same grid give a ratio table
 with the geometric mean and a figure; a synthetic regression trips --fail-above."""
+
 import json
 import re
 import shutil
@@ -9,13 +10,20 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from hstu_exp.report.compare import main as compare_main
 from helpers import FAST, ROOT, hstu_exp
 from test_sweep import assert_real_png
 
-GRID = ["model=tiny", "logger=none", "cache=none,paged", "workload.batch_size=1,2",
-        "workload.total_history=64", "workload.new_history=64", *FAST]
+from hstu_exp.report.compare import main as compare_main
+
+GRID = [
+    "model=tiny",
+    "logger=none",
+    "cache=none,paged",
+    "workload.batch_size=1,2",
+    "workload.total_history=64",
+    "workload.new_history=64",
+    *FAST,
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,23 +49,34 @@ def edited_copy(src: Path, dst: Path, edit) -> Path:
 def with_batch(r, batch):
     """The record as if swept at another batch size: point key, override and config agree."""
     config = {**r["config"], "workload": {**r["config"]["workload"], "batch_size": batch}}
-    overrides = [o if not o.startswith("workload.batch_size=") else
-                 f"workload.batch_size={batch}" for o in r["overrides"]]
+    overrides = [
+        o if not o.startswith("workload.batch_size=") else f"workload.batch_size={batch}"
+        for o in r["overrides"]
+    ]
     return {**r, "batch_size": batch, "config": config, "overrides": overrides}
 
 
 def slower(factor, only=lambda r: True):
     def edit(r):
         if r["status"] == "ok" and only(r):
-            r = {**r, "median_ms": r["median_ms"] * factor, "p90_ms": r["p90_ms"] * factor,
-                 "samples_ms": [v * factor for v in r["samples_ms"]]}
+            r = {
+                **r,
+                "median_ms": r["median_ms"] * factor,
+                "p90_ms": r["p90_ms"] * factor,
+                "samples_ms": [v * factor for v in r["samples_ms"]],
+            }
         return r
+
     return edit
 
 
 def run_script(*args):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "compare.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "compare.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_two_sweeps_of_one_grid_give_ratio_table_geomean_and_figure(two_sweeps, tmp_path):
@@ -73,7 +92,8 @@ def test_two_sweeps_of_one_grid_give_ratio_table_geomean_and_figure(two_sweeps, 
     joined = pd.read_csv(tmp_path / "joined.csv")
     assert len(joined) == 4
     assert joined["median_ms_ratio"].tolist() == pytest.approx(
-        (joined["median_ms_b"] / joined["median_ms_a"]).tolist())
+        (joined["median_ms_b"] / joined["median_ms_a"]).tolist()
+    )
 
 
 def steady(r):
@@ -89,9 +109,11 @@ def test_synthetic_regression_fails_the_gate(two_sweeps, tmp_path, capsys):
     a = edited_copy(two_sweeps[0], tmp_path / "before", steady)
     same = edited_copy(a, tmp_path / "same", lambda r: r)
     worse = edited_copy(a, tmp_path / "worse", slower(1.2))
-    one_worse = edited_copy(a, tmp_path / "one_worse",
-                            slower(1.5, only=lambda r: (r["cache"], r["batch_size"]) ==
-                                   ("paged", 2)))
+    one_worse = edited_copy(
+        a,
+        tmp_path / "one_worse",
+        slower(1.5, only=lambda r: (r["cache"], r["batch_size"]) == ("paged", 2)),
+    )
 
     assert compare_main([str(a), str(same), "--fail-above", "1.05", "--no-figure"]) == 0
     out = capsys.readouterr().out
@@ -100,17 +122,23 @@ def test_synthetic_regression_fails_the_gate(two_sweeps, tmp_path, capsys):
     # the CLI as a user runs it: script, exit status, message
     proc = run_script(a, worse, "--fail-above", "1.05")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "REGRESSION: 4 point(s) with median latency B/A above 1.05 by the 95% interval's " \
+    assert (
+        "REGRESSION: 4 point(s) with median latency B/A above 1.05 by the 95% interval's "
         "lower end" in proc.stderr
+    )
     assert re.search(r"^geomean\s+1\.200\s+1\.200", proc.stdout, re.M), proc.stdout
     assert proc.stdout.count("1.200!") >= 8  # median and p90 of every point flagged
     assert (worse / "figures" / "compare_vs_before.png").is_file()
 
     # one point 1.5x slower: fails per point, passes on the geometric mean (1.5 ** 0.25)
     assert compare_main([str(a), str(one_worse), "--fail-above", "1.05", "--no-figure"]) == 1
-    assert compare_main([str(a), str(one_worse), "--fail-above", "1.15", "--gate", "geomean",
-                         "--no-figure"]) == 0
-    assert f"{1.5 ** 0.25:.3f}" in capsys.readouterr().out
+    assert (
+        compare_main(
+            [str(a), str(one_worse), "--fail-above", "1.15", "--gate", "geomean", "--no-figure"]
+        )
+        == 0
+    )
+    assert f"{1.5**0.25:.3f}" in capsys.readouterr().out
     # without --fail-above it only reports
     assert compare_main([str(a), str(worse), "--no-figure"]) == 0
 
@@ -139,13 +167,18 @@ def test_console_script_and_plot_sweep(two_sweeps, tmp_path):
     a, b = two_sweeps
     exe = Path(sys.executable).parent / "hstu-exp-compare"
     if exe.exists():
-        proc = subprocess.run([str(exe), str(a), str(b), "--no-figure"], capture_output=True,
-                              text=True, timeout=120)
+        proc = subprocess.run(
+            [str(exe), str(a), str(b), "--no-figure"], capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0 and "geomean" in proc.stdout, proc.stderr
     # plot_sweep redraws the figures (and the CSV) from disk alone
     copy = edited_copy(a, tmp_path / "replot", lambda r: r)
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_sweep.py"), str(copy),
-                           "--csv"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "plot_sweep.py"), str(copy), "--csv"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     for name in ("latency_vs_history", "speedup_bars", "speedup_heatmap"):
         assert_real_png(copy / "figures" / f"{name}.png")
@@ -173,16 +206,30 @@ def test_gate_looks_at_the_interval_not_the_point_estimate(two_sweeps, tmp_path,
         return {**r, "median_ms": m, "samples_ms": [m * f for f in factors]}
 
     wide = edited_copy(a, tmp_path / "wide", noisy)
-    assert compare_main([str(a), str(wide), "--fail-above", "1.05", "--no-figure",
-                         "--csv", str(tmp_path / "wide.csv")]) == 0
+    assert (
+        compare_main(
+            [
+                str(a),
+                str(wide),
+                "--fail-above",
+                "1.05",
+                "--no-figure",
+                "--csv",
+                str(tmp_path / "wide.csv"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "latency B/A 95% CI" in out and "gate passed" in out
     assert "1.100!" in out  # the point estimate is still flagged against --threshold
     joined = pd.read_csv(tmp_path / "wide.csv")
 
     n, half = len(factors), (len(factors) + 1) // 2
-    cdf = [sum(comb(n, j) * (k / n) ** j * (1 - k / n) ** (n - j) for j in range(half, n + 1))
-           for k in range(1, n + 1)]  # P(median of a resample <= k-th smallest sample)
+    cdf = [
+        sum(comb(n, j) * (k / n) ** j * (1 - k / n) ** (n - j) for j in range(half, n + 1))
+        for k in range(1, n + 1)
+    ]  # P(median of a resample <= k-th smallest sample)
     low_k = next(k for k, c in enumerate(cdf) if c >= 0.025)
     high_k = next(k for k, c in enumerate(cdf) if c >= 0.975)
     assert cdf[low_k - 1] < 0.01 and cdf[low_k] > 0.04  # far from a jump: no Monte-Carlo luck
@@ -208,16 +255,31 @@ def test_published_older_schema_csvs_load_with_versions_as_text(tmp_path):
     df = load_sweep(published / "seed_e2e_h200")
     assert set(df["cuda"].dropna()) == {"13.0"} and set(df["driver"].dropna()) == {"580.159.04"}
     assert all(isinstance(v, str) for v in df["git_sha"].dropna())
-    proc = subprocess.run([str(ROOT / "scripts" / "goals.py"), str(published / "goal_cases_h200"),
-                           str(published / "seed_e2e_h200")], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            str(ROOT / "scripts" / "goals.py"),
+            str(published / "goal_cases_h200"),
+            str(published / "seed_e2e_h200"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "| batch 8, cached | paged | triton | cudagraph |" in proc.stdout
     assert "| cache_graph | 1 |" in proc.stdout
-    proc = subprocess.run([str(ROOT / "scripts" / "plot_sweep.py"),
-                           str(published / "seed_block_reference_h200" / "results.csv"),
-                           "--out", str(tmp_path), "--quiet"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            str(ROOT / "scripts" / "plot_sweep.py"),
+            str(published / "seed_block_reference_h200" / "results.csv"),
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     for name in ("latency_bars", "speedup_bars", "speedup_heatmap"):
         assert_real_png(tmp_path / f"{name}.png")
@@ -232,44 +294,77 @@ def test_goals_table_judges_e2e_speedup_by_its_interval(tmp_path):
     rng = np.random.default_rng(3)
 
     def rec(mode, b, ms, spread, valid=True, factors=None):
-        s = [ms * f for f in factors] if factors else \
-            (ms * np.exp(spread * rng.standard_normal(60))).tolist()
-        return {"status": "ok", "workload": "e2e", "mode": mode, "batch_size": b,
-                "device": "cuda", "cache": "none", "graph": "none", "kernel": "triton",
-                "total_history": 4096, "num_candidates": 256, "median_ms": float(np.median(s)),
-                "samples_ms": s, "valid": valid, "config_key": f"{mode}{b}",
-                "total_ms": float(np.median(s)), "num_batches": 1}  # a sample a pass
+        s = (
+            [ms * f for f in factors]
+            if factors
+            else (ms * np.exp(spread * rng.standard_normal(60))).tolist()
+        )
+        return {
+            "status": "ok",
+            "workload": "e2e",
+            "mode": mode,
+            "batch_size": b,
+            "device": "cuda",
+            "cache": "none",
+            "graph": "none",
+            "kernel": "triton",
+            "total_history": 4096,
+            "num_candidates": 256,
+            "median_ms": float(np.median(s)),
+            "samples_ms": s,
+            "valid": valid,
+            "config_key": f"{mode}{b}",
+            "total_ms": float(np.median(s)),
+            "num_batches": 1,
+        }  # a sample a pass
 
-    recs = [rec("baseline", 2, 8.0, 0.01), rec("cache_graph", 2, 2.0, 0.01),
-            rec("baseline", 4, 8.0, 0.01),
-            rec("cache_graph", 4, 2.5, 0, factors=(0.5, 0.7, 0.85, 0.95, 1, 1.05, 1.2, 1.6, 2.2)),
-            rec("baseline", 16, 8.0, 0.01), rec("cache_graph", 16, 2.0, 0.01, valid=False)]
+    recs = [
+        rec("baseline", 2, 8.0, 0.01),
+        rec("cache_graph", 2, 2.0, 0.01),
+        rec("baseline", 4, 8.0, 0.01),
+        rec("cache_graph", 4, 2.5, 0, factors=(0.5, 0.7, 0.85, 0.95, 1, 1.05, 1.2, 1.6, 2.2)),
+        rec("baseline", 16, 8.0, 0.01),
+        rec("cache_graph", 16, 2.0, 0.01, valid=False),
+    ]
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    proc = subprocess.run([str(ROOT / "scripts" / "goals.py"), str(path)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "goals.py"), str(path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
-    rows = {int(line.split("|")[2]): line for line in proc.stdout.splitlines()
-            if line.startswith("| cache_graph")}
+    rows = {
+        int(line.split("|")[2]): line
+        for line in proc.stdout.splitlines()
+        if line.startswith("| cache_graph")
+    }
     assert rows[2].rstrip().endswith("| yes |"), rows[2]
-    assert re.search(r"\| 3\.\d\dx \| [0-2]\.\d\d-", rows[4]) and rows[4].rstrip().endswith(
-        "| no |"), rows[4]
+    assert re.search(r"\| 3\.\d\dx \| [0-2]\.\d\d-", rows[4]) and rows[4].rstrip().endswith("| no |"), (
+        rows[4]
+    )
     assert rows[16].rstrip().endswith("| no (invalid point) |"), rows[16]
 
 
 def test_agreement_says_what_the_records_know_about_a_difference(two_sweeps, tmp_path, capsys):
     """B/A within its interval agrees; a 1 % shift outside the (±0.25 %) intervals is put down
     to what the records show: another GPU, another boot, throttling, or none of them."""
+
     def on(uuid, boot, throttled=False):
-        return lambda r: {**r, "gpu_uuid": uuid, "boot_id": boot, "throttled": throttled,
-                          "valid": not throttled}
+        return lambda r: {
+            **r,
+            "gpu_uuid": uuid,
+            "boot_id": boot,
+            "throttled": throttled,
+            "valid": not throttled,
+        }
 
     a = edited_copy(two_sweeps[0], tmp_path / "a", lambda r: on("GPU-1", "boot-1")(steady(r)))
     same = edited_copy(a, tmp_path / "same", lambda r: r)
-    cases = {"card": (on("GPU-2", "boot-2"), "no: another GPU"),
-             "boot": (on("GPU-1", "boot-2"), "no: another boot"),
-             "hot": (on("GPU-1", "boot-1", throttled=True), "no: throttled in B"),
-             "code": (on("GPU-1", "boot-1"), "no: same GPU and boot: a real difference")}
+    cases = {
+        "card": (on("GPU-2", "boot-2"), "no: another GPU"),
+        "boot": (on("GPU-1", "boot-2"), "no: another boot"),
+        "hot": (on("GPU-1", "boot-1", throttled=True), "no: throttled in B"),
+        "code": (on("GPU-1", "boot-1"), "no: same GPU and boot: a real difference"),
+    }
     assert compare_main([str(a), str(same), "--no-figure"]) == 0
     out = capsys.readouterr().out
     assert "agreement: 4 of 4 points with B/A's 95% interval holding 1" in out
@@ -286,16 +381,21 @@ def test_gate_fails_when_b_lacks_points_and_refuses_bad_limits(two_sweeps, tmp_p
     """--fail-above cannot pass a sweep whose candidate failed or never ran a point; nan and 0
     are refused in one line (nan would turn the gate off, 0 would divide by zero)."""
     a = edited_copy(two_sweeps[0], tmp_path / "a", steady)
-    points = sorted({r["config_key"] for f in a.rglob("results.jsonl")
-                     for r in map(json.loads, f.read_text().splitlines())})
+    points = sorted(
+        {
+            r["config_key"]
+            for f in a.rglob("results.jsonl")
+            for r in map(json.loads, f.read_text().splitlines())
+        }
+    )
 
     def broken(r):
         if r["config_key"] == points[0]:
             return {**r, "status": "failed", "error": "interrupted"}
         return r
+
     b = edited_copy(a, tmp_path / "b", broken)
-    gone = next(f for f in b.rglob("results.jsonl")
-                if points[1] in f.read_text() and f.parent != b)
+    gone = next(f for f in b.rglob("results.jsonl") if points[1] in f.read_text() and f.parent != b)
     gone.unlink()
     assert compare_main([str(a), str(b), "--fail-above", "1.05", "--no-figure"]) == 1
     captured = capsys.readouterr()
@@ -313,10 +413,18 @@ def test_points_are_told_apart_by_any_swept_knob(tmp_path, capsys):
     from hstu_exp.report.aggregate import block_speedups, load_sweep
 
     sweep = tmp_path / "fit"
-    proc = hstu_exp("-m", "model=tiny", "logger=none", "cache=none,paged",
-                    "graph.fit_rows=true,false", "workload.batch_size=1",
-                    "workload.total_history=64", "workload.new_history=64", *FAST,
-                    f"hydra.sweep.dir={sweep}")
+    proc = hstu_exp(
+        "-m",
+        "model=tiny",
+        "logger=none",
+        "cache=none,paged",
+        "graph.fit_rows=true,false",
+        "workload.batch_size=1",
+        "workload.total_history=64",
+        "workload.new_history=64",
+        *FAST,
+        f"hydra.sweep.dir={sweep}",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     df = load_sweep(sweep)
     assert len(df) == 4 and all(isinstance(c, dict) for c in df["config"])
@@ -333,6 +441,7 @@ def test_points_are_told_apart_by_any_swept_knob(tmp_path, capsys):
 def test_gate_says_when_flagged_points_ran_on_another_gpu(two_sweeps, tmp_path, capsys):
     """A sweep on all GPUs of a host puts a point on whichever card is free: a slower point on
     another card is not called a regression without saying so."""
+
     def on(uuid):
         return lambda r: {**r, "gpu_uuid": uuid, "gpu_index": int(uuid[-1])}
 
@@ -341,10 +450,16 @@ def test_gate_says_when_flagged_points_ran_on_another_gpu(two_sweeps, tmp_path, 
     stayed = edited_copy(a, tmp_path / "stayed", slower(1.2))
     assert compare_main([str(a), str(moved), "--fail-above", "1.05", "--no-figure"]) == 1
     err = capsys.readouterr().err
-    assert "REGRESSION: 4 point(s)" in err and "; 4 of them ran on another GPU in B than in A " \
-        "(cards of one kind differ: rerun both on one card" in err, err
-    assert compare_main([str(a), str(moved), "--fail-above", "1.05", "--gate", "geomean",
-                         "--no-figure"]) == 1
+    assert (
+        "REGRESSION: 4 point(s)" in err
+        and "; 4 of them ran on another GPU in B than in A "
+        "(cards of one kind differ: rerun both on one card"
+        in err
+    ), err
+    assert (
+        compare_main([str(a), str(moved), "--fail-above", "1.05", "--gate", "geomean", "--no-figure"])
+        == 1
+    )
     assert "1.200 (point estimate); 4 of the points ran on another GPU" in capsys.readouterr().err
     assert compare_main([str(a), str(stayed), "--fail-above", "1.05", "--no-figure"]) == 1
     err = capsys.readouterr().err
@@ -361,19 +476,34 @@ def test_e2e_points_compare_by_pass_totals_with_the_spread_between_repeats(tmp_p
     def rec(mode, passes):
         units = [(p * (1 + 0.01 * rng.standard_normal(10))).tolist() for p in passes]
         batches = [[t * w / 10 for w in (1, 2, 3, 4)] for t in units[0]]
-        return {"status": "ok", "workload": "e2e", "model": "seed", "mode": mode,
-                "batch_size": 2, "cache": "none", "graph": "none", "kernel": "triton",
-                "num_candidates": 256, "device": "cuda", "num_batches": 4,
-                "samples_ms": [b for p in batches for b in p],
-                "median_ms": float(np.median(batches)), "total_ms": float(np.median(units[1])),
-                "repeat_units_ms": units, "repeats": 3, "valid": True,
-                "overrides": [f"workload.mode={mode}"], "config_key": mode}
+        return {
+            "status": "ok",
+            "workload": "e2e",
+            "model": "seed",
+            "mode": mode,
+            "batch_size": 2,
+            "cache": "none",
+            "graph": "none",
+            "kernel": "triton",
+            "num_candidates": 256,
+            "device": "cuda",
+            "num_batches": 4,
+            "samples_ms": [b for p in batches for b in p],
+            "median_ms": float(np.median(batches)),
+            "total_ms": float(np.median(units[1])),
+            "repeat_units_ms": units,
+            "repeats": 3,
+            "valid": True,
+            "overrides": [f"workload.mode={mode}"],
+            "config_key": mode,
+        }
 
     def sweep(name, passes):
         path = tmp_path / name / "results.jsonl"
         path.parent.mkdir()
         path.write_text(json.dumps(rec("cache_graph", passes)) + "\n")
         return path.parent
+
     a = sweep("a", (20, 20.2, 19.9))
     b = sweep("b", (21, 26, 20.9))
     assert compare_main([str(a), str(b), "--no-figure", "--csv", str(tmp_path / "j.csv")]) == 0

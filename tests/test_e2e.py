@@ -2,6 +2,7 @@
 pool small enough to force evictions and host round trips; every candidate's logits equal an
 independent float64 full recompute of that user's whole sequence (direct table lookups, the
 block written from docs/design.md §2 with explicit per-head loops, the heads by hand)."""
+
 import copy
 import json
 import math
@@ -9,28 +10,40 @@ import random
 
 import pytest
 import torch
+from helpers import hstu_exp, spec_block
 from hydra import compose, initialize_config_dir
 
 from hstu_exp.bench import e2e
 from hstu_exp.cli import CONF_DIR
-from hstu_exp.data.synthetic import ACTION, CONTEXT, ITEM, SyntheticStream, interleave, Request
+from hstu_exp.data.synthetic import ACTION, CONTEXT, ITEM, Request, SyntheticStream, interleave
 from hstu_exp.kvcache.manager import KVCacheManager
 from hstu_exp.kvcache.offload import OffloadPagedKVCache
 from hstu_exp.kvcache.paged import PagedKVCache
 from hstu_exp.model.ranking import HSTURanker
 from hstu_exp.serving.path import rank
-from helpers import spec_block, hstu_exp
 
-SIZES = dict(num_layers=2, hidden=16, num_heads=2, head_dim=8, item_vocab=300, action_vocab=9,
-             num_context=2, context_vocab=13, max_history=64, head_widths=[8, 1], num_tasks=3)
+SIZES = dict(
+    num_layers=2,
+    hidden=16,
+    num_heads=2,
+    head_dim=8,
+    item_vocab=300,
+    action_vocab=9,
+    num_context=2,
+    context_vocab=13,
+    max_history=64,
+    head_widths=[8, 1],
+    num_tasks=3,
+)
 PAGE = 8
 
 
 def make_model(**over):
     torch.manual_seed(random.randrange(1 << 30))
     sizes = {**SIZES, **over}
-    model = HSTURanker(scaling_length=sizes["max_history"] + 8, kernel="reference",
-                       position_embedding=True, **sizes)
+    model = HSTURanker(
+        scaling_length=sizes["max_history"] + 8, kernel="reference", position_embedding=True, **sizes
+    )
     with torch.no_grad():  # keep the attention away from zero so errors are relative to signal
         for p in model.block.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -38,8 +51,15 @@ def make_model(**over):
 
 
 def make_cache(kind, *, num_pages, host_pages, layers=2):
-    kwargs = dict(num_layers=layers, num_pages=num_pages, page_size=PAGE, num_heads=2,
-                  head_dim=8, dtype=torch.float32, device="cpu")
+    kwargs = dict(
+        num_layers=layers,
+        num_pages=num_pages,
+        page_size=PAGE,
+        num_heads=2,
+        head_dim=8,
+        dtype=torch.float32,
+        device="cpu",
+    )
     if kind == "paged_offload":
         return OffloadPagedKVCache(host_pages=host_pages, **kwargs)
     return PagedKVCache(**kwargs)
@@ -47,12 +67,16 @@ def make_cache(kind, *, num_pages, host_pages, layers=2):
 
 # -- the independent reference -------------------------------------------------------------------
 
+
 @torch.no_grad()
 def reference_logits(model: HSTURanker, r: Request) -> torch.Tensor:
     emb = model.embeddings
     tables = {CONTEXT: "context_table", ITEM: "item_table", ACTION: "action_table"}
-    weight = {k: emb.collection.embeddings[t].weight.double() for k, t in tables.items()
-              if t in emb.collection.embeddings}
+    weight = {
+        k: emb.collection.embeddings[t].weight.double()
+        for k, t in tables.items()
+        if t in emb.collection.embeddings
+    }
     C, T = r.num_context, r.history
     rows = [weight[int(k)][int(i)] for k, i in zip(r.kinds, r.ids)]
     rows += [weight[ITEM][int(i)] for i in r.candidates]
@@ -66,8 +90,11 @@ def reference_logits(model: HSTURanker, r: Request) -> torch.Tensor:
     for task in model.heads.tasks:
         t = h
         for mod in task:
-            t = torch.relu(t) if isinstance(mod, torch.nn.ReLU) else \
-                t @ mod.weight.double().T + mod.bias.double()
+            t = (
+                torch.relu(t)
+                if isinstance(mod, torch.nn.ReLU)
+                else t @ mod.weight.double().T + mod.bias.double()
+            )
         logits.append(t)
     return torch.cat(logits, -1)
 
@@ -81,23 +108,27 @@ def assert_matches(model, batch, logits, tol=1e-4):
 
 # -- streams ---------------------------------------------------------------------------------
 
+
 def random_users(n, *, num_context=2, max_history=64):
     seqs = []
     for _ in range(n):
         items = torch.randint(SIZES["item_vocab"], (max_history // 2,))
         actions = torch.randint(SIZES["action_vocab"], (max_history // 2,))
-        seqs.append(interleave(torch.randint(SIZES["context_vocab"], (num_context,)), items,
-                               actions))
+        seqs.append(interleave(torch.randint(SIZES["context_vocab"], (num_context,)), items, actions))
     return seqs
 
 
 def request(seqs, user, history, num_context=2, candidates=None):
     kinds, ids = seqs[user]
     end = num_context + history
-    cands = candidates if candidates is not None else \
-        torch.randint(SIZES["item_vocab"], (random.randint(1, 6),))
-    return Request(user=user, kinds=kinds[:end], ids=ids[:end], candidates=cands,
-                   num_context=num_context)
+    cands = (
+        candidates
+        if candidates is not None
+        else torch.randint(SIZES["item_vocab"], (random.randint(1, 6),))
+    )
+    return Request(
+        user=user, kinds=kinds[:end], ids=ids[:end], candidates=cands, num_context=num_context
+    )
 
 
 def serve_random_stream(model, manager, *, device="cpu", ref_model=None, tol=1e-4):
@@ -132,11 +163,23 @@ def test_random_streams_match_a_full_recompute(kind):
 def test_random_streams_match_on_cuda_with_side_stream_onloads(dtype, tol):
     model = make_model()
     gpu_model = copy.deepcopy(model).to("cuda", dtype)
-    cache = OffloadPagedKVCache(num_layers=2, num_pages=20, page_size=PAGE, num_heads=2,
-                                head_dim=8, host_pages=28, dtype=dtype, device="cuda")
-    stats = serve_random_stream(gpu_model, KVCacheManager(cache), device="cuda",
-                                ref_model=model if dtype == torch.float32 else
-                                copy.deepcopy(gpu_model).cpu().float(), tol=tol)
+    cache = OffloadPagedKVCache(
+        num_layers=2,
+        num_pages=20,
+        page_size=PAGE,
+        num_heads=2,
+        head_dim=8,
+        host_pages=28,
+        dtype=dtype,
+        device="cuda",
+    )
+    stats = serve_random_stream(
+        gpu_model,
+        KVCacheManager(cache),
+        device="cuda",
+        ref_model=model if dtype == torch.float32 else copy.deepcopy(gpu_model).cpu().float(),
+        tol=tol,
+    )
     assert stats["onloaded_bytes"] > 0, stats
     # event-timed stalls of the compute stream: 0 where a copy was done before its layer
     assert 0 <= stats["onload_wait_ms"] < 60_000, stats
@@ -145,16 +188,19 @@ def test_random_streams_match_on_cuda_with_side_stream_onloads(dtype, tol):
 def test_a_changed_or_shrunk_history_is_recomputed_never_served_stale():
     model = make_model()
     messages = []
-    manager = KVCacheManager(make_cache("paged_offload", num_pages=20, host_pages=28),
-                             warn=messages.append)
+    manager = KVCacheManager(
+        make_cache("paged_offload", num_pages=20, host_pages=28), warn=messages.append
+    )
     seqs = random_users(2)
     batch = [request(seqs, 0, 30), request(seqs, 1, 20)]
     assert_matches(model, batch, rank(model, batch, device="cpu", manager=manager))
 
     shrunk = [request(seqs, 0, 10)]  # history shrank below what is cached
     assert_matches(model, shrunk, rank(model, shrunk, device="cpu", manager=manager))
-    assert messages[-1] == ("user 0: its sequence shrank from 32 cached tokens to 12; "
-                            "dropped its cached K/V, recomputing from scratch")
+    assert messages[-1] == (
+        "user 0: its sequence shrank from 32 cached tokens to 12; "
+        "dropped its cached K/V, recomputing from scratch"
+    )
     assert manager.last_starts == [0]
 
     kinds, ids = seqs[1]
@@ -164,8 +210,10 @@ def test_a_changed_or_shrunk_history_is_recomputed_never_served_stale():
     seqs[1] = (kinds, ids)
     changed = [request(seqs, 1, 24)]
     assert_matches(model, changed, rank(model, changed, device="cpu", manager=manager))
-    assert messages[-1] == ("user 1: token 7 of its 22 cached tokens changed; "
-                            "dropped its cached K/V, recomputing from scratch")
+    assert messages[-1] == (
+        "user 1: token 7 of its 22 cached tokens changed; "
+        "dropped its cached K/V, recomputing from scratch"
+    )
     assert manager.stats()["invalidations"] == 2 and manager.last_starts == [0]
 
     grown = [request(seqs, 1, 30)]  # and the new prefix is cached again
@@ -174,8 +222,18 @@ def test_a_changed_or_shrunk_history_is_recomputed_never_served_stale():
 
 
 def test_the_synthetic_stream_grows_histories_reproducibly():
-    kw = dict(batch_size=3, num_batches=9, num_candidates=4, history_start=8, history_step=4,
-              max_history=20, num_context=1, item_vocab=50, action_vocab=5, context_vocab=7)
+    kw = dict(
+        batch_size=3,
+        num_batches=9,
+        num_candidates=4,
+        history_start=8,
+        history_step=4,
+        max_history=20,
+        num_context=1,
+        item_vocab=50,
+        action_vocab=5,
+        context_vocab=7,
+    )
     a = SyntheticStream(num_users=5, seed=3, **kw)
     b = SyntheticStream(num_users=5, seed=3, **kw)
     served, prev = {}, {}
@@ -186,7 +244,7 @@ def test_the_synthetic_stream_grows_histories_reproducibly():
             k = served.get(ra.user, 0)
             assert ra.history == min(8 + 4 * k, 20)
             if k:  # the earlier request is a prefix: histories only grow
-                assert torch.equal(ra.ids[:prev[ra.user].numel()], prev[ra.user])
+                assert torch.equal(ra.ids[: prev[ra.user].numel()], prev[ra.user])
             served[ra.user] = k + 1
             prev[ra.user] = ra.ids
     assert sorted(served) == list(range(5))  # rounds visit every user
@@ -196,8 +254,9 @@ def test_the_synthetic_stream_grows_histories_reproducibly():
 
 def compose_cfg(*overrides):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=["workload=e2e", "model=tiny", "logger=none",
-                                            "device=cpu", *overrides])
+        return compose(
+            "config", overrides=["workload=e2e", "model=tiny", "logger=none", "device=cpu", *overrides]
+        )
 
 
 def test_modes_decide_cache_and_graph_and_impossible_ones_say_so():
@@ -205,33 +264,49 @@ def test_modes_decide_cache_and_graph_and_impossible_ones_say_so():
     point is refused by a single run and skipped in a sweep, never failed inside the workload."""
     from hstu_exp.config import device_problem, e2e_ran, point_problem
 
-    assert "workload.mode=cache needs cache=paged or cache=paged_offload" in \
-        point_problem(compose_cfg("cache=none"))
-    assert "graph=cudagraph contradicts workload.mode=cache" in \
-        point_problem(compose_cfg("graph=cudagraph"))
+    assert "workload.mode=cache needs cache=paged or cache=paged_offload" in point_problem(
+        compose_cfg("cache=none")
+    )
+    assert "graph=cudagraph contradicts workload.mode=cache" in point_problem(
+        compose_cfg("graph=cudagraph")
+    )
     assert point_problem(compose_cfg("graph=cudagraph", "workload.mode=cache_graph")) is None
-    assert "mode=cache_graph: CUDA graphs need a CUDA device" in \
-        device_problem(compose_cfg("workload.mode=cache_graph"))
-    assert "mode=baseline_graph: CUDA graphs need a CUDA device" in \
-        device_problem(compose_cfg("workload.mode=baseline_graph"))
+    assert "mode=cache_graph: CUDA graphs need a CUDA device" in device_problem(
+        compose_cfg("workload.mode=cache_graph")
+    )
+    assert "mode=baseline_graph: CUDA graphs need a CUDA device" in device_problem(
+        compose_cfg("workload.mode=baseline_graph")
+    )
     # the host tier of 4 pages cannot hold one request of 512 history tokens (16 pages of 32)
-    assert "cache.host_pages=4: the host tier holds fewer pages" in \
-        point_problem(compose_cfg("cache=paged_offload", "cache.host_pages=4"))
+    assert "cache.host_pages=4: the host tier holds fewer pages" in point_problem(
+        compose_cfg("cache=paged_offload", "cache.host_pages=4")
+    )
     # context tokens count: 16 users x 512 history fit the default pool, 16 x (512 + 8) do not
     assert point_problem(compose_cfg("workload.batch_size=16")) is None
-    assert "cache.num_pages=256: the KV pool holds fewer pages than one batch needs " \
-        "(16 requests x 17 pages" in point_problem(compose_cfg("workload.batch_size=16",
-                                                               "model.num_context=8"))
-    for mode, ran in [("baseline", ("none", "none")), ("baseline_graph", ("none", "cudagraph")),
-                      ("cache", ("paged_offload", "none")),
-                      ("cache_graph", ("paged_offload", "cudagraph"))]:
+    assert (
+        "cache.num_pages=256: the KV pool holds fewer pages than one batch needs "
+        "(16 requests x 17 pages"
+        in point_problem(compose_cfg("workload.batch_size=16", "model.num_context=8"))
+    )
+    for mode, ran in [
+        ("baseline", ("none", "none")),
+        ("baseline_graph", ("none", "cudagraph")),
+        ("cache", ("paged_offload", "none")),
+        ("cache_graph", ("paged_offload", "cudagraph")),
+    ]:
         cfg = compose_cfg(f"workload.mode={mode}", "cache=paged_offload")
         assert tuple(e2e_ran(cfg).values()) == ran
 
 
 def test_a_contradicting_graph_group_is_refused_by_the_cli(tmp_path):
-    proc = hstu_exp("workload=e2e", "model=tiny", "graph=cudagraph", "workload.mode=cache",
-                    "logger=none", f"hydra.run.dir={tmp_path}/run")
+    proc = hstu_exp(
+        "workload=e2e",
+        "model=tiny",
+        "graph=cudagraph",
+        "workload.mode=cache",
+        "logger=none",
+        f"hydra.run.dir={tmp_path}/run",
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("hstu-exp: error: graph=cudagraph contradicts workload.mode=cache")
@@ -240,8 +315,14 @@ def test_a_contradicting_graph_group_is_refused_by_the_cli(tmp_path):
 
 def test_done_when_command(tmp_path):
     """hstu-exp workload=e2e model=tiny cache=paged_offload verify=true logger=none"""
-    proc = hstu_exp("workload=e2e", "model=tiny", "cache=paged_offload", "verify=true",
-                    "logger=none", f"hydra.run.dir={tmp_path}")
+    proc = hstu_exp(
+        "workload=e2e",
+        "model=tiny",
+        "cache=paged_offload",
+        "verify=true",
+        "logger=none",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (r,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert r["status"] == "ok", r.get("error")
@@ -259,36 +340,70 @@ def test_done_when_command(tmp_path):
 def test_four_mode_sweep_records_what_ran_and_draws_the_e2e_figures(tmp_path):
     """All four modes on the CPU: baseline and cache run, the graph modes are recorded skipped;
     each record's identity keys say what ran (not what the cache/graph groups asked for)."""
-    proc = hstu_exp("-m", "workload=e2e", "model=tiny", "cache=paged_offload", "device=cpu",
-                    "workload.mode=baseline,baseline_graph,cache,cache_graph",
-                    "workload.batch_size=2", "workload.num_users=4", "workload.num_batches=8",
-                    "workload.warmup=1", "workload.min_time_s=0.01", "workload.iters=8",
-                    "calibrate=false", "logger=none", f"hydra.sweep.dir={tmp_path}")
+    proc = hstu_exp(
+        "-m",
+        "workload=e2e",
+        "model=tiny",
+        "cache=paged_offload",
+        "device=cpu",
+        "workload.mode=baseline,baseline_graph,cache,cache_graph",
+        "workload.batch_size=2",
+        "workload.num_users=4",
+        "workload.num_batches=8",
+        "workload.warmup=1",
+        "workload.min_time_s=0.01",
+        "workload.iters=8",
+        "calibrate=false",
+        "logger=none",
+        f"hydra.sweep.dir={tmp_path}",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    recs = [json.loads(line) for p in sorted(tmp_path.rglob("results.jsonl"))
-            if p.parent != tmp_path for line in p.read_text().splitlines()]
+    recs = [
+        json.loads(line)
+        for p in sorted(tmp_path.rglob("results.jsonl"))
+        if p.parent != tmp_path
+        for line in p.read_text().splitlines()
+    ]
     by_mode = {r["mode"]: r for r in recs}
     assert set(by_mode) == {"baseline", "baseline_graph", "cache", "cache_graph"}
     ran = {m: (r["status"], r["cache"], r["graph"], r["page_size"]) for m, r in by_mode.items()}
-    assert ran == {"baseline": ("ok", "none", "none", None),
-                   "baseline_graph": ("skipped", "none", "cudagraph", None),
-                   "cache": ("ok", "paged_offload", "none", 32),
-                   "cache_graph": ("skipped", "paged_offload", "cudagraph", 32)}
-    assert all("CUDA graphs need a CUDA device" in by_mode[m]["reason"]
-               for m in ("baseline_graph", "cache_graph"))
+    assert ran == {
+        "baseline": ("ok", "none", "none", None),
+        "baseline_graph": ("skipped", "none", "cudagraph", None),
+        "cache": ("ok", "paged_offload", "none", 32),
+        "cache_graph": ("skipped", "paged_offload", "cudagraph", 32),
+    }
+    assert all(
+        "CUDA graphs need a CUDA device" in by_mode[m]["reason"]
+        for m in ("baseline_graph", "cache_graph")
+    )
     base, cache = by_mode["baseline"], by_mode["cache"]
     assert base["hit_tokens"] == 0 and cache["hit_tokens"] > 0
     assert cache["computed_tokens"] < base["computed_tokens"]
     # The stream, built independently: 8 batches of 2 users, histories 256, 384, 512 (capped).
-    stream = SyntheticStream(num_users=4, batch_size=2, num_batches=8, num_candidates=32,
-                             history_start=256, history_step=128, max_history=512,
-                             num_context=0, item_vocab=1000, action_vocab=16,
-                             context_vocab=1000, seed=0)
+    stream = SyntheticStream(
+        num_users=4,
+        batch_size=2,
+        num_batches=8,
+        num_candidates=32,
+        history_start=256,
+        history_step=128,
+        max_history=512,
+        num_context=0,
+        item_vocab=1000,
+        action_vocab=16,
+        context_vocab=1000,
+        seed=0,
+    )
     tokens = [sum(r.seq_len for r in b) for b in stream.batches]
     assert base["total_history"] == cache["total_history"] == 512
     for r in (base, cache):  # every history token of a batch is a GPU hit, a host hit or a miss
-        hits = [g + h + m for g, h, m in zip(r["batch_gpu_hit_tokens"],
-                                             r["batch_host_hit_tokens"], r["batch_miss_tokens"])]
+        hits = [
+            g + h + m
+            for g, h, m in zip(
+                r["batch_gpu_hit_tokens"], r["batch_host_hit_tokens"], r["batch_miss_tokens"]
+            )
+        ]
         assert hits == tokens
         assert r["gpu_hit_tokens"] + r["host_hit_tokens"] == r["hit_tokens"]
         assert r["miss_tokens"] == sum(r["batch_miss_tokens"])
@@ -307,10 +422,17 @@ def test_four_mode_sweep_records_what_ran_and_draws_the_e2e_figures(tmp_path):
 def test_host_tier_hits_and_bytes_moved_per_batch(tmp_path):
     """More users than the pool holds: evicted users come back from the host tier. Per batch,
     the host hits are onloaded (onloaded bytes = host-hit pages x bytes per page)."""
-    cfg = compose_cfg("cache=paged_offload", "cache.num_pages=48", "workload.batch_size=2",
-                      "workload.num_users=8", "workload.num_batches=16",
-                      "workload.min_time_s=0.01", "workload.iters=1", "workload.warmup=0",
-                      "calibrate=false")
+    cfg = compose_cfg(
+        "cache=paged_offload",
+        "cache.num_pages=48",
+        "workload.batch_size=2",
+        "workload.num_users=8",
+        "workload.num_batches=16",
+        "workload.min_time_s=0.01",
+        "workload.iters=1",
+        "workload.warmup=0",
+        "calibrate=false",
+    )
     measured = e2e.run(cfg, torch.device("cpu"), progress=lambda m: None)
     x = measured.extra
     page_bytes = 2 * 2 * 32 * 2 * 32 * 4  # layers x (K, V) x page x heads x head_dim x fp32
@@ -327,9 +449,15 @@ def test_host_tier_hits_and_bytes_moved_per_batch(tmp_path):
 def test_graph_modes_match_full_recompute_on_cuda(mode):
     """Graph replays (with host onloads before each in cache_graph) serve the stream; verify
     against fp32."""
-    cfg = compose_cfg(f"workload.mode={mode}", "cache=paged_offload", "verify=true",
-                      "device=cuda", "workload.min_time_s=0.01", "workload.iters=1",
-                      "graph.token_buckets=[128,512,1024]")
+    cfg = compose_cfg(
+        f"workload.mode={mode}",
+        "cache=paged_offload",
+        "verify=true",
+        "device=cuda",
+        "workload.min_time_s=0.01",
+        "workload.iters=1",
+        "graph.token_buckets=[128,512,1024]",
+    )
     measured = e2e.run(cfg, torch.device("cuda"), progress=lambda m: None)
     assert measured.extra["bucket"]
     assert measured.verify() < 1e-4
@@ -344,15 +472,13 @@ def test_a_step_padded_to_its_graph_bucket_equals_the_eager_step():
     """What GraphedRanker captures: forward_rows on the bucket's static, padded buffers (extra
     users, a padding KJT bag, dead rows, padded candidate rows) gives the eager step's logits and
     hidden states for the live candidates (eager here; the replay itself: the CUDA tests)."""
-    from hstu_exp.graphs import (Bucket, fit_rows, pad_metadata, pad_tokens, static_batch,
-                                 static_tokens)
     from hstu_exp.core.jagged import make_batch, pack, unpack
+    from hstu_exp.graphs import Bucket, fit_rows, pad_metadata, pad_tokens, static_batch, static_tokens
     from hstu_exp.model.ranking import forward_rows
 
     model = make_model()
     seqs = random_users(4)
-    managers = [KVCacheManager(make_cache("paged", num_pages=40, host_pages=None))
-                for _ in range(2)]
+    managers = [KVCacheManager(make_cache("paged", num_pages=40, host_pages=None)) for _ in range(2)]
     for history in ([10, 30, 5], [25, 41, 5]):  # the second batch hits the cache
         batch_req = [request(seqs, u, h) for u, h in zip([0, 2, 3], history)]
         outs = []
@@ -363,16 +489,22 @@ def test_a_step_padded_to_its_graph_bucket_equals_the_eager_step():
             if padded:  # batch x tokens rows, then the rows fitted to the batch (fit_rows)
                 fit = fit_rows(tokens.num_rows, 32, 4 * 64)
                 assert 0 < fit < 4 * 64
-                for bucket in (Bucket(batch=4, tokens=64, kv=64),
-                               Bucket(batch=4, tokens=64, kv=64, fit=fit)):
-                    arrays = pad_metadata(batch, bucket, pages_per_user=8,
-                                          scratch_page=manager.cache.scratch_page)
+                for bucket in (
+                    Bucket(batch=4, tokens=64, kv=64),
+                    Bucket(batch=4, tokens=64, kv=64, fit=fit),
+                ):
+                    arrays = pad_metadata(
+                        batch, bucket, pages_per_user=8, scratch_page=manager.cache.scratch_page
+                    )
                     arrays.update(pad_tokens(tokens, bucket))
                     views = unpack(*pack(arrays, pin=False))
                     n = tokens.host["candidate_rows"].size
-                    logits, h = forward_rows(model, static_tokens(views, model.embeddings.keys,
-                                                                  bucket),
-                                             static_batch(bucket, views), manager.cache.pool)
+                    logits, h = forward_rows(
+                        model,
+                        static_tokens(views, model.embeddings.keys, bucket),
+                        static_batch(bucket, views),
+                        manager.cache.pool,
+                    )
                     outs.append((logits[:n], h[:n]))
                     assert logits.shape[0] == bucket.rows  # heads ran on every padded row
             else:
@@ -385,11 +517,22 @@ def test_a_step_padded_to_its_graph_bucket_equals_the_eager_step():
 def test_repeats_run_on_fresh_servers_and_the_record_keeps_each(tmp_path):
     """workload.repeats=2: one record holding both repeats' pass totals, values and intervals;
     the e2e record carries its own pass totals (the speedup's resampling unit)."""
-    proc = hstu_exp("workload=e2e", "model=tiny", "cache=paged", "device=cpu",
-                    "workload.batch_size=2", "workload.num_users=2", "workload.num_batches=4",
-                    "workload.warmup=1", "workload.min_time_s=0.01", "workload.iters=12",
-                    "workload.repeats=2", "calibrate=false", "logger=none",
-                    f"hydra.run.dir={tmp_path}")
+    proc = hstu_exp(
+        "workload=e2e",
+        "model=tiny",
+        "cache=paged",
+        "device=cpu",
+        "workload.batch_size=2",
+        "workload.num_users=2",
+        "workload.num_batches=4",
+        "workload.warmup=1",
+        "workload.min_time_s=0.01",
+        "workload.iters=12",
+        "workload.repeats=2",
+        "calibrate=false",
+        "logger=none",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("repeat 1 of 2") == 1 and "repeat 2 of 2" in proc.stdout
     (rec,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]

@@ -1,5 +1,6 @@
 """Token rows of the ranking model: real TorchRec tables, checked row by row against a direct
 lookup in the tables' weights (no KJT, no index bookkeeping in the reference)."""
+
 import math
 import random
 
@@ -12,23 +13,36 @@ from hstu_exp.model.embeddings import SequenceEmbeddings
 
 def make_module(*, hidden=8, num_context=2, position_embedding=True, max_history=40):
     torch.manual_seed(random.randrange(1 << 30))
-    return SequenceEmbeddings(hidden=hidden, item_vocab=50, action_vocab=7,
-                              num_context=num_context, context_vocab=11,
-                              max_history=max_history, position_embedding=position_embedding)
+    return SequenceEmbeddings(
+        hidden=hidden,
+        item_vocab=50,
+        action_vocab=7,
+        num_context=num_context,
+        context_vocab=11,
+        max_history=max_history,
+        position_embedding=position_embedding,
+    )
 
 
 def random_request(user, *, num_context, max_history=40):
     items = random.randint(0, max_history // 2)
     actions = items - random.randint(0, 1) if items else 0
-    return make_request(user, context=torch.randint(11, (num_context,)),
-                        items=torch.randint(50, (items,)), actions=torch.randint(7, (actions,)),
-                        candidates=torch.randint(50, (random.randint(1, 5),)))
+    return make_request(
+        user,
+        context=torch.randint(11, (num_context,)),
+        items=torch.randint(50, (items,)),
+        actions=torch.randint(7, (actions,)),
+        candidates=torch.randint(50, (random.randint(1, 5),)),
+    )
 
 
 def expected_rows(emb: SequenceEmbeddings, request, start: int) -> torch.Tensor:
     tables = emb.collection.embeddings
-    weight = {CONTEXT: tables["context_table"].weight if emb.num_context else None,
-              ITEM: tables["item_table"].weight, ACTION: tables["action_table"].weight}
+    weight = {
+        CONTEXT: tables["context_table"].weight if emb.num_context else None,
+        ITEM: tables["item_table"].weight,
+        ACTION: tables["action_table"].weight,
+    }
     C, T = request.num_context, request.history
     rows, positions = [], []
     for s in range(start, request.seq_len):
@@ -55,7 +69,7 @@ def test_rows_equal_a_direct_table_lookup(num_context, position_embedding):
     # jagged, no padding: each user's uncached tokens then its candidates, back to back
     assert tokens.rows == [r.seq_len - s + r.candidates.numel() for r, s in zip(requests, starts)]
     torch.testing.assert_close(x, torch.cat(want), rtol=1e-6, atol=1e-6)
-    cand = torch.cat([w[-r.candidates.numel():] for w, r in zip(want, requests)])
+    cand = torch.cat([w[-r.candidates.numel() :] for w, r in zip(want, requests)])
     torch.testing.assert_close(x[tokens.candidate_rows], cand, rtol=1e-6, atol=1e-6)
 
 
@@ -95,23 +109,38 @@ def test_a_token_keeps_its_position_as_the_history_grows():
     with torch.no_grad():
         full = emb(emb.tokens([r], [0], "cpu"))
         tail = emb(emb.tokens([r], [r.seq_len // 2], "cpu"))
-    torch.testing.assert_close(tail, full[r.seq_len // 2:])
+    torch.testing.assert_close(tail, full[r.seq_len // 2 :])
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(items=[50], actions=[0], candidates=[1]),
-     "item id 50 is outside the item table's vocabulary (0..49)"),
-    (dict(items=[1], actions=[-1], candidates=[1]),
-     "action id -1 is outside the action table's vocabulary (0..6)"),
-    (dict(items=[1], actions=[1], candidates=[1, 77]),
-     "item id 77 is outside the item table's vocabulary (0..49)"),
-    (dict(items=[1], actions=[1], candidates=[], context=[0, 1]),
-     "user 3: a ranking request needs at least one candidate"),
-    (dict(items=[1], actions=[1], candidates=[1], context=[0, 11]),
-     "context id 11 is outside the context table's vocabulary (0..10)"),
-    (dict(items=[1], actions=[1], candidates=[1], context=[0]),
-     "user 3: 1 context tokens, the model takes model.num_context=2"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (
+            dict(items=[50], actions=[0], candidates=[1]),
+            "item id 50 is outside the item table's vocabulary (0..49)",
+        ),
+        (
+            dict(items=[1], actions=[-1], candidates=[1]),
+            "action id -1 is outside the action table's vocabulary (0..6)",
+        ),
+        (
+            dict(items=[1], actions=[1], candidates=[1, 77]),
+            "item id 77 is outside the item table's vocabulary (0..49)",
+        ),
+        (
+            dict(items=[1], actions=[1], candidates=[], context=[0, 1]),
+            "user 3: a ranking request needs at least one candidate",
+        ),
+        (
+            dict(items=[1], actions=[1], candidates=[1], context=[0, 11]),
+            "context id 11 is outside the context table's vocabulary (0..10)",
+        ),
+        (
+            dict(items=[1], actions=[1], candidates=[1], context=[0]),
+            "user 3: 1 context tokens, the model takes model.num_context=2",
+        ),
+    ],
+)
 def test_bad_requests_get_one_clear_line(kwargs, message):
     emb = make_module(num_context=2)
     kwargs.setdefault("context", [0, 1])
@@ -123,6 +152,7 @@ def test_bad_requests_get_one_clear_line(kwargs, message):
 def test_a_history_longer_than_the_model_takes_is_refused():
     emb = make_module(num_context=0, max_history=4)
     r = make_request(2, items=[1, 2, 3], actions=[1, 2], candidates=[1])
-    with pytest.raises(ValueError, match="user 2: 5 history tokens, more than the model's "
-                                         "max_history=4"):
+    with pytest.raises(
+        ValueError, match="user 2: 5 history tokens, more than the model's max_history=4"
+    ):
         emb.tokens([r], [0], "cpu")

@@ -1,6 +1,7 @@
 """Faults injected through the real CLI (a subprocess, a real sweep dir): a torn results.jsonl,
 a full disk during the close-out (a real small tmpfs), a file standing where figures/ must be,
 a record that cannot be written, and bad input to the report scripts."""
+
 import json
 import os
 import re
@@ -10,19 +11,30 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from helpers import FAST, ROOT, hstu_exp, tmpfs
 from test_sweep import assert_real_png
 
-GRID = ["model=tiny", "logger=none", "workload.batch_size=1,2", "cache=none,paged",
-        "workload.total_history=32", "workload.new_history=32", *FAST]
+GRID = [
+    "model=tiny",
+    "logger=none",
+    "workload.batch_size=1,2",
+    "cache=none,paged",
+    "workload.total_history=32",
+    "workload.new_history=32",
+    *FAST,
+]
 POINTS = 4
 
 
 def script(name, *args, cwd=None):
     """A script as the README shows it: `scripts/NAME ARGS` (its shebang picks the python)."""
-    return subprocess.run([str(ROOT / "scripts" / name), *map(str, args)], capture_output=True,
-                          text=True, timeout=180, cwd=cwd or ROOT)
+    return subprocess.run(
+        [str(ROOT / "scripts" / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=cwd or ROOT,
+    )
 
 
 def lines_of(path: Path) -> list:
@@ -62,8 +74,9 @@ def test_torn_record_is_set_aside_and_resume_counts_the_point(sweep, tmp_path):
 
     proc = hstu_exp("-m", *GRID, "resume=true", f"hydra.sweep.dir={s}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert len(re.findall(r"already ok in this sweep, skipped \(resume=true\)", proc.stdout)) \
-        == POINTS - 1
+    assert (
+        len(re.findall(r"already ok in this sweep, skipped \(resume=true\)", proc.stdout)) == POINTS - 1
+    )
     assert f"{POINTS} points: {POINTS} ok" in proc.stdout
     # the re-run record sits on a line of its own; the fragment is kept beside, not deleted
     (rec,) = lines_of(job)
@@ -117,8 +130,7 @@ def test_something_standing_where_a_close_out_file_must_go_fails_it(sweep, tmp_p
     # what could be written before was: the CSV (and, for figures/, the records with samples)
     assert len(pd.read_csv(s / "results.csv")) == POINTS
     if where == "figures":
-        assert all("samples_ms" in r for r in lines_of(s / "results.jsonl")
-                   if r["status"] == "ok")
+        assert all("samples_ms" in r for r in lines_of(s / "results.jsonl") if r["status"] == "ok")
     assert not list(s.glob(".*tmp*"))
 
 
@@ -154,10 +166,12 @@ def test_scripts_refuse_bad_input_with_one_line(name, sweep, tmp_path):
     no_cols = tmp_path / "results.csv"
     no_cols.write_text("a,b\n1,2\n")
     two = (sweep, sweep) if name == "compare.py" else (sweep,)
-    cases = {(): "the following arguments are required",
-             (tmp_path / "missing", *two[1:]): "no such sweep dir or file",
-             (empty,) * len(two): "empty CSV",
-             (no_cols,) * len(two): "missing column(s)"}
+    cases = {
+        (): "the following arguments are required",
+        (tmp_path / "missing", *two[1:]): "no such sweep dir or file",
+        (empty,) * len(two): "empty CSV",
+        (no_cols,) * len(two): "missing column(s)",
+    }
     for args, says in cases.items():
         proc = script(name, *args)
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
@@ -175,8 +189,9 @@ def test_compare_two_sweeps_with_nothing_in_common(sweep, tmp_path):
         f.write_text("".join(json.dumps(r) + "\n" for r in recs))
     proc = script("compare.py", sweep, other, "--no-figure")
     assert proc.returncode == 2
-    assert "no point of A matches a point of B" in one_error_line(proc.stderr,
-                                                                  "hstu-exp-compare: error:")
+    assert "no point of A matches a point of B" in one_error_line(
+        proc.stderr, "hstu-exp-compare: error:"
+    )
 
 
 def test_writer_starts_each_record_on_a_fresh_line(tmp_path):
@@ -195,8 +210,9 @@ def test_writer_starts_each_record_on_a_fresh_line(tmp_path):
     assert [r["point"] for r in scan.records] == [0, 1, 2, 3] and scan.torn == 0
     assert scan.set_aside == 1
     # an older writer glued a record onto a fragment: the record is recovered, the line counted
-    path.write_text('{"status": "skipped", "point": 0}\n'
-                    '{"status": "o{"status": "skipped", "point": 1}\n{"stat\n')
+    path.write_text(
+        '{"status": "skipped", "point": 0}\n{"status": "o{"status": "skipped", "point": 1}\n{"stat\n'
+    )
     scan = scan_records(tmp_path)
     assert [r["point"] for r in scan.records] == [0, 1] and scan.torn == 2
     assert "passed over 2 torn line(s)" in scan.torn_note()

@@ -1,9 +1,9 @@
 """Faults at the command line, injected through the real CLI: each case gets one line naming the
 key or path, a non-zero exit, no traceback, and nothing already written is lost."""
+
 import json
 
 import pytest
-
 from helpers import FAST, hstu_exp, tmpfs
 
 QUIET = [*FAST, "logger=none"]
@@ -28,9 +28,15 @@ def test_experiment_grid_without_multirun_runs_nothing(tmp_path):
 
 def test_experiment_with_every_swept_key_set_is_one_point(tmp_path):
     run_dir = tmp_path / "run"
-    proc = hstu_exp("experiment=quick", "cache=paged", "workload.batch_size=1",
-                    "workload.total_history=128", "workload.new_history=32", *QUIET,
-                    f"hydra.run.dir={run_dir}")
+    proc = hstu_exp(
+        "experiment=quick",
+        "cache=paged",
+        "workload.batch_size=1",
+        "workload.total_history=128",
+        "workload.new_history=32",
+        *QUIET,
+        f"hydra.run.dir={run_dir}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (record,) = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     assert (record["status"], record["total_history"], record["new_history"]) == ("ok", 128, 32)
@@ -96,17 +102,22 @@ def read_only_dir(tmp_path):
 @pytest.mark.parametrize("multirun", [False, True], ids=["run", "sweep"])
 def test_output_dir_on_a_read_only_mount(read_only_dir, multirun):
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    line = one_line_error(hstu_exp(*(["-m"] if multirun else []), *QUIET,
-                                   f"{key}={read_only_dir}/out"))
+    line = one_line_error(hstu_exp(*(["-m"] if multirun else []), *QUIET, f"{key}={read_only_dir}/out"))
     assert f"{key}={read_only_dir}/out" in line and "Read-only file system" in line
 
 
 def test_unwritable_record_stops_the_sweep_and_closes_out_the_rest(tmp_path):
     # A directory stands where point 1's results.jsonl must go: its record cannot be written.
     (tmp_path / "1" / "results.jsonl").mkdir(parents=True)
-    proc = hstu_exp("-m", "model=tiny", "workload.batch_size=1,2",
-                    "workload.total_history=128,256", "workload.new_history=128", *QUIET,
-                    f"hydra.sweep.dir={tmp_path}")
+    proc = hstu_exp(
+        "-m",
+        "model=tiny",
+        "workload.batch_size=1,2",
+        "workload.total_history=128,256",
+        "workload.new_history=128",
+        *QUIET,
+        f"hydra.sweep.dir={tmp_path}",
+    )
     line = one_line_error(proc, code=1)
     assert "results.jsonl" in line and "the sweep stopped" in line
     assert "[3/4]" not in proc.stdout  # no point ran after the one that could not be recorded
@@ -117,9 +128,16 @@ def test_unwritable_record_stops_the_sweep_and_closes_out_the_rest(tmp_path):
 
 
 def test_console_is_quiet_and_each_job_log_holds_its_lines(tmp_path):
-    proc = hstu_exp("-m", "workload=e2e", "model=tiny", "workload.mode=baseline",
-                    "workload.batch_size=1,2,4", "workload.num_batches=2", *QUIET,
-                    f"hydra.sweep.dir={tmp_path}")
+    proc = hstu_exp(
+        "-m",
+        "workload=e2e",
+        "model=tiny",
+        "workload.mode=baseline",
+        "workload.batch_size=1,2,4",
+        "workload.num_batches=2",
+        *QUIET,
+        f"hydra.sweep.dir={tmp_path}",
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     console = proc.stdout + proc.stderr
     for noise in ("Successfully loaded", "[HYDRA]", "Launching", "fontManager", "is_fx_tracing"):

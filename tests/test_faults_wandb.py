@@ -1,6 +1,7 @@
 """W&B faults through the real CLI: an online endpoint that accepts connections and never answers
 must cost one bounded wait, one warning line and no record; a signal during that wait ends the
 sweep at once (issue: the old sink hung forever, and ignored SIGINT/SIGTERM in the close-out)."""
+
 import contextlib
 import json
 import os
@@ -13,7 +14,6 @@ import time
 
 import pandas as pd
 import pytest
-
 from helpers import FAST, ROOT, hstu_exp
 
 TIMEOUT_S = 2  # logger.timeout_s: an online run is killed after 2 * 2 + 10 = 14 s
@@ -50,13 +50,19 @@ def silent_endpoint():
 def online_env(monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)  # logger.mode decides here
     with silent_endpoint() as port:
-        yield {"WANDB_BASE_URL": f"http://127.0.0.1:{port}", "WANDB_API_KEY": DUMMY_KEY,
-               "WANDB_SILENT": "true"}
+        yield {
+            "WANDB_BASE_URL": f"http://127.0.0.1:{port}",
+            "WANDB_API_KEY": DUMMY_KEY,
+            "WANDB_SILENT": "true",
+        }
 
 
 def records(root):
-    return [json.loads(line) for p in sorted(root.glob("*/results.jsonl"))
-            for line in p.read_text().splitlines()]
+    return [
+        json.loads(line)
+        for p in sorted(root.glob("*/results.jsonl"))
+        for line in p.read_text().splitlines()
+    ]
 
 
 def wandb_warnings(text):
@@ -65,9 +71,17 @@ def wandb_warnings(text):
 
 def test_unanswering_endpoint_costs_one_bounded_wait(tmp_path, online_env):
     started = time.monotonic()
-    proc = hstu_exp("-m", "model=tiny", "workload.batch_size=1,2", "logger.mode=online",
-                    f"logger.timeout_s={TIMEOUT_S}", *FAST, f"hydra.sweep.dir={tmp_path}",
-                    env=online_env, timeout=150)
+    proc = hstu_exp(
+        "-m",
+        "model=tiny",
+        "workload.batch_size=1,2",
+        "logger.mode=online",
+        f"logger.timeout_s={TIMEOUT_S}",
+        *FAST,
+        f"hydra.sweep.dir={tmp_path}",
+        env=online_env,
+        timeout=150,
+    )
     elapsed = time.monotonic() - started
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
@@ -86,11 +100,25 @@ def test_unanswering_endpoint_costs_one_bounded_wait(tmp_path, online_env):
 
 def test_signal_during_the_wandb_wait_ends_the_sweep(tmp_path, online_env):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **online_env}
-    proc = subprocess.Popen([sys.executable, "-m", "hstu_exp", "-m", "model=tiny",
-                             "workload.batch_size=1,2", "logger.mode=online",
-                             "logger.timeout_s=60", *FAST, f"hydra.sweep.dir={tmp_path}"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hstu_exp",
+            "-m",
+            "model=tiny",
+            "workload.batch_size=1,2",
+            "logger.mode=online",
+            "logger.timeout_s=60",
+            *FAST,
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 90
         while not (tmp_path / "0" / "results.jsonl").is_file():  # the first point is on disk,
@@ -119,33 +147,60 @@ def test_marker_turns_wandb_off_for_this_sweep_only(tmp_path, monkeypatch, capsy
     from hstu_exp.tracking import wandb_sink
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    record = {"status": "ok", "config_key": "k1", "workload": "block", "model": "tiny",
-              "batch_size": 1, "total_history": 64, "new_history": 64, "median_ms": 1.0,
-              "samples_ms": [1.0, 1.1, 0.9]}
+    record = {
+        "status": "ok",
+        "config_key": "k1",
+        "workload": "block",
+        "model": "tiny",
+        "batch_size": 1,
+        "total_history": 64,
+        "new_history": 64,
+        "median_ms": 1.0,
+        "samples_ms": [1.0, 1.1, 0.9],
+    }
     logger = {"name": "wandb", "mode": "offline", "project": "hstu-exp", "tags": []}
     (tmp_path / wandb_sink.MARKER).write_text(json.dumps({"started": "111", "reason": "x"}))
     monkeypatch.setenv("HSTU_EXP_STARTED", "111")
-    assert wandb_sink.log_point(record, logger=logger, job_dir=tmp_path / "0", group="g",
-                                cfg={}, sweep_dir=tmp_path) is None
+    assert (
+        wandb_sink.log_point(
+            record, logger=logger, job_dir=tmp_path / "0", group="g", cfg={}, sweep_dir=tmp_path
+        )
+        is None
+    )
     assert not list(tmp_path.rglob("offline-run-*")) and "W&B" not in str(capsys.readouterr())
     monkeypatch.setenv("HSTU_EXP_STARTED", "222")
-    run_dir = wandb_sink.log_point(record, logger=logger, job_dir=tmp_path / "0", group="g",
-                                   cfg={}, sweep_dir=tmp_path)
+    run_dir = wandb_sink.log_point(
+        record, logger=logger, job_dir=tmp_path / "0", group="g", cfg={}, sweep_dir=tmp_path
+    )
     assert run_dir and list(tmp_path.rglob("offline-run-*"))
 
 
 def test_child_writes_the_run_and_reports_its_errors(tmp_path):
     """The online path's child process, driven offline: it writes the very run the parent
     described, and a W&B error inside it comes back as one exception, not a hang."""
-    from hstu_exp.tracking import wandb_sink
     from helpers import read_run
 
-    record = {"status": "ok", "config_key": "k2", "workload": "block", "model": "tiny",
-              "batch_size": 2, "total_history": 64, "new_history": 8, "median_ms": 2.0,
-              "samples_ms": [2.0, 2.5, 1.5, 2.0]}
-    spec = wandb_sink.point_spec(record, logger={"project": "hstu-exp", "tags": ["t"]},
-                                 job_dir=tmp_path / "0", group="g", cfg={"seed": 0},
-                                 data_dir=tmp_path)
+    from hstu_exp.tracking import wandb_sink
+
+    record = {
+        "status": "ok",
+        "config_key": "k2",
+        "workload": "block",
+        "model": "tiny",
+        "batch_size": 2,
+        "total_history": 64,
+        "new_history": 8,
+        "median_ms": 2.0,
+        "samples_ms": [2.0, 2.5, 1.5, 2.0],
+    }
+    spec = wandb_sink.point_spec(
+        record,
+        logger={"project": "hstu-exp", "tags": ["t"]},
+        job_dir=tmp_path / "0",
+        group="g",
+        cfg={"seed": 0},
+        data_dir=tmp_path,
+    )
     spec["init"]["mode"], spec["timeout_s"] = "offline", 5
     run = read_run(wandb_sink._write_in_child(spec))
     assert run["id"] == wandb_sink.run_id("g", "k2") and "t" in run["tags"]
@@ -161,10 +216,10 @@ def test_an_unwritable_home_keeps_wandb_cores_log_off_the_console(tmp_path):
     goes under the run's W&B data dir and the console stays quiet."""
     (tmp_path / "file").write_text("")
     env = {"HOME": str(tmp_path / "file" / "home"), "XDG_CACHE_HOME": "", "WANDB_CACHE_DIR": ""}
-    proc = hstu_exp("model=tiny", "logger.mode=offline", *FAST, f"hydra.run.dir={tmp_path}/run",
-                    env=env)
+    proc = hstu_exp("model=tiny", "logger.mode=offline", *FAST, f"hydra.run.dir={tmp_path}/run", env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "failed to get logger path" not in proc.stderr and " INFO " not in proc.stderr, \
-        proc.stderr[-3000:]
+    assert "failed to get logger path" not in proc.stderr and " INFO " not in proc.stderr, proc.stderr[
+        -3000:
+    ]
     (log,) = (tmp_path / "run").rglob("core-debug-*.log")
     assert log.stat().st_size > 0

@@ -1,25 +1,39 @@
 """The close-out figures say what they show: checked on the matplotlib objects (panels, one
 shared colour scale centred at 1, 1.0 lines, error bars, hatched invalid points, titles, legend
 titles, provenance footer) and on the PNG pixels, from records made up with known speedups."""
+
 import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
+from test_sweep import assert_real_png
 
 from hstu_exp.report import figures
 from hstu_exp.report.aggregate import block_speedups, e2e_speedups, headline
-from test_sweep import assert_real_png
 
-ENV = {"device_name": "NVIDIA H200", "git_sha": "0123abcd4567", "model": "seed",
-       "dtype": "bfloat16", "num_candidates": 256, "device": "cuda", "status": "ok"}
+ENV = {
+    "device_name": "NVIDIA H200",
+    "git_sha": "0123abcd4567",
+    "model": "seed",
+    "dtype": "bfloat16",
+    "num_candidates": 256,
+    "device": "cuda",
+    "status": "ok",
+}
 
 
 def _rec(rng, median, **keys):
     samples = rng.normal(median, 0.02 * median, 200)
-    return {**ENV, **keys, "median_ms": float(np.median(samples)),
-            "p10_ms": float(np.percentile(samples, 10)),
-            "p90_ms": float(np.percentile(samples, 90)), "samples_ms": samples.tolist(),
-            "valid": True, "floor_fraction": 0.3}
+    return {
+        **ENV,
+        **keys,
+        "median_ms": float(np.median(samples)),
+        "p10_ms": float(np.percentile(samples, 10)),
+        "p90_ms": float(np.percentile(samples, 90)),
+        "samples_ms": samples.tolist(),
+        "valid": True,
+        "floor_fraction": 0.3,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +46,23 @@ def block():
         for b in (1, 2):
             for t in (256, 1024):
                 full = 0.1 * t / 256 * b
-                base = dict(workload="block", kernel=kernel, graph=graph, batch_size=b,
-                            total_history=t, page_size=None)
+                base = dict(
+                    workload="block",
+                    kernel=kernel,
+                    graph=graph,
+                    batch_size=b,
+                    total_history=t,
+                    page_size=None,
+                )
                 recs.append(_rec(rng, full, cache="none", new_history=t, **base))
                 for n in (64, t // 2):
                     g = gain if t == 1024 or gain < 1 else 1.5
                     speed = g if n == 64 else (1 + g) / 2
-                    recs.append(_rec(rng, full / speed, cache="paged", new_history=n,
-                                     **{**base, "page_size": 32}))
+                    recs.append(
+                        _rec(
+                            rng, full / speed, cache="paged", new_history=n, **{**base, "page_size": 32}
+                        )
+                    )
     df = pd.DataFrame(recs)
     df.loc[3, "valid"] = False
     df.loc[3, "invalid_reason"] = "cv 9% above the ceiling 3%"
@@ -50,9 +73,23 @@ def block():
 def e2e():
     rng = np.random.default_rng(1)
     speed = {"baseline": 1.0, "baseline_graph": 1.3, "cache": 2.0, "cache_graph": 4.0}
-    df = pd.DataFrame([_rec(rng, 5.0 / speed[m] * b, workload="e2e", mode=m, batch_size=b,
-                            kernel="triton", graph="none", cache="none", total_history=4096)
-                       for m in speed for b in (1, 4)])
+    df = pd.DataFrame(
+        [
+            _rec(
+                rng,
+                5.0 / speed[m] * b,
+                workload="e2e",
+                mode=m,
+                batch_size=b,
+                kernel="triton",
+                graph="none",
+                cache="none",
+                total_history=4096,
+            )
+            for m in speed
+            for b in (1, 4)
+        ]
+    )
     # one batch a pass: every sample is a pass total (the e2e speedup's unit)
     return df.assign(total_ms=df["median_ms"], num_batches=1)
 
@@ -69,7 +106,7 @@ def test_heatmap_one_panel_per_mode_one_scale_centred_at_one(block):
     titles = {ax.get_title() for ax in panels}
     assert {"triton+cudagraph, batch size 1", "reference+none, batch size 2"} <= titles
     norms = {(ax.images[0].norm.vmin, ax.images[0].norm.vmax) for ax in panels}
-    (vmin, vmax), = norms  # ONE shared scale
+    ((vmin, vmax),) = norms  # ONE shared scale
     assert vmin * vmax == pytest.approx(1.0)  # log scale centred at 1
     assert vmax >= 4.0 * 0.95 and vmin <= 0.5 * 1.05
     assert len(fig.axes) == len(panels) + 1  # and one colourbar
@@ -110,21 +147,43 @@ def test_e2e_figures_show_all_four_modes_with_intervals(e2e):
     legend = ax.get_legend()
     assert legend.get_title().get_text() == "e2e mode"
     assert [t.get_text() for t in legend.get_texts()] == [
-        "Baseline + CUDA graph", "KV cache", "KV cache + CUDA graph"]
+        "Baseline + CUDA graph",
+        "KV cache",
+        "KV cache + CUDA graph",
+    ]
     assert any(np.allclose(line.get_ydata(), 1.0) for line in ax.lines)
     fig = figures.e2e_latency(e2e)
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
-        "Baseline", "Baseline + CUDA graph", "KV cache", "KV cache + CUDA graph"]
+        "Baseline",
+        "Baseline + CUDA graph",
+        "KV cache",
+        "KV cache + CUDA graph",
+    ]
 
 
 def test_headline_intervals_hold_the_known_speedups(block, e2e):
     table = headline(pd.concat([block, e2e], ignore_index=True))
-    assert list(table.columns) == ["workload", "comparison", "batch_size", "total_history",
-                                   "new_history", "speedup", "ci_low", "ci_high", "spread_low",
-                                   "spread_high", "repeats", "repeats_agree", "valid",
-                                   "baseline_valid"]
-    row = table[(table.comparison == "paged vs none (triton+cudagraph)") &
-                (table.batch_size == 2) & (table.total_history == 1024)].iloc[0]
+    assert list(table.columns) == [
+        "workload",
+        "comparison",
+        "batch_size",
+        "total_history",
+        "new_history",
+        "speedup",
+        "ci_low",
+        "ci_high",
+        "spread_low",
+        "spread_high",
+        "repeats",
+        "repeats_agree",
+        "valid",
+        "baseline_valid",
+    ]
+    row = table[
+        (table.comparison == "paged vs none (triton+cudagraph)")
+        & (table.batch_size == 2)
+        & (table.total_history == 1024)
+    ].iloc[0]
     assert row.new_history == 64  # the largest cached prefix
     assert row.ci_low < 4.0 < row.ci_high and row.ci_high - row.ci_low < 0.4
     e = table[table.comparison == "cache_graph vs baseline"]
@@ -133,8 +192,15 @@ def test_headline_intervals_hold_the_known_speedups(block, e2e):
 
 def test_pngs_have_the_content(block, e2e, tmp_path):
     out = figures.draw_all(pd.concat([block, e2e], ignore_index=True), tmp_path)
-    assert set(out) == {"latency_vs_history", "latency_bars", "speedup_bars", "speedup_heatmap",
-                        "roofline_fraction", "e2e_latency", "e2e_speedup"}
+    assert set(out) == {
+        "latency_vs_history",
+        "latency_bars",
+        "speedup_bars",
+        "speedup_heatmap",
+        "roofline_fraction",
+        "e2e_latency",
+        "e2e_speedup",
+    }
     for path in out.values():
         assert_real_png(path)
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
@@ -157,8 +223,7 @@ def test_grouped_bars_give_every_series_its_own_colour():
     from hstu_exp.report.figures import _bars
 
     series = [f"config{i}" for i in range(12)]
-    table = pd.DataFrame({"group": "all", "label": series, "v": range(1, 13),
-                          "valid_": True})
+    table = pd.DataFrame({"group": "all", "label": series, "v": range(1, 13), "valid_": True})
     fig, ax = plt.subplots()
     _bars(ax, ["all"], series, table, x="group", hue="label", y="v")
     colours = {tuple(bar.get_facecolor()) for bar in ax.patches if bar.get_height() > 0}
@@ -169,11 +234,21 @@ def test_grouped_bars_give_every_series_its_own_colour():
 def test_e2e_host_device_bars_hold_the_per_batch_times():
     """One panel per mode; per batch size the host and device bars are the records' pass
     medians divided by the stream's batches, and the latency marker is median_ms."""
-    recs = [{**ENV, "workload": "e2e", "mode": m, "batch_size": b, "num_batches": 16,
-             "host_ms": 16 * host, "device_ms": 16 * dev, "median_ms": max(host, dev) + 0.05,
-             "valid": True}
-            for m, host, dev in (("cache", 2.0, 1.0), ("cache_graph", 0.3, 0.5))
-            for b in (1, 8)]
+    recs = [
+        {
+            **ENV,
+            "workload": "e2e",
+            "mode": m,
+            "batch_size": b,
+            "num_batches": 16,
+            "host_ms": 16 * host,
+            "device_ms": 16 * dev,
+            "median_ms": max(host, dev) + 0.05,
+            "valid": True,
+        }
+        for m, host, dev in (("cache", 2.0, 1.0), ("cache_graph", 0.3, 0.5))
+        for b in (1, 8)
+    ]
     fig = figures.e2e_host_device(pd.DataFrame(recs))
     assert [ax.get_title() for ax in fig.axes] == ["KV cache", "KV cache + CUDA graph"]
     for ax, (host, dev) in zip(fig.axes, ((2.0, 1.0), (0.3, 0.5))):
@@ -184,24 +259,46 @@ def test_e2e_host_device_bars_hold_the_per_batch_times():
 
 def _serve(clock, label_cache, qps, p99, verdict, **extra):
     samples = list(np.linspace(5, p99 * 1.1, 50))
-    return {"workload": "serve", "status": "ok", "cache": label_cache, "kernel": "triton",
-            "graph": "none", "mode": "online-fifo", "batch_size": 8, "qps": qps,
-            "target_qps": qps, "p50_ms": p99 / 3, "p99_ms": p99, "p999_ms": p99 * 1.2,
-            "slo_ms": 80.0, "slo_percentile": 99.0, "clock": clock, "verdict": verdict,
-            "valid": True, "samples_ms": samples, **extra}
+    return {
+        "workload": "serve",
+        "status": "ok",
+        "cache": label_cache,
+        "kernel": "triton",
+        "graph": "none",
+        "mode": "online-fifo",
+        "batch_size": 8,
+        "qps": qps,
+        "target_qps": qps,
+        "p50_ms": p99 / 3,
+        "p99_ms": p99,
+        "p999_ms": p99 * 1.2,
+        "slo_ms": 80.0,
+        "slo_percentile": 99.0,
+        "clock": clock,
+        "verdict": verdict,
+        "valid": True,
+        "samples_ms": samples,
+        **extra,
+    }
 
 
 def test_serve_figures_say_the_clock_and_the_verdict_and_draw_the_slo_right():
     """Real solid, simulated dashed; INVALID points hollow; the CDF's SLO is a vertical line at
     80 ms spanning the fraction axis; max-QPS bars carry the bracket up to the lowest failing
     rate; every title says which clock."""
-    recs = [_serve(c, "paged", q, p, v) for c in ("real", "simulated")
-            for q, p, v in ((100, 20, "VALID"), (400, 60, "VALID"), (800, 300, "INVALID"))]
+    recs = [
+        _serve(c, "paged", q, p, v)
+        for c in ("real", "simulated")
+        for q, p, v in ((100, 20, "VALID"), (400, 60, "VALID"), (800, 300, "INVALID"))
+    ]
     df = pd.DataFrame(recs)
     fig = figures.serve_latency_vs_qps(df)
     ax = fig.axes[1]  # p99
-    styles = {line.get_label(): line.get_linestyle() for line in ax.lines
-              if not line.get_label().startswith("_")}
+    styles = {
+        line.get_label(): line.get_linestyle()
+        for line in ax.lines
+        if not line.get_label().startswith("_")
+    }
     assert styles["paged (real)"] == "-" and styles["paged (simulated)"] == "--"
     hollow = [line for line in ax.lines if line.get_markerfacecolor() == "white"]
     assert sorted(float(x) for line in hollow for x in line.get_xdata()) == [800, 800]
@@ -214,9 +311,12 @@ def test_serve_figures_say_the_clock_and_the_verdict_and_draw_the_slo_right():
     assert list(slo[0].get_ydata()) == [0, 1]  # axvline: the full height, in axes units
     assert ax.get_ylim()[1] <= 1.05 and "clock: simulated" in fig._suptitle.get_text()
 
-    search = pd.DataFrame([_serve("real", c, None, 50, "VALID", mode="max_qps-fifo",
-                                  max_qps=m, min_failing_qps=f)
-                           for c, m, f in (("none", 450.0, 500.0), ("paged", 700.0, None))])
+    search = pd.DataFrame(
+        [
+            _serve("real", c, None, 50, "VALID", mode="max_qps-fifo", max_qps=m, min_failing_qps=f)
+            for c, m, f in (("none", 450.0, 500.0), ("paged", 700.0, None))
+        ]
+    )
     fig = figures.serve_max_qps(search)
     ax = fig.axes[0]
     brackets = [line for line in ax.lines if len(line.get_ydata()) == 2]
@@ -226,8 +326,12 @@ def test_serve_figures_say_the_clock_and_the_verdict_and_draw_the_slo_right():
 def test_latency_bars_zero_cached_bar_is_the_cache_none_baseline(block):
     """A paged point with n = T recorded after the cache=none point must not replace it."""
     d = _labelled(block)
-    full = d[(d["cache"] == "none") & (d["batch_size"] == 1) & (d["total_history"] == 256)
-             & (d["kernel"] == "triton")].iloc[0]
+    full = d[
+        (d["cache"] == "none")
+        & (d["batch_size"] == 1)
+        & (d["total_history"] == 256)
+        & (d["kernel"] == "triton")
+    ].iloc[0]
     late = full.copy()
     late["cache"], late["median_ms"], late["time"] = "paged", full["median_ms"] * 3, "9"
     d = pd.concat([d.assign(time="0"), late.to_frame().T], ignore_index=True)
@@ -240,9 +344,11 @@ def test_latency_bars_zero_cached_bar_is_the_cache_none_baseline(block):
 
 def test_e2e_figures_give_each_mode_one_colour(e2e):
     """The speedup figure has no baseline bar; a mode keeps its latency figure's colour."""
+
     def colours(fig):
         handles, labels = fig.axes[0].get_legend_handles_labels()
         return {label: tuple(h.patches[0].get_facecolor()) for h, label in zip(handles, labels)}
+
     latency = colours(figures.e2e_latency(e2e))
     speedup = colours(figures.e2e_speedup(e2e_speedups(e2e)))
     assert set(speedup) == {"Baseline + CUDA graph", "KV cache", "KV cache + CUDA graph"}

@@ -2,30 +2,32 @@
 interpreter on CPU), the block with e4m3 UVQK / W_o against the float32 oracle on random shapes
 (odd lengths, page boundaries, zero-length new histories, users without candidates), and the
 accuracy gate that a reduced-precision point must pass to be timed."""
+
 import copy
 import json
 from dataclasses import replace
 
 import pytest
 import torch
+from helpers import hstu_exp
+from test_block_kernels import DEVICE, EDGE_CASES, HIDDEN, full_and_cached, reference_block
 
 from hstu_exp.bench.measure import AccuracyGateError, Measured, finish, gate_check
 from hstu_exp.bench.timer import StopRule
 from hstu_exp.model.hstu import oracle
 from hstu_exp.ops.fp8 import E4M3, quantize_rows
 from hstu_exp.ops.fused import layernorm, layernorm_mul, layernorm_mul_torch, layernorm_torch
-from helpers import hstu_exp
-from test_block_kernels import DEVICE, EDGE_CASES, HIDDEN, full_and_cached, reference_block
 
 
 def assert_e4m3_of(q, scale, y):
     """q * scale represents y as e4m3 does: each element within 2^-3 of its magnitude (a
     3-bit mantissa, rounded or truncated) or within the subnormal step; scale = amax / 448."""
     assert q.dtype == E4M3 and scale.shape == (y.shape[0], 1)
-    torch.testing.assert_close(scale, (y.abs().amax(1, keepdim=True) / 448).clamp_min(1e-12),
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        scale, (y.abs().amax(1, keepdim=True) / 448).clamp_min(1e-12), rtol=1e-5, atol=0
+    )
     back = q.float() * scale
-    bound = 0.125 * y.abs() + scale * 2.0 ** -9 + 1e-7
+    bound = 0.125 * y.abs() + scale * 2.0**-9 + 1e-7
     assert bool(((back - y).abs() <= bound).all()), float(((back - y).abs() - bound).max())
     assert bool((q.float().abs().amax(1) == 448)[y.abs().amax(1) > 0].all())  # full range used
 
@@ -38,7 +40,7 @@ def test_layernorm_kernels_hand_over_e4m3_rows(rows, width):
     q, scale = layernorm(x, w, b, 1e-5, fp8=True)
     assert_e4m3_of(q, scale, layernorm_torch(x, w, b, 1e-5))
     z = torch.randn(rows, 3 * width, device=DEVICE) * 2
-    a, u = z[:, :width], z[:, width:2 * width]  # strided views, as in the layer
+    a, u = z[:, :width], z[:, width : 2 * width]  # strided views, as in the layer
     q, scale = layernorm_mul(a, u, w, b, 1e-5, fp8=True)
     assert_e4m3_of(q, scale, layernorm_mul_torch(a, u, w, b, 1e-5))
     q, scale = quantize_rows(x)  # the PyTorch path kernel=reference takes
@@ -54,8 +56,7 @@ def rel(got, want):
 TRITON_DTYPE = torch.float16 if DEVICE == "cpu" else torch.bfloat16
 
 
-@pytest.mark.parametrize("kernel,dtype", [("reference", torch.bfloat16),
-                                          ("triton", TRITON_DTYPE)])
+@pytest.mark.parametrize("kernel,dtype", [("reference", torch.bfloat16), ("triton", TRITON_DTYPE)])
 @pytest.mark.parametrize("hist,cached,cands", EDGE_CASES + [([37, 5, 0], [0, 5, 0], [3, 2, 1])])
 def test_fp8_block_against_the_float32_oracle(kernel, dtype, hist, cached, cands):
     """Full and cached: e4m3 GEMMs stay within the accuracy gate of the float32 oracle, and
@@ -92,11 +93,13 @@ def test_gate_passes_fails_and_says_why():
 def test_finish_drops_the_timing_of_a_point_that_misses_its_gate():
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create({"verify": False, "calibrate": False, "profile": False,
-                            "kernel": {"gemm_dtype": "fp8"}})
+    cfg = OmegaConf.create(
+        {"verify": False, "calibrate": False, "profile": False, "kernel": {"gemm_dtype": "fp8"}}
+    )
     rule = StopRule(iters=1, min_time_s=0, max_time_s=1, cv_max=10, min_samples=2)
-    measured = Measured(samples_ms=[1.0, 1.1], flops=1.0, nbytes=1.0, rule=rule,
-                        dtype=torch.bfloat16, verify=lambda: 0.5)
+    measured = Measured(
+        samples_ms=[1.0, 1.1], flops=1.0, nbytes=1.0, rule=rule, dtype=torch.bfloat16, verify=lambda: 0.5
+    )
     with pytest.raises(AccuracyGateError, match="not timed"):
         finish(measured, cfg, torch.device("cpu"))
     measured.verify = lambda: 1e-3  # verified although verify=false: the gate applies
@@ -106,15 +109,26 @@ def test_finish_drops_the_timing_of_a_point_that_misses_its_gate():
 def test_cli_gates_fp8_points(tmp_path):
     """A bf16 tiny model with e4m3 GEMMs: verified and gated without verify=true; a float32
     model cannot take them (skipped, the reason names the key)."""
-    proc = hstu_exp("-m", "logger=none", "device=cpu", "model.dtype=bfloat16,float32",
-                    "kernel.gemm_dtype=fp8", "workload.total_history=40",
-                    "workload.new_history=40", "workload.num_candidates=5",
-                    "workload.min_time_s=0.01", "workload.iters=3", "workload.warmup=1",
-                    "workload.cv_max=10", "calibrate=false",
-                    f"hydra.sweep.dir={tmp_path}")
+    proc = hstu_exp(
+        "-m",
+        "logger=none",
+        "device=cpu",
+        "model.dtype=bfloat16,float32",
+        "kernel.gemm_dtype=fp8",
+        "workload.total_history=40",
+        "workload.new_history=40",
+        "workload.num_candidates=5",
+        "workload.min_time_s=0.01",
+        "workload.iters=3",
+        "workload.warmup=1",
+        "workload.cv_max=10",
+        "calibrate=false",
+        f"hydra.sweep.dir={tmp_path}",
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    recs = {r["dtype"]: r for r in map(json.loads,
-                                       (tmp_path / "results.jsonl").read_text().splitlines())}
+    recs = {
+        r["dtype"]: r for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())
+    }
     bf16, fp32 = recs["bfloat16"], recs["float32"]
     assert bf16["status"] == "ok" and bf16["gemm_dtype"] == "fp8"
     assert bf16["accuracy_gate"] == "passed" and 0 < bf16["max_rel_error"] < 2e-2
@@ -125,8 +139,8 @@ def test_cli_gates_fp8_points(tmp_path):
 def test_fp8_block_replays_in_a_cuda_graph():
     """The e4m3 path captured in a CUDA graph (weights quantised before capture, activations
     by the LayerNorm kernels inside it) replays to the eager result, on fresh inputs."""
-    from hstu_exp.graphs import capture
     from hstu_exp.core.jagged import make_batch
+    from hstu_exp.graphs import capture
 
     block = reference_block(11).to(torch.bfloat16)
     block.kernel, block.policy = "triton", replace(block.policy, gemm_dtype="fp8")

@@ -1,22 +1,37 @@
 """Fused Triton helpers vs their PyTorch versions (Triton's interpreter on CPU)."""
+
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from hstu_exp.kvcache.paged import PagedKVCache
 from hstu_exp.core.jagged import make_batch
-from hstu_exp.ops.fused import (append_kv, append_kv_torch, layernorm, layernorm_mul,
-                                layernorm_mul_torch, layernorm_torch, silu_qkv)
+from hstu_exp.kvcache.paged import PagedKVCache
+from hstu_exp.ops.fused import (
+    append_kv,
+    append_kv_torch,
+    layernorm,
+    layernorm_mul,
+    layernorm_mul_torch,
+    layernorm_torch,
+    silu_qkv,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("heads,head_dim,page", [(1, 32, 4), (2, 16, 8), (4, 64, 16)])
 def test_append_kv_matches_index_put(heads, head_dim, page):
-    cache = PagedKVCache(num_layers=1, num_pages=16, page_size=page, num_heads=heads,
-                         head_dim=head_dim, dtype=torch.float32, device=DEVICE)
+    cache = PagedKVCache(
+        num_layers=1,
+        num_pages=16,
+        page_size=page,
+        num_heads=heads,
+        head_dim=head_dim,
+        dtype=torch.float32,
+        device=DEVICE,
+    )
     cache.plan([3], [page + 1], [0])
     table = cache.plan([3, 5], [page - 1, 2 * page + 1], [2, 0])  # crosses page boundaries
     rows = table.new_rows.numel() + 2
@@ -35,10 +50,11 @@ def test_append_kv_matches_index_put(heads, head_dim, page):
 @pytest.mark.parametrize("rows,width", [(1, 64), (7, 96), (33, 256)])
 def test_layernorm_mul_matches_torch(rows, width):
     z = torch.randn(rows, 3 * width, device=DEVICE) * 3 + 1
-    a, u = z[:, :width], z[:, width:2 * width]  # strided views, as in the layer
+    a, u = z[:, :width], z[:, width : 2 * width]  # strided views, as in the layer
     w, b = torch.randn(width, device=DEVICE), torch.randn(width, device=DEVICE)
-    torch.testing.assert_close(layernorm_mul(a, u, w, b, 1e-5),
-                               layernorm_mul_torch(a, u, w, b, 1e-5), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        layernorm_mul(a, u, w, b, 1e-5), layernorm_mul_torch(a, u, w, b, 1e-5), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("rows,width", [(1, 64), (7, 96), (33, 256)])
@@ -48,11 +64,14 @@ def test_layernorm_mul_silu_on_load(rows, width, dtype):
     In float16 the two may round SiLU(u) to neighbouring values: two units in the last place
     (float16's epsilon is 9.8e-4) are allowed, not the default one."""
     z = (torch.randn(rows, 3 * width, device=DEVICE) * 3 + 1).to(dtype)
-    a, u = z[:, :width].float(), z[:, width:2 * width]
+    a, u = z[:, :width].float(), z[:, width : 2 * width]
     w, b = torch.randn(width, device=DEVICE), torch.randn(width, device=DEVICE)
     tol = {"rtol": 2e-3, "atol": 1e-3} if dtype == torch.float16 else {}
-    torch.testing.assert_close(layernorm_mul(a, u, w, b, 1e-5, silu_u=True),
-                               layernorm_mul_torch(a, F.silu(u), w, b, 1e-5).to(dtype), **tol)
+    torch.testing.assert_close(
+        layernorm_mul(a, u, w, b, 1e-5, silu_u=True),
+        layernorm_mul_torch(a, F.silu(u), w, b, 1e-5).to(dtype),
+        **tol,
+    )
 
 
 @pytest.mark.parametrize("rows,width", [(1, 64), (5, 1000), (33, 256)])
@@ -60,8 +79,9 @@ def test_layernorm_mul_silu_on_load(rows, width, dtype):
 def test_layernorm_matches_torch(rows, width, dtype):
     x = (torch.randn(rows, width, device=DEVICE) * 4 + 3).to(dtype)
     w, b = torch.randn(width, device=DEVICE), torch.randn(width, device=DEVICE)
-    torch.testing.assert_close(layernorm(x, w, b, 1e-5),
-                               layernorm_torch(x.float(), w, b, 1e-5).to(dtype))
+    torch.testing.assert_close(
+        layernorm(x, w, b, 1e-5), layernorm_torch(x.float(), w, b, 1e-5).to(dtype)
+    )
 
 
 def raw_projection(rows, heads, head_dim, dtype, seed):
@@ -95,8 +115,15 @@ def test_silu_qkv_paged_equals_silu_then_append(seed, dtype):
     new = [rng.choice([0, 1, page, page + 1, rng.randint(0, 20)]) for _ in range(B)]
     cands = [rng.choice([0, 1, rng.randint(0, 6)]) for _ in range(B)]
     total = sum(-(-(c + n) // page) for c, n in zip(cached, new)) + 2
-    cache = PagedKVCache(num_layers=1, num_pages=total, page_size=page, num_heads=H,
-                         head_dim=D, dtype=dtype, device=DEVICE)
+    cache = PagedKVCache(
+        num_layers=1,
+        num_pages=total,
+        page_size=page,
+        num_heads=H,
+        head_dim=D,
+        dtype=dtype,
+        device=DEVICE,
+    )
     users = list(range(B))
     cache.plan(users, cached, [0] * B)
     table = cache.plan(users, new, cands)
@@ -115,9 +142,9 @@ def test_silu_qkv_paged_equals_silu_then_append(seed, dtype):
     is_cand = torch.zeros(q.shape[0], dtype=torch.bool)
     at = 0
     for n, c in zip(new, cands):
-        is_cand[at + n:at + n + c] = True
+        is_cand[at + n : at + n + c] = True
         at += n + c
     is_cand = is_cand.to(DEVICE)
     torch.testing.assert_close(k[is_cand], rk[is_cand])
     torch.testing.assert_close(v[is_cand], rv[is_cand])
-    assert torch.equal(u, z[:, :H * D].reshape(-1, H, D)), "u must stay raw"
+    assert torch.equal(u, z[:, : H * D].reshape(-1, H, D)), "u must stay raw"

@@ -6,6 +6,7 @@ all the launcher decides. Unit tests cover the listing, the choice and the lease
 multiruns (model=tiny, logger=none) check that the records, failures, resume, interruption and
 close-out are those of the basic launcher.
 """
+
 import os
 import shutil
 import signal
@@ -15,26 +16,33 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from hstu_exp.gpus import LAUNCHER, GpuError, GpuLeases, choose_gpus, gpus_problem, visible_gpus
-from hstu_exp.tracking.records import SWEPT_KEYS
-from hstu_exp.tracking.wandb_sink import read_offline_run
 from helpers import FAST, ROOT, hstu_exp
 from live_sweep import LiveSweep
 from test_faults_cli import one_line_error
 from test_sweep import records
 
+from hstu_exp.gpus import LAUNCHER, GpuError, GpuLeases, choose_gpus, gpus_problem, visible_gpus
+from hstu_exp.tracking.records import SWEPT_KEYS
+from hstu_exp.tracking.wandb_sink import read_offline_run
+
 TWO = {"CUDA_VISIBLE_DEVICES": "0,1"}
 GPUS = ["hydra/launcher=gpus"]
 # Four points: two cannot hold their pool of 10^9 pages (skipped), two run (ok).
-GRID = ["model=tiny", "logger=none", "cache.num_pages=1000000000,64", "workload.total_history=64",
-        "workload.new_history=64", *FAST, "workload.min_time_s=0.3"]
+GRID = [
+    "model=tiny",
+    "logger=none",
+    "cache.num_pages=1000000000,64",
+    "workload.total_history=64",
+    "workload.new_history=64",
+    *FAST,
+    "workload.min_time_s=0.3",
+]
 # What a record says about the point itself (not when, where or how fast it ran).
-SAME = ["point", "name", "config_key", "status", "overrides", "seed", "verify", "sweep",
-        *SWEPT_KEYS]
+SAME = ["point", "name", "config_key", "status", "overrides", "seed", "verify", "sweep", *SWEPT_KEYS]
 
 
 # --- the GPUs a sweep may use -------------------------------------------------------------------
+
 
 def test_visible_gpus_come_from_cuda_visible_devices_else_from_the_count():
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2, 3,5"}) == ["2", "3", "5"]
@@ -51,12 +59,15 @@ def test_choose_all_or_the_first_n():
     assert choose_gpus(["3", "5"], 1) == ["3"]
 
 
-@pytest.mark.parametrize("gpus, visible, message", [
-    (9, ["0", "1"], "hydra.launcher.gpus=9: only 2 GPU(s) visible (visible: 0,1)"),
-    (0, ["0"], "hydra.launcher.gpus=0: must be 'all' or a number of GPUs >= 1"),
-    ("two", ["0"], "hydra.launcher.gpus=two: must be 'all' or a number of GPUs"),
-    ("all", [], "hydra.launcher.gpus=all: no GPU to run on (CUDA sees no GPU here)"),
-])
+@pytest.mark.parametrize(
+    "gpus, visible, message",
+    [
+        (9, ["0", "1"], "hydra.launcher.gpus=9: only 2 GPU(s) visible (visible: 0,1)"),
+        (0, ["0"], "hydra.launcher.gpus=0: must be 'all' or a number of GPUs >= 1"),
+        ("two", ["0"], "hydra.launcher.gpus=two: must be 'all' or a number of GPUs"),
+        ("all", [], "hydra.launcher.gpus=all: no GPU to run on (CUDA sees no GPU here)"),
+    ],
+)
 def test_bad_gpus_say_key_value_and_why(gpus, visible, message):
     with pytest.raises(GpuError) as exc:
         choose_gpus(visible, gpus)
@@ -75,14 +86,19 @@ def test_a_missing_plugin_is_one_line_not_hydras_traceback(monkeypatch):
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if
-                        name == "hydra_plugins.hstu_exp_gpus" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "hydra_plugins.hstu_exp_gpus" else find_spec(name, *a),
+    )
     assert gpus_problem({"_target_": LAUNCHER, "gpus": 1}) == (
         "hydra/launcher=gpus: its Hydra plugin hydra_plugins/hstu_exp_gpus is not installed "
-        "(run pip install -e . once more)")
+        "(run pip install -e . once more)"
+    )
 
 
 # --- leases: one holder per GPU ------------------------------------------------------------------
+
 
 def test_each_claim_takes_a_free_gpu_until_none_is_left(tmp_path):
     leases = GpuLeases(["4", "7"], tmp_path)
@@ -101,10 +117,20 @@ def test_each_claim_takes_a_free_gpu_until_none_is_left(tmp_path):
 def test_a_killed_holder_frees_its_gpu(tmp_path):
     leases = GpuLeases(["0"], tmp_path)
     holder = subprocess.Popen(
-        [sys.executable, "-c", ("import sys, time; from hstu_exp.gpus import GpuLeases; "
-         f"GpuLeases(['0'], {str(tmp_path)!r}).claim(); print('held', flush=True); "
-         "time.sleep(60)")], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from hstu_exp.gpus import GpuLeases; "
+                f"GpuLeases(['0'], {str(tmp_path)!r}).claim(); print('held', flush=True); "
+                "time.sleep(60)"
+            ),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert holder.stdout.readline() == "held\n"
     assert leases.holders() == {"0": holder.pid}
     with pytest.raises(TimeoutError):
@@ -124,6 +150,7 @@ def test_stop_file_and_its_reset(tmp_path):
 
 
 # --- what the workers' points came to, in the launching process --------------------------------
+
 
 def test_worker_outcomes_give_the_exit_status_and_the_stop(monkeypatch):
     from hstu_exp import cli
@@ -146,9 +173,18 @@ def test_worker_outcomes_give_the_exit_status_and_the_stop(monkeypatch):
 
 # --- real multiruns ------------------------------------------------------------------------------
 
+
 def sweep(out, *args, batches="1,2", launcher=GPUS, env=TWO):
-    return hstu_exp("-m", *launcher, *GRID, f"workload.batch_size={batches}", *args,
-                    f"hydra.sweep.dir={out}", env=env, timeout=400)
+    return hstu_exp(
+        "-m",
+        *launcher,
+        *GRID,
+        f"workload.batch_size={batches}",
+        *args,
+        f"hydra.sweep.dir={out}",
+        env=env,
+        timeout=400,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -223,16 +259,23 @@ def test_resume_runs_only_the_new_points_on_the_gpus(both, tmp_path):
 
 
 # Six points of at least 3 s each: two run at once, one on each stand-in GPU.
-LONG = ["model=tiny", "cache=paged", "logger=none", "workload.batch_size=1,2,4",
-        "workload.total_history=32,64", "workload.new_history=32", "workload.warmup=1",
-        "workload.iters=3", "workload.min_time_s=3"]
+LONG = [
+    "model=tiny",
+    "cache=paged",
+    "logger=none",
+    "workload.batch_size=1,2,4",
+    "workload.total_history=32,64",
+    "workload.new_history=32",
+    "workload.warmup=1",
+    "workload.iters=3",
+    "workload.min_time_s=3",
+]
 
 
 @pytest.mark.parametrize("how", ["SIGTERM to the launcher", "Ctrl-C to the process group"])
 def test_a_stop_marks_the_running_points_and_closes_out(tmp_path, how):
     group = how.startswith("Ctrl-C")
-    run = LiveSweep("-m", *GPUS, *LONG, f"hydra.sweep.dir={tmp_path}", env=TWO,
-                    new_session=group)
+    run = LiveSweep("-m", *GPUS, *LONG, f"hydra.sweep.dir={tmp_path}", env=TWO, new_session=group)
     # the second round: both workers are timing a point, their imports done (an interrupt
     # inside an extension's import can abort a process, whatever the launcher)
     run.wait_for(r"^\[\d/6\] .*: ok median", count=2)
@@ -257,9 +300,18 @@ def test_a_stop_marks_the_running_points_and_closes_out(tmp_path, how):
 def test_an_unwritable_record_stops_the_sweep_in_every_worker(tmp_path):
     # A directory stands where point 1's results.jsonl must go: its record cannot be written.
     (tmp_path / "1" / "results.jsonl").mkdir(parents=True)
-    proc = hstu_exp("-m", *GPUS, "model=tiny", "logger=none", "workload.batch_size=1,2,4,8,16,32",
-                    "workload.total_history=64", "workload.new_history=64", *FAST,
-                    f"hydra.sweep.dir={tmp_path}", env=TWO)
+    proc = hstu_exp(
+        "-m",
+        *GPUS,
+        "model=tiny",
+        "logger=none",
+        "workload.batch_size=1,2,4,8,16,32",
+        "workload.total_history=64",
+        "workload.new_history=64",
+        *FAST,
+        f"hydra.sweep.dir={tmp_path}",
+        env=TWO,
+    )
     line = one_line_error(proc, code=1)
     assert "1/results.jsonl" in line and "the sweep stopped" in line
     recs = records(tmp_path)
@@ -270,9 +322,18 @@ def test_an_unwritable_record_stops_the_sweep_in_every_worker(tmp_path):
 
 
 def test_wandb_runs_come_from_the_workers_and_the_summary_from_the_launcher(tmp_path):
-    proc = hstu_exp("-m", *GPUS, "model=tiny", "logger=wandb", "workload.batch_size=1,2",
-                    "workload.total_history=64", "workload.new_history=64", *FAST,
-                    f"hydra.sweep.dir={tmp_path}", env=TWO)
+    proc = hstu_exp(
+        "-m",
+        *GPUS,
+        "model=tiny",
+        "logger=wandb",
+        "workload.batch_size=1,2",
+        "workload.total_history=64",
+        "workload.new_history=64",
+        *FAST,
+        f"hydra.sweep.dir={tmp_path}",
+        env=TWO,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for r in records(tmp_path):  # a run per point, in its job dir, written by its worker
         (run_dir,) = (Path(r["job_dir"]) / "wandb").glob("offline-run-*")

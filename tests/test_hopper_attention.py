@@ -6,17 +6,18 @@ its schedule: users shorter than a box, lengths one past a block edge, zero-leng
 candidate-only users, no candidates, a consumer half with no rows, the last key block reaching past
 the user into NaN-filled dead rows; in paged mode page sizes below, at and above the 64-key block,
 pages of users interleaved in the pool, users with no cache, key splits."""
+
 import math
 import random
 
 import pytest
 import torch
+from test_triton_attention import paged_case
 
 from hstu_exp.core.jagged import make_batch
 from hstu_exp.ops import reference
 from hstu_exp.ops import triton_attention as tri
 from hstu_exp.ops.policy import KernelPolicy
-from test_triton_attention import paged_case
 
 pytestmark = pytest.mark.gpu
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -32,7 +33,7 @@ def case(rows, cands, H, D, *, dead=0, dtype=torch.bfloat16, seed=0, nan_dead=Tr
     q, k, v = ((torch.randn(n, H, D, generator=gen) * 0.5).to("cuda", dtype) for _ in range(3))
     if nan_dead:
         for t in (q, k, v):
-            t[sum(rows):] = float("nan")
+            t[sum(rows) :] = float("nan")
     return batch, q, k, v
 
 
@@ -40,8 +41,9 @@ def oracle(batch, q, k, v, alpha, inv_n):
     """float32 reference on the live rows only (dead rows zeroed: the oracle's padded gathers may
     read them, and its answer for live rows must not depend on them)."""
     live = int(batch.offsets[-1])
-    q, k, v = (torch.cat([t[:live].float(), torch.zeros_like(t[live:], dtype=torch.float32)])
-               for t in (q, k, v))
+    q, k, v = (
+        torch.cat([t[:live].float(), torch.zeros_like(t[live:], dtype=torch.float32)]) for t in (q, k, v)
+    )
     return reference.attention_full(q, k, v, batch, alpha=alpha, inv_n=inv_n)
 
 
@@ -65,12 +67,15 @@ def check(out, ref, live):
 
 @needs_hopper
 @pytest.mark.parametrize("D", [64, 128, 256])
-@pytest.mark.parametrize("rows,cands", [
-    ([37], [5]),  # shorter than one query block: the second consumer half has no rows
-    ([129, 0, 64, 65], [1, 0, 64, 0]),  # one past a block edge; empty, candidate-only, no cands
-    ([700, 1290, 300], [256, 256, 300]),  # several query blocks, a candidate-only user
-    ([4352], [256]),  # the goal shape's user (4096 history + 256 candidates)
-])
+@pytest.mark.parametrize(
+    "rows,cands",
+    [
+        ([37], [5]),  # shorter than one query block: the second consumer half has no rows
+        ([129, 0, 64, 65], [1, 0, 64, 0]),  # one past a block edge; empty, candidate-only, no cands
+        ([700, 1290, 300], [256, 256, 300]),  # several query blocks, a candidate-only user
+        ([4352], [256]),  # the goal shape's user (4096 history + 256 candidates)
+    ],
+)
 def test_matches_reference(D, rows, cands):
     batch, q, k, v = case(rows, cands, H=2, D=D, dead=67, seed=D + len(rows))
     out, ref = run(batch, q, k, v)
@@ -97,8 +102,14 @@ def test_random_jagged_batches():
         B = rng.randint(1, 6)
         cands = [rng.choice([0, 1, 17, 64, 200]) for _ in range(B)]
         rows = [c + rng.choice([0, 1, 63, 64, 127, 128, rng.randint(0, 2000)]) for c in cands]
-        batch, q, k, v = case(rows, cands, H=rng.choice([1, 3, 4]), D=rng.choice([128, 256]),
-                              dead=rng.randint(0, 130), seed=trial)
+        batch, q, k, v = case(
+            rows,
+            cands,
+            H=rng.choice([1, 3, 4]),
+            D=rng.choice([128, 256]),
+            dead=rng.randint(0, 130),
+            seed=trial,
+        )
         out, ref = run(batch, q, k, v)
         check(out, ref, sum(rows))
 
@@ -153,27 +164,47 @@ def test_falls_back_where_it_cannot_run():
 
 def paged_oracle(batch, q, k, v, kp, vp, alpha, inv_n):
     live = int(batch.offsets[-1])
-    q, k, v = (torch.cat([t[:live].float(), torch.zeros_like(t[live:], dtype=torch.float32)])
-               for t in (q, k, v))
-    return reference.attention_paged(q, k, v, batch, kp.float(), vp.float(), alpha=alpha,
-                                     inv_n=inv_n)
+    q, k, v = (
+        torch.cat([t[:live].float(), torch.zeros_like(t[live:], dtype=torch.float32)]) for t in (q, k, v)
+    )
+    return reference.attention_paged(q, k, v, batch, kp.float(), vp.float(), alpha=alpha, inv_n=inv_n)
 
 
 @needs_hopper
 @pytest.mark.parametrize("D,page_size", [(128, 16), (256, 32), (256, 64), (64, 128)])
 @pytest.mark.parametrize("split_k", [None, 1, 5])
 def test_paged_matches_reference(D, page_size, split_k):
-    batch, q, k, v, kp, vp = paged_case([1500, 97, 0, 640], [128, 31, 200, 0], [256, 0, 64, 256],
-                                        H=4, D=D, page_size=page_size, dead=21,
-                                        dtype=torch.bfloat16, device="cuda", seed=D + page_size)
+    batch, q, k, v, kp, vp = paged_case(
+        [1500, 97, 0, 640],
+        [128, 31, 200, 0],
+        [256, 0, 64, 256],
+        H=4,
+        D=D,
+        page_size=page_size,
+        dead=21,
+        dtype=torch.bfloat16,
+        device="cuda",
+        seed=D + page_size,
+    )
     live = 128 + 256 + 31 + 264 + 256
     for t in (q, k, v):
         t[live:] = float("nan")
     alpha, inv_n = 1 / math.sqrt(D), 1 / 512
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device="cuda")
     att = tri.Attention(NO_TUNE)
-    got = att.paged(q, k, v, batch, kp, vp, alpha=alpha, inv_n=inv_n, out=out, split_k=split_k,
-                    config=tri.HOPPER_CONFIG)
+    got = att.paged(
+        q,
+        k,
+        v,
+        batch,
+        kp,
+        vp,
+        alpha=alpha,
+        inv_n=inv_n,
+        out=out,
+        split_k=split_k,
+        config=tri.HOPPER_CONFIG,
+    )
     assert got is out and att.last_launch["config"].kernel == "hopper"
     if split_k == 5:
         assert att.last_launch["splits"] > 1
@@ -185,12 +216,15 @@ def test_paged_goal_shape_split_fp32_sums_and_graph():
     """Batch 1, 3968 cached + 128 new + 256 candidates (the B=1 cached goal case): the rule
     splits the keys; the float32 sums come back as they are (partial_fp32), and the launch
     replays from a CUDA graph to the same answer."""
-    batch, q, k, v, kp, vp = paged_case([3968], [128], [256], H=4, D=256, page_size=32,
-                                        dtype=torch.bfloat16, device="cuda", seed=9)
+    batch, q, k, v, kp, vp = paged_case(
+        [3968], [128], [256], H=4, D=256, page_size=32, dtype=torch.bfloat16, device="cuda", seed=9
+    )
     alpha, inv_n = 1 / 16, 1 / 4352
     att = tri.Attention(NO_TUNE)
-    fn = lambda: att.paged(q, k, v, batch, kp, vp, alpha=alpha, inv_n=inv_n,  # noqa: E731
-                           partial_fp32=True)
+
+    def fn():
+        return att.paged(q, k, v, batch, kp, vp, alpha=alpha, inv_n=inv_n, partial_fp32=True)
+
     first = fn()
     assert att.last_launch["config"].kernel == "hopper" and att.last_launch["splits"] > 1
     assert first.dtype == torch.float32

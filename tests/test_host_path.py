@@ -2,6 +2,7 @@
 per-token reference loops written here (the planner's page lists and LRU, the token rows), on
 fresh random batches: odd lengths, page boundaries, empty histories, users with no candidates,
 evictions."""
+
 import random
 from collections import OrderedDict
 
@@ -9,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from hstu_exp.core.jagged import make_batch, upload_step
 from hstu_exp.data.synthetic import make_request
 from hstu_exp.kvcache.paged import CacheFullError, PagedKVCache
 from hstu_exp.model.embeddings import KEYS, make_tokens
-from hstu_exp.core.jagged import make_batch, upload_step
 
 
 class ListPlanner:
@@ -28,17 +29,29 @@ class ListPlanner:
         for u in users:
             self.users.setdefault(u, [[], 0])
             self.users.move_to_end(u)
+
         def grow(u, n):
             pages, length = self.users[u]
             return max(0, -(-(length + n) // self.size) - len(pages))
+
         need = sum(grow(u, n) for u, n in zip(users, news))
         while len(self.free) < need:
             victim = next((u for u in self.users if u not in users), None)
             if victim is None:
                 raise CacheFullError("full")
             self.free.extend(reversed(self.users.pop(victim)[0]))
-        out = {k: [] for k in ("page_indptr", "page_ids", "cached_lengths", "last_page_len",
-                               "new_rows", "new_page", "new_slot")}
+        out = {
+            k: []
+            for k in (
+                "page_indptr",
+                "page_ids",
+                "cached_lengths",
+                "last_page_len",
+                "new_rows",
+                "new_page",
+                "new_slot",
+            )
+        }
         out["page_indptr"].append(0)
         row = 0
         for u, n, c in zip(users, news, cands):
@@ -53,8 +66,7 @@ class ListPlanner:
                 out["new_slot"].append(p % self.size)
             entry[1] = start + n
             out["cached_lengths"].append(start)
-            out["last_page_len"].append(entry[1] - (len(entry[0]) - 1) * self.size
-                                        if entry[0] else 0)
+            out["last_page_len"].append(entry[1] - (len(entry[0]) - 1) * self.size if entry[0] else 0)
             out["page_ids"].extend(entry[0])
             out["page_indptr"].append(len(out["page_ids"]))
             row += n + c
@@ -64,14 +76,22 @@ class ListPlanner:
 @pytest.mark.parametrize("page_size,num_pages", [(1, 40), (3, 17), (4, 12), (8, 30)])
 def test_planner_equals_per_token_reference(page_size, num_pages):
     rng = random.Random(page_size * 1000 + num_pages)
-    cache = PagedKVCache(num_layers=1, num_pages=num_pages, page_size=page_size, num_heads=1,
-                         head_dim=1, dtype=torch.float32, device="cpu")
+    cache = PagedKVCache(
+        num_layers=1,
+        num_pages=num_pages,
+        page_size=page_size,
+        num_heads=1,
+        head_dim=1,
+        dtype=torch.float32,
+        device="cpu",
+    )
     ref = ListPlanner(num_pages, page_size)
     planned = evicted = 0
     for _ in range(60):
         users = rng.sample(range(9), rng.randint(0, 4))
-        news = [rng.choice([0, 1, page_size - 1, page_size, page_size + 1, rng.randint(0, 9)])
-                for _ in users]
+        news = [
+            rng.choice([0, 1, page_size - 1, page_size, page_size + 1, rng.randint(0, 9)]) for _ in users
+        ]
         cands = [rng.choice([0, 1, rng.randint(0, 5)]) for _ in users]
         try:
             want = ref.plan(users, news, cands)
@@ -137,16 +157,25 @@ def test_token_rows_equal_per_token_reference(num_context):
         for u in range(rng.randint(1, 6)):
             items = rng.choice([0, 1, rng.randint(0, 12)])
             actions = items - rng.randint(0, 1) if items else 0
-            r = make_request(u, context=torch.randint(11, (num_context,)),
-                             items=torch.randint(50, (items,)),
-                             actions=torch.randint(7, (actions,)),
-                             candidates=torch.randint(50, (rng.randint(1, 4),)))
+            r = make_request(
+                u,
+                context=torch.randint(11, (num_context,)),
+                items=torch.randint(50, (items,)),
+                actions=torch.randint(7, (actions,)),
+                candidates=torch.randint(50, (rng.randint(1, 4),)),
+            )
             requests.append(r)
             starts.append(rng.choice([0, r.seq_len, rng.randint(0, r.seq_len)]))
-        tokens = make_tokens(requests, starts, vocab=vocab, num_context=num_context,
-                             max_history=30, device="cpu", upload=False)
-        values, dest, lengths, positions, cand_rows = reference_rows(
-            requests, starts, num_context, 30)
+        tokens = make_tokens(
+            requests,
+            starts,
+            vocab=vocab,
+            num_context=num_context,
+            max_history=30,
+            device="cpu",
+            upload=False,
+        )
+        values, dest, lengths, positions, cand_rows = reference_rows(requests, starts, num_context, 30)
         keys = tokens.host["keys"]
         assert keys == [k for k in KEYS if k in vocab]
         for i, k in enumerate(keys):
@@ -161,24 +190,46 @@ def test_token_rows_equal_per_token_reference(num_context):
 def test_one_upload_equals_separate_uploads():
     """upload_step: page table, batch and token rows in one buffer, the same tensors as the
     three separate uploads."""
-    cache = PagedKVCache(num_layers=1, num_pages=20, page_size=4, num_heads=1, head_dim=1,
-                         dtype=torch.float32, device="cpu")
-    requests = [make_request(u, items=torch.randint(50, (n,)), actions=torch.randint(7, (n,)),
-                             candidates=torch.randint(50, (c,)))
-                for u, n, c in [(0, 5, 2), (1, 0, 1), (2, 9, 3)]]
+    cache = PagedKVCache(
+        num_layers=1,
+        num_pages=20,
+        page_size=4,
+        num_heads=1,
+        head_dim=1,
+        dtype=torch.float32,
+        device="cpu",
+    )
+    requests = [
+        make_request(
+            u,
+            items=torch.randint(50, (n,)),
+            actions=torch.randint(7, (n,)),
+            candidates=torch.randint(50, (c,)),
+        )
+        for u, n, c in [(0, 5, 2), (1, 0, 1), (2, 9, 3)]
+    ]
     vocab = {"item": 50, "action": 7, "candidate": 50}
     news = [r.seq_len for r in requests]
     host = cache.plan([0, 1, 2], news, [2, 1, 3], upload=False)
-    tokens = make_tokens(requests, [0, 0, 0], vocab=vocab, num_context=0, max_history=30,
-                         device="cpu", upload=False)
-    batch, up = upload_step(make_batch(tokens.rows, tokens.num_candidates, "cpu", host,
-                                       upload=False), tokens, "cpu")
+    tokens = make_tokens(
+        requests, [0, 0, 0], vocab=vocab, num_context=0, max_history=30, device="cpu", upload=False
+    )
+    batch, up = upload_step(
+        make_batch(tokens.rows, tokens.num_candidates, "cpu", host, upload=False), tokens, "cpu"
+    )
     separate = make_batch(tokens.rows, tokens.num_candidates, "cpu", host.upload("cpu"))
     alone = tokens.upload("cpu")
     for name in ("offsets", "num_candidates"):
         assert torch.equal(getattr(batch, name), getattr(separate, name))
-    for name in ("page_indptr", "page_ids", "cached_lengths", "last_page_len", "new_rows",
-                 "new_page", "new_slot"):
+    for name in (
+        "page_indptr",
+        "page_ids",
+        "cached_lengths",
+        "last_page_len",
+        "new_rows",
+        "new_page",
+        "new_slot",
+    ):
         assert torch.equal(getattr(batch.pages, name), getattr(separate.pages, name)), name
     for name in ("dest", "positions", "candidate_rows"):
         assert torch.equal(getattr(up, name), getattr(alone, name))
@@ -192,10 +243,10 @@ def test_bad_request_names_the_first_offender():
     none = make_request(1, items=[1], actions=[1], candidates=[])
     long = make_request(2, items=list(range(20)), actions=[1] * 20, candidates=[3])
     with pytest.raises(ValueError, match="user 1: a ranking request needs at least one"):
-        make_tokens([ok, none, long], [0, 0, 0], vocab=vocab, num_context=0, max_history=30,
-                    device="cpu")
+        make_tokens(
+            [ok, none, long], [0, 0, 0], vocab=vocab, num_context=0, max_history=30, device="cpu"
+        )
     with pytest.raises(ValueError, match="user 2: 40 history tokens, more than"):
-        make_tokens([ok, long], [0, 0], vocab=vocab, num_context=0, max_history=30,
-                    device="cpu")
+        make_tokens([ok, long], [0, 0], vocab=vocab, num_context=0, max_history=30, device="cpu")
     with pytest.raises(ValueError, match="user 0: cached prefix 5 outside its sequence of 4"):
         make_tokens([ok], [5], vocab=vocab, num_context=0, max_history=30, device="cpu")

@@ -1,6 +1,7 @@
 """Ctrl-C (SIGINT) or SIGTERM during a sweep: finished records stay intact, the point in progress
 gets a `failed` record with error 'interrupted', the close-out runs on what exists, and the exit
 status says which signal (128 + signal number). (test_resume.py resumes such a sweep.)"""
+
 import datetime as dt
 import signal
 import subprocess
@@ -10,7 +11,6 @@ import time
 
 import pandas as pd
 import pytest
-
 from helpers import ROOT
 from live_sweep import GRID, POINTS, LiveSweep
 from test_sweep import records
@@ -33,8 +33,12 @@ def test_finished_records_intact_and_partial_point_marked(interrupted):
     assert [r["point"] for r in recs] == [0, 1, 2], output
     assert [r["status"] for r in recs] == ["ok", "ok", "failed"]
     # the interrupted point's time (0.0 when stopped at once) lies within the sweep's
-    assert recs[2]["error"] == "interrupted" and 0 <= recs[2]["wall_s"] < \
-        time.time() - dt.datetime.fromisoformat(recs[0]["time"]).timestamp() + 1
+    assert (
+        recs[2]["error"] == "interrupted"
+        and 0
+        <= recs[2]["wall_s"]
+        < time.time() - dt.datetime.fromisoformat(recs[0]["time"]).timestamp() + 1
+    )
     assert all(r["median_ms"] > 0 for r in recs[:2])
     assert f"[3/{POINTS}]" in output and "failed (interrupted)" in output
     assert "interrupted; finished records are on disk" in output
@@ -49,9 +53,16 @@ def test_close_out_runs_on_what_exists(interrupted):
 
 
 def test_sigterm_in_a_single_run_marks_the_point(tmp_path):
-    run = LiveSweep("model=tiny", "logger=none", "workload.total_history=64",
-                    "workload.new_history=64", "workload.warmup=1", "workload.iters=3",
-                    "workload.min_time_s=5", f"hydra.run.dir={tmp_path}")
+    run = LiveSweep(
+        "model=tiny",
+        "logger=none",
+        "workload.total_history=64",
+        "workload.new_history=64",
+        "workload.warmup=1",
+        "workload.iters=3",
+        "workload.min_time_s=5",
+        f"hydra.run.dir={tmp_path}",
+    )
     run.wait_for(r": running$")
     run.signal(signal.SIGTERM)
     assert run.finish() == 128 + signal.SIGTERM, run.output
@@ -63,7 +74,8 @@ def test_exit_status_survives_an_interrupt_caught_inside_extension_code(tmp_path
     # A KeyboardInterrupt raised in code that C evaluated through PyRun_String (as pybind11's
     # exec does), even when caught, makes `python -m` end by SIGINT after sys.exit: the CI run
     # of the test above once got -2 for 143 that way. The interrupted exit must keep its status.
-    (tmp_path / "interrupted_in_c.py").write_text(textwrap.dedent("""
+    (tmp_path / "interrupted_in_c.py").write_text(
+        textwrap.dedent("""
         import ctypes
         from hstu_exp.cli import _exit_after_interrupt
         run = ctypes.pythonapi.PyRun_String
@@ -74,9 +86,15 @@ def test_exit_status_survives_an_interrupt_caught_inside_extension_code(tmp_path
         except KeyboardInterrupt:
             print("caught")
         _exit_after_interrupt(128 + 15)
-    """))
-    done = subprocess.run([sys.executable, "-m", "interrupted_in_c"], cwd=tmp_path,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-                          capture_output=True, text=True, timeout=120)
+    """)
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "interrupted_in_c"],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 128 + signal.SIGTERM, done.stderr
     assert done.stdout == "caught\n"

@@ -1,12 +1,13 @@
 """The kernel policy: the config's kernel knobs reach the kernels as a value (no module globals),
 each policy keeps its own tuned table, and a sweep's points choose the same launches whatever
 order they run in."""
+
 import json
 
 import pytest
 import torch
-
 from helpers import FAST, hstu_exp
+
 from hstu_exp.core.jagged import make_batch
 from hstu_exp.ops import kernels
 from hstu_exp.ops.policy import KernelPolicy
@@ -21,8 +22,7 @@ def test_each_policy_has_its_own_attention_and_equal_policies_share_one():
     assert kernels("reference", a).attention is None
 
 
-@pytest.mark.parametrize("bad", [dict(split_k=0), dict(hopper_group=0),
-                                 dict(tune_timing="wallclock")])
+@pytest.mark.parametrize("bad", [dict(split_k=0), dict(hopper_group=0), dict(tune_timing="wallclock")])
 def test_a_policy_refuses_impossible_knobs(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         KernelPolicy(**bad)
@@ -46,10 +46,21 @@ def test_config_knobs_are_checked_with_one_line():
 
 
 def _chosen(out, *sweep):
-    proc = hstu_exp("-m", "workload=attention", "model=tiny", "kernel=triton", "device=cpu",
-                    *FAST, "workload.min_samples=2", "workload.total_history=64",
-                    "workload.num_candidates=8", *sweep, f"hydra.sweep.dir={out}",
-                    env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    proc = hstu_exp(
+        "-m",
+        "workload=attention",
+        "model=tiny",
+        "kernel=triton",
+        "device=cpu",
+        *FAST,
+        "workload.min_samples=2",
+        "workload.total_history=64",
+        "workload.num_candidates=8",
+        *sweep,
+        f"hydra.sweep.dir={out}",
+        env={"OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     chosen = {}
     for line in (out / "results.jsonl").read_text().splitlines():
@@ -84,8 +95,9 @@ def test_graph_runners_are_keyed_by_what_they_capture():
     m, f32 = cfg.model, torch.float32
 
     def graphs(block, cache):
-        return builders.shared_graphs(block, cache, m, cfg.graph, device="cpu", dtype=f32,
-                                      progress=print)
+        return builders.shared_graphs(
+            block, cache, m, cfg.graph, device="cpu", dtype=f32, progress=print
+        )
 
     kernel = builders.kernel_args(cfg.kernel)
     block = builders.shared_block(m, kernel=kernel, device="cpu", dtype=f32, seed=0)

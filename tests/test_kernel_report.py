@@ -4,11 +4,11 @@ K/V loads are software-pipelined (asynchronous copies), the products are wgmma, 
 the 227 KB of shared memory a block may take; full mode also with its tiles through TMA
 descriptors, whose copies count as the loop's asynchronous loads; and the warp-specialised Gluon
 kernel (the GPU default in full mode) with its register budget re-balanced between partitions."""
+
 import subprocess
 import sys
 
 import pytest
-
 from helpers import ROOT
 
 # Each compiles the attention for sm_90a in a subprocess (tens of seconds on two cores).
@@ -16,12 +16,25 @@ pytestmark = pytest.mark.slow
 
 
 def test_attention_compiles_for_hopper_pipelined_with_wgmma():
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_report.py"),
-                           "--modes", "full,paged-split,full-tma", "--configs", "table"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "kernel_report.py"),
+            "--modes",
+            "full,paged-split,full-tma",
+            "--configs",
+            "table",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
-    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
-            if line.startswith("| full") or line.startswith("| paged")]
+    rows = [
+        line.split("|")[1:-1]
+        for line in proc.stdout.splitlines()
+        if line.startswith("| full") or line.startswith("| paged")
+    ]
     assert [r[0].strip() for r in rows] == ["full", "paged-split", "full-tma"], proc.stdout
     for mode, tiles, warps, stages, regs, _spills, smem, copies, wgmma, _waits in rows:
         assert tiles.strip() == "128x64" and int(warps) == 8 and int(stages) == 2
@@ -32,12 +45,21 @@ def test_attention_compiles_for_hopper_pipelined_with_wgmma():
 
 
 def test_hopper_kernel_compiles_warp_specialised(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_report.py"),
-                           "--modes", "hopper,hopper-paged-split", "--dump", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "kernel_report.py"),
+            "--modes",
+            "hopper,hopper-paged-split",
+            "--dump",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
-    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
-            if line.startswith("| hopper")]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| hopper")]
     assert [r[0].strip() for r in rows] == ["hopper", "hopper-paged-split"], proc.stdout
     for mode, _tiles, _warps, _stages, regs, _spills, smem, copies, wgmma, _waits in rows:
         assert int(regs) * (4 + 4 + 4) * 32 <= 65536, "three warpgroups must fit the register file"
@@ -53,8 +75,12 @@ def test_hopper_kernel_compiles_warp_specialised(tmp_path):
 
 
 def test_unknown_mode_is_one_line_error():
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_report.py"),
-                           "--modes", "fast"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "kernel_report.py"), "--modes", "fast"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "unknown mode 'fast'" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -66,5 +92,6 @@ def test_hopper_launch_refuses_a_split_in_full_mode():
     from hstu_exp.ops import hopper_attention
 
     with pytest.raises(AssertionError, match="paged mode only"):
-        hopper_attention.launch(None, None, None, None, None, alpha=1.0, inv_n=1.0, pages=None,
-                                chunk=4, splits=2)
+        hopper_attention.launch(
+            None, None, None, None, None, alpha=1.0, inv_n=1.0, pages=None, chunk=4, splits=2
+        )

@@ -1,13 +1,22 @@
 """scripts/ncu_stalls.py: the warp-stall summary of an Nsight Compute source-page export, on a
 small export written here in ncu's CSV shape (a kernel-name line, then the column names)."""
+
 import csv
 import subprocess
 import sys
 
 from helpers import ROOT
 
-COLUMNS = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed",
-           "stall_long_sb", "stall_barrier", "stall_math", "stall_long_sb (Not Issued)"]
+COLUMNS = [
+    "Address",
+    "Source",
+    "Warp Stall Sampling (All Samples)",
+    "Instructions Executed",
+    "stall_long_sb",
+    "stall_barrier",
+    "stall_math",
+    "stall_long_sb (Not Issued)",
+]
 SASS = [  # a prologue run once, a loop body run 10 times, an epilogue once
     ("LDG.E R4, desc[UR4][R2.64]", 2, 8, 0, 0, 2),
     ("IMAD.MOV.U32 R5, RZ, RZ, R4", 10, 8, 10, 0, 0),
@@ -30,8 +39,12 @@ def write_export(path):
 def test_regions_reasons_and_opcodes(tmp_path):
     export = tmp_path / "k_sass.csv"
     write_export(export)
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "ncu_stalls.py"), str(export)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "ncu_stalls.py"), str(export)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "100 samples, 6 instructions" in out
@@ -47,7 +60,11 @@ def test_regions_reasons_and_opcodes(tmp_path):
 def test_not_a_source_export_is_one_line_error(tmp_path):
     bad = tmp_path / "details.csv"
     bad.write_text('"ID","Metric Name"\n"0","Duration"\n')
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "ncu_stalls.py"), str(bad)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "ncu_stalls.py"), str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "no 'Warp Stall Sampling" in proc.stderr

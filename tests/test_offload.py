@@ -1,5 +1,6 @@
 """Host tier of the paged KV cache: evicted users' pages go to host and come back bit-exact,
 host LRU, capacity errors, and (on a GPU) the side-stream onload with per-layer waits."""
+
 import random
 import time
 
@@ -7,18 +8,25 @@ import pytest
 import torch
 
 from hstu_exp.config import capacity_problem
+from hstu_exp.data.synthetic import make_request
 from hstu_exp.kvcache.manager import CapacityError, KVCacheManager
 from hstu_exp.kvcache.offload import OffloadPagedKVCache, _runs
 from hstu_exp.kvcache.paged import CacheFullError
-from hstu_exp.data.synthetic import make_request
 
 PAGE = 4
 
 
 def make_cache(num_pages=6, host_pages=8, device="cpu", layers=2):
-    return OffloadPagedKVCache(num_layers=layers, num_pages=num_pages, page_size=PAGE,
-                               num_heads=2, head_dim=3, host_pages=host_pages,
-                               dtype=torch.float32, device=device)
+    return OffloadPagedKVCache(
+        num_layers=layers,
+        num_pages=num_pages,
+        page_size=PAGE,
+        num_heads=2,
+        head_dim=3,
+        host_pages=host_pages,
+        dtype=torch.float32,
+        device=device,
+    )
 
 
 def serve(cache, users, tokens):
@@ -35,8 +43,7 @@ def serve(cache, users, tokens):
     for user, n in zip(users, tokens):
         start = cache.cached_length(user) - n
         for pos in range(start, start + n):
-            value = torch.randn(cache.pool.shape[0], 2, *cache.pool.shape[4:],
-                                device=cache.pool.device)
+            value = torch.randn(cache.pool.shape[0], 2, *cache.pool.shape[4:], device=cache.pool.device)
             cache.pool[:, pages[i], :, slots[i]] = value
             written[(user, pos)] = value
             i += 1
@@ -106,17 +113,22 @@ def test_batch_users_are_never_evicted_and_a_batch_too_big_is_an_error():
 
 
 def test_capacity_smaller_than_one_request_is_named():
-    assert "cache.num_pages=10: the KV pool holds fewer pages than one batch needs " \
-           "(2 requests x 8 pages of 32 tokens for 256 tokens)" in capacity_problem(
-               seq_tokens=256, batch_size=2, page_size=32, num_pages=10, host_pages=None)
-    assert capacity_problem(seq_tokens=256, batch_size=2, page_size=32, num_pages=16,
-                            host_pages=7).startswith("cache.host_pages=7: the host tier holds")
-    assert capacity_problem(seq_tokens=256, batch_size=2, page_size=32, num_pages=16,
-                            host_pages=8) is None
+    assert (
+        "cache.num_pages=10: the KV pool holds fewer pages than one batch needs "
+        "(2 requests x 8 pages of 32 tokens for 256 tokens)"
+        in capacity_problem(seq_tokens=256, batch_size=2, page_size=32, num_pages=10, host_pages=None)
+    )
+    assert capacity_problem(
+        seq_tokens=256, batch_size=2, page_size=32, num_pages=16, host_pages=7
+    ).startswith("cache.host_pages=7: the host tier holds")
+    assert (
+        capacity_problem(seq_tokens=256, batch_size=2, page_size=32, num_pages=16, host_pages=8) is None
+    )
     manager = KVCacheManager(make_cache(num_pages=2, host_pages=4))
     big = make_request(7, items=range(5), actions=range(5), candidates=[1])  # 10 tokens
-    with pytest.raises(CapacityError, match="user 7: a request of 10 tokens needs 3 pages of 4; "
-                                            "the KV pool holds 2"):
+    with pytest.raises(
+        CapacityError, match="user 7: a request of 10 tokens needs 3 pages of 4; the KV pool holds 2"
+    ):
         manager.plan([big])
 
 

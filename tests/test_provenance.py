@@ -1,6 +1,7 @@
 """Provenance per point: versions as strings, git sha and dirty flag, host CPU, and GPU clocks
 sampled while timing (NVML); without NVML the clocks are recorded as unavailable, with the
 reason, never a crash. Checked against what the machine itself says."""
+
 import importlib.metadata
 import importlib.util
 import json
@@ -11,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FAST, ROOT, hstu_exp
 from omegaconf import OmegaConf
 
 from hstu_exp.bench.measure import FLOP_CONVENTION, Measured, finish
 from hstu_exp.bench.timer import StopRule
 from hstu_exp.env import CLOCK_KEYS, ClockSampler, environment
 from hstu_exp.tracking.records import ENV_KEYS
-from helpers import FAST, ROOT, hstu_exp
 
 VERSIONS = ["cuda", "torch", "triton", "torchrec", "fbgemm", "wandb", "python"]
 
@@ -78,8 +79,9 @@ def test_the_gpu_is_named_by_the_uuid_nvidia_smi_gives():
         env = environment("cuda")
     finally:
         environment.cache_clear()
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=uuid,index", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout.splitlines()
+    smi = subprocess.run(
+        ["nvidia-smi", "--query-gpu=uuid,index", "--format=csv,noheader"], capture_output=True, text=True
+    ).stdout.splitlines()
     index_of = dict(tuple(part.strip() for part in line.split(",")) for line in smi)
     assert env["gpu_uuid"].startswith("GPU-") and env["gpu_uuid"] in index_of, (env, smi)
     # the host's index (nvidia-smi's), not CUDA's 0 under CUDA_VISIBLE_DEVICES
@@ -112,12 +114,12 @@ def test_power_cap_is_marked_and_slowdown_is_judged_by_the_measured_clock():
 
     def rows(sm, reasons):
         return [(sm, 2619, 690.0, 70, reasons)] * 5
+
     capped = clock_summary(rows(1600, 0x4), 1980)
     assert capped["power_capped"] and not capped["throttled"]
     assert capped["sm_clock_mhz"] == 1600 and capped["sm_clock_max_mhz"] == 1980
     hot_but_fast = clock_summary(rows(1950, 0x20), 1980)
-    assert not hot_but_fast["throttled"] and hot_but_fast["throttle_reasons"] == \
-        "SwThermalSlowdown"
+    assert not hot_but_fast["throttled"] and hot_but_fast["throttle_reasons"] == "SwThermalSlowdown"
     assert clock_summary(rows(1500, 0x20 | 0x4), 1980)["throttled"]
     assert clock_summary(rows(1950, 0x20), None)["throttled"]  # no maximum: the flag judges
 
@@ -126,24 +128,38 @@ def test_a_point_timed_while_throttled_is_not_valid():
     cfg = OmegaConf.create({"calibrate": False, "profile": False, "verify": False})
     stop = StopRule(iters=3, min_time_s=0.0, max_time_s=1.0, cv_max=0.03, min_samples=3)
     steady = [1.0, 1.01, 0.99, 1.0]
-    clocks = {"sm_clock_mhz": 1500, "sm_clock_max_mhz": 1980, "mem_clock_mhz": 2600,
-              "power_w": 690.0,
-              "temperature_c": 80, "throttle_reasons": "SwPowerCap,HwThermalSlowdown",
-              "throttled": True, "clocks_unavailable": None}
+    clocks = {
+        "sm_clock_mhz": 1500,
+        "sm_clock_max_mhz": 1980,
+        "mem_clock_mhz": 2600,
+        "power_w": 690.0,
+        "temperature_c": 80,
+        "throttle_reasons": "SwPowerCap,HwThermalSlowdown",
+        "throttled": True,
+        "clocks_unavailable": None,
+    }
     for throttled in (False, True):
-        m = Measured(samples_ms=steady, flops=2e9, nbytes=1e6, rule=stop, dtype=torch.float32,
-                     clocks={**clocks, "throttled": throttled})
+        m = Measured(
+            samples_ms=steady,
+            flops=2e9,
+            nbytes=1e6,
+            rule=stop,
+            dtype=torch.float32,
+            clocks={**clocks, "throttled": throttled},
+        )
         r = finish(m, cfg, torch.device("cpu"))
         assert r["valid"] is not throttled
-        assert r["invalid_reason"] == ("GPU throttled (SwPowerCap,HwThermalSlowdown, SM clock "
-                                       "1500 of 1980 MHz)" if throttled else None)
+        assert r["invalid_reason"] == (
+            "GPU throttled (SwPowerCap,HwThermalSlowdown, SM clock 1500 of 1980 MHz)"
+            if throttled
+            else None
+        )
         assert r["tflops"] == pytest.approx(2e9 / 1.0 / 1e9)  # FLOPs / median ms / 1e9
         assert r["flop_convention"] == FLOP_CONVENTION == "unmasked query-key pairs"
 
 
 def test_every_cli_record_carries_schema_env_model_timing_and_overrides(tmp_path):
-    args = ["logger=none", "model=tiny", "workload.total_history=64", "workload.new_history=8",
-            *FAST]
+    args = ["logger=none", "model=tiny", "workload.total_history=64", "workload.new_history=8", *FAST]
     proc = hstu_exp(*args, f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     (r,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -154,11 +170,25 @@ def test_every_cli_record_carries_schema_env_model_timing_and_overrides(tmp_path
     if not torch.cuda.is_available():
         assert r["clocks_unavailable"] == "no NVIDIA GPU (device cpu)"
     dims = {k: r[k] for k in ("num_layers", "hidden", "num_heads", "head_dim", "max_history")}
-    assert dims == {"num_layers": 2, "hidden": 64, "num_heads": 2, "head_dim": 32,
-                    "max_history": 512}  # conf/model/tiny.yaml
-    timing = {k: r[k] for k in ("warmup", "iters", "min_time_s", "max_time_s", "cv_max",
-                                "min_samples", "input_sets")}
+    assert dims == {
+        "num_layers": 2,
+        "hidden": 64,
+        "num_heads": 2,
+        "head_dim": 32,
+        "max_history": 512,
+    }  # conf/model/tiny.yaml
+    timing = {
+        k: r[k]
+        for k in ("warmup", "iters", "min_time_s", "max_time_s", "cv_max", "min_samples", "input_sets")
+    }
     cv_max = 0.03 if r["device"] == "cuda" else 0.25
-    assert timing == {"warmup": 1, "iters": 3, "min_time_s": 0.01, "max_time_s": 0.05,
-                      "cv_max": cv_max, "min_samples": 10, "input_sets": 2}
+    assert timing == {
+        "warmup": 1,
+        "iters": 3,
+        "min_time_s": 0.01,
+        "max_time_s": 0.05,
+        "cv_max": cv_max,
+        "min_samples": 10,
+        "input_sets": 2,
+    }
     assert r["overrides"] == args

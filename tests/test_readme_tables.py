@@ -1,5 +1,6 @@
 """The README's number tables are what scripts/readme_tables.py makes of outputs/published/:
 CI fails when a table and the records disagree, and the check does see a changed number."""
+
 import subprocess
 import sys
 
@@ -9,8 +10,12 @@ SCRIPT = ROOT / "scripts" / "readme_tables.py"
 
 
 def check(readme):
-    return subprocess.run([sys.executable, str(SCRIPT), "--check", "--readme", str(readme)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--check", "--readme", str(readme)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_readme_tables_match_the_published_records(tmp_path):

@@ -1,11 +1,11 @@
 """resume=true: a sweep stopped after 3 of 6 points, run again into the same sweep dir, runs only
 the points without an ok record (the one it was stopped in, marked 'interrupted', runs again);
 the close-out covers all six."""
+
 import re
 import signal
 
 import pandas as pd
-
 from helpers import hstu_exp
 from live_sweep import GRID, POINTS, LiveSweep
 from test_sweep import records
@@ -27,8 +27,12 @@ def test_killed_sweep_resumes_only_the_missing_points(tmp_path):
 
     proc = hstu_exp("-m", *GRID, "resume=true", f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    skipped = re.findall(rf"^\[\d/{POINTS}\] (\S+): already ok in this sweep, skipped "
-                         r"\(resume=true\)$", proc.stdout, re.M)
+    skipped = re.findall(
+        rf"^\[\d/{POINTS}\] (\S+): already ok in this sweep, skipped "
+        r"\(resume=true\)$",
+        proc.stdout,
+        re.M,
+    )
     ran = re.findall(rf"^\[\d/{POINTS}\] (\S+): running$", proc.stdout, re.M)
     assert sorted(skipped) == sorted(r["name"] for r in done.values())
     assert len(ran) == POINTS - len(done) and not set(ran) & set(skipped)

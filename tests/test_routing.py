@@ -1,6 +1,7 @@
 """serving.routing.Router: queries of N-replica serving go to the replica holding the user's
 cache; `least_loaded` places new users by outstanding work and moves a user off an overloaded
 replica only between its queries."""
+
 import collections
 import random
 import threading
@@ -85,9 +86,15 @@ def test_slack_rows_keep_small_differences_from_moving_users():
     assert router.stats()["moves"] == 0
 
 
-@pytest.mark.parametrize("bad", [{"replicas": 0}, {"replicas": 2, "policy": "random"},
-                                 {"replicas": 2, "max_imbalance": -1},
-                                 {"replicas": 2, "slack_rows": -1}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"replicas": 0},
+        {"replicas": 2, "policy": "random"},
+        {"replicas": 2, "max_imbalance": -1},
+        {"replicas": 2, "slack_rows": -1},
+    ],
+)
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         Router(**{"slack_rows": 0, **bad})

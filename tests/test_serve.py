@@ -5,6 +5,7 @@ counts that add up, outputs equal to a full recompute) and bad input.
 
 CPU timing on a shared machine: the CLI runs get OMP_NUM_THREADS=1 (two OpenMP threads fighting
 other processes for two cores make a 5 ms batch take 300 ms)."""
+
 import csv
 import json
 import math
@@ -13,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import hstu_exp
+from test_e2e import assert_matches, make_cache, make_model, random_users, request
 
-from hstu_exp.data.arrivals import histories, poisson_arrivals, read_trace, TraceError
+from hstu_exp.data.arrivals import TraceError, histories, poisson_arrivals, read_trace
 from hstu_exp.kvcache.manager import KVCacheManager
 from hstu_exp.serving.path import RequestPath, apportion
 from hstu_exp.serving.sim import pick_batch, simulate
 from hstu_exp.serving.stats import percentile, violations_to_miss
-from helpers import hstu_exp
-from test_e2e import assert_matches, make_cache, make_model, random_users, request
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 SIMULATED = "workload.clock=simulated"
@@ -28,10 +29,20 @@ SIMULATED = "workload.clock=simulated"
 
 # -- arrivals ----------------------------------------------------------------------------------
 
+
 def arrivals(**over):
-    kw = dict(qps=50.0, horizon_s=200.0, num_users=100, user_skew=1.0, new_user_rate=0.1,
-              items_per_return=4, max_items=64, num_candidates=8, candidates_max=16,
-              seed=random.randrange(1 << 30))
+    kw = dict(
+        qps=50.0,
+        horizon_s=200.0,
+        num_users=100,
+        user_skew=1.0,
+        new_user_rate=0.1,
+        items_per_return=4,
+        max_items=64,
+        num_candidates=8,
+        candidates_max=16,
+        seed=random.randrange(1 << 30),
+    )
     kw.update(over)
     return poisson_arrivals(**kw), kw
 
@@ -93,17 +104,24 @@ def test_a_trace_is_read_and_bad_lines_are_named(tmp_path):
     good = tmp_path / "t.csv"
     good.write_text("time,user,new_items,candidates\n0.0,5,10,3\n0.5,7,4,2\n0.5,5,2,3\n")
     a = read_trace(good)
-    assert [(x.time_s, x.user, x.new_items, x.candidates) for x in a] == \
-        [(0.0, 5, 10, 3), (0.5, 7, 4, 2), (0.5, 5, 2, 3)]
+    assert [(x.time_s, x.user, x.new_items, x.candidates) for x in a] == [
+        (0.0, 5, 10, 3),
+        (0.5, 7, 4, 2),
+        (0.5, 5, 2, 3),
+    ]
     assert histories(a, 11) == [10, 4, 11]
-    bad = {"time,user,new_items,candidates,extra\n0,1,2,3,4\n": "line 1: unknown column 'extra'",
-           "time,user,candidates\n0,1,3\n": "line 1: missing column 'new_items'",
-           "time,user,new_items,candidates\n0,1,2,3\n-1,1,2,3\n": "line 3: time=-1 is negative",
-           "time,user,new_items,candidates\n0,1,2,3\n1,1,-2,3\n":
-               "line 3: user 1's history decreases (new_items=-2)",
-           "time,user,new_items,candidates\n0,1,x,3\n": "line 2: new_items='x' is not an integer",
-           "time,user,new_items,candidates\n2,1,2,3\n1,2,2,3\n":
-               "line 3: time=1 is before the previous line's 2"}
+    bad = {
+        "time,user,new_items,candidates,extra\n0,1,2,3,4\n": "line 1: unknown column 'extra'",
+        "time,user,candidates\n0,1,3\n": "line 1: missing column 'new_items'",
+        "time,user,new_items,candidates\n0,1,2,3\n-1,1,2,3\n": "line 3: time=-1 is negative",
+        "time,user,new_items,candidates\n0,1,2,3\n1,1,-2,3\n": (
+            "line 3: user 1's history decreases (new_items=-2)"
+        ),
+        "time,user,new_items,candidates\n0,1,x,3\n": "line 2: new_items='x' is not an integer",
+        "time,user,new_items,candidates\n2,1,2,3\n1,2,2,3\n": (
+            "line 3: time=1 is before the previous line's 2"
+        ),
+    }
     for text, message in bad.items():
         good.write_text(text)
         with pytest.raises(TraceError) as err:
@@ -113,13 +131,13 @@ def test_a_trace_is_read_and_bad_lines_are_named(tmp_path):
 
 # -- the scheduler -----------------------------------------------------------------------------
 
+
 def test_a_hand_worked_schedule():
     """max_batch 2, max_wait 5 ms, 10 ms a batch. t=0: user a waits for a fuller batch; user b
     at 1 ms fills it. a's second request (2 ms) waits for the first to finish (11 ms), then
     goes at once (its 5 ms are up). d at 40 ms waits its 5 ms for company, then goes alone."""
     times, users = [0.0, 0.001, 0.002, 0.040], ["a", "b", "a", "d"]
-    s = simulate(times, users, [0] * 4, lambda idx: 0.010, max_batch=2, max_wait_s=0.005,
-                 policy="fifo")
+    s = simulate(times, users, [0] * 4, lambda idx: 0.010, max_batch=2, max_wait_s=0.005, policy="fifo")
     assert [b[2] for b in s.batches] == [[0, 1], [2], [3]]
     assert s.start == pytest.approx([0.001, 0.001, 0.011, 0.045])
     assert s.finish == pytest.approx([0.011, 0.011, 0.021, 0.055])
@@ -138,8 +156,7 @@ def test_random_schedules_serve_everyone_once_causally(policy):
         served.append(list(idx))
         return 0.001 + 0.002 * len(idx) * rng.random()
 
-    s = simulate(times, users, buckets, serve, max_batch=max_batch, max_wait_s=wait,
-                 policy=policy)
+    s = simulate(times, users, buckets, serve, max_batch=max_batch, max_wait_s=wait, policy=policy)
     flat = [i for b in served for i in b]
     assert sorted(flat) == list(range(n))  # none lost, none twice
     prev_finish, last_of = 0.0, {}
@@ -184,6 +201,7 @@ def test_the_early_stop_only_fires_when_the_percentile_is_surely_missed():
 
 # -- the serving layer -------------------------------------------------------------------------
 
+
 def test_apportion_sums_exactly():
     for _ in range(100):
         w = [random.randrange(0, 50) for _ in range(random.randint(1, 6))]
@@ -210,21 +228,27 @@ def test_server_tiers_and_bytes_add_up_and_outputs_match_a_full_recompute(kind):
         served = server.serve(batch)
         assert_matches(model, batch, served.logits)  # float64 oracle of test_e2e
         planned = manager.batches[-1]
-        by_tier = {t: sum(c for c, x in zip(served.cached, served.tiers) if x == t)
-                   for t in ("gpu", "host", "miss")}
-        assert by_tier == {"gpu": planned["gpu_hit_tokens"], "host": planned["host_hit_tokens"],
-                           "miss": 0}
+        by_tier = {
+            t: sum(c for c, x in zip(served.cached, served.tiers) if x == t)
+            for t in ("gpu", "host", "miss")
+        }
+        assert by_tier == {
+            "gpu": planned["gpu_hit_tokens"],
+            "host": planned["host_hit_tokens"],
+            "miss": 0,
+        }
         assert all((c == 0) == (t == "miss") for c, t in zip(served.cached, served.tiers))
-        assert served.computed == [r.seq_len - c + r.candidates.numel()
-                                   for r, c in zip(batch, served.cached)]
+        assert served.computed == [
+            r.seq_len - c + r.candidates.numel() for r, c in zip(batch, served.cached)
+        ]
         assert sum(served.onloaded_bytes) == planned["onloaded_bytes"]
         assert sum(served.offloaded_bytes) == planned["offloaded_bytes"]
         seen_tiers.update(served.tiers)
-    assert seen_tiers == ({"gpu", "host", "miss"} if kind == "paged_offload" else
-                          {"gpu", "miss"})
+    assert seen_tiers == ({"gpu", "host", "miss"} if kind == "paged_offload" else {"gpu", "miss"})
 
 
 # -- the CLI -----------------------------------------------------------------------------------
+
 
 def read_csv(path):
     with open(path) as f:
@@ -249,8 +273,11 @@ def check_requests(record, rows, *, qps=None, duration=None):
     assert record["requests"] == len(counted)
     tiers = {t: sum(r["tier"] == t for r in counted) for t in ("gpu", "host", "miss")}
     assert sum(tiers.values()) == len(counted)
-    assert (record["gpu_requests"], record["host_requests"], record["miss_requests"]) == \
-        (tiers["gpu"], tiers["host"], tiers["miss"])
+    assert (record["gpu_requests"], record["host_requests"], record["miss_requests"]) == (
+        tiers["gpu"],
+        tiers["host"],
+        tiers["miss"],
+    )
     lat = sorted(float(r["latency_ms"]) for r in counted)
     assert record["p99_ms"] == pytest.approx(percentile(lat, 99), rel=1e-6)
     assert record["slo_met"] == (percentile(lat, record["slo_percentile"]) <= record["slo_ms"])
@@ -261,8 +288,9 @@ def check_requests(record, rows, *, qps=None, duration=None):
 
 
 def test_serve_smoke_sweep_through_the_cli(tmp_path):
-    out = hstu_exp("-m", "experiment=serve_smoke", SIMULATED, f"hydra.sweep.dir={tmp_path}",
-                   env=ONE_THREAD)
+    out = hstu_exp(
+        "-m", "experiment=serve_smoke", SIMULATED, f"hydra.sweep.dir={tmp_path}", env=ONE_THREAD
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert sorted(r["cache"] for r in records) == ["none", "paged", "paged_offload"]
@@ -271,8 +299,7 @@ def test_serve_smoke_sweep_through_the_cli(tmp_path):
         assert r["mode"] == "online-fifo" and r["batch_size"] == 4
         assert r["clock"] == "simulated" and r.get("verdict") is None  # None is not written
         assert r["max_rel_error"] < 1e-4  # sampled requests vs a float32 full recompute
-        tiers = check_requests(r, read_csv(Path(r["job_dir"]) / "requests.csv"), qps=20.0,
-                               duration=3.0)
+        tiers = check_requests(r, read_csv(Path(r["job_dir"]) / "requests.csv"), qps=20.0, duration=3.0)
         if r["cache"] == "none":
             assert tiers["gpu"] == tiers["host"] == 0 and r["onloaded_bytes"] == 0
         else:
@@ -282,8 +309,10 @@ def test_serve_smoke_sweep_through_the_cli(tmp_path):
         assert sum(r["batch_size_hist"]) == r["batches"]
         assert 0 < r["busy_fraction"] <= 1 + 1e-9
     # the close-out draws the serve figures a one-rate sweep supports
-    assert {p.name for p in (tmp_path / "figures").glob("*.png")} == \
-        {"serve_latency_cdf.png", "serve_cache.png"}
+    assert {p.name for p in (tmp_path / "figures").glob("*.png")} == {
+        "serve_latency_cdf.png",
+        "serve_cache.png",
+    }
 
 
 def test_a_trace_drives_the_arrivals_and_the_search_finds_a_rate(tmp_path):
@@ -293,25 +322,44 @@ def test_a_trace_drives_the_arrivals_and_the_search_finds_a_rate(tmp_path):
     for i in range(40):
         rows.append(f"{i * 0.05:.3f},{rng.randrange(6)},{rng.randint(1, 5)},{rng.randint(1, 8)}")
     trace.write_text("\n".join(rows) + "\n")
-    out = hstu_exp("experiment=serve_smoke", SIMULATED, "cache=paged_offload",
-                   f"workload.trace={trace}",
-                   "workload.warmup_s=0.2", "workload.duration_s=1.8", "workload.min_requests=10",
-                   f"hydra.run.dir={tmp_path / 'run'}", env=ONE_THREAD)
+    out = hstu_exp(
+        "experiment=serve_smoke",
+        SIMULATED,
+        "cache=paged_offload",
+        f"workload.trace={trace}",
+        "workload.warmup_s=0.2",
+        "workload.duration_s=1.8",
+        "workload.min_requests=10",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        env=ONE_THREAD,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "results.jsonl").read_text())
     got = read_csv(tmp_path / "run" / "requests.csv")
     check_requests(record, got)
-    assert [(float(r["arrival_s"]), int(r["user"]), int(r["candidates"])) for r in got] == \
-        [(float(t), int(u), int(c)) for t, u, _, c in (x.split(",") for x in rows[1:])]
+    assert [(float(r["arrival_s"]), int(r["user"]), int(r["candidates"])) for r in got] == [
+        (float(t), int(u), int(c)) for t, u, _, c in (x.split(",") for x in rows[1:])
+    ]
     assert record["qps"] is None and record["max_rel_error"] < 1e-4
     # the trace's own candidates and its name are in the record, not the config's 8..16
-    assert (record["num_candidates"], record["candidates_max"]) == \
-        (min(int(x.split(",")[3]) for x in rows[1:]), max(int(x.split(",")[3]) for x in rows[1:]))
+    assert (record["num_candidates"], record["candidates_max"]) == (
+        min(int(x.split(",")[3]) for x in rows[1:]),
+        max(int(x.split(",")[3]) for x in rows[1:]),
+    )
     assert record["trace"] == str(trace)
 
-    out = hstu_exp("experiment=serve_smoke", SIMULATED, "cache=paged", "workload.search=max_qps",
-                   "workload.qps=40", "workload.search_steps=2", "workload.slo_ms=60",
-                   "verify=false", f"hydra.run.dir={tmp_path / 'search'}", env=ONE_THREAD)
+    out = hstu_exp(
+        "experiment=serve_smoke",
+        SIMULATED,
+        "cache=paged",
+        "workload.search=max_qps",
+        "workload.qps=40",
+        "workload.search_steps=2",
+        "workload.slo_ms=60",
+        "verify=false",
+        f"hydra.run.dir={tmp_path / 'search'}",
+        env=ONE_THREAD,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((tmp_path / "search" / "results.jsonl").read_text())
     assert record["mode"] == "max_qps-fifo" and record["slo_met"]
@@ -327,39 +375,64 @@ def write_trace(tmp_path, text):
     return f"workload.trace={path}"
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["workload.qps=0"], "workload.qps=0: must be positive"),
-    (["workload.qps=-3"], "workload.qps=-3: must be positive"),
-    (["workload.slo_percentile=0"], "workload.slo_percentile=0: must be in (0, 100]"),
-    (["workload.slo_percentile=100.5"], "workload.slo_percentile=100.5: must be in (0, 100]"),
-    (["workload.max_batch=32"], "workload.max_batch=32: more than the model's max_batch=16"),
-    (["graph=cudagraph", "graph.batch_buckets=[1,2]"],
-     "workload.max_batch=4: more than the largest graph bucket (graph.batch_buckets=[1, 2])"),
-    (["trace:time,user,new_items,candidates,region\n0,1,2,3,eu\n"],
-     "line 1: unknown column 'region'"),
-    (["trace:time,user,new_items,candidates\n-0.5,1,2,3\n"], "line 2: time=-0.5 is negative"),
-    (["trace:time,user,new_items,candidates\n0,1,2,3\n0.1,1,-1,3\n"],
-     "line 3: user 1's history decreases (new_items=-1)"),
-    (["workload.duration_s=0.5"], "workload.duration_s=0.5: about 10 requests arrive in it, "
-                                  "fewer than workload.min_requests=15"),
-    (["trace:time,user,new_items,candidates\n0,1,2,3\ninf,1,2,3\n"],
-     "line 3: time=inf is not a finite number of seconds"),
-    (["trace:time,user,new_items,candidates\n0,1,2,3\nnan,1,2,3\n"],
-     "line 3: time=nan is not a finite number of seconds"),
-    (["workload.trace=''"], "workload.trace='': empty: name a trace CSV"),
-    (["trace:time,user,new_items,candidates\n0,1,2,3\n0.5,2,2,100000\n"],
-     "a request of 100000 candidates, more than the model's max_candidates=64"),
-    (["cache.num_pages=12"], "cache.num_pages=12: the KV pool holds fewer pages than one batch "
-                             "needs (4 requests x 4 pages of 32 tokens for 128 tokens)"),
-    (["workload.batch_size=2"], "workload.batch_size=2: workload=serve forms batches of up to "
-                                "workload.max_batch=4"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["workload.qps=0"], "workload.qps=0: must be positive"),
+        (["workload.qps=-3"], "workload.qps=-3: must be positive"),
+        (["workload.slo_percentile=0"], "workload.slo_percentile=0: must be in (0, 100]"),
+        (["workload.slo_percentile=100.5"], "workload.slo_percentile=100.5: must be in (0, 100]"),
+        (["workload.max_batch=32"], "workload.max_batch=32: more than the model's max_batch=16"),
+        (
+            ["graph=cudagraph", "graph.batch_buckets=[1,2]"],
+            "workload.max_batch=4: more than the largest graph bucket (graph.batch_buckets=[1, 2])",
+        ),
+        (
+            ["trace:time,user,new_items,candidates,region\n0,1,2,3,eu\n"],
+            "line 1: unknown column 'region'",
+        ),
+        (["trace:time,user,new_items,candidates\n-0.5,1,2,3\n"], "line 2: time=-0.5 is negative"),
+        (
+            ["trace:time,user,new_items,candidates\n0,1,2,3\n0.1,1,-1,3\n"],
+            "line 3: user 1's history decreases (new_items=-1)",
+        ),
+        (
+            ["workload.duration_s=0.5"],
+            "workload.duration_s=0.5: about 10 requests arrive in it, "
+            "fewer than workload.min_requests=15",
+        ),
+        (
+            ["trace:time,user,new_items,candidates\n0,1,2,3\ninf,1,2,3\n"],
+            "line 3: time=inf is not a finite number of seconds",
+        ),
+        (
+            ["trace:time,user,new_items,candidates\n0,1,2,3\nnan,1,2,3\n"],
+            "line 3: time=nan is not a finite number of seconds",
+        ),
+        (["workload.trace=''"], "workload.trace='': empty: name a trace CSV"),
+        (
+            ["trace:time,user,new_items,candidates\n0,1,2,3\n0.5,2,2,100000\n"],
+            "a request of 100000 candidates, more than the model's max_candidates=64",
+        ),
+        (
+            ["cache.num_pages=12"],
+            "cache.num_pages=12: the KV pool holds fewer pages than one batch "
+            "needs (4 requests x 4 pages of 32 tokens for 128 tokens)",
+        ),
+        (
+            ["workload.batch_size=2"],
+            "workload.batch_size=2: workload=serve forms batches of up to workload.max_batch=4",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, overrides, message):
-    args = [write_trace(tmp_path, o[len("trace:"):]) if o.startswith("trace:") else o
-            for o in overrides]
+    args = [
+        write_trace(tmp_path, o[len("trace:") :]) if o.startswith("trace:") else o for o in overrides
+    ]
     run_dir = tmp_path / "run"
-    out = hstu_exp("experiment=serve_smoke", SIMULATED, "cache=paged_offload", *args,
-                   f"hydra.run.dir={run_dir}")
+    out = hstu_exp(
+        "experiment=serve_smoke", SIMULATED, "cache=paged_offload", *args, f"hydra.run.dir={run_dir}"
+    )
     assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hstu-exp: error: "), out.stderr
@@ -368,8 +441,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, overrides, message):
 
 
 def test_offline_mode_serves_back_to_back_and_stop_on_miss_bounds_a_run(tmp_path):
-    out = hstu_exp("experiment=serve_smoke", SIMULATED, "cache=paged", "workload.mode=offline",
-                   "verify=false", f"hydra.run.dir={tmp_path / 'offline'}", env=ONE_THREAD)
+    out = hstu_exp(
+        "experiment=serve_smoke",
+        SIMULATED,
+        "cache=paged",
+        "workload.mode=offline",
+        "verify=false",
+        f"hydra.run.dir={tmp_path / 'offline'}",
+        env=ONE_THREAD,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((tmp_path / "offline" / "results.jsonl").read_text())
     rows = read_csv(tmp_path / "offline" / "requests.csv")
@@ -382,9 +462,16 @@ def test_offline_mode_serves_back_to_back_and_stop_on_miss_bounds_a_run(tmp_path
     assert record["busy_fraction"] == pytest.approx(1.0)
     assert record["achieved_qps"] > record["offered_qps"]  # the tiny model outruns 20 qps
 
-    out = hstu_exp("experiment=serve_smoke", SIMULATED, "cache=paged", "workload.stop_on_miss=true",
-                   "workload.slo_ms=0.01", "verify=false", f"hydra.run.dir={tmp_path / 'miss'}",
-                   env=ONE_THREAD)
+    out = hstu_exp(
+        "experiment=serve_smoke",
+        SIMULATED,
+        "cache=paged",
+        "workload.stop_on_miss=true",
+        "workload.slo_ms=0.01",
+        "verify=false",
+        f"hydra.run.dir={tmp_path / 'miss'}",
+        env=ONE_THREAD,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((tmp_path / "miss" / "results.jsonl").read_text())
     rows = read_csv(tmp_path / "miss" / "requests.csv")
@@ -393,8 +480,9 @@ def test_offline_mode_serves_back_to_back_and_stop_on_miss_bounds_a_run(tmp_path
     assert any(r["finish_s"] == "" for r in rows)  # the rest was never served
 
 
-@pytest.mark.parametrize("experiment", ["serve_smoke", "serve_qps", "serve_slo", "dlrmv3_server",
-                                        "dlrmv3_offline"])
+@pytest.mark.parametrize(
+    "experiment", ["serve_smoke", "serve_qps", "serve_slo", "dlrmv3_server", "dlrmv3_offline"]
+)
 def test_the_presets_compose_and_every_grid_point_is_possible(experiment):
     """Each preset's grid validates and no point is refused (device and kernel set for this
     machine: the GPU presets run on the H200)."""
@@ -408,8 +496,9 @@ def test_the_presets_compose_and_every_grid_point_is_possible(experiment):
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         base = [f"experiment={experiment}", "device=cpu", "kernel=reference"]
-        params = OmegaConf.select(compose("config", overrides=base, return_hydra_config=True),
-                                  "hydra.sweeper.params")
+        params = OmegaConf.select(
+            compose("config", overrides=base, return_hydra_config=True), "hydra.sweeper.params"
+        )
         keys = list(params or {})  # the dlrmv3 presets are single points
         for values in itertools.product(*(str(params[k]).split(",") for k in keys)):
             cfg = compose("config", overrides=base + [f"{k}={v}" for k, v in zip(keys, values)])
@@ -490,11 +579,19 @@ def test_the_published_h200_search_sweep_redraws_from_its_records(tmp_path):
     import sys
 
     from helpers import ROOT
+
     src = ROOT / "outputs" / "published" / "serve_slo_h200"
     for name in ("results.csv", "results.jsonl"):
         shutil.copy(src / name, tmp_path / name)
-    redraw = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_sweep.py"),
-                             str(tmp_path)], capture_output=True, text=True, timeout=300)
+    redraw = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "plot_sweep.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert redraw.returncode == 0, redraw.stderr[-2000:]
-    assert {p.name for p in (tmp_path / "figures").glob("*.png")} == \
-        {"serve_max_qps.png", "serve_latency_cdf.png", "serve_cache.png"}
+    assert {p.name for p in (tmp_path / "figures").glob("*.png")} == {
+        "serve_max_qps.png",
+        "serve_latency_cdf.png",
+        "serve_cache.png",
+    }

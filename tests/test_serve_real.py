@@ -3,6 +3,7 @@ driving the real server (no query lost or answered twice, scores equal to a full
 each user's requests in order and causal), a first-use event failing the run, and bad input
 and Ctrl-C through the CLI. Everything runs for real on the CPU: the tiny model, the request
 path, threads on the wall clock, MLPerf LoadGen (mlcommons-loadgen)."""
+
 import json
 import os
 import signal
@@ -13,18 +14,18 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, hstu_exp
+from test_e2e import assert_matches, make_cache, make_model, random_users, request
+from test_serve import read_csv
 
 from hstu_exp import first_use
 from hstu_exp.kvcache.manager import KVCacheManager
 from hstu_exp.serving.batcher import Batcher, Pending
 from hstu_exp.serving.loadgen_sut import LoadGenTest
-from hstu_exp.stats import early_stopping_queries
 from hstu_exp.serving.path import RequestPath
 from hstu_exp.serving.server import FirstUseDuringRun, RealServer
 from hstu_exp.serving.worker import Worker, busy_fraction
-from helpers import ROOT, hstu_exp
-from test_e2e import assert_matches, make_cache, make_model, random_users, request
-from test_serve import read_csv
+from hstu_exp.stats import early_stopping_queries
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
@@ -34,6 +35,7 @@ def pending(index, user, arrival, bucket=0):
 
 
 # -- the batcher -------------------------------------------------------------------------------
+
 
 def test_a_lone_request_waits_max_wait_then_goes_and_a_full_batch_goes_at_once():
     batcher = Batcher(max_batch=4, max_wait_s=0.15, policy="fifo").start()
@@ -60,8 +62,15 @@ def test_one_request_per_user_in_flight_and_length_aware_groups_buckets():
     try:
         t = time.perf_counter()
         # user a twice; buckets: the oldest's bucket 2 first, then smaller ones, never larger
-        batcher.put([pending(0, "a", t, 2), pending(1, "a", t, 2), pending(2, "b", t, 3),
-                     pending(3, "c", t, 1), pending(4, "d", t, 2)])
+        batcher.put(
+            [
+                pending(0, "a", t, 2),
+                pending(1, "a", t, 2),
+                pending(2, "b", t, 3),
+                pending(3, "c", t, 1),
+                pending(4, "d", t, 2),
+            ]
+        )
         first = batcher.take()
         assert [p.index for p in first] == [0, 4, 3]
         second = batcher.take()
@@ -87,13 +96,15 @@ def test_close_drains_what_waits_without_waiting_for_company():
 
 # -- the worker --------------------------------------------------------------------------------
 
+
 def test_the_worker_pipelines_answers_each_request_once_and_matches_a_recompute():
     """Batches ready before the worker starts: it launches batch i+1 (its host work) before it
     waits for batch i. Every request is answered once, with scores equal to a float64
     recompute of the user's whole sequence, through cache hits and misses."""
     model = make_model()
-    path = RequestPath(model, device="cpu",
-                       manager=KVCacheManager(make_cache("paged", num_pages=96, host_pages=0)))
+    path = RequestPath(
+        model, device="cpu", manager=KVCacheManager(make_cache("paged", num_pages=96, host_pages=0))
+    )
     seqs = random_users(12)
     specs = [(u, 8 + u) for u in range(12)] + [(u, 20 + u) for u in range(12)]  # then returns
     answers, lock = {}, threading.Lock()
@@ -106,8 +117,9 @@ def test_the_worker_pipelines_answers_each_request_once_and_matches_a_recompute(
                 answers[p.index] = s
 
     requests = [request(seqs, u, h) for u, h in specs]
-    worker = Worker(path, batcher, request=lambda p: requests[p.index], answer=answer,
-                    device="cpu", sample=range(24))
+    worker = Worker(
+        path, batcher, request=lambda p: requests[p.index], answer=answer, device="cpu", sample=range(24)
+    )
     batcher.put([pending(i, u, time.perf_counter()) for i, (u, _) in enumerate(specs)])
     batcher.start()
     deadline = time.time() + 10
@@ -141,6 +153,7 @@ def test_busy_fraction_is_the_union_of_device_spans():
 
 
 # -- LoadGen and the real server ---------------------------------------------------------------
+
 
 class Cycle:
     """A population for the direct tests: users 0..n-1 in turn, histories growing."""
@@ -176,12 +189,26 @@ def test_a_first_use_event_mid_run_fails_the_run_and_keeps_loadgen_logs(tmp_path
         return serve(requests, **kw)
 
     path.serve = serve_meeting_a_new_shape
-    server = RealServer(path, Sequences(8), max_batch=2, max_wait_s=0.002, policy="fifo",
-                        device="cpu", token_buckets=[64], num_context=0)
-    test = LoadGenTest(scenario="server", target_qps=50, slo_ms=500, slo_percentile=90,
-                min_duration_s=1.0, min_query_count=50, seed=1)
-    with pytest.raises(FirstUseDuringRun, match="first-use work .* during the timed run, in "
-                                                 "batch 4"):
+    server = RealServer(
+        path,
+        Sequences(8),
+        max_batch=2,
+        max_wait_s=0.002,
+        policy="fifo",
+        device="cpu",
+        token_buckets=[64],
+        num_context=0,
+    )
+    test = LoadGenTest(
+        scenario="server",
+        target_qps=50,
+        slo_ms=500,
+        slo_percentile=90,
+        min_duration_s=1.0,
+        min_query_count=50,
+        seed=1,
+    )
+    with pytest.raises(FirstUseDuringRun, match="first-use work .* during the timed run, in batch 4"):
         server.run(test, Cycle(8), tmp_path / "lg")
     assert "Result is" in (tmp_path / "lg" / "mlperf_log_summary.txt").read_text()
 
@@ -208,8 +235,7 @@ def check_causal(rows):
 
 
 def test_serve_smoke_through_loadgen_on_the_real_clock(tmp_path):
-    out = hstu_exp("-m", "experiment=serve_smoke", f"hydra.sweep.dir={tmp_path}",
-                   env=ONE_THREAD)
+    out = hstu_exp("-m", "experiment=serve_smoke", f"hydra.sweep.dir={tmp_path}", env=ONE_THREAD)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "clock: real" in out.stderr + out.stdout
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -232,8 +258,11 @@ def test_serve_smoke_through_loadgen_on_the_real_clock(tmp_path):
         assert 0 < r["busy_fraction"] < 1 and r["warmup_s"] > 0
         assert 0 < r["top_user_request_share"] < 0.5
         tiers = {t: sum(x["tier"] == t for x in rows) for t in ("gpu", "host", "miss")}
-        assert (r["gpu_requests"], r["host_requests"], r["miss_requests"]) == \
-            (tiers["gpu"], tiers["host"], tiers["miss"])
+        assert (r["gpu_requests"], r["host_requests"], r["miss_requests"]) == (
+            tiers["gpu"],
+            tiers["host"],
+            tiers["miss"],
+        )
         if r["cache"] != "none":
             assert tiers["gpu"] > 0
         if r["cache"] == "paged_offload":
@@ -241,11 +270,21 @@ def test_serve_smoke_through_loadgen_on_the_real_clock(tmp_path):
 
 
 def test_search_reports_a_bracket_and_reruns_the_final_rate(tmp_path):
-    out = hstu_exp("experiment=serve_smoke", "cache=paged", "workload.search=max_qps",
-                   "workload.qps=20", "workload.search_steps=1", "workload.slo_ms=30",
-                   "workload.final_seeds=2", "workload.search_duration_s=2.5",
-                   "workload.min_duration_s=2.5", "verify=false",
-                   f"hydra.run.dir={tmp_path}", env=ONE_THREAD, timeout=600)
+    out = hstu_exp(
+        "experiment=serve_smoke",
+        "cache=paged",
+        "workload.search=max_qps",
+        "workload.qps=20",
+        "workload.search_steps=1",
+        "workload.slo_ms=30",
+        "workload.final_seeds=2",
+        "workload.search_duration_s=2.5",
+        "workload.min_duration_s=2.5",
+        "verify=false",
+        f"hydra.run.dir={tmp_path}",
+        env=ONE_THREAD,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads((tmp_path / "results.jsonl").read_text())
     assert r["clock"] == "real" and r["mode"] == "max_qps-fifo"
@@ -261,27 +300,37 @@ def test_search_reports_a_bracket_and_reruns_the_final_rate(tmp_path):
     assert len(logs) == len(tried) + 2 and sum(n.startswith("final-") for n in logs) == 2
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["workload.qps=0"], "workload.qps=0: must be positive"),
-    (["workload.qps=-5"], "workload.qps=-5: must be positive"),
-    (["workload.slo_ms=0"], "workload.slo_ms=0: must be positive"),
-    (["workload.slo_percentile=100"],
-     "workload.slo_percentile=100: LoadGen's latency percentile must be in (0, 100)"),
-    (["workload.slo_percentile=0"], "workload.slo_percentile=0: must be in (0, 100]"),
-    (["workload.min_duration_s=1", "workload.min_query_count=10"],
-     "workload.min_duration_s=1: about 20 queries at 20 qps, fewer than the 44 LoadGen's early "
-     "stopping needs at p90 (raise it to 2.2 s or more)"),
-    (["workload.slo_percentile=99"],
-     "workload.min_duration_s=3: about 60 queries at 20 qps, fewer than the 459"),
-    (["graph=cudagraph", "graph.batch_buckets=[1,2]"],
-     "workload.max_batch=4: more than the largest graph bucket (graph.batch_buckets=[1, 2])"),
-    (["workload.trace=x.csv"], "workload.trace=x.csv: LoadGen draws its own arrival times"),
-    (["workload.clock=wall"], "workload.clock=wall"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["workload.qps=0"], "workload.qps=0: must be positive"),
+        (["workload.qps=-5"], "workload.qps=-5: must be positive"),
+        (["workload.slo_ms=0"], "workload.slo_ms=0: must be positive"),
+        (
+            ["workload.slo_percentile=100"],
+            "workload.slo_percentile=100: LoadGen's latency percentile must be in (0, 100)",
+        ),
+        (["workload.slo_percentile=0"], "workload.slo_percentile=0: must be in (0, 100]"),
+        (
+            ["workload.min_duration_s=1", "workload.min_query_count=10"],
+            "workload.min_duration_s=1: about 20 queries at 20 qps, fewer than the 44 LoadGen's early "
+            "stopping needs at p90 (raise it to 2.2 s or more)",
+        ),
+        (
+            ["workload.slo_percentile=99"],
+            "workload.min_duration_s=3: about 60 queries at 20 qps, fewer than the 459",
+        ),
+        (
+            ["graph=cudagraph", "graph.batch_buckets=[1,2]"],
+            "workload.max_batch=4: more than the largest graph bucket (graph.batch_buckets=[1, 2])",
+        ),
+        (["workload.trace=x.csv"], "workload.trace=x.csv: LoadGen draws its own arrival times"),
+        (["workload.clock=wall"], "workload.clock=wall"),
+    ],
+)
 def test_bad_real_clock_input_is_one_line_and_exit_2(tmp_path, overrides, message):
     run_dir = tmp_path / "run"
-    out = hstu_exp("experiment=serve_smoke", "cache=paged", *overrides,
-                   f"hydra.run.dir={run_dir}")
+    out = hstu_exp("experiment=serve_smoke", "cache=paged", *overrides, f"hydra.run.dir={run_dir}")
     assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hstu-exp: error: "), out.stderr
@@ -296,21 +345,41 @@ def test_real_clock_without_loadgen_names_the_package(tmp_path):
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('No module named mlperf_loadgen')\n")
     env = {"PYTHONPATH": f"{tmp_path / 'shadow'}{os.pathsep}{ROOT}"}
-    out = hstu_exp("experiment=serve_smoke", "cache=none", f"hydra.run.dir={tmp_path / 'run'}",
-                   env=env)
+    out = hstu_exp("experiment=serve_smoke", "cache=none", f"hydra.run.dir={tmp_path / 'run'}", env=env)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.strip() == ("hstu-exp: error: workload.clock=real: needs MLPerf LoadGen: "
-                                  "pip install mlcommons-loadgen")
-    ok = hstu_exp("experiment=serve_smoke", "workload.clock=simulated", "cache=none",
-                  "verify=false", f"hydra.run.dir={tmp_path / 'sim'}", env={**env, **ONE_THREAD})
+    assert out.stderr.strip() == (
+        "hstu-exp: error: workload.clock=real: needs MLPerf LoadGen: pip install mlcommons-loadgen"
+    )
+    ok = hstu_exp(
+        "experiment=serve_smoke",
+        "workload.clock=simulated",
+        "cache=none",
+        "verify=false",
+        f"hydra.run.dir={tmp_path / 'sim'}",
+        env={**env, **ONE_THREAD},
+    )
     assert ok.returncode == 0, ok.stderr[-2000:]  # the simulator needs no LoadGen
 
 
 def test_ctrl_c_during_a_loadgen_run_marks_the_point_and_keeps_the_logs(tmp_path):
-    cmd = [sys.executable, "-m", "hstu_exp", "experiment=serve_smoke", "cache=paged",
-           "workload.min_duration_s=8", "verify=false", f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "hstu_exp",
+        "experiment=serve_smoke",
+        "cache=paged",
+        "workload.min_duration_s=8",
+        "verify=false",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"},
+    )
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -330,13 +399,25 @@ def test_ctrl_c_during_a_loadgen_run_marks_the_point_and_keeps_the_logs(tmp_path
 def test_the_simulator_is_checked_against_the_real_server(tmp_path):
     """One configuration and rate on both clocks; scripts/serve_sim_check.py sets the simulated
     p50 / p99 beside LoadGen's and says where they are more than 25 % apart."""
-    out = hstu_exp("-m", "experiment=serve_smoke", "cache=paged", "verify=false",
-                   "workload.clock=real,simulated", f"hydra.sweep.dir={tmp_path}", env=ONE_THREAD)
+    out = hstu_exp(
+        "-m",
+        "experiment=serve_smoke",
+        "cache=paged",
+        "verify=false",
+        "workload.clock=real,simulated",
+        f"hydra.sweep.dir={tmp_path}",
+        env=ONE_THREAD,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    records = {r["clock"]: r for r in map(json.loads,
-                                          (tmp_path / "results.jsonl").read_text().splitlines())}
-    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve_sim_check.py"),
-                            str(tmp_path)], capture_output=True, text=True, timeout=120)
+    records = {
+        r["clock"]: r for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())
+    }
+    check = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "serve_sim_check.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert check.returncode == 0, check.stderr
     (line,) = [x for x in check.stdout.splitlines()[1:] if x.strip()]
     sim, real = records["simulated"], records["real"]
@@ -344,6 +425,9 @@ def test_the_simulator_is_checked_against_the_real_server(tmp_path):
     gap = (sim["p99_ms"] - real["p99_ms"]) / real["p99_ms"]
     assert f"p99 {gap:+.0%}" in line
     assert ("p99 {:+.0%} OFF BY MORE THAN 25 %".format(gap) in line) == (abs(gap) > 0.25)
-    empty = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve_sim_check.py"),
-                            str(tmp_path / "nothing")], capture_output=True, text=True)
+    empty = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "serve_sim_check.py"), str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+    )
     assert empty.returncode == 2 and "no serve point ran on both clocks" in empty.stderr

@@ -3,25 +3,32 @@ behind the one LoadGen SUT, users pinned by serving.routing.Router. On the CPU h
 replicas are threads on one device; what is checked is the bookkeeping (each query answered
 once, by one replica, a user's queries in order on its replica), the per-replica record and
 the scores; the scaling on N GPUs needs a multi-GPU machine."""
+
 import json
 import zlib
 from pathlib import Path
 
 import pytest
+from helpers import hstu_exp
 from hydra import compose, initialize_config_dir
+from test_serve import read_csv
+from test_serve_real import ONE_THREAD, check_causal
 
 from hstu_exp.cli import CONF_DIR
 from hstu_exp.config import ConfigError, validate
-from helpers import hstu_exp
-from test_serve import read_csv
-from test_serve_real import ONE_THREAD, check_causal
 
 TIERS = ("gpu", "host", "miss")
 
 
 def serve(tmp_path, *overrides):
-    out = hstu_exp("experiment=serve_smoke", "cache=paged_offload", "workload.replicas=2",
-                   f"hydra.run.dir={tmp_path}", *overrides, env=ONE_THREAD)
+    out = hstu_exp(
+        "experiment=serve_smoke",
+        "cache=paged_offload",
+        "workload.replicas=2",
+        f"hydra.run.dir={tmp_path}",
+        *overrides,
+        env=ONE_THREAD,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((tmp_path / "results.jsonl").read_text())
     return record, read_csv(Path(record["job_dir"]) / "requests.csv"), out
@@ -70,26 +77,36 @@ def test_two_replicas_hash_routing_pins_each_user_to_its_replica(tmp_path):
 def test_least_loaded_without_slack_moves_users_and_counts_each_move(tmp_path):
     # no slack and no imbalance allowed: a user whose replica has work queued moves (once its
     # own queries are answered), so moves happen at this load and each is counted
-    r, rows, _ = serve(tmp_path, "workload.max_imbalance=0", "workload.route_slack_rows=0",
-                       "workload.qps=40", "workload.num_users=12")
+    r, rows, _ = serve(
+        tmp_path,
+        "workload.max_imbalance=0",
+        "workload.route_slack_rows=0",
+        "workload.qps=40",
+        "workload.num_users=12",
+    )
     check_record(r, rows)
     assert r["routing"] == "least_loaded" and r["route_slack_rows"] == 0
-    switches = sum(sum(a != b for a, b in zip(seq, seq[1:]))
-                   for seq in replicas_of_each_user(rows).values())
+    switches = sum(
+        sum(a != b for a, b in zip(seq, seq[1:])) for seq in replicas_of_each_user(rows).values()
+    )
     # a switch between two of a user's queries is a move; a move from where the warm-up left
     # the user is one too
     assert 0 < switches <= r["moves"]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["workload.replicas=0"], "workload.replicas=0: must be positive"),
-    (["workload.replicas=2", "workload.clock=simulated"],
-     "workload.replicas=2: replicas serve on the real clock only (workload.clock=real); the "
-     "simulator models one server"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["workload.replicas=0"], "workload.replicas=0: must be positive"),
+        (
+            ["workload.replicas=2", "workload.clock=simulated"],
+            "workload.replicas=2: replicas serve on the real clock only (workload.clock=real); the "
+            "simulator models one server",
+        ),
+    ],
+)
 def test_bad_replicas_one_line(tmp_path, overrides, message):
-    out = hstu_exp("experiment=serve_smoke", "cache=paged", f"hydra.run.dir={tmp_path}",
-                   *overrides)
+    out = hstu_exp("experiment=serve_smoke", "cache=paged", f"hydra.run.dir={tmp_path}", *overrides)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [f"hstu-exp: error: {message}"]
     assert not (tmp_path / "results.jsonl").exists()
@@ -101,30 +118,49 @@ def test_more_replicas_than_gpus_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["workload=serve", "device=cuda",
-                                           "workload.replicas=3"])
+        cfg = compose("config", overrides=["workload=serve", "device=cuda", "workload.replicas=3"])
         with pytest.raises(ConfigError, match=r"workload.replicas=3: more than the 2 visible"):
             validate(cfg)
-        validate(compose("config", overrides=["workload=serve", "device=cuda",
-                                              "workload.replicas=2"]))
+        validate(compose("config", overrides=["workload=serve", "device=cuda", "workload.replicas=2"]))
 
 
 def test_a_sure_miss_stops_every_replica_and_every_query_is_answered(tmp_path):
+    from test_e2e import make_cache, make_model
+    from test_serve_real import Cycle, Sequences
+
     from hstu_exp.kvcache.manager import KVCacheManager
     from hstu_exp.serving.loadgen_sut import LoadGenTest
     from hstu_exp.serving.path import RequestPath
     from hstu_exp.serving.server import RealServer
-    from test_e2e import make_cache, make_model
-    from test_serve_real import Cycle, Sequences
 
     model = make_model()
-    paths = [RequestPath(model, device="cpu", manager=KVCacheManager(
-        make_cache("paged", num_pages=64, host_pages=0))) for _ in range(2)]
-    server = RealServer(paths, Sequences(8), max_batch=2, max_wait_s=0.002, policy="fifo",
-                        device="cpu", token_buckets=[64], num_context=0, routing="hash")
+    paths = [
+        RequestPath(
+            model, device="cpu", manager=KVCacheManager(make_cache("paged", num_pages=64, host_pages=0))
+        )
+        for _ in range(2)
+    ]
+    server = RealServer(
+        paths,
+        Sequences(8),
+        max_batch=2,
+        max_wait_s=0.002,
+        policy="fifo",
+        device="cpu",
+        token_buckets=[64],
+        num_context=0,
+        routing="hash",
+    )
     # every answer is late for a 1 us bound: the first answered batch stops both replicas
-    test = LoadGenTest(scenario="server", target_qps=50, slo_ms=1e-3, slo_percentile=90,
-                       min_duration_s=1.0, min_query_count=50, seed=1)
+    test = LoadGenTest(
+        scenario="server",
+        target_qps=50,
+        slo_ms=1e-3,
+        slo_percentile=90,
+        min_duration_s=1.0,
+        min_query_count=50,
+        seed=1,
+    )
     served = server.run(test, Cycle(8), tmp_path / "lg", give_up_after=1)
     assert served.stopped_early
     issued = served.loadgen["loadgen_queries"]
@@ -145,7 +181,10 @@ def test_a_point_that_sees_fewer_gpus_than_replicas_fails_naming_them(monkeypatc
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-    with pytest.raises(ValueError, match=r"workload.replicas=2: this point sees 1 GPU\(s\) "
-                                         r"\(CUDA_VISIBLE_DEVICES=3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"workload.replicas=2: this point sees 1 GPU\(s\) "
+        r"\(CUDA_VISIBLE_DEVICES=3\)",
+    ):
         replica_devices(torch.device("cuda"), 2)
     assert replica_devices(torch.device("cpu"), 2) == [torch.device("cpu")] * 2

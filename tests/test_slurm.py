@@ -5,6 +5,7 @@ close-out (CSV, figures, summary W&B run) runs from them, and resume=true works 
 Skips with the reason where Slurm cannot run (binaries missing, not root, ports taken); with
 HSTU_EXP_REQUIRE_SLURM=1 (.ci/run sets it once the packages are in) it fails instead.
 """
+
 import json
 import os
 import re
@@ -14,13 +15,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import FAST, hstu_exp
+from slurm_cluster import PARTITION, LocalSlurm
+from test_sweep import assert_real_png, records
 
 from hstu_exp.report.callback import close_out
 from hstu_exp.tracking.records import SWEPT_KEYS
 from hstu_exp.tracking.wandb_sink import read_offline_run
-from helpers import FAST, hstu_exp
-from slurm_cluster import PARTITION, LocalSlurm
-from test_sweep import assert_real_png, records
 
 # Starts a single-node Slurm and runs sweeps through it.
 pytestmark = pytest.mark.slow
@@ -28,13 +29,16 @@ pytestmark = pytest.mark.slow
 REQUIRED = os.environ.get("HSTU_EXP_REQUIRE_SLURM") == "1"
 TIMEOUT_S = 180  # a bound on each sweep: a Slurm that never runs a job fails, it does not hang
 # The preset as it is, but sized for this small node (2 CPUs, a few GB).
-LAUNCHER = ["hydra/launcher=slurm", f"hydra.launcher.partition={PARTITION}",
-            "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
-            "hydra.launcher.timeout_min=5",
-            # the batch script prints the GPU Slurm gave the job
-            "hydra.launcher.setup=[\"echo slurm-gpu=$CUDA_VISIBLE_DEVICES\"]"]
-GRID = ["model=tiny", "cache=paged", "workload.total_history=64", "workload.new_history=64",
-        *FAST]
+LAUNCHER = [
+    "hydra/launcher=slurm",
+    f"hydra.launcher.partition={PARTITION}",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=1",
+    "hydra.launcher.timeout_min=5",
+    # the batch script prints the GPU Slurm gave the job
+    'hydra.launcher.setup=["echo slurm-gpu=$CUDA_VISIBLE_DEVICES"]',
+]
+GRID = ["model=tiny", "cache=paged", "workload.total_history=64", "workload.new_history=64", *FAST]
 
 
 @pytest.fixture(scope="session")
@@ -59,8 +63,9 @@ def slurm():
 
 
 def sweep_through(slurm, out, *args):
-    return hstu_exp("-m", *LAUNCHER, *GRID, *args, f"hydra.sweep.dir={out}", timeout=TIMEOUT_S,
-                    env=slurm.env())
+    return hstu_exp(
+        "-m", *LAUNCHER, *GRID, *args, f"hydra.sweep.dir={out}", timeout=TIMEOUT_S, env=slurm.env()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +130,7 @@ def test_resume_in_slurm_jobs_runs_only_the_new_point(slurm, slurm_sweep, tmp_pa
     for f in sweep.rglob("results.jsonl"):  # the records point at their copies
         recs = [json.loads(line) for line in f.read_text().splitlines()]
         f.write_text("".join(json.dumps({**r, "job_dir": str(f.parent)}) + "\n" for r in recs))
-    proc = sweep_through(slurm, sweep, "workload.batch_size=1,2,4,8", "logger=none",
-                         "resume=true")
+    proc = sweep_through(slurm, sweep, "workload.batch_size=1,2,4,8", "logger=none", "resume=true")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     logs = "\n".join(p.read_text() for p in job_logs(sweep))
     assert logs.count("skipped (resume=true)") == 3

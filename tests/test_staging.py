@@ -1,18 +1,23 @@
 """Host-side metadata: the packed one-copy transfer and the CUDA-graph bucket padding (CPU; the
 replay itself is covered by test_graphs_gpu)."""
+
 import numpy as np
 import torch
 
+from hstu_exp.core.jagged import make_batch, pack, to_device, unpack
 from hstu_exp.graphs import Bucket, fit_rows, pad_metadata
 from hstu_exp.kvcache.paged import PagedKVCache
-from hstu_exp.core.jagged import make_batch, pack, to_device, unpack
 
 SCRATCH = 8
 
 
 def test_to_device_round_trips_mixed_dtypes_and_empty_arrays():
-    arrays = {"a": np.arange(3, dtype=np.int32), "empty": np.zeros(0, np.int64),
-              "b": np.arange(5, dtype=np.int64) - 2, "c": np.array([7], np.int32)}
+    arrays = {
+        "a": np.arange(3, dtype=np.int32),
+        "empty": np.zeros(0, np.int64),
+        "b": np.arange(5, dtype=np.int64) - 2,
+        "c": np.array([7], np.int32),
+    }
     out = to_device(arrays, "cpu")
     for name, a in arrays.items():
         assert out[name].dtype == {np.int32: torch.int32, np.int64: torch.int64}[a.dtype.type]
@@ -24,8 +29,15 @@ def test_to_device_round_trips_mixed_dtypes_and_empty_arrays():
 
 def paged_batch():
     """The batch of test_page_table_metadata: users 5 (6 cached + 3 new, 1 candidate) and 9."""
-    cache = PagedKVCache(num_layers=1, num_pages=SCRATCH, page_size=4, num_heads=1, head_dim=2,
-                         dtype=torch.float32, device="cpu")
+    cache = PagedKVCache(
+        num_layers=1,
+        num_pages=SCRATCH,
+        page_size=4,
+        num_heads=1,
+        head_dim=2,
+        dtype=torch.float32,
+        device="cpu",
+    )
     cache.plan([5], [6], [0])
     table = cache.plan([5, 9], [3, 2], [1, 2])
     return make_batch([4, 4], [1, 2], "cpu", table)
@@ -33,8 +45,9 @@ def paged_batch():
 
 def test_pad_metadata_pads_users_pages_and_appends():
     batch = paged_batch()
-    padded = pad_metadata(batch, Bucket(batch=4, tokens=8, kv=16), pages_per_user=4,
-                          scratch_page=SCRATCH)
+    padded = pad_metadata(
+        batch, Bucket(batch=4, tokens=8, kv=16), pages_per_user=4, scratch_page=SCRATCH
+    )
     ids = batch.pages.page_ids.tolist()
     assert padded["offsets"].tolist() == [0, 4, 8, 8, 8]  # extra users: no rows
     assert padded["num_candidates"].tolist() == [1, 2, 0, 0]
@@ -46,9 +59,19 @@ def test_pad_metadata_pads_users_pages_and_appends():
     assert padded["new_page"].tolist() == batch.pages.new_page.tolist() + [SCRATCH] * 27
     assert padded["new_slot"].tolist() == [2, 3, 0, 0, 1] + [0] * 27
     assert {k: v.dtype for k, v in padded.items()} == {
-        **{k: np.int32 for k in ("offsets", "num_candidates", "page_indptr", "cached_lengths",
-                                 "last_page_len", "page_ids")},
-        **{k: np.int64 for k in ("new_rows", "new_page", "new_slot")}}
+        **{
+            k: np.int32
+            for k in (
+                "offsets",
+                "num_candidates",
+                "page_indptr",
+                "cached_lengths",
+                "last_page_len",
+                "page_ids",
+            )
+        },
+        **{k: np.int64 for k in ("new_rows", "new_page", "new_slot")},
+    }
 
 
 def test_pad_metadata_same_bucket_same_layout():
@@ -56,8 +79,10 @@ def test_pad_metadata_same_bucket_same_layout():
     bucket = Bucket(batch=4, tokens=8, kv=16)
     small = make_batch([3], [1], "cpu")
     small.pages = paged_batch().pages  # only the sizes matter here
-    layouts = [pack(pad_metadata(b, bucket, pages_per_user=4, scratch_page=SCRATCH), pin=False)[1]
-               for b in (paged_batch(), small)]
+    layouts = [
+        pack(pad_metadata(b, bucket, pages_per_user=4, scratch_page=SCRATCH), pin=False)[1]
+        for b in (paged_batch(), small)
+    ]
     assert layouts[0] == layouts[1]
 
 
@@ -78,8 +103,7 @@ def test_fitted_rows_pad_the_batch_not_every_user():
     assert (fitted.rows, full.rows) == (8192, 8 * 4352)
     assert fitted.name == "b8xt4352xkv4096xr8192" and full.name == "b8xt4352"
     batch = make_batch([5, 2], [1, 1], "cpu")
-    padded = pad_metadata(batch, Bucket(batch=4, tokens=8, fit=16), pages_per_user=0,
-                          scratch_page=0)
+    padded = pad_metadata(batch, Bucket(batch=4, tokens=8, fit=16), pages_per_user=0, scratch_page=0)
     assert padded["offsets"].tolist() == [0, 5, 7, 7, 7]
 
 
@@ -94,8 +118,15 @@ def test_graph_page_tables_hold_the_context_prefix():
 
     model = OmegaConf.create({"max_history": 512, "num_context": 8})
     page = 32
-    cache = PagedKVCache(num_layers=1, num_pages=40, page_size=page, num_heads=1, head_dim=2,
-                         dtype=torch.float32, device="cpu")
+    cache = PagedKVCache(
+        num_layers=1,
+        num_pages=40,
+        page_size=page,
+        num_heads=1,
+        head_dim=2,
+        dtype=torch.float32,
+        device="cpu",
+    )
     cache.plan([7], [kv_tokens(model) - 1], [0])
     table = cache.plan([7], [1], [1])
     batch = make_batch([1], [1], "cpu", table)

@@ -1,6 +1,7 @@
 """hstu_exp.stats.bootstrap_ratio against independent checks: the nominal coverage over many
 fresh random draws, the large-sample (delta-method) width of a ratio of medians, and the
 shrinking of the interval with the sample size."""
+
 import math
 
 import numpy as np
@@ -52,7 +53,8 @@ def test_width_matches_the_delta_method_and_shrinks_with_n():
         assert mean_width == pytest.approx(delta_width(size), rel=0.25)
     # four times the samples: about half the width
     assert np.mean([width(100, s) for s in range(8)]) / np.mean(
-        [width(1600, s) for s in range(8)]) == pytest.approx(4.0, rel=0.35)
+        [width(1600, s) for s in range(8)]
+    ) == pytest.approx(4.0, rel=0.35)
 
 
 def test_bad_level_is_refused():
@@ -64,12 +66,26 @@ def _e2e(mode, units, per_pass=4, **extra):
     """An e2e record whose passes serve 4 batches of growing size (the second is 3x the first):
     the per-batch median is a middle batch, the pass total the whole stream."""
     repeats = [[t * w / 10 for t in u for w in (1, 2, 3, 4)] for u in units]
-    return {"status": "ok", "workload": "e2e", "model": "tiny", "mode": mode, "batch_size": 2,
-            "cache": "none", "graph": "none", "kernel": "triton", "num_candidates": 8,
-            "total_history": 512, "device": "cuda", "num_batches": per_pass,
-            "samples_ms": repeats[0], "median_ms": float(np.median(repeats[0])),
-            "total_ms": float(np.median(units[0])), "valid": True,
-            "overrides": [f"workload.mode={mode}"], **extra}
+    return {
+        "status": "ok",
+        "workload": "e2e",
+        "model": "tiny",
+        "mode": mode,
+        "batch_size": 2,
+        "cache": "none",
+        "graph": "none",
+        "kernel": "triton",
+        "num_candidates": 8,
+        "total_history": 512,
+        "device": "cuda",
+        "num_batches": per_pass,
+        "samples_ms": repeats[0],
+        "median_ms": float(np.median(repeats[0])),
+        "total_ms": float(np.median(units[0])),
+        "valid": True,
+        "overrides": [f"workload.mode={mode}"],
+        **extra,
+    }
 
 
 def test_e2e_speedup_is_the_ratio_of_pass_totals_resampled_by_pass():
@@ -82,8 +98,9 @@ def test_e2e_speedup_is_the_ratio_of_pass_totals_resampled_by_pass():
     rng = np.random.default_rng(1)
     base_passes = (100 * (1 + 0.02 * rng.standard_normal(12))).tolist()
     fast_passes = (20 * (1 + 0.02 * rng.standard_normal(12))).tolist()
-    sp = e2e_speedups(pd.DataFrame([_e2e("baseline", [base_passes]),
-                                    _e2e("cache_graph", [fast_passes])]))
+    sp = e2e_speedups(
+        pd.DataFrame([_e2e("baseline", [base_passes]), _e2e("cache_graph", [fast_passes])])
+    )
     assert len(sp) == 1
     r = sp.iloc[0]
     assert r["speedup"] == pytest.approx(np.median(base_passes) / np.median(fast_passes))
@@ -103,12 +120,15 @@ def test_repeats_report_their_spread_and_a_disagreement_is_flagged():
 
     def passes(ms):
         return (ms * (1 + 0.01 * rng.standard_normal(10))).tolist()
+
     base = [passes(100), passes(101), passes(99)]
     agree = [passes(20), passes(20.2), passes(19.9)]
     apart = [passes(20), passes(26), passes(19.9)]
     for fast, agreeing in ((agree, True), (apart, False)):
-        recs = [_e2e("baseline", base, repeat_units_ms=base, repeats=3),
-                _e2e("cache_graph", fast, repeat_units_ms=fast, repeats=3)]
+        recs = [
+            _e2e("baseline", base, repeat_units_ms=base, repeats=3),
+            _e2e("cache_graph", fast, repeat_units_ms=fast, repeats=3),
+        ]
         r = e2e_speedups(pd.DataFrame(recs)).iloc[0]
         ratios = sorted(np.median(b) / np.median(f) for b, f in zip(base, fast))
         assert (r["spread_low"], r["spread_high"]) == pytest.approx((ratios[0], ratios[-1]))
@@ -123,6 +143,7 @@ def test_combined_repeats_keep_every_repeat_and_flag_disagreement():
 
     def result(ms, valid=True):
         return {"median_ms": ms, "valid": valid, "invalid_reason": None if valid else "CV 9%"}
+
     units = [[1.0, 1.01, 0.99] * 5, [1.3, 1.31, 1.29] * 5, [1.02, 1.0, 1.01] * 5]
     rec = combine_repeats([result(1.0), result(1.3, valid=False), result(1.01)], units)
     assert rec["repeats"] == 3 and rec["repeat_ms"] == [1.0, 1.3, 1.01]

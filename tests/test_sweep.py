@@ -1,14 +1,15 @@
 """A real multirun into a temporary dir: records, CSV, figures and W&B offline runs."""
+
 import subprocess
 
 import matplotlib.image as mpimg
 import pandas as pd
 import pytest
+from helpers import FAST, ROOT, failing_pool, hstu_exp
 
 from hstu_exp.env import environment
 from hstu_exp.tracking.records import SWEPT_KEYS, read_records
 from hstu_exp.tracking.wandb_sink import read_offline_run
-from helpers import FAST, ROOT, failing_pool, hstu_exp
 
 
 def records(root):
@@ -26,9 +27,17 @@ def assert_real_png(path):
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
-    proc = hstu_exp("-m", "model=tiny", "workload.batch_size=1,2", "cache=none,paged",
-                    "workload.total_history=64", "workload.new_history=16,64", "verify=true",
-                    *FAST, f"hydra.sweep.dir={out}")
+    proc = hstu_exp(
+        "-m",
+        "model=tiny",
+        "workload.batch_size=1,2",
+        "cache=none,paged",
+        "workload.total_history=64",
+        "workload.new_history=16,64",
+        "verify=true",
+        *FAST,
+        f"hydra.sweep.dir={out}",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
 
@@ -85,8 +94,13 @@ def test_wandb_offline_runs_hold_the_records(sweep):
 
 
 def test_single_run_prints_summary(tmp_path):
-    proc = hstu_exp("logger=none", "workload.total_history=64", "workload.new_history=8",
-                    *FAST, f"hydra.run.dir={tmp_path}")
+    proc = hstu_exp(
+        "logger=none",
+        "workload.total_history=64",
+        "workload.new_history=8",
+        *FAST,
+        f"hydra.run.dir={tmp_path}",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (rec,) = records(tmp_path)
     assert rec["status"] == "ok" and rec["cached_tokens"] == 2 * 56
@@ -95,9 +109,16 @@ def test_single_run_prints_summary(tmp_path):
 
 def test_impossible_point_is_skipped_and_sweep_goes_on(tmp_path):
     # A pool of 3 pages x 32 tokens holds one 64-token user but not two.
-    proc = hstu_exp("-m", "logger=none", "workload.batch_size=1,2", "cache.num_pages=3",
-                    "workload.total_history=64", "workload.new_history=64", *FAST,
-                    f"hydra.sweep.dir={tmp_path}")
+    proc = hstu_exp(
+        "-m",
+        "logger=none",
+        "workload.batch_size=1,2",
+        "cache.num_pages=3",
+        "workload.total_history=64",
+        "workload.new_history=64",
+        *FAST,
+        f"hydra.sweep.dir={tmp_path}",
+    )
     recs = sorted(records(tmp_path), key=lambda r: r["batch_size"])
     assert [r["status"] for r in recs] == ["ok", "skipped"]
     assert "cache.num_pages=3" in recs[1]["reason"]
@@ -108,8 +129,7 @@ def test_failing_point_is_recorded_and_sweep_goes_on(tmp_path):
     """A pool past the process's address-space cap cannot be allocated: that point raises, the
     next one still runs."""
     pools, cap = failing_pool()
-    proc = hstu_exp("-m", "logger=none", *pools, *FAST, f"hydra.sweep.dir={tmp_path}",
-                    address_space=cap)
+    proc = hstu_exp("-m", "logger=none", *pools, *FAST, f"hydra.sweep.dir={tmp_path}", address_space=cap)
     recs = {r["point"]: r for r in records(tmp_path)}
     assert recs[0]["status"] == "failed", (recs[0], proc.stderr[-2000:])
     assert "can't allocate memory" in recs[0]["error"], recs[0]["error"]
@@ -126,8 +146,9 @@ def test_cpu_only_options_are_refused_or_skipped(tmp_path):
     env = {"TRITON_INTERPRET": "0"}
     proc = hstu_exp("kernel=triton", "logger=none", f"hydra.run.dir={tmp_path}/run", env=env)
     assert proc.returncode == 2 and "kernel=triton: needs a CUDA device" in proc.stderr
-    proc = hstu_exp("-m", "logger=none", "graph=none,cudagraph", *FAST,
-                    f"hydra.sweep.dir={tmp_path}/sweep", env=env)
+    proc = hstu_exp(
+        "-m", "logger=none", "graph=none,cudagraph", *FAST, f"hydra.sweep.dir={tmp_path}/sweep", env=env
+    )
     recs = {r["graph"]: r for r in records(tmp_path / "sweep")}
     assert recs["none"]["status"] == "ok" and recs["cudagraph"]["status"] == "skipped"
     assert proc.returncode == 0
@@ -135,8 +156,9 @@ def test_cpu_only_options_are_refused_or_skipped(tmp_path):
 
 def test_records_name_the_commit_the_caller_gives_over_the_checkout(monkeypatch):
     # A GPU box may hold a stale .git under a newer tree: HSTU_EXP_GIT_SHA must win there.
-    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
-                          capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     try:
         monkeypatch.delenv("HSTU_EXP_GIT_SHA", raising=False)
         environment.cache_clear()

@@ -7,15 +7,16 @@ the GPU, and the `gpu` tests add bf16 at real sizes and a CUDA-graph capture.
 Rows past the last user (CUDA-graph padding) are dead: the kernel writes zeros there, the oracle
 whatever falls out of its gathers, so comparisons cover live rows and dead rows are checked apart.
 """
+
 import math
 import random
 
 import pytest
 import torch
 
+from hstu_exp.core.jagged import make_batch
 from hstu_exp.kvcache.paged import PagedKVCache
 from hstu_exp.model.hstu import append_kv
-from hstu_exp.core.jagged import make_batch
 from hstu_exp.ops import reference
 from hstu_exp.ops import triton_attention as tri
 from hstu_exp.ops.policy import KernelPolicy
@@ -51,8 +52,20 @@ def full_case(rows, cands, H, D, *, dead=0, dtype=torch.float32, device=DEVICE, 
     return batch, q, k, v
 
 
-def paged_case(cached, new, cands, H, D, page_size, *, dead=0, dtype=torch.float32,
-               device=DEVICE, seed=0, num_pages=None):
+def paged_case(
+    cached,
+    new,
+    cands,
+    H,
+    D,
+    page_size,
+    *,
+    dead=0,
+    dtype=torch.float32,
+    device=DEVICE,
+    seed=0,
+    num_pages=None,
+):
     """A real PagedKVCache: prefixes written in a few interleaved rounds (so page ids are not in
     order and pages of different users interleave), then the request's new history appended
     through the block's own append_kv."""
@@ -60,8 +73,15 @@ def paged_case(cached, new, cands, H, D, page_size, *, dead=0, dtype=torch.float
     gen = torch.Generator().manual_seed(seed)
     B = len(cached)
     total = sum(-(-(c + n) // page_size) for c, n in zip(cached, new))
-    cache = PagedKVCache(num_layers=1, num_pages=num_pages or total + 4, page_size=page_size,
-                         num_heads=H, head_dim=D, dtype=dtype, device=device)
+    cache = PagedKVCache(
+        num_layers=1,
+        num_pages=num_pages or total + 4,
+        page_size=page_size,
+        num_heads=H,
+        head_dim=D,
+        dtype=dtype,
+        device=device,
+    )
     users = list(range(B))
     done = [0] * B
     for _ in range(3):  # prefixes in rounds: user pages interleave in the pool
@@ -86,8 +106,9 @@ def run_full(batch, q, k, v, att=None, **kw):
     att = att or tri.Attention(NO_TUNE)
     got = att.full(q, k, v, batch, alpha=1 / math.sqrt(D), inv_n=1 / 64, out=out, **kw)
     assert got is out
-    ref = reference.attention_full(q.float(), k.float(), v.float(), batch,
-                                   alpha=1 / math.sqrt(D), inv_n=1 / 64)
+    ref = reference.attention_full(
+        q.float(), k.float(), v.float(), batch, alpha=1 / math.sqrt(D), inv_n=1 / 64
+    )
     assert got.dtype == q.dtype
     return got, ref
 
@@ -98,19 +119,31 @@ def run_paged(batch, q, k, v, kp, vp, att=None, **kw):
     att = att or tri.Attention(NO_TUNE)
     got = att.paged(q, k, v, batch, kp, vp, alpha=1 / math.sqrt(D), inv_n=1 / 64, out=out, **kw)
     assert got is out
-    ref = reference.attention_paged(q.float(), k.float(), v.float(), batch, kp.float(),
-                                    vp.float(), alpha=1 / math.sqrt(D), inv_n=1 / 64)
+    ref = reference.attention_paged(
+        q.float(),
+        k.float(),
+        v.float(),
+        batch,
+        kp.float(),
+        vp.float(),
+        alpha=1 / math.sqrt(D),
+        inv_n=1 / 64,
+    )
     assert got.dtype == q.dtype
     return got, ref
 
 
 # --- full mode ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("rows,cands", [
-    ([37], [5]),  # one user: diagonal blocks, a block holding history and candidates
-    ([20, 0, 9, 33], [4, 0, 9, 0]),  # empty user, candidate-only user, no-candidate user
-    ([1, 16, 17], [1, 0, 16]),  # block-edge lengths
-])
+
+@pytest.mark.parametrize(
+    "rows,cands",
+    [
+        ([37], [5]),  # one user: diagonal blocks, a block holding history and candidates
+        ([20, 0, 9, 33], [4, 0, 9, 0]),  # empty user, candidate-only user, no-candidate user
+        ([1, 16, 17], [1, 0, 16]),  # block-edge lengths
+    ],
+)
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_full_matches_reference(rows, cands, split_k):
     batch, q, k, v = full_case(rows, cands, H=2, D=32, dead=3)
@@ -186,6 +219,7 @@ def test_rejects_bad_head_dim():
 
 # --- paged mode --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("page_size", [8, 16, 32])
 @pytest.mark.parametrize("split_k", [1, 4])
 def test_paged_matches_reference(page_size, split_k):
@@ -195,8 +229,9 @@ def test_paged_matches_reference(page_size, split_k):
     cached = [2 * P, P - 5, 3 * P - 2, 7, 0]
     new = [1, 5, 0, 9, 0]
     cands = [6, 0, 4, 3, 0]
-    batch, q, k, v, kp, vp = paged_case(cached, new, cands, H=2, D=32, page_size=P, dead=2,
-                                        seed=P + split_k)
+    batch, q, k, v, kp, vp = paged_case(
+        cached, new, cands, H=2, D=32, page_size=P, dead=2, seed=P + split_k
+    )
     assert not kp.is_contiguous()
     out, ref = run_paged(batch, q, k, v, kp, vp, split_k=split_k, config=CPU_CFG)
     check(out, ref, sum(new) + sum(cands))
@@ -224,13 +259,15 @@ def test_paged_no_cache_equals_full():
     """Nothing cached: the paged path must give full mode's answer."""
     rows, cands = [23, 10], [5, 10]
     batch, q, k, v, kp, vp = paged_case([0, 0], [18, 0], cands, H=1, D=16, page_size=8)
-    full = tri.attention_full(q, k, v, make_batch(rows, cands, DEVICE), alpha=0.25, inv_n=1 / 64,
-                              config=CPU_CFG)
+    full = tri.attention_full(
+        q, k, v, make_batch(rows, cands, DEVICE), alpha=0.25, inv_n=1 / 64, config=CPU_CFG
+    )
     paged = tri.attention_paged(q, k, v, batch, kp, vp, alpha=0.25, inv_n=1 / 64, config=CPU_CFG)
     assert rel_err(paged, full) < 1e-5
 
 
 # --- random shapes ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("seed", range(16))
 def test_fuzz(seed):
@@ -244,12 +281,14 @@ def test_fuzz(seed):
     cands = [rng.choice([0, 1, rng.randint(0, 12)]) for _ in range(B)]
     cached = [rng.choice(edges + [rng.randint(0, 70)]) for _ in range(B)]
     live = sum(new) + sum(cands)
-    batch, q, k, v = full_case([n + c for n, c in zip(new, cands)], cands, H, D, dead=seed % 3,
-                               seed=seed)
+    batch, q, k, v = full_case(
+        [n + c for n, c in zip(new, cands)], cands, H, D, dead=seed % 3, seed=seed
+    )
     out, ref = run_full(batch, q, k, v, split_k=split_k, config=cfg)
     check(out, ref, live)
-    batch, q, k, v, kp, vp = paged_case(cached, new, cands, H, D, rng.choice([4, 8, 16, 32, 64]),
-                                        dead=seed % 3, seed=seed)
+    batch, q, k, v, kp, vp = paged_case(
+        cached, new, cands, H, D, rng.choice([4, 8, 16, 32, 64]), dead=seed % 3, seed=seed
+    )
     out, ref = run_paged(batch, q, k, v, kp, vp, split_k=split_k, config=cfg)
     check(out, ref, live)
 
@@ -270,8 +309,16 @@ def hopper(request):
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("split_k", [None, 1, 8])
 def test_gpu_full_bf16(D, split_k, hopper):
-    batch, q, k, v = full_case([700, 0, 1290, 300], [256, 0, 256, 300], H=4, D=D, dead=5,
-                               dtype=torch.bfloat16, device="cuda", seed=D)
+    batch, q, k, v = full_case(
+        [700, 0, 1290, 300],
+        [256, 0, 256, 300],
+        H=4,
+        D=D,
+        dead=5,
+        dtype=torch.bfloat16,
+        device="cuda",
+        seed=D,
+    )
     out, ref = run_full(batch, q, k, v, att=hopper, split_k=split_k)
     check(out, ref, 2290, tol=GPU_TOL)
     expect_hopper(hopper, split_k != 8)  # a forced split keeps the portable kernel
@@ -282,8 +329,14 @@ def test_full_nan_in_dead_rows_stays_out(split_k):
     """Rows past the last user hold NaN (graph padding may hold anything). Tiles that reach past a
     user (on the GPU, TMA boxes of whole key blocks) must not let them into live rows."""
     gpu = DEVICE == "cuda"
-    batch, q, k, v = full_case([45, 70], [5, 9], H=2, D=256 if gpu else 16, dead=61,
-                               dtype=torch.bfloat16 if gpu else torch.float32)
+    batch, q, k, v = full_case(
+        [45, 70],
+        [5, 9],
+        H=2,
+        D=256 if gpu else 16,
+        dead=61,
+        dtype=torch.bfloat16 if gpu else torch.float32,
+    )
     for t in (q, k, v):
         t[115:] = float("nan")
     out, ref = run_full(batch, q, k, v, split_k=split_k, config=None if gpu else CPU_CFG)
@@ -294,9 +347,18 @@ def test_full_nan_in_dead_rows_stays_out(split_k):
 @pytest.mark.parametrize("D,page_size", [(64, 16), (128, 64), (256, 32), (256, 16)])
 @pytest.mark.parametrize("split_k", [None, 1, 8])
 def test_gpu_paged_bf16(D, page_size, split_k, hopper):
-    batch, q, k, v, kp, vp = paged_case([1500, 97, 0, 640], [128, 31, 200, 0], [256, 0, 64, 256],
-                                        H=4, D=D, page_size=page_size, dead=3,
-                                        dtype=torch.bfloat16, device="cuda", seed=D + page_size)
+    batch, q, k, v, kp, vp = paged_case(
+        [1500, 97, 0, 640],
+        [128, 31, 200, 0],
+        [256, 0, 64, 256],
+        H=4,
+        D=D,
+        page_size=page_size,
+        dead=3,
+        dtype=torch.bfloat16,
+        device="cuda",
+        seed=D + page_size,
+    )
     out, ref = run_paged(batch, q, k, v, kp, vp, att=hopper, split_k=split_k)
     check(out, ref, 128 + 256 + 31 + 264 + 256, tol=GPU_TOL)
     expect_hopper(hopper)
@@ -306,18 +368,19 @@ def expect_hopper(att, possible: bool = True):
     """On an sm_90 GPU with the Hopper kernel on (and `possible` for this launch), it is the one
     that ran."""
     sm90 = torch.cuda.get_device_capability()[0] == 9
-    assert (att.last_launch["config"].kernel == "hopper") == (att.policy.hopper and possible
-                                                              and sm90)
+    assert (att.last_launch["config"].kernel == "hopper") == (att.policy.hopper and possible and sm90)
 
 
 @pytest.mark.gpu
 def test_gpu_cuda_graph_capture():
     """No host sync inside: the op captures into a CUDA graph and replays to the same answer."""
-    batch, q, k, v, kp, vp = paged_case([300, 40], [16, 8], [32, 4], H=2, D=128, page_size=32,
-                                        dtype=torch.bfloat16, device="cuda")
+    batch, q, k, v, kp, vp = paged_case(
+        [300, 40], [16, 8], [32, 4], H=2, D=128, page_size=32, dtype=torch.bfloat16, device="cuda"
+    )
     for split_k in (1, 4):
         run = lambda split_k=split_k: tri.attention_paged(  # noqa: E731 - one Attention a call
-            q, k, v, batch, kp, vp, alpha=0.1, inv_n=0.01, split_k=split_k)
+            q, k, v, batch, kp, vp, alpha=0.1, inv_n=0.01, split_k=split_k
+        )
         expected = run().clone()  # warm-up (compiles) outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -333,12 +396,13 @@ def test_partial_fp32_hands_over_the_split_sums():
     float64 `tl.dot` compiles only in the interpreter), checked against a float64 reference."""
     batch, q, k, v = full_case([40, 7], [8, 3], H=1, D=16, dtype=torch.float16)
     alpha, inv_n = 0.25, 1 / 64
-    ref = reference.attention_full(q.double(), k.double(), v.double(), batch, alpha=alpha,
-                                   inv_n=inv_n)
-    split = tri.attention_full(q, k, v, batch, alpha=alpha, inv_n=inv_n, split_k=3, config=CPU_CFG,
-                               partial_fp32=True)
-    whole = tri.attention_full(q, k, v, batch, alpha=alpha, inv_n=inv_n, split_k=1,
-                               config=CPU_CFG, partial_fp32=True)
+    ref = reference.attention_full(q.double(), k.double(), v.double(), batch, alpha=alpha, inv_n=inv_n)
+    split = tri.attention_full(
+        q, k, v, batch, alpha=alpha, inv_n=inv_n, split_k=3, config=CPU_CFG, partial_fp32=True
+    )
+    whole = tri.attention_full(
+        q, k, v, batch, alpha=alpha, inv_n=inv_n, split_k=1, config=CPU_CFG, partial_fp32=True
+    )
     assert split.dtype == torch.float32 and whole.dtype == torch.float16
     check(split, ref, 47, tol=2e-3)
     check(whole, ref, 47, tol=2e-3)
@@ -351,16 +415,18 @@ def test_gpu_autotune_picks_a_candidate_and_matches(paged):
     launch still equals the reference; a capture afterwards reuses the choice."""
     att = tri.Attention(KernelPolicy(autotune=True))
     if paged:
-        batch, q, k, v, kp, vp = paged_case([2000], [128], [256], H=4, D=256, page_size=32,
-                                            dtype=torch.bfloat16, device="cuda", seed=5)
+        batch, q, k, v, kp, vp = paged_case(
+            [2000], [128], [256], H=4, D=256, page_size=32, dtype=torch.bfloat16, device="cuda", seed=5
+        )
         out, ref = run_paged(batch, q, k, v, kp, vp, att=att)
         rows = 384
     else:
-        batch, q, k, v = full_case([1500, 300], [256, 44], H=4, D=256, dtype=torch.bfloat16,
-                                   device="cuda", seed=6)
+        batch, q, k, v = full_case(
+            [1500, 300], [256, 44], H=4, D=256, dtype=torch.bfloat16, device="cuda", seed=6
+        )
         out, ref = run_full(batch, q, k, v, att=att)
         rows = 2100
     check(out, ref, rows, tol=GPU_TOL)
     assert len(att.tuned) == 1
-    (cfg, split), = att.tuned.values()
+    ((cfg, split),) = att.tuned.values()
     assert (cfg in tri.TUNE_CONFIGS[256] or cfg == tri.HOPPER_CONFIG) and split >= 1

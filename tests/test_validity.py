@@ -1,6 +1,7 @@
 """Validity: timing goes on while the samples are noisy (up to max_time_s), and a point says
 why it is not valid. Real steps (sleeps of fixed or random length) through time_fn, then real
 points through the CLI; statistics checked against numpy."""
+
 import json
 import random
 import time
@@ -8,9 +9,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import FAST, hstu_exp
 
 from hstu_exp.bench.timer import StopRule, latency_stats, time_fn
-from helpers import FAST, hstu_exp
 
 CPU = torch.device("cpu")
 
@@ -75,12 +76,19 @@ def test_the_cli_records_an_invalid_point_as_ok_with_the_reason(tmp_path):
     machine's cores are shared, and a loaded core stretches a sample a hundredfold)."""
     recs = {}
     for cv_max, max_time in (("0.0001", "0.4"), ("10", "20")):
-        proc = hstu_exp("logger=none", "workload.total_history=64", "workload.new_history=8",
-                        *FAST, f"workload.cv_max={cv_max}", f"workload.max_time_s={max_time}",
-                        f"hydra.run.dir={tmp_path / cv_max}")
+        proc = hstu_exp(
+            "logger=none",
+            "workload.total_history=64",
+            "workload.new_history=8",
+            *FAST,
+            f"workload.cv_max={cv_max}",
+            f"workload.max_time_s={max_time}",
+            f"hydra.run.dir={tmp_path / cv_max}",
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        (recs[cv_max],) = [json.loads(line) for line in
-                           (tmp_path / cv_max / "results.jsonl").read_text().splitlines()]
+        (recs[cv_max],) = [
+            json.loads(line) for line in (tmp_path / cv_max / "results.jsonl").read_text().splitlines()
+        ]
         recs[cv_max]["stdout"] = proc.stdout
     strict, lenient = recs["0.0001"], recs["10"]
     for r in (strict, lenient):
@@ -108,8 +116,9 @@ def test_cuda_timing_goes_on_while_noisy_and_reads_clocks():
     assert stop.problems(steady.samples_ms) == []
     assert set(steady.clocks) >= {"sm_clock_mhz", "throttled", "clocks_unavailable"}
     t0 = time.perf_counter()
-    noisy = time_fn(lambda i: (a if i % 2 else b) @ (a if i % 2 else b), device=cuda, warmup=5,
-                    rule=stop)
+    noisy = time_fn(
+        lambda i: (a if i % 2 else b) @ (a if i % 2 else b), device=cuda, warmup=5, rule=stop
+    )
     assert time.perf_counter() - t0 >= stop.max_time_s
     assert numpy_cv(noisy.samples_ms) > stop.cv_max
     assert stop.problems(noisy.samples_ms)[0].startswith("CV ")

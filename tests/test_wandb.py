@@ -1,6 +1,7 @@
 """W&B as a dashboard, read back from the offline .wandb files with wandb's own reader: a real
 multirun through the CLI (issue 10's CPU command), a resume, a failed point, the importer on
 live and published sweeps, the mode notice and the dashboard script."""
+
 import json
 import os
 import subprocess
@@ -8,23 +9,31 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import FAST, ROOT, failing_pool, hstu_exp, offline_runs, read_run
 
 from hstu_exp.tracking.records import SWEPT_KEYS
 from hstu_exp.tracking.wandb_sink import run_id, sweep_where
-from helpers import FAST, ROOT, failing_pool, hstu_exp, offline_runs, read_run
 
 # The H200 seed_e2e records as published on 2026-11-29 (schema 1: no samples, no validity).
 OLD_SCHEMA = ROOT / "tests" / "data" / "seed_e2e_h200_schema1.csv"
 
 
 def records(root):
-    return [json.loads(line) for p in sorted(Path(root).glob("*/results.jsonl"))
-            for line in p.read_text().splitlines()]
+    return [
+        json.loads(line)
+        for p in sorted(Path(root).glob("*/results.jsonl"))
+        for line in p.read_text().splitlines()
+    ]
 
 
 def wandb_import(*args):
-    return subprocess.run([sys.executable, "-m", "hstu_exp.wandb_import", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "hstu_exp.wandb_import", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +42,17 @@ def sweep(tmp_path_factory):
     points with n < T are skipped."""
     out = tmp_path_factory.mktemp("wb") / "s1"
     os.environ.pop("WANDB_MODE", None)
-    proc = hstu_exp("-m", "model=tiny", "workload.batch_size=1,2", "cache=none,paged",
-                    "workload.total_history=256", "workload.new_history=16,256",
-                    "logger.tags=[nightly,h200]", *FAST, f"hydra.sweep.dir={out}")
+    proc = hstu_exp(
+        "-m",
+        "model=tiny",
+        "workload.batch_size=1,2",
+        "cache=none,paged",
+        "workload.total_history=256",
+        "workload.new_history=16,256",
+        "logger.tags=[nightly,h200]",
+        *FAST,
+        f"hydra.sweep.dir={out}",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
@@ -79,8 +96,7 @@ def test_summary_run_has_grid_counts_charts_and_artifact(sweep):
     (summary_dir,) = (sweep / "wandb").glob("offline-run-*")
     run = read_run(summary_dir)
     rec = json.loads(next(sweep.rglob("results.jsonl")).read_text().splitlines()[0])
-    assert run["job_type"] == "summary" and \
-        run["id"] == run_id(sweep.name, "summary", sweep_where(rec))
+    assert run["job_type"] == "summary" and run["id"] == run_id(sweep.name, "summary", sweep_where(rec))
     s, cfg = run["summary"], run["config"]
     ok = [r for r in records(sweep) if r["status"] == "ok"]
     assert (s["points"], s["ok"], s["skipped"], s["failed"]) == (8, 6, 2, 0)
@@ -88,21 +104,25 @@ def test_summary_run_has_grid_counts_charts_and_artifact(sweep):
     assert s["valid"] == sum(1 for r in ok if r["valid"])
     assert cfg["grid"]["swept"]["workload.batch_size"] == ["1", "2"]
     assert cfg["env"]["git_sha"] == ok[0]["git_sha"] and cfg["model"]["hidden"] == ok[0]["hidden"]
-    charts = {k.split("/", 2)[-1]: v["panel_config"]["panelDefId"] for k, v in cfg.items()
-              if k.startswith("_wandb/visualize/")}
+    charts = {
+        k.split("/", 2)[-1]: v["panel_config"]["panelDefId"]
+        for k, v in cfg.items()
+        if k.startswith("_wandb/visualize/")
+    }
     # one T (256): no degenerate line over T, its table is logged instead
     assert "charts/latency_vs_T_B1" not in charts
     assert charts["charts/speedup"] == "wandb/bar/v0"
     assert not [k for k in charts if k.startswith("charts/serve_")]  # no serve points
     speedups = {k: v for k, v in s.items() if k.startswith("speedup/")}
-    assert speedups and all(v["ci_low"] <= v["speedup"] <= v["ci_high"]
-                            for v in speedups.values())
-    logged = {k.split("/")[0] + "/" + k.split("/")[1] for row in run["history"] for k in row
-              if "/" in k}
-    assert {"tables/skipped", "tables/results", "tables/latency_B1",
-            "figures/latency_vs_history"} <= logged
-    captions = [v for row in run["history"] for k, v in row.items()
-                if k.endswith("/caption")]
+    assert speedups and all(v["ci_low"] <= v["speedup"] <= v["ci_high"] for v in speedups.values())
+    logged = {k.split("/")[0] + "/" + k.split("/")[1] for row in run["history"] for k in row if "/" in k}
+    assert {
+        "tables/skipped",
+        "tables/results",
+        "tables/latency_B1",
+        "figures/latency_vs_history",
+    } <= logged
+    captions = [v for row in run["history"] for k, v in row.items() if k.endswith("/caption")]
     assert captions and all(sweep.name in c for c in captions)
     (art,) = [a for a in run["artifacts"] if a["type"] == "benchmark-results"]
     assert "results.csv" in art["files"]
@@ -113,10 +133,18 @@ def test_summary_run_has_grid_counts_charts_and_artifact(sweep):
 
 def test_resume_and_import_update_runs_never_duplicate(sweep):
     before = offline_runs(sweep)
-    proc = hstu_exp("-m", "model=tiny", "workload.batch_size=1,2", "cache=none,paged",
-                    "workload.total_history=256", "workload.new_history=16,256",
-                    "logger.tags=[nightly,h200]", "resume=true", *FAST,
-                    f"hydra.sweep.dir={sweep}")
+    proc = hstu_exp(
+        "-m",
+        "model=tiny",
+        "workload.batch_size=1,2",
+        "cache=none,paged",
+        "workload.total_history=256",
+        "workload.new_history=16,256",
+        "logger.tags=[nightly,h200]",
+        "resume=true",
+        *FAST,
+        f"hydra.sweep.dir={sweep}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = offline_runs(sweep)
     assert set(after) == set(before) and len(after) == 7  # 6 points + 1 summary, same ids
@@ -147,12 +175,18 @@ def test_failed_point_is_a_failed_run(tmp_path):
 
 
 def test_environment_mode_wins_with_one_notice(tmp_path):
-    proc = hstu_exp("workload.total_history=64", "workload.new_history=64", *FAST,
-                    f"hydra.run.dir={tmp_path}", env={"WANDB_MODE": "disabled"})
+    proc = hstu_exp(
+        "workload.total_history=64",
+        "workload.new_history=64",
+        *FAST,
+        f"hydra.run.dir={tmp_path}",
+        env={"WANDB_MODE": "disabled"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     notices = [line for line in (proc.stdout + proc.stderr).splitlines() if "WANDB_MODE" in line]
-    assert notices == ["[hstu-exp] W&B mode: WANDB_MODE=disabled from the environment wins "
-                       "over logger.mode=offline"]
+    assert notices == [
+        "[hstu-exp] W&B mode: WANDB_MODE=disabled from the environment wins over logger.mode=offline"
+    ]
     assert not list(tmp_path.rglob("offline-run-*")) and (tmp_path / "results.jsonl").is_file()
 
 
@@ -170,11 +204,14 @@ def test_import_published_sweep_of_an_older_schema(tmp_path):
     assert "h200" in point["tags"] and not point["history"]  # the CSV has no samples
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "no such sweep dir or file"),
-    ("", "empty CSV"),
-    ("status,workload,batch_size\nok,block,1\n", "missing column(s) model, median_ms"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such sweep dir or file"),
+        ("", "empty CSV"),
+        ("status,workload,batch_size\nok,block,1\n", "missing column(s) model, median_ms"),
+    ],
+)
 def test_import_bad_input_is_one_line(tmp_path, content, message):
     path = tmp_path / "results.csv"
     if content is not None:
@@ -187,23 +224,50 @@ def test_import_bad_input_is_one_line(tmp_path, content, message):
 
 def test_dashboard_builds_offline():
     pytest.importorskip("wandb_workspaces")  # the optional extra `dashboard`
-    proc = subprocess.run([sys.executable, "scripts/wandb_dashboard.py", "--entity", "team",
-                           "--project", "hstu-exp", "--json"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/wandb_dashboard.py",
+            "--entity",
+            "team",
+            "--project",
+            "hstu-exp",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     ws = json.loads(proc.stdout)
     panels = {p["type"] for s in ws["sections"] for p in s["panels"]}
-    assert {"ScatterPlot", "ParallelCoordinatesPlot", "LinePlot", "MediaBrowser",
-            "CustomChart"} <= panels
+    assert {
+        "ScatterPlot",
+        "ParallelCoordinatesPlot",
+        "LinePlot",
+        "MediaBrowser",
+        "CustomChart",
+    } <= panels
     titles = " | ".join(str(p["title"]) for s in ws["sections"] for p in s["panels"])
     assert "vs batch size, by cache mode and graph" in titles and "p99 latency" in titles
     assert ws["entity"] == "team" and len(ws["groupby"]) == 2
-    proc = subprocess.run([sys.executable, "scripts/wandb_dashboard.py", "--workload", "serve",
-                           "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "scripts/wandb_dashboard.py", "--workload", "serve", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "serve" in json.loads(proc.stdout)["filters"]
-    proc = subprocess.run([sys.executable, "scripts/wandb_dashboard.py", "--save"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120,
-                          env={k: v for k, v in os.environ.items() if k != "WANDB_ENTITY"})
+    proc = subprocess.run(
+        [sys.executable, "scripts/wandb_dashboard.py", "--save"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "WANDB_ENTITY"},
+    )
     assert proc.returncode == 2 and "--entity" in proc.stderr
 
 
@@ -211,9 +275,15 @@ def test_run_names_lead_with_what_varies():
     from hstu_exp.tracking.wandb_sink import run_name
 
     common = {"model": "tiny", "cache": "paged", "kernel": "reference", "graph": "none"}
-    assert run_name({**common, "workload": "block", "batch_size": 2, "total_history": 256,
-                     "new_history": 32.0}) == "B2 T256 n32 · paged/reference/none · block tiny"
-    assert run_name({**common, "workload": "e2e", "mode": "cache", "batch_size": 4,
-                     "num_candidates": 32}).startswith("B4 c32 · cache/paged/")
-    assert run_name({**common, "workload": "serve", "mode": "online-fifo", "batch_size": 8,
-                     "qps": 200.0}).startswith("B8 qps200 · online-fifo/paged/")
+    assert (
+        run_name(
+            {**common, "workload": "block", "batch_size": 2, "total_history": 256, "new_history": 32.0}
+        )
+        == "B2 T256 n32 · paged/reference/none · block tiny"
+    )
+    assert run_name(
+        {**common, "workload": "e2e", "mode": "cache", "batch_size": 4, "num_candidates": 32}
+    ).startswith("B4 c32 · cache/paged/")
+    assert run_name(
+        {**common, "workload": "serve", "mode": "online-fifo", "batch_size": 8, "qps": 200.0}
+    ).startswith("B8 qps200 · online-fifo/paged/")

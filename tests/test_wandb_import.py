@@ -1,5 +1,6 @@
 """hstu-exp-wandb on recorded sweeps (published GPU records, copied): what the W&B run files hold,
 read back from disk. Items of issue 21 (W&B and figures) and issue 22 (the importer's faults)."""
+
 import json
 import shutil
 import subprocess
@@ -12,9 +13,14 @@ PUBLISHED = ROOT / "outputs" / "published"
 
 
 def wandb_import(*args):
-    return subprocess.run([sys.executable, "-m", "hstu_exp.wandb_import", *map(str, args)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**__import__("os").environ, "WANDB_BASE_URL": "http://127.0.0.1:9"})
+    return subprocess.run(
+        [sys.executable, "-m", "hstu_exp.wandb_import", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**__import__("os").environ, "WANDB_BASE_URL": "http://127.0.0.1:9"},
+    )
 
 
 def subset(src: Path, dst: Path, keep) -> Path:
@@ -24,8 +30,9 @@ def subset(src: Path, dst: Path, keep) -> Path:
     df = load_sweep(src)
     rows = [r for r in df.to_dict("records") if keep(r)]
     dst.mkdir(parents=True)
-    (dst / "results.jsonl").write_text("".join(
-        json.dumps({k: v for k, v in r.items() if v == v}, default=str) + "\n" for r in rows))
+    (dst / "results.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if v == v}, default=str) + "\n" for r in rows)
+    )
     return dst
 
 
@@ -36,8 +43,9 @@ def summary_of(root: Path):
 
 def test_e2e_import_has_its_speedups_provenance_and_one_copy_per_id(tmp_path):
     sweep = tmp_path / "seed_e2e_h200"
-    shutil.copytree(PUBLISHED / "seed_e2e_h200", sweep,
-                    ignore=shutil.ignore_patterns("wandb-import", "figures"))
+    shutil.copytree(
+        PUBLISHED / "seed_e2e_h200", sweep, ignore=shutil.ignore_patterns("wandb-import", "figures")
+    )
     proc = wandb_import(sweep)
     assert proc.returncode == 0, proc.stderr
     root = sweep / "wandb-import"
@@ -66,8 +74,11 @@ def test_e2e_import_has_its_speedups_provenance_and_one_copy_per_id(tmp_path):
 
 
 def test_sweep_dir_with_spaces_and_accents_gets_its_summary_and_quoted_commands(tmp_path):
-    sweep = subset(PUBLISHED / "seed_e2e_h200", tmp_path / "my sweeps" / "été ü",
-                   lambda r: r["batch_size"] == 1 and r["mode"] in ("baseline", "cache_graph"))
+    sweep = subset(
+        PUBLISHED / "seed_e2e_h200",
+        tmp_path / "my sweeps" / "été ü",
+        lambda r: r["batch_size"] == 1 and r["mode"] in ("baseline", "cache_graph"),
+    )
     proc = wandb_import(sweep)
     assert proc.returncode == 0, proc.stderr
     _, summary = summary_of(sweep / "wandb-import")
@@ -80,8 +91,11 @@ def test_sweep_dir_with_spaces_and_accents_gets_its_summary_and_quoted_commands(
 
 def test_a_dir_of_several_sweeps_is_refused(tmp_path):
     for name in ("seed_e2e_h200", "serve_slo_h200"):
-        shutil.copytree(PUBLISHED / name, tmp_path / "all" / name,
-                        ignore=shutil.ignore_patterns("wandb-import", "figures"))
+        shutil.copytree(
+            PUBLISHED / name,
+            tmp_path / "all" / name,
+            ignore=shutil.ignore_patterns("wandb-import", "figures"),
+        )
     proc = wandb_import(tmp_path / "all")
     assert proc.returncode == 2 and "holds 2 sweeps" in proc.stderr
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "all" / "wandb-import").exists()
@@ -90,8 +104,11 @@ def test_a_dir_of_several_sweeps_is_refused(tmp_path):
 def test_torn_lines_are_passed_over_and_said(tmp_path):
     """A sweep killed mid-write leaves a torn last line: the import goes on and says so, as
     plot_sweep and hstu-exp-compare do (029de16 imported it without a word)."""
-    sweep = subset(PUBLISHED / "seed_e2e_h200", tmp_path / "torn",
-                   lambda r: r["batch_size"] == 1 and r["mode"] == "baseline")
+    sweep = subset(
+        PUBLISHED / "seed_e2e_h200",
+        tmp_path / "torn",
+        lambda r: r["batch_size"] == 1 and r["mode"] == "baseline",
+    )
     with (sweep / "results.jsonl").open("a") as f:
         f.write('{"status": "ok", "median_ms": 1.')
     proc = wandb_import(sweep)
@@ -103,9 +120,11 @@ def test_torn_lines_are_passed_over_and_said(tmp_path):
 def test_latency_vs_t_chart_has_one_value_per_mode_and_t_with_validity(tmp_path):
     """The native line chart's table: each mode at its fewest new tokens, one row per T (it
     zig-zagged over every n before), with a valid column."""
-    sweep = subset(PUBLISHED / "seed_block_triton_cudagraph_h200", tmp_path / "block",
-                   lambda r: r["status"] == "ok" and r["batch_size"] == 1
-                   and r["total_history"] in (256, 1024))
+    sweep = subset(
+        PUBLISHED / "seed_block_triton_cudagraph_h200",
+        tmp_path / "block",
+        lambda r: r["status"] == "ok" and r["batch_size"] == 1 and r["total_history"] in (256, 1024),
+    )
     proc = wandb_import(sweep)
     assert proc.returncode == 0, proc.stderr
     run_dir, _ = summary_of(sweep / "wandb-import")
@@ -121,8 +140,7 @@ def test_latency_vs_t_chart_has_one_value_per_mode_and_t_with_validity(tmp_path)
 
 
 def test_serve_runs_are_named_by_what_they_ran_and_knobs_are_config(tmp_path):
-    sweep = subset(PUBLISHED / "serve_slo_h200", tmp_path / "serve",
-                   lambda r: r["cache"] == "paged")
+    sweep = subset(PUBLISHED / "serve_slo_h200", tmp_path / "serve", lambda r: r["cache"] == "paged")
     proc = wandb_import(sweep)
     assert proc.returncode == 0, proc.stderr
     runs = [read_run(d[0]) for d in offline_runs(sweep / "wandb-import").values()]
@@ -131,8 +149,9 @@ def test_serve_runs_are_named_by_what_they_ran_and_knobs_are_config(tmp_path):
     for r in points:
         assert "policy" in r["config"]["workload"] and "workload/policy" not in r["summary"]
     _, summary = summary_of(sweep / "wandb-import")
-    charts = {k: v["panel_config"] for k, v in summary["config"].items()
-              if k.startswith("_wandb/visualize/")}
+    charts = {
+        k: v["panel_config"] for k, v in summary["config"].items() if k.startswith("_wandb/visualize/")
+    }
     serve_charts = [c for k, c in charts.items() if "serve_" in k]
     assert serve_charts and all("clock: simulated" in json.dumps(c) for c in serve_charts)
 
@@ -140,12 +159,22 @@ def test_serve_runs_are_named_by_what_they_ran_and_knobs_are_config(tmp_path):
 def test_run_ids_differ_by_commit_and_gpu_and_not_by_display_group(tmp_path):
     from hstu_exp.tracking.wandb_sink import point_spec
 
-    rec = {"status": "ok", "config_key": "k", "workload": "block", "model": "tiny",
-           "batch_size": 1, "git_sha": "aaa", "gpu_uuid": "GPU-1", "median_ms": 1.0}
+    rec = {
+        "status": "ok",
+        "config_key": "k",
+        "workload": "block",
+        "model": "tiny",
+        "batch_size": 1,
+        "git_sha": "aaa",
+        "gpu_uuid": "GPU-1",
+        "median_ms": 1.0,
+    }
 
     def rid(r, group="nightly"):
-        return point_spec(r, logger={}, job_dir=tmp_path, group=group, cfg=None,
-                          data_dir=tmp_path, id_group="nightly")["init"]["id"]
+        return point_spec(
+            r, logger={}, job_dir=tmp_path, group=group, cfg=None, data_dir=tmp_path, id_group="nightly"
+        )["init"]["id"]
+
     same = rid(rec)
     assert rid(dict(rec)) == same and rid(rec, group="renamed") == same
     assert rid({**rec, "git_sha": "bbb"}) != same and rid({**rec, "gpu_uuid": "GPU-2"}) != same

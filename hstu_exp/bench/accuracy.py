@@ -1,4 +1,5 @@
 """How far outputs are from a reference recompute, per request (e2e and serve verify with it)."""
+
 from __future__ import annotations
 
 from typing import List

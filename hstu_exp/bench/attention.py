@@ -3,6 +3,7 @@
 new_history == total_history times full mode (queries = keys = the sequence); fewer new tokens
 time paged mode against random K/V already in the pool (queries = new rows + candidates).
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,7 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
     paged = n < T
     kv_pages = None
     if paged:
-        cache = build_layer_cache(m, cfg.cache, batch_size=B, tokens=T, device=device,
-                                  dtype=dtype)
+        cache = build_layer_cache(m, cfg.cache, batch_size=B, tokens=T, device=device, dtype=dtype)
         users = list(range(B))
         cache.plan(users, [T - n] * B, [0] * B)
         batch = make_batch([n + k] * B, [k] * B, device, cache.plan(users, [n] * B, [k] * B))
@@ -83,9 +83,17 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
         ref = eager(0, op=kernels("reference"), upcast=True)
         return relative_error(out.reshape(rows, -1), ref.reshape(rows, -1))
 
-    return Measured(samples_ms=timing.samples_ms, clocks=timing.clocks, flops=flops,
-                    nbytes=nbytes, rule=rule, dtype=dtype, step=step, verify=verify,
-                    extra=extra)
+    return Measured(
+        samples_ms=timing.samples_ms,
+        clocks=timing.clocks,
+        flops=flops,
+        nbytes=nbytes,
+        rule=rule,
+        dtype=dtype,
+        step=step,
+        verify=verify,
+        extra=extra,
+    )
 
 
 def _launch_plan(eager, plan: dict) -> dict:
@@ -96,6 +104,7 @@ def _launch_plan(eager, plan: dict) -> dict:
     tiles = plan.get("config")
     if tiles is None:
         return {}
-    return {"attention_tiles": f"{tiles.block_m}x{tiles.block_n} w{tiles.num_warps} "
-                               f"s{tiles.num_stages}",
-            "attention_splits": plan.get("splits")}
+    return {
+        "attention_tiles": f"{tiles.block_m}x{tiles.block_n} w{tiles.num_warps} s{tiles.num_stages}",
+        "attention_splits": plan.get("splits"),
+    }

@@ -5,6 +5,7 @@ cache=paged the first T - n are written into the pool through the real forward +
 before timing; the timed region is "copy inputs into place + block forward" (it rewrites the same
 slots every iteration). cache=none computes the whole history every time.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,7 @@ import torch
 from hstu_exp.bench.measure import Measured, stop_rule
 from hstu_exp.bench.roofline import block_work
 from hstu_exp.bench.timer import time_fn
-from hstu_exp.builders import (kernel_args, model_dtype, shared_block, shared_cache,
-                               shared_graphs)
+from hstu_exp.builders import kernel_args, model_dtype, shared_block, shared_cache, shared_graphs
 from hstu_exp.core.jagged import make_batch
 from hstu_exp.model.hstu import oracle
 
@@ -61,8 +61,11 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
     rows = batch.offsets[-1].item()
     inputs = [randn(rows, m.hidden) for _ in range(w.input_sets)]
     static_x = torch.empty_like(inputs[0])
-    extra = {"computed_tokens": rows, "cached_tokens": B * cached if cache is not None else 0,
-             "kv_pool_bytes": cache.nbytes if cache is not None else 0}
+    extra = {
+        "computed_tokens": rows,
+        "cached_tokens": B * cached if cache is not None else 0,
+        "kv_pool_bytes": cache.nbytes if cache is not None else 0,
+    }
 
     @torch.no_grad()
     def eager(i: int):
@@ -71,8 +74,7 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
 
     step = eager
     if cfg.graph.mode == "cudagraph":
-        graphs = shared_graphs(block, cache, m, cfg.graph, device=device, dtype=dtype,
-                               progress=progress)
+        graphs = shared_graphs(block, cache, m, cfg.graph, device=device, dtype=dtype, progress=progress)
         staged = graphs.stage(batch, rows)
         extra.update(bucket=staged.bucket.name, padded_tokens=staged.bucket.rows)
 
@@ -83,13 +85,27 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
 
     rule = stop_rule(w, device)
     timing = time_fn(step, device=device, warmup=w.warmup, rule=rule)
-    flops, nbytes = block_work(num_layers=m.num_layers, hidden=m.hidden, num_heads=m.num_heads,
-                               head_dim=m.head_dim, itemsize=static_x.element_size(),
-                               histories=[T] * B, news=[n if cache else T] * B, candidates=[k] * B)
+    flops, nbytes = block_work(
+        num_layers=m.num_layers,
+        hidden=m.hidden,
+        num_heads=m.num_heads,
+        head_dim=m.head_dim,
+        itemsize=static_x.element_size(),
+        histories=[T] * B,
+        news=[n if cache else T] * B,
+        candidates=[k] * B,
+    )
     return Measured(
-        samples_ms=timing.samples_ms, clocks=timing.clocks, flops=flops, nbytes=nbytes,
-        rule=rule, dtype=dtype, step=step, extra=extra,
-        verify=lambda: _verify(block, step, inputs[0], prefix, batch, B, cached, n, k, device))
+        samples_ms=timing.samples_ms,
+        clocks=timing.clocks,
+        flops=flops,
+        nbytes=nbytes,
+        rule=rule,
+        dtype=dtype,
+        step=step,
+        extra=extra,
+        verify=lambda: _verify(block, step, inputs[0], prefix, batch, B, cached, n, k, device),
+    )
 
 
 @torch.no_grad()
@@ -97,9 +113,11 @@ def _verify(block, step, x_new, prefix, batch, B, cached, n, k, device) -> float
     """Candidate outputs of the timed path vs a float32 reference full recompute."""
     out = step(0)[candidate_rows(batch.offsets, k)]
     ref_block = oracle(block)
-    new_rows = (x_new.shape[0] // B)
-    seqs = [torch.cat([prefix[b * cached:(b + 1) * cached], x_new[b * new_rows:(b + 1) * new_rows]])
-            for b in range(B)]
+    new_rows = x_new.shape[0] // B
+    seqs = [
+        torch.cat([prefix[b * cached : (b + 1) * cached], x_new[b * new_rows : (b + 1) * new_rows]])
+        for b in range(B)
+    ]
     T = cached + n
     full_batch = make_batch([T + k] * B, [k] * B, device)
     ref = ref_block(torch.cat(seqs).float(), full_batch)[candidate_rows(full_batch.offsets, k)]

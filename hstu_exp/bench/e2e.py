@@ -19,6 +19,7 @@ time is close to its latency is host-bound), the device time of its compute (dev
 events from the compute's first launch to its end, `Served.device_ms`; on a CPU the host clock
 around the compute), where its cached tokens came from and the bytes moved each way.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,10 +30,10 @@ from typing import List
 
 import torch
 
+from hstu_exp.bench.accuracy import relative_error, topk_agreement
 from hstu_exp.bench.measure import Measured, stop_rule
 from hstu_exp.bench.roofline import block_work
 from hstu_exp.bench.timer import reset_peak_memory
-from hstu_exp.bench.accuracy import relative_error, topk_agreement
 from hstu_exp.builders import model_dtype, shared_server
 from hstu_exp.config import ACCURACY_GATE, E2E_MODES
 from hstu_exp.data.synthetic import stream_for
@@ -41,8 +42,7 @@ from hstu_exp.model.hstu import oracle
 from hstu_exp.serving.path import rank
 
 # Per-batch cache statistics (KVCacheManager.batches), also summed over a pass in the record.
-CACHE_KEYS = ("gpu_hit_tokens", "host_hit_tokens", "miss_tokens", "offloaded_bytes",
-              "onloaded_bytes")
+CACHE_KEYS = ("gpu_hit_tokens", "host_hit_tokens", "miss_tokens", "offloaded_bytes", "onloaded_bytes")
 
 
 def run(cfg, device: torch.device, progress=print) -> Measured:
@@ -52,10 +52,22 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
     B, k = w.batch_size, w.num_candidates
     stream = stream_for(m, w, seed=cfg.seed)
     users = w.num_users or B
-    progress(f"stream: {w.num_batches} batches of {B} of {users} user{'s' * (users > 1)}, history "
-             f"{w.history_start}..{stream.max_history} step {w.history_step}, {k} candidates")
-    server = shared_server(m, cfg.cache, cfg.graph, cfg.kernel, cached=cached, graphed=graphed,
-                           device=device, dtype=dtype, seed=cfg.seed, progress=progress)
+    progress(
+        f"stream: {w.num_batches} batches of {B} of {users} user{'s' * (users > 1)}, history "
+        f"{w.history_start}..{stream.max_history} step {w.history_step}, {k} candidates"
+    )
+    server = shared_server(
+        m,
+        cfg.cache,
+        cfg.graph,
+        cfg.kernel,
+        cached=cached,
+        graphed=graphed,
+        device=device,
+        dtype=dtype,
+        seed=cfg.seed,
+        progress=progress,
+    )
     model, manager, graphs = server.model, server.manager, server.graphs
 
     starts: List[List[int]] = []  # cached prefix per request of each batch served
@@ -67,7 +79,7 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
         starts.append(manager.last_starts if manager is not None else [0] * len(batch))
         return out.logits
 
-    for batch in stream.batches[:w.warmup]:  # warm-up on the stream's head, then start afresh
+    for batch in stream.batches[: w.warmup]:  # warm-up on the stream's head, then start afresh
         step(batch)
     reset_peak_memory(device)
 
@@ -86,17 +98,29 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
     totals = [sum(batch_ms) for batch_ms, _, _ in passes]
     total_ms = statistics.median(totals)
     # Every pass serves the same stream the same way: its work and cache traffic once (last).
-    work = [([r.seq_len for r in b], [r.seq_len - s for r, s in zip(b, st)],
-             [r.candidates.numel() for r in b]) for b, st in zip(stream.batches, starts)]
-    extra = {"total_ms": total_ms, "passes": len(passes), "pass_ms": totals,
-             "throughput_cps": B * k * w.num_batches / (total_ms / 1e3),
-             "host_ms": statistics.median(sum(h) for _, h, _ in passes),
-             "device_ms": statistics.median(sum(d) for _, _, d in passes),
-             "batch_ms": _per_batch_median([ms for ms, _, _ in passes]),
-             "batch_host_ms": _per_batch_median([h for _, h, _ in passes]),
-             "batch_device_ms": _per_batch_median([d for _, _, d in passes]),
-             "num_batches": w.num_batches, "num_users": w.num_users or B,
-             "history_start": w.history_start, "history_step": w.history_step}
+    work = [
+        (
+            [r.seq_len for r in b],
+            [r.seq_len - s for r, s in zip(b, st)],
+            [r.candidates.numel() for r in b],
+        )
+        for b, st in zip(stream.batches, starts)
+    ]
+    extra = {
+        "total_ms": total_ms,
+        "passes": len(passes),
+        "pass_ms": totals,
+        "throughput_cps": B * k * w.num_batches / (total_ms / 1e3),
+        "host_ms": statistics.median(sum(h) for _, h, _ in passes),
+        "device_ms": statistics.median(sum(d) for _, _, d in passes),
+        "batch_ms": _per_batch_median([ms for ms, _, _ in passes]),
+        "batch_host_ms": _per_batch_median([h for _, h, _ in passes]),
+        "batch_device_ms": _per_batch_median([d for _, _, d in passes]),
+        "num_batches": w.num_batches,
+        "num_users": w.num_users or B,
+        "history_start": w.history_start,
+        "history_step": w.history_step,
+    }
     extra.update(_cache_stats(manager, work))
     if graphs is not None:
         extra["bucket"] = ",".join(sorted(graphs.core.used))
@@ -116,9 +140,20 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
         return worst
 
     return Measured(
-        samples_ms=samples, clocks=clocks, flops=flops, nbytes=nbytes, rule=rule, dtype=dtype,
-        step=profiled, profile_iters=len(stream.batches), verify=verify, extra=extra,
-        repeats_ms=totals, cv_basis="passes", per_unit_ms=total_ms / w.num_batches)
+        samples_ms=samples,
+        clocks=clocks,
+        flops=flops,
+        nbytes=nbytes,
+        rule=rule,
+        dtype=dtype,
+        step=profiled,
+        profile_iters=len(stream.batches),
+        verify=verify,
+        extra=extra,
+        repeats_ms=totals,
+        cv_basis="passes",
+        per_unit_ms=total_ms / w.num_batches,
+    )
 
 
 def _time_passes(one_pass, rule, device):
@@ -128,8 +163,11 @@ def _time_passes(one_pass, rule, device):
     passes = []
     start = time.perf_counter()
     with ClockSampler(device) as clocks:
-        while not rule.done([sum(p[0]) for p in passes], time.perf_counter() - start,
-                            count=sum(len(p[0]) for p in passes)):
+        while not rule.done(
+            [sum(p[0]) for p in passes],
+            time.perf_counter() - start,
+            count=sum(len(p[0]) for p in passes),
+        ):
             passes.append(one_pass())
     return passes, clocks.summary()
 
@@ -140,9 +178,16 @@ def _block_work_per_batch(m, dtype, work):
     flops = nbytes = 0
     itemsize = torch.empty((), dtype=dtype).element_size()
     for histories, news, cands in work:
-        f, b = block_work(num_layers=m.num_layers, hidden=m.hidden, num_heads=m.num_heads,
-                          head_dim=m.head_dim, itemsize=itemsize, histories=histories,
-                          news=news, candidates=cands)
+        f, b = block_work(
+            num_layers=m.num_layers,
+            hidden=m.hidden,
+            num_heads=m.num_heads,
+            head_dim=m.head_dim,
+            itemsize=itemsize,
+            histories=histories,
+            news=news,
+            candidates=cands,
+        )
         flops, nbytes = flops + f, nbytes + b
     return flops / len(work), nbytes / len(work)
 
@@ -156,15 +201,30 @@ def _cache_stats(manager, work) -> dict:
     """The last pass's cache statistics, in total and per batch. Without a cache every history
     token is a miss."""
     if manager is None:
-        per_batch = [{"gpu_hit_tokens": 0, "host_hit_tokens": 0, "miss_tokens": sum(news),
-                      "offloaded_bytes": 0, "onloaded_bytes": 0} for _, news, _ in work]
-        out = {"kv_pool_bytes": 0, "host_pool_bytes": 0, "hit_tokens": 0,
-               "computed_tokens": sum(sum(n) + sum(c) for _, n, c in work)}
+        per_batch = [
+            {
+                "gpu_hit_tokens": 0,
+                "host_hit_tokens": 0,
+                "miss_tokens": sum(news),
+                "offloaded_bytes": 0,
+                "onloaded_bytes": 0,
+            }
+            for _, news, _ in work
+        ]
+        out = {
+            "kv_pool_bytes": 0,
+            "host_pool_bytes": 0,
+            "hit_tokens": 0,
+            "computed_tokens": sum(sum(n) + sum(c) for _, n, c in work),
+        }
         out.update({key: sum(b[key] for b in per_batch) for key in CACHE_KEYS})
     else:
         per_batch = manager.batches
-        out = {**manager.stats(), "kv_pool_bytes": manager.cache.nbytes,
-               "host_pool_bytes": getattr(manager.cache, "host_nbytes", 0)}
+        out = {
+            **manager.stats(),
+            "kv_pool_bytes": manager.cache.nbytes,
+            "host_pool_bytes": getattr(manager.cache, "host_nbytes", 0),
+        }
     out.update({f"batch_{key}": [b[key] for b in per_batch] for key in CACHE_KEYS})
     return out
 
@@ -209,15 +269,12 @@ def _verify(model, batches, manager, device, graphs=None) -> dict:
     worst, agree, users = 0.0, 0.0, 0
     for batch in batches:
         counts = [r.candidates.numel() for r in batch]
-        logits, h = rank(model, batch, device=device, manager=manager, graphs=graphs,
-                         return_hidden=True)
+        logits, h = rank(model, batch, device=device, manager=manager, graphs=graphs, return_hidden=True)
         ref_logits, ref_h = rank(ref, batch, device=device, return_hidden=True)
-        worst = max(worst, relative_error(logits, ref_logits, counts),
-                    relative_error(h, ref_h, counts))
+        worst = max(worst, relative_error(logits, ref_logits, counts), relative_error(h, ref_h, counts))
         if exact is not None:
             base = rank(exact, batch, device=device)
-            agree += len(batch) * topk_agreement(logits[:, 0], base[:, 0], counts,
-                                                 ACCURACY_GATE["topk"])
+            agree += len(batch) * topk_agreement(logits[:, 0], base[:, 0], counts, ACCURACY_GATE["topk"])
             users += len(batch)
     out = {"max_rel_error": worst}
     if exact is not None:

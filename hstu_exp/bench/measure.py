@@ -5,6 +5,7 @@ only what it alone knows (its samples, the work of its timed unit, the step to p
 verify, its own keys). `finish` turns that into the record's measurement part the same way for
 every workload: statistics, validity, roofline, memory, clocks, profile and verify.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -48,13 +49,18 @@ class Measured:
 
 def stop_rule(workload, device: torch.device) -> StopRule:
     """The timing and validity settings of a point (workload config group)."""
-    return StopRule(iters=workload.iters, min_time_s=workload.min_time_s,
-                    max_time_s=max_time_s(workload), cv_max=cv_max(workload, device.type),
-                    min_samples=workload.min_samples)
+    return StopRule(
+        iters=workload.iters,
+        min_time_s=workload.min_time_s,
+        max_time_s=max_time_s(workload),
+        cv_max=cv_max(workload, device.type),
+        min_samples=workload.min_samples,
+    )
 
 
-def finish(m: Measured, cfg, device: torch.device, job_dir=None, progress=print,
-           verify: bool = True) -> dict:
+def finish(
+    m: Measured, cfg, device: torch.device, job_dir=None, progress=print, verify: bool = True
+) -> dict:
     stats = latency_stats(m.samples_ms)
     repeats = m.repeats_ms if m.repeats_ms is not None else m.samples_ms
     stats["cv"] = cv(repeats)
@@ -63,14 +69,25 @@ def finish(m: Measured, cfg, device: torch.device, job_dir=None, progress=print,
     clocks.update(m.clocks)
     if clocks["throttled"]:  # a thermal or hardware slowdown; a power cap is only marked
         top = clocks.get("sm_clock_max_mhz")
-        problems.append(f"GPU throttled ({clocks['throttle_reasons']}, SM clock "
-                        f"{clocks['sm_clock_mhz']}{f' of {top}' if top else ''} MHz)")
+        problems.append(
+            f"GPU throttled ({clocks['throttle_reasons']}, SM clock "
+            f"{clocks['sm_clock_mhz']}{f' of {top}' if top else ''} MHz)"
+        )
     unit_ms = m.per_unit_ms if m.per_unit_ms is not None else stats["median_ms"]
-    result = {**stats, "samples_ms": list(m.samples_ms), "cv_basis": m.cv_basis,
-              "valid": not problems, "invalid_reason": "; ".join(problems) or None,
-              "headline": "median_ms", **clocks, **m.extra,
-              "flops": m.flops, "min_bytes": m.nbytes, "flop_convention": FLOP_CONVENTION,
-              "tflops": m.flops / unit_ms / 1e9 if unit_ms > 0 else None}
+    result = {
+        **stats,
+        "samples_ms": list(m.samples_ms),
+        "cv_basis": m.cv_basis,
+        "valid": not problems,
+        "invalid_reason": "; ".join(problems) or None,
+        "headline": "median_ms",
+        **clocks,
+        **m.extra,
+        "flops": m.flops,
+        "min_bytes": m.nbytes,
+        "flop_convention": FLOP_CONVENTION,
+        "tflops": m.flops / unit_ms / 1e9 if unit_ms > 0 else None,
+    }
     if cfg.calibrate:
         result.update(floor(m.flops, m.nbytes, peaks(device, m.dtype)))
         result["floor_fraction"] = result["floor_ms"] / unit_ms
@@ -102,14 +119,19 @@ def gate_check(result: dict, reduced: list) -> None:
     err, agree = result.get("max_rel_error"), result.get("topk_agreement")
     misses = []
     if err is None or not err <= gate["max_rel_error"]:
-        misses.append(f"max relative error {err:.3g} vs a float32 full recompute > "
-                      f"{gate['max_rel_error']:g}" if err is not None else "no verify result")
+        misses.append(
+            f"max relative error {err:.3g} vs a float32 full recompute > {gate['max_rel_error']:g}"
+            if err is not None
+            else "no verify result"
+        )
     if agree is not None and not agree >= gate["topk_agreement"]:
-        misses.append(f"top-{gate['topk']} agreement with the bf16 path {agree:.3f} < "
-                      f"{gate['topk_agreement']:g}")
+        misses.append(
+            f"top-{gate['topk']} agreement with the bf16 path {agree:.3f} < {gate['topk_agreement']:g}"
+        )
     if misses:
-        raise AccuracyGateError(f"accuracy gate of {', '.join(reduced)} failed: "
-                                f"{'; '.join(misses)} (not timed)")
+        raise AccuracyGateError(
+            f"accuracy gate of {', '.join(reduced)} failed: {'; '.join(misses)} (not timed)"
+        )
     result["accuracy_gate"] = "passed"
 
 
@@ -130,16 +152,25 @@ def combine_repeats(results: List[dict], units: List[List[float]]) -> dict:
     order = sorted(range(len(results)), key=lambda i: values[i])
     body = dict(results[order[(len(order) - 1) // 2]])
     intervals = [bootstrap_stat(u)[1:] for u in units]
-    problems = [f"repeat {i + 1}: {r['invalid_reason']}" if len(results) > 1 else
-                r["invalid_reason"] for i, r in enumerate(results) if not r["valid"]]
+    problems = [
+        f"repeat {i + 1}: {r['invalid_reason']}" if len(results) > 1 else r["invalid_reason"]
+        for i, r in enumerate(results)
+        if not r["valid"]
+    ]
     median = statistics.median(values)
-    body.update({
-        "repeats": len(results), "repeat_key": key, "repeat_ms": values,
-        "repeat_ci_ms": [list(ci) for ci in intervals],
-        "repeat_valid": [r["valid"] for r in results],
-        "repeat_spread": (max(values) - min(values)) / median if median > 0 else None,
-        "repeats_agree": intervals_overlap(intervals),
-        "valid": not problems, "invalid_reason": "; ".join(problems) or None})
+    body.update(
+        {
+            "repeats": len(results),
+            "repeat_key": key,
+            "repeat_ms": values,
+            "repeat_ci_ms": [list(ci) for ci in intervals],
+            "repeat_valid": [r["valid"] for r in results],
+            "repeat_spread": (max(values) - min(values)) / median if median > 0 else None,
+            "repeats_agree": intervals_overlap(intervals),
+            "valid": not problems,
+            "invalid_reason": "; ".join(problems) or None,
+        }
+    )
     if len(results) > 1:  # one repeat: its units are samples_ms (or e2e's pass_ms) already
         body["repeat_units_ms"] = units
     return body

@@ -4,6 +4,7 @@ Runs a few extra iterations of the timed step under the profiler after timing (s
 itself is never profiled), writes the kernel table beside the record and returns the top
 kernels for the record itself.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,6 +30,10 @@ def profile_step(step, *, device: torch.device, iters: int, out_dir: Path, top: 
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     rows = sorted(((e.key, getattr(e, attr, 0) or 0) for e in events), key=lambda r: -r[1])
     total = sum(t for _, t in rows) or 1
-    return {"profile_file": str(out),
-            "profile_top": [{"kernel": k[:80], "share": round(t / total, 4),
-                             "us_per_iter": round(t / iters, 2)} for k, t in rows[:top]]}
+    return {
+        "profile_file": str(out),
+        "profile_top": [
+            {"kernel": k[:80], "share": round(t / total, 4), "us_per_iter": round(t / iters, 2)}
+            for k, t in rows[:top]
+        ],
+    }

@@ -7,6 +7,7 @@ read or written costs a calibration per point, never the point. A calibration me
 machine was busy (load average above half its cores) is used by its point but not cached, and a
 cached one is measured again after CACHE_DAYS.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,9 +52,12 @@ def _read_cache(path: Path) -> dict:
 
 
 def _fresh(entry) -> bool:
-    return (isinstance(entry, dict) and isinstance(entry.get("peak_tflops"), (int, float))
-            and isinstance(entry.get("peak_gbps"), (int, float))
-            and time.time() - entry.get("measured_at", 0) < CACHE_DAYS * 86400)
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("peak_tflops"), (int, float))
+        and isinstance(entry.get("peak_gbps"), (int, float))
+        and time.time() - entry.get("measured_at", 0) < CACHE_DAYS * 86400
+    )
 
 
 def _write_cache(path: Path, table: dict) -> None:
@@ -63,8 +67,10 @@ def _write_cache(path: Path, table: dict) -> None:
         tmp.write_text(json.dumps(table, indent=1))
         os.replace(tmp, path)  # a second process reads the old table or the new one
     except OSError as exc:
-        log.warning(f"calibration not cached ({path}: {exc.strerror or exc}); set "
-                    "HSTU_EXP_CACHE_DIR to a writable dir, or calibrate=false")
+        log.warning(
+            f"calibration not cached ({path}: {exc.strerror or exc}); set "
+            "HSTU_EXP_CACHE_DIR to a writable dir, or calibrate=false"
+        )
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
@@ -94,8 +100,10 @@ def _measure(device: torch.device, dtype: torch.dtype) -> dict:
     src = torch.randn(copy_bytes // 4, device=device)
     dst = torch.empty_like(src)
     copy_ms = _best_ms(lambda: dst.copy_(src), device, reps)
-    return {"peak_tflops": 2 * n ** 3 / mm_ms / 1e9,
-            "peak_gbps": 2 * copy_bytes / copy_ms / 1e6}  # bytes read + written
+    return {
+        "peak_tflops": 2 * n**3 / mm_ms / 1e9,
+        "peak_gbps": 2 * copy_bytes / copy_ms / 1e6,
+    }  # bytes read + written
 
 
 def peaks(device: torch.device, dtype: torch.dtype) -> dict:
@@ -105,8 +113,10 @@ def peaks(device: torch.device, dtype: torch.dtype) -> dict:
     if _fresh(table.get(key)):
         return {k: table[key][k] for k in ("peak_tflops", "peak_gbps")}
     busy = _busy()
-    log.info(f"calibrating peak FLOP/s and bandwidth of {key} "
-             f"({'busy machine: not cached' if busy else f'cached in {path}'})")
+    log.info(
+        f"calibrating peak FLOP/s and bandwidth of {key} "
+        f"({'busy machine: not cached' if busy else f'cached in {path}'})"
+    )
     peak = _measure(device, dtype)
     if not busy:
         _write_cache(path, {**_read_cache(path), key: {**peak, "measured_at": time.time()}})
@@ -120,8 +130,17 @@ def attention_pairs(*, history: int, new: int, candidates: int) -> int:
     return new * cached + new * (new + 1) // 2 + candidates * (history + 1)
 
 
-def block_work(*, num_layers: int, hidden: int, num_heads: int, head_dim: int, itemsize: int,
-               histories: Sequence[int], news: Sequence[int], candidates: Sequence[int]):
+def block_work(
+    *,
+    num_layers: int,
+    hidden: int,
+    num_heads: int,
+    head_dim: int,
+    itemsize: int,
+    histories: Sequence[int],
+    news: Sequence[int],
+    candidates: Sequence[int],
+):
     """FLOPs and the fewest bytes of one block forward over a batch.
 
     FLOPs: the two projections per computed token plus 4*H*D per visible attention pair.
@@ -129,8 +148,9 @@ def block_work(*, num_layers: int, hidden: int, num_heads: int, head_dim: int, i
     read and output written once; everything else could stay on chip in a perfect kernel."""
     width = num_heads * head_dim
     tokens = sum(n + c for n, c in zip(news, candidates))
-    pairs = sum(attention_pairs(history=t, new=n, candidates=c)
-                for t, n, c in zip(histories, news, candidates))
+    pairs = sum(
+        attention_pairs(history=t, new=n, candidates=c) for t, n, c in zip(histories, news, candidates)
+    )
     flops = num_layers * (2 * tokens * hidden * 5 * width + 4 * pairs * width)
     weights = hidden * 4 * width + 4 * width + width * hidden + 2 * hidden + 2 * width
     kv = 2 * width * (sum(histories) + sum(news))
@@ -141,5 +161,10 @@ def block_work(*, num_layers: int, hidden: int, num_heads: int, head_dim: int, i
 def floor(flops: float, nbytes: float, peak: dict) -> dict:
     compute_ms = flops / (peak["peak_tflops"] * 1e9)
     memory_ms = nbytes / (peak["peak_gbps"] * 1e6)
-    return {"flops": flops, "min_bytes": nbytes, "floor_ms": max(compute_ms, memory_ms),
-            "floor_bound": "compute" if compute_ms >= memory_ms else "memory", **peak}
+    return {
+        "flops": flops,
+        "min_bytes": nbytes,
+        "floor_ms": max(compute_ms, memory_ms),
+        "floor_bound": "compute" if compute_ms >= memory_ms else "memory",
+        **peak,
+    }

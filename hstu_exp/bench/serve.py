@@ -10,6 +10,7 @@ highest passing rate with `final_seeds` schedule seeds for `min_duration_s` each
 workload.clock=simulated: the discrete-event simulator over measured per-batch service times
 (`serving.simulated`), a what-if tool; every number it gives is labelled simulated.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,16 +29,24 @@ from hstu_exp.bench.roofline import block_work
 from hstu_exp.bench.timer import StopRule
 from hstu_exp.builders import model_dtype, replica_servers, shared_server
 from hstu_exp.core.paging import pages_for
-from hstu_exp.model.hstu import oracle
 from hstu_exp.env import ClockSampler
+from hstu_exp.model.hstu import oracle
 from hstu_exp.serving import outcome
 from hstu_exp.serving.loadgen_sut import LoadGenTest
 from hstu_exp.serving.path import rank
 from hstu_exp.serving.population import UserSequences, population_for
 from hstu_exp.serving.server import RealServer
-from hstu_exp.serving.simulated import (REQUESTS_FILE, ServePoint, Trial, counted, latencies_ms,
-                                        make_stream, search_max_qps, trial_stats,
-                                        write_requests)
+from hstu_exp.serving.simulated import (
+    REQUESTS_FILE,
+    ServePoint,
+    Trial,
+    counted,
+    latencies_ms,
+    make_stream,
+    search_max_qps,
+    trial_stats,
+    write_requests,
+)
 from hstu_exp.serving.stats import user_shares, violations_to_miss
 from hstu_exp.stats import early_stopping_queries
 
@@ -48,19 +57,37 @@ def run(cfg, device: torch.device, progress=print, job_dir=None) -> Measured:
     dtype = model_dtype(cfg.model)
     if cfg.workload.replicas > 1:  # config.validate: clock=real only
         devices = replica_devices(device, cfg.workload.replicas)
-        progress(f"serve: {len(devices)} replicas on {', '.join(map(str, devices))} (threads "
-                 "of one process)")
-        paths = replica_servers(cfg.model, cfg.cache, cfg.graph, cfg.kernel,
-                                cached=cfg.cache.mode != "none",
-                                graphed=cfg.graph.mode == "cudagraph", devices=devices,
-                                dtype=dtype, seed=cfg.seed, progress=progress,
-                                pool_to_card=True)
+        progress(
+            f"serve: {len(devices)} replicas on {', '.join(map(str, devices))} (threads of one process)"
+        )
+        paths = replica_servers(
+            cfg.model,
+            cfg.cache,
+            cfg.graph,
+            cfg.kernel,
+            cached=cfg.cache.mode != "none",
+            graphed=cfg.graph.mode == "cudagraph",
+            devices=devices,
+            dtype=dtype,
+            seed=cfg.seed,
+            progress=progress,
+            pool_to_card=True,
+        )
         first_use.count_triton_compiles()
         return _run_real(cfg, paths, devices, dtype, progress, job_dir)
-    path = shared_server(cfg.model, cfg.cache, cfg.graph, cfg.kernel,
-                         cached=cfg.cache.mode != "none", graphed=cfg.graph.mode == "cudagraph",
-                         device=device, dtype=dtype, seed=cfg.seed, progress=progress,
-                         pool_to_card=True)
+    path = shared_server(
+        cfg.model,
+        cfg.cache,
+        cfg.graph,
+        cfg.kernel,
+        cached=cfg.cache.mode != "none",
+        graphed=cfg.graph.mode == "cudagraph",
+        device=device,
+        dtype=dtype,
+        seed=cfg.seed,
+        progress=progress,
+        pool_to_card=True,
+    )
     first_use.count_triton_compiles()
     if cfg.workload.clock == "real":
         return _run_real(cfg, [path], [device], dtype, progress, job_dir)
@@ -73,10 +100,12 @@ def replica_devices(device: torch.device, replicas: int) -> List[torch.device]:
     device = torch.device(device)
     if device.type == "cuda":
         if replicas > torch.cuda.device_count():
-            raise ValueError(f"workload.replicas={replicas}: this point sees "
-                             f"{torch.cuda.device_count()} GPU(s) (CUDA_VISIBLE_DEVICES="
-                             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}), one replica "
-                             "a GPU")
+            raise ValueError(
+                f"workload.replicas={replicas}: this point sees "
+                f"{torch.cuda.device_count()} GPU(s) (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}), one replica "
+                "a GPU"
+            )
         return [torch.device("cuda", i) for i in range(replicas)]
     return [device] * replicas
 
@@ -92,13 +121,23 @@ def slack_rows(cfg) -> int:
 def _contract(cfg) -> dict:
     """Keys every serve record carries whatever the clock (CONTRACT: the serve record)."""
     w = cfg.workload
-    return {"clock": w.clock, "scenario": "offline" if w.mode == "offline" else "server",
-            "target_qps": None if w.mode == "offline" or w.trace is not None else w.qps,
-            "slo_ms": w.slo_ms, "slo_percentile": w.slo_percentile, "policy": w.policy,
-            "max_batch": w.max_batch, "max_wait_ms": w.max_wait_ms, "user_skew": w.user_skew,
-            "num_users": w.num_users, "items_per_return": w.items_per_return,
-            "new_user_rate": w.new_user_rate, "cache_warmup_s": w.warmup_s,
-            "trace": w.trace, "candidates_max": w.candidates_max}
+    return {
+        "clock": w.clock,
+        "scenario": "offline" if w.mode == "offline" else "server",
+        "target_qps": None if w.mode == "offline" or w.trace is not None else w.qps,
+        "slo_ms": w.slo_ms,
+        "slo_percentile": w.slo_percentile,
+        "policy": w.policy,
+        "max_batch": w.max_batch,
+        "max_wait_ms": w.max_wait_ms,
+        "user_skew": w.user_skew,
+        "num_users": w.num_users,
+        "items_per_return": w.items_per_return,
+        "new_user_rate": w.new_user_rate,
+        "cache_warmup_s": w.warmup_s,
+        "trace": w.trace,
+        "candidates_max": w.candidates_max,
+    }
 
 
 def _run_simulated(cfg, path, device, dtype, progress, job_dir) -> Measured:
@@ -106,9 +145,11 @@ def _run_simulated(cfg, path, device, dtype, progress, job_dir) -> Measured:
     t0 = time.perf_counter()
     point = ServePoint(cfg, path, device)
     stream = make_stream(cfg, w.qps)
-    progress(f"serve: {len(stream.times)} requests ({sum(stream.counted)} counted), "
-             f"{'offline' if w.mode == 'offline' else f'{stream.offered_qps:g} qps offered'}, "
-             f"max_batch {w.max_batch}, max_wait {w.max_wait_ms:g} ms, {w.policy}")
+    progress(
+        f"serve: {len(stream.times)} requests ({sum(stream.counted)} counted), "
+        f"{'offline' if w.mode == 'offline' else f'{stream.offered_qps:g} qps offered'}, "
+        f"max_batch {w.max_batch}, max_wait {w.max_wait_ms:g} ms, {w.policy}"
+    )
     point.warm_up(stream)
     warm_s = time.perf_counter() - t0
     problems: List[str] = []
@@ -116,34 +157,46 @@ def _run_simulated(cfg, path, device, dtype, progress, job_dir) -> Measured:
     with ClockSampler(device) as clocks:
         if w.search == "max_qps":
             best, trials = search_max_qps(point, w, progress, verify=cfg.verify)
-            extra = {"max_qps": best.qps if best else None,
-                     "search_qps": [t.qps for t in trials],
-                     "search_slo_met": [t.slo["slo_met"] for t in trials],
-                     "search_slo_latency_ms": [t.slo["slo_latency_ms"] for t in trials]}
+            extra = {
+                "max_qps": best.qps if best else None,
+                "search_qps": [t.qps for t in trials],
+                "search_slo_met": [t.slo["slo_met"] for t in trials],
+                "search_slo_latency_ms": [t.slo["slo_latency_ms"] for t in trials],
+            }
             if best is None:
-                problems.append(f"no rate met the SLO (lowest tried "
-                                f"{min(t.qps for t in trials):g} qps)")
+                problems.append(f"no rate met the SLO (lowest tried {min(t.qps for t in trials):g} qps)")
                 best = min(trials, key=lambda t: t.qps)
         else:
             best, extra = point.trial(w.qps, verify=cfg.verify), {}
     extra.update(trial_stats(best, w))
     if extra["requests"] < w.min_requests:
-        problems.append(f"too few counted requests ({extra['requests']} < min_requests "
-                        f"{w.min_requests})")
+        problems.append(
+            f"too few counted requests ({extra['requests']} < min_requests {w.min_requests})"
+        )
     if best.schedule.stopped_early:
-        problems.append("stopped early, the SLO surely missed (percentiles of the finished "
-                        "requests only)")
+        problems.append(
+            "stopped early, the SLO surely missed (percentiles of the finished requests only)"
+        )
     extra.update(_contract(cfg))
-    extra.update(valid=not problems, invalid_reason="; ".join(problems) or None,
-                 verdict=None, verdict_reason=None, early_stopping_met=None,
-                 scheduled_qps=extra["offered_qps"], completed_qps=extra["achieved_qps"],
-                 warmup_s=warm_s, duration_s=w.duration_s,
-                 **user_shares([best.stream.users[i] for i in counted(best)],
-                               latencies_ms(best)))
+    extra.update(
+        valid=not problems,
+        invalid_reason="; ".join(problems) or None,
+        verdict=None,
+        verdict_reason=None,
+        early_stopping_met=None,
+        scheduled_qps=extra["offered_qps"],
+        completed_qps=extra["achieved_qps"],
+        warmup_s=warm_s,
+        duration_s=w.duration_s,
+        **user_shares([best.stream.users[i] for i in counted(best)], latencies_ms(best)),
+    )
     if w.search == "max_qps":
         extra["search_passed"] = extra["search_slo_met"]
-        failing = [q for q, ok in zip(extra["search_qps"], extra["search_passed"]) if not ok
-                   and (extra["max_qps"] is None or q > extra["max_qps"])]
+        failing = [
+            q
+            for q, ok in zip(extra["search_qps"], extra["search_passed"])
+            if not ok and (extra["max_qps"] is None or q > extra["max_qps"])
+        ]
         extra["min_failing_qps"] = min(failing, default=None)
     if w.trace is not None:  # the trace's own candidates, not the config's
         extra["num_candidates"] = min(best.stream.candidates)
@@ -164,10 +217,19 @@ def _run_simulated(cfg, path, device, dtype, progress, job_dir) -> Measured:
         return point.path.serve([point.request(best.stream, j) for j in batches[i]])
 
     return Measured(
-        samples_ms=lat, clocks=clocks.summary(), flops=flops, nbytes=nbytes,
-        rule=NO_RULE, dtype=dtype, step=profiled, profile_iters=min(len(batches), 8),
-        verify=lambda: _verify(point, best), extra=extra, cv_basis="requests",
-        per_unit_ms=1e3 * sum(best.service_s) / max(len(best.service_s), 1))
+        samples_ms=lat,
+        clocks=clocks.summary(),
+        flops=flops,
+        nbytes=nbytes,
+        rule=NO_RULE,
+        dtype=dtype,
+        step=profiled,
+        profile_iters=min(len(batches), 8),
+        verify=lambda: _verify(point, best),
+        extra=extra,
+        cv_basis="requests",
+        per_unit_ms=1e3 * sum(best.service_s) / max(len(best.service_s), 1),
+    )
 
 
 def pool_capacity(cfg, manager) -> dict:
@@ -175,12 +237,18 @@ def pool_capacity(cfg, manager) -> dict:
     if manager is None:
         return {"kv_pool_pages": 0, "kv_pool_users": 0}
     m, pages = cfg.model, manager.cache.num_pages
-    return {"kv_pool_pages": pages, "kv_pool_bytes": manager.cache.nbytes,
-            "kv_pool_users": pages // pages_for(m.num_context + m.max_history,
-                                                cfg.cache.page_size),
-            "kv_pool_sized": "num_pages" if cfg.cache.num_pages else
-            (f"gpu_fraction={cfg.cache.gpu_fraction:g} of free memory"
-             if device_is_cuda(manager) and cfg.cache.mode == "paged" else "max_batch users")}
+    return {
+        "kv_pool_pages": pages,
+        "kv_pool_bytes": manager.cache.nbytes,
+        "kv_pool_users": pages // pages_for(m.num_context + m.max_history, cfg.cache.page_size),
+        "kv_pool_sized": "num_pages"
+        if cfg.cache.num_pages
+        else (
+            f"gpu_fraction={cfg.cache.gpu_fraction:g} of free memory"
+            if device_is_cuda(manager) and cfg.cache.mode == "paged"
+            else "max_batch users"
+        ),
+    }
 
 
 def device_is_cuda(manager) -> bool:
@@ -196,40 +264,75 @@ class _Trials:
         self.log_root = Path(job_dir or ".") / "loadgen"
         self.warm: List[dict] = []
 
-    def run(self, qps: float, *, seed: int, min_duration_s: float, label: str,
-            sample_every: int = 0, give_up: bool = False):
+    def run(
+        self,
+        qps: float,
+        *,
+        seed: int,
+        min_duration_s: float,
+        label: str,
+        sample_every: int = 0,
+        give_up: bool = False,
+    ):
         w = self.w
         # A short trial runs long enough for early stopping to judge it at any rate.
-        queries = max(w.min_query_count, early_stopping_queries(w.slo_percentile)
-                      if w.mode == "online" else 1)
-        test = LoadGenTest(scenario="offline" if w.mode == "offline" else "server", target_qps=qps,
-                    slo_ms=w.slo_ms, slo_percentile=w.slo_percentile,
-                    min_duration_s=min_duration_s, min_query_count=queries, seed=seed)
+        queries = max(
+            w.min_query_count, early_stopping_queries(w.slo_percentile) if w.mode == "online" else 1
+        )
+        test = LoadGenTest(
+            scenario="offline" if w.mode == "offline" else "server",
+            target_qps=qps,
+            slo_ms=w.slo_ms,
+            slo_percentile=w.slo_percentile,
+            min_duration_s=min_duration_s,
+            min_query_count=queries,
+            seed=seed,
+        )
         population = population_for(self.cfg, qps, seed)
         self.num_users = population.draws.num_users  # sized to the rate when num_users=null
         self.server.reset()
-        self.warm.append(self.server.warm(
-            population, cache_requests=math.ceil(qps * w.warmup_s), quiet_rounds=w.warm_rounds,
-            max_s=w.warm_max_s, progress=self.progress))
-        self.progress(f"LoadGen {test.scenario}: {qps:g} qps, at least {min_duration_s:g} s and "
-                      f"{queries} queries, seed {seed} (clock: real)")
+        self.warm.append(
+            self.server.warm(
+                population,
+                cache_requests=math.ceil(qps * w.warmup_s),
+                quiet_rounds=w.warm_rounds,
+                max_s=w.warm_max_s,
+                progress=self.progress,
+            )
+        )
+        self.progress(
+            f"LoadGen {test.scenario}: {qps:g} qps, at least {min_duration_s:g} s and "
+            f"{queries} queries, seed {seed} (clock: real)"
+        )
         limit = None
         if (give_up or w.stop_on_miss) and test.scenario == "server":
             # An upper estimate of the queries LoadGen issues: a limit from fewer would stop
             # a run that could still pass.
             issued = max(queries, math.ceil(1.2 * qps * min_duration_s))
             limit = violations_to_miss(issued, w.slo_percentile)
-        served = self.server.run(test, population, self.log_root / label,
-                                 sample_every=sample_every, give_up_after=limit,
-                                 progress=self.progress)
+        served = self.server.run(
+            test,
+            population,
+            self.log_root / label,
+            sample_every=sample_every,
+            give_up_after=limit,
+            progress=self.progress,
+        )
         lg = served.loadgen
         if served.stopped_early:  # LoadGen judged answers the model never computed
-            lg.update(verdict="INVALID", slo_met=False, verdict_reason=(
-                f"stopped early by the server: p{w.slo_percentile:g} over {w.slo_ms:g} ms for "
-                f"sure (LoadGen's verdict on the cut run: {lg['verdict']})"))
-        self.progress(f"LoadGen {qps:g} qps: {lg['verdict']}, p{w.slo_percentile:g} "
-                      f"{_ms(lg, w.slo_percentile)} ms, completed {lg['completed_qps']} qps"
-                      + (f" ({lg['verdict_reason']})" if lg["verdict_reason"] else ""))
+            lg.update(
+                verdict="INVALID",
+                slo_met=False,
+                verdict_reason=(
+                    f"stopped early by the server: p{w.slo_percentile:g} over {w.slo_ms:g} ms for "
+                    f"sure (LoadGen's verdict on the cut run: {lg['verdict']})"
+                ),
+            )
+        self.progress(
+            f"LoadGen {qps:g} qps: {lg['verdict']}, p{w.slo_percentile:g} "
+            f"{_ms(lg, w.slo_percentile)} ms, completed {lg['completed_qps']} qps"
+            + (f" ({lg['verdict_reason']})" if lg["verdict_reason"] else "")
+        )
         return served
 
 
@@ -241,11 +344,19 @@ def _ms(lg: dict, p: float) -> str:
 def _run_real(cfg, paths, devices, dtype, progress, job_dir) -> Measured:
     w, m = cfg.workload, cfg.model
     path, device = paths[0], devices[0]
-    server = RealServer(paths, UserSequences(m, cfg.seed), max_batch=w.max_batch,
-                        max_wait_s=w.max_wait_ms / 1e3, policy=w.policy, device=devices,
-                        token_buckets=cfg.graph.token_buckets, num_context=m.num_context,
-                        routing=w.routing, max_imbalance=w.max_imbalance,
-                        slack_rows=slack_rows(cfg))
+    server = RealServer(
+        paths,
+        UserSequences(m, cfg.seed),
+        max_batch=w.max_batch,
+        max_wait_s=w.max_wait_ms / 1e3,
+        policy=w.policy,
+        device=devices,
+        token_buckets=cfg.graph.token_buckets,
+        num_context=m.num_context,
+        routing=w.routing,
+        max_imbalance=w.max_imbalance,
+        slack_rows=slack_rows(cfg),
+    )
     trials = _Trials(cfg, server, job_dir, progress)
     expected = max(w.qps * w.min_duration_s, w.min_query_count)
     every = max(1, int(expected // max(w.verify_requests, 1))) if cfg.verify else 0
@@ -256,25 +367,31 @@ def _run_real(cfg, paths, devices, dtype, progress, job_dir) -> Measured:
         else:
             seed = cfg.seed if w.loadgen_seed is None else w.loadgen_seed
             extra["loadgen_seed"] = seed
-            best = trials.run(w.qps, seed=seed, min_duration_s=w.min_duration_s,
-                              label="run", sample_every=every)
+            best = trials.run(
+                w.qps, seed=seed, min_duration_s=w.min_duration_s, label="run", sample_every=every
+            )
     rows = [best.log.rows[i] for i in sorted(best.log.rows)]
     lg = best.loadgen
     best_qps = extra.get("final_qps", w.qps)  # the rate asked of LoadGen (offered)
     extra.update(outcome.run_stats(rows, best.log.batches, w.max_batch))
     extra.update(outcome.replica_stats(rows, best.log.batches, len(paths), best.routing))
-    extra.update(routing=w.routing, max_imbalance=w.max_imbalance,
-                 route_slack_rows=slack_rows(cfg))
+    extra.update(routing=w.routing, max_imbalance=w.max_imbalance, route_slack_rows=slack_rows(cfg))
     extra.update(_contract(cfg))
     extra.update({k: v for k, v in lg.items()})
-    problems = [] if lg["verdict"] == "VALID" else [f"LoadGen: {lg['verdict']} "
-                                                     f"({lg['verdict_reason']})"]
-    extra.update(valid=not problems, invalid_reason="; ".join(problems) or None,
-                 warmup_s=trials.warm[0]["warm_s"], warm_requests=trials.warm[0]["warm_requests"],
-                 warm_first_use=trials.warm[0]["warm_first_use"],
-                 min_duration_s=w.min_duration_s, min_query_count=w.min_query_count,
-                 offered_qps=best_qps, achieved_qps=lg["completed_qps"],
-                 loadgen_logs=str(Path("loadgen")), stopped_early=best.stopped_early)
+    problems = [] if lg["verdict"] == "VALID" else [f"LoadGen: {lg['verdict']} ({lg['verdict_reason']})"]
+    extra.update(
+        valid=not problems,
+        invalid_reason="; ".join(problems) or None,
+        warmup_s=trials.warm[0]["warm_s"],
+        warm_requests=trials.warm[0]["warm_requests"],
+        warm_first_use=trials.warm[0]["warm_first_use"],
+        min_duration_s=w.min_duration_s,
+        min_query_count=w.min_query_count,
+        offered_qps=best_qps,
+        achieved_qps=lg["completed_qps"],
+        loadgen_logs=str(Path("loadgen")),
+        stopped_early=best.stopped_early,
+    )
     extra["target_qps"] = None if w.mode == "offline" else best_qps
     extra["num_users"] = trials.num_users
     extra.update(pool_capacity(cfg, path.manager))  # each replica's pool (replica 0's size)
@@ -286,9 +403,17 @@ def _run_real(cfg, paths, devices, dtype, progress, job_dir) -> Measured:
     lat = outcome.latencies_ms(rows) or [math.nan]
     flops, nbytes = _work_of(m, dtype, rows)
     return Measured(
-        samples_ms=lat, clocks=clocks.summary(), flops=flops, nbytes=nbytes, rule=NO_RULE,
-        dtype=dtype, verify=lambda: _verify_scores(path, best.log.checked, device),
-        extra=extra, cv_basis="requests", per_unit_ms=extra["device_ms_per_batch"])
+        samples_ms=lat,
+        clocks=clocks.summary(),
+        flops=flops,
+        nbytes=nbytes,
+        rule=NO_RULE,
+        dtype=dtype,
+        verify=lambda: _verify_scores(path, best.log.checked, device),
+        extra=extra,
+        cv_basis="requests",
+        per_unit_ms=extra["device_ms_per_batch"],
+    )
 
 
 def _search_real(trials: _Trials, w, seed: int, progress, extra: dict, every: int):
@@ -297,8 +422,13 @@ def _search_real(trials: _Trials, w, seed: int, progress, extra: dict, every: in
     tried: List[tuple] = []
 
     def passed(qps: float) -> bool:
-        served = trials.run(qps, seed=seed, min_duration_s=w.search_duration_s,
-                            label=f"search-{len(tried)}-{qps:g}qps", give_up=True)
+        served = trials.run(
+            qps,
+            seed=seed,
+            min_duration_s=w.search_duration_s,
+            label=f"search-{len(tried)}-{qps:g}qps",
+            give_up=True,
+        )
         tried.append((qps, served.loadgen["verdict"] == "VALID", served.loadgen["verdict"]))
         return tried[-1][1]
 
@@ -321,18 +451,35 @@ def _search_real(trials: _Trials, w, seed: int, progress, extra: dict, every: in
             if mid in (lo, hi):
                 break
             lo, hi = (mid, hi) if passed(mid) else (lo, mid)
-    extra.update(search_qps=[t[0] for t in tried], search_passed=[t[1] for t in tried],
-                 search_verdicts=[t[2] for t in tried], max_qps=lo, min_failing_qps=hi,
-                 search_duration_s=w.search_duration_s)
+    extra.update(
+        search_qps=[t[0] for t in tried],
+        search_passed=[t[1] for t in tried],
+        search_verdicts=[t[2] for t in tried],
+        max_qps=lo,
+        min_failing_qps=hi,
+        search_duration_s=w.search_duration_s,
+    )
     final_rate = lo if lo is not None else min(t[0] for t in tried)
-    progress(f"max_qps bracket: passed {lo}, failed {hi} (clock: real); the final rate "
-             f"{final_rate:g} qps with {w.final_seeds} seeds x {w.min_duration_s:g} s")
-    finals = [trials.run(final_rate, seed=seed + 1 + k, min_duration_s=w.min_duration_s,
-                         label=f"final-{k}-{final_rate:g}qps", sample_every=every)
-              for k in range(w.final_seeds)]
-    extra.update(final_qps=final_rate, final_seeds=[seed + 1 + k for k in range(w.final_seeds)],
-                 final_passed=[f.loadgen["verdict"] == "VALID" for f in finals],
-                 final_p99_ms=[f.loadgen["p99_ms"] for f in finals])
+    progress(
+        f"max_qps bracket: passed {lo}, failed {hi} (clock: real); the final rate "
+        f"{final_rate:g} qps with {w.final_seeds} seeds x {w.min_duration_s:g} s"
+    )
+    finals = [
+        trials.run(
+            final_rate,
+            seed=seed + 1 + k,
+            min_duration_s=w.min_duration_s,
+            label=f"final-{k}-{final_rate:g}qps",
+            sample_every=every,
+        )
+        for k in range(w.final_seeds)
+    ]
+    extra.update(
+        final_qps=final_rate,
+        final_seeds=[seed + 1 + k for k in range(w.final_seeds)],
+        final_passed=[f.loadgen["verdict"] == "VALID" for f in finals],
+        final_p99_ms=[f.loadgen["p99_ms"] for f in finals],
+    )
     if lo is None:
         extra["max_qps"] = None
     # The record's percentiles and verdict: the final seed with the worst p99 (a max QPS that
@@ -349,10 +496,16 @@ def _work_of(m, dtype, rows: List[dict]):
     flops = nbytes = 0
     for members in batches.values():
         seq = [m.num_context + r["history"] for r in members]
-        f, b = block_work(num_layers=m.num_layers, hidden=m.hidden, num_heads=m.num_heads,
-                          head_dim=m.head_dim, itemsize=itemsize, histories=seq,
-                          news=[s - r["cached_tokens"] for s, r in zip(seq, members)],
-                          candidates=[r["candidates"] for r in members])
+        f, b = block_work(
+            num_layers=m.num_layers,
+            hidden=m.hidden,
+            num_heads=m.num_heads,
+            head_dim=m.head_dim,
+            itemsize=itemsize,
+            histories=seq,
+            news=[s - r["cached_tokens"] for s, r in zip(seq, members)],
+            candidates=[r["candidates"] for r in members],
+        )
         flops, nbytes = flops + f, nbytes + b
     return flops / max(len(batches), 1), nbytes / max(len(batches), 1)
 
@@ -369,8 +522,7 @@ def _verify_scores(path, checked, device) -> float:
     worst = 0.0
     for request, scores in checked:
         ref_logits = rank(ref, [request], device=device)
-        worst = max(worst, relative_error(scores, ref_logits.cpu(),
-                                          [request.candidates.numel()]))
+        worst = max(worst, relative_error(scores, ref_logits.cpu(), [request.candidates.numel()]))
     return worst
 
 
@@ -382,10 +534,16 @@ def _work_per_batch(cfg, dtype, trial: Trial):
     batches = [b[2] for b in trial.schedule.batches]
     for idx in batches:
         seq = [m.num_context + st.history[i] for i in idx]
-        f, b = block_work(num_layers=m.num_layers, hidden=m.hidden, num_heads=m.num_heads,
-                          head_dim=m.head_dim, itemsize=itemsize, histories=seq,
-                          news=[s - cols["cached_tokens"][i] for s, i in zip(seq, idx)],
-                          candidates=[st.candidates[i] for i in idx])
+        f, b = block_work(
+            num_layers=m.num_layers,
+            hidden=m.hidden,
+            num_heads=m.num_heads,
+            head_dim=m.head_dim,
+            itemsize=itemsize,
+            histories=seq,
+            news=[s - cols["cached_tokens"][i] for s, i in zip(seq, idx)],
+            candidates=[st.candidates[i] for i in idx],
+        )
         flops, nbytes = flops + f, nbytes + b
     return flops / max(len(batches), 1), nbytes / max(len(batches), 1)
 
@@ -402,6 +560,9 @@ def _verify(point: ServePoint, trial: Trial) -> float:
     for request, logits, hidden in trial.checked:
         ref_logits, ref_h = rank(ref, [request], device=point.device, return_hidden=True)
         counts = [request.candidates.numel()]
-        worst = max(worst, relative_error(logits, ref_logits.cpu(), counts),
-                    relative_error(hidden, ref_h.cpu(), counts))
+        worst = max(
+            worst,
+            relative_error(logits, ref_logits.cpu(), counts),
+            relative_error(hidden, ref_h.cpu(), counts),
+        )
     return worst

@@ -5,6 +5,7 @@ samples' CV (stdev / mean) is above `cv_max` or fewer than `min_samples` were ta
 `max_time_s` (docs/design.md, validity). CUDA: one pair of events per iteration (no host sync
 inside the loop; read in chunks). CPU: host clock around each call.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -32,15 +33,25 @@ def latency_stats(samples_ms) -> dict:
         q = statistics.quantiles(s, n=100, method="inclusive")  # q[k-1]: k-th percentile
     else:
         q = [s[0]] * 99
-    return {"median_ms": statistics.median(s), "p10_ms": q[9], "p50_ms": q[49], "p90_ms": q[89],
-            "p99_ms": q[98], "mean_ms": statistics.fmean(s), "min_ms": s[0], "max_ms": s[-1],
-            "cv": cv(s), "iterations": len(s)}
+    return {
+        "median_ms": statistics.median(s),
+        "p10_ms": q[9],
+        "p50_ms": q[49],
+        "p90_ms": q[89],
+        "p99_ms": q[98],
+        "mean_ms": statistics.fmean(s),
+        "min_ms": s[0],
+        "max_ms": s[-1],
+        "cv": cv(s),
+        "iterations": len(s),
+    }
 
 
 @dataclass(frozen=True)
 class StopRule:
     """When a timing loop may stop (`iters` and `min_time_s` always; then validity, up to
     `max_time_s` or `max_iters`)."""
+
     iters: int
     min_time_s: float
     max_time_s: float
@@ -88,8 +99,7 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def time_fn(fn: Callable[[int], object], *, device: torch.device, warmup: int,
-            rule: StopRule) -> Timing:
+def time_fn(fn: Callable[[int], object], *, device: torch.device, warmup: int, rule: StopRule) -> Timing:
     """fn(i) runs iteration i (it picks its input set from i)."""
     for i in range(warmup):
         fn(i)

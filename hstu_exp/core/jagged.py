@@ -8,6 +8,7 @@ buffer, one copy. On CUDA a copy from pageable memory (`.to(cuda)`, `torch.tenso
 device=cuda)`) makes the host wait for all queued GPU work; a non_blocking copy from pinned memory
 does not, so the host can prepare batch i+1 while the GPU still runs batch i.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -38,7 +39,7 @@ def pack(arrays: Dict[str, np.ndarray], *, pin: bool) -> Tuple[torch.Tensor, Lay
     raw = buf.numpy()
     for name, a in arrays.items():
         start = layout[name][0]
-        raw[start:start + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+        raw[start : start + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
     return buf, layout
 
 
@@ -53,7 +54,7 @@ def unpack(buf: torch.Tensor, layout: Layout) -> Dict[str, torch.Tensor]:
         if typed is None:
             typed = whole[dtype] = buf.view(_TORCH[dtype])
         first = start // dtype.itemsize
-        out[name] = typed[first:first + n]
+        out[name] = typed[first : first + n]
     return out
 
 
@@ -65,8 +66,15 @@ def to_device(arrays: Dict[str, np.ndarray], device) -> Dict[str, torch.Tensor]:
     return unpack(buf.to(device, non_blocking=True), layout)
 
 
-PAGE_FIELDS = ("page_indptr", "page_ids", "cached_lengths", "last_page_len", "new_rows",
-               "new_page", "new_slot")
+PAGE_FIELDS = (
+    "page_indptr",
+    "page_ids",
+    "cached_lengths",
+    "last_page_len",
+    "new_rows",
+    "new_page",
+    "new_slot",
+)
 BATCH_FIELDS = ("offsets", "num_candidates")
 
 
@@ -114,8 +122,14 @@ class Batch:
         return replace(self, **{k: views[k] for k in BATCH_FIELDS})
 
 
-def make_batch(rows: Sequence[int], num_candidates: Sequence[int], device,
-               pages: Optional[PageTable] = None, *, upload: bool = True) -> Batch:
+def make_batch(
+    rows: Sequence[int],
+    num_candidates: Sequence[int],
+    device,
+    pages: Optional[PageTable] = None,
+    *,
+    upload: bool = True,
+) -> Batch:
     """upload=False: host arrays only (`Batch.host`; see `upload_step`)."""
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(rows, out=offsets[1:])
@@ -131,8 +145,7 @@ def upload_step(batch: Batch, tokens, device):
     groups = {"b": batch.host, "t": tokens.device_arrays()}
     if batch.pages is not None:
         groups["p"] = batch.pages.host
-    views = to_device({f"{g}.{k}": a for g, arrays in groups.items() for k, a in arrays.items()},
-                      device)
+    views = to_device({f"{g}.{k}": a for g, arrays in groups.items() for k, a in arrays.items()}, device)
     part = lambda g: {k: views[f"{g}.{k}"] for k in groups[g]}  # noqa: E731
     if batch.pages is not None:
         batch = replace(batch, pages=batch.pages.with_views(part("p")))

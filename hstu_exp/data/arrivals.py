@@ -14,6 +14,7 @@ Two sources, one shape (`Arrival`, in time order):
 `histories` turns the new items into each request's history length, capped at `max_items`.
 Everything is drawn from the seed: the same config gives the same arrivals.
 """
+
 from __future__ import annotations
 
 import csv
@@ -62,15 +63,23 @@ class UserDraws:
     candidates) per request, as `poisson_arrivals` describes. The real server draws its
     requests here one LoadGen query at a time; the arrival times come from LoadGen."""
 
-    def __init__(self, *, num_users: int, user_skew: float, new_user_rate: float,
-                 items_per_return: int, max_items: int, num_candidates: int,
-                 candidates_max: Optional[int], rng: np.random.Generator):
+    def __init__(
+        self,
+        *,
+        num_users: int,
+        user_skew: float,
+        new_user_rate: float,
+        items_per_return: int,
+        max_items: int,
+        num_candidates: int,
+        candidates_max: Optional[int],
+        rng: np.random.Generator,
+    ):
         self.num_users, self.new_user_rate, self.rng = num_users, new_user_rate, rng
         self.items_per_return = items_per_return
         self.p = zipf_weights(num_users, user_skew)
         self.first_items = rng.integers(1, max_items + 1, size=num_users)  # histories so far
-        self.cands = (num_candidates,
-                      candidates_max if candidates_max is not None else num_candidates)
+        self.cands = (num_candidates, candidates_max if candidates_max is not None else num_candidates)
         self.seen: set = set()
         self.next_new = num_users
 
@@ -92,15 +101,31 @@ class UserDraws:
         return out
 
 
-def poisson_arrivals(*, qps: float, horizon_s: float, num_users: int, user_skew: float,
-                     new_user_rate: float, items_per_return: int, max_items: int,
-                     num_candidates: int, candidates_max: Optional[int],
-                     seed: int) -> List[Arrival]:
+def poisson_arrivals(
+    *,
+    qps: float,
+    horizon_s: float,
+    num_users: int,
+    user_skew: float,
+    new_user_rate: float,
+    items_per_return: int,
+    max_items: int,
+    num_candidates: int,
+    candidates_max: Optional[int],
+    seed: int,
+) -> List[Arrival]:
     rng = np.random.default_rng(seed)
     times = poisson_times(qps, horizon_s, rng)
-    users = UserDraws(num_users=num_users, user_skew=user_skew, new_user_rate=new_user_rate,
-                      items_per_return=items_per_return, max_items=max_items,
-                      num_candidates=num_candidates, candidates_max=candidates_max, rng=rng)
+    users = UserDraws(
+        num_users=num_users,
+        user_skew=user_skew,
+        new_user_rate=new_user_rate,
+        items_per_return=items_per_return,
+        max_items=max_items,
+        num_candidates=num_candidates,
+        candidates_max=candidates_max,
+        rng=rng,
+    )
     return [Arrival(float(t), *drawn) for t, drawn in zip(times, users.draw(times.size))]
 
 
@@ -126,8 +151,7 @@ def read_trace(path) -> List[Arrival]:
     header = [h.strip() for h in rows[0]]
     unknown = [h for h in header if h not in TRACE_COLUMNS]
     if unknown:
-        raise TraceError(f"line 1: unknown column {unknown[0]!r} (columns: "
-                         f"{','.join(TRACE_COLUMNS)})")
+        raise TraceError(f"line 1: unknown column {unknown[0]!r} (columns: {','.join(TRACE_COLUMNS)})")
     missing = [c for c in TRACE_COLUMNS if c not in header]
     if missing:
         raise TraceError(f"line 1: missing column {missing[0]!r}")
@@ -151,8 +175,9 @@ def _trace_row(row, col, lineno: int, seen: set, last_time: float) -> Arrival:
         try:
             return kind(value)
         except ValueError:
-            raise TraceError(f"line {lineno}: {name}={value!r} is not "
-                             f"{'a number' if kind is float else 'an integer'}") from None
+            raise TraceError(
+                f"line {lineno}: {name}={value!r} is not {'a number' if kind is float else 'an integer'}"
+            ) from None
 
     t, user = number("time", float), number("user", int)
     items, cands = number("new_items", int), number("candidates", int)
@@ -161,15 +186,16 @@ def _trace_row(row, col, lineno: int, seen: set, last_time: float) -> Arrival:
     if t < 0:
         raise TraceError(f"line {lineno}: time={t:g} is negative")
     if t < last_time:
-        raise TraceError(f"line {lineno}: time={t:g} is before the previous line's {last_time:g} "
-                         "(a trace is in time order)")
+        raise TraceError(
+            f"line {lineno}: time={t:g} is before the previous line's {last_time:g} "
+            "(a trace is in time order)"
+        )
     if user < 0:
         raise TraceError(f"line {lineno}: user={user} is negative")
     if items < 0:
         raise TraceError(f"line {lineno}: user {user}'s history decreases (new_items={items})")
     if items == 0 and user not in seen:
-        raise TraceError(f"line {lineno}: user {user}'s first request has no history "
-                         "(new_items=0)")
+        raise TraceError(f"line {lineno}: user {user}'s first request has no history (new_items=0)")
     if cands < 1:
         raise TraceError(f"line {lineno}: candidates={cands}: a request ranks at least one")
     seen.add(user)

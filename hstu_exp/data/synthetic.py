@@ -10,6 +10,7 @@ tokens of it (capped at max_history), so histories grow request by request and n
 Users are served in rounds: each round visits every user once in a random order, B at a time, so
 with more users than the pool holds, evicted users come back (host tier onloads).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,27 +50,44 @@ def interleave(context: torch.Tensor, items: torch.Tensor, actions: torch.Tensor
     kinds = torch.empty(n_i + n_a, dtype=torch.int64)
     kinds[0::2], kinds[1::2] = ITEM, ACTION
     c = context.numel()
-    return (torch.cat([torch.full((c,), CONTEXT, dtype=torch.int64), kinds]),
-            torch.cat([context.long(), history]))
+    return (
+        torch.cat([torch.full((c,), CONTEXT, dtype=torch.int64), kinds]),
+        torch.cat([context.long(), history]),
+    )
 
 
 def make_request(user: int, *, items, actions, candidates, context=()) -> Request:
     as_long = lambda v: torch.as_tensor(v, dtype=torch.int64).reshape(-1)  # noqa: E731
     context = as_long(context)
     kinds, ids = interleave(context, as_long(items), as_long(actions))
-    return Request(user=user, kinds=kinds, ids=ids, candidates=as_long(candidates),
-                   num_context=context.numel())
+    return Request(
+        user=user, kinds=kinds, ids=ids, candidates=as_long(candidates), num_context=context.numel()
+    )
 
 
 class SyntheticStream:
     """`num_batches` batches of `batch_size` distinct users; everything drawn from `seed`."""
 
-    def __init__(self, *, num_users: int, batch_size: int, num_batches: int, num_candidates: int,
-                 history_start: int, history_step: int, max_history: int, num_context: int,
-                 item_vocab: int, action_vocab: int, context_vocab: int, seed: int):
+    def __init__(
+        self,
+        *,
+        num_users: int,
+        batch_size: int,
+        num_batches: int,
+        num_candidates: int,
+        history_start: int,
+        history_step: int,
+        max_history: int,
+        num_context: int,
+        item_vocab: int,
+        action_vocab: int,
+        context_vocab: int,
+        seed: int,
+    ):
         if num_users < batch_size:
-            raise ValueError(f"workload.num_users={num_users}: fewer users than "
-                             f"workload.batch_size={batch_size}")
+            raise ValueError(
+                f"workload.num_users={num_users}: fewer users than workload.batch_size={batch_size}"
+            )
         gen = torch.Generator().manual_seed(seed)
         n_items = -(-max_history // 2)
         # One fixed sequence per user: requests are prefixes of it, so a history only grows.
@@ -101,8 +119,15 @@ class SyntheticStream:
                 kinds, ids = self.sequences[u]
                 cands = torch.randint(item_vocab, (num_candidates,), generator=gen)
                 end = num_context + history
-                batch.append(Request(user=u, kinds=kinds[:end], ids=ids[:end], candidates=cands,
-                                     num_context=num_context))
+                batch.append(
+                    Request(
+                        user=u,
+                        kinds=kinds[:end],
+                        ids=ids[:end],
+                        candidates=cands,
+                        num_context=num_context,
+                    )
+                )
             self.batches.append(batch)
 
     @property
@@ -113,9 +138,16 @@ class SyntheticStream:
 def stream_for(model, workload, *, seed: int) -> SyntheticStream:
     """The stream of an e2e point (config groups `model` and `workload`)."""
     return SyntheticStream(
-        num_users=workload.num_users or workload.batch_size, batch_size=workload.batch_size,
-        num_batches=workload.num_batches, num_candidates=workload.num_candidates,
-        history_start=workload.history_start, history_step=workload.history_step,
-        max_history=model.max_history, num_context=model.num_context,
-        item_vocab=model.item_vocab, action_vocab=model.action_vocab,
-        context_vocab=model.context_vocab, seed=seed)
+        num_users=workload.num_users or workload.batch_size,
+        batch_size=workload.batch_size,
+        num_batches=workload.num_batches,
+        num_candidates=workload.num_candidates,
+        history_start=workload.history_start,
+        history_step=workload.history_step,
+        max_history=model.max_history,
+        num_context=model.num_context,
+        item_vocab=model.item_vocab,
+        action_vocab=model.action_vocab,
+        context_vocab=model.context_vocab,
+        seed=seed,
+    )

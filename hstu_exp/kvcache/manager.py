@@ -7,6 +7,7 @@ served: the user's cache is dropped (both tiers), one line says what happened, a
 sequence is recomputed. Host-side bookkeeping only; the cache (`PagedKVCache` or
 `OffloadPagedKVCache`) owns pages and transfers.
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,11 +57,10 @@ class KVCacheManager:
         kinds, ids = seen
         problem = None
         if request.seq_len < held:
-            problem = (f"its sequence shrank from {held} cached tokens to {request.seq_len}")
+            problem = f"its sequence shrank from {held} cached tokens to {request.seq_len}"
         else:
             now_ids, now_kinds = request.ids.numpy()[:held], request.kinds.numpy()[:held]
-            if not (np.array_equal(now_ids, ids[:held])
-                    and np.array_equal(now_kinds, kinds[:held])):
+            if not (np.array_equal(now_ids, ids[:held]) and np.array_equal(now_kinds, kinds[:held])):
                 diff = (now_ids != ids[:held]) | (now_kinds != kinds[:held])
                 first = int(np.flatnonzero(diff)[0])
                 problem = f"token {first} of its {held} cached tokens changed"
@@ -89,7 +89,8 @@ class KVCacheManager:
                 raise CapacityError(
                     f"user {r.user}: a request of {r.seq_len} tokens needs "
                     f"{pages_for(r.seq_len, size)} pages of {size}; the KV pool holds "
-                    f"{self.cache.num_pages} (raise cache.num_pages)")
+                    f"{self.cache.num_pages} (raise cache.num_pages)"
+                )
         host_tier = getattr(self.cache, "host_users", {})
         starts: List[int] = [self.lookup(r) for r in requests]
         on_host = sum(s for r, s in zip(requests, starts) if r.user in host_tier)
@@ -98,9 +99,15 @@ class KVCacheManager:
         moved = self._bytes_moved()
         table = self.cache.plan(users, new, candidates, upload=upload)
         after = self._bytes_moved()
-        self.batches.append({"gpu_hit_tokens": sum(starts) - on_host, "host_hit_tokens": on_host,
-                             "miss_tokens": sum(new), "offloaded_bytes": after[0] - moved[0],
-                             "onloaded_bytes": after[1] - moved[1]})
+        self.batches.append(
+            {
+                "gpu_hit_tokens": sum(starts) - on_host,
+                "host_hit_tokens": on_host,
+                "miss_tokens": sum(new),
+                "offloaded_bytes": after[0] - moved[0],
+                "onloaded_bytes": after[1] - moved[1],
+            }
+        )
         self._pending = requests
         self.last_starts = starts
         self.hit_tokens += sum(starts)
@@ -125,12 +132,20 @@ class KVCacheManager:
         from the host tier); miss_tokens: history tokens computed (candidates not counted)."""
         self.commit()
         per_batch = self.batches
-        out = {"hit_tokens": self.hit_tokens, "computed_tokens": self.computed_tokens,
-               **{k: sum(b[k] for b in per_batch) for k in ("gpu_hit_tokens", "host_hit_tokens",
-                                                            "miss_tokens")},
-               "evictions": self.cache.evictions, "invalidations": self.invalidations,
-               "offloaded_bytes": 0, "onloaded_bytes": 0, "onload_wait_ms": 0.0,
-               "host_evictions": 0}
+        out = {
+            "hit_tokens": self.hit_tokens,
+            "computed_tokens": self.computed_tokens,
+            **{
+                k: sum(b[k] for b in per_batch)
+                for k in ("gpu_hit_tokens", "host_hit_tokens", "miss_tokens")
+            },
+            "evictions": self.cache.evictions,
+            "invalidations": self.invalidations,
+            "offloaded_bytes": 0,
+            "onloaded_bytes": 0,
+            "onload_wait_ms": 0.0,
+            "host_evictions": 0,
+        }
         transfers = getattr(self.cache, "transfer_stats", None)
         if transfers:
             out.update(transfers())

@@ -15,6 +15,7 @@ Ordering on CUDA (two side streams: D2H offload, H2D onload), issued at the end 
   - `on_layer(l)` makes compute wait on[l] (hence off[l]) before layer l appends into the pool.
 On CPU there are no streams: the same copies run synchronously inside `plan`.
 """
+
 from __future__ import annotations
 
 import time
@@ -40,15 +41,37 @@ def _runs(src: Sequence[int], dst: Sequence[int]) -> List[Tuple[int, int, int]]:
 
 
 class OffloadPagedKVCache(PagedKVCache):
-    def __init__(self, *, host_pages: int, num_layers: int, num_pages: int, page_size: int,
-                 num_heads: int, head_dim: int, dtype: torch.dtype, device):
+    def __init__(
+        self,
+        *,
+        host_pages: int,
+        num_layers: int,
+        num_pages: int,
+        page_size: int,
+        num_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device,
+    ):
         self.host_pages = host_pages
         self.host_users: "OrderedDict[int, UserPages]" = OrderedDict()  # least recent first
-        super().__init__(num_layers=num_layers, num_pages=num_pages, page_size=page_size,
-                         num_heads=num_heads, head_dim=head_dim, dtype=dtype, device=device)
+        super().__init__(
+            num_layers=num_layers,
+            num_pages=num_pages,
+            page_size=page_size,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            dtype=dtype,
+            device=device,
+        )
         # empty, not zeros: a host page is only ever read after it was written.
-        self.host_pool = torch.empty(num_layers, host_pages, *self.pool.shape[2:], dtype=dtype,
-                                     pin_memory=torch.cuda.is_available())
+        self.host_pool = torch.empty(
+            num_layers,
+            host_pages,
+            *self.pool.shape[2:],
+            dtype=dtype,
+            pin_memory=torch.cuda.is_available(),
+        )
         self.page_bytes = self.pool[:, 0].numel() * self.pool.element_size()  # all layers
         self.cuda = self.pool.device.type == "cuda"
         if self.cuda:
@@ -108,8 +131,14 @@ class OffloadPagedKVCache(PagedKVCache):
 
     # -- planning ----------------------------------------------------------------------------
 
-    def plan(self, users: Sequence[int], new_history: Sequence[int],
-             num_candidates: Sequence[int], *, upload: bool = True):
+    def plan(
+        self,
+        users: Sequence[int],
+        new_history: Sequence[int],
+        num_candidates: Sequence[int],
+        *,
+        upload: bool = True,
+    ):
         if len(set(users)) != len(users):
             raise ValueError(f"a batch holds each user once, got {list(users)}")
         self._protect = set(users)  # neither tier gives up this batch's users to make room
@@ -133,7 +162,8 @@ class OffloadPagedKVCache(PagedKVCache):
             if victim is None:
                 raise CacheFullError(
                     f"KV pool of {self.num_pages} pages x {self.page_size} tokens cannot hold "
-                    f"this batch ({need} pages needed, {len(self.free)} free, nothing to evict)")
+                    f"this batch ({need} pages needed, {len(self.free)} free, nothing to evict)"
+                )
             self.evict(victim)
         for user in users:  # host users come back: fresh GPU pages, filled by the onload
             entry = self.host_users.pop(user, None)
@@ -150,7 +180,7 @@ class OffloadPagedKVCache(PagedKVCache):
     def _copy_layer(self, layer: int, moves, src_pool, dst_pool) -> None:
         for src, dst in moves:
             for s, d, n in _runs(src, dst):
-                dst_pool[layer, d:d + n].copy_(src_pool[layer, s:s + n], non_blocking=True)
+                dst_pool[layer, d : d + n].copy_(src_pool[layer, s : s + n], non_blocking=True)
 
     def _issue(self) -> None:
         """Enqueue this batch's offloads and onloads, layer by layer."""
@@ -204,5 +234,9 @@ class OffloadPagedKVCache(PagedKVCache):
             self._stalls[-1][1].synchronize()
             self._wait_ms += sum(s.elapsed_time(e) for s, e in self._stalls)
             self._stalls = []
-        return {"offloaded_bytes": self.offloaded_bytes, "onloaded_bytes": self.onloaded_bytes,
-                "onload_wait_ms": self._wait_ms, "host_evictions": self.host_evictions}
+        return {
+            "offloaded_bytes": self.offloaded_bytes,
+            "onloaded_bytes": self.onloaded_bytes,
+            "onload_wait_ms": self._wait_ms,
+            "host_evictions": self.host_evictions,
+        }

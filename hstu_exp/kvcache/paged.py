@@ -7,6 +7,7 @@ with numpy over the whole batch (one Python pass over its users for the dict loo
 call per user but the page-list growth). What the kernels see is a `PageTable`, uploaded in one
 host->device copy, or kept on the host for the caller to upload with the rest of a step.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -35,14 +36,24 @@ class UserPages:
 
 
 class PagedKVCache:
-    def __init__(self, *, num_layers: int, num_pages: int, page_size: int, num_heads: int,
-                 head_dim: int, dtype: torch.dtype, device):
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_pages: int,
+        page_size: int,
+        num_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device,
+    ):
         self.page_size, self.num_pages = page_size, num_pages
         self.device = torch.device(device)
         # One page more than the free list hands out: a scratch page that padded appends
         # (CUDA-graph buckets) may write into without touching any user's keys.
-        self.pool = torch.zeros(num_layers, num_pages + 1, 2, page_size, num_heads, head_dim,
-                                dtype=dtype, device=device)
+        self.pool = torch.zeros(
+            num_layers, num_pages + 1, 2, page_size, num_heads, head_dim, dtype=dtype, device=device
+        )
         self.scratch_page = num_pages
         self.users: "OrderedDict[int, UserPages]" = OrderedDict()  # least recent first
         self.reset()
@@ -64,8 +75,8 @@ class PagedKVCache:
 
     def take(self, count: int) -> np.ndarray:
         """`count` free pages, low ids first (the caller has made room)."""
-        taken = self.free[len(self.free) - count:][::-1]
-        self.free = self.free[:len(self.free) - count]
+        taken = self.free[len(self.free) - count :][::-1]
+        self.free = self.free[: len(self.free) - count]
         return taken
 
     def give_back(self, pages: np.ndarray) -> None:
@@ -85,8 +96,14 @@ class PagedKVCache:
     def _pages_for(self, tokens: int) -> int:
         return pages_for(tokens, self.page_size)
 
-    def plan(self, users: Sequence[int], new_history: Sequence[int],
-             num_candidates: Sequence[int], *, upload: bool = True) -> PageTable:
+    def plan(
+        self,
+        users: Sequence[int],
+        new_history: Sequence[int],
+        num_candidates: Sequence[int],
+        *,
+        upload: bool = True,
+    ) -> PageTable:
         """Reserve room for each user's new history tokens after what is cached, and describe
         where every key of the batch lives. Rows are laid out `[new history | candidates]`.
         upload=False: the table's host arrays only (`PageTable.host`), for one copy later."""
@@ -109,7 +126,8 @@ class PagedKVCache:
             if victim is None:
                 raise CacheFullError(
                     f"KV pool of {self.num_pages} pages x {self.page_size} tokens cannot hold "
-                    f"this batch ({need} new pages needed, {len(self.free)} free, nothing to evict)")
+                    f"this batch ({need} new pages needed, {len(self.free)} free, nothing to evict)"
+                )
             self.evict(victim)
         return self._table(entries, start, n, c, grow, upload)
 
@@ -120,12 +138,11 @@ class PagedKVCache:
         cut = np.cumsum(grow)
         for e, k, end in zip(entries, grow.tolist(), cut.tolist()):
             if k:
-                e.pages = np.concatenate([e.pages, fresh[end - k:end]])
+                e.pages = np.concatenate([e.pages, fresh[end - k : end]])
         counts = np.fromiter((e.pages.size for e in entries), np.int64, len(entries))
         indptr = np.zeros(len(entries) + 1, np.int32)
         np.cumsum(counts, out=indptr[1:])
-        ids = (np.concatenate([e.pages for e in entries]) if entries
-               else np.zeros(0, np.int32))
+        ids = np.concatenate([e.pages for e in entries]) if entries else np.zeros(0, np.int32)
         # New token t of user b: position start[b] + j, row offset[b] + j (rows of a user are
         # [new history | candidates], users back to back).
         row0 = np.zeros(len(entries), np.int64)
@@ -136,12 +153,14 @@ class PagedKVCache:
         end = start + n
         for e, length in zip(entries, end.tolist()):
             e.length = length
-        host = {"page_indptr": indptr, "page_ids": ids.astype(np.int32, copy=False),
-                "cached_lengths": start.astype(np.int32),
-                "last_page_len": np.where(counts > 0, end - (counts - 1) * size, 0
-                                          ).astype(np.int32),
-                "new_rows": row0[user] + j,
-                "new_page": ids[indptr[user] + positions // size].astype(np.int64),
-                "new_slot": positions % size}
+        host = {
+            "page_indptr": indptr,
+            "page_ids": ids.astype(np.int32, copy=False),
+            "cached_lengths": start.astype(np.int32),
+            "last_page_len": np.where(counts > 0, end - (counts - 1) * size, 0).astype(np.int32),
+            "new_rows": row0[user] + j,
+            "new_page": ids[indptr[user] + positions // size].astype(np.int64),
+            "new_slot": positions % size,
+        }
         table = PageTable(host=host, max_kv_len=int(end.max(initial=0)))
         return table.upload(self.device) if upload else table

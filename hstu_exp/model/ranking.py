@@ -5,6 +5,7 @@ outputs, L2-normalised -> one MLP per task -> per-task logits.
 replayed per bucket by a graph runner (`graphs.GraphedRanker`) that captured exactly it. The
 request path around it (cache lookup, page planning, onloads) is `hstu_exp.serving`.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -44,19 +45,44 @@ class TaskHeads(nn.Module):
 
 
 class HSTURanker(nn.Module):
-    def __init__(self, *, num_layers: int, hidden: int, num_heads: int, head_dim: int,
-                 scaling_length: int, kernel: str, item_vocab: int, action_vocab: int,
-                 num_context: int, context_vocab: int, max_history: int,
-                 position_embedding: bool, head_widths: Sequence[int], num_tasks: int,
-                 policy: KernelPolicy = KernelPolicy()):
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        hidden: int,
+        num_heads: int,
+        head_dim: int,
+        scaling_length: int,
+        kernel: str,
+        item_vocab: int,
+        action_vocab: int,
+        num_context: int,
+        context_vocab: int,
+        max_history: int,
+        position_embedding: bool,
+        head_widths: Sequence[int],
+        num_tasks: int,
+        policy: KernelPolicy = KernelPolicy(),
+    ):
         super().__init__()
         self.embeddings = SequenceEmbeddings(
-            hidden=hidden, item_vocab=item_vocab, action_vocab=action_vocab,
-            num_context=num_context, context_vocab=context_vocab, max_history=max_history,
-            position_embedding=position_embedding)
-        self.block = HSTUBlock(num_layers=num_layers, hidden=hidden, num_heads=num_heads,
-                               head_dim=head_dim, scaling_length=scaling_length, kernel=kernel,
-                               policy=policy)
+            hidden=hidden,
+            item_vocab=item_vocab,
+            action_vocab=action_vocab,
+            num_context=num_context,
+            context_vocab=context_vocab,
+            max_history=max_history,
+            position_embedding=position_embedding,
+        )
+        self.block = HSTUBlock(
+            num_layers=num_layers,
+            hidden=hidden,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            scaling_length=scaling_length,
+            kernel=kernel,
+            policy=policy,
+        )
         self.heads = TaskHeads(hidden=hidden, widths=head_widths, num_tasks=num_tasks)
 
 

@@ -8,6 +8,7 @@ hands over the raw UVQK projection and SiLU is applied where U, Q, K, V are read
 V in place and the K/V append in one kernel; LayerNorm*U for U), instead of a separate SiLU pass
 over the projection plus an append; forced splits, TMA, the Hopper kernel, fast SiLU.
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,18 +55,30 @@ def kernels(name: str, policy: KernelPolicy = KernelPolicy()) -> Kernels:
     if name == "reference":  # the design's semantics as written: the oracle
         from hstu_exp.ops import reference
 
-        return Kernels(reference.attention_full, reference.attention_paged, fused.append_kv_torch,
-                       fused.layernorm_mul_linear_add_torch, fused.layernorm_torch,
-                       gemm_fp8=fp8)
+        return Kernels(
+            reference.attention_full,
+            reference.attention_paged,
+            fused.append_kv_torch,
+            fused.layernorm_mul_linear_add_torch,
+            fused.layernorm_torch,
+            gemm_fp8=fp8,
+        )
     if name != "triton":
         raise ValueError(f"unknown kernel {name!r} (reference | triton)")
     from hstu_exp.ops.triton_attention import Attention
 
     attention = Attention(policy)
     # The attention may hand the next op its float32 split-K sums: LayerNorm reads float32 anyway.
-    return Kernels(functools.partial(attention.full, partial_fp32=True),
-                   functools.partial(attention.paged, partial_fp32=True),
-                   fused.append_kv,
-                   functools.partial(fused.layernorm_mul_linear_add, silu_u=policy.silu_on_load),
-                   fused.layernorm, policy.silu_on_load, fused.silu_qkv, attention.will_split,
-                   True, attention, fp8)
+    return Kernels(
+        functools.partial(attention.full, partial_fp32=True),
+        functools.partial(attention.paged, partial_fp32=True),
+        fused.append_kv,
+        functools.partial(fused.layernorm_mul_linear_add, silu_u=policy.silu_on_load),
+        fused.layernorm,
+        policy.silu_on_load,
+        fused.silu_qkv,
+        attention.will_split,
+        True,
+        attention,
+        fp8,
+    )

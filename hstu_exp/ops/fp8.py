@@ -11,6 +11,7 @@ True)`); torchao's dynamic float8 linear would add its own quantisation pass ove
 Row-wise rather than per-tensor: one outlier row (a candidate, a context token) would otherwise
 cost every other row its precision, and the row amax is free where the row is in registers.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -55,7 +56,12 @@ def fp8_weight(module: torch.nn.Module, name: str) -> Fp8Weight:
     return cached
 
 
-def scaled_linear(xq: torch.Tensor, x_scale: torch.Tensor, w: Fp8Weight,
-                  bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+def scaled_linear(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    w: Fp8Weight,
+    bias: Optional[torch.Tensor],
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """(xq * x_scale) (w.q * w.scale)^T + bias in out_dtype; float32 accumulation."""
     return torch._scaled_mm(xq, w.q.t(), x_scale, w.scale, bias=bias, out_dtype=out_dtype)

@@ -5,6 +5,7 @@ of the gain: the K/V append becomes one kernel (it was a gather and a scatter fo
 and U * LayerNorm(A) one row-wise kernel (was four). The PyTorch versions beside them are what
 kernel=reference runs, and the oracle in the tests.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,9 +15,21 @@ import triton.language as tl
 
 
 @triton.jit
-def _append_kv_kernel(k_ptr, v_ptr, rows_ptr, page_ptr, slot_ptr, pool_ptr,
-                      stride_kr, stride_vr, stride_pp, stride_pkv, stride_ps,
-                      WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+def _append_kv_kernel(
+    k_ptr,
+    v_ptr,
+    rows_ptr,
+    page_ptr,
+    slot_ptr,
+    pool_ptr,
+    stride_kr,
+    stride_vr,
+    stride_pp,
+    stride_pkv,
+    stride_ps,
+    WIDTH: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     i = tl.program_id(0)
     row = tl.load(rows_ptr + i)
     page = tl.load(page_ptr + i)
@@ -30,18 +43,30 @@ def _append_kv_kernel(k_ptr, v_ptr, rows_ptr, page_ptr, slot_ptr, pool_ptr,
     tl.store(dst + stride_pkv, v, mask=mask)
 
 
-def append_kv(pool_layer: torch.Tensor, new_rows, new_page, new_slot, k: torch.Tensor,
-              v: torch.Tensor) -> None:
+def append_kv(
+    pool_layer: torch.Tensor, new_rows, new_page, new_slot, k: torch.Tensor, v: torch.Tensor
+) -> None:
     """pool_layer [P, 2, page_size, H, D]; k, v [rows, H, D] (row-strided views are fine)."""
     n = new_rows.numel()
     if n == 0:
         return
     width = k.shape[1] * k.shape[2]
     assert k.stride(2) == 1 and k.stride(1) == k.shape[2] and pool_layer.stride(-1) == 1
-    _append_kv_kernel[(n,)](k, v, new_rows, new_page, new_slot, pool_layer,
-                            k.stride(0), v.stride(0), pool_layer.stride(0), pool_layer.stride(1),
-                            pool_layer.stride(2), WIDTH=width,
-                            BLOCK=triton.next_power_of_2(width))
+    _append_kv_kernel[(n,)](
+        k,
+        v,
+        new_rows,
+        new_page,
+        new_slot,
+        pool_layer,
+        k.stride(0),
+        v.stride(0),
+        pool_layer.stride(0),
+        pool_layer.stride(1),
+        pool_layer.stride(2),
+        WIDTH=width,
+        BLOCK=triton.next_power_of_2(width),
+    )
 
 
 @triton.jit
@@ -52,11 +77,30 @@ def _silu_rounded(x):
 
 
 @triton.jit
-def _silu_qkv_kernel(q_ptr, k_ptr, v_ptr, offsets_ptr, cand_ptr, page_ptr, slot_ptr, pool_ptr,
-                     zero_ptr, num_users, stride_qr, stride_kr, stride_vr, stride_pp, stride_pkv,
-                     stride_ps, stride_z,
-                     WIDTH: tl.constexpr, BLOCK: tl.constexpr, PAGED: tl.constexpr,
-                     USERS: tl.constexpr, ZERO: tl.constexpr):
+def _silu_qkv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    offsets_ptr,
+    cand_ptr,
+    page_ptr,
+    slot_ptr,
+    pool_ptr,
+    zero_ptr,
+    num_users,
+    stride_qr,
+    stride_kr,
+    stride_vr,
+    stride_pp,
+    stride_pkv,
+    stride_ps,
+    stride_z,
+    WIDTH: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PAGED: tl.constexpr,
+    USERS: tl.constexpr,
+    ZERO: tl.constexpr,
+):
     """One row: q (and k, v) replaced by their SiLU in place. Paged: a history row's post-SiLU
     k, v go to its (page, slot) instead (the attention reads history keys only from the pages);
     a candidate row's stay in place for the attention's self term. ZERO: also clear the row of
@@ -81,8 +125,11 @@ def _silu_qkv_kernel(q_ptr, k_ptr, v_ptr, offsets_ptr, cand_ptr, page_ptr, slot_
         b = tl.sum((live & (ends <= row)).to(tl.int32), axis=0)
         owned = b < num_users
         start = tl.load(offsets_ptr + b, mask=owned, other=0)
-        n_hist = (tl.load(offsets_ptr + b + 1, mask=owned, other=0) - start
-                  - tl.load(cand_ptr + b, mask=owned, other=0))
+        n_hist = (
+            tl.load(offsets_ptr + b + 1, mask=owned, other=0)
+            - start
+            - tl.load(cand_ptr + b, mask=owned, other=0)
+        )
         history = owned & (row - start < n_hist)
         cands = tl.load(cand_ptr + users, mask=live, other=0)
         i = row - tl.sum(tl.where(users < b, cands, 0), axis=0)
@@ -98,8 +145,14 @@ def _silu_qkv_kernel(q_ptr, k_ptr, v_ptr, offsets_ptr, cand_ptr, page_ptr, slot_
     tl.store(v_ptr + row * stride_vr + cols, v, mask=keep)
 
 
-def silu_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch,
-             pool_layer: torch.Tensor = None, zero: torch.Tensor = None) -> None:
+def silu_qkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch,
+    pool_layer: torch.Tensor = None,
+    zero: torch.Tensor = None,
+) -> None:
     """q, k, v [rows, H, D] raw projections (row-strided views): SiLU in place, in one kernel.
     With the cache (batch.pages, pool_layer [P, 2, page_size, H, D]) the new history rows' K/V
     are appended post-SiLU instead (history rows' k, v themselves are then left raw: nothing
@@ -124,12 +177,29 @@ def silu_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch,
     if zero is not None:
         assert zero.dtype == torch.float32 and zero.is_contiguous() and zero.shape == q.shape
     users = batch.batch_size
-    _silu_qkv_kernel[(rows,)](q, k, v, batch.offsets, batch.num_candidates, page, slot, pool,
-                              q if zero is None else zero, users, q.stride(0), k.stride(0),
-                              v.stride(0), *pstrides, width,
-                              WIDTH=width, BLOCK=triton.next_power_of_2(width), PAGED=paged,
-                              USERS=max(16, triton.next_power_of_2(users)),
-                              ZERO=zero is not None, num_warps=4 if width <= 2048 else 8)
+    _silu_qkv_kernel[(rows,)](
+        q,
+        k,
+        v,
+        batch.offsets,
+        batch.num_candidates,
+        page,
+        slot,
+        pool,
+        q if zero is None else zero,
+        users,
+        q.stride(0),
+        k.stride(0),
+        v.stride(0),
+        *pstrides,
+        width,
+        WIDTH=width,
+        BLOCK=triton.next_power_of_2(width),
+        PAGED=paged,
+        USERS=max(16, triton.next_power_of_2(users)),
+        ZERO=zero is not None,
+        num_warps=4 if width <= 2048 else 8,
+    )
 
 
 @triton.jit
@@ -157,8 +227,19 @@ def _store_row(out_ptr, scale_ptr, row, stride_o, cols, y, mask, FP8: tl.constex
 
 
 @triton.jit
-def _layernorm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, scale_ptr, stride_x, stride_o, eps,
-                      WIDTH: tl.constexpr, BLOCK: tl.constexpr, FP8: tl.constexpr):
+def _layernorm_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    scale_ptr,
+    stride_x,
+    stride_o,
+    eps,
+    WIDTH: tl.constexpr,
+    BLOCK: tl.constexpr,
+    FP8: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < WIDTH
@@ -175,8 +256,10 @@ def _layernorm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, scale_ptr, stride_x, stride_
 def _fp8_out(rows: int, width: int, device):
     from hstu_exp.ops.fp8 import E4M3
 
-    return (torch.empty(rows, width, dtype=E4M3, device=device),
-            torch.empty(rows, 1, dtype=torch.float32, device=device))
+    return (
+        torch.empty(rows, width, dtype=E4M3, device=device),
+        torch.empty(rows, 1, dtype=torch.float32, device=device),
+    )
 
 
 def layernorm(x: torch.Tensor, weight, bias, eps: float, fp8: bool = False):
@@ -190,16 +273,40 @@ def layernorm(x: torch.Tensor, weight, bias, eps: float, fp8: bool = False):
     else:
         out = scale = torch.empty(rows, width, dtype=x.dtype, device=x.device)
     if rows:
-        _layernorm_kernel[(rows,)](x, weight, bias, out, scale, x.stride(0), out.stride(0), eps,
-                                   WIDTH=width, BLOCK=triton.next_power_of_2(width), FP8=fp8,
-                                   num_warps=4 if width <= 2048 else 8)
+        _layernorm_kernel[(rows,)](
+            x,
+            weight,
+            bias,
+            out,
+            scale,
+            x.stride(0),
+            out.stride(0),
+            eps,
+            WIDTH=width,
+            BLOCK=triton.next_power_of_2(width),
+            FP8=fp8,
+            num_warps=4 if width <= 2048 else 8,
+        )
     return (out, scale) if fp8 else out
 
 
 @triton.jit
-def _ln_mul_kernel(a_ptr, u_ptr, w_ptr, b_ptr, out_ptr, scale_ptr, stride_a, stride_u, stride_o,
-                   eps, WIDTH: tl.constexpr, BLOCK: tl.constexpr, SILU_U: tl.constexpr,
-                   FP8: tl.constexpr):
+def _ln_mul_kernel(
+    a_ptr,
+    u_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    scale_ptr,
+    stride_a,
+    stride_u,
+    stride_o,
+    eps,
+    WIDTH: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SILU_U: tl.constexpr,
+    FP8: tl.constexpr,
+):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < WIDTH
@@ -217,8 +324,9 @@ def _ln_mul_kernel(a_ptr, u_ptr, w_ptr, b_ptr, out_ptr, scale_ptr, stride_a, str
     _store_row(out_ptr, scale_ptr, row, stride_o, cols, u * (y * w + b), mask, FP8)
 
 
-def layernorm_mul(a: torch.Tensor, u: torch.Tensor, weight, bias, eps: float,
-                  silu_u: bool = False, fp8: bool = False):
+def layernorm_mul(
+    a: torch.Tensor, u: torch.Tensor, weight, bias, eps: float, silu_u: bool = False, fp8: bool = False
+):
     """u * LayerNorm(a) over the last dim; a, u [rows, width] (row-strided views are fine).
     silu_u: u is the raw projection, SiLU(u) is used. fp8: (e4m3 rows, row scales) instead."""
     rows, width = a.shape
@@ -227,15 +335,29 @@ def layernorm_mul(a: torch.Tensor, u: torch.Tensor, weight, bias, eps: float,
     else:
         out = scale = torch.empty(rows, width, dtype=u.dtype, device=u.device)
     if rows:
-        _ln_mul_kernel[(rows,)](a, u, weight, bias, out, scale, a.stride(0), u.stride(0),
-                                out.stride(0), eps, WIDTH=width,
-                                BLOCK=triton.next_power_of_2(width), SILU_U=silu_u, FP8=fp8,
-                                num_warps=4 if width <= 2048 else 8)
+        _ln_mul_kernel[(rows,)](
+            a,
+            u,
+            weight,
+            bias,
+            out,
+            scale,
+            a.stride(0),
+            u.stride(0),
+            out.stride(0),
+            eps,
+            WIDTH=width,
+            BLOCK=triton.next_power_of_2(width),
+            SILU_U=silu_u,
+            FP8=fp8,
+            num_warps=4 if width <= 2048 else 8,
+        )
     return (out, scale) if fp8 else out
 
 
-def layernorm_mul_linear_add(a, u, norm_w, norm_b, w, x, eps: float, silu_u: bool = False,
-                             in_place: bool = False):
+def layernorm_mul_linear_add(
+    a, u, norm_w, norm_b, w, x, eps: float, silu_u: bool = False, in_place: bool = False
+):
     """x + (u * LayerNorm(a)) w^T: the row-wise kernel (a may be float32 split-K sums), then a
     cuBLAS GEMM with the residual as its C input. silu_u: u is raw, SiLU(u) is used.
     in_place: the sum goes into x itself (an out-of-place addmm first copies x into the result:

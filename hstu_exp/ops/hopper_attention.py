@@ -24,6 +24,7 @@ protocol), masks only blocks that straddle its rows' causal edge or hold candida
 V rows past the user's keys on the last block (rows a box reads past them may be dead padding
 holding NaN; 0 x NaN is NaN). Split programs add float32 partials with atomics.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,8 +34,13 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
-                                                             warpgroup_mma, warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 # Names that moved between Triton 3.6 (the GPU box) and 3.9: a TMA load into shared memory, and
@@ -55,9 +61,20 @@ GROUP = 8
 
 
 @gluon.jit
-def _schedule(offsets, num_cand, cached_len, num_users, num_heads, m_blocks, splits, chunk,
-              BLOCK_N: gl.constexpr, GROUP: gl.constexpr, PAGED: gl.constexpr,
-              SPLIT: gl.constexpr):
+def _schedule(
+    offsets,
+    num_cand,
+    cached_len,
+    num_users,
+    num_heads,
+    m_blocks,
+    splits,
+    chunk,
+    BLOCK_N: gl.constexpr,
+    GROUP: gl.constexpr,
+    PAGED: gl.constexpr,
+    SPLIT: gl.constexpr,
+):
     """The program's user, head, split, rows and key-block list: `n_a` blocks of the key sequence
     from block `lo_a` (full mode: the user's rows; paged: the pages, cached prefix + new history),
     then the diagonal blocks from `jd0` of its candidate rows (rows of q, k, v; split 0 only).
@@ -99,8 +116,11 @@ def _schedule(offsets, num_cand, cached_len, num_users, num_heads, m_blocks, spl
         jd0 = gl.maximum(m0, n_hist) // BLOCK_N
     else:  # past the history blocks (a block straddling n_hist already holds some)
         jd0 = gl.maximum(a_blocks, m0 // BLOCK_N)
-    n_b = gl.where(has_cand & (split == 0),
-                   gl.maximum(gl.cdiv(gl.minimum(seq_len, m0 + BLOCK_M), BLOCK_N) - jd0, 0), 0)
+    n_b = gl.where(
+        has_cand & (split == 0),
+        gl.maximum(gl.cdiv(gl.minimum(seq_len, m0 + BLOCK_M), BLOCK_N) - jd0, 0),
+        0,
+    )
     total = n_a + n_b
     if (b >= num_users) | (m0 >= seq_len):
         total = 0
@@ -108,29 +128,81 @@ def _schedule(offsets, num_cand, cached_len, num_users, num_heads, m_blocks, spl
 
 
 @gluon.jit
-def _load_pages(desc, bar, buf, page_ids, page_base, n0, kv_len, page_rows, extra_rows, col,
-                BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr):
+def _load_pages(
+    desc,
+    bar,
+    buf,
+    page_ids,
+    page_base,
+    n0,
+    kv_len,
+    page_rows,
+    extra_rows,
+    col,
+    BLOCK_N: gl.constexpr,
+    PAGE_SIZE: gl.constexpr,
+):
     """Key block n0 of a user's pages into buf: one box a page (or the block's part of one).
     Boxes past the user's last key read its first page (V is zeroed there)."""
     BOX: gl.constexpr = PAGE_SIZE if PAGE_SIZE < BLOCK_N else BLOCK_N
     for i in gl.static_range(BLOCK_N // BOX):
         pos = n0 + i * BOX
         page = gl.load(page_ids + page_base + gl.where(pos < kv_len, pos // PAGE_SIZE, 0))
-        _tma_load(desc, [page * page_rows + pos % PAGE_SIZE + extra_rows, col], bar,
-                  buf.slice(i * BOX, BOX))
+        _tma_load(
+            desc, [page * page_rows + pos % PAGE_SIZE + extra_rows, col], bar, buf.slice(i * BOX, BOX)
+        )
 
 
 @gluon.jit
-def _load_partition(qd, kd, vd, kpd, vpd, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty,
-                    v_ready, v_empty, offsets, num_cand, cached_len, page_indptr, page_ids,
-                    page_rows, v_rows, num_users, num_heads, m_blocks, splits, chunk,
-                    HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, GROUP: gl.constexpr,
-                    PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, SPLIT: gl.constexpr):
+def _load_partition(
+    qd,
+    kd,
+    vd,
+    kpd,
+    vpd,
+    q_smem,
+    k_smem,
+    v_smem,
+    q_bar,
+    k_ready,
+    k_empty,
+    v_ready,
+    v_empty,
+    offsets,
+    num_cand,
+    cached_len,
+    page_indptr,
+    page_ids,
+    page_rows,
+    v_rows,
+    num_users,
+    num_heads,
+    m_blocks,
+    splits,
+    chunk,
+    HEAD_DIM: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    GROUP: gl.constexpr,
+    PAGED: gl.constexpr,
+    PAGE_SIZE: gl.constexpr,
+    SPLIT: gl.constexpr,
+):
     K_STAGES: gl.constexpr = k_smem.type.shape[0]
     V_STAGES: gl.constexpr = v_smem.type.shape[0]
     _, b, h, row0, seq_len, n_hist, first, kv_len, m0, lo_a, n_a, jd0, total = _schedule(
-        offsets, num_cand, cached_len, num_users, num_heads, m_blocks, splits, chunk, BLOCK_N,
-        GROUP, PAGED, SPLIT)
+        offsets,
+        num_cand,
+        cached_len,
+        num_users,
+        num_heads,
+        m_blocks,
+        splits,
+        chunk,
+        BLOCK_N,
+        GROUP,
+        PAGED,
+        SPLIT,
+    )
     col = h * HEAD_DIM
     page_base = 0
     if PAGED:
@@ -149,12 +221,36 @@ def _load_partition(qd, kd, vd, kpd, vpd, q_smem, k_smem, v_smem, q_bar, k_ready
         mbarrier.wait(k_empty.index(sk), ((t // K_STAGES) & 1) ^ 1)  # fresh barriers pass phase 1
         mbarrier.expect(k_ready.index(sk), kd.block_type.nbytes)
         if PAGED & from_pages:  # page-id loads sit here, off the consumers' path
-            _load_pages(kpd, k_ready.index(sk), k_buf, page_ids, page_base, n0, kv_len, page_rows,
-                        0, col, BLOCK_N, PAGE_SIZE)
+            _load_pages(
+                kpd,
+                k_ready.index(sk),
+                k_buf,
+                page_ids,
+                page_base,
+                n0,
+                kv_len,
+                page_rows,
+                0,
+                col,
+                BLOCK_N,
+                PAGE_SIZE,
+            )
             mbarrier.wait(v_empty.index(sv), ((t // V_STAGES) & 1) ^ 1)
             mbarrier.expect(v_ready.index(sv), vd.block_type.nbytes)
-            _load_pages(vpd, v_ready.index(sv), v_buf, page_ids, page_base, n0, kv_len, page_rows,
-                        v_rows, col, BLOCK_N, PAGE_SIZE)
+            _load_pages(
+                vpd,
+                v_ready.index(sv),
+                v_buf,
+                page_ids,
+                page_base,
+                n0,
+                kv_len,
+                page_rows,
+                v_rows,
+                col,
+                BLOCK_N,
+                PAGE_SIZE,
+            )
         else:
             _tma_load(kd, [row0 + n0, col], k_ready.index(sk), k_buf)
             mbarrier.wait(v_empty.index(sv), ((t // V_STAGES) & 1) ^ 1)
@@ -166,28 +262,67 @@ def _load_partition(qd, kd, vd, kpd, vpd, q_smem, k_smem, v_smem, q_bar, k_ready
 def _silu_fast(s, half_alpha):
     # x sigmoid(x) = u + u tanh(u), u = x / 2: one MUFU op a score (as in triton_attention._silu)
     u = s * half_alpha
-    th = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=gl.float32,
-                                   is_pure=True, pack=1)
+    th = gl.inline_asm_elementwise(
+        "tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=gl.float32, is_pure=True, pack=1
+    )
     return u + u * th
 
 
 @gluon.jit
-def _consumer(HALF_ID: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
-              v_empty, Out, stride_or, stride_oh, offsets, num_cand, cached_len, num_users,
-              num_heads, m_blocks, splits, chunk, num_rows, alpha, inv_n,
-              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, GROUP: gl.constexpr,
-              PAGED: gl.constexpr, SPLIT: gl.constexpr):
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+def _consumer(
+    HALF_ID: gl.constexpr,
+    q_smem,
+    k_smem,
+    v_smem,
+    q_bar,
+    k_ready,
+    k_empty,
+    v_ready,
+    v_empty,
+    Out,
+    stride_or,
+    stride_oh,
+    offsets,
+    num_cand,
+    cached_len,
+    num_users,
+    num_heads,
+    m_blocks,
+    splits,
+    chunk,
+    num_rows,
+    alpha,
+    inv_n,
+    HEAD_DIM: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    GROUP: gl.constexpr,
+    PAGED: gl.constexpr,
+    SPLIT: gl.constexpr,
+):
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     v_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     K_STAGES: gl.constexpr = k_smem.type.shape[0]
     V_STAGES: gl.constexpr = v_smem.type.shape[0]
     pid_m, b, h, row0, seq_len, n_hist, first, kv_len, m0, lo_a, n_a, jd0, total = _schedule(
-        offsets, num_cand, cached_len, num_users, num_heads, m_blocks, splits, chunk, BLOCK_N,
-        GROUP, PAGED, SPLIT)
+        offsets,
+        num_cand,
+        cached_len,
+        num_users,
+        num_heads,
+        m_blocks,
+        splits,
+        chunk,
+        BLOCK_N,
+        GROUP,
+        PAGED,
+        SPLIT,
+    )
     r0 = m0 + HALF_ID * HALF
     out_ty = Out.dtype.element_ty
     rows_o = gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
@@ -199,11 +334,13 @@ def _consumer(HALF_ID: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_ready, k_e
             # the caller's zeroed float32 buffer already holds zeros there).
             start = gl.load(offsets + num_users)
             zero = gl.zeros([HALF, HEAD_DIM], out_ty, o_layout)
-            for r in range(start + pid_m * BLOCK_M + HALF_ID * HALF, num_rows,
-                           m_blocks * BLOCK_M):
+            for r in range(start + pid_m * BLOCK_M + HALF_ID * HALF, num_rows, m_blocks * BLOCK_M):
                 rows = (r + rows_o).to(gl.int64)
-                gl.store(Out + rows[:, None] * stride_or + h * stride_oh + cols_o[None, :], zero,
-                         mask=(rows < num_rows)[:, None])
+                gl.store(
+                    Out + rows[:, None] * stride_or + h * stride_oh + cols_o[None, :],
+                    zero,
+                    mask=(rows < num_rows)[:, None],
+                )
 
     rows_s = r0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
     keys_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -238,7 +375,7 @@ def _consumer(HALF_ID: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_ready, k_e
         mbarrier.wait(k_ready.index(sk), (t // K_STAGES) & 1)
         if sees:
             s = warpgroup_mma(q, k_buf.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(0, deps=(s, ))
+            s = warpgroup_mma_wait(0, deps=(s,))
             mbarrier.arrive(k_empty.index(sk))
             p = _silu_fast(s, half_alpha)
             if (t >= n_a) | (n0 + BLOCK_N > clear_edge):
@@ -246,7 +383,7 @@ def _consumer(HALF_ID: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_ready, k_e
                 rows = rows_s[:, None]
                 is_own = (keys == rows) & (rows >= n_hist)
                 if from_seq:
-                    visible = ((keys < kv_len) & ((rows >= n_hist) | (keys <= first + rows)))
+                    visible = (keys < kv_len) & ((rows >= n_hist) | (keys <= first + rows))
                     if not PAGED:
                         visible = visible | is_own
                 else:
@@ -266,7 +403,7 @@ def _consumer(HALF_ID: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_ready, k_e
                 fence_async_shared()
                 _sync_warps()
             acc = warpgroup_mma(p, v_buf, acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            acc = warpgroup_mma_wait(0, deps=(acc,))
             mbarrier.arrive(v_empty.index(sv))
         else:
             mbarrier.arrive(k_empty.index(sk))
@@ -283,11 +420,39 @@ def _consumer(HALF_ID: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_ready, k_e
 
 
 @gluon.jit
-def _hopper_fwd(qd, kd, vd, kpd, vpd, Out, offsets, num_cand, cached_len, page_indptr, page_ids,
-                stride_or, stride_oh, page_rows, v_rows, num_users, num_heads, m_blocks, splits,
-                chunk, num_rows, alpha, inv_n, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, GROUP: gl.constexpr,
-                PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, SPLIT: gl.constexpr):
+def _hopper_fwd(
+    qd,
+    kd,
+    vd,
+    kpd,
+    vpd,
+    Out,
+    offsets,
+    num_cand,
+    cached_len,
+    page_indptr,
+    page_ids,
+    stride_or,
+    stride_oh,
+    page_rows,
+    v_rows,
+    num_users,
+    num_heads,
+    m_blocks,
+    splits,
+    chunk,
+    num_rows,
+    alpha,
+    inv_n,
+    HEAD_DIM: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    K_STAGES: gl.constexpr,
+    V_STAGES: gl.constexpr,
+    GROUP: gl.constexpr,
+    PAGED: gl.constexpr,
+    PAGE_SIZE: gl.constexpr,
+    SPLIT: gl.constexpr,
+):
     dtype: gl.constexpr = qd.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], qd.layout)
     k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, HEAD_DIM], kd.layout)
@@ -305,30 +470,131 @@ def _hopper_fwd(qd, kd, vd, kpd, vpd, Out, offsets, num_cand, cached_len, page_i
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(v_empty.index(i), count=2)
 
-    gl.warp_specialize([
-        (_consumer, (0, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out,
-                     stride_or, stride_oh, offsets, num_cand, cached_len, num_users, num_heads,
-                     m_blocks, splits, chunk, num_rows, alpha, inv_n, HEAD_DIM, BLOCK_N, GROUP,
-                     PAGED, SPLIT)),
-        (_consumer, (1, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out,
-                     stride_or, stride_oh, offsets, num_cand, cached_len, num_users, num_heads,
-                     m_blocks, splits, chunk, num_rows, alpha, inv_n, HEAD_DIM, BLOCK_N, GROUP,
-                     PAGED, SPLIT)),
-        (_load_partition, (qd, kd, vd, kpd, vpd, q_smem, k_smem, v_smem, q_bar, k_ready,
-                           k_empty, v_ready, v_empty, offsets, num_cand, cached_len, page_indptr,
-                           page_ids, page_rows, v_rows, num_users, num_heads, m_blocks, splits,
-                           chunk, HEAD_DIM, BLOCK_N, GROUP, PAGED, PAGE_SIZE, SPLIT)),
-    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    gl.warp_specialize(
+        [
+            (
+                _consumer,
+                (
+                    0,
+                    q_smem,
+                    k_smem,
+                    v_smem,
+                    q_bar,
+                    k_ready,
+                    k_empty,
+                    v_ready,
+                    v_empty,
+                    Out,
+                    stride_or,
+                    stride_oh,
+                    offsets,
+                    num_cand,
+                    cached_len,
+                    num_users,
+                    num_heads,
+                    m_blocks,
+                    splits,
+                    chunk,
+                    num_rows,
+                    alpha,
+                    inv_n,
+                    HEAD_DIM,
+                    BLOCK_N,
+                    GROUP,
+                    PAGED,
+                    SPLIT,
+                ),
+            ),
+            (
+                _consumer,
+                (
+                    1,
+                    q_smem,
+                    k_smem,
+                    v_smem,
+                    q_bar,
+                    k_ready,
+                    k_empty,
+                    v_ready,
+                    v_empty,
+                    Out,
+                    stride_or,
+                    stride_oh,
+                    offsets,
+                    num_cand,
+                    cached_len,
+                    num_users,
+                    num_heads,
+                    m_blocks,
+                    splits,
+                    chunk,
+                    num_rows,
+                    alpha,
+                    inv_n,
+                    HEAD_DIM,
+                    BLOCK_N,
+                    GROUP,
+                    PAGED,
+                    SPLIT,
+                ),
+            ),
+            (
+                _load_partition,
+                (
+                    qd,
+                    kd,
+                    vd,
+                    kpd,
+                    vpd,
+                    q_smem,
+                    k_smem,
+                    v_smem,
+                    q_bar,
+                    k_ready,
+                    k_empty,
+                    v_ready,
+                    v_empty,
+                    offsets,
+                    num_cand,
+                    cached_len,
+                    page_indptr,
+                    page_ids,
+                    page_rows,
+                    v_rows,
+                    num_users,
+                    num_heads,
+                    m_blocks,
+                    splits,
+                    chunk,
+                    HEAD_DIM,
+                    BLOCK_N,
+                    GROUP,
+                    PAGED,
+                    PAGE_SIZE,
+                    SPLIT,
+                ),
+            ),
+        ],
+        [4, 1],
+        [CONSUMER_REGS, PRODUCER_REGS],
+    )
 
 
 def supported(t: torch.Tensor) -> bool:
     """Whether this kernel can read t ([rows, H, D]): bf16/fp16 on an sm_90 GPU, D in {64, 128,
     256}, heads packed so a TMA descriptor covers it as [rows, H*D] (16-byte aligned)."""
     D = t.shape[-1]
-    return (t.is_cuda and t.dim() == 3 and t.dtype in (torch.bfloat16, torch.float16)
-            and D in (64, 128, 256) and _capability(t.device.index or 0) == 9
-            and t.stride(2) == 1 and t.stride(1) == D
-            and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
+    return (
+        t.is_cuda
+        and t.dim() == 3
+        and t.dtype in (torch.bfloat16, torch.float16)
+        and D in (64, 128, 256)
+        and _capability(t.device.index or 0) == 9
+        and t.stride(2) == 1
+        and t.stride(1) == D
+        and (t.stride(0) * t.element_size()) % 16 == 0
+        and t.data_ptr() % 16 == 0
+    )
 
 
 def pool_rows(k_pages: torch.Tensor, v_pages: torch.Tensor):
@@ -339,9 +605,17 @@ def pool_rows(k_pages: torch.Tensor, v_pages: torch.Tensor):
     row = k_pages.stride(1)
     el = k_pages.element_size()
     gap = v_pages.data_ptr() - k_pages.data_ptr()
-    if not (supported(k_pages[0]) and v_pages.dtype == k_pages.dtype and row == H * D
-            and k_pages.stride() == v_pages.stride() and k_pages.stride(0) % row == 0
-            and gap >= 0 and gap % (row * el) == 0 and page >= 8 and page & (page - 1) == 0):
+    if not (
+        supported(k_pages[0])
+        and v_pages.dtype == k_pages.dtype
+        and row == H * D
+        and k_pages.stride() == v_pages.stride()
+        and k_pages.stride(0) % row == 0
+        and gap >= 0
+        and gap % (row * el) == 0
+        and page >= 8
+        and page & (page - 1) == 0
+    ):
         return None
     page_rows, v_rows = k_pages.stride(0) // row, gap // (row * el)
     n = (P - 1) * page_rows + page + v_rows
@@ -355,14 +629,28 @@ def _capability(index: int) -> int:
 
 def _desc(t: torch.Tensor, rows: int, head_dim: int) -> TensorDescriptor:
     layout = gl.NVMMASharedLayout.get_default_for(
-        [rows, head_dim], gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16)
-    return TensorDescriptor.from_tensor(t.flatten(1) if t.dim() == 3 else t, [rows, head_dim],
-                                        layout)
+        [rows, head_dim], gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    )
+    return TensorDescriptor.from_tensor(t.flatten(1) if t.dim() == 3 else t, [rows, head_dim], layout)
 
 
-def launch(q, k, v, out, batch, *, alpha: float, inv_n: float, pages=None, chunk: int = 0,
-           splits: int = 1, block_n: int = 64, k_stages: int = 2, v_stages: int = 2,
-           group: Optional[int] = None):
+def launch(
+    q,
+    k,
+    v,
+    out,
+    batch,
+    *,
+    alpha: float,
+    inv_n: float,
+    pages=None,
+    chunk: int = 0,
+    splits: int = 1,
+    block_n: int = 64,
+    k_stages: int = 2,
+    v_stages: int = 2,
+    group: Optional[int] = None,
+):
     """q, k, v [rows, H, D] jagged by batch.offsets into out (any row / head strides; float32
     and zeroed when split). pages: None (full mode) or (k_pages, v_pages) read through
     batch.pages. chunk: key blocks a split takes (0: no split), splits: how many. The grid
@@ -388,8 +676,37 @@ def launch(q, k, v, out, batch, *, alpha: float, inv_n: float, pages=None, chunk
     users = B + (0 if chunk else 1)  # unsplit: one more "user" whose programs zero dead rows
     grid = (m_blocks * users * H * splits,)
     return _hopper_fwd[grid](
-        qd, kd, vd, kpd, vpd, out, batch.offsets, batch.num_candidates, cached, indptr, ids,
-        out.stride(0), out.stride(1), page_rows, v_rows, B, H, m_blocks, splits, chunk, rows,
-        float(alpha), float(inv_n), HEAD_DIM=D, BLOCK_N=block_n, K_STAGES=k_stages,
-        V_STAGES=v_stages, GROUP=group, PAGED=pages is not None, PAGE_SIZE=page_size,
-        SPLIT=bool(chunk), num_warps=4, maxnreg=MAXNREG)
+        qd,
+        kd,
+        vd,
+        kpd,
+        vpd,
+        out,
+        batch.offsets,
+        batch.num_candidates,
+        cached,
+        indptr,
+        ids,
+        out.stride(0),
+        out.stride(1),
+        page_rows,
+        v_rows,
+        B,
+        H,
+        m_blocks,
+        splits,
+        chunk,
+        rows,
+        float(alpha),
+        float(inv_n),
+        HEAD_DIM=D,
+        BLOCK_N=block_n,
+        K_STAGES=k_stages,
+        V_STAGES=v_stages,
+        GROUP=group,
+        PAGED=pages is not None,
+        PAGE_SIZE=page_size,
+        SPLIT=bool(chunk),
+        num_warps=4,
+        maxnreg=MAXNREG,
+    )

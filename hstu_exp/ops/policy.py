@@ -3,6 +3,7 @@ group) through the builders into `ops.kernels`, instead of module globals a test
 flips. Two points with equal policies share one tuned table; points with different policies
 never see each other's choices, so a sweep over these knobs gives the same choices in any order.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext

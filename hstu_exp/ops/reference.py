@@ -6,6 +6,7 @@ History query at absolute position p sees history keys 0..p; a candidate sees ev
 and itself (the self term is added separately, so candidates never touch each other).
 All index work stays on the device: given the host-side max lengths, this is graph-capturable.
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,7 +46,8 @@ def _masked_core(q, k, v, q_pos, q_is_cand, kv_len, alpha: float, inv_n: float):
     s = F.silu(s * alpha) * inv_n
     kpos = torch.arange(k.shape[1], device=q.device)
     visible = (kpos[None, None, :] < kv_len[:, None, None]) & (
-        q_is_cand[:, :, None] | (kpos[None, None, :] <= q_pos[:, :, None]))
+        q_is_cand[:, :, None] | (kpos[None, None, :] <= q_pos[:, :, None])
+    )
     s = s * visible[:, None].to(s.dtype)
     return torch.einsum("bhqk,bkhd->bqhd", s, v)
 
@@ -81,13 +83,15 @@ def attention_full(q, k, v, batch: Batch, *, alpha: float, inv_n: float) -> torc
     history = (lengths - batch.num_candidates).long()
     q_pos = torch.arange(batch.max_len, device=q.device)[None, :].expand(lengths.numel(), -1)
     q_is_cand = q_pos >= history[:, None]
-    out = _to_rows(_masked_core(qd, kd, vd, q_pos, q_is_cand, history, alpha, inv_n),
-                   batch.offsets, rows)
+    out = _to_rows(
+        _masked_core(qd, kd, vd, q_pos, q_is_cand, history, alpha, inv_n), batch.offsets, rows
+    )
     return _add_candidate_self(out, q, k, v, _candidate_rows(batch, rows), alpha, inv_n)
 
 
-def attention_paged(q, k, v, batch: Batch, k_pages, v_pages, *, alpha: float,
-                    inv_n: float) -> torch.Tensor:
+def attention_paged(
+    q, k, v, batch: Batch, k_pages, v_pages, *, alpha: float, inv_n: float
+) -> torch.Tensor:
     """Queries = new rows; keys = the user's pages (new history already appended) + self."""
     pt = batch.pages
     rows = q.shape[0]
@@ -100,6 +104,9 @@ def attention_paged(q, k, v, batch: Batch, k_pages, v_pages, *, alpha: float,
     i = torch.arange(batch.max_len, device=q.device)[None, :]
     q_pos = pt.cached_lengths.long()[:, None] + i
     q_is_cand = i >= new_history[:, None]
-    out = _to_rows(_masked_core(qd, kd.to(q.dtype), vd.to(q.dtype), q_pos, q_is_cand, kv_len,
-                                alpha, inv_n), batch.offsets, rows)
+    out = _to_rows(
+        _masked_core(qd, kd.to(q.dtype), vd.to(q.dtype), q_pos, q_is_cand, kv_len, alpha, inv_n),
+        batch.offsets,
+        rows,
+    )
     return _add_candidate_self(out, q, k, v, _candidate_rows(batch, rows), alpha, inv_n)

@@ -26,6 +26,7 @@ What to launch is decided by a `KernelPolicy` (ops/policy.py) and remembered by 
 object: its tuned table and its last launch. Nothing here is module state, so two policies in
 one process never see each other's choices.
 """
+
 from __future__ import annotations
 
 import functools
@@ -68,9 +69,13 @@ class Config:
 #   D=64:  not measured; the D=128 shape with 4 warps.
 CONFIGS = {
     (paged, dim, long): cfg
-    for paged in (False, True) for long in (False, True)
-    for dim, cfg in ((64, Config(128, 64, 4, 3)), (128, Config(128, 64, 8, 3)),
-                     (256, Config(128, 64, 8, 2)))
+    for paged in (False, True)
+    for long in (False, True)
+    for dim, cfg in (
+        (64, Config(128, 64, 4, 3)),
+        (128, Config(128, 64, 8, 3)),
+        (256, Config(128, 64, 8, 2)),
+    )
 }
 INTERPRETER_CONFIG = Config(16, 16, 4, 1)  # CPU interpreter: small tiles keep numpy cheap
 
@@ -131,12 +136,17 @@ def program_work(m_blocks: int, kv_blocks: int, rows_per_key_block: float) -> li
     """Key blocks each query block visits, for users of the longest shape: queries sit at the end
     of the keys (full mode: queries = keys; paged: the new rows after the cached prefix)."""
     first = max(0.0, kv_blocks - m_blocks * rows_per_key_block)
-    return [min(kv_blocks, math.ceil(first + (j + 1) * rows_per_key_block))
-            for j in range(m_blocks)]
+    return [min(kv_blocks, math.ceil(first + (j + 1) * rows_per_key_block)) for j in range(m_blocks)]
 
 
-def split_chunk(m_blocks: int, users_heads: int, kv_blocks: int, rows_per_key_block: float,
-                slots: int, split_k: Optional[int]) -> int:
+def split_chunk(
+    m_blocks: int,
+    users_heads: int,
+    kv_blocks: int,
+    rows_per_key_block: float,
+    slots: int,
+    split_k: Optional[int],
+) -> int:
     """Key blocks per split; 0 means no split. split_k: None = by the rule, 1 = never, n = about
     n splits of the longest key range."""
     if split_k is None:
@@ -144,8 +154,9 @@ def split_chunk(m_blocks: int, users_heads: int, kv_blocks: int, rows_per_key_bl
             return 0
         work = program_work(m_blocks, kv_blocks, rows_per_key_block)
         options = {triton.cdiv(kv_blocks, s) for s in range(2, kv_blocks // MIN_SPLIT_BLOCKS + 1)}
-        best = min([0, *sorted(options, reverse=True)],
-                   key=lambda c: modelled_time(c, work, users_heads, slots))
+        best = min(
+            [0, *sorted(options, reverse=True)], key=lambda c: modelled_time(c, work, users_heads, slots)
+        )
         return best
     if split_k <= 1 or kv_blocks <= 1:
         return 0
@@ -161,8 +172,9 @@ def _silu(s, alpha, FAST: tl.constexpr):
     two scores an op, was no faster.)"""
     if FAST:
         t = s * (0.5 * alpha)
-        th = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [t],
-                                       dtype=tl.float32, is_pure=True, pack=1)
+        th = tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=r,r", [t], dtype=tl.float32, is_pure=True, pack=1
+        )
         return t + t * th
     else:
         x = s * alpha
@@ -170,11 +182,36 @@ def _silu(s, alpha, FAST: tl.constexpr):
 
 
 @triton.jit
-def _load_kv(K, V, KD, VD, KP, VP, page_ids, row0, page_base, n0, offs, kv_len, h, offs_d,
-             stride_kr, stride_kh, stride_vr, stride_vh,
-             stride_kpp, stride_kps, stride_kph, stride_vpp, stride_vps, stride_vph,
-             PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr,
-             USE_TMA: tl.constexpr):
+def _load_kv(
+    K,
+    V,
+    KD,
+    VD,
+    KP,
+    VP,
+    page_ids,
+    row0,
+    page_base,
+    n0,
+    offs,
+    kv_len,
+    h,
+    offs_d,
+    stride_kr,
+    stride_kh,
+    stride_vr,
+    stride_vh,
+    stride_kpp,
+    stride_kps,
+    stride_kph,
+    stride_vpp,
+    stride_vps,
+    stride_vph,
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    MASKED: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
     """K and V tiles [BLOCK_N, D] of history keys `offs` = n0 + [0, BLOCK_N) (positions in the
     user's key sequence). Masked tiles load zeros past kv_len: a garbage V times a zero score
     could still give NaN."""
@@ -208,15 +245,51 @@ def _load_kv(K, V, KD, VD, KP, VP, page_ids, row0, page_base, n0, offs, kv_len, 
 
 
 @triton.jit
-def _hstu_fwd(Q, K, V, QD, KD, VD, Out, KP, VP, offsets, num_cand, page_indptr, page_ids,
-              cached_len,
-              stride_qr, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh,
-              stride_or, stride_oh,
-              stride_kpp, stride_kps, stride_kph, stride_vpp, stride_vps, stride_vph,
-              num_users, num_heads, num_rows, chunk, alpha, inv_n,
-              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-              FAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+def _hstu_fwd(
+    Q,
+    K,
+    V,
+    QD,
+    KD,
+    VD,
+    Out,
+    KP,
+    VP,
+    offsets,
+    num_cand,
+    page_indptr,
+    page_ids,
+    cached_len,
+    stride_qr,
+    stride_qh,
+    stride_kr,
+    stride_kh,
+    stride_vr,
+    stride_vh,
+    stride_or,
+    stride_oh,
+    stride_kpp,
+    stride_kps,
+    stride_kph,
+    stride_vpp,
+    stride_vps,
+    stride_vph,
+    num_users,
+    num_heads,
+    num_rows,
+    chunk,
+    alpha,
+    inv_n,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    FAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
     # Reversed query blocks: the last blocks see the most keys (causal) and hold the candidates,
     # so they start first and the short ones fill in behind them.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -234,8 +307,11 @@ def _hstu_fwd(Q, K, V, QD, KD, VD, Out, KP, VP, offsets, num_cand, page_indptr, 
         zero = tl.zeros([BLOCK_M, HEAD_DIM], dtype=Out.dtype.element_ty)
         for r0 in range(start + pid_m * BLOCK_M, num_rows, tl.num_programs(0) * BLOCK_M):
             rows = (r0 + offs_m).to(tl.int64)
-            tl.store(Out + rows[:, None] * stride_or + h * stride_oh + offs_d[None, :], zero,
-                     mask=rows[:, None] < num_rows)
+            tl.store(
+                Out + rows[:, None] * stride_or + h * stride_oh + offs_d[None, :],
+                zero,
+                mask=rows[:, None] < num_rows,
+            )
         return
 
     row0 = tl.load(offsets + b)
@@ -269,38 +345,98 @@ def _hstu_fwd(Q, K, V, QD, KD, VD, Out, KP, VP, offsets, num_cand, page_indptr, 
     if USE_TMA:  # rows past the user are other users' queries: computed, never stored
         q = QD.load([row0 + m0, h * HEAD_DIM])
     else:
-        q = tl.load(Q + q_rows[:, None] * stride_qr + h * stride_qh + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)
+        q = tl.load(
+            Q + q_rows[:, None] * stride_qr + h * stride_qh + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if self_term:  # candidate rows see their own key: a rowwise dot, never a candidate tile
-        ks = tl.load(K + q_rows[:, None] * stride_kr + h * stride_kh + offs_d[None, :],
-                     mask=row_ok[:, None], other=0.0).to(tl.float32)
-        vs = tl.load(V + q_rows[:, None] * stride_vr + h * stride_vh + offs_d[None, :],
-                     mask=row_ok[:, None], other=0.0).to(tl.float32)
+        ks = tl.load(
+            K + q_rows[:, None] * stride_kr + h * stride_kh + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        ).to(tl.float32)
+        vs = tl.load(
+            V + q_rows[:, None] * stride_vr + h * stride_vh + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        ).to(tl.float32)
         p = _silu(tl.sum(q.to(tl.float32) * ks, axis=1), alpha, False)
         acc = tl.where((row_ok & (i >= n_hist))[:, None], p[:, None] * vs, 0.0)
 
     for n0 in range(lo, tl.minimum(hi, full_end), BLOCK_N):
-        k, v = _load_kv(K, V, KD, VD, KP, VP, page_ids, row0, page_base, n0, n0 + offs_n, kv_len,
-                        h, offs_d,
-                        stride_kr, stride_kh, stride_vr, stride_vh, stride_kpp, stride_kps,
-                        stride_kph, stride_vpp, stride_vps, stride_vph, PAGED, PAGE_SIZE, False,
-                        USE_TMA)
+        k, v = _load_kv(
+            K,
+            V,
+            KD,
+            VD,
+            KP,
+            VP,
+            page_ids,
+            row0,
+            page_base,
+            n0,
+            n0 + offs_n,
+            kv_len,
+            h,
+            offs_d,
+            stride_kr,
+            stride_kh,
+            stride_vr,
+            stride_vh,
+            stride_kpp,
+            stride_kps,
+            stride_kph,
+            stride_vpp,
+            stride_vps,
+            stride_vph,
+            PAGED,
+            PAGE_SIZE,
+            False,
+            USE_TMA,
+        )
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
         p = _silu(s, alpha, FAST)
         acc += tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
     # Blocks on the diagonal / at the kv end: history row i sees key positions <= first + i.
     for n0 in range(tl.maximum(lo, full_end), hi, BLOCK_N):
         offs = n0 + offs_n
-        k, v = _load_kv(K, V, KD, VD, KP, VP, page_ids, row0, page_base, n0, offs, kv_len, h,
-                        offs_d,
-                        stride_kr, stride_kh, stride_vr, stride_vh, stride_kpp, stride_kps,
-                        stride_kph, stride_vpp, stride_vps, stride_vph, PAGED, PAGE_SIZE, True,
-                        USE_TMA)
+        k, v = _load_kv(
+            K,
+            V,
+            KD,
+            VD,
+            KP,
+            VP,
+            page_ids,
+            row0,
+            page_base,
+            n0,
+            offs,
+            kv_len,
+            h,
+            offs_d,
+            stride_kr,
+            stride_kh,
+            stride_vr,
+            stride_vh,
+            stride_kpp,
+            stride_kps,
+            stride_kph,
+            stride_vpp,
+            stride_vps,
+            stride_vph,
+            PAGED,
+            PAGE_SIZE,
+            True,
+            USE_TMA,
+        )
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
         p = _silu(s, alpha, FAST)
         visible = (offs[None, :] < kv_len) & (
-            (i[:, None] >= n_hist) | (offs[None, :] <= first + i[:, None]))
+            (i[:, None] >= n_hist) | (offs[None, :] <= first + i[:, None])
+        )
         p = tl.where(visible, p, 0.0)
         acc += tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
 
@@ -334,8 +470,9 @@ def _plan(cfg, D, B, H, max_len, max_kv, split_k, device_index, paged=True):
     kv_blocks = triton.cdiv(max(max_kv, 1), cfg.block_n)
     if cfg.kernel == "hopper" and not paged:
         return m_blocks, kv_blocks, 0
-    chunk = split_chunk(m_blocks, B * H, kv_blocks, cfg.block_m / cfg.block_n,
-                        resident_slots(cfg, D, sms), split_k)
+    chunk = split_chunk(
+        m_blocks, B * H, kv_blocks, cfg.block_m / cfg.block_n, resident_slots(cfg, D, sms), split_k
+    )
     return m_blocks, kv_blocks, chunk
 
 
@@ -343,14 +480,23 @@ def _plan(cfg, D, B, H, max_len, max_kv, split_k, device_index, paged=True):
 # two) the first call outside a graph capture times every (tile config, split) candidate on the
 # call's own inputs and keeps the fastest; later calls, captures included, reuse it. Candidates:
 # the rule's split, no split, twice and half as many splits, for each tile config of TUNE_CONFIGS.
-TUNE_CONFIGS = {64: [Config(128, 64, 4, 3), Config(64, 64, 4, 3)],
-                128: [Config(128, 64, 8, 3), Config(64, 64, 4, 3)],
-                256: [Config(128, 64, 8, 2), Config(64, 64, 4, 2), Config(64, 32, 4, 3)]}
+TUNE_CONFIGS = {
+    64: [Config(128, 64, 4, 3), Config(64, 64, 4, 3)],
+    128: [Config(128, 64, 8, 3), Config(64, 64, 4, 3)],
+    256: [Config(128, 64, 8, 2), Config(64, 64, 4, 2), Config(64, 32, 4, 3)],
+}
 
 
 def _bucket(paged, B, H, D, dtype, max_len, max_kv):
-    return (paged, B, H, D, str(dtype), triton.next_power_of_2(max(max_len, 1)),
-            triton.next_power_of_2(max(max_kv, 1)))
+    return (
+        paged,
+        B,
+        H,
+        D,
+        str(dtype),
+        triton.next_power_of_2(max(max_len, 1)),
+        triton.next_power_of_2(max(max_kv, 1)),
+    )
 
 
 GRAPH_LAUNCHES = 10
@@ -383,8 +529,7 @@ def _median_ms(fn, timing: str, reps: int = 5) -> float:
     return statistics.median(times)
 
 
-def _tune(run, D, B, H, max_len, max_kv, device_index, paged=True, hopper=False,
-          timing="graph"):
+def _tune(run, D, B, H, max_len, max_kv, device_index, paged=True, hopper=False, timing="graph"):
     """(config, split_k) of the fastest candidate; run(config, split_k) launches one. hopper:
     the Hopper kernel is a candidate too (unsplit in full mode)."""
     bucket = 64 if D <= 64 else 128 if D <= 128 else 256
@@ -407,8 +552,11 @@ def _tune(run, D, B, H, max_len, max_kv, device_index, paged=True, hopper=False,
 def _hopper_ok(paged: bool, *tensors, pages=None) -> bool:
     """Whether the Hopper kernel can run these [rows, H, D] tensors and, in paged mode, these
     (k_pages, v_pages) (unknown pages: judged by the tensors alone)."""
-    return (hopper_attention is not None and all(hopper_attention.supported(t) for t in tensors)
-            and (not paged or pages is None or hopper_attention.pool_rows(*pages) is not None))
+    return (
+        hopper_attention is not None
+        and all(hopper_attention.supported(t) for t in tensors)
+        and (not paged or pages is None or hopper_attention.pool_rows(*pages) is not None)
+    )
 
 
 def _device_index(q) -> int:
@@ -425,30 +573,78 @@ class Attention:
     tuned: dict = field(default_factory=dict)  # shape bucket -> (Config, split_k)
     last_launch: dict = field(default_factory=dict)
 
-    def full(self, q, k, v, batch: Batch, *, alpha: float, inv_n: float,
-             split_k: Optional[int] = None, config: Optional[Config] = None,
-             out: Optional[torch.Tensor] = None, partial_fp32: bool = False,
-             out_zeroed: bool = False) -> torch.Tensor:
+    def full(
+        self,
+        q,
+        k,
+        v,
+        batch: Batch,
+        *,
+        alpha: float,
+        inv_n: float,
+        split_k: Optional[int] = None,
+        config: Optional[Config] = None,
+        out: Optional[torch.Tensor] = None,
+        partial_fp32: bool = False,
+        out_zeroed: bool = False,
+    ) -> torch.Tensor:
         """q, k, v [rows, H, D] jagged by batch.offsets -> [rows, H, D] in q's dtype.
         split_k: None = the policy's (tuned or by rule, unless it forces one), 1 = never,
         n = about n key splits. config: tiles to use (skips tuning). out: optional destination.
         partial_fp32: when split, return the float32 sum buffer as it is (the next op reads
         float32 anyway: saves a cast pass). out_zeroed: out (float32, contiguous) already holds
         zeros, so a split launch needs no memset (a neighbouring kernel cleared it)."""
-        return self._launch(q, k, v, batch, None, None, alpha=alpha, inv_n=inv_n,
-                            split_k=split_k, config=config, out=out,
-                            partial_fp32=partial_fp32, out_zeroed=out_zeroed)
+        return self._launch(
+            q,
+            k,
+            v,
+            batch,
+            None,
+            None,
+            alpha=alpha,
+            inv_n=inv_n,
+            split_k=split_k,
+            config=config,
+            out=out,
+            partial_fp32=partial_fp32,
+            out_zeroed=out_zeroed,
+        )
 
-    def paged(self, q, k, v, batch: Batch, k_pages, v_pages, *, alpha: float, inv_n: float,
-              split_k: Optional[int] = None, config: Optional[Config] = None,
-              out: Optional[torch.Tensor] = None, partial_fp32: bool = False,
-              out_zeroed: bool = False) -> torch.Tensor:
+    def paged(
+        self,
+        q,
+        k,
+        v,
+        batch: Batch,
+        k_pages,
+        v_pages,
+        *,
+        alpha: float,
+        inv_n: float,
+        split_k: Optional[int] = None,
+        config: Optional[Config] = None,
+        out: Optional[torch.Tensor] = None,
+        partial_fp32: bool = False,
+        out_zeroed: bool = False,
+    ) -> torch.Tensor:
         """q, k, v: the new rows ([new history | candidates] per user); history keys come from
         k_pages / v_pages ([P, page_size, H, D] views, any strides) through batch.pages.
         Options as in `full`."""
-        return self._launch(q, k, v, batch, k_pages, v_pages, alpha=alpha, inv_n=inv_n,
-                            split_k=split_k, config=config, out=out,
-                            partial_fp32=partial_fp32, out_zeroed=out_zeroed)
+        return self._launch(
+            q,
+            k,
+            v,
+            batch,
+            k_pages,
+            v_pages,
+            alpha=alpha,
+            inv_n=inv_n,
+            split_k=split_k,
+            config=config,
+            out=out,
+            partial_fp32=partial_fp32,
+            out_zeroed=out_zeroed,
+        )
 
     def will_split(self, q, batch: Batch, paged: bool) -> bool:
         """Whether the launch for these shapes sums key splits into a zeroed float32 buffer (as
@@ -457,25 +653,37 @@ class Attention:
             return False
         cfg, split_k = self._choice(q, batch, paged, None, None)
         max_kv = batch.pages.max_kv_len if paged else batch.max_len
-        return bool(_plan(cfg, q.shape[2], batch.batch_size, q.shape[1], batch.max_len, max_kv,
-                          split_k, _device_index(q), paged)[2])
+        return bool(
+            _plan(
+                cfg,
+                q.shape[2],
+                batch.batch_size,
+                q.shape[1],
+                batch.max_len,
+                max_kv,
+                split_k,
+                _device_index(q),
+                paged,
+            )[2]
+        )
 
     def _tunes(self, q, config, split_k) -> bool:
         """Whether this call takes its tiles and split from the tuner."""
         p = self.policy
-        return p.autotune and config is None and split_k is None and p.split_k is None \
-            and q.is_cuda
+        return p.autotune and config is None and split_k is None and p.split_k is None and q.is_cuda
 
-    def _choice(self, q, batch: Batch, paged: bool, config, split_k, k=None, v=None,
-                k_pages=None, v_pages=None):
+    def _choice(
+        self, q, batch: Batch, paged: bool, config, split_k, k=None, v=None, k_pages=None, v_pages=None
+    ):
         """(tile config, split_k) of a launch without tuning: explicit, tuned for the bucket,
         or the table and rule (split_k None). A Hopper config falls back to the table where
         that kernel cannot run; the table's choice is HOPPER_CONFIG where it can."""
         if self._tunes(q, config, split_k):
             max_kv = batch.pages.max_kv_len if paged else batch.max_len
             rows, H, D = q.shape
-            config, split_k = self.tuned.get(_bucket(paged, batch.batch_size, H, D, q.dtype,
-                                                     batch.max_len, max_kv), (None, None))
+            config, split_k = self.tuned.get(
+                _bucket(paged, batch.batch_size, H, D, q.dtype, batch.max_len, max_kv), (None, None)
+            )
         tensors = [t for t in (q, k, v) if t is not None]
         pages = (k_pages, v_pages) if k_pages is not None else None
         ok = _hopper_ok(paged, *tensors, pages=pages)
@@ -487,14 +695,28 @@ class Attention:
             config = HOPPER_CONFIG  # (its full mode never splits: a forced split keeps this kernel)
         return config or choose_config(q.shape[2], batch.max_len, paged, q.device), split_k
 
-    def _launch(self, q, k, v, batch: Batch, k_pages, v_pages, *, alpha, inv_n, split_k,
-                config, out, partial_fp32=False, out_zeroed=False):
+    def _launch(
+        self,
+        q,
+        k,
+        v,
+        batch: Batch,
+        k_pages,
+        v_pages,
+        *,
+        alpha,
+        inv_n,
+        split_k,
+        config,
+        out,
+        partial_fp32=False,
+        out_zeroed=False,
+    ):
         rows, H, D = q.shape
         if D < 16 or D > 256 or D & (D - 1):
             raise ValueError(f"head dim must be a power of two in [16, 256], got {D}")
         if q.device.type != "cuda" and not _interpreting():
-            raise RuntimeError("Triton attention needs a CUDA device (or TRITON_INTERPRET=1 on "
-                               "CPU)")
+            raise RuntimeError("Triton attention needs a CUDA device (or TRITON_INTERPRET=1 on CPU)")
         q, k, v = _check(q, "q"), _check(k, "k"), _check(v, "v")
         if out is not None:
             _check(out, "out")
@@ -514,40 +736,102 @@ class Attention:
             if key not in self.tuned and not torch.cuda.is_current_stream_capturing():
                 with policy.one_off():
                     self.tuned[key] = _tune(
-                        lambda c, s: self._launch(q, k, v, batch, k_pages, v_pages, alpha=alpha,
-                                                  inv_n=inv_n, split_k=s, config=c, out=out),
-                        D, B, H, batch.max_len, max_kv, device_index, paged,
+                        lambda c, s: self._launch(
+                            q,
+                            k,
+                            v,
+                            batch,
+                            k_pages,
+                            v_pages,
+                            alpha=alpha,
+                            inv_n=inv_n,
+                            split_k=s,
+                            config=c,
+                            out=out,
+                        ),
+                        D,
+                        B,
+                        H,
+                        batch.max_len,
+                        max_kv,
+                        device_index,
+                        paged,
                         policy.hopper and _hopper_ok(paged, q, k, v, pages=(k_pages, v_pages)),
-                        policy.tune_timing)
+                        policy.tune_timing,
+                    )
                 out_zeroed = False  # the candidates summed into it
         cfg, split_k = self._choice(q, batch, paged, config, split_k, k, v, k_pages, v_pages)
-        m_blocks, kv_blocks, chunk = _plan(cfg, D, B, H, batch.max_len, max_kv, split_k,
-                                           device_index, paged)
+        m_blocks, kv_blocks, chunk = _plan(
+            cfg, D, B, H, batch.max_len, max_kv, split_k, device_index, paged
+        )
         splits = triton.cdiv(kv_blocks, chunk) if chunk else 1
         dst = out
         if chunk:  # fp32 partial sums over key chunks; dead rows stay zero
-            dst = out if (out.dtype == torch.float32 and out.is_contiguous()) else \
-                torch.zeros(rows, H, D, dtype=torch.float32, device=q.device)
+            dst = (
+                out
+                if (out.dtype == torch.float32 and out.is_contiguous())
+                else torch.zeros(rows, H, D, dtype=torch.float32, device=q.device)
+            )
             if dst is out and not out_zeroed:
                 dst.zero_()
         last = self.last_launch
         if cfg.kernel == "hopper":
             last["kernel"] = hopper_attention.launch(
-                q, k, v, dst, batch, alpha=alpha, inv_n=inv_n,
-                pages=(k_pages, v_pages) if paged else None, chunk=chunk, splits=splits,
-                block_n=cfg.block_n, k_stages=cfg.num_stages, group=policy.hopper_group)
+                q,
+                k,
+                v,
+                dst,
+                batch,
+                alpha=alpha,
+                inv_n=inv_n,
+                pages=(k_pages, v_pages) if paged else None,
+                chunk=chunk,
+                splits=splits,
+                block_n=cfg.block_n,
+                k_stages=cfg.num_stages,
+                group=policy.hopper_group,
+            )
             last.update(grid=None, config=cfg, splits=splits, tma=True)
         else:
-            _launch_portable(q, k, v, dst, batch, k_pages, v_pages, cfg, m_blocks, chunk, splits,
-                             alpha, inv_n, policy, last)
+            _launch_portable(
+                q,
+                k,
+                v,
+                dst,
+                batch,
+                k_pages,
+                v_pages,
+                cfg,
+                m_blocks,
+                chunk,
+                splits,
+                alpha,
+                inv_n,
+                policy,
+                last,
+            )
         if dst is not out and not partial_fp32:
             out.copy_(dst)
         return dst if partial_fp32 else out
 
 
-def _launch_portable(q, k, v, dst, batch: Batch, k_pages, v_pages, cfg: Config, m_blocks: int,
-                     chunk: int, splits: int, alpha: float, inv_n: float, policy: KernelPolicy,
-                     last: dict):
+def _launch_portable(
+    q,
+    k,
+    v,
+    dst,
+    batch: Batch,
+    k_pages,
+    v_pages,
+    cfg: Config,
+    m_blocks: int,
+    chunk: int,
+    splits: int,
+    alpha: float,
+    inv_n: float,
+    policy: KernelPolicy,
+    last: dict,
+):
     """This file's kernel into dst (float32 and zeroed when split); what ran goes into
     `last`."""
     rows, H, D = q.shape
@@ -573,33 +857,87 @@ def _launch_portable(q, k, v, dst, batch: Batch, k_pages, v_pages, cfg: Config, 
     use_tma = policy.tma and half_gpu and not paged and all(_tma_ok(t) for t in (q, k, v))
     qd, kd, vd = q, k, v  # unused pointers unless use_tma
     if use_tma:
-        qd, kd, vd = (TensorDescriptor.from_tensor(t.flatten(1), [n, D])
-                      for t, n in ((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n)))
+        qd, kd, vd = (
+            TensorDescriptor.from_tensor(t.flatten(1), [n, D])
+            for t, n in ((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n))
+        )
     grid = (m_blocks, (B + (0 if chunk else 1)) * H, splits)
-    last["kernel"], last["grid"] = _hstu_fwd[grid](
-        q, k, v, qd, kd, vd, dst, kp, vp, batch.offsets, batch.num_candidates, indptr, ids, cached,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        dst.stride(0), dst.stride(1), *pstrides,
-        B, H, rows, chunk, float(alpha), float(inv_n),
-        HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGED=paged,
-        PAGE_SIZE=page_size, SPLIT=bool(chunk), FAST=fast,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None, USE_TMA=use_tma,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages), grid
+    last["kernel"], last["grid"] = (
+        _hstu_fwd[grid](
+            q,
+            k,
+            v,
+            qd,
+            kd,
+            vd,
+            dst,
+            kp,
+            vp,
+            batch.offsets,
+            batch.num_candidates,
+            indptr,
+            ids,
+            cached,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            dst.stride(0),
+            dst.stride(1),
+            *pstrides,
+            B,
+            H,
+            rows,
+            chunk,
+            float(alpha),
+            float(inv_n),
+            HEAD_DIM=D,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            PAGED=paged,
+            PAGE_SIZE=page_size,
+            SPLIT=bool(chunk),
+            FAST=fast,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
+            USE_TMA=use_tma,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        ),
+        grid,
+    )
     last.update(config=cfg, splits=splits, tma=use_tma)
 
 
-
-def attention_full(q, k, v, batch: Batch, *, alpha: float, inv_n: float,
-                   policy: KernelPolicy = KernelPolicy(autotune=False),
-                   **options) -> torch.Tensor:
+def attention_full(
+    q,
+    k,
+    v,
+    batch: Batch,
+    *,
+    alpha: float,
+    inv_n: float,
+    policy: KernelPolicy = KernelPolicy(autotune=False),
+    **options,
+) -> torch.Tensor:
     """One call of `Attention(policy).full` (nothing tuned is kept: with autotune on, keep an
     `Attention` to tune once per bucket)."""
     return Attention(policy).full(q, k, v, batch, alpha=alpha, inv_n=inv_n, **options)
 
 
-def attention_paged(q, k, v, batch: Batch, k_pages, v_pages, *, alpha: float, inv_n: float,
-                    policy: KernelPolicy = KernelPolicy(autotune=False),
-                    **options) -> torch.Tensor:
+def attention_paged(
+    q,
+    k,
+    v,
+    batch: Batch,
+    k_pages,
+    v_pages,
+    *,
+    alpha: float,
+    inv_n: float,
+    policy: KernelPolicy = KernelPolicy(autotune=False),
+    **options,
+) -> torch.Tensor:
     """One call of `Attention(policy).paged`."""
-    return Attention(policy).paged(q, k, v, batch, k_pages, v_pages, alpha=alpha, inv_n=inv_n,
-                                   **options)
+    return Attention(policy).paged(q, k, v, batch, k_pages, v_pages, alpha=alpha, inv_n=inv_n, **options)

@@ -5,6 +5,7 @@ record wins, without the raw samples) and a sweep-level `results.jsonl` (the sam
 their samples, so intervals can be computed from the sweep dir or a copy of it alone).
 `load_sweep` is the one loader every report and script uses.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,18 +16,36 @@ import pandas as pd
 
 from hstu_exp.stats import bootstrap_ratio, intervals_overlap, pass_totals
 from hstu_exp.tracking.identity import same_point_key
-from hstu_exp.tracking.records import (ENV_KEYS, RESULTS_FILE, is_missing, scan_records,
-                                       write_atomically)
+from hstu_exp.tracking.records import ENV_KEYS, RESULTS_FILE, is_missing, scan_records, write_atomically
 
 CSV_FILE = "results.csv"
 # Columns that are text whatever they look like: pandas reads cuda 13.0 as a float, a driver
 # 580.159.04 with NaNs as object, and a git sha made of digits as an integer.
 # Measured environment numbers and flags stay numbers and booleans.
-_TYPED_ENV = ("cpu_cores", "sm_clock_mhz", "sm_clock_max_mhz", "mem_clock_mhz", "power_w",
-              "temperature_c", "throttled", "power_capped", "git_dirty")
-STRING_COLUMNS = [k for k in ENV_KEYS if k not in _TYPED_ENV] + ["reason", "error",
-                             "invalid_reason", "headline", "config_key", "name", "sweep",
-                             "job_dir", "time", "overrides", "throttle_reasons"]
+_TYPED_ENV = (
+    "cpu_cores",
+    "sm_clock_mhz",
+    "sm_clock_max_mhz",
+    "mem_clock_mhz",
+    "power_w",
+    "temperature_c",
+    "throttled",
+    "power_capped",
+    "git_dirty",
+)
+STRING_COLUMNS = [k for k in ENV_KEYS if k not in _TYPED_ENV] + [
+    "reason",
+    "error",
+    "invalid_reason",
+    "headline",
+    "config_key",
+    "name",
+    "sweep",
+    "job_dir",
+    "time",
+    "overrides",
+    "throttle_reasons",
+]
 # Kept in the sweep-level results.jsonl only (lists and the config tree); a results.csv read
 # with that file beside it gets them back.
 _NOT_IN_CSV = ("samples_ms", "traceback", "config", "repeat_samples_ms")
@@ -45,8 +64,13 @@ def valid_mask(df: pd.DataFrame) -> pd.Series:
     """True where a record was judged valid, False where invalid, NA where not recorded."""
     if "valid" not in df:
         return pd.Series(pd.NA, index=df.index, dtype="boolean")
-    v = df["valid"].map(lambda x: x if isinstance(x, (bool, np.bool_)) else
-                        {"true": True, "false": False}.get(str(x).strip().lower(), pd.NA))
+    v = df["valid"].map(
+        lambda x: (
+            x
+            if isinstance(x, (bool, np.bool_))
+            else {"true": True, "false": False}.get(str(x).strip().lower(), pd.NA)
+        )
+    )
     return v.astype("boolean")
 
 
@@ -63,8 +87,9 @@ def validity_note(df: pd.DataFrame) -> str:
 def require(df: pd.DataFrame, columns, source, what: str = "") -> None:
     missing = [c for c in columns if c not in df]
     if missing:
-        raise SweepError(f"{source}: missing column(s) {', '.join(missing)}"
-                         + (f" ({what})" if what else ""))
+        raise SweepError(
+            f"{source}: missing column(s) {', '.join(missing)}" + (f" ({what})" if what else "")
+        )
 
 
 def one_sweep(df: pd.DataFrame, source, what: str) -> None:
@@ -72,8 +97,10 @@ def one_sweep(df: pd.DataFrame, source, what: str) -> None:
     W&B group or one figures dir would silently merge them."""
     sweeps = sorted({str(s) for s in df.get("sweep", []) if isinstance(s, str)})
     if len(sweeps) > 1:
-        raise SweepError(f"{source}: holds {len(sweeps)} sweeps ({', '.join(sweeps[:4])}"
-                         f"{', ...' if len(sweeps) > 4 else ''}); {what} each sweep dir alone")
+        raise SweepError(
+            f"{source}: holds {len(sweeps)} sweeps ({', '.join(sweeps[:4])}"
+            f"{', ...' if len(sweeps) > 4 else ''}); {what} each sweep dir alone"
+        )
 
 
 def _as_text(v):
@@ -97,8 +124,9 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
     for c in _TYPED_ENV:  # older sweep files wrote these as text too
         if c in df:
             numeric = c not in ("throttled", "power_capped", "git_dirty")
-            df[c] = pd.to_numeric(df[c], errors="coerce") if numeric else \
-                df[c].map(_as_bool).astype(object)
+            df[c] = (
+                pd.to_numeric(df[c], errors="coerce") if numeric else df[c].map(_as_bool).astype(object)
+            )
     return df
 
 
@@ -107,10 +135,8 @@ def _newest_per_point(df: pd.DataFrame) -> pd.DataFrame:
         return df
     if "config_key" in df:
         by = "time" if "time" in df else None
-        df = (df.sort_values(by, kind="stable") if by else df).drop_duplicates(
-            "config_key", keep="last")
-    return (df.sort_values("point", kind="stable") if "point" in df else df).reset_index(
-        drop=True)
+        df = (df.sort_values(by, kind="stable") if by else df).drop_duplicates("config_key", keep="last")
+    return (df.sort_values("point", kind="stable") if "point" in df else df).reset_index(drop=True)
 
 
 def load(root: Path) -> pd.DataFrame:
@@ -164,8 +190,7 @@ def load_sweep(path) -> pd.DataFrame:
 
 def write_csv(df: pd.DataFrame, sweep_dir: Path) -> Path:
     table = df.drop(columns=[c for c in _NOT_IN_CSV if c in df])
-    return write_atomically(Path(sweep_dir) / CSV_FILE,
-                            lambda tmp: table.to_csv(tmp, index=False))
+    return write_atomically(Path(sweep_dir) / CSV_FILE, lambda tmp: table.to_csv(tmp, index=False))
 
 
 SPEEDUPS_FILE = "speedups.csv"
@@ -173,8 +198,7 @@ SPEEDUPS_FILE = "speedups.csv"
 
 def write_speedups(table: pd.DataFrame, sweep_dir: Path) -> Path:
     """The headline speedups with their 95 % intervals (headline()) as speedups.csv."""
-    return write_atomically(Path(sweep_dir) / SPEEDUPS_FILE,
-                            lambda tmp: table.to_csv(tmp, index=False))
+    return write_atomically(Path(sweep_dir) / SPEEDUPS_FILE, lambda tmp: table.to_csv(tmp, index=False))
 
 
 def _json_value(v):
@@ -191,8 +215,9 @@ def write_jsonl(df: pd.DataFrame, sweep_dir: Path) -> Path:
     for row in df.to_dict("records"):
         rec = {k: v for k, v in row.items() if not (not isinstance(v, list) and is_missing(v))}
         lines.append(json.dumps(rec, default=_json_value) + "\n")
-    return write_atomically(Path(sweep_dir) / RESULTS_FILE,
-                            lambda tmp: Path(tmp).write_text("".join(lines)))
+    return write_atomically(
+        Path(sweep_dir) / RESULTS_FILE, lambda tmp: Path(tmp).write_text("".join(lines))
+    )
 
 
 def _samples(v):
@@ -217,8 +242,11 @@ def repeat_units(r) -> list:
         return [list(u) for u in given]
     if r.get("workload") == "e2e":
         passes = _samples(r.get("pass_ms"))
-        if passes is None and _samples(r.get("samples_ms")) is not None \
-                and not is_missing(r.get("num_batches")):
+        if (
+            passes is None
+            and _samples(r.get("samples_ms")) is not None
+            and not is_missing(r.get("num_batches"))
+        ):
             passes = pass_totals(r["samples_ms"], int(r["num_batches"])) or None
         return [list(passes)] if passes is not None else []
     samples = _samples(r.get("samples_ms"))
@@ -237,12 +265,19 @@ def repeat_ratio(num_units: list, den_units: list) -> tuple:
     if not pairs:
         return (np.nan,) * 4 + (0, pd.NA)
     mid = sorted(pairs)[(len(pairs) - 1) // 2]
-    return (mid[1], mid[2], min(p[0] for p in pairs), max(p[0] for p in pairs), len(pairs),
-            intervals_overlap([p[1:] for p in pairs]))
+    return (
+        mid[1],
+        mid[2],
+        min(p[0] for p in pairs),
+        max(p[0] for p in pairs),
+        len(pairs),
+        intervals_overlap([p[1:] for p in pairs]),
+    )
 
 
-def speedups(df: pd.DataFrame, *, key: str, baseline: str, value: str = "median_ms",
-             ignore=()) -> pd.DataFrame:
+def speedups(
+    df: pd.DataFrame, *, key: str, baseline: str, value: str = "median_ms", ignore=()
+) -> pd.DataFrame:
     """Each ok record vs the baseline record that is the same point but for `key` (and the keys
     in `ignore`, e.g. new_history against a full recompute): tracking.identity decides, from
     the resolved config. `speedup` = baseline / record of `value` (each record's median
@@ -257,13 +292,13 @@ def speedups(df: pd.DataFrame, *, key: str, baseline: str, value: str = "median_
     okd["_units"] = [repeat_units(r) for r in okd.to_dict("records")]
     carry = [value, "valid", "_units"]
     base = okd[okd[key] == baseline][["_point"] + carry].rename(
-        columns={c: "baseline_" + c for c in carry})
+        columns={c: "baseline_" + c for c in carry}
+    )
     other = okd[okd[key] != baseline]
     if len(base) and len(other):
         merged = other.merge(base, on="_point", how="inner").drop(columns="_point")
     else:
-        merged = other.head(0).drop(columns="_point").assign(
-            **{"baseline_" + c: [] for c in carry})
+        merged = other.head(0).drop(columns="_point").assign(**{"baseline_" + c: [] for c in carry})
     merged["speedup"] = merged["baseline_" + value] / merged[value]
     rows = [repeat_ratio(b, o) for b, o in zip(merged["baseline__units"], merged["_units"])]
     for i, c in enumerate(REPEAT_COLUMNS):
@@ -288,19 +323,36 @@ def e2e_speedups(df: pd.DataFrame) -> pd.DataFrame:
         return e2e.head(0)
     # the ratio of pass totals: every mode serves the same stream (the per-batch median is one
     # middle batch of the stream, not a typical pass)
-    return speedups(e2e, key="mode", baseline="baseline", value="total_ms",
-                    ignore=("cache", "graph", "page_size"))
+    return speedups(
+        e2e, key="mode", baseline="baseline", value="total_ms", ignore=("cache", "graph", "page_size")
+    )
 
 
 def most_cached(sp: pd.DataFrame, by) -> pd.DataFrame:
     """Per group, the record with the fewest new tokens (the largest cached prefix)."""
-    return sp.sort_values("new_history", kind="stable").groupby(
-        list(by), as_index=False, dropna=False).first()
+    return (
+        sp.sort_values("new_history", kind="stable")
+        .groupby(list(by), as_index=False, dropna=False)
+        .first()
+    )
 
 
-HEADLINE_COLUMNS = ["workload", "comparison", "batch_size", "total_history", "new_history",
-                    "speedup", "ci_low", "ci_high", "spread_low", "spread_high", "repeats",
-                    "repeats_agree", "valid", "baseline_valid"]
+HEADLINE_COLUMNS = [
+    "workload",
+    "comparison",
+    "batch_size",
+    "total_history",
+    "new_history",
+    "speedup",
+    "ci_low",
+    "ci_high",
+    "spread_low",
+    "spread_high",
+    "repeats",
+    "repeats_agree",
+    "valid",
+    "baseline_valid",
+]
 
 
 def headline(df: pd.DataFrame) -> pd.DataFrame:
@@ -309,8 +361,14 @@ def headline(df: pd.DataFrame) -> pd.DataFrame:
     parts = []
     sp = block_speedups(df)
     if len(sp):
-        sp = sp.assign(comparison=sp["cache"].astype(str) + " vs none (" + sp["kernel"].astype(str)
-                       + "+" + sp["graph"].astype(str) + ")")
+        sp = sp.assign(
+            comparison=sp["cache"].astype(str)
+            + " vs none ("
+            + sp["kernel"].astype(str)
+            + "+"
+            + sp["graph"].astype(str)
+            + ")"
+        )
         parts.append(most_cached(sp, ["comparison", "batch_size", "total_history"]))
     sp = e2e_speedups(df)
     if len(sp):
@@ -319,8 +377,9 @@ def headline(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=HEADLINE_COLUMNS)
     # e2e records of older sweeps have no new_history column at all: missing, not an error
     out = pd.concat([p.reindex(columns=HEADLINE_COLUMNS) for p in parts], ignore_index=True)
-    return out.sort_values(["workload", "comparison", "batch_size", "total_history"],
-                           kind="stable").reset_index(drop=True)
+    return out.sort_values(
+        ["workload", "comparison", "batch_size", "total_history"], kind="stable"
+    ).reset_index(drop=True)
 
 
 def format_headline(table: pd.DataFrame) -> str:
@@ -329,21 +388,23 @@ def format_headline(table: pd.DataFrame) -> str:
     lines = []
     block = table["workload"] == "block"
     if block.any():
-        largest = table[block].groupby(["comparison", "batch_size"])["total_history"] \
-            .transform("max")
+        largest = table[block].groupby(["comparison", "batch_size"])["total_history"].transform("max")
         table = table[~block | (table["total_history"] == largest.reindex(table.index))]
     for _, r in table.iterrows():
         where = f"B={r['batch_size']}"
         if r["workload"] == "block":
             n = r["new_history"]
             where += f" T={r['total_history']}" + ("" if is_missing(n) else f" n={int(n)}")
-        ci = "" if is_missing(r["ci_low"]) else \
-            f" [95% CI {r['ci_low']:.2f}-{r['ci_high']:.2f}]"
-        lines.append(f"  {r['workload']} {r['comparison']} {where}: {r['speedup']:.2f}x{ci}"
-                     + _repeat_note(r) + _validity_mark(r))
-    head = ("speedups (95% bootstrap interval within a run: e2e of pass totals, resampled by "
-            "pass; block of per-call samples" + ("; block: the largest T):" if block.any()
-                                                 else "):"))
+        ci = "" if is_missing(r["ci_low"]) else f" [95% CI {r['ci_low']:.2f}-{r['ci_high']:.2f}]"
+        lines.append(
+            f"  {r['workload']} {r['comparison']} {where}: {r['speedup']:.2f}x{ci}"
+            + _repeat_note(r)
+            + _validity_mark(r)
+        )
+    head = (
+        "speedups (95% bootstrap interval within a run: e2e of pass totals, resampled by "
+        "pass; block of per-call samples" + ("; block: the largest T):" if block.any() else "):")
+    )
     return "\n".join([head] + lines) if lines else ""
 
 
@@ -358,8 +419,11 @@ def _repeat_note(r) -> str:
 
 
 def _validity_mark(r) -> str:
-    sides = [s for s, k in (("point", "valid"), ("baseline", "baseline_valid"))
-             if r.get(k) is False or str(r.get(k)).lower() == "false"]
+    sides = [
+        s
+        for s, k in (("point", "valid"), ("baseline", "baseline_valid"))
+        if r.get(k) is False or str(r.get(k)).lower() == "false"
+    ]
     return f" (INVALID: {' and '.join(sides)})" if sides else ""
 
 

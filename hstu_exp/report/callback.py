@@ -1,6 +1,7 @@
 """Multirun close-out: records of the whole sweep dir -> results.csv, figures, summary W&B run.
 
 It reads records from disk, so it works the same when the points ran elsewhere (Slurm)."""
+
 from __future__ import annotations
 
 import sys
@@ -19,8 +20,14 @@ def _fail(path, cause) -> None:
 def close_out(sweep_dir: Path, *, logger=None) -> dict:
     """Table, results.csv, the sweep-level results.jsonl and the figures, each written to a
     temporary name and renamed; SystemExit(1) with one line when any of them cannot be written."""
-    from hstu_exp.report.aggregate import (format_headline, headline, load, write_csv,
-                                           write_jsonl, write_speedups)
+    from hstu_exp.report.aggregate import (
+        format_headline,
+        headline,
+        load,
+        write_csv,
+        write_jsonl,
+        write_speedups,
+    )
     from hstu_exp.report.console import print_summary
     from hstu_exp.report.figures import draw_all
     from hstu_exp.tracking.records import FileWriteError
@@ -46,17 +53,31 @@ def close_out(sweep_dir: Path, *, logger=None) -> dict:
         _fail(exc.path, exc.reason)
     except OSError as exc:  # noqa: BLE001 - anything else the disk says: still one line
         _fail(exc.filename or sweep_dir, exc.strerror or exc)
-    print(f"[hstu-exp] {csv}, {jsonl.name} (with samples)\n[hstu-exp] figures: "
-          f"{', '.join(sorted(figures)) or 'none'} in {sweep_dir / 'figures'}", flush=True)
+    print(
+        f"[hstu-exp] {csv}, {jsonl.name} (with samples)\n[hstu-exp] figures: "
+        f"{', '.join(sorted(figures)) or 'none'} in {sweep_dir / 'figures'}",
+        flush=True,
+    )
     if logger and logger.get("name") == "wandb":
         from hstu_exp.report.labels import serve_labels
         from hstu_exp.tracking.wandb_sink import effective_mode, log_summary, sync_command
 
-        run = log_summary(df, logger=logger, sweep_dir=sweep_dir, group=sweep_dir.name,
-                          images=figures, labels=serve_labels, headline=speed, csv=csv)
+        run = log_summary(
+            df,
+            logger=logger,
+            sweep_dir=sweep_dir,
+            group=sweep_dir.name,
+            images=figures,
+            labels=serve_labels,
+            headline=speed,
+            csv=csv,
+        )
         if run and effective_mode(logger) == "offline":  # say where the runs are, and how
-            print(f"[hstu-exp] W&B: offline runs in {sweep_dir}/*/wandb and {sweep_dir}/wandb; "
-                  f"upload: {sync_command(sweep_dir)}", flush=True)
+            print(
+                f"[hstu-exp] W&B: offline runs in {sweep_dir}/*/wandb and {sweep_dir}/wandb; "
+                f"upload: {sync_command(sweep_dir)}",
+                flush=True,
+            )
     return {"csv": csv, "figures": figures, "records": len(df)}
 
 

@@ -22,6 +22,7 @@ with confidence (the lower end of its 95 % interval is above R; without samples,
 estimate; with --gate geomean, the geometric mean of the point estimates) or a point ok in A
 has no ok record in B; 2 on bad input.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,17 +33,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hstu_exp.report.aggregate import (REPEAT_COLUMNS, SweepError, ok, repeat_ratio,
-                                       repeat_units, require)
+from hstu_exp.report.aggregate import REPEAT_COLUMNS, SweepError, ok, repeat_ratio, repeat_units, require
 from hstu_exp.report.aggregate import load_sweep as _load_sweep
 from hstu_exp.tracking.identity import has_config, identity, identity_hash, short, text
 from hstu_exp.tracking.records import SWEPT_KEYS, FileWriteError, write_atomically
 
 # (record column, short name, True when larger is worse)
-METRICS = [("median_ms", "median", True), ("total_ms", "pass", True), ("p90_ms", "p90", True),
-           ("mem_allocated_bytes", "memory", True), ("floor_fraction", "floor", False)]
-_SHORT = {"batch_size": "B", "total_history": "T", "new_history": "n", "num_candidates": "cand",
-          "page_size": "page"}
+METRICS = [
+    ("median_ms", "median", True),
+    ("total_ms", "pass", True),
+    ("p90_ms", "p90", True),
+    ("mem_allocated_bytes", "memory", True),
+    ("floor_fraction", "floor", False),
+]
+_SHORT = {
+    "batch_size": "B",
+    "total_history": "T",
+    "new_history": "n",
+    "num_candidates": "cand",
+    "page_size": "page",
+}
 
 
 CompareError = SweepError  # bad input of any kind: one line, exit 2
@@ -85,10 +95,15 @@ def join(a: pd.DataFrame, b: pd.DataFrame, ignore=()) -> tuple[pd.DataFrame, lis
     for df, side in ((a, "A"), (b, "B")):
         twice = df["_point"].duplicated(keep=False)
         if twice.any():  # load() keeps the newest record of a point: these differ in a way
-            raise CompareError(f"sweep {side}: {int(twice.sum())} records are the same point "
-                               "once the ignored keys are left out; --ignore less")
-    on = [k for k in SWEPT_KEYS if k in a and k in b and k not in ignore
-          and k not in {short(d) for d in differ}]
+            raise CompareError(
+                f"sweep {side}: {int(twice.sum())} records are the same point "
+                "once the ignored keys are left out; --ignore less"
+            )
+    on = [
+        k
+        for k in SWEPT_KEYS
+        if k in a and k in b and k not in ignore and k not in {short(d) for d in differ}
+    ]
     for df in (a, b):
         for k in on:
             df[k] = df[k].map(text)
@@ -102,8 +117,10 @@ def join(a: pd.DataFrame, b: pd.DataFrame, ignore=()) -> tuple[pd.DataFrame, lis
     metrics = [m for m, _, _ in METRICS]
     sides = []
     for df, tag in ((a, "a"), (b, "b")):
-        df = df.assign(_units=[repeat_units(r) for r in df.to_dict("records")],
-                       _e2e=df["workload"].astype(str).eq("e2e"))
+        df = df.assign(
+            _units=[repeat_units(r) for r in df.to_dict("records")],
+            _e2e=df["workload"].astype(str).eq("e2e"),
+        )
         cols = {m: f"{m}_{tag}" for m in metrics + ["_units", "_e2e"] + WHERE if m in df}
         keep = ["_point"] + (on + extra if tag == "a" else [])
         sides.append(df[keep + list(cols)].rename(columns=cols))
@@ -116,17 +133,23 @@ def join(a: pd.DataFrame, b: pd.DataFrame, ignore=()) -> tuple[pd.DataFrame, lis
             joined[f"{m}_ratio"] = (vb / va).where((va > 0) & (vb > 0))
     # the latency B/A a point is judged by: e2e's median pass total (a pass repeats the same
     # stream; the per-batch median is one middle batch), else the median
-    e2e = joined["_e2e_a"].astype(bool) & joined.get(
-        "total_ms_ratio", pd.Series(np.nan, index=joined.index)).notna()
-    joined["ratio"] = joined["total_ms_ratio"].where(e2e, joined["median_ms_ratio"]) \
-        if "total_ms_ratio" in joined else joined["median_ms_ratio"]
+    e2e = (
+        joined["_e2e_a"].astype(bool)
+        & joined.get("total_ms_ratio", pd.Series(np.nan, index=joined.index)).notna()
+    )
+    joined["ratio"] = (
+        joined["total_ms_ratio"].where(e2e, joined["median_ms_ratio"])
+        if "total_ms_ratio" in joined
+        else joined["median_ms_ratio"]
+    )
     joined["ratio_of"] = np.where(e2e, "pass total", "median")
     stats = [repeat_ratio(b, a) for a, b in zip(joined["_units_a"], joined["_units_b"])]
     for i, c in enumerate(REPEAT_COLUMNS):
         joined[c] = [row[i] for row in stats]
     joined = joined.drop(columns=["_units_a", "_units_b", "_e2e_a", "_e2e_b"])
-    joined["agrees"], joined["why_not"] = zip(*(agreement(r) for _, r in joined.iterrows())) \
-        if len(joined) else ([], [])
+    joined["agrees"], joined["why_not"] = (
+        zip(*(agreement(r) for _, r in joined.iterrows())) if len(joined) else ([], [])
+    )
     joined.attrs["only_a"] = len(sides[0]) - len(joined)
     joined.attrs["only_b"] = len(sides[1]) - len(joined)
     joined.attrs["missing_in_b"] = joined.attrs["only_a"]  # what --fail-above cannot clear
@@ -160,8 +183,14 @@ def _other_gpu(r) -> bool:
 
 def _other_gpu_note(rows: pd.DataFrame, of: str = "them") -> str:
     moved = sum(1 for _, r in rows.iterrows() if _other_gpu(r))
-    return (f"; {moved} of {of} ran on another GPU in B than in A (cards of one kind differ: "
-            "rerun both on one card before calling it a regression)") if moved else ""
+    return (
+        (
+            f"; {moved} of {of} ran on another GPU in B than in A (cards of one kind differ: "
+            "rerun both on one card before calling it a regression)"
+        )
+        if moved
+        else ""
+    )
 
 
 def agreement(r) -> tuple:
@@ -205,9 +234,12 @@ def agreement_line(joined: pd.DataFrame) -> str:
         for cause in str(why).split(", "):
             causes[cause] = causes.get(cause, 0) + 1
     rest = "; ".join(f"{n} {c}" for c, n in sorted(causes.items(), key=lambda kv: -kv[1]))
-    return (f"agreement: {n_ok} of {len(known)} points with B/A's 95% interval holding 1"
-            + (f"; the others: {rest} (the intervals cover noise within a run, not between "
-               "cards, boots or clocks)" if rest else ""))
+    return f"agreement: {n_ok} of {len(known)} points with B/A's 95% interval holding 1" + (
+        f"; the others: {rest} (the intervals cover noise within a run, not between "
+        "cards, boots or clocks)"
+        if rest
+        else ""
+    )
 
 
 def geomean(series: pd.Series) -> float:
@@ -255,50 +287,68 @@ def _fmt_spread(r) -> str:
     n = r.get("repeats")
     if n is None or n != n or int(n) < 2:
         return "-"
-    return (f"{r['spread_low']:.3f}-{r['spread_high']:.3f} ({int(n)})"
-            + (" DISAGREE" if r.get("repeats_agree") is False else ""))
+    return f"{r['spread_low']:.3f}-{r['spread_high']:.3f} ({int(n)})" + (
+        " DISAGREE" if r.get("repeats_agree") is False else ""
+    )
 
 
-def format_table(joined: pd.DataFrame, on: list, *, threshold: float, name_a: str,
-                 name_b: str) -> str:
+def format_table(joined: pd.DataFrame, on: list, *, threshold: float, name_a: str, name_b: str) -> str:
     """One row per joined point: the keys that vary, A and B median, B/A ratios; then the
     geometric means."""
     shown = [k for k in on if joined[k].nunique() > 1] or on[:1]
-    metrics = [(m, s, w) for m, s, w in METRICS if f"{m}_ratio" in joined
-               and joined[f"{m}_ratio"].notna().any()]
+    metrics = [
+        (m, s, w) for m, s, w in METRICS if f"{m}_ratio" in joined and joined[f"{m}_ratio"].notna().any()
+    ]
     with_ci = joined["ci_low"].notna().any() if "ci_low" in joined else False
     # the spread between repeats, where a point ran several (workload.repeats)
     with_spread = with_ci and (pd.to_numeric(joined["repeats"], errors="coerce") > 1).any()
-    head = [_SHORT.get(k, k) for k in shown] + ["A median ms", "B median ms"] + \
-        [f"{s} B/A" for _, s, _ in metrics] + \
-        (["latency B/A 95% CI", "within CI"] if with_ci else []) + \
-        (["B/A between repeats"] if with_spread else []) + ["worse"]
+    head = (
+        [_SHORT.get(k, k) for k in shown]
+        + ["A median ms", "B median ms"]
+        + [f"{s} B/A" for _, s, _ in metrics]
+        + (["latency B/A 95% CI", "within CI"] if with_ci else [])
+        + (["B/A between repeats"] if with_spread else [])
+        + ["worse"]
+    )
     rows = [head]
     for _, r in joined.iterrows():
-        rows.append([str(r[k]) or "-" for k in shown] +
-                    [_fmt_ms(r.get("median_ms_a")), _fmt_ms(r.get("median_ms_b"))] +
-                    [_fmt_ratio(r[f"{m}_ratio"], bool(r.get(f"worse_{m}", False)))
-                     for m, _, _ in metrics] +
-                    ([_fmt_ci(r["ci_low"], r["ci_high"]),
-                      _fmt_agrees(r.get("agrees"), r.get("why_not"))] if with_ci else []) +
-                    ([_fmt_spread(r)] if with_spread else [])
-                    + [" ".join(s for m, s, _ in metrics if r.get(f"worse_{m}", False))])
-    gm = ["geomean"] + [""] * (len(shown) + 1) + \
-        [_fmt_ratio(geomean(joined[f"{m}_ratio"]), False) for m, _, _ in metrics] + \
-        (["", ""] if with_ci else []) + ([""] if with_spread else []) + [""]
+        rows.append(
+            [str(r[k]) or "-" for k in shown]
+            + [_fmt_ms(r.get("median_ms_a")), _fmt_ms(r.get("median_ms_b"))]
+            + [_fmt_ratio(r[f"{m}_ratio"], bool(r.get(f"worse_{m}", False))) for m, _, _ in metrics]
+            + (
+                [_fmt_ci(r["ci_low"], r["ci_high"]), _fmt_agrees(r.get("agrees"), r.get("why_not"))]
+                if with_ci
+                else []
+            )
+            + ([_fmt_spread(r)] if with_spread else [])
+            + [" ".join(s for m, s, _ in metrics if r.get(f"worse_{m}", False))]
+        )
+    gm = (
+        ["geomean"]
+        + [""] * (len(shown) + 1)
+        + [_fmt_ratio(geomean(joined[f"{m}_ratio"]), False) for m, _, _ in metrics]
+        + (["", ""] if with_ci else [])
+        + ([""] if with_spread else [])
+        + [""]
+    )
     widths = [max(len(row[i]) for row in rows + [gm]) for i in range(len(head))]
 
     def line(row):
         return "  ".join(c.rjust(w) for c, w in zip(row, widths)).rstrip()
 
-    out = [f"B/A: A = {name_a}, B = {name_b}; '!' = worse than {threshold:g}x "
-           "(latency, memory: higher; floor fraction: lower)"]
+    out = [
+        f"B/A: A = {name_a}, B = {name_b}; '!' = worse than {threshold:g}x "
+        "(latency, memory: higher; floor fraction: lower)"
+    ]
     out += [line(rows[0]), line(["-" * w for w in widths])] + [line(r) for r in rows[1:]]
     out += [line(["-" * w for w in widths]), line(gm)]
     n_reg = int(joined["regression"].sum())
-    out.append(f"{len(joined)} points joined, {n_reg} flagged"
-               f" ({joined.attrs.get('only_a', 0)} only in A, "
-               f"{joined.attrs.get('only_b', 0)} only in B)")
+    out.append(
+        f"{len(joined)} points joined, {n_reg} flagged"
+        f" ({joined.attrs.get('only_a', 0)} only in A, "
+        f"{joined.attrs.get('only_b', 0)} only in B)"
+    )
     if with_ci:
         out.append(agreement_line(joined))
     return "\n".join(out)
@@ -317,18 +367,29 @@ def draw(joined: pd.DataFrame, path: Path, *, threshold: float, name_a: str, nam
     a, b = joined["median_ms_a"].astype(float), joined["median_ms_b"].astype(float)
     slower = joined.get("worse_median_ms", pd.Series(False, index=joined.index))
     ax1.scatter(a[~slower], b[~slower], s=22, alpha=0.85, color="tab:blue", label="within")
-    ax1.scatter(a[slower], b[slower], s=22, alpha=0.85, color="tab:red",
-                label=f"slower than {threshold:g}x")
+    ax1.scatter(
+        a[slower], b[slower], s=22, alpha=0.85, color="tab:red", label=f"slower than {threshold:g}x"
+    )
     lo, hi = float(min(a.min(), b.min())) * 0.8, float(max(a.max(), b.max())) * 1.25
     xs = np.array([lo, hi])
     ax1.plot(xs, xs, color="grey", lw=0.8, label="B = A")
     ax1.plot(xs, xs * threshold, color="tab:red", lw=0.8, ls="--", label=f"B = {threshold:g} A")
-    ax1.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="A median (ms)",
-            ylabel="B median (ms)", title="median latency per point")
+    ax1.set(
+        xscale="log",
+        yscale="log",
+        xlim=(lo, hi),
+        ylim=(lo, hi),
+        xlabel="A median (ms)",
+        ylabel="B median (ms)",
+        title="median latency per point",
+    )
     ax1.legend(loc="upper left")
 
-    shown = [(m, short) for m, short, _ in METRICS
-             if f"{m}_ratio" in joined and joined[f"{m}_ratio"].notna().any()]
+    shown = [
+        (m, short)
+        for m, short, _ in METRICS
+        if f"{m}_ratio" in joined and joined[f"{m}_ratio"].notna().any()
+    ]
     for i, (m, _short) in enumerate(shown):
         ratio = joined[f"{m}_ratio"].astype(float)
         worse = joined.get(f"worse_{m}", pd.Series(False, index=joined.index)).astype(bool)
@@ -340,9 +401,15 @@ def draw(joined: pd.DataFrame, path: Path, *, threshold: float, name_a: str, nam
             hi = joined["ci_high"].astype(float)
             judged = joined["ratio_of"].eq("pass total" if m == "total_ms" else "median")
             has = (lo.notna() & judged).to_numpy()
-            ax2.errorbar(xs[has], ratio[has], yerr=[(ratio - lo)[has].clip(lower=0),
-                                                     (hi - ratio)[has].clip(lower=0)],
-                         fmt="none", ecolor="grey", lw=0.8, capsize=2)
+            ax2.errorbar(
+                xs[has],
+                ratio[has],
+                yerr=[(ratio - lo)[has].clip(lower=0), (hi - ratio)[has].clip(lower=0)],
+                fmt="none",
+                ecolor="grey",
+                lw=0.8,
+                capsize=2,
+            )
         ax2.scatter(xs[~worse.to_numpy()], ratio[~worse], s=16, color="tab:blue", alpha=0.8)
         ax2.scatter(xs[worse.to_numpy()], ratio[worse], s=16, color="tab:red", alpha=0.8)
         g = geomean(ratio)
@@ -351,8 +418,11 @@ def draw(joined: pd.DataFrame, path: Path, *, threshold: float, name_a: str, nam
     ax2.set_xticks(range(len(shown)), [short for _, short in shown])
     ax2.axhline(1.0, color="grey", lw=0.8)
     ax2.set_yscale("log")
-    ax2.set(ylabel="B / A (bar: geometric mean)", xlabel="",
-            title="B / A per point (red: worse than the threshold; whiskers: 95% CI)")
+    ax2.set(
+        ylabel="B / A (bar: geometric mean)",
+        xlabel="",
+        title="B / A per point (red: worse than the threshold; whiskers: 95% CI)",
+    )
     for ax, axis in ((ax1, "x"), (ax1, "y"), (ax2, "y")):
         ticks = getattr(ax, f"{axis}axis")
         ticks.set_major_locator(mticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -362,8 +432,7 @@ def draw(joined: pd.DataFrame, path: Path, *, threshold: float, name_a: str, nam
     fig.tight_layout()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110,
-                                                       bbox_inches="tight"))
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     except FileExistsError as exc:
         raise FileWriteError(path.parent, exc) from exc
     finally:
@@ -371,12 +440,13 @@ def draw(joined: pd.DataFrame, path: Path, *, threshold: float, name_a: str, nam
     return path
 
 
-def compare(path_a, path_b, *, threshold: float = 1.05, ignore=()) -> tuple[pd.DataFrame, list,
-                                                                            dict]:
+def compare(path_a, path_b, *, threshold: float = 1.05, ignore=()) -> tuple[pd.DataFrame, list, dict]:
     joined, on, differ = join(load_sweep(path_a), load_sweep(path_b), ignore=ignore)
     if joined.empty:
-        raise CompareError("no point of A matches a point of B on the swept keys "
-                           f"({', '.join(on)}); --ignore KEY leaves a key out of the join")
+        raise CompareError(
+            "no point of A matches a point of B on the swept keys "
+            f"({', '.join(on)}); --ignore KEY leaves a key out of the join"
+        )
     return flag(joined, threshold), on, differ
 
 
@@ -394,24 +464,49 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(prog="hstu-exp-compare", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog=__doc__.split("\n\n", 1)[1])
+    p = _Parser(
+        prog="hstu-exp-compare",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("sweep_a", type=Path, help="baseline: sweep dir, results.csv or results.jsonl")
     p.add_argument("sweep_b", type=Path, help="candidate: sweep dir, results.csv or results.jsonl")
-    p.add_argument("--threshold", type=float, default=1.05,
-                   help="flag a point whose ratio is worse than this (default 1.05)")
-    p.add_argument("--fail-above", type=float, default=None, metavar="R",
-                   help="exit 1 when a point's median latency B/A is above R with confidence: "
-                        "the lower end of its 95%% bootstrap interval is above R (the point "
-                        "estimate when the sweeps hold no samples)")
-    p.add_argument("--gate", choices=("any", "geomean"), default="any",
-                   help="what --fail-above looks at: any point's interval (default) or the "
-                        "geometric mean of the point estimates")
-    p.add_argument("--ignore", action="append", default=[], metavar="KEY",
-                   help="leave a swept key out of the join (repeatable)")
-    p.add_argument("--figure", type=Path, default=None,
-                   help="where to write the figure (default SWEEP_B/figures/compare_vs_<A>.png)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=1.05,
+        help="flag a point whose ratio is worse than this (default 1.05)",
+    )
+    p.add_argument(
+        "--fail-above",
+        type=float,
+        default=None,
+        metavar="R",
+        help="exit 1 when a point's median latency B/A is above R with confidence: "
+        "the lower end of its 95%% bootstrap interval is above R (the point "
+        "estimate when the sweeps hold no samples)",
+    )
+    p.add_argument(
+        "--gate",
+        choices=("any", "geomean"),
+        default="any",
+        help="what --fail-above looks at: any point's interval (default) or the "
+        "geometric mean of the point estimates",
+    )
+    p.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="leave a swept key out of the join (repeatable)",
+    )
+    p.add_argument(
+        "--figure",
+        type=Path,
+        default=None,
+        help="where to write the figure (default SWEEP_B/figures/compare_vs_<A>.png)",
+    )
     p.add_argument("--no-figure", action="store_true", help="do not draw the figure")
     p.add_argument("--csv", type=Path, default=None, help="also write the joined table here")
     return p.parse_args(argv)
@@ -422,40 +517,57 @@ def _gate(joined: pd.DataFrame, on: list, limit: float, how: str) -> tuple[bool,
     B did not measure (failed, skipped or never run) fails the gate: it cannot be shown not to
     be slower."""
     missing = joined.attrs.get("missing_in_b", 0)
-    lacking = (f"{missing} point(s) ok in A have no ok record in B (failed, skipped or never "
-               "run)") if missing else ""
+    lacking = (
+        (f"{missing} point(s) ok in A have no ok record in B (failed, skipped or never run)")
+        if missing
+        else ""
+    )
     if joined.empty:
         return True, lacking or "no point joined"
     ratios = joined["ratio"]
     if how == "geomean":
         value = geomean(ratios)
-        what = (f"geometric mean of median latency B/A {value:.3f} (point estimate)"
-                + _other_gpu_note(joined, of="the points"))
+        what = f"geometric mean of median latency B/A {value:.3f} (point estimate)" + _other_gpu_note(
+            joined, of="the points"
+        )
         failed = value > limit
-        return failed or bool(missing), "; ".join(w for w in (what if failed else "", lacking)
-                                                 if w) or what
+        return failed or bool(missing), "; ".join(
+            w for w in (what if failed else "", lacking) if w
+        ) or what
     low = joined["ci_low"]
     # the interval's lower end where there are samples, else the point estimate
     evidence = low.where(low.notna(), ratios)
     above = evidence > limit
     worst = joined.loc[evidence.fillna(0).idxmax()]
-    where = ", ".join(f"{_SHORT.get(k, k)}={worst[k] or '-'}" for k in on
-                      if joined[k].nunique() > 1)
-    basis = "95% interval's lower end" if low.notna().all() else \
-        ("point estimate (no samples)" if low.isna().all() else
-         "95% interval's lower end, or the point estimate where there are no samples")
+    where = ", ".join(f"{_SHORT.get(k, k)}={worst[k] or '-'}" for k in on if joined[k].nunique() > 1)
+    basis = (
+        "95% interval's lower end"
+        if low.notna().all()
+        else (
+            "point estimate (no samples)"
+            if low.isna().all()
+            else "95% interval's lower end, or the point estimate where there are no samples"
+        )
+    )
     flagged = joined[above]
-    invalid = sum(1 for _, r in flagged.iterrows()
-                  if any(str(r.get(f"valid_{s}")).lower() == "false" for s in "ab"))
-    what = (f"{int(above.sum())} point(s) with median latency B/A above {limit:g} by the "
-            f"{basis} (worst {worst['ratio']:.3f}"
-            + ("" if pd.isna(worst["ci_low"]) else
-               f", 95% CI {worst['ci_low']:.3f}-{worst['ci_high']:.3f}")
-            + (f" at {where})" if where else ")")
-            + ("; e2e points by their median pass total" if
-               joined["ratio_of"].eq("pass total").any() else "")
-            + (f"; {invalid} of them invalid in A or B (noise, not a verdict)" if invalid else "")
-            + _other_gpu_note(flagged))
+    invalid = sum(
+        1
+        for _, r in flagged.iterrows()
+        if any(str(r.get(f"valid_{s}")).lower() == "false" for s in "ab")
+    )
+    what = (
+        f"{int(above.sum())} point(s) with median latency B/A above {limit:g} by the "
+        f"{basis} (worst {worst['ratio']:.3f}"
+        + ("" if pd.isna(worst["ci_low"]) else f", 95% CI {worst['ci_low']:.3f}-{worst['ci_high']:.3f}")
+        + (f" at {where})" if where else ")")
+        + (
+            "; e2e points by their median pass total"
+            if joined["ratio_of"].eq("pass total").any()
+            else ""
+        )
+        + (f"; {invalid} of them invalid in A or B (noise, not a verdict)" if invalid else "")
+        + _other_gpu_note(flagged)
+    )
     if above.any():
         return True, "; ".join(w for w in (what, lacking) if w)
     return bool(missing), lacking or what
@@ -483,14 +595,17 @@ def main(argv=None) -> int:
     if name_a == name_b:
         name_a, name_b = f"A:{name_a}", f"B:{name_b}"
     try:
-        joined, on, differ = compare(args.sweep_a, args.sweep_b, threshold=args.threshold,
-                                     ignore=args.ignore)
+        joined, on, differ = compare(
+            args.sweep_a, args.sweep_b, threshold=args.threshold, ignore=args.ignore
+        )
     except CompareError as exc:
         print(f"hstu-exp-compare: error: {exc}", file=sys.stderr)
         return 2
     if differ:
-        print("joined ignoring keys that differ between the sweeps: " +
-              ", ".join(f"{k} ({va or '-'} -> {vb or '-'})" for k, (va, vb) in differ.items()))
+        print(
+            "joined ignoring keys that differ between the sweeps: "
+            + ", ".join(f"{k} ({va or '-'} -> {vb or '-'})" for k, (va, vb) in differ.items())
+        )
     print(format_table(joined, on, threshold=args.threshold, name_a=name_a, name_b=name_b))
     try:
         if args.csv:
@@ -500,8 +615,7 @@ def main(argv=None) -> int:
             figure = args.figure
             if figure is None:
                 base = args.sweep_b if args.sweep_b.is_dir() else args.sweep_b.parent
-                figure = base / "figures" / \
-                    f"compare_vs_{_name(args.sweep_a).replace('/', '_')}.png"
+                figure = base / "figures" / f"compare_vs_{_name(args.sweep_a).replace('/', '_')}.png"
             draw(joined, figure, threshold=args.threshold, name_a=name_a, name_b=name_b)
             print(f"figure: {figure}")
     except FileWriteError as exc:

@@ -1,18 +1,35 @@
 """The table printed at the end of every run and sweep."""
+
 from __future__ import annotations
 
-COLUMNS = [("status", "status", "{}"), ("workload", "workload", "{}"), ("model", "model", "{}"),
-           ("cache", "cache", "{}"), ("kernel", "kernel", "{}"), ("graph", "graph", "{}"),
-           ("mode", "mode", "{}"), ("batch_size", "B", "{}"), ("total_history", "T", "{}"),
-           ("new_history", "n", "{}"), ("num_candidates", "cand", "{}"),
-           ("median_ms", "median ms", "{:.3f}"), ("p90_ms", "p90 ms", "{:.3f}"),
-           # serve: what tells the points of a QPS sweep apart, and whether the clock was real
-           ("qps", "qps", "{:g}"), ("target_qps", "target qps", "{:g}"),
-           ("p99_ms", "p99 ms", "{:.3f}"), ("achieved_qps", "achieved qps", "{:.1f}"),
-           ("completed_qps", "completed qps", "{:.1f}"), ("slo_met", "SLO", "{}"),
-           ("max_qps", "max qps", "{:.1f}"), ("clock", "clock", "{}"),
-           ("cv", "cv", "{:.1%}"), ("valid", "valid", "{}"),
-           ("floor_fraction", "floor %", "{:.1%}"), ("max_rel_error", "rel err", "{:.1e}")]
+COLUMNS = [
+    ("status", "status", "{}"),
+    ("workload", "workload", "{}"),
+    ("model", "model", "{}"),
+    ("cache", "cache", "{}"),
+    ("kernel", "kernel", "{}"),
+    ("graph", "graph", "{}"),
+    ("mode", "mode", "{}"),
+    ("batch_size", "B", "{}"),
+    ("total_history", "T", "{}"),
+    ("new_history", "n", "{}"),
+    ("num_candidates", "cand", "{}"),
+    ("median_ms", "median ms", "{:.3f}"),
+    ("p90_ms", "p90 ms", "{:.3f}"),
+    # serve: what tells the points of a QPS sweep apart, and whether the clock was real
+    ("qps", "qps", "{:g}"),
+    ("target_qps", "target qps", "{:g}"),
+    ("p99_ms", "p99 ms", "{:.3f}"),
+    ("achieved_qps", "achieved qps", "{:.1f}"),
+    ("completed_qps", "completed qps", "{:.1f}"),
+    ("slo_met", "SLO", "{}"),
+    ("max_qps", "max qps", "{:.1f}"),
+    ("clock", "clock", "{}"),
+    ("cv", "cv", "{:.1%}"),
+    ("valid", "valid", "{}"),
+    ("floor_fraction", "floor %", "{:.1%}"),
+    ("max_rel_error", "rel err", "{:.1e}"),
+]
 
 
 def _cell(record: dict, key: str, fmt: str) -> str:
@@ -48,11 +65,13 @@ def summary_line(records) -> str:
     ok = [r for r in records if r.get("status") == "ok"]
     checked = [r for r in ok if r.get("valid") is not None and r.get("valid") == r.get("valid")]
     invalid = [r for r in checked if r["valid"] not in (True, "True", "true")]
-    line = f"{len(records)} point{'' if len(records) == 1 else 's'}: " + \
-        ", ".join(f"{v} {k}" for k, v in counts.items())
+    line = f"{len(records)} point{'' if len(records) == 1 else 's'}: " + ", ".join(
+        f"{v} {k}" for k, v in counts.items()
+    )
     if checked:
-        line += f"; {len(checked) - len(invalid)} valid, {len(invalid)} invalid" + \
-            (f", {len(ok) - len(checked)} unchecked" if len(checked) < len(ok) else "")
+        line += f"; {len(checked) - len(invalid)} valid, {len(invalid)} invalid" + (
+            f", {len(ok) - len(checked)} unchecked" if len(checked) < len(ok) else ""
+        )
     for r in invalid[:10]:
         line += f"\n  invalid: {r.get('name', '?')}: {r.get('invalid_reason') or 'no reason given'}"
     if len(invalid) > 10:

@@ -13,6 +13,7 @@ Every figure says what it shows: a title, and a footer with the GPU, model, kern
 commit from the records. Invalid points (record key `valid` false) are hatched bars or hollow
 markers, never drawn like valid ones. Each PNG is written to a temporary name and renamed.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,16 +29,30 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from hstu_exp.report.aggregate import (block_speedups, e2e_speedups, most_cached, ok,  # noqa: E402
-                                       valid_mask)
+from hstu_exp.report.aggregate import (
+    block_speedups,
+    e2e_speedups,
+    most_cached,
+    ok,  # noqa: E402
+    valid_mask,
+)
 from hstu_exp.report.labels import serve_label_title, serve_labels  # noqa: E402
 from hstu_exp.tracking.records import FileWriteError, write_atomically  # noqa: E402
 
-E2E_MODES = {"baseline": "Baseline", "baseline_graph": "Baseline + CUDA graph",
-             "cache": "KV cache", "cache_graph": "KV cache + CUDA graph"}
-KEY_NAMES = {"batch_size": "batch size", "total_history": "total history T",
-             "new_history": "new history n", "cached": "cached tokens (T - n)",
-             "label": "mode", "mode": "e2e mode"}
+E2E_MODES = {
+    "baseline": "Baseline",
+    "baseline_graph": "Baseline + CUDA graph",
+    "cache": "KV cache",
+    "cache_graph": "KV cache + CUDA graph",
+}
+KEY_NAMES = {
+    "batch_size": "batch size",
+    "total_history": "total history T",
+    "new_history": "new history n",
+    "cached": "cached tokens (T - n)",
+    "label": "mode",
+    "mode": "e2e mode",
+}
 INVALID_HATCH = "///"
 
 
@@ -68,25 +83,36 @@ def provenance(df: pd.DataFrame) -> str:
         gpu = "CPU " + _values(df, "cpu_model")  # device_name is only the architecture there
     model = _values(df, "model") + (f" ({_values(df, 'dtype')})" if "dtype" in df else "")
     cand = _values(df, "num_candidates")
-    return (f"{gpu} | model {model} | kernel {_values(df, 'kernel')} | graph "
-            f"{_values(df, 'graph')} | {cand} candidates | commit {_values(df, 'git_sha')}")
+    return (
+        f"{gpu} | model {model} | kernel {_values(df, 'kernel')} | graph "
+        f"{_values(df, 'graph')} | {cand} candidates | commit {_values(df, 'git_sha')}"
+    )
 
 
 def _finish(fig, title: str, df: pd.DataFrame) -> None:
     fig.suptitle(title, fontsize=11)
     fig.text(0.5, -0.01, provenance(df), ha="center", va="top", fontsize=7, color="dimgray")
-    n_invalid = int(sum(_is_invalid(v) for v in df["valid_"])) if "valid_" in df else \
-        int((valid_mask(df) == False).sum())  # noqa: E712
+    n_invalid = (
+        int(sum(_is_invalid(v) for v in df["valid_"]))
+        if "valid_" in df
+        else int(valid_mask(df).eq(False).sum())
+    )
     if n_invalid:
-        fig.text(0.5, -0.045, f"{n_invalid} of {len(df)} points invalid (hatched / hollow): "
-                 "see the records' invalid_reason", ha="center", va="top", fontsize=7,
-                 color="firebrick")
+        fig.text(
+            0.5,
+            -0.045,
+            f"{n_invalid} of {len(df)} points invalid (hatched / hollow): "
+            "see the records' invalid_reason",
+            ha="center",
+            va="top",
+            fontsize=7,
+            color="firebrick",
+        )
 
 
 def _save(fig, path: Path) -> Path:
     try:
-        write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110,
-                                                       bbox_inches="tight"))
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     finally:
         plt.close(fig)
     return path
@@ -113,16 +139,29 @@ def _plain_log_y(ax) -> None:
 def _grid(n: int, width: float = 4.2, height: float = 3.4):
     cols = min(4, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(width * cols, height * rows), squeeze=False, layout="constrained"
+    )
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])
 
 
-def _bars(ax, groups, series, table: pd.DataFrame, *, x: str, hue: str, y: str,
-          lo: str | None = None, hi: str | None = None, labels=None, fmt="{:.2f}",
-          palette=None):
+def _bars(
+    ax,
+    groups,
+    series,
+    table: pd.DataFrame,
+    *,
+    x: str,
+    hue: str,
+    y: str,
+    lo: str | None = None,
+    hi: str | None = None,
+    labels=None,
+    fmt="{:.2f}",
+    palette=None,
+):
     """Grouped bars: one group per x value, one bar per hue value; error bars from lo/hi
     columns; invalid records hatched; a value label on every bar. `palette` ({series: colour})
     keeps a series' colour the same across figures."""
@@ -152,15 +191,26 @@ def _bars(ax, groups, series, table: pd.DataFrame, *, x: str, hue: str, y: str,
         # the legend takes its swatch from an empty bar, so a hatched (invalid) first bar does
         # not make the whole series look invalid
         ax.bar([xs[0]], [0], 0, color=colors[j], label=label)
-        bars = ax.bar(xs, ys, width * 0.95, color=colors[j],
-                      yerr=np.array(errs).T if any(e != (0.0, 0.0) for e in errs) else None,
-                      capsize=2, error_kw={"lw": 0.8})
+        bars = ax.bar(
+            xs,
+            ys,
+            width * 0.95,
+            color=colors[j],
+            yerr=np.array(errs).T if any(e != (0.0, 0.0) for e in errs) else None,
+            capsize=2,
+            error_kw={"lw": 0.8},
+        )
         for bar, is_bad in zip(bars, bad):
             if is_bad:
                 bar.set_hatch(INVALID_HATCH)
                 bar.set_edgecolor("black")
-        ax.bar_label(bars, labels=[fmt.format(v) for v in ys], fontsize=6, padding=1,
-                     rotation=90 if len(series) * len(groups) > 12 else 0)
+        ax.bar_label(
+            bars,
+            labels=[fmt.format(v) for v in ys],
+            fontsize=6,
+            padding=1,
+            rotation=90 if len(series) * len(groups) > 12 else 0,
+        )
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([str(g) for g in groups])
 
@@ -169,8 +219,10 @@ def _with_ratio_valid(sp: pd.DataFrame) -> pd.DataFrame:
     """valid_ of a ratio: as valid as the weaker of its two records."""
     sp = _with_valid(sp)
     base = sp["baseline_valid"] if "baseline_valid" in sp else pd.Series(pd.NA, index=sp.index)
-    sp["valid_"] = [None if a is None and pd.isna(b) else
-                    not (_is_invalid(a) or _is_invalid(b)) for a, b in zip(sp["valid_"], base)]
+    sp["valid_"] = [
+        None if a is None and pd.isna(b) else not (_is_invalid(a) or _is_invalid(b))
+        for a, b in zip(sp["valid_"], base)
+    ]
     return sp
 
 
@@ -198,19 +250,30 @@ def latency_vs_history(df: pd.DataFrame):
                 continue
             ax.plot(s["total_history"], s["median_ms"], color=colors[lab], label=lab)
             if "p10_ms" in s and "p90_ms" in s and s["p10_ms"].notna().all():
-                ax.fill_between(s["total_history"], s["p10_ms"], s["p90_ms"],
-                                color=colors[lab], alpha=0.15, lw=0)
+                ax.fill_between(
+                    s["total_history"], s["p10_ms"], s["p90_ms"], color=colors[lab], alpha=0.15, lw=0
+                )
             bad = s["valid_"] == False  # noqa: E712
-            ax.scatter(s.loc[~bad, "total_history"], s.loc[~bad, "median_ms"], color=colors[lab],
-                       s=18, zorder=3)
-            ax.scatter(s.loc[bad, "total_history"], s.loc[bad, "median_ms"], facecolors="none",
-                       edgecolors=colors[lab], s=30, zorder=3)
+            ax.scatter(
+                s.loc[~bad, "total_history"], s.loc[~bad, "median_ms"], color=colors[lab], s=18, zorder=3
+            )
+            ax.scatter(
+                s.loc[bad, "total_history"],
+                s.loc[bad, "median_ms"],
+                facecolors="none",
+                edgecolors=colors[lab],
+                s=30,
+                zorder=3,
+            )
         _plain_log_y(ax)
         _log2_x(ax, lat["total_history"])
         ax.set(title=f"batch size {b}", xlabel="total history T", ylabel="median latency (ms)")
     axes[0].legend(title="+".join(label_keys(df)), fontsize=7, title_fontsize=7)
-    _finish(fig, "HSTU block latency vs history (fewest new tokens per T; band p10-p90; "
-            "hollow = invalid)", df)
+    _finish(
+        fig,
+        "HSTU block latency vs history (fewest new tokens per T; band p10-p90; hollow = invalid)",
+        df,
+    )
     return fig
 
 
@@ -226,8 +289,10 @@ def latency_bars(df: pd.DataFrame):
     """NVIDIA-style: absolute latency per batch size, groups = T, one bar per cached length
     (0 = full recompute; at most five per T, spread over the range), one row of panels per
     kernel / graph. Colour = cached share of T."""
-    d = df.assign(cached=(df["total_history"] - df["new_history"]).astype(int),
-                  kg=df["kernel"].astype(str) + "+" + df["graph"].astype(str))
+    d = df.assign(
+        cached=(df["total_history"] - df["new_history"]).astype(int),
+        kg=df["kernel"].astype(str) + "+" + df["graph"].astype(str),
+    )
     d = _with_valid(d)
     if "time" in d:
         d = d.sort_values("time", kind="stable")
@@ -236,14 +301,20 @@ def latency_bars(df: pd.DataFrame):
     d = d.assign(_baseline=(d["cache"] == "none")).sort_values("_baseline", kind="stable")
     rows = sorted(d["kg"].unique())
     batches = sorted(d["batch_size"].unique())
-    fig, axes = plt.subplots(len(rows), len(batches), squeeze=False, layout="constrained",
-                             figsize=(5.5 * len(batches), 3.8 * len(rows)))
+    fig, axes = plt.subplots(
+        len(rows),
+        len(batches),
+        squeeze=False,
+        layout="constrained",
+        figsize=(5.5 * len(batches), 3.8 * len(rows)),
+    )
     cmap = plt.get_cmap("viridis")
     for i, kg in enumerate(rows):
         for j, b in enumerate(batches):
             ax = axes[i][j]
             part = d[(d["kg"] == kg) & (d["batch_size"] == b)].drop_duplicates(
-                ["total_history", "cached"], keep="last")
+                ["total_history", "cached"], keep="last"
+            )
             ticks, names = [], []
             x = 0.0
             for t in sorted(part["total_history"].unique()):
@@ -252,30 +323,51 @@ def latency_bars(df: pd.DataFrame):
                     r = group.loc[c]
                     err = None
                     if pd.notna(r.get("p10_ms")) and pd.notna(r.get("p90_ms")):
-                        err = [[max(0.0, r["median_ms"] - r["p10_ms"])],
-                               [max(0.0, r["p90_ms"] - r["median_ms"])]]
-                    bar = ax.bar(x, r["median_ms"], 0.9, color=cmap(c / t * 0.9),
-                                 yerr=err, capsize=1.5, error_kw={"lw": 0.7})
+                        err = [
+                            [max(0.0, r["median_ms"] - r["p10_ms"])],
+                            [max(0.0, r["p90_ms"] - r["median_ms"])],
+                        ]
+                    bar = ax.bar(
+                        x,
+                        r["median_ms"],
+                        0.9,
+                        color=cmap(c / t * 0.9),
+                        yerr=err,
+                        capsize=1.5,
+                        error_kw={"lw": 0.7},
+                    )
                     if _is_invalid(r["valid_"]):
                         bar[0].set_hatch(INVALID_HATCH)
                         bar[0].set_edgecolor("black")
-                    ax.bar_label(bar, labels=[f"{r['median_ms']:.2f}"], fontsize=5, rotation=90,
-                                 padding=1)
+                    ax.bar_label(
+                        bar, labels=[f"{r['median_ms']:.2f}"], fontsize=5, rotation=90, padding=1
+                    )
                     ticks.append(x)
                     names.append(str(c))
                     x += 1
-                ax.text(x - 1 - (len(_spread(list(group.index))) - 1) / 2, -0.16,
-                        f"T={int(t)}", transform=ax.get_xaxis_transform(), ha="center",
-                        va="top", fontsize=7)
+                ax.text(
+                    x - 1 - (len(_spread(list(group.index))) - 1) / 2,
+                    -0.16,
+                    f"T={int(t)}",
+                    transform=ax.get_xaxis_transform(),
+                    ha="center",
+                    va="top",
+                    fontsize=7,
+                )
                 x += 0.8
             ax.set_xticks(ticks, names, rotation=90, fontsize=5)
             ax.set(title=f"{kg}, batch size {b}", ylabel="median latency (ms)")
-            ax.set_xlabel("cached tokens per user (0 = full recompute), grouped by total "
-                          "history T", labelpad=20)
+            ax.set_xlabel(
+                "cached tokens per user (0 = full recompute), grouped by total history T", labelpad=20
+            )
     share = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1 / 0.9))
     fig.colorbar(share, ax=axes.ravel().tolist(), label="cached share of T", shrink=0.8)
-    _finish(fig, "HSTU block latency per batch size (bars: median, whiskers p10-p90, colour: "
-            "cached share of T; hatched = invalid)", df)
+    _finish(
+        fig,
+        "HSTU block latency per batch size (bars: median, whiskers p10-p90, colour: "
+        "cached share of T; hatched = invalid)",
+        df,
+    )
     return fig
 
 
@@ -286,17 +378,33 @@ def speedup_bars(sp: pd.DataFrame):
     span = best["speedup"].max() / max(best["speedup"].min(), 1e-12)
     for ax, lab in zip(axes, labels):
         part = best[best["label"] == lab]
-        _bars(ax, sorted(part["total_history"].unique()), sorted(part["batch_size"].unique()),
-              part, x="total_history", hue="batch_size", y="speedup", lo="ci_low", hi="ci_high",
-              fmt="{:.2f}x")
+        _bars(
+            ax,
+            sorted(part["total_history"].unique()),
+            sorted(part["batch_size"].unique()),
+            part,
+            x="total_history",
+            hue="batch_size",
+            y="speedup",
+            lo="ci_low",
+            hi="ci_high",
+            fmt="{:.2f}x",
+        )
         ax.axhline(1.0, color="black", lw=0.9, ls="--")
         if span >= 10:  # ratios spanning a decade or more: 0.5x and 2x equally far from 1
             _plain_log_y(ax)
-        ax.set(title=f"{lab} vs cache=none", xlabel="total history T (fewest new tokens)",
-               ylabel="speedup over full recompute")
+        ax.set(
+            title=f"{lab} vs cache=none",
+            xlabel="total history T (fewest new tokens)",
+            ylabel="speedup over full recompute",
+        )
         ax.legend(title=KEY_NAMES["batch_size"], fontsize=7, title_fontsize=7)
-    _finish(fig, "Speedup of the KV cache over full recompute (whiskers: 95% bootstrap "
-            "interval; dashed: 1.0; hatched = invalid)", best)
+    _finish(
+        fig,
+        "Speedup of the KV cache over full recompute (whiskers: 95% bootstrap "
+        "interval; dashed: 1.0; hatched = invalid)",
+        best,
+    )
     return fig
 
 
@@ -308,41 +416,64 @@ def speedup_heatmap(sp: pd.DataFrame):
     sp = _with_ratio_valid(sp)
     extreme = float(np.nanmax(np.abs(np.log10(sp["speedup"].clip(lower=1e-6)))))
     extreme = max(extreme, np.log10(1.25))
-    norm = LogNorm(vmin=10 ** -extreme, vmax=10 ** extreme)  # symmetric in log: centre = 1
-    fig, axes = plt.subplots(len(labels), len(batches), squeeze=False, layout="constrained",
-                             figsize=(3.9 * len(batches) + 1.0, 3.3 * len(labels)))
+    norm = LogNorm(vmin=10**-extreme, vmax=10**extreme)  # symmetric in log: centre = 1
+    fig, axes = plt.subplots(
+        len(labels),
+        len(batches),
+        squeeze=False,
+        layout="constrained",
+        figsize=(3.9 * len(batches) + 1.0, 3.3 * len(labels)),
+    )
     image = None
     for i, lab in enumerate(labels):
         for j, b in enumerate(batches):
             ax = axes[i][j]
             part = sp[(sp["label"] == lab) & (sp["batch_size"] == b)]
-            grid = part.pivot_table(index="new_history", columns="total_history",
-                                    values="speedup", aggfunc="last")
+            grid = part.pivot_table(
+                index="new_history", columns="total_history", values="speedup", aggfunc="last"
+            )
             xs, ys = list(grid.columns), list(grid.index)
-            image = ax.imshow(grid.values, cmap="RdBu", norm=norm, aspect="auto",
-                              origin="lower")
+            image = ax.imshow(grid.values, cmap="RdBu", norm=norm, aspect="auto", origin="lower")
             bad = part[part["valid_"] == False]  # noqa: E712
             for _, r in part.iterrows():
                 x, y = xs.index(r["total_history"]), ys.index(r["new_history"])
-                ax.text(x, y, f"{r['speedup']:.1f}", ha="center", va="center", fontsize=7,
-                        color="black" if 0.5 < r["speedup"] < 2 else "white")
+                ax.text(
+                    x,
+                    y,
+                    f"{r['speedup']:.1f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black" if 0.5 < r["speedup"] < 2 else "white",
+                )
             for _, r in bad.iterrows():
                 x, y = xs.index(r["total_history"]), ys.index(r["new_history"])
-                ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False,
-                                           hatch=INVALID_HATCH, edgecolor="black", lw=0))
+                ax.add_patch(
+                    plt.Rectangle(
+                        (x - 0.5, y - 0.5),
+                        1,
+                        1,
+                        fill=False,
+                        hatch=INVALID_HATCH,
+                        edgecolor="black",
+                        lw=0,
+                    )
+                )
             ax.set_xticks(range(len(xs)), [str(int(v)) for v in xs], rotation=45)
             ax.set_yticks(range(len(ys)), [str(int(v)) for v in ys])
-            ax.set(title=f"{lab}, batch size {b}", xlabel="total history T",
-                   ylabel="new history n")
+            ax.set(title=f"{lab}, batch size {b}", xlabel="total history T", ylabel="new history n")
             ax.grid(False)
     bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9)
     bar.set_label("speedup over cache=none (log; 1 = same)")
-    ticks = [t for t in (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 10, 20, 50, 100)
-             if norm.vmin <= t <= norm.vmax]
+    ticks = [t for t in (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 10, 20, 50, 100) if norm.vmin <= t <= norm.vmax]
     bar.set_ticks(ticks, labels=[f"{t:g}x" for t in ticks])
     bar.ax.yaxis.set_minor_formatter(mticker.NullFormatter())
-    _finish(fig, "Speedup over full recompute, one panel per mode and batch size "
-            "(blue faster, red slower; hatched = invalid)", sp)
+    _finish(
+        fig,
+        "Speedup over full recompute, one panel per mode and batch size "
+        "(blue faster, red slower; hatched = invalid)",
+        sp,
+    )
     return fig
 
 
@@ -351,18 +482,34 @@ def roofline(df: pd.DataFrame):
     data = most_cached(df, ["label", "batch_size", "total_history"])
     data = data.assign(floor_pct=100 * data["floor_fraction"])
     fig, ax = plt.subplots(layout="constrained", figsize=(6.5, 4.2))
-    sns.lineplot(data=data, x=x, y="floor_pct", hue="label", style="batch_size", markers=True,
-                 errorbar=None, ax=ax)
+    sns.lineplot(
+        data=data,
+        x=x,
+        y="floor_pct",
+        hue="label",
+        style="batch_size",
+        markers=True,
+        errorbar=None,
+        ax=ax,
+    )
     bad = _with_valid(data)
     bad = bad[[_is_invalid(v) for v in bad["valid_"]]]
     if len(bad):  # the footer promises hollow invalid points
-        ax.scatter(bad[x], bad["floor_pct"], s=46, facecolors="white", edgecolors="black",
-                   zorder=3, label="invalid")
+        ax.scatter(
+            bad[x],
+            bad["floor_pct"],
+            s=46,
+            facecolors="white",
+            edgecolors="black",
+            zorder=3,
+            label="invalid",
+        )
     _log2_x(ax, data[x])
     ax.set(xlabel=KEY_NAMES.get(x, x), ylabel="hardware floor / measured latency (%)")
     ax.legend(title=f"{'+'.join(label_keys(df))} / batch size", fontsize=7, title_fontsize=7)
-    _finish(fig, "Fraction of the hardware floor reached (fewest new tokens per T; hollow = "
-            "invalid)", df)
+    _finish(
+        fig, "Fraction of the hardware floor reached (fewest new tokens per T; hollow = invalid)", df
+    )
     return fig
 
 
@@ -376,34 +523,62 @@ E2E_COLORS = dict(zip(E2E_MODES, sns.color_palette("deep", len(E2E_MODES))))
 
 def e2e_latency(df: pd.DataFrame):
     d = _with_valid(df)
-    modes = [m for m in E2E_MODES if m in set(d["mode"])] + \
-        sorted(set(d["mode"].astype(str)) - set(E2E_MODES))
+    modes = [m for m in E2E_MODES if m in set(d["mode"])] + sorted(
+        set(d["mode"].astype(str)) - set(E2E_MODES)
+    )
     fig, ax = plt.subplots(layout="constrained", figsize=(7.5, 4.2))
-    _bars(ax, sorted(d["batch_size"].unique()), modes, d, x="batch_size", hue="mode",
-          y="median_ms", lo="p10_ms", hi="p90_ms", labels=_e2e_label, palette=E2E_COLORS)
-    ax.set(xlabel="batch size (users per request batch)",
-           ylabel="median latency per batch (ms)")
-    ax.legend(title="e2e mode", fontsize=7, title_fontsize=7, loc="upper left",
-              bbox_to_anchor=(1.01, 1.0))
-    _finish(fig, "End-to-end ranking latency per batch (whiskers p10-p90; hatched = invalid)",
-            df)
+    _bars(
+        ax,
+        sorted(d["batch_size"].unique()),
+        modes,
+        d,
+        x="batch_size",
+        hue="mode",
+        y="median_ms",
+        lo="p10_ms",
+        hi="p90_ms",
+        labels=_e2e_label,
+        palette=E2E_COLORS,
+    )
+    ax.set(xlabel="batch size (users per request batch)", ylabel="median latency per batch (ms)")
+    ax.legend(
+        title="e2e mode", fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0)
+    )
+    _finish(fig, "End-to-end ranking latency per batch (whiskers p10-p90; hatched = invalid)", df)
     return fig
 
 
 def e2e_speedup(sp: pd.DataFrame):
     d = _with_ratio_valid(sp)
-    modes = [m for m in E2E_MODES if m in set(d["mode"])] + \
-        sorted(set(d["mode"].astype(str)) - set(E2E_MODES))
+    modes = [m for m in E2E_MODES if m in set(d["mode"])] + sorted(
+        set(d["mode"].astype(str)) - set(E2E_MODES)
+    )
     fig, ax = plt.subplots(layout="constrained", figsize=(7.5, 4.2))
-    _bars(ax, sorted(d["batch_size"].unique()), modes, d, x="batch_size", hue="mode",
-          y="speedup", lo="ci_low", hi="ci_high", labels=_e2e_label, fmt="{:.2f}x",
-          palette=E2E_COLORS)
+    _bars(
+        ax,
+        sorted(d["batch_size"].unique()),
+        modes,
+        d,
+        x="batch_size",
+        hue="mode",
+        y="speedup",
+        lo="ci_low",
+        hi="ci_high",
+        labels=_e2e_label,
+        fmt="{:.2f}x",
+        palette=E2E_COLORS,
+    )
     ax.axhline(1.0, color="black", lw=0.9, ls="--")
     ax.set(xlabel="batch size (users per request batch)", ylabel="speedup over baseline")
-    ax.legend(title="e2e mode", fontsize=7, title_fontsize=7, loc="upper left",
-              bbox_to_anchor=(1.01, 1.0))
-    _finish(fig, "End-to-end speedup over baseline: ratio of median pass totals (whiskers: "
-            "95% interval within a run, passes resampled; dashed: 1.0; hatched = invalid)", d)
+    ax.legend(
+        title="e2e mode", fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0)
+    )
+    _finish(
+        fig,
+        "End-to-end speedup over baseline: ratio of median pass totals (whiskers: "
+        "95% interval within a run, passes resampled; dashed: 1.0; hatched = invalid)",
+        d,
+    )
     return fig
 
 
@@ -434,8 +609,16 @@ def attention_tflops(df: pd.DataFrame):
     fig, axes = _grid(len(batches))
     for ax, b in zip(axes, batches):
         part = d[d["batch_size"] == b]
-        _bars(ax, sorted(part["total_history"].unique()), sorted(part["label"].unique()), part,
-              x="total_history", hue="label", y="tflops", fmt="{:.0f}")
+        _bars(
+            ax,
+            sorted(part["total_history"].unique()),
+            sorted(part["label"].unique()),
+            part,
+            x="total_history",
+            hue="label",
+            y="tflops",
+            fmt="{:.0f}",
+        )
         ax.set(title=f"batch size {b}", xlabel="total history T", ylabel="TFLOP/s")
         ax.legend(title="+".join(label_keys(df)), fontsize=7, title_fontsize=7)
     _finish(fig, "Attention throughput (fewest new tokens per T; unmasked query-key pairs)", df)
@@ -488,6 +671,7 @@ def draw_all(df: pd.DataFrame, out_dir: Path) -> dict:
 
 
 # -- workload=serve (docs/serving.md) -------------------------------------------------------------
+
 
 def _serve_label(df: pd.DataFrame) -> pd.Series:
     """What a serve sweep compares, per point (labels.serve_labels, as the W&B charts label
@@ -542,14 +726,17 @@ def serve_latency_vs_qps(df: pd.DataFrame):
     VALID, hollow: INVALID)."""
     d = _with_valid(df).assign(label=_serve_label(df), offered=_offered(df))
     d = d.assign(clock_=[_clock(r) for r in d.to_dict("records")]).sort_values("offered")
-    stats = [(k, t) for k, t in (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9"))
-             if k in d]
+    stats = [(k, t) for k, t in (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9")) if k in d]
     fig, axes = _grid(len(stats))
     both = d["clock_"].nunique() > 1
     for ax, (key, name) in zip(axes, stats):
         for (label, clock), part in d.groupby(["label", "clock_"], sort=True):
-            line, = ax.plot(part["offered"], part[key], ls="-" if clock == "real" else "--",
-                            label=f"{label} ({clock})" if both else label)
+            (line,) = ax.plot(
+                part["offered"],
+                part[key],
+                ls="-" if clock == "real" else "--",
+                label=f"{label} ({clock})" if both else label,
+            )
             passed = [_passed(r) for r in part.to_dict("records")]
             for ok_, face in ((True, line.get_color()), (False, "white"), (None, "lightgrey")):
                 pts = part[[p is ok_ for p in passed]]
@@ -558,12 +745,24 @@ def serve_latency_vs_qps(df: pd.DataFrame):
         _slo_line(ax, d)
         ax.set_yscale("log")
         _plain_log_y(ax)
-        ax.set(title=f"{name} latency", xlabel="offered load (requests/s)",
-               ylabel=f"{name} latency, queueing + service (ms)")
-    axes[-1].legend(title=serve_label_title(df.to_dict("records")), fontsize=7, title_fontsize=7,
-                    loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    _finish(fig, f"Serving latency vs offered load ({_clocks(d)}; solid real, dashed "
-            "simulated; filled VALID, hollow INVALID)", df)
+        ax.set(
+            title=f"{name} latency",
+            xlabel="offered load (requests/s)",
+            ylabel=f"{name} latency, queueing + service (ms)",
+        )
+    axes[-1].legend(
+        title=serve_label_title(df.to_dict("records")),
+        fontsize=7,
+        title_fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+    )
+    _finish(
+        fig,
+        f"Serving latency vs offered load ({_clocks(d)}; solid real, dashed "
+        "simulated; filled VALID, hollow INVALID)",
+        df,
+    )
     return fig
 
 
@@ -581,15 +780,21 @@ def serve_max_qps(df: pd.DataFrame):
         top = row.get("min_failing_qps")
         if top is not None and not pd.isna(top):
             x = (j - (len(labels) - 1) / 2) * width
-            ax.plot([x, x], [row["max_qps"], float(top)], color="black", lw=1.0, marker="_",
-                    markersize=8)
+            ax.plot(
+                [x, x], [row["max_qps"], float(top)], color="black", lw=1.0, marker="_", markersize=8
+            )
     ax.set_xticks([])
     slo = f"p{_values(d, 'slo_percentile')} <= {_values(d, 'slo_ms')} ms"
     ax.set(ylabel=f"max requests/s with {slo}")
-    ax.legend(title="configuration", fontsize=7, title_fontsize=7, loc="upper left",
-              bbox_to_anchor=(1.01, 1.0))
-    _finish(fig, f"Max QPS within the SLO ({slo}; {_clocks(d)}; bracket: up to the lowest rate "
-            "that failed; 0: no rate met it; hatched = invalid)", d)
+    ax.legend(
+        title="configuration", fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0)
+    )
+    _finish(
+        fig,
+        f"Max QPS within the SLO ({slo}; {_clocks(d)}; bracket: up to the lowest rate "
+        "that failed; 0: no rate met it; hatched = invalid)",
+        d,
+    )
     return fig
 
 
@@ -605,15 +810,22 @@ def serve_latency_cdf(df: pd.DataFrame):
         part = d if rate is None else d[d["offered"] == rate]
         for _, r in part.sort_values("label").iterrows():
             s = np.sort(np.asarray(r["samples_ms"], dtype=float))
-            ax.plot(s, np.arange(1, s.size + 1) / s.size, ls="-" if _clock(r) == "real" else "--",
-                    label=r["label"] + (f" ({_clock(r)})" if both else ""))
+            ax.plot(
+                s,
+                np.arange(1, s.size + 1) / s.size,
+                ls="-" if _clock(r) == "real" else "--",
+                label=r["label"] + (f" ({_clock(r)})" if both else ""),
+            )
         _slo_line(ax, d, vertical=True)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(mticker.NullFormatter())
-        ax.set(title="all points" if rate is None else f"{rate:g} requests/s offered",
-               xlabel="latency, queueing + service (ms)", ylabel="fraction of requests",
-               ylim=(0, 1.02))
+        ax.set(
+            title="all points" if rate is None else f"{rate:g} requests/s offered",
+            xlabel="latency, queueing + service (ms)",
+            ylabel="fraction of requests",
+            ylim=(0, 1.02),
+        )
     axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _finish(fig, f"Serving latency CDF (counted requests; {_clocks(d)})", df)
     return fig
@@ -629,10 +841,20 @@ def serve_cache(df: pd.DataFrame):
         axes[0].plot(part["qps_"], part["gpu_hit_rate"], marker="o", label=label)
         axes[1].plot(part["qps_"], part["host_hit_rate"], marker="o", label=label)
         per = part["requests"].clip(lower=1)
-        axes[2].plot(part["qps_"], (part["onloaded_bytes"] + part["offloaded_bytes"]) / per / 2**20,
-                     marker="o", label=label)
-    for ax, what in zip(axes, ("requests hitting the GPU pool", "requests hitting the host tier",
-                               "MiB moved per request (on + off)")):
+        axes[2].plot(
+            part["qps_"],
+            (part["onloaded_bytes"] + part["offloaded_bytes"]) / per / 2**20,
+            marker="o",
+            label=label,
+        )
+    for ax, what in zip(
+        axes,
+        (
+            "requests hitting the GPU pool",
+            "requests hitting the host tier",
+            "MiB moved per request (on + off)",
+        ),
+    ):
         ax.set(xlabel="offered load (requests/s)", ylabel=what)
         ax.legend(fontsize=7)
     _finish(fig, f"KV cache: hit rates per tier and bytes moved ({_clocks(d)})", df)
@@ -650,8 +872,13 @@ def draw_serve(good: pd.DataFrame, out: Path, figs: dict) -> None:
     if online["qps"].nunique() > 1:
         _draw(figs, out, "serve_latency_vs_qps", serve_latency_vs_qps, online)
     if "max_qps" in serve and serve["mode"].astype(str).str.startswith("max_qps").any():
-        _draw(figs, out, "serve_max_qps", serve_max_qps,
-              serve[serve["mode"].astype(str).str.startswith("max_qps")])
+        _draw(
+            figs,
+            out,
+            "serve_max_qps",
+            serve_max_qps,
+            serve[serve["mode"].astype(str).str.startswith("max_qps")],
+        )
     if "samples_ms" in serve:
         _draw(figs, out, "serve_latency_cdf", serve_latency_cdf, serve)
     if "gpu_hit_rate" in serve and (serve["cache"] != "none").any():

@@ -1,5 +1,6 @@
 """Labels of serve points, as the figures, the console and the W&B summary show them: what a serve
 sweep compares, in a few characters a point (presentation; the records keep the raw keys)."""
+
 from __future__ import annotations
 
 from hstu_exp.tracking.identity import PLUMBING
@@ -10,9 +11,20 @@ from hstu_exp.tracking.records import is_missing, point_overrides
 SERVE_LABEL_KEYS = ("cache", "kernel", "graph", "mode", "batch_size")
 # Overrides already told apart by a label key (mode = search or mode, then policy; batch_size
 # follows max_batch) or by the x axis (qps): a part of their own would only repeat them.
-_SPOKEN_FOR = {"cache", "cache.mode", "kernel", "kernel.name", "graph", "graph.mode",
-               "workload.batch_size", "workload.max_batch", "workload.policy", "workload.search",
-               "workload.mode", "workload.qps"}
+_SPOKEN_FOR = {
+    "cache",
+    "cache.mode",
+    "kernel",
+    "kernel.name",
+    "graph",
+    "graph.mode",
+    "workload.batch_size",
+    "workload.max_batch",
+    "workload.policy",
+    "workload.search",
+    "workload.mode",
+    "workload.qps",
+}
 
 
 def _text(v) -> str:
@@ -25,9 +37,13 @@ def _serve_label_plan(rows: list):
     given = [point_overrides(r.get("overrides")) for r in rows]
     # a record without overrides says nothing about them: it would make every key vary
     known = [o for o in given if o is not None]
-    extra = sorted(k for k in {k for o in known for k in o}
-                   if k not in _SPOKEN_FOR and k.split(".", 1)[0] not in PLUMBING
-                   and len({o.get(k, "-") for o in known}) > 1)
+    extra = sorted(
+        k
+        for k in {k for o in known for k in o}
+        if k not in _SPOKEN_FOR
+        and k.split(".", 1)[0] not in PLUMBING
+        and len({o.get(k, "-") for o in known}) > 1
+    )
     return keys, extra, given
 
 
@@ -38,9 +54,13 @@ def serve_labels(rows: list) -> list:
     only there (workload.user_skew=0.5,1.0) stay apart; e.g. 'paged+max_qps-fifo',
     'none+user_skew=0.5'. A missing value prints as "-"."""
     keys, extra, given = _serve_label_plan(rows)
-    return ["+".join([("B" if k == "batch_size" else "") + _text(r.get(k)) for k in keys]
-                     + [f"{k.rsplit('.', 1)[-1]}={(o or {}).get(k, '-')}" for k in extra])
-            for r, o in zip(rows, given)]
+    return [
+        "+".join(
+            [("B" if k == "batch_size" else "") + _text(r.get(k)) for k in keys]
+            + [f"{k.rsplit('.', 1)[-1]}={(o or {}).get(k, '-')}" for k in extra]
+        )
+        for r, o in zip(rows, given)
+    ]
 
 
 def serve_label_title(rows: list) -> str:

@@ -8,6 +8,7 @@ time, in arrival order (each sees only its own earlier history, never a later on
 (`sim.pick_batch`: fifo or length_aware) is the simulator's. The worker takes batches (`take`)
 and hands their users back (`release`) once answered.
 """
+
 from __future__ import annotations
 
 import threading
@@ -21,6 +22,7 @@ from hstu_exp.serving.sim import pick_batch
 @dataclass
 class Pending:
     """One query waiting for the server."""
+
     query_id: int  # LoadGen's id, handed back with the response
     index: int  # request number in arrival order (the population's stream)
     user: int
@@ -29,8 +31,14 @@ class Pending:
 
 
 class Batcher:
-    def __init__(self, *, max_batch: int, max_wait_s: float, policy: str,
-                 clock: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        policy: str,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         self.max_batch, self.max_wait_s, self.policy, self.clock = max_batch, max_wait_s, policy, clock
         self._cond = threading.Condition()
         self._waiting: List[Pending] = []

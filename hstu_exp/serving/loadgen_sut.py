@@ -11,6 +11,7 @@ record's verdict.
 The SUT here only hands queries to the batcher and completes them with the ranking scores; who
 each query is (user, history, candidates) comes from the population, in issue order.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,6 +40,7 @@ def loadgen():
 @dataclass
 class LoadGenTest:
     """One LoadGen run."""
+
     scenario: str  # server | offline
     target_qps: float  # server: the Poisson rate; offline: the expected rate (sizes the query)
     slo_ms: float
@@ -143,7 +145,7 @@ def read_detail(path: Path, test: LoadGenTest) -> dict:
     values = {}
     for line in Path(path).read_text().splitlines():
         if line.startswith(":::MLLOG "):
-            entry = json.loads(line[len(":::MLLOG "):])
+            entry = json.loads(line[len(":::MLLOG ") :])
             values[entry["key"]] = entry["value"]
 
     def ms(p: str):
@@ -151,25 +153,30 @@ def read_detail(path: Path, test: LoadGenTest) -> dict:
         return None if v is None else v / 1e6
 
     server = test.scenario == "server"
-    checks = [("result_perf_constraints_met",
-               f"p{test.slo_percentile:g} latency over {test.slo_ms:g} ms"),
-              ("result_min_duration_met", f"shorter than min_duration {test.min_duration_s:g} s"),
-              ("result_min_queries_met", f"fewer than min_query_count {test.min_query_count}"),
-              ("early_stopping_met", "early stopping not satisfied")]
+    checks = [
+        ("result_perf_constraints_met", f"p{test.slo_percentile:g} latency over {test.slo_ms:g} ms"),
+        ("result_min_duration_met", f"shorter than min_duration {test.min_duration_s:g} s"),
+        ("result_min_queries_met", f"fewer than min_query_count {test.min_query_count}"),
+        ("early_stopping_met", "early stopping not satisfied"),
+    ]
     failed = [why for key, why in checks if values.get(key) is False]
     reason = values.get("result_invalid_reason") or ""
     if values.get("early_stopping_met") is False and values.get("early_stopping_result"):
         reason = (reason + " " + " ".join(values["early_stopping_result"].split())).strip()
     verdict = values.get("result_validity")
-    completed = values.get("result_completed_samples_per_sec" if server else
-                           "result_samples_per_second")
-    return {"verdict": verdict,
-            "verdict_reason": "; ".join(failed + ([reason] if reason else [])) or None,
-            "early_stopping_met": values.get("early_stopping_met"),
-            "slo_met": values.get("result_perf_constraints_met", None) if server else None,
-            "scheduled_qps": values.get("result_scheduled_samples_per_sec"),
-            "completed_qps": completed,
-            "loadgen_queries": values.get("result_query_count"),
-            "overlatency_queries": values.get("result_overlatency_query_count"),
-            "p50_ms": ms("50.00"), "p90_ms": ms("90.00"), "p99_ms": ms("99.00"),
-            "p999_ms": ms("99.90"), "loadgen_version": values.get("loadgen_version")}
+    completed = values.get("result_completed_samples_per_sec" if server else "result_samples_per_second")
+    return {
+        "verdict": verdict,
+        "verdict_reason": "; ".join(failed + ([reason] if reason else [])) or None,
+        "early_stopping_met": values.get("early_stopping_met"),
+        "slo_met": values.get("result_perf_constraints_met", None) if server else None,
+        "scheduled_qps": values.get("result_scheduled_samples_per_sec"),
+        "completed_qps": completed,
+        "loadgen_queries": values.get("result_query_count"),
+        "overlatency_queries": values.get("result_overlatency_query_count"),
+        "p50_ms": ms("50.00"),
+        "p90_ms": ms("90.00"),
+        "p99_ms": ms("99.00"),
+        "p999_ms": ms("99.90"),
+        "loadgen_version": values.get("loadgen_version"),
+    }

@@ -1,6 +1,7 @@
 """What a real-clock run measured, for the record and requests.csv: the server's side of each
 query (arrival at the SUT, batch start, answer), its batches (host and device time), tiers and
 bytes. LoadGen's own verdict and percentiles come from its log (`loadgen_sut.read_detail`)."""
+
 from __future__ import annotations
 
 import csv
@@ -12,10 +13,27 @@ from hstu_exp.serving.path import TIERS
 from hstu_exp.serving.stats import percentile, user_shares
 from hstu_exp.serving.worker import busy_fraction
 
-REQUEST_COLUMNS = ("request", "user", "arrival_s", "start_s", "finish_s", "latency_ms",
-                   "queue_ms", "service_ms", "batch", "batch_size", "tier", "history",
-                   "candidates", "cached_tokens", "tokens_computed", "onloaded_bytes",
-                   "offloaded_bytes", "counted", "replica")
+REQUEST_COLUMNS = (
+    "request",
+    "user",
+    "arrival_s",
+    "start_s",
+    "finish_s",
+    "latency_ms",
+    "queue_ms",
+    "service_ms",
+    "batch",
+    "batch_size",
+    "tier",
+    "history",
+    "candidates",
+    "cached_tokens",
+    "tokens_computed",
+    "onloaded_bytes",
+    "offloaded_bytes",
+    "counted",
+    "replica",
+)
 
 
 def latencies_ms(rows: List[dict]) -> List[float]:
@@ -36,41 +54,48 @@ def run_stats(rows: List[dict], batches: List[dict], max_batch: int) -> dict:
         hist[b["size"] - 1] += 1
     tiers = {t: sum(r["tier"] == t for r in rows) for t in TIERS}
     spans = [(a - 1e3 * first, b - 1e3 * first) for a, b in (x["span_ms"] for x in batches)]
-    return {"requests": len(rows), "requests_total": len(rows), "batches": len(batches),
-            "batch_size_hist": hist,
-            "mean_batch_size": sum(b["size"] for b in batches) / max(len(batches), 1),
-            "server_p50_ms": percentile(sorted(lat), 50),
-            "server_p99_ms": percentile(sorted(lat), 99),
-            "queue_p50_ms": percentile(sorted(1e3 * (r["start_s"] - r["arrival_s"])
-                                              for r in rows), 50),
-            "host_ms_per_batch": median(b["host_ms"] for b in batches) if batches else None,
-            "device_ms_per_batch": median(b["device_ms"] for b in batches) if batches else None,
-            "busy_fraction": busy_fraction(spans, wall_ms),
-            **user_shares([r["user"] for r in rows], lat),
-            **{f"{t}_requests": tiers[t] for t in TIERS},
-            **{f"{t}_hit_rate" if t != "miss" else "miss_rate": tiers[t] / n for t in TIERS},
-            "cached_tokens": sum(r["cached_tokens"] for r in rows),
-            "computed_tokens": sum(r["tokens_computed"] for r in rows),
-            "onloaded_bytes": sum(r["onloaded_bytes"] for r in rows),
-            "offloaded_bytes": sum(r["offloaded_bytes"] for r in rows)}
+    return {
+        "requests": len(rows),
+        "requests_total": len(rows),
+        "batches": len(batches),
+        "batch_size_hist": hist,
+        "mean_batch_size": sum(b["size"] for b in batches) / max(len(batches), 1),
+        "server_p50_ms": percentile(sorted(lat), 50),
+        "server_p99_ms": percentile(sorted(lat), 99),
+        "queue_p50_ms": percentile(sorted(1e3 * (r["start_s"] - r["arrival_s"]) for r in rows), 50),
+        "host_ms_per_batch": median(b["host_ms"] for b in batches) if batches else None,
+        "device_ms_per_batch": median(b["device_ms"] for b in batches) if batches else None,
+        "busy_fraction": busy_fraction(spans, wall_ms),
+        **user_shares([r["user"] for r in rows], lat),
+        **{f"{t}_requests": tiers[t] for t in TIERS},
+        **{f"{t}_hit_rate" if t != "miss" else "miss_rate": tiers[t] / n for t in TIERS},
+        "cached_tokens": sum(r["cached_tokens"] for r in rows),
+        "computed_tokens": sum(r["tokens_computed"] for r in rows),
+        "onloaded_bytes": sum(r["onloaded_bytes"] for r in rows),
+        "offloaded_bytes": sum(r["offloaded_bytes"] for r in rows),
+    }
 
 
-def replica_stats(rows: List[dict], batches: List[dict], replicas: int,
-                  routing: dict) -> dict:
+def replica_stats(rows: List[dict], batches: List[dict], replicas: int, routing: dict) -> dict:
     """Per-replica record keys (lists indexed by replica) of a run on `replicas` replicas:
     each one's device-busy share of the whole run's wall time (first arrival to last answer),
     its requests and hit rates per tier; with the router's counts (`Router.stats`). The
     record's `busy_fraction` stays the replicas' mean (`replica_busy_fraction` the spread)."""
     first = min((r["arrival_s"] for r in rows), default=0.0)
     wall_ms = 1e3 * (max((r["finish_s"] for r in rows), default=first) - first)
-    out: dict = {"replicas": replicas, "replica_busy_fraction": [], "replica_requests": [],
-                 "replica_host_ms_per_batch": []}
-    out.update({f"replica_{t}_hit_rate" if t != "miss" else "replica_miss_rate": []
-                for t in TIERS})
+    out: dict = {
+        "replicas": replicas,
+        "replica_busy_fraction": [],
+        "replica_requests": [],
+        "replica_host_ms_per_batch": [],
+    }
+    out.update({f"replica_{t}_hit_rate" if t != "miss" else "replica_miss_rate": [] for t in TIERS})
     for k in range(replicas):
         mine = [r for r in rows if r.get("replica", 0) == k]
-        spans = [(a - 1e3 * first, b - 1e3 * first)
-                 for a, b in (x["span_ms"] for x in batches if x.get("replica", 0) == k)]
+        spans = [
+            (a - 1e3 * first, b - 1e3 * first)
+            for a, b in (x["span_ms"] for x in batches if x.get("replica", 0) == k)
+        ]
         out["replica_busy_fraction"].append(busy_fraction(spans, wall_ms))
         # host time a batch (median): grows with N where the replicas' threads wait on the GIL
         host = [x["host_ms"] for x in batches if x.get("replica", 0) == k]
@@ -92,12 +117,29 @@ def write_requests(rows: List[dict], path: Path) -> None:
         out = csv.writer(f)
         out.writerow(REQUEST_COLUMNS)
         for i, r in enumerate(rows):
-            out.writerow([i, r["user"], round(r["arrival_s"], 9), round(r["start_s"], 9),
-                          round(r["finish_s"], 9), _ms(r, "finish_s", "arrival_s"),
-                          _ms(r, "start_s", "arrival_s"), _ms(r, "finish_s", "start_s"),
-                          r["batch"], r["batch_size"], r["tier"], r["history"], r["candidates"],
-                          r["cached_tokens"], r["tokens_computed"], r["onloaded_bytes"],
-                          r["offloaded_bytes"], 1, r.get("replica", 0)])
+            out.writerow(
+                [
+                    i,
+                    r["user"],
+                    round(r["arrival_s"], 9),
+                    round(r["start_s"], 9),
+                    round(r["finish_s"], 9),
+                    _ms(r, "finish_s", "arrival_s"),
+                    _ms(r, "start_s", "arrival_s"),
+                    _ms(r, "finish_s", "start_s"),
+                    r["batch"],
+                    r["batch_size"],
+                    r["tier"],
+                    r["history"],
+                    r["candidates"],
+                    r["cached_tokens"],
+                    r["tokens_computed"],
+                    r["onloaded_bytes"],
+                    r["offloaded_bytes"],
+                    1,
+                    r.get("replica", 0),
+                ]
+            )
 
 
 def _ms(row: dict, end: str, start: str) -> float:

@@ -15,6 +15,7 @@ previous one. The cache manager records the batch's fingerprints after the launc
 `Served` says how long the host took to issue the batch (`host_ms`) and how long its compute
 took on the device (`device_ms`). Callers that time a batch synchronize themselves.
 """
+
 from __future__ import annotations
 
 import time
@@ -34,6 +35,7 @@ TIERS = ("gpu", "host", "miss")  # where a request's cached prefix came from
 class Served:
     """One batch served: logits [sum of candidates, tasks] and, per request, what it took. The
     per-request figures are computed when read (e2e's timed loop never reads them)."""
+
     logits: torch.Tensor
     hidden: Optional[torch.Tensor]  # candidate hidden states (return_hidden=True)
     requests: Sequence[Request]
@@ -56,8 +58,9 @@ class Served:
     @property
     def tiers(self) -> List[str]:
         """TIERS: where each request's cached prefix came from."""
-        return ["miss" if c == 0 else "host" if h else "gpu"
-                for c, h in zip(self.cached, self.was_on_host)]
+        return [
+            "miss" if c == 0 else "host" if h else "gpu" for c, h in zip(self.cached, self.was_on_host)
+        ]
 
     @property
     def computed(self) -> List[int]:
@@ -73,8 +76,9 @@ class Served:
     @property
     def offloaded_bytes(self) -> List[int]:
         """The batch's offloads shared out by the new tokens that needed room."""
-        return apportion(self.batch_bytes[1],
-                         [r.seq_len - c for r, c in zip(self.requests, self.cached)])
+        return apportion(
+            self.batch_bytes[1], [r.seq_len - c for r, c in zip(self.requests, self.cached)]
+        )
 
 
 def apportion(total: int, weights: Sequence[int]) -> List[int]:
@@ -88,7 +92,7 @@ def apportion(total: int, weights: Sequence[int]) -> List[int]:
         return [total] + [0] * (len(weights) - 1)
     shares = [total * w // whole for w in weights]
     order = sorted(range(len(weights)), key=lambda i: -(total * weights[i] % whole))
-    for i in order[:total - sum(shares)]:
+    for i in order[: total - sum(shares)]:
         shares[i] += 1
     return shares
 
@@ -116,8 +120,7 @@ class RequestPath:
             cached, was_on_host, table, on_layer = self._plan_pages(requests)
         with phase("rank.tokens"):
             tokens = self.model.embeddings.tokens(requests, cached, self.device, upload=False)
-            batch = make_batch(tokens.rows, tokens.num_candidates, self.device, table,
-                               upload=False)
+            batch = make_batch(tokens.rows, tokens.num_candidates, self.device, table, upload=False)
         pool = self.manager.cache.pool if self.manager is not None else None
         cuda = torch.device(self.device).type == "cuda"
         if self.graphs is None:  # eager: each layer waits for its own onloads (on_layer)
@@ -133,9 +136,16 @@ class RequestPath:
         span = (start, _mark(cuda))
         if self.manager is not None:
             self.manager.commit()  # fingerprints, while the device computes
-        return Served(logits=logits, hidden=h if return_hidden else None, requests=requests,
-                      cached=cached, was_on_host=was_on_host, batch_bytes=self._bytes_moved(),
-                      host_ms=(time.perf_counter() - t0) * 1e3, span=span)
+        return Served(
+            logits=logits,
+            hidden=h if return_hidden else None,
+            requests=requests,
+            cached=cached,
+            was_on_host=was_on_host,
+            batch_bytes=self._bytes_moved(),
+            host_ms=(time.perf_counter() - t0) * 1e3,
+            span=span,
+        )
 
     def _plan_pages(self, requests):
         """Lookup and page planning: (cached prefix per request, whether it sat in the host
@@ -172,10 +182,18 @@ def _mark(cuda: bool):
     return event
 
 
-def rank(model: HSTURanker, requests: Sequence[Request], *, device, manager=None, graphs=None,
-         return_hidden: bool = False):
+def rank(
+    model: HSTURanker,
+    requests: Sequence[Request],
+    *,
+    device,
+    manager=None,
+    graphs=None,
+    return_hidden: bool = False,
+):
     """Logits [sum of candidates, tasks] of a batch of requests (and the candidate hidden states
     with return_hidden): `RequestPath.serve` without the per-request accounting."""
     served = RequestPath(model, device=device, manager=manager, graphs=graphs).serve(
-        requests, return_hidden=return_hidden)
+        requests, return_hidden=return_hidden
+    )
     return (served.logits, served.hidden) if return_hidden else served.logits

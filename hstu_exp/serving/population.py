@@ -2,6 +2,7 @@
 requests are prefixes of (a history only grows), and the arrivals of a run (data/arrivals.py:
 Poisson at `qps`, or a trace). The request a server sees is built here from (user, history,
 candidates)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,8 +11,7 @@ from typing import List
 import numpy as np
 import torch
 
-from hstu_exp.data.arrivals import (UserDraws, histories, poisson_arrivals, read_trace,
-                                    users_for_rate)
+from hstu_exp.data.arrivals import UserDraws, histories, poisson_arrivals, read_trace, users_for_rate
 from hstu_exp.data.synthetic import Request, interleave
 
 
@@ -29,7 +29,8 @@ class UserSequences:
             self._seqs[user] = interleave(
                 torch.from_numpy(rng.integers(m.context_vocab, size=m.num_context)),
                 torch.from_numpy(rng.integers(m.item_vocab, size=n_items)),
-                torch.from_numpy(rng.integers(m.action_vocab, size=n_items)))
+                torch.from_numpy(rng.integers(m.action_vocab, size=n_items)),
+            )
         return self._seqs[user]
 
     def request(self, user: int, history: int, candidates: int, index: int) -> Request:
@@ -39,13 +40,15 @@ class UserSequences:
         end = self.m.num_context + history
         rng = np.random.default_rng([self.seed, 11, index])
         cands = torch.from_numpy(rng.integers(self.m.item_vocab, size=candidates))
-        return Request(user=user, kinds=kinds[:end], ids=ids[:end], candidates=cands,
-                       num_context=self.m.num_context)
+        return Request(
+            user=user, kinds=kinds[:end], ids=ids[:end], candidates=cands, num_context=self.m.num_context
+        )
 
 
 @dataclass
 class Stream:
     """The arrivals of one trial, and what each request carries."""
+
     times: List[float]  # arrival, s (0 for every request in mode=offline)
     users: List[int]
     history: List[int]  # history tokens
@@ -62,19 +65,29 @@ def make_stream(cfg, qps: float) -> Stream:
         arrivals = read_trace(w.trace)
     else:
         arrivals = poisson_arrivals(
-            qps=qps, horizon_s=horizon,
+            qps=qps,
+            horizon_s=horizon,
             num_users=w.num_users or users_for_rate(qps, w.user_return_s),
-            user_skew=w.user_skew, new_user_rate=w.new_user_rate, items_per_return=w.items_per_return,
-            max_items=max_items, num_candidates=w.num_candidates,
-            candidates_max=w.candidates_max, seed=cfg.seed)
+            user_skew=w.user_skew,
+            new_user_rate=w.new_user_rate,
+            items_per_return=w.items_per_return,
+            max_items=max_items,
+            num_candidates=w.num_candidates,
+            candidates_max=w.candidates_max,
+            seed=cfg.seed,
+        )
     counted = [w.warmup_s <= a.time_s < horizon for a in arrivals]
     offered = qps if w.trace is None else sum(counted) / w.duration_s
     items = histories(arrivals, max_items)
     times = [0.0 if w.mode == "offline" else a.time_s for a in arrivals]
-    return Stream(times=times, users=[a.user for a in arrivals],
-                  history=[min(2 * k, m.max_history) for k in items],
-                  candidates=[a.candidates for a in arrivals], counted=counted,
-                  offered_qps=offered)
+    return Stream(
+        times=times,
+        users=[a.user for a in arrivals],
+        history=[min(2 * k, m.max_history) for k in items],
+        candidates=[a.candidates for a in arrivals],
+        counted=counted,
+        offered_qps=offered,
+    )
 
 
 class Population:
@@ -100,8 +113,16 @@ def population_for(cfg, qps: float, seed: int) -> Population:
     """The population of a serve point: workload.num_users, or (null) sized to the rate."""
     m, w = cfg.model, cfg.workload
     num_users = w.num_users or users_for_rate(qps, w.user_return_s)
-    return Population(m, UserDraws(
-        num_users=num_users, user_skew=w.user_skew, new_user_rate=w.new_user_rate,
-        items_per_return=w.items_per_return, max_items=-(-m.max_history // 2),
-        num_candidates=w.num_candidates, candidates_max=w.candidates_max,
-        rng=np.random.default_rng([seed, 17])))
+    return Population(
+        m,
+        UserDraws(
+            num_users=num_users,
+            user_skew=w.user_skew,
+            new_user_rate=w.new_user_rate,
+            items_per_return=w.items_per_return,
+            max_items=-(-m.max_history // 2),
+            num_candidates=w.num_candidates,
+            candidates_max=w.candidates_max,
+            rng=np.random.default_rng([seed, 17]),
+        ),
+    )

@@ -17,6 +17,7 @@ Policies:
 Pure Python and thread-safe: `route` runs on the load generator's thread, `done` on the
 replicas' workers.
 """
+
 from __future__ import annotations
 
 import threading
@@ -26,8 +27,9 @@ POLICIES = ("hash", "least_loaded")
 
 
 class Router:
-    def __init__(self, replicas: int, *, slack_rows: int, policy: str = "least_loaded",
-                 max_imbalance: float = 0.5):
+    def __init__(
+        self, replicas: int, *, slack_rows: int, policy: str = "least_loaded", max_imbalance: float = 0.5
+    ):
         if replicas < 1:
             raise ValueError(f"workload.replicas={replicas}: must be >= 1")
         if policy not in POLICIES:
@@ -91,6 +93,10 @@ class Router:
         """Per replica (lists indexed by replica): queries routed, users pinned at the end,
         users moved in and out; and the moves in all."""
         with self._lock:
-            return {"replica_queries": list(self.routed), "replica_users": list(self.users),
-                    "replica_moved_in": list(self.moved_in),
-                    "replica_moved_out": list(self.moved_out), "moves": sum(self.moved_in)}
+            return {
+                "replica_queries": list(self.routed),
+                "replica_users": list(self.users),
+                "replica_moved_in": list(self.moved_in),
+                "replica_moved_out": list(self.moved_out),
+                "moves": sum(self.moved_in),
+            }

@@ -19,6 +19,7 @@ served one at a time in issue order. The replicas are threads of this one proces
 Python host work per batch shares the GIL, which may cap the scaling on N GPUs (one process
 per GPU would not share it).
 """
+
 from __future__ import annotations
 
 import threading
@@ -35,7 +36,6 @@ from hstu_exp.serving.routing import Router
 from hstu_exp.serving.sim import token_bucket
 from hstu_exp.serving.worker import Worker, WorkerLog, on_device
 
-
 WARM_INDEX = 1 << 40  # warm-up requests draw their candidates apart from the run's
 WARM_DRAWS = 64  # warm-up draws at most this many requests per request of a batch
 
@@ -47,6 +47,7 @@ class FirstUseDuringRun(RuntimeError):
 @dataclass
 class RunResult:
     """One LoadGen run on the real server."""
+
     loadgen: dict  # loadgen_sut.read_detail
     log: WorkerLog  # every replica's, merged: rows and batches carry their "replica"
     specs: List[tuple]  # per request index: (user, history tokens, candidates)
@@ -60,9 +61,21 @@ class RealServer:
     `path` and `device`: one request path and its device, or lists of them (one per replica),
     behind a Router of `routing` (policy), `max_imbalance` and `slack_rows`."""
 
-    def __init__(self, path, users, *, max_batch: int, max_wait_s: float, policy: str,
-                 device, token_buckets, num_context: int, routing: str = "least_loaded",
-                 max_imbalance: float = 0.5, slack_rows: int = 0):
+    def __init__(
+        self,
+        path,
+        users,
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        policy: str,
+        device,
+        token_buckets,
+        num_context: int,
+        routing: str = "least_loaded",
+        max_imbalance: float = 0.5,
+        slack_rows: int = 0,
+    ):
         self.paths = list(path) if isinstance(path, (list, tuple)) else [path]
         devices = device if isinstance(device, (list, tuple)) else [device] * len(self.paths)
         self.devices = [torch.device(d) for d in devices]
@@ -71,8 +84,7 @@ class RealServer:
         self.path, self.device, self.users = self.paths[0], self.devices[0], users
         self.max_batch, self.max_wait_s, self.policy = max_batch, max_wait_s, policy
         self.token_buckets, self.num_context = list(token_buckets), num_context
-        self._router_args = dict(policy=routing, max_imbalance=max_imbalance,
-                                 slack_rows=slack_rows)
+        self._router_args = dict(policy=routing, max_imbalance=max_imbalance, slack_rows=slack_rows)
         self.router = Router(len(self.paths), **self._router_args)
 
     def reset(self) -> None:
@@ -87,8 +99,9 @@ class RealServer:
                 torch.cuda.synchronize(d)
 
     @torch.no_grad()
-    def warm(self, population, *, cache_requests: int, quiet_rounds: int, max_s: float,
-             progress=print) -> dict:
+    def warm(
+        self, population, *, cache_requests: int, quiet_rounds: int, max_s: float, progress=print
+    ) -> dict:
         """Serves the population's next requests, untimed, in batches of 1..max_batch (a
         round), until `quiet_rounds` rounds in a row met no first-use work and at least
         `cache_requests` were served, or `max_s` passed. Returns what it did."""
@@ -112,8 +125,7 @@ class RealServer:
                         if home != replica:
                             continue
                         seen.add(user)
-                        batch.append(self.users.request(user, history, cands,
-                                                        WARM_INDEX + served))
+                        batch.append(self.users.request(user, history, cands, WARM_INDEX + served))
                         served += 1
                     if batch:
                         with on_device(self.devices[replica]):
@@ -126,21 +138,37 @@ class RealServer:
             elapsed = time.perf_counter() - t0
             if (quiet >= quiet_rounds and served >= cache_requests) or elapsed > max_s:
                 break
-        progress(f"warm-up: {served} requests in {rounds} rounds of batches 1..{self.max_batch}"
-                 f"{f' on each of {len(self.paths)} replicas' if len(self.paths) > 1 else ''}, "
-                 f"{events} first-use events, {elapsed:.1f} s")
-        return {"warm_s": elapsed, "warm_requests": served, "warm_first_use": events,
-                "warm_quiet": quiet >= quiet_rounds}
+        progress(
+            f"warm-up: {served} requests in {rounds} rounds of batches 1..{self.max_batch}"
+            f"{f' on each of {len(self.paths)} replicas' if len(self.paths) > 1 else ''}, "
+            f"{events} first-use events, {elapsed:.1f} s"
+        )
+        return {
+            "warm_s": elapsed,
+            "warm_requests": served,
+            "warm_first_use": events,
+            "warm_quiet": quiet >= quiet_rounds,
+        }
 
-    def run(self, test: loadgen_sut.LoadGenTest, population, log_dir, *, sample_every: int = 0,
-            give_up_after: Optional[int] = None, progress=print) -> RunResult:
+    def run(
+        self,
+        test: loadgen_sut.LoadGenTest,
+        population,
+        log_dir,
+        *,
+        sample_every: int = 0,
+        give_up_after: Optional[int] = None,
+        progress=print,
+    ) -> RunResult:
         """One LoadGen run. sample_every > 0: every that many-th request's scores are kept for
         verification (log.checked). give_up_after: once that many queries were answered later
         than test.slo_ms (the percentile surely missed), the rest are answered at once without
         the model, so that an overloaded trial ends soon (LoadGen waits for every answer)."""
         replicas = range(len(self.paths))
-        batchers = [Batcher(max_batch=self.max_batch, max_wait_s=self.max_wait_s,
-                            policy=self.policy) for _ in replicas]
+        batchers = [
+            Batcher(max_batch=self.max_batch, max_wait_s=self.max_wait_s, policy=self.policy)
+            for _ in replicas
+        ]
         router, routed_before = self.router, self.router.stats()
         specs: List[tuple] = []  # per request index: (user, history, candidates)
         placed: List[int] = []  # per request index: its replica
@@ -155,8 +183,9 @@ class RealServer:
                     user, history, cands = population.next()
                     rows = self.num_context + history + cands
                     replica = router.route(user, rows)
-                    items[replica].append(Pending(qid, len(specs), user,
-                                                  token_bucket(rows, self.token_buckets), now))
+                    items[replica].append(
+                        Pending(qid, len(specs), user, token_bucket(rows, self.token_buckets), now)
+                    )
                     specs.append((user, history, cands))
                     placed.append(replica)
             for replica, mine in enumerate(items):
@@ -184,18 +213,26 @@ class RealServer:
                 if late[0] < give_up_after:
                     return
                 stopped.append(True)
-            progress(f"stopped: {late[0]} queries over {test.slo_ms:g} ms, "
-                     f"p{test.slo_percentile:g} surely missed; the rest answered without "
-                     "the model")
+            progress(
+                f"stopped: {late[0]} queries over {test.slo_ms:g} ms, "
+                f"p{test.slo_percentile:g} surely missed; the rest answered without "
+                "the model"
+            )
             for w in workers:
                 w.stop_serving()
 
         sut = loadgen_sut.SUT(admit)
-        workers = [Worker(self.paths[r], batchers[r], request=request,
-                          answer=lambda batch, scores, r=r: answer(r, batch, scores),
-                          device=self.devices[r],
-                          sample=_Every(sample_every) if sample_every else ())
-                   for r in replicas]
+        workers = [
+            Worker(
+                self.paths[r],
+                batchers[r],
+                request=request,
+                answer=lambda batch, scores, r=r: answer(r, batch, scores),
+                device=self.devices[r],
+                sample=_Every(sample_every) if sample_every else (),
+            )
+            for r in replicas
+        ]
         self._sync()
         t0 = time.perf_counter()
         for batcher, worker in zip(batchers, workers):
@@ -203,8 +240,10 @@ class RealServer:
             worker.start(t0)
 
         def interrupted() -> None:
-            progress("interrupted: answering LoadGen's remaining queries without the model, "
-                     "so that its logs close")
+            progress(
+                "interrupted: answering LoadGen's remaining queries without the model, "
+                "so that its logs close"
+            )
             for w in workers:
                 w.stop_serving()
 
@@ -223,16 +262,19 @@ class RealServer:
         if log.first_use:
             raise FirstUseDuringRun(
                 "first-use work (a graph capture, an autotune or a Triton compile) during the "
-                "timed run, in " + "; ".join(log.first_use[:3]) +
-                (" ..." if len(log.first_use) > 3 else "") +
-                ": the start-up warm-up missed a shape (raise workload.warm_rounds)")
+                "timed run, in "
+                + "; ".join(log.first_use[:3])
+                + (" ..." if len(log.first_use) > 3 else "")
+                + ": the start-up warm-up missed a shape (raise workload.warm_rounds)"
+            )
         return served
 
     @staticmethod
     def _served(result, log: WorkerLog, specs, stopped, routing) -> "RunResult":
         rows = log.rows.values()
-        wall = (max((r["finish_s"] for r in rows), default=0.0)
-                - min((r["arrival_s"] for r in rows), default=0.0))
+        wall = max((r["finish_s"] for r in rows), default=0.0) - min(
+            (r["arrival_s"] for r in rows), default=0.0
+        )
         return RunResult(result, log, specs, wall, stopped_early=bool(stopped), routing=routing)
 
 
@@ -245,8 +287,9 @@ def _merged(logs: List[WorkerLog]) -> WorkerLog:
             out.rows[index] = {**row, "replica": replica}
         out.batches += [{**b, "replica": replica} for b in log.batches]
         out.order += [(kind, replica, n) for kind, n in log.order]
-        out.first_use += [note if len(logs) == 1 else f"replica {replica} {note}"
-                          for note in log.first_use]
+        out.first_use += [
+            note if len(logs) == 1 else f"replica {replica} {note}" for note in log.first_use
+        ]
         out.checked += log.checked
     return out
 

@@ -10,6 +10,7 @@ back to back with nothing overlapped (one serialized worker, no ingest or respon
 
 Pure Python, no torch: the policies (`pick_batch`) are shared with the real batcher.
 """
+
 from __future__ import annotations
 
 from bisect import bisect_left
@@ -24,6 +25,7 @@ POLICIES = ("fifo", "length_aware")
 @dataclass
 class Schedule:
     """When each request started and finished, in which batch; the batches in order."""
+
     start: List[Optional[float]]
     finish: List[Optional[float]]
     batch: List[Optional[int]]
@@ -57,9 +59,17 @@ def token_bucket(rows: int, buckets) -> int:
     return bisect_left(sorted(buckets), rows)
 
 
-def simulate(times, users, buckets, serve_batch: Callable[[List[int]], float], *,
-             max_batch: int, max_wait_s: float, policy: str,
-             give_up: Optional[Callable] = None) -> Schedule:
+def simulate(
+    times,
+    users,
+    buckets,
+    serve_batch: Callable[[List[int]], float],
+    *,
+    max_batch: int,
+    max_wait_s: float,
+    policy: str,
+    give_up: Optional[Callable] = None,
+) -> Schedule:
     """Serve requests arriving at `times` (sorted, seconds) on one server. serve_batch(indices)
     serves a batch and returns its service time, s. give_up(now, schedule, waiting) may end the
     run after a batch (search: the SLO is already missed)."""
@@ -110,4 +120,5 @@ def slo_give_up(times, counted, slo_s: float, percentile: float):
                 break
             late += counted[i]
         return over[0] + late >= limit
+
     return give_up

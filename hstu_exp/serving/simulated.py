@@ -3,6 +3,7 @@ drives the real request path, each batch timed on its own, synchronized before a
 first-use work (a tune, a compile, a capture met mid-trial) taken off its service time. A
 what-if tool over measured service times, labelled simulated wherever its numbers appear
 (docs/serving.md says what it assumes and how far it is from the real server)."""
+
 from __future__ import annotations
 
 import csv
@@ -23,6 +24,8 @@ from hstu_exp.serving.sim import Schedule, eligible, simulate, slo_give_up, toke
 from hstu_exp.serving.stats import percentile
 
 REQUESTS_FILE = "requests.csv"
+
+
 @dataclass
 class Trial:
     qps: float
@@ -66,7 +69,7 @@ class ServePoint:
     def warm_up(self, stream: Stream) -> None:
         """First-call costs (allocation, kernel selection) off the clock: the stream's first
         users served twice (a miss, then a hit), then the cache is emptied."""
-        first = eligible(list(range(len(stream.times))), stream.users)[:self.w.max_batch]
+        first = eligible(list(range(len(stream.times))), stream.users)[: self.w.max_batch]
         batch = [self.request(stream, i) for i in first]
         for _ in range(2):
             self.timed_serve(batch)
@@ -77,8 +80,10 @@ class ServePoint:
         stream = make_stream(self.cfg, qps)
         self.path.reset()
         n = len(stream.times)
-        cols = {k: [None] * n for k in ("tier", "cached_tokens", "tokens_computed",
-                                        "onloaded_bytes", "offloaded_bytes")}
+        cols = {
+            k: [None] * n
+            for k in ("tier", "cached_tokens", "tokens_computed", "onloaded_bytes", "offloaded_bytes")
+        }
         service_s: List[float] = []
         sample = set(_verify_sample(stream, w.verify_requests, self.cfg.seed)) if verify else set()
         checked = []
@@ -95,21 +100,36 @@ class ServePoint:
             if want:
                 counts = [r.candidates.numel() for r in requests]
                 rows = zip(served.logits.split(counts), served.hidden.split(counts))
-                checked.extend((requests[j], lg.float().cpu().clone(), h.float().cpu().clone())
-                               for j, (lg, h) in enumerate(rows) if indices[j] in sample)
+                checked.extend(
+                    (requests[j], lg.float().cpu().clone(), h.float().cpu().clone())
+                    for j, (lg, h) in enumerate(rows)
+                    if indices[j] in sample
+                )
             service_s.append(seconds)
             return seconds
 
-        buckets = [token_bucket(self.cfg.model.num_context + h + c, self.cfg.graph.token_buckets)
-                   for h, c in zip(stream.history, stream.candidates)]
-        give_up = (slo_give_up(stream.times, stream.counted, w.slo_ms / 1e3, w.slo_percentile)
-                   if search or w.stop_on_miss else None)
+        buckets = [
+            token_bucket(self.cfg.model.num_context + h + c, self.cfg.graph.token_buckets)
+            for h, c in zip(stream.history, stream.candidates)
+        ]
+        give_up = (
+            slo_give_up(stream.times, stream.counted, w.slo_ms / 1e3, w.slo_percentile)
+            if search or w.stop_on_miss
+            else None
+        )
         core = self.graphs.core if self.graphs is not None else None
         captured, first = len(core.graphs) if core is not None else 0, first_use.seconds()
         rows = (core.live_rows, core.run_rows) if core is not None else (0, 0)
-        schedule = simulate(stream.times, stream.users, buckets, serve_batch,
-                            max_batch=w.max_batch, max_wait_s=w.max_wait_ms / 1e3,
-                            policy=w.policy, give_up=give_up)
+        schedule = simulate(
+            stream.times,
+            stream.users,
+            buckets,
+            serve_batch,
+            max_batch=w.max_batch,
+            max_wait_s=w.max_wait_ms / 1e3,
+            policy=w.policy,
+            give_up=give_up,
+        )
         trial = Trial(qps, stream, schedule, cols, service_s, checked)
         trial.first_use_ms = 1e3 * (first_use.seconds() - first)
         if core is not None:
@@ -135,8 +155,11 @@ def counted(trial: Trial) -> List[int]:
 def latencies_ms(trial: Trial) -> List[float]:
     """Latency (queueing + service) of every counted request that finished, in request order."""
     s, st = trial.schedule, trial.stream
-    return [(s.finish[i] - st.times[i]) * 1e3 for i in range(len(st.times))
-            if st.counted[i] and s.finish[i] is not None]
+    return [
+        (s.finish[i] - st.times[i]) * 1e3
+        for i in range(len(st.times))
+        if st.counted[i] and s.finish[i] is not None
+    ]
 
 
 def slo_result(trial: Trial, w) -> dict:
@@ -147,6 +170,7 @@ def slo_result(trial: Trial, w) -> dict:
 
 
 # -- the record ------------------------------------------------------------------------------
+
 
 def trial_stats(trial: Trial, w) -> dict:
     s, st, cols = trial.schedule, trial.stream, trial.per_request
@@ -166,25 +190,37 @@ def trial_stats(trial: Trial, w) -> dict:
         hist[len(idx) - 1] += 1
     tiers = {t: sum(cols["tier"][i] == t for i in counted) for t in TIERS}
     n = max(len(counted), 1)
-    out = {"offered_qps": st.offered_qps, "requests": len(counted),
-           "requests_total": len(st.times), "achieved_qps": len(counted) / span,
-           "candidates_per_s": sum(st.candidates[i] for i in counted) / span,
-           "p50_ms": percentile(lat, 50), "p90_ms": percentile(lat, 90),
-           "p99_ms": percentile(lat, 99), "p999_ms": percentile(lat, 99.9),
-           "queue_p50_ms": percentile(queue, 50), "queue_p99_ms": percentile(queue, 99),
-           "service_p50_ms": percentile(sorted(1e3 * (b - a) for a, b, _ in mine), 50),
-           "batches": len(mine), "batch_size_hist": hist,
-           "mean_batch_size": sum(len(b[2]) for b in mine) / max(len(mine), 1),
-           "busy_fraction": busy / span, "stopped_early": s.stopped_early,
-           "graph_captures": trial.graph_captures, "graph_padding": trial.graph_padding,
-           "first_use_ms": trial.first_use_ms,
-           **{f"{t}_requests": tiers[t] for t in TIERS},
-           **{f"{t}_hit_rate" if t != "miss" else "miss_rate": tiers[t] / n for t in TIERS},
-           "cached_tokens": sum(cols["cached_tokens"][i] for i in counted),
-           "computed_tokens": sum(cols["tokens_computed"][i] for i in counted),
-           "onloaded_bytes": sum(cols["onloaded_bytes"][i] for i in counted),
-           "offloaded_bytes": sum(cols["offloaded_bytes"][i] for i in counted),
-           "slo_ms": w.slo_ms, "slo_percentile": w.slo_percentile, **trial.slo}
+    out = {
+        "offered_qps": st.offered_qps,
+        "requests": len(counted),
+        "requests_total": len(st.times),
+        "achieved_qps": len(counted) / span,
+        "candidates_per_s": sum(st.candidates[i] for i in counted) / span,
+        "p50_ms": percentile(lat, 50),
+        "p90_ms": percentile(lat, 90),
+        "p99_ms": percentile(lat, 99),
+        "p999_ms": percentile(lat, 99.9),
+        "queue_p50_ms": percentile(queue, 50),
+        "queue_p99_ms": percentile(queue, 99),
+        "service_p50_ms": percentile(sorted(1e3 * (b - a) for a, b, _ in mine), 50),
+        "batches": len(mine),
+        "batch_size_hist": hist,
+        "mean_batch_size": sum(len(b[2]) for b in mine) / max(len(mine), 1),
+        "busy_fraction": busy / span,
+        "stopped_early": s.stopped_early,
+        "graph_captures": trial.graph_captures,
+        "graph_padding": trial.graph_padding,
+        "first_use_ms": trial.first_use_ms,
+        **{f"{t}_requests": tiers[t] for t in TIERS},
+        **{f"{t}_hit_rate" if t != "miss" else "miss_rate": tiers[t] / n for t in TIERS},
+        "cached_tokens": sum(cols["cached_tokens"][i] for i in counted),
+        "computed_tokens": sum(cols["tokens_computed"][i] for i in counted),
+        "onloaded_bytes": sum(cols["onloaded_bytes"][i] for i in counted),
+        "offloaded_bytes": sum(cols["offloaded_bytes"][i] for i in counted),
+        "slo_ms": w.slo_ms,
+        "slo_percentile": w.slo_percentile,
+        **trial.slo,
+    }
     return out
 
 
@@ -197,13 +233,28 @@ def write_requests(trial: Trial, path: Path) -> None:
         for i in range(len(st.times)):
             done = s.finish[i] is not None
             ms = (lambda a, b: round((a - b) * 1e3, 6)) if done else (lambda a, b: None)
-            out.writerow([i, st.users[i], st.times[i], s.start[i], s.finish[i],
-                          ms(s.finish[i], st.times[i]), ms(s.start[i], st.times[i]),
-                          ms(s.finish[i], s.start[i]), s.batch[i],
-                          sizes.get(s.batch[i]), cols["tier"][i], st.history[i],
-                          st.candidates[i], cols["cached_tokens"][i],
-                          cols["tokens_computed"][i], cols["onloaded_bytes"][i],
-                          cols["offloaded_bytes"][i], int(st.counted[i])])
+            out.writerow(
+                [
+                    i,
+                    st.users[i],
+                    st.times[i],
+                    s.start[i],
+                    s.finish[i],
+                    ms(s.finish[i], st.times[i]),
+                    ms(s.start[i], st.times[i]),
+                    ms(s.finish[i], s.start[i]),
+                    s.batch[i],
+                    sizes.get(s.batch[i]),
+                    cols["tier"][i],
+                    st.history[i],
+                    st.candidates[i],
+                    cols["cached_tokens"][i],
+                    cols["tokens_computed"][i],
+                    cols["onloaded_bytes"][i],
+                    cols["offloaded_bytes"][i],
+                    int(st.counted[i]),
+                ]
+            )
 
 
 def search_max_qps(point: ServePoint, w, progress, verify: bool = False) -> tuple:
@@ -214,8 +265,11 @@ def search_max_qps(point: ServePoint, w, progress, verify: bool = False) -> tupl
     def met(qps: float) -> bool:
         t = point.trial(qps, search=True, verify=verify)
         trials.append(t)
-        shown = "stopped early" if t.schedule.stopped_early else \
-            f"p{w.slo_percentile:g} {t.slo['slo_latency_ms']:.1f} ms"
+        shown = (
+            "stopped early"
+            if t.schedule.stopped_early
+            else f"p{w.slo_percentile:g} {t.slo['slo_latency_ms']:.1f} ms"
+        )
         progress(f"max_qps: {qps:g} qps: {shown}, SLO {'met' if t.slo['slo_met'] else 'missed'}")
         return t.slo["slo_met"]
 

@@ -1,5 +1,6 @@
 """Latency statistics of a serve run: percentiles, the SLO's sure-miss count, and who owns the
 tail. Pure Python: the simulator and the real server share them."""
+
 from __future__ import annotations
 
 import math
@@ -31,9 +32,11 @@ def user_shares(users: Sequence, latencies: Sequence[float]) -> dict:
         return {"top_user_request_share": None, "top_user_tail_share": None}
     top, count = Counter(users).most_common(1)[0]
     order = sorted(range(len(users)), key=lambda i: -latencies[i])
-    tail = order[:max(1, len(users) // 100)]
-    return {"top_user_request_share": count / len(users),
-            "top_user_tail_share": sum(users[i] == top for i in tail) / len(tail)}
+    tail = order[: max(1, len(users) // 100)]
+    return {
+        "top_user_request_share": count / len(users),
+        "top_user_tail_share": sum(users[i] == top for i in tail) / len(tail),
+    }
 
 
 def relative_gap(predicted: Optional[float], measured: Optional[float]) -> Optional[float]:

@@ -13,6 +13,7 @@ queries there) and its users back to the batcher. First-use work inside the time
 capture, an autotune, a Triton compile: `hstu_exp.first_use`) is noted per batch; the server
 fails the point on it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,6 +49,7 @@ class InFlight:
 @dataclass
 class WorkerLog:
     """What the worker did, for the record and the tests."""
+
     order: List[tuple] = field(default_factory=list)  # ("launch" | "wait", batch number)
     rows: dict = field(default_factory=dict)  # request index -> per-request facts
     batches: List[dict] = field(default_factory=list)  # per batch: host_ms, device span
@@ -59,8 +61,17 @@ class Worker:
     """`request(pending) -> Request` builds a request; `answer(batch, scores_per_request)`
     completes it; `sample`: request indices whose scores are kept for verification."""
 
-    def __init__(self, path, batcher: Batcher, *, request: Callable, answer: Callable,
-                 device, sample=(), clock: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        path,
+        batcher: Batcher,
+        *,
+        request: Callable,
+        answer: Callable,
+        device,
+        sample=(),
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         self.path, self.batcher, self.request, self.answer = path, batcher, request, answer
         self.device, self.sample, self.clock = torch.device(device), sample, clock
         self.cuda = self.device.type == "cuda"
@@ -145,8 +156,9 @@ class Worker:
             done.record()
         else:
             scores = served.logits.float()
-        return InFlight(number, batch, requests, served, scores, start, self.clock(), done,
-                        first_use.events() - uses)
+        return InFlight(
+            number, batch, requests, served, scores, start, self.clock(), done, first_use.events() - uses
+        )
 
     def _finish(self, f: InFlight) -> None:
         self.log.order.append(("wait", f.number))
@@ -167,19 +179,34 @@ class Worker:
         onloaded, offloaded = s.onloaded_bytes, s.offloaded_bytes
         for j, p in enumerate(f.batch):
             self.log.rows[p.index] = {
-                "user": p.user, "arrival_s": p.arrival - self._t0, "start_s": f.start - self._t0,
-                "finish_s": done - self._t0, "batch": f.number, "batch_size": len(f.batch),
-                "tier": tiers[j], "history": f.requests[j].history, "candidates": counts[j],
-                "cached_tokens": s.cached[j], "tokens_computed": computed[j],
-                "onloaded_bytes": onloaded[j], "offloaded_bytes": offloaded[j]}
+                "user": p.user,
+                "arrival_s": p.arrival - self._t0,
+                "start_s": f.start - self._t0,
+                "finish_s": done - self._t0,
+                "batch": f.number,
+                "batch_size": len(f.batch),
+                "tier": tiers[j],
+                "history": f.requests[j].history,
+                "candidates": counts[j],
+                "cached_tokens": s.cached[j],
+                "tokens_computed": computed[j],
+                "onloaded_bytes": onloaded[j],
+                "offloaded_bytes": offloaded[j],
+            }
             if p.index in self.sample:
                 self.log.checked.append((f.requests[j], per_request[j].clone()))
-        self.log.batches.append({"host_ms": 1e3 * (f.launched - f.start),
-                                 "device_ms": span[1] - span[0],
-                                 "span_ms": span, "size": len(f.batch)})
+        self.log.batches.append(
+            {
+                "host_ms": 1e3 * (f.launched - f.start),
+                "device_ms": span[1] - span[0],
+                "span_ms": span,
+                "size": len(f.batch),
+            }
+        )
         if f.first_use:
-            self.log.first_use.append(f"batch {f.number} ({len(f.batch)} requests, "
-                                      f"{f.first_use} first-use event(s))")
+            self.log.first_use.append(
+                f"batch {f.number} ({len(f.batch)} requests, {f.first_use} first-use event(s))"
+            )
 
 
 def on_device(device):

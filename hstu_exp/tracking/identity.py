@@ -10,6 +10,7 @@ hand: sweeping any knob (graph.fit_rows, workload.user_skew) keeps its points ap
 Records written before the config was recorded (schema 2 and older: the published sweeps) carry
 their derived point keys and their own Hydra overrides; their identity is those two together.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,9 +27,13 @@ PLUMBING = NOT_IDENTITY + ("experiment",)
 _GROUPS = ("model", "cache", "kernel", "graph")
 _TOP = ("device", "seed", "verify", "calibrate", "profile")
 # A point key named in a comparison -> the config paths it stands for.
-_PATHS = {"page_size": ("cache.page_size",), "dtype": ("model.dtype",),
-          "workload": ("workload.name",), "qps": ("workload.qps",),
-          "batch_size": ("workload.batch_size", "workload.max_batch")}
+_PATHS = {
+    "page_size": ("cache.page_size",),
+    "dtype": ("model.dtype",),
+    "workload": ("workload.name",),
+    "qps": ("workload.qps",),
+    "batch_size": ("workload.batch_size", "workload.max_batch"),
+}
 _POINT = "point:"  # prefix of the point keys in an identity
 
 
@@ -94,11 +99,17 @@ def identity(record, *, ignore: Iterable[str] = (), with_config: bool | None = N
     if with_config is None:
         with_config = has_config(record)
     if with_config:
-        items = {k: v for k, v in flatten(record.get("config") or {}).items()
-                 if k.split(".", 1)[0] not in NOT_IDENTITY}
+        items = {
+            k: v
+            for k, v in flatten(record.get("config") or {}).items()
+            if k.split(".", 1)[0] not in NOT_IDENTITY
+        }
     else:
-        items = {k: v for k, v in (point_overrides(record.get("overrides")) or {}).items()
-                 if k.split(".", 1)[0] not in PLUMBING}
+        items = {
+            k: v
+            for k, v in (point_overrides(record.get("overrides")) or {}).items()
+            if k.split(".", 1)[0] not in PLUMBING
+        }
     items.update({_POINT + k: record.get(k) for k in SWEPT_KEYS if k not in ignore})
     return {k: text(v) for k, v in sorted(items.items()) if not _under(k, prefixes)}
 
@@ -117,4 +128,4 @@ def same_point_key(records: list, *, ignore: Iterable[str] = ()) -> list:
 
 def short(path: str) -> str:
     """A path as a table shows it: point keys bare, config paths by their last part."""
-    return path[len(_POINT):] if path.startswith(_POINT) else path.rsplit(".", 1)[-1]
+    return path[len(_POINT) :] if path.startswith(_POINT) else path.rsplit(".", 1)[-1]

@@ -11,6 +11,7 @@ deleted); the reader passes over torn lines and counts them. The close-out write
 `results.jsonl` (the newest record of every point) into the sweep dir; readers of a sweep dir
 use the job dirs' records when there are any, so the two are never counted twice.
 """
+
 from __future__ import annotations
 
 import ast
@@ -27,13 +28,51 @@ TORN_SUFFIX = ".torn"
 
 # The point keys every record carries (runner.swept_values: what ran, derived from the config):
 # what tables and names show, and what identifies a record without a `config` (tracking.identity).
-SWEPT_KEYS = ["workload", "model", "dtype", "cache", "page_size", "kernel", "graph", "mode",
-              "batch_size", "total_history", "new_history", "num_candidates", "qps", "device"]
-ENV_KEYS = ["device_name", "driver", "cuda", "torch", "triton", "torchrec", "fbgemm", "wandb",
-            "python", "git_sha", "git_dirty", "hostname", "boot_id", "gpu_uuid", "gpu_index",
-            "cuda_visible_devices", "cpu_model", "cpu_cores", "sm_clock_mhz", "sm_clock_max_mhz",
-            "mem_clock_mhz", "power_w", "temperature_c", "throttle_reasons", "power_capped",
-            "throttled", "clocks_unavailable"]
+SWEPT_KEYS = [
+    "workload",
+    "model",
+    "dtype",
+    "cache",
+    "page_size",
+    "kernel",
+    "graph",
+    "mode",
+    "batch_size",
+    "total_history",
+    "new_history",
+    "num_candidates",
+    "qps",
+    "device",
+]
+ENV_KEYS = [
+    "device_name",
+    "driver",
+    "cuda",
+    "torch",
+    "triton",
+    "torchrec",
+    "fbgemm",
+    "wandb",
+    "python",
+    "git_sha",
+    "git_dirty",
+    "hostname",
+    "boot_id",
+    "gpu_uuid",
+    "gpu_index",
+    "cuda_visible_devices",
+    "cpu_model",
+    "cpu_cores",
+    "sm_clock_mhz",
+    "sm_clock_max_mhz",
+    "mem_clock_mhz",
+    "power_w",
+    "temperature_c",
+    "throttle_reasons",
+    "power_capped",
+    "throttled",
+    "clocks_unavailable",
+]
 STATS_KEYS = ["median_ms", "p10_ms", "p90_ms", "mean_ms", "min_ms", "max_ms", "iterations"]
 # Every record starts with this key (runner builds it first): where a torn fragment and a whole
 # record were glued on one line by an older writer, the record after the fragment is recovered.
@@ -125,6 +164,7 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
 @dataclass
 class Scan:
     """What reading the records of a dir found."""
+
     records: list = field(default_factory=list)
     torn: int = 0  # unreadable lines passed over in results.jsonl files
     malformed: int = 0  # whole JSON lines that are not a record (hand edits, other tools)
@@ -138,8 +178,10 @@ class Scan:
         if self.malformed:
             parts.append(f"passed over {self.malformed} malformed record(s) in {RESULTS_FILE}")
         if self.set_aside:
-            parts.append(f"{self.set_aside} torn fragment(s) from interrupted writes kept in "
-                         f"{RESULTS_FILE}{TORN_SUFFIX}")
+            parts.append(
+                f"{self.set_aside} torn fragment(s) from interrupted writes kept in "
+                f"{RESULTS_FILE}{TORN_SUFFIX}"
+            )
         return "; ".join(parts)
 
 
@@ -178,8 +220,10 @@ def well_formed(record) -> bool:
     go, and an ok record's median."""
     if not isinstance(record, dict) or record.get("status") not in STATUSES:
         return False
-    if any(not (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))
-           for v in (record.get(k) for k in _NUMERIC_KEYS)):
+    if any(
+        not (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))
+        for v in (record.get(k) for k in _NUMERIC_KEYS)
+    ):
         return False
     return record["status"] != "ok" or isinstance(record.get("median_ms"), (int, float))
 
@@ -200,8 +244,9 @@ def scan_records(root: Path) -> Scan:
                 scan.records.append(record)
         torn_file = Path(str(path) + TORN_SUFFIX)
         if torn_file.is_file():
-            scan.set_aside += sum(1 for ln in torn_file.read_text(errors="replace").splitlines()
-                                  if ln.strip())
+            scan.set_aside += sum(
+                1 for ln in torn_file.read_text(errors="replace").splitlines() if ln.strip()
+            )
     return scan
 
 
@@ -213,8 +258,11 @@ def read_records(root: Path) -> Iterator[dict]:
 def is_missing(v) -> bool:
     """None, NaN or pandas' NA (a records frame has every column, missing ones filled in). While
     pandas is not imported, no value can be its NA."""
-    return (v is None or (isinstance(v, float) and math.isnan(v))
-            or v is getattr(sys.modules.get("pandas"), "NA", None))
+    return (
+        v is None
+        or (isinstance(v, float) and math.isnan(v))
+        or v is getattr(sys.modules.get("pandas"), "NA", None)
+    )
 
 
 def point_overrides(value):

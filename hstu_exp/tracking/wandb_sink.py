@@ -11,6 +11,7 @@ Each run is built in two steps: `point_spec` / `summary_spec` turn records into 
 JSON-able description of the run (no wandb import), and `write_run` turns that into a W&B run,
 in this process or in the child.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,27 +33,98 @@ MARKER = ".wandb-disabled"
 MODES = ("online", "offline", "disabled")
 DEFAULT_TIMEOUT_S = 30.0
 # Provenance keys that records may carry besides ENV_KEYS (older records lack some).
-ENV_EXTRA = ["git_dirty", "wandb", "python", "cpu_model", "cpu_cores", "gpu_uuid", "gpu_count",
-             "sm_clock_mhz", "sm_clock_max_mhz", "mem_clock_mhz", "power_w", "temperature_c",
-             "throttle_reasons", "power_capped", "throttled", "clocks_unavailable"]
-PARAM_KEYS = ["num_layers", "hidden", "num_heads", "head_dim", "max_history", "warmup", "iters",
-              "min_time_s", "max_time_s", "cv_max", "min_samples", "input_sets", "seed", "verify",
-              "schema_version", "headline", "flop_convention", "cv_basis"]
+ENV_EXTRA = [
+    "git_dirty",
+    "wandb",
+    "python",
+    "cpu_model",
+    "cpu_cores",
+    "gpu_uuid",
+    "gpu_count",
+    "sm_clock_mhz",
+    "sm_clock_max_mhz",
+    "mem_clock_mhz",
+    "power_w",
+    "temperature_c",
+    "throttle_reasons",
+    "power_capped",
+    "throttled",
+    "clocks_unavailable",
+]
+PARAM_KEYS = [
+    "num_layers",
+    "hidden",
+    "num_heads",
+    "head_dim",
+    "max_history",
+    "warmup",
+    "iters",
+    "min_time_s",
+    "max_time_s",
+    "cv_max",
+    "min_samples",
+    "input_sets",
+    "seed",
+    "verify",
+    "schema_version",
+    "headline",
+    "flop_convention",
+    "cv_basis",
+]
 # Summary namespaces: W&B shows a "/" in a key as a section of the run's summary.
 NAMESPACES = {
-    "latency": ["median_ms", "p10_ms", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms",
-                "max_ms", "cv", "iterations", "wall_s"],
+    "latency": [
+        "median_ms",
+        "p10_ms",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "mean_ms",
+        "min_ms",
+        "max_ms",
+        "cv",
+        "iterations",
+        "wall_s",
+    ],
     "validity": ["valid", "invalid_reason"],
-    "roofline": ["flops", "min_bytes", "tflops", "floor_ms", "floor_fraction", "floor_bound",
-                 "peak_tflops", "peak_gbps"],
+    "roofline": [
+        "flops",
+        "min_bytes",
+        "tflops",
+        "floor_ms",
+        "floor_fraction",
+        "floor_bound",
+        "peak_tflops",
+        "peak_gbps",
+    ],
     "memory": ["mem_allocated_bytes", "mem_reserved_bytes", "kv_pool_bytes"],
     "verify": ["max_rel_error"],
 }
 # Not in a run's summary: identity and provenance are config, paths are host-specific.
-NOT_SUMMARY = {"samples_ms", "traceback", "job_dir", "config_key", "sweep", "point", "name",
-               "time", "overrides", "autotune"}
-RESULT_COLUMNS = ["label", "batch_size", "total_history", "new_history", "num_candidates",
-                  "median_ms", "p10_ms", "p90_ms", "cv", "valid"]
+NOT_SUMMARY = {
+    "samples_ms",
+    "traceback",
+    "job_dir",
+    "config_key",
+    "sweep",
+    "point",
+    "name",
+    "time",
+    "overrides",
+    "autotune",
+}
+RESULT_COLUMNS = [
+    "label",
+    "batch_size",
+    "total_history",
+    "new_history",
+    "num_candidates",
+    "median_ms",
+    "p10_ms",
+    "p90_ms",
+    "cv",
+    "valid",
+]
 
 # Hydra's job logging sends these to the console and the job's .log; elsewhere (the importer)
 # Python's last-resort handler prints warnings to stderr.
@@ -63,36 +135,76 @@ _noticed: list = []  # the WANDB_MODE notice is printed once per process
 
 # --------------------------------------------------------------------------- the public calls
 
-def log_point(record: dict, *, logger: dict, job_dir: Path, group: str, cfg: dict,
-              sweep_dir: Optional[Path] = None, id_group: Optional[str] = None) -> Optional[str]:
+
+def log_point(
+    record: dict,
+    *,
+    logger: dict,
+    job_dir: Path,
+    group: str,
+    cfg: dict,
+    sweep_dir: Optional[Path] = None,
+    id_group: Optional[str] = None,
+) -> Optional[str]:
     """One point's run (none for a skipped point). Returns its run dir, or None. `id_group`
     (default `group`: the sweep dir's name) is what the run id follows; `group` may be a
     display name of the importer's --group."""
     if record.get("status") == "skipped":
         return None  # on disk, and listed in the summary run's `skipped` table
     where = Path(sweep_dir or job_dir)
-    return _guarded(lambda: point_spec(record, logger=logger, job_dir=Path(job_dir),
-                                       group=group, cfg=cfg, data_dir=where,
-                                       id_group=id_group),
-                    logger=logger, where=where)
+    return _guarded(
+        lambda: point_spec(
+            record,
+            logger=logger,
+            job_dir=Path(job_dir),
+            group=group,
+            cfg=cfg,
+            data_dir=where,
+            id_group=id_group,
+        ),
+        logger=logger,
+        where=where,
+    )
 
 
-def log_summary(df, *, logger: dict, sweep_dir: Path, group: str, images: dict,
-                labels: Callable[[list], list], headline=None, csv: Optional[Path] = None,
-                grid_dir: Optional[Path] = None, id_group: Optional[str] = None) -> Optional[str]:
+def log_summary(
+    df,
+    *,
+    logger: dict,
+    sweep_dir: Path,
+    group: str,
+    images: dict,
+    labels: Callable[[list], list],
+    headline=None,
+    csv: Optional[Path] = None,
+    grid_dir: Optional[Path] = None,
+    id_group: Optional[str] = None,
+) -> Optional[str]:
     """The sweep's summary run: grid (from `grid_dir`, default the sweep dir), counts,
     headline speedups, native charts, figures and the results CSV as an artifact. Returns its
     run dir, or None. The report layer hands over what it presents: `labels` (serve records ->
     one label each, `report.labels.serve_labels`) and `headline` (the speedup table of
     `report.aggregate.headline`, or None)."""
-    return _guarded(lambda: summary_spec(df, logger=logger, sweep_dir=Path(sweep_dir),
-                                         group=group, images=images, labels=labels,
-                                         headline=headline, csv=csv, grid_dir=grid_dir,
-                                         id_group=id_group),
-                    logger=logger, where=Path(sweep_dir))
+    return _guarded(
+        lambda: summary_spec(
+            df,
+            logger=logger,
+            sweep_dir=Path(sweep_dir),
+            group=group,
+            images=images,
+            labels=labels,
+            headline=headline,
+            csv=csv,
+            grid_dir=grid_dir,
+            id_group=id_group,
+        ),
+        logger=logger,
+        where=Path(sweep_dir),
+    )
 
 
 # --------------------------------------------------------------------------- bounds and mode
+
 
 def effective_mode(logger: dict) -> str:
     """WANDB_MODE in the environment wins over logger.mode (one notice when they disagree):
@@ -104,8 +216,10 @@ def effective_mode(logger: dict) -> str:
         return configured
     if env != configured and not _noticed:
         _noticed.append(True)
-        log.warning(f"[hstu-exp] W&B mode: WANDB_MODE={env} from the environment wins over "
-                    f"logger.mode={configured}")
+        log.warning(
+            f"[hstu-exp] W&B mode: WANDB_MODE={env} from the environment wins over "
+            f"logger.mode={configured}"
+        )
     return env
 
 
@@ -132,12 +246,15 @@ def disabled_reason(where: Path) -> Optional[str]:
 
 def _disable(where: Path, reason: str) -> None:
     _off[str(where)] = reason
-    log.warning(f"[hstu-exp] warning: W&B failed ({reason}); W&B is off for the rest of this "
-                f"sweep. The records are on disk: `hstu-exp-wandb {shlex.quote(str(where))}` "
-                "replays them later")
+    log.warning(
+        f"[hstu-exp] warning: W&B failed ({reason}); W&B is off for the rest of this "
+        f"sweep. The records are on disk: `hstu-exp-wandb {shlex.quote(str(where))}` "
+        "replays them later"
+    )
     try:
-        (where / MARKER).write_text(json.dumps(
-            {"started": os.environ.get("HSTU_EXP_STARTED"), "reason": reason}))
+        (where / MARKER).write_text(
+            json.dumps({"started": os.environ.get("HSTU_EXP_STARTED"), "reason": reason})
+        )
     except OSError:
         pass  # the in-process flag still holds; other processes try once more at worst
 
@@ -173,12 +290,18 @@ def _write_in_child(spec: dict) -> Optional[str]:
     Ctrl-C reaches only this process, which then kills the child (subprocess.run does)."""
     deadline = 2 * spec["timeout_s"] + 10
     try:
-        proc = subprocess.run([sys.executable, "-m", "hstu_exp.tracking.wandb_sink"],
-                              input=json.dumps(spec, default=_plain), capture_output=True,
-                              text=True, timeout=deadline, start_new_session=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "hstu_exp.tracking.wandb_sink"],
+            input=json.dumps(spec, default=_plain),
+            capture_output=True,
+            text=True,
+            timeout=deadline,
+            start_new_session=True,
+        )
     except subprocess.TimeoutExpired:
-        raise TimeoutError(f"no answer from W&B within {deadline:.0f} s "
-                           f"(logger.timeout_s={spec['timeout_s']:g})") from None
+        raise TimeoutError(
+            f"no answer from W&B within {deadline:.0f} s (logger.timeout_s={spec['timeout_s']:g})"
+        ) from None
     lines = proc.stdout.strip().splitlines()
     try:
         answer = json.loads(lines[-1]) if lines else {}
@@ -201,6 +324,7 @@ def _plain(value):
 
 # --------------------------------------------------------------------------- records -> specs
 
+
 def run_id(group: str, key: str, where: str = "") -> str:
     """Stable across re-runs: a resume or a second close-out updates the run, never adds one.
     `where` (sweep_where) keeps runs of another commit or GPU apart under the same sweep name."""
@@ -222,8 +346,7 @@ def sync_command(root: Path, runs: str = "*/wandb/latest-run") -> str:
 def artifact_name(group: str) -> str:
     """W&B artifact names allow ASCII letters, digits, '-', '_' and '.': anything else (a space,
     an accent) becomes '-', so a sweep dir named 'my sweeps/été' still gets its summary run."""
-    return "results-" + "".join(c if (c.isascii() and c.isalnum()) or c in "-_." else "-"
-                                for c in group)
+    return "results-" + "".join(c if (c.isascii() and c.isalnum()) or c in "-_." else "-" for c in group)
 
 
 def _pick(record: dict, keys) -> dict:
@@ -237,34 +360,60 @@ def run_name(r: dict) -> str:
     where = [f"B{r.get('batch_size')}"]
     if r.get("workload") == "serve":  # offered load, not T and n, tells serve points apart
         qps = r.get("qps")
-        where.append(f"qps{_int(qps)}" if not is_missing(qps) else
-                     "max_qps" if str(r.get("mode") or "").startswith("max_qps") else "trace")
+        where.append(
+            f"qps{_int(qps)}"
+            if not is_missing(qps)
+            else "max_qps"
+            if str(r.get("mode") or "").startswith("max_qps")
+            else "trace"
+        )
     elif r.get("workload") == "e2e":
         where.append(f"c{r.get('num_candidates')}")
     else:
         where += [f"T{r.get('total_history')}"] + (
-            [] if is_missing(r.get("new_history")) else [f"n{_int(r['new_history'])}"])
-    how = "/".join(str(r[k]) for k in ("mode", "cache", "kernel", "graph")
-                   if not is_missing(r.get(k)))
+            [] if is_missing(r.get("new_history")) else [f"n{_int(r['new_history'])}"]
+        )
+    how = "/".join(str(r[k]) for k in ("mode", "cache", "kernel", "graph") if not is_missing(r.get(k)))
     knobs = " ".join(f"{k}={v}" for k, v in other_overrides(r).items())
-    return f"{' '.join(where)} · {how} · {r.get('workload')} {r.get('model')}" + \
-        (f" · {knobs}" if knobs else "")
+    return f"{' '.join(where)} · {how} · {r.get('workload')} {r.get('model')}" + (
+        f" · {knobs}" if knobs else ""
+    )
 
 
 # Overrides the point keys already show (the name's B, T, n, qps, mode and cache/kernel/graph).
-_SHOWN = {"cache", "cache.mode", "kernel", "kernel.name", "graph", "graph.mode", "model",
-          "workload", "device", "workload.batch_size", "workload.max_batch",
-          "workload.total_history", "workload.new_history", "workload.num_candidates",
-          "workload.mode", "workload.qps", "workload.search", "workload.policy"}
+_SHOWN = {
+    "cache",
+    "cache.mode",
+    "kernel",
+    "kernel.name",
+    "graph",
+    "graph.mode",
+    "model",
+    "workload",
+    "device",
+    "workload.batch_size",
+    "workload.max_batch",
+    "workload.total_history",
+    "workload.new_history",
+    "workload.num_candidates",
+    "workload.mode",
+    "workload.qps",
+    "workload.search",
+    "workload.policy",
+}
 
 
 def other_overrides(r: dict) -> dict:
     """The point's own overrides that no point key shows ({'num_pages': '64'}): two points
     that differ only there (cache.num_pages=64 vs 128) get two names and two config values."""
     given = point_overrides(r.get("overrides")) or {}
-    return {k.rsplit(".", 1)[-1]: v for k, v in sorted(given.items())
-            if k not in _SHOWN and k.split(".", 1)[0] not in PLUMBING
-            and k.rsplit(".", 1)[-1] not in PARAM_KEYS}  # timing settings: config.params
+    return {
+        k.rsplit(".", 1)[-1]: v
+        for k, v in sorted(given.items())
+        if k not in _SHOWN
+        and k.split(".", 1)[0] not in PLUMBING
+        and k.rsplit(".", 1)[-1] not in PARAM_KEYS
+    }  # timing settings: config.params
 
 
 def _int(v):
@@ -272,17 +421,39 @@ def _int(v):
 
 
 def point_tags(r: dict, user_tags=()) -> list:
-    tags = [f"{k}:{r[k]}" for k in ("workload", "model", "cache", "kernel", "graph", "mode",
-                                    "device") if not is_missing(r.get(k))]
+    tags = [
+        f"{k}:{r[k]}"
+        for k in ("workload", "model", "cache", "kernel", "graph", "mode", "device")
+        if not is_missing(r.get(k))
+    ]
     return sorted(set(tags) | {str(t) for t in user_tags or ()})
 
 
 # A serve or e2e point's input knobs: config (what was asked, to group and filter by), never
 # summary (what was measured).
-INPUT_KEYS = ["policy", "search", "trace", "max_wait_ms", "num_users", "user_skew",
-              "items_per_return", "new_user_rate", "candidates_max", "slo_ms", "slo_percentile",
-              "duration_s", "warmup_s", "min_requests", "search_steps", "verify_requests",
-              "history_start", "history_step", "num_batches", "repeats", "target_qps"]
+INPUT_KEYS = [
+    "policy",
+    "search",
+    "trace",
+    "max_wait_ms",
+    "num_users",
+    "user_skew",
+    "items_per_return",
+    "new_user_rate",
+    "candidates_max",
+    "slo_ms",
+    "slo_percentile",
+    "duration_s",
+    "warmup_s",
+    "min_requests",
+    "search_steps",
+    "verify_requests",
+    "history_start",
+    "history_step",
+    "num_batches",
+    "repeats",
+    "target_qps",
+]
 
 
 def point_inputs(r: dict) -> dict:
@@ -299,8 +470,16 @@ def point_summary(r: dict) -> dict:
     for key in ("reason", "error"):
         if r.get(key):
             out[key] = str(r[key]).splitlines()[0][:500]
-    placed = set(out) | NOT_SUMMARY | set(SWEPT_KEYS) | set(ENV_KEYS) | set(ENV_EXTRA) | \
-        set(PARAM_KEYS) | set(INPUT_KEYS) | set(point_inputs(r))
+    placed = (
+        set(out)
+        | NOT_SUMMARY
+        | set(SWEPT_KEYS)
+        | set(ENV_KEYS)
+        | set(ENV_EXTRA)
+        | set(PARAM_KEYS)
+        | set(INPUT_KEYS)
+        | set(point_inputs(r))
+    )
     for space, keys in NAMESPACES.items():
         for k in keys:
             if k in r and not is_missing(r[k]):
@@ -323,25 +502,46 @@ def _overrides(r: dict) -> list:
         return []
 
 
-def point_spec(r: dict, *, logger: dict, job_dir: Path, group: str, cfg: Optional[dict],
-               data_dir: Path, id_group: Optional[str] = None) -> Optional[dict]:
+def point_spec(
+    r: dict,
+    *,
+    logger: dict,
+    job_dir: Path,
+    group: str,
+    cfg: Optional[dict],
+    data_dir: Path,
+    id_group: Optional[str] = None,
+) -> Optional[dict]:
     samples = [float(s) for s in (r.get("samples_ms") or []) if not is_missing(s)]
-    config = {"point": {**_pick(r, SWEPT_KEYS), **other_overrides(r)},
-              "workload": point_inputs(r), "env": _pick(r, ENV_KEYS + ENV_EXTRA),
-              "params": _pick(r, PARAM_KEYS), "config_key": r.get("config_key"),
-              "overrides": _overrides(r)}
+    config = {
+        "point": {**_pick(r, SWEPT_KEYS), **other_overrides(r)},
+        "workload": point_inputs(r),
+        "env": _pick(r, ENV_KEYS + ENV_EXTRA),
+        "params": _pick(r, PARAM_KEYS),
+        "config_key": r.get("config_key"),
+        "overrides": _overrides(r),
+    }
     if cfg or isinstance(r.get("config"), dict):
         config["cfg"] = cfg or r["config"]
     key = r.get("config_key") or hashlib.sha1(run_name(r).encode()).hexdigest()[:16]
     # the id follows the sweep dir (not a display --group), the commit and the GPU
-    return {"init": {**_where(logger), "group": group, "job_type": str(r.get("workload")),
-                     "name": run_name(r), "id": run_id(id_group or group, key, sweep_where(r)),
-                     "dir": str(job_dir),
-                     "tags": point_tags(r, logger.get("tags")), "config": config},
-            "data_dir": str(Path(data_dir) / "wandb" / ".data"),
-            "samples": samples, "summary": point_summary(r),
-            "settings": _recorded_where(r) if logger.get("imported") else {},
-            "exit_code": 1 if r.get("status") == "failed" else 0}
+    return {
+        "init": {
+            **_where(logger),
+            "group": group,
+            "job_type": str(r.get("workload")),
+            "name": run_name(r),
+            "id": run_id(id_group or group, key, sweep_where(r)),
+            "dir": str(job_dir),
+            "tags": point_tags(r, logger.get("tags")),
+            "config": config,
+        },
+        "data_dir": str(Path(data_dir) / "wandb" / ".data"),
+        "samples": samples,
+        "summary": point_summary(r),
+        "settings": _recorded_where(r) if logger.get("imported") else {},
+        "exit_code": 1 if r.get("status") == "failed" else 0,
+    }
 
 
 def _recorded_where(r: dict) -> dict:
@@ -375,54 +575,90 @@ def sweep_grid(sweep_dir: Path) -> dict:
         params = hydra.sweeper.params
         params = OmegaConf.to_container(params) if params is not None else {}
         given = OverridesParser.create().parse_overrides(
-            task + [f"{k}={v}" for k, v in params.items() if k not in {t.split("=")[0]
-                                                                          for t in task}])
-        swept = {o.get_key_element(): list(o.sweep_string_iterator())
-                 for o in given if o.is_sweep_override()}
+            task + [f"{k}={v}" for k, v in params.items() if k not in {t.split("=")[0] for t in task}]
+        )
+        swept = {
+            o.get_key_element(): list(o.sweep_string_iterator()) for o in given if o.is_sweep_override()
+        }
     except Exception:  # noqa: BLE001 - a damaged file costs the grid, not the run
         return {}
     return {"swept": swept, "overrides": task}
 
 
 def _label(r: dict) -> str:
-    return "/".join(str(r[k]) for k in ("mode", "cache", "kernel", "graph")
-                    if not is_missing(r.get(k)))
+    return "/".join(str(r[k]) for k in ("mode", "cache", "kernel", "graph") if not is_missing(r.get(k)))
 
 
 def _table(rows: list, columns: list) -> dict:
-    return {"columns": columns, "data": [[None if is_missing(row.get(c)) else row.get(c)
-                                          for c in columns] for row in rows]}
+    return {
+        "columns": columns,
+        "data": [[None if is_missing(row.get(c)) else row.get(c) for c in columns] for row in rows],
+    }
 
 
-def summary_spec(df, *, logger: dict, sweep_dir: Path, group: str, images: dict,
-                 labels: Callable[[list], list], headline=None, csv: Optional[Path] = None,
-                 grid_dir: Optional[Path] = None, id_group: Optional[str] = None) -> dict:
+def summary_spec(
+    df,
+    *,
+    logger: dict,
+    sweep_dir: Path,
+    group: str,
+    images: dict,
+    labels: Callable[[list], list],
+    headline=None,
+    csv: Optional[Path] = None,
+    grid_dir: Optional[Path] = None,
+    id_group: Optional[str] = None,
+) -> dict:
     """The summary run's spec (`log_summary`'s arguments)."""
-    records = [{k: v for k, v in row.items() if k not in ("samples_ms", "traceback")}
-               for row in df.to_dict("records")]
+    records = [
+        {k: v for k, v in row.items() if k not in ("samples_ms", "traceback")}
+        for row in df.to_dict("records")
+    ]
     status = [r.get("status") for r in records]
     ok = [dict(r, label=_label(r)) for r in records if r.get("status") == "ok"]
     valid = [r for r in ok if r.get("valid") in (True, "True", "true")]
     invalid = [r for r in ok if r.get("valid") in (False, "False", "false")]
     first = ok[0] if ok else (records[0] if records else {})
-    summary = {"points": len(records), "ok": len(ok), "valid": len(valid),
-               "invalid": len(invalid), "failed": status.count("failed"),
-               "skipped": status.count("skipped")}
-    spec = {"init": {**_where(logger), "group": group, "job_type": "summary",
-                     "name": f"{group} · summary",
-                     "id": run_id(id_group or group, "summary", sweep_where(first)),
-                     "dir": str(sweep_dir), "tags": sorted({"summary", *map(str, logger.get(
-                         "tags") or ())}),
-                     "config": {"sweep": group, "grid": sweep_grid(grid_dir or sweep_dir),
-                                "env": _pick(first, ENV_KEYS + ["git_dirty", "wandb", "python",
-                                                                "cpu_model", "gpu_count"]),
-                                "model": _pick(first, ["model", "dtype", "num_layers", "hidden",
-                                                       "num_heads", "head_dim", "max_history"]),
-                                "workloads": sorted({str(r.get("workload")) for r in records})}},
-            "data_dir": str(Path(sweep_dir) / "wandb" / ".data"),
-            "settings": _recorded_where(first) if logger.get("imported") else {},
-            "summary": summary, "tables": {}, "lines": [], "bars": [], "images": {},
-            "artifact": None, "exit_code": 0}
+    summary = {
+        "points": len(records),
+        "ok": len(ok),
+        "valid": len(valid),
+        "invalid": len(invalid),
+        "failed": status.count("failed"),
+        "skipped": status.count("skipped"),
+    }
+    spec = {
+        "init": {
+            **_where(logger),
+            "group": group,
+            "job_type": "summary",
+            "name": f"{group} · summary",
+            "id": run_id(id_group or group, "summary", sweep_where(first)),
+            "dir": str(sweep_dir),
+            "tags": sorted({"summary", *map(str, logger.get("tags") or ())}),
+            "config": {
+                "sweep": group,
+                "grid": sweep_grid(grid_dir or sweep_dir),
+                "env": _pick(
+                    first, ENV_KEYS + ["git_dirty", "wandb", "python", "cpu_model", "gpu_count"]
+                ),
+                "model": _pick(
+                    first,
+                    ["model", "dtype", "num_layers", "hidden", "num_heads", "head_dim", "max_history"],
+                ),
+                "workloads": sorted({str(r.get("workload")) for r in records}),
+            },
+        },
+        "data_dir": str(Path(sweep_dir) / "wandb" / ".data"),
+        "settings": _recorded_where(first) if logger.get("imported") else {},
+        "summary": summary,
+        "tables": {},
+        "lines": [],
+        "bars": [],
+        "images": {},
+        "artifact": None,
+        "exit_code": 0,
+    }
     tables, lines = spec["tables"], spec["lines"]
     if ok:
         tables["results"] = _table(ok, [c for c in RESULT_COLUMNS if any(c in r for r in ok)])
@@ -430,35 +666,54 @@ def summary_spec(df, *, logger: dict, sweep_dir: Path, group: str, images: dict,
         timed = [r for r in ok if r.get("workload") not in ("e2e", "serve")]
         for b in sorted({r.get("batch_size") for r in timed}):
             rows = _most_cached([r for r in timed if r.get("batch_size") == b])
-            tables[f"latency_B{b}"] = _table(rows, ["label", "total_history", "new_history",
-                                                    "median_ms", "valid"])
+            tables[f"latency_B{b}"] = _table(
+                rows, ["label", "total_history", "new_history", "median_ms", "valid"]
+            )
             if len({r.get("total_history") for r in rows}) > 1:  # one T: no line to draw
-                lines.append({"key": f"charts/latency_vs_T_B{b}", "table": f"latency_B{b}",
-                              "x": "total_history", "y": "median_ms", "stroke": "label",
-                              "title": f"median latency (ms) vs total history T, batch {b} "
-                                       "(each mode at its fewest new tokens n; validity in "
-                                       "the table)"})
+                lines.append(
+                    {
+                        "key": f"charts/latency_vs_T_B{b}",
+                        "table": f"latency_B{b}",
+                        "x": "total_history",
+                        "y": "median_ms",
+                        "stroke": "label",
+                        "title": f"median latency (ms) vs total history T, batch {b} "
+                        "(each mode at its fewest new tokens n; validity in "
+                        "the table)",
+                    }
+                )
         e2e = [r for r in ok if r.get("workload") == "e2e"]
         if e2e:
             tables["latency_e2e"] = _table(e2e, ["label", "batch_size", "median_ms"])
-            lines.append({"key": "charts/latency_vs_batch_e2e", "table": "latency_e2e",
-                          "x": "batch_size", "y": "median_ms", "stroke": "label",
-                          "title": "e2e median latency (ms) per batch vs batch size"})
+            lines.append(
+                {
+                    "key": "charts/latency_vs_batch_e2e",
+                    "table": "latency_e2e",
+                    "x": "batch_size",
+                    "y": "median_ms",
+                    "stroke": "label",
+                    "title": "e2e median latency (ms) per batch vs batch size",
+                }
+            )
         _add_serve(spec, [r for r in ok if r.get("workload") == "serve"], labels)
     skipped = [r for r in records if r.get("status") == "skipped"]
     if skipped:
-        tables["skipped"] = _table([dict(r, name=run_name(r)) for r in skipped],
-                                   ["name", "reason"])
+        tables["skipped"] = _table([dict(r, name=run_name(r)) for r in skipped], ["name", "reason"])
     _add_headline(spec, headline)
     caption = f"{group} · {first.get('device_name', '?')} · {first.get('git_sha', '?')}"
-    spec["images"] = {f"figures/{k}": {"path": str(v), "caption": f"{k} · {caption}"}
-                      for k, v in sorted(images.items()) if Path(v).is_file()}
+    spec["images"] = {
+        f"figures/{k}": {"path": str(v), "caption": f"{k} · {caption}"}
+        for k, v in sorted(images.items())
+        if Path(v).is_file()
+    }
     records_dir = Path(grid_dir or sweep_dir)  # an import writes its runs elsewhere
-    files = [str(p) for p in (Path(csv) if csv else records_dir / "results.csv",
-                              records_dir / "results.jsonl") if p.is_file()]
+    files = [
+        str(p)
+        for p in (Path(csv) if csv else records_dir / "results.csv", records_dir / "results.jsonl")
+        if p.is_file()
+    ]
     if files:
-        spec["artifact"] = {"name": artifact_name(group),
-                            "type": "benchmark-results", "files": files}
+        spec["artifact"] = {"name": artifact_name(group), "type": "benchmark-results", "files": files}
     return spec
 
 
@@ -472,8 +727,9 @@ def _most_cached(rows: list) -> list:
         n = float("inf") if is_missing(n) else n
         if key not in best or n < best[key][0]:
             best[key] = (n, r)
-    return [r for _, r in sorted(best.values(), key=lambda nr: (nr[1]["label"],
-                                                                 nr[1].get("total_history")))]
+    return [
+        r for _, r in sorted(best.values(), key=lambda nr: (nr[1]["label"], nr[1].get("total_history")))
+    ]
 
 
 def _serve_labelled(rows: list, labels: Callable[[list], list]) -> list:
@@ -499,53 +755,137 @@ def _add_serve(spec: dict, serve: list, labels: Callable[[list], list]) -> None:
     tables, lines = spec["tables"], spec["lines"]
     serve = _serve_labelled(serve, labels)
     # every serve chart says its clock; records older than the field came from the simulator
-    clock = "clock: " + " and ".join(sorted({str(r.get("clock") or "simulated")
-                                              for r in serve}))
-    search = sorted((dict(r, max_qps=0.0 if is_missing(r.get("max_qps")) else r["max_qps"])
-                     for r in serve if _searched(r)), key=lambda r: r["label"])
+    clock = "clock: " + " and ".join(sorted({str(r.get("clock") or "simulated") for r in serve}))
+    search = sorted(
+        (
+            dict(r, max_qps=0.0 if is_missing(r.get("max_qps")) else r["max_qps"])
+            for r in serve
+            if _searched(r)
+        ),
+        key=lambda r: r["label"],
+    )
     # offline mode makes every request available at t=0: its qps is no offered load
-    online = sorted((r for r in serve if not _searched(r) and not is_missing(r.get("qps"))
-                     and not str(r.get("mode") or "").startswith("offline")),
-                    key=lambda r: (r["label"], r["qps"]))
+    online = sorted(
+        (
+            r
+            for r in serve
+            if not _searched(r)
+            and not is_missing(r.get("qps"))
+            and not str(r.get("mode") or "").startswith("offline")
+        ),
+        key=lambda r: (r["label"], r["qps"]),
+    )
     if online:
-        tables["serve_latency"] = _table(online, [c for c in (
-            "label", "qps", "achieved_qps", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "slo_ms",
-            "slo_met", "clock", "verdict", "valid") if any(c in r for r in online)])
+        tables["serve_latency"] = _table(
+            online,
+            [
+                c
+                for c in (
+                    "label",
+                    "qps",
+                    "achieved_qps",
+                    "p50_ms",
+                    "p90_ms",
+                    "p99_ms",
+                    "p999_ms",
+                    "slo_ms",
+                    "slo_met",
+                    "clock",
+                    "verdict",
+                    "valid",
+                )
+                if any(c in r for r in online)
+            ],
+        )
         for p, name in (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9")):
             # wandb.plot.line draws one y series: one chart per percentile
             if len({r["qps"] for r in online}) > 1 and _some(online, p):
-                lines.append({"key": f"charts/serve_{p[:-3]}_vs_qps", "table": "serve_latency",
-                              "x": "qps", "y": p, "stroke": "label",
-                              "title": f"{name} latency (ms, queueing + service) vs offered "
-                                       f"QPS ({clock})"})
+                lines.append(
+                    {
+                        "key": f"charts/serve_{p[:-3]}_vs_qps",
+                        "table": "serve_latency",
+                        "x": "qps",
+                        "y": p,
+                        "stroke": "label",
+                        "title": f"{name} latency (ms, queueing + service) vs offered QPS ({clock})",
+                    }
+                )
     if search:
-        tables["serve_max_qps"] = _table(search, [c for c in (
-            "label", "max_qps", "min_failing_qps", "slo_ms", "slo_percentile", "slo_latency_ms",
-            "clock", "valid") if c in ("label", "max_qps") or any(c in r for r in search)])
+        tables["serve_max_qps"] = _table(
+            search,
+            [
+                c
+                for c in (
+                    "label",
+                    "max_qps",
+                    "min_failing_qps",
+                    "slo_ms",
+                    "slo_percentile",
+                    "slo_latency_ms",
+                    "clock",
+                    "valid",
+                )
+                if c in ("label", "max_qps") or any(c in r for r in search)
+            ],
+        )
         slo = f"p{_int(search[0].get('slo_percentile'))} <= {_int(search[0].get('slo_ms'))} ms"
-        spec["bars"].append({"key": "charts/serve_max_qps", "table": "serve_max_qps",
-                             "label": "label", "value": "max_qps",
-                             "title": f"max QPS with {slo} ({clock}; 0: no rate met it)"})
+        spec["bars"].append(
+            {
+                "key": "charts/serve_max_qps",
+                "table": "serve_max_qps",
+                "label": "label",
+                "value": "max_qps",
+                "title": f"max QPS with {slo} ({clock}; 0: no rate met it)",
+            }
+        )
         spec["summary"].update({f"serve/max_qps/{r['label']}": r["max_qps"] for r in search})
     # hit rates and bytes at the rate the point's reported trial ran (a search's best; a trace's)
-    rows = sorted((dict(r, offered_qps=next((r[k] for k in ("offered_qps", "qps", "max_qps")
-                                             if not is_missing(r.get(k))), None),
-                        **{f"{k}_per_request": r[k] / max(r.get("requests") or 0, 1)
-                           for k in ("onloaded_bytes", "offloaded_bytes")
-                           if not is_missing(r.get(k))}) for r in serve),
-                  key=lambda r: (r["label"], r["offered_qps"] or 0))
-    columns = [c for c in ("label", "offered_qps", "requests", "gpu_hit_rate", "host_hit_rate",
-                           "miss_rate", "onloaded_bytes_per_request",
-                           "offloaded_bytes_per_request") if any(c in r for r in rows)]
+    rows = sorted(
+        (
+            dict(
+                r,
+                offered_qps=next(
+                    (r[k] for k in ("offered_qps", "qps", "max_qps") if not is_missing(r.get(k))), None
+                ),
+                **{
+                    f"{k}_per_request": r[k] / max(r.get("requests") or 0, 1)
+                    for k in ("onloaded_bytes", "offloaded_bytes")
+                    if not is_missing(r.get(k))
+                },
+            )
+            for r in serve
+        ),
+        key=lambda r: (r["label"], r["offered_qps"] or 0),
+    )
+    columns = [
+        c
+        for c in (
+            "label",
+            "offered_qps",
+            "requests",
+            "gpu_hit_rate",
+            "host_hit_rate",
+            "miss_rate",
+            "onloaded_bytes_per_request",
+            "offloaded_bytes_per_request",
+        )
+        if any(c in r for r in rows)
+    ]
     if "gpu_hit_rate" not in columns:
         return
     tables["serve_cache"] = _table(rows, columns)
     for k in ("gpu_hit_rate", "host_hit_rate"):  # not for a tier no point has (cache=none)
         if len({r["offered_qps"] for r in rows}) > 1 and _some(rows, k, above=0):
-            lines.append({"key": f"charts/serve_{k}_vs_qps", "table": "serve_cache",
-                          "x": "offered_qps", "y": k, "stroke": "label",
-                          "title": f"requests hitting the {k.split('_')[0]} tier vs QPS "
-                                   f"({clock})"})
+            lines.append(
+                {
+                    "key": f"charts/serve_{k}_vs_qps",
+                    "table": "serve_cache",
+                    "x": "offered_qps",
+                    "y": k,
+                    "stroke": "label",
+                    "title": f"requests hitting the {k.split('_')[0]} tier vs QPS ({clock})",
+                }
+            )
 
 
 def _add_headline(spec: dict, table) -> None:
@@ -559,13 +899,31 @@ def _add_headline(spec: dict, table) -> None:
             where += f" T{_int(r['total_history'])}"
         label = f"{r['workload']} {r['comparison']} {where}"
         rows.append(dict(r, label=label))
-        spec["summary"][f"speedup/{label}"] = {k: r[k] for k in ("speedup", "ci_low", "ci_high")
-                                               if not is_missing(r.get(k))}
-    spec["tables"]["headline"] = _table(rows, ["label", "workload", "comparison", "batch_size",
-                                               "total_history", "speedup", "ci_low", "ci_high"])
-    spec["bars"].append({"key": "charts/speedup", "table": "headline", "label": "label",
-                         "value": "speedup", "title": "speedup (median ratio; intervals in the "
-                                                      "headline table)"})
+        spec["summary"][f"speedup/{label}"] = {
+            k: r[k] for k in ("speedup", "ci_low", "ci_high") if not is_missing(r.get(k))
+        }
+    spec["tables"]["headline"] = _table(
+        rows,
+        [
+            "label",
+            "workload",
+            "comparison",
+            "batch_size",
+            "total_history",
+            "speedup",
+            "ci_low",
+            "ci_high",
+        ],
+    )
+    spec["bars"].append(
+        {
+            "key": "charts/speedup",
+            "table": "headline",
+            "label": "label",
+            "value": "speedup",
+            "title": "speedup (median ratio; intervals in the headline table)",
+        }
+    )
     # speedup vs batch size with its interval: three lines a comparison (speedup, 95 % low and
     # high), e2e and block at each comparison's largest T
     top = {}
@@ -573,21 +931,36 @@ def _add_headline(spec: dict, table) -> None:
         key = (r["workload"], r["comparison"], r["batch_size"])
         if key not in top or (r.get("total_history") or 0) > (top[key].get("total_history") or 0):
             top[key] = r
-    series = [{"series": f"{r['workload']} {r['comparison']}{suffix}", "batch_size":
-               r["batch_size"], "speedup": r[col]}
-              for r in top.values() for col, suffix in (("speedup", ""), ("ci_low", " (95% low)"),
-                                                        ("ci_high", " (95% high)"))
-              if not is_missing(r.get(col))]
+    series = [
+        {
+            "series": f"{r['workload']} {r['comparison']}{suffix}",
+            "batch_size": r["batch_size"],
+            "speedup": r[col],
+        }
+        for r in top.values()
+        for col, suffix in (("speedup", ""), ("ci_low", " (95% low)"), ("ci_high", " (95% high)"))
+        if not is_missing(r.get(col))
+    ]
     if len({s_["batch_size"] for s_ in series}) > 1:
-        spec["tables"]["speedup_vs_batch"] = _table(sorted(series, key=lambda s_: (
-            s_["series"], s_["batch_size"])), ["series", "batch_size", "speedup"])
-        spec["lines"].append({"key": "charts/speedup_vs_batch", "table": "speedup_vs_batch",
-                              "x": "batch_size", "y": "speedup", "stroke": "series",
-                              "title": "speedup vs batch size, with its 95 % interval within a "
-                                       "run (block: the largest T)"})
+        spec["tables"]["speedup_vs_batch"] = _table(
+            sorted(series, key=lambda s_: (s_["series"], s_["batch_size"])),
+            ["series", "batch_size", "speedup"],
+        )
+        spec["lines"].append(
+            {
+                "key": "charts/speedup_vs_batch",
+                "table": "speedup_vs_batch",
+                "x": "batch_size",
+                "y": "speedup",
+                "stroke": "series",
+                "title": "speedup vs batch size, with its 95 % interval within a "
+                "run (block: the largest T)",
+            }
+        )
 
 
 # --------------------------------------------------------------------------- spec -> W&B run
+
 
 def _can_write(folder: Path) -> bool:
     try:
@@ -613,9 +986,15 @@ def write_run(spec: dict) -> str:
     import wandb
 
     t = spec["timeout_s"]
-    settings = wandb.Settings(console="off", silent=True, init_timeout=t, finish_timeout=t,
-                              x_graphql_timeout_seconds=t, x_disable_stats=True,
-                              **spec.get("settings", {}))
+    settings = wandb.Settings(
+        console="off",
+        silent=True,
+        init_timeout=t,
+        finish_timeout=t,
+        x_graphql_timeout_seconds=t,
+        x_disable_stats=True,
+        **spec.get("settings", {}),
+    )
     init = spec["init"]
     Path(init["dir"]).mkdir(parents=True, exist_ok=True)
     run = wandb.init(**init, resume="allow", reinit="finish_previous", settings=settings)
@@ -627,19 +1006,22 @@ def write_run(spec: dict) -> str:
             run.define_metric("latency_ms", step_metric="iteration", summary="min,max,mean")
             for i, s in enumerate(samples):
                 run.log({"iteration": i, "latency_ms": s})
-            spec["summary"]["latency/hist_ms"] = wandb.Histogram(samples,
-                                                                 num_bins=min(64, len(samples)))
+            spec["summary"]["latency/hist_ms"] = wandb.Histogram(samples, num_bins=min(64, len(samples)))
         payload = {}
-        tables = {k: wandb.Table(columns=v["columns"], data=v["data"])
-                  for k, v in (spec.get("tables") or {}).items()}
+        tables = {
+            k: wandb.Table(columns=v["columns"], data=v["data"])
+            for k, v in (spec.get("tables") or {}).items()
+        }
         charted = {p["table"] for p in (spec.get("lines") or []) + (spec.get("bars") or [])}
         payload.update({f"tables/{k}": t_ for k, t_ in tables.items() if k not in charted})
         for p in spec.get("lines") or []:
-            payload[p["key"]] = wandb.plot.line(tables[p["table"]], p["x"], p["y"],
-                                                stroke=p["stroke"], title=p["title"])
+            payload[p["key"]] = wandb.plot.line(
+                tables[p["table"]], p["x"], p["y"], stroke=p["stroke"], title=p["title"]
+            )
         for p in spec.get("bars") or []:
-            payload[p["key"]] = wandb.plot.bar(tables[p["table"]], p["label"], p["value"],
-                                               title=p["title"])
+            payload[p["key"]] = wandb.plot.bar(
+                tables[p["table"]], p["label"], p["value"], title=p["title"]
+            )
         for k, img in (spec.get("images") or {}).items():
             payload[k] = wandb.Image(img["path"], caption=img["caption"])
         if payload:
@@ -701,7 +1083,7 @@ def log_records(path: Path):
             pos += room
             continue
         _, length, kind = _LOG_HEADER.unpack_from(data, pos)
-        chunk = data[pos + _LOG_HEADER.size:pos + _LOG_HEADER.size + length]
+        chunk = data[pos + _LOG_HEADER.size : pos + _LOG_HEADER.size + length]
         pos += _LOG_HEADER.size + length
         if kind == 1:
             yield chunk
@@ -727,14 +1109,17 @@ def read_offline_run(run_dir: Path) -> dict:
         rec.ParseFromString(data)
         kind = rec.WhichOneof("record_type")
         if kind == "run":
-            out.update(group=rec.run.run_group, tags=list(rec.run.tags),
-                       job_type=rec.run.job_type, name=rec.run.display_name)
+            out.update(
+                group=rec.run.run_group,
+                tags=list(rec.run.tags),
+                job_type=rec.run.job_type,
+                name=rec.run.display_name,
+            )
             out["config"].update({u.key: json.loads(u.value_json) for u in rec.run.config.update})
         elif kind == "config":
             out["config"].update({u.key: json.loads(u.value_json) for u in rec.config.update})
         elif kind == "summary":
-            out["summary"].update({u.key: json.loads(u.value_json)
-                                   for u in rec.summary.update if u.key})
+            out["summary"].update({u.key: json.loads(u.value_json) for u in rec.summary.update if u.key})
     return out
 
 

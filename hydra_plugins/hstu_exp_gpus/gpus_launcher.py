@@ -1,6 +1,7 @@
 """hydra/launcher=gpus: Hydra's joblib launcher with one worker per GPU (hstu_exp.gpu_launch).
 
 Hydra imports every module of hydra_plugins at start-up, so this one imports only Hydra's."""
+
 from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 
 
