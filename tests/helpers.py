@@ -13,7 +13,10 @@ FAST = ["workload.warmup=1", "workload.iters=3", "workload.min_time_s=0.01"]
 def hstu_exp(*args, cwd=None, timeout=300, env=None, address_space=None):
     """Runs `python -m hstu_exp ARGS`; returns the CompletedProcess (text mode). address_space:
     a cap in bytes on the process's address space (RLIMIT_AS, as `ulimit -v` sets it)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # A fresh CLI as a user's shell starts it: without the W&B service that an in-process test
+    # started here (wandb puts its socket in WANDB_SERVICE, and a child would attach to it).
+    inherited = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
 
     def cap():
         import resource
