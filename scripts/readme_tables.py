@@ -1,24 +1,31 @@
 #!/usr/bin/env python3
-"""The README's number tables, generated from the records in outputs/published/.
+"""The number tables of README.md and docs/serving.md, generated from outputs/published/.
 
-    scripts/readme_tables.py            # rewrite every table between its markers in README.md
+    scripts/readme_tables.py            # rewrite every table between its markers
     scripts/readme_tables.py --check    # exit 1 when a table differs from what the records say
 
-Each table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->` in the README; the
-text around the markers is prose and stays as written. tests/test_readme_tables.py runs
-`--check`, so CI fails when the README and the records disagree. Exit status 0, 1 (--check:
-a table differs), 2 (bad input: one line).
+Each table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->`; the text around the
+markers is prose and stays as written. tests/test_readme_tables.py runs `--check`, so CI fails
+when a document and the records disagree. A sweep listed below (or with --serve-real /
+--sim-check) must be published: a missing one is bad input. Exit status 0, 1 (--check: a table
+differs), 2 (bad input: one line).
 """
 
 import argparse
+import ast
 import difflib
 import re
 import sys
+from functools import partial
 from pathlib import Path
 
 import _venv  # noqa: F401,E402  (source tree on the path; re-run under .venv if needed)
 import pandas as pd  # noqa: E402
 from goals import ATTENTION, BLOCK, E2E_MS  # noqa: E402
+from serve_sim_check import compare  # noqa: E402
+
+from hstu_exp.report.aggregate import SweepError, load_sweep, ok  # noqa: E402
+from hstu_exp.tracking.records import is_missing, read_records  # noqa: E402
 
 PROG = "readme_tables.py"
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +38,11 @@ GOAL_SWEEPS = [
 ]
 E2E_SWEEPS = ["seed_e2e_h200", "seed_e2e_h200_second"]
 SERVE_SWEEP = "serve_slo_h200"
+# The real-clock serving sweeps (scripts/gpu_serve.sh): max-QPS searches and the fixed-rate runs
+# beside them (a `_final` part: the found rate with LoadGen seeds 1-3). Empty until published.
+SERVE_REAL_SWEEPS: list = []
+# Sweeps that ran one configuration on both clocks (gpu_serve.sh sim_check), for docs/serving.md.
+SIM_CHECK_SWEEPS: list = []
 E2E_LABELS = {
     "baseline_graph": "baseline + CUDA graph",
     "cache": "KV cache (eager)",
@@ -38,10 +50,8 @@ E2E_LABELS = {
 }
 
 
-def _load(name: str) -> pd.DataFrame:
-    from hstu_exp.report.aggregate import load_sweep, ok
-
-    return ok(load_sweep(PUBLISHED / name))
+def _load(root: Path, name: str) -> pd.DataFrame:
+    return ok(load_sweep(root / name))
 
 
 def _validity(r) -> str:
@@ -53,12 +63,10 @@ def _validity(r) -> str:
     return "not judged"
 
 
-def goals_table() -> list:
+def goals_table(root: Path) -> list:
     """Each goal case of docs/design.md §6 at the README's configuration (Triton, CUDA graph):
     its median (or TFLOP/s), validity with the reason, and the goal."""
-    block = _load(GOAL_SWEEPS[0])
-    att = _load(GOAL_SWEEPS[1])
-    e2e = _load(GOAL_SWEEPS[2])
+    block, att, e2e = (_load(root, name) for name in GOAL_SWEEPS)
     rows = ["| case | median | valid | goal |", "|---|---|---|---|"]
     block = block[
         (block["kernel"] == "triton")
@@ -113,12 +121,12 @@ def _speedup_cell(r) -> str:
     return cell + (" (invalid)" if invalid else "")
 
 
-def e2e_table() -> list:
+def e2e_table(root: Path) -> list:
     """Speedup over the eager baseline (ratio of pass totals, 95 % interval of the pass-by-pass
     bootstrap) of every published seed_e2e run side by side, one row per mode and batch."""
     from hstu_exp.report.aggregate import e2e_speedups
 
-    runs = {name: e2e_speedups(_load(name)) for name in E2E_SWEEPS}
+    runs = {name: e2e_speedups(_load(root, name)) for name in E2E_SWEEPS}
     batches = sorted({int(b) for sp in runs.values() for b in sp["batch_size"]})
     rows = [
         "| mode | batch | " + " | ".join(f"`{n}/`" for n in runs) + " |",
@@ -134,11 +142,11 @@ def e2e_table() -> list:
     return rows
 
 
-def serve_table() -> list:
+def serve_table(root: Path) -> list:
     """max QPS within the SLO per cache x graph, FIFO / length-aware batching, and the clock
     that produced it: the record's `clock`; records older than that field came from the only
     serve path there was, queueing simulated on measured service times (clock=simulated)."""
-    df = _load(SERVE_SWEEP)
+    df = _load(root, SERVE_SWEEP)
     df = df[df["max_qps"].notna()] if "max_qps" in df else df.head(0)
     clock = "/".join(
         sorted(
@@ -169,18 +177,175 @@ def serve_table() -> list:
     return rows
 
 
-TABLES = {"goals": goals_table, "e2e": e2e_table, "serve_max_qps": serve_table}
+# A configuration of the real-clock table; its rows are sorted by it.
+SERVE_CONFIG = ("model", "cache", "graph", "policy")
 
 
-def render(text: str) -> str:
-    """The README text with every marked table regenerated."""
-    for name, make in TABLES.items():
+def _listed(v) -> list:
+    """A record's list field (results.csv keeps lists as their repr); [] where missing."""
+    if isinstance(v, str):
+        v = ast.literal_eval(v)
+    return list(v) if isinstance(v, (list, tuple)) else []
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if is_missing(v) else format(v, fmt)
+
+
+def _reason(r) -> str:
+    """LoadGen's verdict with the constraints that failed, without its advice and counts."""
+    verdict = str(r.get("verdict"))
+    if verdict == "VALID" or is_missing(r.get("verdict_reason")):
+        return verdict
+    parts = str(r["verdict_reason"]).split(" * ")[0].split(";")
+    advice = ("Reduce", "Increase")  # LoadGen's suggestions, not constraints
+    why = "; ".join(p.strip().rstrip(".") for p in parts if not p.strip().startswith(advice))
+    return f"{verdict} ({why})"
+
+
+def _bracket(r) -> str:
+    """max QPS [highest passing - lowest failing rate] and how many trials found them."""
+    tried = _listed(r.get("search_qps"))
+    trials = f"{len(tried)} trials"
+    best, failed = r.get("max_qps"), r.get("min_failing_qps")
+    if is_missing(best):
+        return f"- (none passed; lowest tried {min(tried):.0f} failed), {trials}"
+    if is_missing(failed):
+        return f"{best:.0f} [{best:.0f} - none failed], {trials}"
+    return f"{best:.0f} [{best:.0f}-{failed:.0f}], {trials}"
+
+
+def _real_row(config, rate_cell: str, runs: list, seeds: list, passed: list) -> str:
+    """One configuration: its rate, the seeds behind it and how many passed, and the worst
+    seed's tail, verdict and where its time went (busy fraction, host / device ms a batch)."""
+    worst = max(runs, key=lambda r: -1.0 if is_missing(r.get("p99_ms")) else r["p99_ms"])
+    duration = worst.get("min_duration_s")
+    seed_cell = ", ".join(str(s) for s in seeds) if seeds else "-"
+    if seeds and not is_missing(duration):
+        seed_cell += f" x {duration:g} s"
+    if passed:
+        seed_cell += f": {sum(passed)} of {len(passed)} VALID"
+    slo = f"p{worst['slo_percentile']:g} <= {worst['slo_ms']:g} ms"
+    if worst.get("scenario") == "offline":
+        slo = "- (Offline: no bound)"
+    return (
+        "| "
+        + " | ".join(str(v) for v in config)
+        + f" | {rate_cell} | {seed_cell} | {slo} | {_num(worst.get('p99_ms'), '.1f')} ms "
+        f"| {_reason(worst)} | {_num(worst.get('busy_fraction'), '.2f')} "
+        f"| {_num(worst.get('host_ms_per_batch'), '.2f')} "
+        f"| {_num(worst.get('device_ms_per_batch'), '.2f')} |"
+    )
+
+
+def _seed(r):
+    return r["seed"] if is_missing(r.get("loadgen_seed")) else int(r["loadgen_seed"])
+
+
+def serve_real_table(root: Path, sweeps: list) -> list:
+    """max QPS at the SLO per configuration on the real clock (LoadGen driving the real server):
+    the search's bracket and trials; the final rate's seeds and how many LoadGen passed (the
+    fixed-rate runs at that rate where a sweep re-ran it, else the search's own final runs); at
+    that rate the worst seed's p99, verdict, busy fraction and host / device ms a batch.
+    Fixed-rate runs no search found, and Offline runs (their throughput), get rows of their own."""
+    rows = [
+        "| model (clock: real (LoadGen)) | cache | graph | policy "
+        "| max QPS [highest passing-lowest failing], search trials | final rate: LoadGen seeds "
+        "| SLO | p99 (worst seed) | LoadGen verdict (worst seed) | busy fraction "
+        "| host ms / batch | device ms / batch |",
+        "|---" * 12 + "|",
+    ]
+    frames = [_load(root, name) for name in sweeps]
+    recs = [r for df in frames for r in df.to_dict("records") if r.get("clock") == "real"]
+    if not recs:
+        return rows + ["| no real-clock sweep published yet |" + " - |" * 11]
+    config = lambda r: tuple(str(r.get(k)) for k in SERVE_CONFIG)  # noqa: E731
+    searches = sorted((r for r in recs if _listed(r.get("search_qps"))), key=config)
+    fixed: dict = {}
+    for r in recs:
+        if not _listed(r.get("search_qps")):
+            fixed.setdefault((config(r), r.get("scenario"), r.get("target_qps")), []).append(r)
+    for s in searches:
+        finals = fixed.pop((config(s), "server", s.get("max_qps")), [])
+        if finals:
+            finals.sort(key=_seed)
+            seeds, passed = [_seed(r) for r in finals], [r.get("verdict") == "VALID" for r in finals]
+        else:
+            finals = [s]
+            seeds = _listed(s.get("final_seeds"))
+            passed = [bool(p) for p in _listed(s.get("final_passed"))]
+        rows.append(_real_row(config(s), _bracket(s), finals, seeds, passed))
+    for (key, scenario, qps), runs in sorted(fixed.items(), key=lambda kv: str(kv[0])):
+        runs.sort(key=_seed)
+        if scenario == "offline":
+            cell = f"Offline: {max(r['completed_qps'] for r in runs):.0f} qps completed"
+        else:
+            cell = f"- (fixed rate {qps:g} qps, no search)"
+        passed = [r.get("verdict") == "VALID" for r in runs]
+        rows.append(_real_row(key, cell, runs, [_seed(r) for r in runs], passed))
+    return rows
+
+
+def _gap_cell(gap) -> str:
+    if gap is None:
+        return "-"
+    cell = f"{gap:+.0%}".replace("%", " %")
+    return f"**{cell} (over 25 %)**" if abs(gap) > 0.25 else cell
+
+
+def sim_check_table(root: Path, sweeps: list) -> list:
+    """The simulator against the real server (scripts/serve_sim_check.py): per configuration and
+    rate, the simulated (predicted) and real (LoadGen, measured) p50 / p99 and the simulator's
+    error relative to the real one, flagged beyond 25 %."""
+    rows = [
+        "| configuration | offered qps | p50 simulated | p50 real (LoadGen) | p50 error "
+        "| p99 simulated | p99 real (LoadGen) | p99 error |",
+        "|---" * 8 + "|",
+    ]
+    if not sweeps:
+        return rows + ["| not measured yet (scripts/gpu_serve.sh OUT sim_check) |" + " - |" * 7]
+    for name in sweeps:
+        path = root / name
+        found = compare(read_records(path)) if path.is_dir() else None
+        if found is None:
+            raise SweepError(f"{path}: no such sweep dir")
+        if not found:
+            raise SweepError(f"{path}: no serve point ran on both clocks at one rate")
+        for r in found:
+            rows.append(
+                f"| {r['configuration']} | {r['qps']:g} | {r['p50_sim']:.2f} ms "
+                f"| {r['p50_real']:.2f} ms | {_gap_cell(r['p50_gap'])} | {r['p99_sim']:.2f} ms "
+                f"| {r['p99_real']:.2f} ms | {_gap_cell(r['p99_gap'])} |"
+            )
+    return rows
+
+
+def documents(root: Path, serve_real: list, sim_check: list) -> dict:
+    """Which tables each document holds: {document option: {table name: make()}}."""
+    return {
+        "readme": {
+            "goals": partial(goals_table, root),
+            "e2e": partial(e2e_table, root),
+            "serve_max_qps": partial(serve_table, root),
+            "serve_real": partial(serve_real_table, root, serve_real),
+        },
+        "serving": {"serve_sim_check": partial(sim_check_table, root, sim_check)},
+    }
+
+
+def render(text: str, tables: dict) -> str:
+    """The text with every one of `tables` regenerated between its markers."""
+    for name, make in tables.items():
         pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
         if not pattern.search(text):
             raise ValueError(f"no <!-- table:{name} --> ... <!-- /table:{name} --> markers")
         body = "\n".join(make()) + "\n"
         text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), text)
     return text
+
+
+def _names(text: str) -> list:
+    return [n for n in text.split(",") if n]
 
 
 def main(argv=None) -> int:
@@ -192,28 +357,49 @@ def main(argv=None) -> int:
     )
     p.add_argument("--check", action="store_true", help="only compare; exit 1 on a difference")
     p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    p.add_argument("--serving", type=Path, default=ROOT / "docs" / "serving.md")
+    p.add_argument("--published", type=Path, default=PUBLISHED, help="where the sweeps are")
+    p.add_argument(
+        "--serve-real",
+        type=_names,
+        default=SERVE_REAL_SWEEPS,
+        metavar="NAME,...",
+        help="the real-clock serving sweeps (default: SERVE_REAL_SWEEPS)",
+    )
+    p.add_argument(
+        "--sim-check",
+        type=_names,
+        default=SIM_CHECK_SWEEPS,
+        metavar="NAME,...",
+        help="the sweeps run on both clocks (default: SIM_CHECK_SWEEPS)",
+    )
     args = p.parse_args(argv)
-    try:
-        text = args.readme.read_text()
-        new = render(text)
-    except (OSError, ValueError) as exc:
-        print(f"{PROG}: error: {args.readme}: {exc}", file=sys.stderr)
-        return 2
+    docs = documents(args.published, args.serve_real, args.sim_check)
+    texts = {}
+    for key, tables in docs.items():  # every document rendered before any is written
+        path = getattr(args, key)
+        try:
+            text = path.read_text()
+            texts[path] = (text, render(text, tables))
+        except (OSError, ValueError) as exc:
+            print(f"{PROG}: error: {path}: {exc}", file=sys.stderr)
+            return 2
+    differ = [path for path, (text, new) in texts.items() if new != text]
     if args.check:
-        if new != text:
+        for path in differ:
+            text, new = texts[path]
             diff = difflib.unified_diff(
-                text.splitlines(), new.splitlines(), "README.md", "from the records", lineterm="", n=0
+                text.splitlines(), new.splitlines(), path.name, "from the records", lineterm="", n=0
             )
             print("\n".join(diff), file=sys.stderr)
             print(
-                f"{PROG}: the README's tables differ from outputs/published/: run "
+                f"{PROG}: the tables of {path} differ from {args.published}: run "
                 f"scripts/readme_tables.py",
                 file=sys.stderr,
             )
-            return 1
-        return 0
-    if new != text:
-        args.readme.write_text(new)
+        return 1 if differ else 0
+    for path in differ:
+        path.write_text(texts[path][1])
     return 0
 
 

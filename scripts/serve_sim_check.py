@@ -50,12 +50,34 @@ def pairs(records):
     ]
 
 
+def compare(records) -> list:
+    """One dict per configuration and rate that ran on both clocks: its name, the rate, the
+    simulated (predicted) and real (measured) p50 / p99 and their relative gaps (None where a
+    side lacks the percentile)."""
+    rows = []
+    for key, sim, real in pairs(records):
+        row = {"configuration": "-".join(str(key[i]) for i in (1, 3, 4)) + f"-b{key[5]}", "qps": key[6]}
+        for p in ("p50", "p99"):
+            row[f"{p}_sim"] = sim.get(f"{p}_ms", float("nan"))
+            row[f"{p}_real"] = real.get(f"{p}_ms", float("nan"))
+            row[f"{p}_gap"] = relative_gap(sim.get(f"{p}_ms"), real.get(f"{p}_ms"))
+        rows.append(row)
+    return rows
+
+
+def gap_note(gap) -> str:
+    """'+12%', or '-40% OFF BY MORE THAN 25 %' beyond OFF; '' where unknown."""
+    if gap is None:
+        return ""
+    return f"{gap:+.0%}" + (" OFF BY MORE THAN 25 %" if abs(gap) > OFF else "")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: serve_sim_check.py <sweep dir>", file=sys.stderr)
         return 2
-    found = pairs(read_records(Path(argv[0])))
+    found = compare(read_records(Path(argv[0])))
     if not found:
         print(
             f"serve_sim_check: error: {argv[0]}: no serve point ran on both clocks at one rate",
@@ -66,18 +88,11 @@ def main(argv=None) -> int:
         f"{'configuration':<44} {'qps':>7} {'p50 sim':>8} {'p50 real':>8} {'p99 sim':>8} "
         f"{'p99 real':>8}  simulated vs real"
     )
-    for key, sim, real in found:
-        name = "-".join(str(key[i]) for i in (1, 3, 4)) + f"-b{key[5]}"
-        gaps = {p: relative_gap(sim.get(f"{p}_ms"), real.get(f"{p}_ms")) for p in ("p50", "p99")}
-        notes = [
-            f"{p} {g:+.0%}" + (" OFF BY MORE THAN 25 %" if abs(g) > OFF else "")
-            for p, g in gaps.items()
-            if g is not None
-        ]
+    for r in found:
+        notes = [f"{p} {gap_note(r[f'{p}_gap'])}" for p in ("p50", "p99") if r[f"{p}_gap"] is not None]
         print(
-            f"{name:<44} {key[6]:>7g} {sim.get('p50_ms', float('nan')):>8.2f} "
-            f"{real.get('p50_ms', float('nan')):>8.2f} {sim.get('p99_ms', float('nan')):>8.2f} "
-            f"{real.get('p99_ms', float('nan')):>8.2f}  {', '.join(notes)}"
+            f"{r['configuration']:<44} {r['qps']:>7g} {r['p50_sim']:>8.2f} {r['p50_real']:>8.2f} "
+            f"{r['p99_sim']:>8.2f} {r['p99_real']:>8.2f}  {', '.join(notes)}"
         )
     return 0
 

@@ -1,10 +1,12 @@
 """The README's number tables are what scripts/readme_tables.py makes of outputs/published/:
 CI fails when a table and the records disagree, and the check does see a changed number."""
 
+import json
 import subprocess
 import sys
 
-from helpers import ROOT
+import pytest
+from helpers import ROOT, hstu_exp
 
 SCRIPT = ROOT / "scripts" / "readme_tables.py"
 
@@ -22,9 +24,10 @@ def test_readme_tables_match_the_published_records(tmp_path):
     proc = check(ROOT / "README.md")
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (ROOT / "README.md").read_text()
-    for name in ("goals", "e2e", "serve_max_qps"):
+    for name in ("goals", "e2e", "serve_max_qps", "serve_real"):
         start = text.index(f"<!-- table:{name} -->")
         assert text.index(f"<!-- /table:{name} -->") - start > 200  # a table, not empty
+    assert "<!-- table:serve_sim_check -->" in (ROOT / "docs" / "serving.md").read_text()
     assert "no repeats" in text and "within 1 %" not in text
     # one number changed by hand: the check fails and shows the line
     edited = tmp_path / "README.md"
@@ -35,3 +38,163 @@ def test_readme_tables_match_the_published_records(tmp_path):
     edited.write_text(text.replace("<!-- table:e2e -->", ""))
     proc = check(edited)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "table:e2e" in proc.stderr
+
+
+# -- the real-clock serving tables, from real CPU sweeps ------------------------------------------
+
+PUBLISHED = ROOT / "outputs" / "published"
+SMOKE = [  # what every CPU sweep here shares: the tiny model, p90 <= 30 ms, 2.5 s LoadGen runs
+    "experiment=serve_smoke",
+    "cache=paged",
+    "verify=false",
+    "workload.slo_ms=30",
+    "workload.min_duration_s=2.5",
+]
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def records(sweep):
+    """The records of a sweep, from its close-out file."""
+    return [json.loads(line) for line in (sweep / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """A published dir as scripts/gpu_serve.sh leaves it, from real runs on this CPU (LoadGen
+    driving the real server, the tiny model): a max-QPS search with one final seed (goal_fifo),
+    its rate re-run with LoadGen seeds 1-3 (goal_fifo_final), an Offline run, and a sim check
+    (2 rates x both clocks); beside them links to the sweeps the other tables read."""
+    root = tmp_path_factory.mktemp("published")
+    for sweep in PUBLISHED.iterdir():
+        (root / sweep.name).symlink_to(sweep)
+    runs = {
+        "goal_fifo": [
+            "workload.search=max_qps",
+            "workload.qps=20",
+            "workload.search_steps=1",
+            "workload.final_seeds=1",
+            "workload.search_duration_s=2.5",
+        ],
+        "goal_fifo_final": None,  # the rate goal_fifo found, seeds 1-3
+        "offline": ["workload.mode=offline"],
+        "serve_sim_check": ["workload.clock=real,simulated", "workload.qps=20,30"],
+    }
+    for name, args in runs.items():
+        if args is None:
+            (search,) = records(root / "goal_fifo")
+            assert search["max_qps"] is not None, search["search_passed"]  # 20 qps passes on a CPU
+            args = [
+                "workload.search=none",
+                f"workload.qps={search['max_qps']}",
+                "workload.loadgen_seed=1,2,3",
+            ]
+        out = hstu_exp(
+            "-m", *SMOKE, *args, f"hydra.sweep.dir={root / name}", env=ONE_THREAD, timeout=600
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+    return root
+
+
+def generate(root, tmp_path, *args):
+    """Copies of README.md and docs/serving.md with their tables generated from `root`."""
+    readme, serving = tmp_path / "README.md", tmp_path / "serving.md"
+    if not readme.exists():
+        readme.write_text((ROOT / "README.md").read_text())
+        serving.write_text((ROOT / "docs" / "serving.md").read_text())
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--readme", str(readme), "--serving", str(serving)]
+        + ["--published", str(root), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return proc, readme, serving
+
+
+def table(path, name):
+    """The rows (lists of cells) of a generated table, the header first, the rule left out."""
+    text = path.read_text()
+    body = text[text.index(f"<!-- table:{name} -->") : text.index(f"<!-- /table:{name} -->")]
+    rows = [line.strip("|").split(" | ") for line in body.splitlines()[1:]]
+    return [[c.strip() for c in row] for row in rows if not row[0].startswith("---")]
+
+
+REAL = ["--serve-real", "goal_fifo,goal_fifo_final,offline", "--sim-check", "serve_sim_check"]
+
+
+def test_the_real_serving_table_gives_bracket_seeds_and_where_the_time_goes(published, tmp_path):
+    proc, readme, _ = generate(published, tmp_path, *REAL)
+    assert proc.returncode == 0, proc.stderr
+    header, *rows = table(readme, "serve_real")
+    assert "real (LoadGen)" in header[0]
+    assert "clock: simulated" in table(readme, "serve_max_qps")[0][0]  # the simulated one stays
+    (search,) = records(published / "goal_fifo")
+    finals = sorted(records(published / "goal_fifo_final"), key=lambda r: r["loadgen_seed"])
+    (offline,) = records(published / "offline")
+    assert len(rows) == 2
+    row = dict(zip(header, rows[0]))
+    assert rows[0][:4] == ["tiny", "paged", "none", "fifo"]
+    best, failed = search["max_qps"], search["min_failing_qps"]
+    bracket = (
+        f"{best:.0f} [{best:.0f}-{failed:.0f}]" if failed else f"{best:.0f} [{best:.0f} - none failed]"
+    )
+    assert rows[0][4] == f"{bracket}, {len(search['search_qps'])} trials"
+    # the final rate's seeds are the re-run's, not the search's own final run
+    valid = sum(r["verdict"] == "VALID" for r in finals)
+    assert [r["target_qps"] for r in finals] == [best] * 3
+    assert rows[0][5] == f"1, 2, 3 x 2.5 s: {valid} of 3 VALID"
+    worst = max(finals, key=lambda r: r["p99_ms"])
+    assert row["SLO"] == "p90 <= 30 ms" and row["p99 (worst seed)"] == f"{worst['p99_ms']:.1f} ms"
+    assert row["LoadGen verdict (worst seed)"].startswith(worst["verdict"])
+    assert (row["busy fraction"], row["host ms / batch"], row["device ms / batch"]) == (
+        f"{worst['busy_fraction']:.2f}",
+        f"{worst['host_ms_per_batch']:.2f}",
+        f"{worst['device_ms_per_batch']:.2f}",
+    )
+    assert rows[1][4] == f"Offline: {offline['completed_qps']:.0f} qps completed"
+    assert rows[1][6].startswith("- (Offline") and rows[1][8].startswith(offline["verdict"])
+    # the search alone: its own final run stands for the final rate
+    proc, readme, _ = generate(published, tmp_path, "--serve-real", "goal_fifo")
+    assert proc.returncode == 0, proc.stderr
+    (only,) = table(readme, "serve_real")[1:]
+    passed = search["final_passed"]
+    assert only[5] == f"1 x 2.5 s: {sum(passed)} of 1 VALID" and only[7] == f"{search['p99_ms']:.1f} ms"
+
+
+def test_the_simulator_table_in_docs_flags_errors_over_25_percent(published, tmp_path):
+    proc, _, serving = generate(published, tmp_path, *REAL)
+    assert proc.returncode == 0, proc.stderr
+    header, *rows = table(serving, "serve_sim_check")
+    assert header[3] == "p50 real (LoadGen)" and header[5] == "p99 simulated"
+    both = {}
+    for r in records(published / "serve_sim_check"):
+        both.setdefault(r["qps"], {})[r["clock"]] = r
+    assert [float(r[1]) for r in rows] == sorted(both) == [20.0, 30.0]
+    for row, qps in zip(rows, sorted(both)):
+        sim, real = both[qps]["simulated"], both[qps]["real"]
+        for p, cells in (("p50", row[2:5]), ("p99", row[5:8])):
+            gap = (sim[f"{p}_ms"] - real[f"{p}_ms"]) / real[f"{p}_ms"]
+            assert cells[:2] == [f"{sim[f'{p}_ms']:.2f} ms", f"{real[f'{p}_ms']:.2f} ms"]
+            assert f"{gap:+.0%}".replace("%", " %") in cells[2]
+            assert ("(over 25 %)" in cells[2]) == (abs(gap) > 0.25)
+
+
+def test_a_listed_sweep_missing_is_bad_input_and_the_check_sees_a_changed_cell(published, tmp_path):
+    proc, readme, serving = generate(published, tmp_path, *REAL)
+    assert proc.returncode == 0, proc.stderr
+    assert generate(published, tmp_path, "--check", *REAL)[0].returncode == 0
+    before = readme.read_text(), serving.read_text()
+    for args in (
+        ["--serve-real", "goal_fifo,goal_la_final"],
+        ["--sim-check", "serve_sim_check,nothing"],
+    ):
+        proc = generate(published, tmp_path, *args)[0]
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert (
+            proc.stderr.startswith("readme_tables.py: error: ") and args[1].split(",")[1] in proc.stderr
+        )
+        assert (readme.read_text(), serving.read_text()) == before  # nothing written
+    row = next(line for line in before[0].splitlines() if line.startswith("| tiny | paged"))
+    readme.write_text(before[0].replace(row, row.replace(" trials", " tries")))
+    proc = generate(published, tmp_path, "--check", *REAL)[0]
+    assert proc.returncode == 1 and f"+{row}" in proc.stderr
