@@ -70,9 +70,17 @@ def card_pages(model, cache, *, device, dtype: torch.dtype) -> int:
     """Pages of a pool that takes cache.gpu_fraction of the GPU memory free now (call it once
     the model is on the GPU)."""
     free, _ = torch.cuda.mem_get_info(torch.device(device))
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    page = model.num_layers * 2 * cache.page_size * model.num_heads * model.head_dim * itemsize
-    return int(cache.gpu_fraction * free // page)
+    return int(cache.gpu_fraction * free // page_bytes(model, cache, dtype))
+
+
+def page_bytes(model, cache, dtype: torch.dtype) -> int:
+    """Bytes of one pool page over all layers: K and V, in e4m3 plus a float32 scale a
+    token-head with cache.dtype=fp8."""
+    if cache.dtype == "fp8":
+        token_head = model.head_dim + 4
+    else:
+        token_head = model.head_dim * torch.empty((), dtype=dtype).element_size()
+    return model.num_layers * 2 * cache.page_size * model.num_heads * token_head
 
 
 def build_cache(model, cache, *, device, dtype: torch.dtype, num_pages=None):
@@ -87,6 +95,7 @@ def build_cache(model, cache, *, device, dtype: torch.dtype, num_pages=None):
         head_dim=model.head_dim,
         dtype=dtype,
         device=device,
+        fp8=cache.dtype == "fp8",
     )
     if cache.mode == "paged_offload":
         from hstu_exp.kvcache.offload import OffloadPagedKVCache
@@ -109,6 +118,7 @@ def build_layer_cache(
         head_dim=model.head_dim,
         dtype=dtype,
         device=device,
+        fp8=cache.dtype == "fp8",
     )
 
 
@@ -253,7 +263,7 @@ def new_graphs(module, cache, model, graph, *, device, dtype, progress):
         device=device,
         batch_buckets=graph.batch_buckets,
         token_buckets=graph.token_buckets,
-        pool=None if cache is None else cache.pool,
+        pool=None if cache is None else cache.kv,
         page_size=0 if cache is None else cache.page_size,
         max_history=kv_tokens(model),
         scratch_page=0 if cache is None else cache.scratch_page,

@@ -26,6 +26,8 @@ class ConfigError(ValueError):
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+# cache.dtype: bf16 (K/V in the model dtype) | fp8 (e4m3 with a float32 scale a token-head).
+CACHE_DTYPES = ("bf16", "fp8")
 SERVE_CLOCKS = ("real", "simulated")
 SERVE_MODES = ("online", "offline")
 SERVE_SEARCHES = ("none", "max_qps")
@@ -39,9 +41,10 @@ E2E_MODES = {
     "cache": (True, False),
     "cache_graph": (True, True),
 }
-# What a reduced-precision point (kernel.gemm_dtype=fp8) must meet, or it is recorded failed
-# and its timing dropped: candidate outputs within max_rel_error of a float32 full recompute
-# (worst request, norm-wise), and (e2e) the top-k of each ranking shared with the bf16 path.
+# What a reduced-precision point (kernel.gemm_dtype=fp8, cache.dtype=fp8) must meet, or it is
+# recorded failed and its timing dropped: candidate outputs within max_rel_error of a float32
+# full recompute (worst request, norm-wise), and (e2e) the top-k of each ranking shared with the
+# bf16 path.
 ACCURACY_GATE = {"max_rel_error": 2e-2, "topk": 10, "topk_agreement": 0.99}
 # What a serve point may ask for: past these a point runs for hours or draws gigabytes before it
 # says anything (the caps name the cost in the message).
@@ -100,6 +103,10 @@ class CacheConfig:
     )
     # host tier (paged_offload); None = 4x the GPU pool
     host_pages: Optional[int] = knob(None, positive=True)
+    # K/V in the pool, the host tier and their copies: bf16 (the model dtype) | fp8 (e4m3, a
+    # float32 scale per token per head; ops/fp8.py). Like kernel.gemm_dtype=fp8 it passes the
+    # accuracy gate (ACCURACY_GATE) or the point is recorded failed.
+    dtype: str = knob("bf16", one_of=CACHE_DTYPES)
 
 
 @dataclass
@@ -442,8 +449,9 @@ def _validate_serve(w) -> None:
 
 def reduced_precision(cfg) -> List[str]:
     """The keys of a point that trade accuracy for speed (its accuracy gate applies)."""
-    kernel = cfg.get("kernel") or {}
-    return ["kernel.gemm_dtype=fp8"] if kernel.get("gemm_dtype") == "fp8" else []
+    kernel, cache = cfg.get("kernel") or {}, cfg.get("cache") or {}
+    keys = ["kernel.gemm_dtype=fp8"] if kernel.get("gemm_dtype") == "fp8" else []
+    return keys + (["cache.dtype=fp8"] if cache.get("dtype") == "fp8" else [])
 
 
 def _real_clock(w) -> None:
@@ -640,6 +648,10 @@ def point_problem(cfg) -> Optional[str]:
                 f"kernel.gemm_dtype=fp8: e4m3 GEMMs need model.hidden ({m.hidden}) and "
                 f"num_heads x head_dim ({width}) to be multiples of 16"
             )
+    if c.dtype == "fp8":
+        problem = _fp8_cache_problem(cfg)
+        if problem:
+            return problem
     if w.num_candidates > m.max_candidates and not (w.name == "serve" and w.trace is not None):
         return (
             f"workload.num_candidates={w.num_candidates}: more than the model's "
@@ -676,17 +688,38 @@ def point_problem(cfg) -> Optional[str]:
     return None
 
 
+def _fp8_cache_problem(cfg) -> Optional[str]:
+    """Why this point cannot hold its K/V in e4m3 (cache.dtype=fp8), or None."""
+    m, w, c = cfg.model, cfg.workload, cfg.cache
+    if m.dtype == "float32":  # the gate compares with the bf16 path; fp32 K/V is no baseline
+        return (
+            "cache.dtype=fp8 needs a half-precision model (model.dtype=bfloat16 or float16), not float32"
+        )
+    if cfg.kernel.name == "triton":
+        return "cache.dtype=fp8: kernel=triton does not read e4m3 pages yet (kernel=reference does)"
+    if w.name == "attention":
+        paged = w.new_history < w.total_history
+        return None if paged else "cache.dtype=fp8: workload.new_history=total_history reads no cache"
+    if c.mode == "none" or (w.name == "e2e" and not E2E_MODES[w.mode][0]):
+        which = f"workload.mode={w.mode}" if c.mode != "none" else "cache=none"
+        return f"cache.dtype=fp8: {which} keeps no KV cache to hold in e4m3"
+    return None
+
+
 def footprint_bytes(cfg) -> tuple:
     """(weights, KV pool) in bytes: the least memory a point's model takes on its device
     (activations and embeddings come on top)."""
     m, c = cfg.model, cfg.cache
     width = m.num_heads * m.head_dim
     weights = m.num_layers * 5 * m.hidden * width  # UVQK projection and the output projection
-    pool = (
-        0 if c.mode == "none" else pool_pages(m, c) * c.page_size * 2 * m.num_layers * width
-    )  # K and V of every slot
     item = 4 if m.dtype == "float32" else 2
-    return item * weights, item * pool
+    token_head = m.head_dim + 4 if c.dtype == "fp8" else item * m.head_dim  # e4m3 + its scale
+    pool = (
+        0
+        if c.mode == "none"
+        else pool_pages(m, c) * c.page_size * 2 * m.num_layers * m.num_heads * token_head
+    )  # K and V of every slot
+    return item * weights, pool
 
 
 def memory_problem(cfg, device_bytes: int) -> Optional[str]:

@@ -120,6 +120,7 @@ def point_params(cfg, device: torch.device) -> dict:
         "min_samples": w.min_samples,
         "input_sets": w.get("input_sets"),
         "gemm_dtype": cfg.kernel.gemm_dtype,
+        "cache_dtype": cfg.cache.dtype,
     }
 
 

@@ -17,6 +17,7 @@ from hstu_exp.bench.timer import time_fn
 from hstu_exp.builders import build_layer_cache, kernels_for, model_dtype, scaling_length
 from hstu_exp.core.jagged import make_batch
 from hstu_exp.ops import kernels
+from hstu_exp.ops.fp8 import Fp8Pages, dequantize_tokens, quantize_tokens
 
 
 def run(cfg, device: torch.device, progress=print) -> Measured:
@@ -38,8 +39,12 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
         users = list(range(B))
         cache.plan(users, [T - n] * B, [0] * B)
         batch = make_batch([n + k] * B, [k] * B, device, cache.plan(users, [n] * B, [k] * B))
-        cache.pool.copy_(randn(*cache.pool.shape))
-        kv_pages = (cache.pool[0][:, 0], cache.pool[0][:, 1])
+        if cache.fp8:  # random K/V, quantised as an append would
+            data, scales = quantize_tokens(randn(*cache.pool.shape))
+            cache.pool.copy_(data), cache.scales.copy_(scales)
+        else:
+            cache.pool.copy_(randn(*cache.pool.shape))
+        kv_pages = (cache.kv[0][:, 0], cache.kv[0][:, 1])
     else:
         batch = make_batch([T + k] * B, [k] * B, device)
     rows = B * ((n if paged else T) + k)
@@ -51,7 +56,7 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
         if upcast:
             q, kk, v = q.float(), kk.float(), v.float()
         if paged:
-            kp, vp = (t.float() for t in kv_pages) if upcast else kv_pages
+            kp, vp = (_upcast(t) for t in kv_pages) if upcast else kv_pages
             return op.attention_paged(q, kk, v, batch, kp, vp, alpha=alpha, inv_n=inv_n)
         return op.attention_full(q, kk, v, batch, alpha=alpha, inv_n=inv_n)
 
@@ -73,8 +78,13 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
     timing = time_fn(step, device=device, warmup=w.warmup, rule=rule)
     flops = 4 * H * D * B * attention_pairs(history=T, new=n, candidates=k)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    nbytes = itemsize * H * D * (4 * rows + (2 * B * T if paged else 0))  # q,k,v,out + pages
+    token_head = D + 4 if paged and cache.fp8 else itemsize * D  # a page's token-head (e4m3 + scale)
+    nbytes = itemsize * H * D * 4 * rows + (
+        2 * B * T * H * token_head if paged else 0
+    )  # q,k,v,out + pages
     extra = {"cache": "paged" if paged else "none"}
+    if paged:
+        extra.update(cache.capacity(T))
     if cfg.kernel.name == "triton":
         extra.update(_launch_plan(eager, kernel.attention.last_launch))
 
@@ -94,6 +104,13 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
         verify=verify,
         extra=extra,
     )
+
+
+def _upcast(pages):
+    """float32 pages (e4m3 pages dequantised: the reference then sees the values stored)."""
+    if isinstance(pages, Fp8Pages):
+        return dequantize_tokens(pages.data, pages.scales)
+    return pages.float()
 
 
 def _launch_plan(eager, plan: dict) -> dict:

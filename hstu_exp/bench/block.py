@@ -52,9 +52,9 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
             progress(f"preparing cache: {B} users x {cached} tokens")
             table = cache.plan(users, [cached] * B, [0] * B)
             with torch.no_grad():
-                block(prefix, make_batch([cached] * B, [0] * B, device, table), cache.pool)
+                block(prefix, make_batch([cached] * B, [0] * B, device, table), cache.kv)
         batch = make_batch([n + k] * B, [k] * B, device, cache.plan(users, [n] * B, [k] * B))
-        pool = cache.pool
+        pool = cache.kv
     else:
         batch, pool = make_batch([T + k] * B, [k] * B, device), None
 
@@ -64,7 +64,7 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
     extra = {
         "computed_tokens": rows,
         "cached_tokens": B * cached if cache is not None else 0,
-        "kv_pool_bytes": cache.nbytes if cache is not None else 0,
+        **(cache.capacity(T) if cache is not None else {"kv_pool_bytes": 0}),
     }
 
     @torch.no_grad()

@@ -121,7 +121,7 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
         "history_start": w.history_start,
         "history_step": w.history_step,
     }
-    extra.update(_cache_stats(manager, work))
+    extra.update(_cache_stats(manager, work, m.num_context + m.max_history))
     if graphs is not None:
         extra["bucket"] = ",".join(sorted(graphs.core.used))
         # graph memory: what is held (bounded by graph.max_graphs) and what was dropped
@@ -197,9 +197,9 @@ def _per_batch_median(passes: List[List[float]]) -> List[float]:
     return [statistics.median(column) for column in zip(*passes)]
 
 
-def _cache_stats(manager, work) -> dict:
-    """The last pass's cache statistics, in total and per batch. Without a cache every history
-    token is a miss."""
+def _cache_stats(manager, work, user_tokens: int) -> dict:
+    """The last pass's cache statistics, in total and per batch, and the pool's capacity in
+    users of `user_tokens` tokens. Without a cache every history token is a miss."""
     if manager is None:
         per_batch = [
             {
@@ -222,7 +222,7 @@ def _cache_stats(manager, work) -> dict:
         per_batch = manager.batches
         out = {
             **manager.stats(),
-            "kv_pool_bytes": manager.cache.nbytes,
+            **manager.cache.capacity(user_tokens),
             "host_pool_bytes": getattr(manager.cache, "host_nbytes", 0),
         }
     out.update({f"batch_{key}": [b[key] for b in per_batch] for key in CACHE_KEYS})
@@ -255,13 +255,15 @@ def _time_pass(batches, step, device):
 @torch.no_grad()
 def _verify(model, batches, manager, device, graphs=None) -> dict:
     """The stream served again (fresh cache) vs a float32 full recompute of every user's whole
-    sequence: worst relative error of candidate outputs and logits. A reduced-precision model
-    (fp8 GEMMs) is also ranked against the same model with bf16 GEMMs: the mean top-k
-    agreement of task 0's ranking (accuracy.topk_agreement, k = ACCURACY_GATE's)."""
+    sequence: worst relative error of candidate outputs and logits. A reduced-precision path
+    (fp8 GEMMs, an fp8 KV cache) is also ranked against the bf16 path (the same model with bf16
+    GEMMs, recomputing in the model dtype): the mean top-k agreement of task 0's ranking
+    (accuracy.topk_agreement, k = ACCURACY_GATE's)."""
     ref = copy.deepcopy(model).float()
     ref.block = oracle(model.block)
     exact = None
-    if model.block.policy.gemm_dtype != "bf16":
+    fp8_cache = manager is not None and manager.cache.fp8
+    if model.block.policy.gemm_dtype != "bf16" or fp8_cache:
         exact = copy.deepcopy(model)
         exact.block.policy = replace(model.block.policy, gemm_dtype="bf16")
     if manager is not None:

@@ -28,7 +28,6 @@ from hstu_exp.bench.measure import Measured
 from hstu_exp.bench.roofline import block_work
 from hstu_exp.bench.timer import StopRule
 from hstu_exp.builders import model_dtype, replica_servers, shared_server
-from hstu_exp.core.paging import pages_for
 from hstu_exp.env import ClockSampler
 from hstu_exp.model.hstu import oracle
 from hstu_exp.serving import outcome
@@ -236,11 +235,9 @@ def pool_capacity(cfg, manager) -> dict:
     """The KV pool's pages and how many users of the model's longest sequence it holds."""
     if manager is None:
         return {"kv_pool_pages": 0, "kv_pool_users": 0}
-    m, pages = cfg.model, manager.cache.num_pages
+    m = cfg.model
     return {
-        "kv_pool_pages": pages,
-        "kv_pool_bytes": manager.cache.nbytes,
-        "kv_pool_users": pages // pages_for(m.num_context + m.max_history, cfg.cache.page_size),
+        **manager.cache.capacity(m.num_context + m.max_history),
         "kv_pool_sized": "num_pages"
         if cfg.cache.num_pages
         else (

@@ -52,6 +52,7 @@ class OffloadPagedKVCache(PagedKVCache):
         head_dim: int,
         dtype: torch.dtype,
         device,
+        fp8: bool = False,
     ):
         self.host_pages = host_pages
         self.host_users: "OrderedDict[int, UserPages]" = OrderedDict()  # least recent first
@@ -63,24 +64,30 @@ class OffloadPagedKVCache(PagedKVCache):
             head_dim=head_dim,
             dtype=dtype,
             device=device,
+            fp8=fp8,
         )
-        # empty, not zeros: a host page is only ever read after it was written.
-        self.host_pool = torch.empty(
-            num_layers,
-            host_pages,
-            *self.pool.shape[2:],
-            dtype=dtype,
-            pin_memory=torch.cuda.is_available(),
-        )
-        self.page_bytes = self.pool[:, 0].numel() * self.pool.element_size()  # all layers
+        # (GPU tensor, its host tier) pairs; empty, not zeros: a host page is only ever read after
+        # it was written. With fp8 the host tier holds e4m3 pages and their scales, and both
+        # travel in every copy.
+        pin = torch.cuda.is_available()
+        self.mirrored = [(self.pool, self._host_like(self.pool, host_pages, pin))]
+        if self.fp8:
+            self.mirrored.append((self.scales, self._host_like(self.scales, host_pages, pin)))
+        self.host_pool = self.mirrored[0][1]
+        self.host_scales = self.mirrored[1][1] if self.fp8 else None
+        self.page_bytes = sum(t[:, 0].numel() * t.element_size() for t, _ in self.mirrored)  # all layers
         self.cuda = self.pool.device.type == "cuda"
         if self.cuda:
             self.offload_stream = torch.cuda.Stream(self.pool.device)
             self.onload_stream = torch.cuda.Stream(self.pool.device)
 
+    @staticmethod
+    def _host_like(t: torch.Tensor, pages: int, pin: bool) -> torch.Tensor:
+        return torch.empty(t.shape[0], pages, *t.shape[2:], dtype=t.dtype, pin_memory=pin)
+
     @property
     def host_nbytes(self) -> int:
-        return self.host_pool.numel() * self.host_pool.element_size()
+        return sum(h.numel() * h.element_size() for _, h in self.mirrored)
 
     def reset(self) -> None:
         super().reset()
@@ -177,10 +184,13 @@ class OffloadPagedKVCache(PagedKVCache):
         # Room is there: no evictions.
         return super().plan(users, new_history, num_candidates, upload=upload)
 
-    def _copy_layer(self, layer: int, moves, src_pool, dst_pool) -> None:
-        for src, dst in moves:
-            for s, d, n in _runs(src, dst):
-                dst_pool[layer, d : d + n].copy_(src_pool[layer, s : s + n], non_blocking=True)
+    def _copy_layer(self, layer: int, moves, to_host: bool) -> None:
+        """One layer's page moves, pages and (fp8) scales alike, GPU -> host when to_host."""
+        for gpu, host in self.mirrored:
+            src_pool, dst_pool = (gpu, host) if to_host else (host, gpu)
+            for src, dst in moves:
+                for s, d, n in _runs(src, dst):
+                    dst_pool[layer, d : d + n].copy_(src_pool[layer, s : s + n], non_blocking=True)
 
     def _issue(self) -> None:
         """Enqueue this batch's offloads and onloads, layer by layer."""
@@ -192,8 +202,8 @@ class OffloadPagedKVCache(PagedKVCache):
         if not self.cuda:  # synchronous: compute waits for all of it
             t0 = time.perf_counter()
             for layer in range(layers):
-                self._copy_layer(layer, offloads, self.pool, self.host_pool)
-                self._copy_layer(layer, onloads, self.host_pool, self.pool)
+                self._copy_layer(layer, offloads, to_host=True)
+                self._copy_layer(layer, onloads, to_host=False)
             self._wait_ms += (time.perf_counter() - t0) * 1e3
             return
         compute = torch.cuda.current_stream(self.pool.device)
@@ -204,12 +214,12 @@ class OffloadPagedKVCache(PagedKVCache):
         self._ready = []
         for layer in range(layers):
             with torch.cuda.stream(off):
-                self._copy_layer(layer, offloads, self.pool, self.host_pool)
+                self._copy_layer(layer, offloads, to_host=True)
                 done = torch.cuda.Event()
                 done.record(off)
             on.wait_event(done)
             with torch.cuda.stream(on):
-                self._copy_layer(layer, onloads, self.host_pool, self.pool)
+                self._copy_layer(layer, onloads, to_host=False)
                 ready = torch.cuda.Event()
                 ready.record(on)
             self._ready.append(ready)

@@ -1,7 +1,10 @@
 """Paged KV cache (docs/design.md §3): one preallocated pool, per-user page lists, user-level LRU.
 
 The pool is `[layers, pages, 2 (K, V), page_size, heads, head_dim]` in the model dtype and holds
-the post-SiLU K and V of history tokens. Page bookkeeping is host-side: the LRU order is a dict,
+the post-SiLU K and V of history tokens; with fp8=True (cache.dtype=fp8) it is e4m3, and a float32
+`scales` tensor `[layers, pages, 2, page_size, heads]` pages with it (same page ids: one token-head
+scale, ops/fp8.py says why). `kv` is what the block and kernels take: the pool, or both as
+`Fp8Pages`. Page bookkeeping is host-side: the LRU order is a dict,
 every page list and the free list are numpy arrays, and `plan` computes a batch's page table
 with numpy over the whole batch (one Python pass over its users for the dict lookups, no numpy
 call per user but the page-list growth). What the kernels see is a `PageTable`, uploaded in one
@@ -19,6 +22,7 @@ import torch
 
 from hstu_exp.core.jagged import PageTable
 from hstu_exp.core.paging import pages_for
+from hstu_exp.ops.fp8 import E4M3, Fp8Pages
 
 
 class CacheFullError(RuntimeError):
@@ -46,14 +50,16 @@ class PagedKVCache:
         head_dim: int,
         dtype: torch.dtype,
         device,
+        fp8: bool = False,
     ):
         self.page_size, self.num_pages = page_size, num_pages
         self.device = torch.device(device)
         # One page more than the free list hands out: a scratch page that padded appends
         # (CUDA-graph buckets) may write into without touching any user's keys.
-        self.pool = torch.zeros(
-            num_layers, num_pages + 1, 2, page_size, num_heads, head_dim, dtype=dtype, device=device
-        )
+        shape = (num_layers, num_pages + 1, 2, page_size, num_heads)
+        self.pool = torch.zeros(*shape, head_dim, dtype=E4M3 if fp8 else dtype, device=device)
+        self.scales = torch.zeros(shape, dtype=torch.float32, device=device) if fp8 else None
+        self.kv = Fp8Pages(self.pool, self.scales) if fp8 else self.pool
         self.scratch_page = num_pages
         self.users: "OrderedDict[int, UserPages]" = OrderedDict()  # least recent first
         self.reset()
@@ -66,8 +72,31 @@ class PagedKVCache:
         self.evictions = 0
 
     @property
+    def fp8(self) -> bool:
+        return self.scales is not None
+
+    @property
     def nbytes(self) -> int:
-        return self.pool.numel() * self.pool.element_size()
+        """The pool's bytes, its scales included."""
+        return sum(t.numel() * t.element_size() for t in (self.pool, self.scales) if t is not None)
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes one history token takes in the pool: K and V of every layer and head (and
+        their scales)."""
+        return self.nbytes // (self.pool.shape[1] * self.page_size)
+
+    def capacity(self, user_tokens: int) -> dict:
+        """What the record says of the pool: its K/V dtype, pages, bytes (scales included),
+        bytes per history token (K and V of every layer and head) and how many users of
+        `user_tokens` cached tokens it holds at once."""
+        return {
+            "kv_dtype": "fp8" if self.fp8 else str(self.pool.dtype).removeprefix("torch."),
+            "kv_pool_pages": self.num_pages,
+            "kv_pool_bytes": self.nbytes,
+            "kv_token_bytes": self.token_bytes,
+            "kv_pool_users": self.num_pages // max(1, self._pages_for(user_tokens)),
+        }
 
     def cached_length(self, user: int) -> int:
         entry = self.users.get(user)

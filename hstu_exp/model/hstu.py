@@ -113,7 +113,8 @@ class HSTUBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, batch: Batch, pool: Optional[torch.Tensor] = None, on_layer=None
     ) -> torch.Tensor:
-        """x: [rows, hidden]. pool: [L, P, 2, page_size, H, D] when batch.pages is set.
+        """x: [rows, hidden]. pool: [L, P, 2, page_size, H, D] when batch.pages is set, a tensor
+        or e4m3 `ops.fp8.Fp8Pages` (cache.dtype=fp8; the kernels quantise and dequantise).
         on_layer(l) runs before layer l (the host tier waits there for that layer's onload)."""
         kernel = kernels(self.kernel, self.policy)
         for i, layer in enumerate(self.layers):

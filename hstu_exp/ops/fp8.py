@@ -14,6 +14,7 @@ cost every other row its precision, and the row amax is free where the row is in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -65,3 +66,46 @@ def scaled_linear(
 ) -> torch.Tensor:
     """(xq * x_scale) (w.q * w.scale)^T + bias in out_dtype; float32 accumulation."""
     return torch._scaled_mm(xq, w.q.t(), x_scale, w.scale, bias=bias, out_dtype=out_dtype)
+
+
+# -- the FP8 KV cache (cache.dtype=fp8) ------------------------------------------------------------
+# One float32 scale per token per head: appends write whole tokens, so a token's scale is final
+# when it is written (a per-page scale would have to be fixed by the page's first token, or its
+# earlier tokens requantised as later ones arrive), and a scale covers only D values, so one large
+# key costs no other token precision. Its price is 4 bytes per D: at D = 128 a token-head takes
+# 132 bytes against bf16's 256 (0.52x), at D = 256 260 against 512 (0.51x).
+
+
+def quantize_tokens(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (e4m3 [..., D], float32 scale [...]) with x ~ q * scale[..., None]: each
+    token-head's largest magnitude maps to e4m3's 448."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1) / E4M3_MAX).clamp_min(MIN_SCALE)
+    return (xf / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def dequantize_tokens(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 values e4m3 `q` [..., D] with scales [...] stand for."""
+    return q.float() * scale[..., None]
+
+
+@dataclass(frozen=True)
+class Fp8Pages:
+    """K/V pages in e4m3 with their float32 scales, indexed together: `data` [..., D] e4m3 and
+    `scales` the same shape without D. The whole pool ([layers, pages, 2, page_size, H, D]), one
+    layer of it, or its K or V pages (`pool[l][:, 0]`) are all Fp8Pages; the kernels take one
+    wherever they take a page tensor and then read e4m3 keys and values."""
+
+    data: torch.Tensor
+    scales: torch.Tensor
+
+    def __getitem__(self, index) -> "Fp8Pages":
+        return Fp8Pages(self.data[index], self.scales[index])
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from hstu_exp.ops.fp8 import Fp8Pages, quantize_tokens
+
 
 @triton.jit
 def _append_kv_kernel(
@@ -386,6 +388,13 @@ def layernorm_mul_linear_add_torch(a, u, norm_w, norm_b, w, x, eps: float):
 
 
 def append_kv_torch(pool_layer, new_rows, new_page, new_slot, k, v) -> None:
+    """pool_layer [P, 2, page_size, H, D], or `Fp8Pages` (each token-head quantised)."""
+    if isinstance(pool_layer, Fp8Pages):
+        for i, x in enumerate((k, v)):
+            data, scale = quantize_tokens(x[new_rows])
+            pool_layer.data[new_page, i, new_slot] = data
+            pool_layer.scales[new_page, i, new_slot] = scale
+        return
     pool_layer[new_page, 0, new_slot] = k[new_rows]
     pool_layer[new_page, 1, new_slot] = v[new_rows]
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hstu_exp.core.jagged import Batch, row_to_user
+from hstu_exp.ops.fp8 import Fp8Pages, dequantize_tokens
 
 
 def _gather_rows(values: torch.Tensor, offsets: torch.Tensor, max_len: int):
@@ -26,18 +27,25 @@ def _gather_rows(values: torch.Tensor, offsets: torch.Tensor, max_len: int):
     return values[idx] * valid[..., None, None].to(values.dtype), valid
 
 
-def _gather_pages(pages: torch.Tensor, page_indptr, page_ids, kv_lengths, max_kv_len: int):
-    """Pool view [P, page_size, H, D] -> [B, max_kv_len, H, D] through the page table."""
+def _gather_pages(pages, page_indptr, page_ids, kv_lengths, max_kv_len: int, dtype):
+    """Pool view [P, page_size, H, D] (a tensor, or e4m3 `Fp8Pages`, dequantised) -> [B,
+    max_kv_len, H, D] in `dtype` through the page table."""
     page_size = pages.shape[1]
     pos = torch.arange(max_kv_len, device=pages.device)
     valid = pos[None, :] < kv_lengths[:, None]
     slot_of_page = page_indptr[:-1, None].long() + pos[None, :] // page_size
     slot_of_page = slot_of_page.clamp(max=max(page_ids.numel() - 1, 0))
     if page_ids.numel() == 0:
-        return pages.new_zeros(kv_lengths.numel(), max_kv_len, *pages.shape[2:])
-    page = page_ids.long()[slot_of_page]
-    dense = pages[page, pos[None, :] % page_size]
-    return dense * valid[..., None, None].to(dense.dtype)
+        return torch.zeros(
+            kv_lengths.numel(), max_kv_len, *pages.shape[2:], dtype=dtype, device=pages.device
+        )
+    page, slot = page_ids.long()[slot_of_page], pos[None, :] % page_size
+    if isinstance(pages, Fp8Pages):
+        dense = dequantize_tokens(pages.data[page, slot], pages.scales[page, slot])
+    else:
+        dense = pages[page, slot]
+    dense = dense.to(dtype)
+    return dense * valid[..., None, None].to(dtype)
 
 
 def _masked_core(q, k, v, q_pos, q_is_cand, kv_len, alpha: float, inv_n: float):
@@ -92,20 +100,21 @@ def attention_full(q, k, v, batch: Batch, *, alpha: float, inv_n: float) -> torc
 def attention_paged(
     q, k, v, batch: Batch, k_pages, v_pages, *, alpha: float, inv_n: float
 ) -> torch.Tensor:
-    """Queries = new rows; keys = the user's pages (new history already appended) + self."""
+    """Queries = new rows; keys = the user's pages (new history already appended) + self.
+    k_pages, v_pages: tensors, or `Fp8Pages` (e4m3, dequantised here)."""
     pt = batch.pages
     rows = q.shape[0]
     qd, _ = _gather_rows(q, batch.offsets, batch.max_len)
     lengths = batch.offsets[1:] - batch.offsets[:-1]
     new_history = (lengths - batch.num_candidates).long()
     kv_len = pt.cached_lengths.long() + new_history
-    kd = _gather_pages(k_pages, pt.page_indptr, pt.page_ids, kv_len, pt.max_kv_len)
-    vd = _gather_pages(v_pages, pt.page_indptr, pt.page_ids, kv_len, pt.max_kv_len)
+    kd = _gather_pages(k_pages, pt.page_indptr, pt.page_ids, kv_len, pt.max_kv_len, q.dtype)
+    vd = _gather_pages(v_pages, pt.page_indptr, pt.page_ids, kv_len, pt.max_kv_len, q.dtype)
     i = torch.arange(batch.max_len, device=q.device)[None, :]
     q_pos = pt.cached_lengths.long()[:, None] + i
     q_is_cand = i >= new_history[:, None]
     out = _to_rows(
-        _masked_core(qd, kd.to(q.dtype), vd.to(q.dtype), q_pos, q_is_cand, kv_len, alpha, inv_n),
+        _masked_core(qd, kd, vd, q_pos, q_is_cand, kv_len, alpha, inv_n),
         batch.offsets,
         rows,
     )

@@ -121,7 +121,7 @@ class RequestPath:
         with phase("rank.tokens"):
             tokens = self.model.embeddings.tokens(requests, cached, self.device, upload=False)
             batch = make_batch(tokens.rows, tokens.num_candidates, self.device, table, upload=False)
-        pool = self.manager.cache.pool if self.manager is not None else None
+        pool = self.manager.cache.kv if self.manager is not None else None
         cuda = torch.device(self.device).type == "cuda"
         if self.graphs is None:  # eager: each layer waits for its own onloads (on_layer)
             batch, tokens = upload_step(batch, tokens, self.device)

@@ -1,0 +1,297 @@
+"""The FP8 KV cache (cache.dtype=fp8): e4m3 K/V with a float32 scale per token per head.
+
+The quantise / dequantise round trip against e4m3's precision; the paged attention reading e4m3
+pages (reference and Triton, Triton's interpreter on CPU) against an independent float64 oracle
+on the unquantised K/V, with the tolerance propagated from e4m3's precision; the host tier moving
+pages and scales bit-exact; the CLI's bad inputs; and a block point gated by its accuracy gate.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import hstu_exp
+
+from hstu_exp.core.jagged import make_batch
+from hstu_exp.kvcache.offload import OffloadPagedKVCache
+from hstu_exp.kvcache.paged import PagedKVCache
+from hstu_exp.ops import kernels
+from hstu_exp.ops.fp8 import E4M3, Fp8Pages, dequantize_tokens, quantize_tokens
+from hstu_exp.ops.policy import KernelPolicy
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# e4m3: 3 mantissa bits, so a normal value rounds to within 2^-4 of its magnitude; below the
+# smallest normal (2^-6, times the token-head's scale) the step is 2^-9, so within 2^-10 of it.
+REL, SUB = 2.0**-4, 2.0**-10
+
+
+def round_trip_bound(x, scale):
+    return REL * x.abs() + SUB * scale[..., None]
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 16), (37, 3, 32), (5, 2, 256)])
+def test_quantise_round_trip_is_within_e4m3_precision(shape):
+    x = torch.randn(*shape, dtype=torch.float64).float() * torch.rand(shape[0], 1, 1) * 50
+    x[shape[0] // 2] = 0.0  # a dead token: a finite scale, zeros back
+    q, scale = quantize_tokens(x)
+    assert q.dtype == E4M3 and scale.dtype == torch.float32 and scale.shape == shape[:2]
+    torch.testing.assert_close(scale, (x.abs().amax(-1) / 448).clamp_min(1e-12), rtol=0, atol=0)
+    back = dequantize_tokens(q, scale)
+    assert bool(((back - x).abs() <= round_trip_bound(x, scale)).all())
+    live = x.abs().amax(-1) > 0
+    assert bool((q.float().abs().amax(-1)[live] == 448).all())  # each token-head uses the range
+    assert bool((back[~live] == 0).all())
+
+
+def oracle(q, k, v, kv_hist, cached, new, cands, alpha, inv_n):
+    """float64 HSTU attention, user by user, from its definition: history query i of a user sees
+    history keys 0..cached+i, a candidate sees every history key and itself (its own k, v).
+    kv_hist[b]: (K, V) [cached + new, H, D] of user b's history, in float64."""
+    out, row = [], 0
+    for b, (c, n, m) in enumerate(zip(cached, new, cands)):
+        K, V = kv_hist[b]
+        for i in range(n + m):
+            qi = q[row + i].double()
+            if i < n:
+                keys, vals = K[: c + i + 1], V[: c + i + 1]
+            else:  # a candidate: all history, then itself
+                keys = torch.cat([K, k[row + i].double()[None]])
+                vals = torch.cat([V, v[row + i].double()[None]])
+            s = torch.einsum("hd,khd->kh", qi, keys) * alpha
+            p = s * torch.sigmoid(s) * inv_n
+            out.append(torch.einsum("kh,khd->hd", p, vals))
+        row += n + m
+    return torch.stack(out) if out else q.new_zeros(0, *q.shape[1:]).double()
+
+
+def error_bound(q, kv_hist, cached, new, cands, alpha, inv_n):
+    """(bound, magnitude) per output element. bound: what e4m3 K/V may cost it, propagated from
+    the round trip: a key within e_k = 2^-4 |k| + 2^-10 scale moves a score by at most
+    alpha |q|.e_k, SiLU's slope is at most 1.1, so p moves by dp <= 1.1 alpha |q|.e_k / N; a
+    value within e_v moves the output by |p| e_v; over the visible history keys
+    |out - oracle| <= sum_k dp_k (|v_k| + e_v,k) + |p_k| e_v,k (a candidate's own key is not
+    quantised). magnitude: sum_k |p_k| |v_k| over all visible keys, what the compute dtype's
+    rounding is relative to."""
+    bound, mag, row = [], [], 0
+    for b, (c, n, m) in enumerate(zip(cached, new, cands)):
+        K, V = kv_hist[b]
+        ek = round_trip_bound(K, K.abs().amax(-1) / 448)
+        ev = round_trip_bound(V, V.abs().amax(-1) / 448)
+        for i in range(n + m):
+            qi = q[row + i].double()
+            last = c + i + 1 if i < n else c + n
+            s = torch.einsum("hd,khd->kh", qi, K[:last]) * alpha
+            p = (s * torch.sigmoid(s)).abs() * inv_n
+            dp = 1.1 * alpha * torch.einsum("hd,khd->kh", qi.abs(), ek[:last]) * inv_n
+            bound.append(
+                torch.einsum("kh,khd->hd", dp, V[:last].abs() + ev[:last])
+                + torch.einsum("kh,khd->hd", p, ev[:last])
+            )
+            mag.append(torch.einsum("kh,khd->hd", p, V[:last].abs()))
+        row += n + m
+    return torch.stack(bound), torch.stack(mag)
+
+
+# (cached, new, candidates) per user: odd lengths, page boundaries (page 8), zero-length cached
+# and new histories, users without candidates.
+CASES = [
+    ([13], [5], [3]),
+    ([0, 8, 16], [8, 1, 0], [0, 4, 2]),
+    ([7, 0, 24], [9, 3, 8], [1, 0, 5]),
+    ([31, 5], [0, 0], [2, 3]),
+]
+KERNELS = [("reference", torch.float32), ("reference", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("kernel,dtype", KERNELS)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_paged_attention_reads_e4m3_pages(kernel, dtype, case):
+    """History K/V quantised into the pool (the prefix as written, the new rows by the kernel
+    set's own append), then the paged attention on e4m3 pages vs the float64 oracle on the
+    unquantised K/V, within the propagated e4m3 bound (plus the compute dtype's rounding)."""
+    cached, new, cands = CASES[case]
+    gen = torch.Generator().manual_seed(case)
+    H, D, page = 2, 32, 8
+    B = len(cached)
+    ops = kernels(kernel, KernelPolicy(autotune=False))
+    cache = PagedKVCache(
+        num_layers=1,
+        num_pages=sum(-(-(c + n) // page) for c, n in zip(cached, new)) + 3,
+        page_size=page,
+        num_heads=H,
+        head_dim=D,
+        dtype=dtype,
+        device=DEVICE,
+        fp8=True,
+    )
+    users = list(range(B))
+    cache.plan([99], [page + 1], [0])  # another user's pages first: ids are not 0..n
+    table = cache.plan(users, cached, [0] * B)
+    prefix = [torch.randn(2, c, H, D, generator=gen) * 2 for c in cached]
+    flat = torch.cat(prefix, dim=1).to(DEVICE, dtype)
+    prefix = [x.to(dtype).float() for x in prefix]  # what the pool was given
+    layer = cache.kv[0]
+    ops.append_kv(layer, table.new_rows, table.new_page, table.new_slot, flat[0], flat[1])
+    table = cache.plan(users, new, cands)
+    batch = make_batch([n + m for n, m in zip(new, cands)], cands, DEVICE, table)
+    q, k, v = (torch.randn(sum(new) + sum(cands), H, D, generator=gen).to(DEVICE, dtype) for _ in "qkv")
+    ops.append_kv(layer, table.new_rows, table.new_page, table.new_slot, k, v)
+    alpha, inv_n = 1 / math.sqrt(D), 1 / 64
+    got = ops.attention_paged(q, k, v, batch, layer[:, 0], layer[:, 1], alpha=alpha, inv_n=inv_n)
+
+    stored = dequantize_tokens(cache.pool[0].cpu(), cache.scales[0].cpu()).double()
+    kv_hist, row = [], 0
+    for b, (c, n, m) in enumerate(zip(cached, new, cands)):
+        K = torch.cat([prefix[b][0], k[row : row + n].float().cpu()]).double()
+        V = torch.cat([prefix[b][1], v[row : row + n].float().cpu()]).double()
+        kv_hist.append((K, V))
+        pos = torch.arange(c + n)
+        ids = torch.tensor(cache.users[b].pages.tolist(), dtype=torch.long)[pos // page]
+        for kv, x in enumerate((K, V)):  # the pool holds each key's round trip
+            held = stored[ids, kv, pos % page]
+            assert bool(((held - x).abs() <= round_trip_bound(x, x.abs().amax(-1) / 448) + 1e-12).all())
+        row += n + m
+    qc, kc, vc = (t.float().cpu() for t in (q, k, v))
+    want = oracle(qc, kc, vc, kv_hist, cached, new, cands, alpha, inv_n)
+    bound, mag = error_bound(qc, kv_hist, cached, new, cands, alpha, inv_n)
+    # the compute dtype: fp16 rounds p and the output (2^-11 each); float32 its sums
+    slack = (2.0**-9 if dtype == torch.float16 else 1e-5) * mag + 1e-7
+    err = (got.double().cpu() - want).abs()
+    assert got.dtype == dtype and bool(torch.isfinite(got).all())
+    assert bool((err <= bound + slack).all()), float((err - bound - slack).max())
+    assert float(err.max()) > 0  # the quantised keys made a difference the oracle sees
+
+
+def test_offload_moves_e4m3_pages_and_scales_bit_exact():
+    """Evicted users' e4m3 pages and scales go to the host tier and come back unchanged; the
+    bytes moved count both and are about half of a bf16 cache's."""
+    H, D, page = 2, 64, 4
+
+    def cache(fp8):
+        return OffloadPagedKVCache(
+            host_pages=8,
+            num_layers=2,
+            num_pages=4,
+            page_size=page,
+            num_heads=H,
+            head_dim=D,
+            dtype=torch.bfloat16,
+            device=DEVICE,
+            fp8=fp8,
+        )
+
+    c, half = cache(True), cache(False)
+    assert c.host_pool.dtype == E4M3 and c.host_scales.shape == (2, 8, 2, page, H)
+    table = c.plan([0], [7], [0])
+    x = torch.randn(7, 2, 2, H, D) * 3  # token, layer, K/V
+    for layer in range(2):
+        for kv in range(2):
+            data, scale = quantize_tokens(x[:, layer, kv])
+            c.pool[layer, table.new_page, kv, table.new_slot] = data.to(DEVICE)
+            c.scales[layer, table.new_page, kv, table.new_slot] = scale.to(DEVICE)
+    pages = c.users[0].pages.tolist()
+    before = (c.pool[:, pages].clone(), c.scales[:, pages].clone())
+    c.plan([1], [16], [0])  # evicts user 0 to the host tier
+    assert 0 in c.host_users
+    c.plan([0], [0], [0])  # back onto (other) GPU pages
+    hook = c.layer_hook()  # on CUDA compute waits for each layer's onload here
+    for layer in range(2 if hook else 0):
+        hook(layer)
+    pages = c.users[0].pages.tolist()
+    assert torch.equal(c.pool[:, pages].view(torch.uint8), before[0].view(torch.uint8))
+    assert torch.equal(c.scales[:, pages], before[1])
+    moved = c.transfer_stats()
+    # user 0's 2 pages out and back, user 1's 4 out to make room for it
+    assert (moved["offloaded_bytes"], moved["onloaded_bytes"]) == (6 * c.page_bytes, 2 * c.page_bytes)
+    assert c.page_bytes == 2 * 2 * page * H * (D + 4)  # layers x K/V x slots x heads x (e4m3 + scale)
+    assert c.page_bytes / half.page_bytes == (D + 4) / (2 * D)
+    assert c.token_bytes == c.page_bytes // page and c.nbytes / half.nbytes == (D + 4) / (2 * D)
+
+
+BLOCK = [
+    "logger=none",
+    "device=cpu",
+    "calibrate=false",
+    "workload=block",
+    "workload.total_history=48",
+    "workload.new_history=9",
+    "workload.num_candidates=5",
+    "workload.batch_size=2",
+    "workload.min_time_s=0.01",
+    "workload.iters=3",
+    "workload.warmup=1",
+    "workload.cv_max=10",
+]
+
+
+def test_cli_block_point_with_an_fp8_cache_passes_its_gate(tmp_path):
+    """A bf16 tiny model, cached block, K/V in bf16 and in e4m3: the fp8 point is verified and
+    gated, within the gate, and its record says the pool's bytes per token and users held (its
+    bytes about half of bf16's)."""
+    proc = hstu_exp(
+        "-m", *BLOCK, "model=tiny", "model.dtype=bfloat16", "cache.dtype=bf16,fp8", "verify=true",
+        f"hydra.sweep.dir={tmp_path}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    recs = {
+        r["cache_dtype"]: r
+        for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())
+    }
+    bf16, fp8 = recs["bf16"], recs["fp8"]
+    assert bf16["status"] == fp8["status"] == "ok", (bf16.get("error"), fp8.get("error"))
+    assert fp8["accuracy_gate"] == "passed" and "accuracy_gate" not in bf16
+    # e4m3 K/V change the outputs (another computation than bf16's), within the gate: at this
+    # size the block's bf16 rounding is as large as what e4m3 keys and values add
+    assert fp8["max_rel_error"] < 2e-2 and fp8["max_rel_error"] != bf16["max_rel_error"]
+    assert (fp8["kv_dtype"], bf16["kv_dtype"]) == ("fp8", "bfloat16")
+    assert fp8["kv_token_bytes"] == 2 * 2 * 2 * (32 + 4)  # layers x K/V x heads x (e4m3 + scale)
+    assert bf16["kv_token_bytes"] == 2 * 2 * 2 * 32 * 2
+    assert fp8["kv_pool_users"] == bf16["kv_pool_users"] > 0
+    assert fp8["kv_pool_bytes"] / bf16["kv_pool_bytes"] == (32 + 4) / 64
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["model=tiny"], "cache.dtype=fp8 needs a half-precision model (model.dtype=bfloat16"),
+        (["model=tiny", "model.dtype=bfloat16", "cache=none", "workload.new_history=48"],
+         "cache.dtype=fp8: cache=none keeps no KV cache"),
+        (["model=tiny", "model.dtype=bfloat16", "cache.dtype=fp16"],
+         "cache.dtype=fp16: must be one of bf16, fp8"),
+    ],
+)  # fmt: skip
+def test_cli_rejects_an_fp8_cache_it_cannot_serve(tmp_path, args, message):
+    proc = hstu_exp(*BLOCK, "cache.dtype=fp8", *args, f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("hstu-exp: error: ") and message in line, line
+    assert not (tmp_path / "run" / "results.jsonl").exists()
+
+
+def test_cli_e2e_baseline_with_an_fp8_cache_is_named():
+    from omegaconf import OmegaConf
+
+    from hstu_exp.config import point_problem
+
+    cfg = OmegaConf.create(
+        {
+            "model": {"dtype": "bfloat16"},
+            "cache": {"mode": "paged", "dtype": "fp8"},
+            "kernel": {"gemm_dtype": "bf16"},
+            "workload": {"name": "e2e", "mode": "baseline"},
+        }
+    )
+    assert "workload.mode=baseline keeps no KV cache" in point_problem(cfg)
+
+
+def test_fp8_pages_index_together():
+    pool = PagedKVCache(
+        num_layers=2, num_pages=3, page_size=4, num_heads=2, head_dim=16,
+        dtype=torch.bfloat16, device="cpu", fp8=True,
+    )  # fmt: skip
+    kv = pool.kv
+    assert isinstance(kv, Fp8Pages) and kv.data is pool.pool and kv.scales is pool.scales
+    k_pages = kv[1][:, 0]
+    assert k_pages.shape == (4, 4, 2, 16) and k_pages.scales.shape == (4, 4, 2)
+    assert k_pages.data.data_ptr() == pool.pool[1][:, 0].data_ptr()
