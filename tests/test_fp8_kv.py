@@ -269,7 +269,7 @@ def test_cli_rejects_an_fp8_cache_it_cannot_serve(tmp_path, args, message):
     assert not (tmp_path / "run" / "results.jsonl").exists()
 
 
-def test_cli_e2e_baseline_with_an_fp8_cache_is_named():
+def test_e2e_baseline_with_an_fp8_cache_is_named():
     from omegaconf import OmegaConf
 
     from hstu_exp.config import point_problem
@@ -278,7 +278,7 @@ def test_cli_e2e_baseline_with_an_fp8_cache_is_named():
         {
             "model": {"dtype": "bfloat16"},
             "cache": {"mode": "paged", "dtype": "fp8"},
-            "kernel": {"gemm_dtype": "bf16"},
+            "kernel": {"name": "reference", "gemm_dtype": "bf16"},
             "workload": {"name": "e2e", "mode": "baseline"},
         }
     )
