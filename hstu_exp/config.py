@@ -695,8 +695,6 @@ def _fp8_cache_problem(cfg) -> Optional[str]:
         return (
             "cache.dtype=fp8 needs a half-precision model (model.dtype=bfloat16 or float16), not float32"
         )
-    if cfg.kernel.name == "triton":
-        return "cache.dtype=fp8: kernel=triton does not read e4m3 pages yet (kernel=reference does)"
     if w.name == "attention":
         paged = w.new_history < w.total_history
         return None if paged else "cache.dtype=fp8: workload.new_history=total_history reads no cache"

@@ -31,9 +31,9 @@ def reference_block(seed):
     return ref
 
 
-def full_and_cached(block, seqs, hist, cached, cands, dtype):
+def full_and_cached(block, seqs, hist, cached, cands, dtype, fp8=False):
     """The block's output on the whole sequences (full mode), and on the new rows after the
-    cached prefix went through the block into a fresh paged cache."""
+    cached prefix went through the block into a fresh paged cache (fp8: e4m3 K/V)."""
     B = len(hist)
     rows = [t + c for t, c in zip(hist, cands)]
     x = torch.cat(seqs).to(dtype)
@@ -46,20 +46,21 @@ def full_and_cached(block, seqs, hist, cached, cands, dtype):
         head_dim=DIM,
         dtype=dtype,
         device=DEVICE,
+        fp8=fp8,
     )
     users = list(range(B))
     table = cache.plan(users, cached, [0] * B)
     block(
         torch.cat([s[:c] for s, c in zip(seqs, cached)]).to(dtype),
         make_batch(cached, [0] * B, DEVICE, table),
-        cache.pool,
+        cache.kv,
     )
     new = [t - c for t, c in zip(hist, cached)]
     table = cache.plan(users, new, cands)
     out = block(
         torch.cat([s[c:] for s, c in zip(seqs, cached)]).to(dtype),
         make_batch([n + k for n, k in zip(new, cands)], cands, DEVICE, table),
-        cache.pool,
+        cache.kv,
     )
     return full, out
 

@@ -6,16 +6,19 @@ on the unquantised K/V, with the tolerance propagated from e4m3's precision; the
 pages and scales bit-exact; the CLI's bad inputs; and a block point gated by its accuracy gate.
 """
 
+import copy
 import json
 import math
 
 import pytest
 import torch
 from helpers import hstu_exp
+from test_block_kernels import HIDDEN, full_and_cached, reference_block
 
 from hstu_exp.core.jagged import make_batch
 from hstu_exp.kvcache.offload import OffloadPagedKVCache
 from hstu_exp.kvcache.paged import PagedKVCache
+from hstu_exp.model.hstu import oracle
 from hstu_exp.ops import kernels
 from hstu_exp.ops.fp8 import E4M3, Fp8Pages, dequantize_tokens, quantize_tokens
 from hstu_exp.ops.policy import KernelPolicy
@@ -24,6 +27,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # e4m3: 3 mantissa bits, so a normal value rounds to within 2^-4 of its magnitude; below the
 # smallest normal (2^-6, times the token-head's scale) the step is 2^-9, so within 2^-10 of it.
 REL, SUB = 2.0**-4, 2.0**-10
+
+
+def rel(got, want):
+    return ((got.float() - want).norm() / want.norm()).item()
 
 
 def round_trip_bound(x, scale):
@@ -44,7 +51,7 @@ def test_quantise_round_trip_is_within_e4m3_precision(shape):
     assert bool((back[~live] == 0).all())
 
 
-def oracle(q, k, v, kv_hist, cached, new, cands, alpha, inv_n):
+def attention_oracle(q, k, v, kv_hist, cached, new, cands, alpha, inv_n):
     """float64 HSTU attention, user by user, from its definition: history query i of a user sees
     history keys 0..cached+i, a candidate sees every history key and itself (its own k, v).
     kv_hist[b]: (K, V) [cached + new, H, D] of user b's history, in float64."""
@@ -101,7 +108,10 @@ CASES = [
     ([7, 0, 24], [9, 3, 8], [1, 0, 5]),
     ([31, 5], [0, 0], [2, 3]),
 ]
+# Triton on the CPU interpreter in float32 and fp16 (its bf16 dot is wrong); bf16 on a GPU.
+HALF = torch.float16 if DEVICE == "cpu" else torch.bfloat16
 KERNELS = [("reference", torch.float32), ("reference", torch.bfloat16)]
+KERNELS += [("triton", torch.float32), ("triton", HALF)]
 
 
 @pytest.mark.parametrize("kernel,dtype", KERNELS)
@@ -153,14 +163,39 @@ def test_paged_attention_reads_e4m3_pages(kernel, dtype, case):
             assert bool(((held - x).abs() <= round_trip_bound(x, x.abs().amax(-1) / 448) + 1e-12).all())
         row += n + m
     qc, kc, vc = (t.float().cpu() for t in (q, k, v))
-    want = oracle(qc, kc, vc, kv_hist, cached, new, cands, alpha, inv_n)
+    want = attention_oracle(qc, kc, vc, kv_hist, cached, new, cands, alpha, inv_n)
     bound, mag = error_bound(qc, kv_hist, cached, new, cands, alpha, inv_n)
-    # the compute dtype: fp16 rounds p and the output (2^-11 each); float32 its sums
-    slack = (2.0**-9 if dtype == torch.float16 else 1e-5) * mag + 1e-7
+    # the compute dtype: a half type rounds p and the output (2^-11 each in fp16, 2^-8 in bf16)
+    slack = {torch.float32: 1e-5, torch.float16: 2.0**-9, torch.bfloat16: 2.0**-6}[dtype] * mag + 1e-7
     err = (got.double().cpu() - want).abs()
     assert got.dtype == dtype and bool(torch.isfinite(got).all())
     assert bool((err <= bound + slack).all()), float((err - bound - slack).max())
     assert float(err.max()) > 0  # the quantised keys made a difference the oracle sees
+
+
+@pytest.mark.parametrize("case,silu_on_load", [(0, True), (1, False)])
+def test_block_with_e4m3_kv_against_the_float32_oracle(case, silu_on_load):
+    """The whole block, cached, with K/V in e4m3 (the fused SiLU + append or the plain append
+    quantising, the attention reading e4m3): within the gate of the float32 oracle, the Triton
+    block close to the reference block (both quantise the same K/V), and less exact than the
+    same block with a bf16 cache (the e4m3 path ran)."""
+    hist, cached, cands = (
+        ([37, 5, 16], [20, 0, 8], [3, 2, 0]) if case == 0 else ([9, 40], [9, 17], [4, 1])
+    )
+    ref = reference_block(case + 3)
+    seqs = [torch.randn(t + c, HIDDEN, device=DEVICE) for t, c in zip(hist, cands)]
+    with torch.no_grad():
+        want = full_and_cached(oracle(ref), seqs, hist, cached, cands, torch.float32)[1]
+        got = {}
+        for kernel, dtype in (("reference", torch.bfloat16), ("triton", HALF)):
+            block = copy.deepcopy(ref).to(dtype)
+            block.kernel, block.policy = kernel, KernelPolicy(autotune=False, silu_on_load=silu_on_load)
+            got[kernel, "fp8"] = full_and_cached(block, seqs, hist, cached, cands, dtype, fp8=True)[1]
+            got[kernel, "bf16"] = full_and_cached(block, seqs, hist, cached, cands, dtype)[1]
+    err = {key: rel(out, want) for key, out in got.items()}
+    assert all(e < 2e-2 for e in err.values()), err
+    assert err["triton", "fp8"] > err["triton", "bf16"], err
+    assert rel(got["triton", "fp8"], got["reference", "fp8"].float()) < 2e-2
 
 
 def test_offload_moves_e4m3_pages_and_scales_bit_exact():
@@ -249,6 +284,23 @@ def test_cli_block_point_with_an_fp8_cache_passes_its_gate(tmp_path):
     assert bf16["kv_token_bytes"] == 2 * 2 * 2 * 32 * 2
     assert fp8["kv_pool_users"] == bf16["kv_pool_users"] > 0
     assert fp8["kv_pool_bytes"] / bf16["kv_pool_bytes"] == (32 + 4) / 64
+
+
+def test_cli_triton_block_with_an_fp8_cache_says_which_kernel_ran(tmp_path):
+    """kernel=triton on e4m3 pages (Triton's interpreter on CPU, fp16): gated, and the record
+    names the attention kernel that ran (the portable one: the Hopper kernel reads half-precision
+    pages only)."""
+    small = [a for a in BLOCK if not a.startswith(("workload.batch_size", "workload.total_history"))]
+    proc = hstu_exp(
+        *small, "workload.batch_size=1", "workload.total_history=24", "model=tiny",
+        "model.num_layers=1", "model.dtype=float16", "kernel=triton", "kernel.autotune=false",
+        "cache.dtype=fp8", f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (r,) = map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())
+    assert r["status"] == "ok", r.get("error")
+    assert r["accuracy_gate"] == "passed" and r["max_rel_error"] < 2e-2
+    assert r["attention_kernel"] == "triton" and r["kv_dtype"] == "fp8"
 
 
 @pytest.mark.parametrize(

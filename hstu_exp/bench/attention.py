@@ -124,4 +124,5 @@ def _launch_plan(eager, plan: dict) -> dict:
     return {
         "attention_tiles": f"{tiles.block_m}x{tiles.block_n} w{tiles.num_warps} s{tiles.num_stages}",
         "attention_splits": plan.get("splits"),
+        "attention_kernel": tiles.kernel,  # hopper | triton (e4m3 pages: always triton)
     }

@@ -13,7 +13,14 @@ import torch
 from hstu_exp.bench.measure import Measured, stop_rule
 from hstu_exp.bench.roofline import block_work
 from hstu_exp.bench.timer import time_fn
-from hstu_exp.builders import kernel_args, model_dtype, shared_block, shared_cache, shared_graphs
+from hstu_exp.builders import (
+    kernel_args,
+    kernels_for,
+    model_dtype,
+    shared_block,
+    shared_cache,
+    shared_graphs,
+)
 from hstu_exp.core.jagged import make_batch
 from hstu_exp.model.hstu import oracle
 
@@ -85,6 +92,9 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
 
     rule = stop_rule(w, device)
     timing = time_fn(step, device=device, warmup=w.warmup, rule=rule)
+    if cfg.kernel.name == "triton":  # the Hopper kernel, or this file's (e4m3 pages: always)
+        launched = kernels_for(cfg.kernel).attention.last_launch.get("config")
+        extra["attention_kernel"] = launched.kernel if launched else None
     flops, nbytes = block_work(
         num_layers=m.num_layers,
         hidden=m.hidden,

@@ -63,7 +63,7 @@ class HSTULayer(nn.Module):
         paged = batch.pages is not None
         out = {}
         if kernel.silu_on_load:  # SiLU of q, k, v in place, and the append of post-SiLU K/V
-            if kernel.attention_splits(q, batch, paged):  # its sum buffer cleared on the way
+            if kernel.attention_splits(q, batch, paged, pool_layer):  # its sum buffer cleared on the way
                 acc = torch.empty(q.shape, dtype=torch.float32, device=q.device)
                 out = dict(out=acc, out_zeroed=True)
             kernel.silu_qkv(q, k, v, batch, pool_layer, out.get("out"))

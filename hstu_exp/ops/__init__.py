@@ -29,8 +29,9 @@ class Kernels:
     # does both in one kernel, and layernorm_mul_linear_add applies SiLU to u as it reads it.
     silu_on_load: bool = False
     silu_qkv: Optional[Callable] = None
-    # attention_splits(q, batch, paged) -> whether the attention will sum key splits into a
-    # zeroed float32 buffer: then silu_qkv clears it and the attention skips its memset.
+    # attention_splits(q, batch, paged, pool_layer=None) -> whether the attention will sum key
+    # splits into a zeroed float32 buffer: then silu_qkv clears it and the attention skips its
+    # memset.
     attention_splits: Optional[Callable] = None
     # layernorm_mul_linear_add(..., in_place=True) may add into the residual x it is given (the
     # block asks for it past its first layer, where x is its own intermediate).

@@ -17,6 +17,47 @@ from hstu_exp.ops.fp8 import Fp8Pages, quantize_tokens
 
 
 @triton.jit
+def _quantize_heads(x, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """A token's row [BLOCK] (heads of HEAD_DIM back to back) in e4m3, one float32 scale a
+    head ([BLOCK // HEAD_DIM]): what fp8.quantize_tokens does. Heads past the row's width hold
+    garbage and are never stored (the width is whole heads)."""
+    xf = tl.reshape(x.to(tl.float32), [BLOCK // HEAD_DIM, HEAD_DIM])
+    scale = tl.maximum(tl.max(tl.abs(xf), axis=1) / 448.0, 1e-12)
+    y = _e4m3_round(tl.minimum(tl.maximum(xf / scale[:, None], -448.0), 448.0))
+    return tl.reshape(y, [BLOCK]).to(tl.float8e4nv), scale
+
+
+@triton.jit
+def _store_kv(
+    dst,
+    scale_dst,
+    stride_pkv,
+    stride_skv,
+    k,
+    v,
+    to_page,
+    n_heads,
+    FP8: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """A token's k and v rows to their pool slot (dst: K's; V's is stride_pkv on); FP8: e4m3,
+    with their scales to scale_dst (V's stride_skv on). to_page: the columns to write (all or
+    none: row masks as column bounds); n_heads: the heads to write."""
+    if FP8:
+        kq, ks = _quantize_heads(k, HEAD_DIM, BLOCK)
+        vq, vs = _quantize_heads(v, HEAD_DIM, BLOCK)
+        heads = tl.arange(0, BLOCK // HEAD_DIM)
+        tl.store(dst, kq, mask=to_page)
+        tl.store(dst + stride_pkv, vq, mask=to_page)
+        tl.store(scale_dst + heads, ks, mask=heads < n_heads)
+        tl.store(scale_dst + stride_skv + heads, vs, mask=heads < n_heads)
+    else:
+        tl.store(dst, k, mask=to_page)
+        tl.store(dst + stride_pkv, v, mask=to_page)
+
+
+@triton.jit
 def _append_kv_kernel(
     k_ptr,
     v_ptr,
@@ -24,13 +65,19 @@ def _append_kv_kernel(
     page_ptr,
     slot_ptr,
     pool_ptr,
+    scale_ptr,
     stride_kr,
     stride_vr,
     stride_pp,
     stride_pkv,
     stride_ps,
+    stride_sp,
+    stride_skv,
+    stride_ss,
     WIDTH: tl.constexpr,
     BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     i = tl.program_id(0)
     row = tl.load(rows_ptr + i)
@@ -41,33 +88,51 @@ def _append_kv_kernel(
     dst = pool_ptr + page * stride_pp + slot * stride_ps + cols
     k = tl.load(k_ptr + row * stride_kr + cols, mask=mask)
     v = tl.load(v_ptr + row * stride_vr + cols, mask=mask)
-    tl.store(dst, k, mask=mask)
-    tl.store(dst + stride_pkv, v, mask=mask)
+    scale_dst = scale_ptr + page * stride_sp + slot * stride_ss
+    _store_kv(
+        dst, scale_dst, stride_pkv, stride_skv, k, v, mask, WIDTH // HEAD_DIM, FP8, HEAD_DIM, BLOCK
+    )
 
 
-def append_kv(
-    pool_layer: torch.Tensor, new_rows, new_page, new_slot, k: torch.Tensor, v: torch.Tensor
-) -> None:
-    """pool_layer [P, 2, page_size, H, D]; k, v [rows, H, D] (row-strided views are fine)."""
+def _pool_args(pool_layer):
+    """(pool data, scales, the data's (page, K/V, slot) strides, the scales' ones, fp8) of a
+    pool layer [P, 2, page_size, H, D]: a tensor, or e4m3 `Fp8Pages` (then scales [P, 2,
+    page_size, H], heads contiguous). Without scales any valid pointer stands in for them."""
+    fp8 = isinstance(pool_layer, Fp8Pages)
+    data = pool_layer.data if fp8 else pool_layer
+    assert data.stride(-1) == 1
+    if not fp8:
+        return data, data, data.stride()[:3], (0, 0, 0), False
+    scales = pool_layer.scales
+    assert scales.stride(-1) == 1
+    return data, scales, data.stride()[:3], scales.stride()[:3], True
+
+
+def append_kv(pool_layer, new_rows, new_page, new_slot, k: torch.Tensor, v: torch.Tensor) -> None:
+    """pool_layer [P, 2, page_size, H, D] (or e4m3 `Fp8Pages`: each token-head quantised); k, v
+    [rows, H, D] (row-strided views are fine)."""
     n = new_rows.numel()
     if n == 0:
         return
     width = k.shape[1] * k.shape[2]
-    assert k.stride(2) == 1 and k.stride(1) == k.shape[2] and pool_layer.stride(-1) == 1
+    assert k.stride(2) == 1 and k.stride(1) == k.shape[2]
+    pool, scales, pstrides, sstrides, fp8 = _pool_args(pool_layer)
     _append_kv_kernel[(n,)](
         k,
         v,
         new_rows,
         new_page,
         new_slot,
-        pool_layer,
+        pool,
+        scales,
         k.stride(0),
         v.stride(0),
-        pool_layer.stride(0),
-        pool_layer.stride(1),
-        pool_layer.stride(2),
+        *pstrides,
+        *sstrides,
         WIDTH=width,
         BLOCK=triton.next_power_of_2(width),
+        HEAD_DIM=k.shape[2],
+        FP8=fp8,
     )
 
 
@@ -88,6 +153,7 @@ def _silu_qkv_kernel(
     page_ptr,
     slot_ptr,
     pool_ptr,
+    scale_ptr,
     zero_ptr,
     num_users,
     stride_qr,
@@ -96,12 +162,17 @@ def _silu_qkv_kernel(
     stride_pp,
     stride_pkv,
     stride_ps,
+    stride_sp,
+    stride_skv,
+    stride_ss,
     stride_z,
     WIDTH: tl.constexpr,
     BLOCK: tl.constexpr,
     PAGED: tl.constexpr,
     USERS: tl.constexpr,
     ZERO: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     """One row: q (and k, v) replaced by their SiLU in place. Paged: a history row's post-SiLU
     k, v go to its (page, slot) instead (the attention reads history keys only from the pages);
@@ -140,8 +211,9 @@ def _silu_qkv_kernel(
         dst = pool_ptr + page * stride_pp + slot * stride_ps + cols
         # Row masks as column bounds (a scalar & vector mask is not accepted everywhere).
         to_page = cols < WIDTH * history.to(tl.int32)
-        tl.store(dst, k, mask=to_page)
-        tl.store(dst + stride_pkv, v, mask=to_page)
+        scale_dst = scale_ptr + page * stride_sp + slot * stride_ss
+        heads = (WIDTH // HEAD_DIM) * history.to(tl.int32)
+        _store_kv(dst, scale_dst, stride_pkv, stride_skv, k, v, to_page, heads, FP8, HEAD_DIM, BLOCK)
         keep = cols < WIDTH * (1 - history.to(tl.int32))
     tl.store(k_ptr + row * stride_kr + cols, k, mask=keep)
     tl.store(v_ptr + row * stride_vr + cols, v, mask=keep)
@@ -156,9 +228,10 @@ def silu_qkv(
     zero: torch.Tensor = None,
 ) -> None:
     """q, k, v [rows, H, D] raw projections (row-strided views): SiLU in place, in one kernel.
-    With the cache (batch.pages, pool_layer [P, 2, page_size, H, D]) the new history rows' K/V
-    are appended post-SiLU instead (history rows' k, v themselves are then left raw: nothing
-    reads them), so the SiLU pass and the append are one launch. zero: a float32 [rows, H, D]
+    With the cache (batch.pages, pool_layer [P, 2, page_size, H, D], or e4m3 `Fp8Pages`: each
+    token-head quantised on the way) the new history rows' K/V are appended post-SiLU instead
+    (history rows' k, v themselves are then left raw: nothing reads them), so the SiLU pass and
+    the append are one launch. zero: a float32 [rows, H, D]
     contiguous buffer to clear on the way."""
     rows = q.shape[0]
     if rows == 0:
@@ -169,13 +242,13 @@ def silu_qkv(
     pt = batch.pages
     paged = pt is not None
     if paged:
-        assert pool_layer.stride(-1) == 1
-        pool, page, slot = pool_layer, pt.new_page, pt.new_slot
+        pool, scales, pstrides, sstrides, fp8 = _pool_args(pool_layer)
+        page, slot = pt.new_page, pt.new_slot
         if page.numel() == 0:  # nothing is appended, but the kernel wants pointers
             page = slot = batch.offsets
-        pstrides = pool_layer.stride()[:3]
     else:
         pool, page, slot, pstrides = q, batch.offsets, batch.offsets, (0, 0, 0)
+        scales, sstrides, fp8 = q, (0, 0, 0), False
     if zero is not None:
         assert zero.dtype == torch.float32 and zero.is_contiguous() and zero.shape == q.shape
     users = batch.batch_size
@@ -188,18 +261,22 @@ def silu_qkv(
         page,
         slot,
         pool,
+        scales,
         q if zero is None else zero,
         users,
         q.stride(0),
         k.stride(0),
         v.stride(0),
         *pstrides,
+        *sstrides,
         width,
         WIDTH=width,
         BLOCK=triton.next_power_of_2(width),
         PAGED=paged,
         USERS=max(16, triton.next_power_of_2(users)),
         ZERO=zero is not None,
+        HEAD_DIM=q.shape[2],
+        FP8=fp8,
         num_warps=4 if width <= 2048 else 8,
     )
 

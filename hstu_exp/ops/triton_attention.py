@@ -42,6 +42,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from hstu_exp.core.jagged import Batch
+from hstu_exp.ops.fp8 import Fp8Pages
 from hstu_exp.ops.policy import KernelPolicy
 
 try:  # Gluon (Triton >= 3.5): the warp-specialised Hopper kernel for full mode
@@ -207,21 +208,33 @@ def _load_kv(
     stride_vpp,
     stride_vps,
     stride_vph,
+    KS,
+    VS,
+    stride_ksp,
+    stride_kss,
+    stride_ksh,
+    stride_vsp,
+    stride_vss,
+    stride_vsh,
     PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     MASKED: tl.constexpr,
     USE_TMA: tl.constexpr,
+    FP8_KV: tl.constexpr,
 ):
     """K and V tiles [BLOCK_N, D] of history keys `offs` = n0 + [0, BLOCK_N) (positions in the
-    user's key sequence). Masked tiles load zeros past kv_len: a garbage V times a zero score
-    could still give NaN."""
+    user's key sequence), and their float32 scales [BLOCK_N] (FP8_KV: e4m3 pages, one scale a
+    token-head; else ones, never used). Masked tiles load zeros past kv_len: a garbage V times a
+    zero score could still give NaN."""
     ok = offs < kv_len
+    k_scale = tl.full(offs.shape, 1.0, tl.float32)
+    v_scale = k_scale
     if USE_TMA:  # whole box from the descriptors; rows past the user belong to the next one
         k = KD.load([row0 + n0, h * offs_d.shape[0]])
         v = VD.load([row0 + n0, h * offs_d.shape[0]])
         if MASKED:  # (garbage keys only make scores the mask drops)
             v = tl.where(ok[:, None], v, 0.0)
-        return k, v
+        return k, v, k_scale, v_scale
     if PAGED:
         if MASKED:
             page = tl.load(page_ids + page_base + offs // PAGE_SIZE, mask=ok, other=0)
@@ -231,6 +244,15 @@ def _load_kv(
         slot = offs % PAGE_SIZE
         k_ptr = KP + page[:, None] * stride_kpp + slot[:, None] * stride_kps + h * stride_kph
         v_ptr = VP + page[:, None] * stride_vpp + slot[:, None] * stride_vps + h * stride_vph
+        if FP8_KV:  # zero scales past kv_len: those scores and values are zero either way
+            ks_ptr = KS + page * stride_ksp + slot * stride_kss + h * stride_ksh
+            vs_ptr = VS + page * stride_vsp + slot * stride_vss + h * stride_vsh
+            if MASKED:
+                k_scale = tl.load(ks_ptr, mask=ok, other=0.0)
+                v_scale = tl.load(vs_ptr, mask=ok, other=0.0)
+            else:
+                k_scale = tl.load(ks_ptr)
+                v_scale = tl.load(vs_ptr)
     else:
         row = (row0 + offs).to(tl.int64)
         k_ptr = K + row[:, None] * stride_kr + h * stride_kh
@@ -241,7 +263,7 @@ def _load_kv(
     else:
         k = tl.load(k_ptr + offs_d[None, :])
         v = tl.load(v_ptr + offs_d[None, :])
-    return k, v
+    return k, v, k_scale, v_scale
 
 
 @triton.jit
@@ -274,6 +296,14 @@ def _hstu_fwd(
     stride_vpp,
     stride_vps,
     stride_vph,
+    KS,
+    VS,
+    stride_ksp,
+    stride_kss,
+    stride_ksh,
+    stride_vsp,
+    stride_vss,
+    stride_vsh,
     num_users,
     num_heads,
     num_rows,
@@ -289,6 +319,7 @@ def _hstu_fwd(
     FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
+    FP8_KV: tl.constexpr,
 ):
     # Reversed query blocks: the last blocks see the most keys (causal) and hold the candidates,
     # so they start first and the short ones fill in behind them.
@@ -366,7 +397,7 @@ def _hstu_fwd(
         acc = tl.where((row_ok & (i >= n_hist))[:, None], p[:, None] * vs, 0.0)
 
     for n0 in range(lo, tl.minimum(hi, full_end), BLOCK_N):
-        k, v = _load_kv(
+        k, v, k_scale, v_scale = _load_kv(
             K,
             V,
             KD,
@@ -391,18 +422,31 @@ def _hstu_fwd(
             stride_vpp,
             stride_vps,
             stride_vph,
+            KS,
+            VS,
+            stride_ksp,
+            stride_kss,
+            stride_ksh,
+            stride_vsp,
+            stride_vss,
+            stride_vsh,
             PAGED,
             PAGE_SIZE,
             False,
             USE_TMA,
+            FP8_KV,
         )
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
+        if FP8_KV:  # e4m3 keys: a key's scale is a column scale of S, a value's one of P
+            s = s * k_scale[None, :]
         p = _silu(s, alpha, FAST)
+        if FP8_KV:
+            p = p * v_scale[None, :]
         acc += tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
     # Blocks on the diagonal / at the kv end: history row i sees key positions <= first + i.
     for n0 in range(tl.maximum(lo, full_end), hi, BLOCK_N):
         offs = n0 + offs_n
-        k, v = _load_kv(
+        k, v, k_scale, v_scale = _load_kv(
             K,
             V,
             KD,
@@ -427,13 +471,26 @@ def _hstu_fwd(
             stride_vpp,
             stride_vps,
             stride_vph,
+            KS,
+            VS,
+            stride_ksp,
+            stride_kss,
+            stride_ksh,
+            stride_vsp,
+            stride_vss,
+            stride_vsh,
             PAGED,
             PAGE_SIZE,
             True,
             USE_TMA,
+            FP8_KV,
         )
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
+        if FP8_KV:
+            s = s * k_scale[None, :]
         p = _silu(s, alpha, FAST)
+        if FP8_KV:
+            p = p * v_scale[None, :]
         visible = (offs[None, :] < kv_len) & (
             (i[:, None] >= n_hist) | (offs[None, :] <= first + i[:, None])
         )
@@ -487,9 +544,10 @@ TUNE_CONFIGS = {
 }
 
 
-def _bucket(paged, B, H, D, dtype, max_len, max_kv):
+def _bucket(paged, B, H, D, dtype, max_len, max_kv, fp8_pages=False):
     return (
         paged,
+        fp8_pages,
         B,
         H,
         D,
@@ -551,7 +609,11 @@ def _tune(run, D, B, H, max_len, max_kv, device_index, paged=True, hopper=False,
 
 def _hopper_ok(paged: bool, *tensors, pages=None) -> bool:
     """Whether the Hopper kernel can run these [rows, H, D] tensors and, in paged mode, these
-    (k_pages, v_pages) (unknown pages: judged by the tensors alone)."""
+    (k_pages, v_pages) (unknown pages: judged by the tensors alone). It reads half-precision
+    pages only: e4m3 pages (`Fp8Pages`) go to this file's kernel, and the launch says so
+    (last_launch["config"].kernel)."""
+    if pages is not None and isinstance(pages[0], Fp8Pages):
+        return False
     return (
         hopper_attention is not None
         and all(hopper_attention.supported(t) for t in tensors)
@@ -646,12 +708,15 @@ class Attention:
             out_zeroed=out_zeroed,
         )
 
-    def will_split(self, q, batch: Batch, paged: bool) -> bool:
+    def will_split(self, q, batch: Batch, paged: bool, pool=None) -> bool:
         """Whether the launch for these shapes sums key splits into a zeroed float32 buffer (as
-        far as is known before it runs: a first autotuned call may still decide otherwise)."""
+        far as is known before it runs: a first autotuned call may still decide otherwise).
+        pool: the pool (layer) it will read, when known: e4m3 pages never take the Hopper
+        kernel; other pages are judged by the tensors."""
         if q.shape[0] == 0 or batch.max_len == 0 or batch.batch_size == 0:
             return False
-        cfg, split_k = self._choice(q, batch, paged, None, None)
+        fp8 = pool if isinstance(pool, Fp8Pages) else None
+        cfg, split_k = self._choice(q, batch, paged, None, None, k_pages=fp8)
         max_kv = batch.pages.max_kv_len if paged else batch.max_len
         return bool(
             _plan(
@@ -681,8 +746,10 @@ class Attention:
         if self._tunes(q, config, split_k):
             max_kv = batch.pages.max_kv_len if paged else batch.max_len
             rows, H, D = q.shape
+            fp8 = isinstance(k_pages, Fp8Pages)
             config, split_k = self.tuned.get(
-                _bucket(paged, batch.batch_size, H, D, q.dtype, batch.max_len, max_kv), (None, None)
+                _bucket(paged, batch.batch_size, H, D, q.dtype, batch.max_len, max_kv, fp8),
+                (None, None),
             )
         tensors = [t for t in (q, k, v) if t is not None]
         pages = (k_pages, v_pages) if k_pages is not None else None
@@ -732,7 +799,7 @@ class Attention:
         device_index = _device_index(q)
         policy = self.policy
         if self._tunes(q, config, split_k):
-            key = _bucket(paged, B, H, D, q.dtype, batch.max_len, max_kv)
+            key = _bucket(paged, B, H, D, q.dtype, batch.max_len, max_kv, isinstance(k_pages, Fp8Pages))
             if key not in self.tuned and not torch.cuda.is_current_stream_capturing():
                 with policy.one_off():
                     self.tuned[key] = _tune(
@@ -837,6 +904,12 @@ def _launch_portable(
     rows, H, D = q.shape
     B = batch.batch_size
     paged = k_pages is not None
+    fp8 = isinstance(k_pages, Fp8Pages)
+    # e4m3 pages: their [P, page_size, H] scales beside them; else any valid pointers do
+    ks, vs, sstrides = (k_pages.scales, v_pages.scales, ()) if fp8 else (q, q, (0,) * 6)
+    if fp8:
+        sstrides = (*ks.stride(), *vs.stride())
+        k_pages, v_pages = k_pages.data, v_pages.data
     if paged:
         pt = batch.pages
         _check(k_pages, "k_pages"), _check(v_pages, "v_pages")
@@ -887,6 +960,9 @@ def _launch_portable(
             dst.stride(0),
             dst.stride(1),
             *pstrides,
+            ks,
+            vs,
+            *sstrides,
             B,
             H,
             rows,
@@ -902,6 +978,7 @@ def _launch_portable(
             FAST=fast,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
             USE_TMA=use_tma,
+            FP8_KV=fp8,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         ),
