@@ -1,6 +1,7 @@
 """Running the real CLI from tests."""
 
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -10,13 +11,21 @@ ROOT = Path(__file__).resolve().parent.parent
 FAST = ["workload.warmup=1", "workload.iters=3", "workload.min_time_s=0.01"]
 
 
-def hstu_exp(*args, cwd=None, timeout=300, env=None, address_space=None):
+def hstu_exp(*args, cwd=None, timeout=300, env=None, address_space=None, fresh=False):
     """Runs `python -m hstu_exp ARGS`; returns the CompletedProcess (text mode). address_space:
-    a cap in bytes on the process's address space (RLIMIT_AS, as `ulimit -v` sets it)."""
-    # A fresh CLI as a user's shell starts it: without the W&B service that an in-process test
-    # started here (wandb puts its socket in WANDB_SERVICE, and a child would attach to it).
-    inherited = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
+    a cap in bytes on the process's address space (RLIMIT_AS, as `ulimit -v` sets it).
+
+    The process is forked from the pre-warmed launcher (tests/zygote.py: the heavy libraries
+    already imported, the rest as a fresh start) unless `fresh`, a cap, or an environment that
+    differs from the launcher's in a variable a library may read when imported asks for a
+    plain `python` start (as does HSTU_EXP_TESTS_FRESH=1 for every call: to compare or to rule
+    the launcher out)."""
+    fresh = fresh or os.environ.get("HSTU_EXP_TESTS_FRESH") == "1"
+    full_env = {**_base_env(), **(env or {})}
+    cmd = [sys.executable, "-m", "hstu_exp", *args]
+    cwd = str(cwd or ROOT)
+    if not (fresh or address_space) and _launcher().fits(full_env):
+        return _launcher().run(cmd, cwd=cwd, env=full_env, timeout=timeout)
 
     def cap():
         import resource
@@ -24,14 +33,87 @@ def hstu_exp(*args, cwd=None, timeout=300, env=None, address_space=None):
         resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
 
     return subprocess.run(
-        [sys.executable, "-m", "hstu_exp", *args],
-        cwd=cwd or ROOT,
+        cmd,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
         env=full_env,
         preexec_fn=cap if address_space else None,
     )
+
+
+# Variables only read while running (not while a library is imported): a child may differ from
+# the launcher's environment in these and still be what a fresh start would be.
+_RUNTIME_ENV = ("HSTU_EXP_", "WANDB_", "XDG_", "HOME", "PATH")
+
+
+class Launcher:
+    """The client of one tests/zygote.py process (one per test process, started on first use)."""
+
+    def __init__(self, env: dict):
+        import socket
+
+        self.env = dict(env)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "zygote.py"), str(theirs.fileno())],
+            cwd=ROOT,
+            env=self.env,
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self.sock = ours
+        if self._answer(timeout=300) != {"ready": True}:
+            raise RuntimeError("the test launcher (tests/zygote.py) did not start")
+
+    def _answer(self, timeout):
+        import json
+
+        self.sock.settimeout(timeout)
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise RuntimeError(f"the test launcher (tests/zygote.py) ended: {self.proc.wait()}")
+        return json.loads(data)
+
+    def fits(self, env: dict) -> bool:
+        differ = {k for k in self.env.keys() | env.keys() if self.env.get(k) != env.get(k)}
+        return all(k.startswith(_RUNTIME_ENV) for k in differ)
+
+    def run(self, cmd, cwd: str, env: dict, timeout: float):
+        import json
+        import socket
+        import tempfile
+
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            request = json.dumps({"argv": cmd[3:], "cwd": cwd, "env": env}).encode()
+            socket.send_fds(self.sock, [request], [0, out.fileno(), err.fileno()])
+            pid = self._answer(timeout=60)["pid"]
+            try:
+                status = self._answer(timeout=timeout)["status"]
+            except TimeoutError:
+                os.kill(pid, 9)
+                self._answer(timeout=60)
+                out.seek(0), err.seek(0)
+                raise subprocess.TimeoutExpired(cmd, timeout, out.read(), err.read()) from None
+            out.seek(0), err.seek(0)
+            return subprocess.CompletedProcess(
+                cmd, os.waitstatus_to_exitcode(status), out.read(), err.read()
+            )
+
+
+def _base_env() -> dict:
+    # A fresh CLI as a user's shell starts it: without the W&B service that an in-process test
+    # started here (wandb puts its socket in WANDB_SERVICE, and a child would attach to it).
+    inherited = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**inherited, "PYTHONUNBUFFERED": "1"}
+
+
+@functools.cache
+def _launcher() -> Launcher:
+    """This test process's launcher, started on first use with the environment it has then."""
+    return Launcher(_base_env())
 
 
 def failing_pool():

@@ -1,0 +1,76 @@
+"""A pre-warmed launcher of `python -m hstu_exp` for the tests (the client is helpers.hstu_exp).
+
+The CLI spends seconds importing torch, torchrec, Hydra and wandb before it reads its first
+argument, and the tests start it over a hundred times. This process imports those libraries
+once, then forks a child per request; the child becomes what `python -m hstu_exp ARGS` would
+be: its own process with the argv, cwd, environment and stdin/stdout/stderr the test gave,
+hstu_exp itself imported fresh (its module state is never shared), and the interpreter's own
+exit path (SystemExit, an uncaught traceback, threads joined, atexit) deciding its exit code.
+
+Forking is safe only while this process has one thread and has run no torch op (no OpenMP
+pool): checked after the imports, which fails the start rather than a test later.
+
+    python tests/zygote.py FD      # FD: a Unix SOCK_SEQPACKET socket to the test process
+Request: one JSON message {"argv": [...], "cwd": str, "env": {...}} with the child's stdin,
+stdout and stderr as passed file descriptors. Answers: {"pid": n} once forked, then
+{"status": wait status} when it has ended.
+"""
+
+import importlib
+import json
+import os
+import socket
+import sys
+
+# The third-party libraries the CLI imports; hstu_exp's own modules are left to each child.
+PRELOAD = ("torch", "triton", "hydra", "omegaconf", "torchrec", "wandb", "numpy")
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _send(sock: socket.socket, message: dict) -> None:
+    sock.send(json.dumps(message).encode())  # a SOCK_SEQPACKET pair: one message a send
+
+
+def serve(sock: socket.socket) -> dict:
+    """Answers requests until the test process goes away (then exits); returns only in a
+    forked child, with its request."""
+    for name in PRELOAD:
+        importlib.import_module(name)
+    if _threads() != 1:
+        sys.exit(f"zygote: {_threads()} threads after importing {PRELOAD}; forking would be unsafe")
+    _send(sock, {"ready": True})
+    while True:
+        data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 3)
+        if not data:
+            sys.exit(0)
+        request = json.loads(data)
+        pid = os.fork()
+        if pid == 0:
+            sock.close()
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target)
+                os.close(fd)
+            return request
+        for fd in fds:
+            os.close(fd)
+        _send(sock, {"pid": pid})
+        _send(sock, {"status": os.waitpid(pid, 0)[1]})
+
+
+def become(request: dict) -> None:
+    """Turns this forked child into `python -m hstu_exp ARGV` started in request's cwd and env."""
+    import runpy
+
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.argv = ["-m", *request["argv"]]
+    sys.path[0] = os.getcwd()  # what `python -m` puts first (this script's dir for the zygote)
+    runpy.run_module("hstu_exp", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    become(serve(socket.socket(fileno=int(sys.argv[1]))))
