@@ -45,7 +45,7 @@ def hstu_exp(*args, cwd=None, timeout=300, env=None, address_space=None, fresh=F
 
 # Variables only read while running (not while a library is imported): a child may differ from
 # the launcher's environment in these and still be what a fresh start would be.
-_RUNTIME_ENV = ("HSTU_EXP_", "WANDB_", "XDG_", "HOME", "PATH")
+_RUNTIME_ENV = ("HSTU_EXP_", "WANDB_", "XDG_", "SLURM_", "HOME", "PATH")
 
 
 class Launcher:

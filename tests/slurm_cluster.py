@@ -1,12 +1,18 @@
 """A real single-node Slurm in a temporary dir, for the launcher tests.
 
     cluster = LocalSlurm(tmp_dir)     # LocalSlurm.unavailable() says why it cannot run here
-    cluster.start()                   # munged, slurmctld, slurmd; waits for the node to be idle
+    cluster.start()                   # slurmctld, slurmd; waits for the node to be idle
     subprocess.run([...], env={**os.environ, **cluster.env()})
     cluster.stop()                    # every daemon it started, by PID
 
-Needs root and Debian's `slurmctld slurmd slurm-client munge` (.ci/run installs them). Slurm
-listens on fixed ports (6817/6818), so one such cluster per host. Without accounting `sacct`
+Nothing is installed: Debian's slurmctld, slurmd, slurm-client and plugin packages are fetched
+with `apt-get download` (into HSTU_EXP_SLURM_DEBS, default ~/.cache/hstu-exp/slurm-debs, with
+any library they need that the system lacks) and unpacked into the cluster's own dir; slurmd is
+told where its slurmstepd is (-d), the daemons where the plugins are (PluginDir), and every
+client runs through a wrapper that finds its library. No munge: the cluster authenticates with
+auth/none and cred/none (Slurm 22.05, Debian 12; a test cluster on loopback only). Needs root
+(slurmd starts jobs for any user; the fake GPUs are device nodes). The ports are picked free,
+so it never meets a Slurm already running on the host. Without accounting `sacct`
 cannot tell submitit that a job died without writing its result (the sweep would wait for
 ever), so a small stand-in answering from `squeue` goes first on PATH; finished jobs stay in
 squeue for MinJobAge. Two fake GPUs (character devices listed in gres.conf) let a preset ask for
@@ -30,8 +36,9 @@ import sys
 import time
 from pathlib import Path
 
-BINARIES = ("slurmctld", "slurmd", "sinfo", "squeue", "sbatch", "munged", "munge", "unmunge", "setpriv")
-PORTS = (6817, 6818)
+PACKAGES = ("slurmctld", "slurmd", "slurm-client", "slurm-wlm-basic-plugins")
+CLIENTS = ("sinfo", "squeue", "sbatch", "scancel", "scontrol", "srun")
+PLUGINS = "usr/lib/x86_64-linux-gnu/slurm-wlm"
 PARTITION = "debug"
 FAKE_GPUS = 2
 _NVIDIA_MAJOR = 195
@@ -48,10 +55,47 @@ exec squeue -h -r --states=all -o "%i|%T|%N" -j "${ids#,}"
 """
 
 
-def _port_in_use(port: int) -> bool:
+def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def debs_dir() -> Path:
+    default = Path.home() / ".cache" / "hstu-exp" / "slurm-debs"
+    return Path(os.environ.get("HSTU_EXP_SLURM_DEBS") or default)
+
+
+def _installed(package: str) -> bool:
+    out = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True)
+    return out.stdout.strip() == "install ok installed"
+
+
+def fetch_debs(dest: Path) -> None:
+    """Downloads the packages (and the libraries they depend on that this system lacks) into
+    dest, once; `apt-get download` needs no root, only the package lists."""
+    if sorted(dest.glob("*.deb")):
+        return
+    out = subprocess.run(
+        ["apt-cache", "depends", "--no-recommends", "--no-suggests", *PACKAGES],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    libs = {
+        line.split(":", 1)[1].strip()
+        for line in out.splitlines()
+        if line.strip().startswith("Depends:") and line.split(":", 1)[1].strip().startswith("lib")
+    }
+    wanted = [*PACKAGES, *sorted(p for p in libs if not _installed(p))]
+    part = dest.with_name(dest.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir(parents=True)
+    done = subprocess.run(["apt-get", "download", *wanted], cwd=part, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"apt-get download {' '.join(wanted)}: {done.stderr.strip()[-500:]}")
+    shutil.rmtree(dest, ignore_errors=True)
+    part.rename(dest)
 
 
 class LocalSlurm:
@@ -68,23 +112,12 @@ class LocalSlurm:
         """Why a local Slurm cannot run on this machine, or None."""
         if not sys.platform.startswith("linux"):
             return "needs Linux"
-        missing = [b for b in BINARIES if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
-        if missing:
-            return (
-                f"Slurm/munge binaries missing ({', '.join(missing)}); install with "
-                "`apt-get install slurmctld slurmd slurm-client munge` (.ci/run does)"
-            )
         if os.geteuid() != 0:
-            return "slurmd and munged need root"
-        try:
-            import pwd
-
-            pwd.getpwnam("munge")
-        except KeyError:
-            return "no 'munge' user (the munge package creates it)"
-        busy = [p for p in PORTS if _port_in_use(p)]
-        if busy:
-            return f"Slurm ports {busy} already in use (one Slurm per host)"
+            return "slurmd needs root"
+        if not sorted(debs_dir().glob("*.deb")):
+            for tool in ("apt-get", "apt-cache", "dpkg-query", "dpkg-deb"):
+                if shutil.which(tool) is None:
+                    return f"no Slurm packages in {debs_dir()} and no {tool} to fetch them"
         return None
 
     # -- start / stop ---------------------------------------------------------------------
@@ -94,8 +127,29 @@ class LocalSlurm:
             "PATH": f"{self.root / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
         }
 
-    def _which(self, name: str) -> str:
-        return shutil.which(name) or str(Path("/usr/sbin", name))
+    def _unpack(self) -> None:
+        """The packages unpacked into root/prefix; a wrapper per client command in root/bin."""
+        fetch_debs(debs_dir())
+        prefix = self.root / "prefix"
+        for deb in sorted(debs_dir().glob("*.deb")):
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(prefix)], check=True)
+        libs = [prefix / PLUGINS, prefix / "usr/lib/x86_64-linux-gnu", prefix / "lib/x86_64-linux-gnu"]
+        self.libs = os.pathsep.join(str(d) for d in libs if d.is_dir())
+        for name in CLIENTS:
+            wrapper = self.root / "bin" / name
+            wrapper.write_text(
+                f'#!/bin/sh\nLD_LIBRARY_PATH={self.libs} exec {prefix / "usr/bin" / name} "$@"\n'
+            )
+            wrapper.chmod(0o755)
+
+        # The daemons under their own names: Debian ships them as NAME-wlm, and slurmctld run
+        # under that name does not take the node's Gres from slurm.conf.
+        (self.root / "sbin").mkdir(exist_ok=True)
+        for name in ("slurmctld", "slurmd", "slurmstepd"):
+            (self.root / "sbin" / name).symlink_to(prefix / "usr" / "sbin" / f"{name}-wlm")
+
+    def _sbin(self, name: str) -> str:
+        return str(self.root / "sbin" / name)
 
     def _spawn(self, name: str, argv: list, **kw) -> None:
         log = open(self.root / "log" / f"{name}.out", "ab")
@@ -112,52 +166,12 @@ class LocalSlurm:
             raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log}")
 
     def start(self, timeout: float = 30.0) -> "LocalSlurm":
-        import pwd
-
-        munge_user = pwd.getpwnam("munge")
         r = self.root
-        for sub in ("etc", "bin", "log", "state", "spool", "dev", "munge"):
+        for sub in ("etc", "bin", "log", "state", "spool", "dev"):
             (r / sub).mkdir(parents=True, exist_ok=True)
         r.chmod(0o755)
-        munge_dir = r / "munge"
-        munge_dir.chmod(0o755)
-        os.chown(munge_dir, munge_user.pw_uid, munge_user.pw_gid)
-        key = munge_dir / "munge.key"
-        key.write_bytes(os.urandom(128))
-        key.chmod(0o600)
-        os.chown(key, munge_user.pw_uid, munge_user.pw_gid)
-        self.munge_socket = munge_dir / "munge.socket.2"
-
-        # munged as the munge user (it refuses a root-owned key); the PID we keep is its own.
-        self._spawn(
-            "munged",
-            [
-                self._which("setpriv"),
-                f"--reuid={munge_user.pw_uid}",
-                f"--regid={munge_user.pw_gid}",
-                "--init-groups",
-                self._which("munged"),
-                "-F",
-                f"--socket={self.munge_socket}",
-                f"--key-file={key}",
-                f"--pid-file={munge_dir / 'munged.pid'}",
-                f"--seed-file={munge_dir / 'munged.seed'}",
-                f"--log-file={munge_dir / 'munged.log'}",
-            ],
-        )
-        self._wait(
-            lambda: (
-                subprocess.run(
-                    f"munge -n -S {self.munge_socket} | unmunge -S {self.munge_socket}",
-                    shell=True,
-                    capture_output=True,
-                ).returncode
-                == 0
-            ),
-            timeout,
-            "munged",
-            "munge -n | unmunge",
-        )
+        self._unpack()
+        daemon_env = {**os.environ, **self.env(), "LD_LIBRARY_PATH": self.libs}
 
         gres = []
         for i in range(FAKE_GPUS):
@@ -168,17 +182,19 @@ class LocalSlurm:
         (r / "etc" / "gres.conf").write_text("\n".join(gres) + "\n")
 
         hw = subprocess.run(
-            [self._which("slurmd"), "-C"], capture_output=True, text=True, check=True
+            [self._sbin("slurmd"), "-C"], capture_output=True, text=True, check=True, env=daemon_env
         ).stdout.splitlines()[0]
         hw = " ".join(f for f in hw.split() if not f.startswith(("NodeName=", "UpTime=")))
         self.conf.write_text(f"""# written by tests/slurm_cluster.py
 ClusterName=hstuexp
 SlurmctldHost={self.host}(127.0.0.1)
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
 SlurmUser=root
 SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket={self.munge_socket}
+AuthType=auth/none
+CredType=cred/none
+PluginDir={r / "prefix" / PLUGINS}
 StateSaveLocation={r / "state"}
 SlurmdSpoolDir={r / "spool"}
 SlurmctldPidFile={r / "slurmctld.pid"}
@@ -207,11 +223,11 @@ PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         sacct.write_text(SACCT_STANDIN)
         sacct.chmod(0o755)
 
+        conf = ["-D", "-f", str(self.conf)]
+        self._spawn("slurmctld", [self._sbin("slurmctld"), *conf, "-i"], env=daemon_env)
+        stepd = ["-d", self._sbin("slurmstepd")]
+        self._spawn("slurmd", [self._sbin("slurmd"), *conf, "-N", self.host, *stepd], env=daemon_env)
         env = {**os.environ, **self.env()}
-        self._spawn("slurmctld", [self._which("slurmctld"), "-D", "-i", "-f", str(self.conf)], env=env)
-        self._spawn(
-            "slurmd", [self._which("slurmd"), "-D", "-N", self.host, "-f", str(self.conf)], env=env
-        )
 
         def idle():
             for name in ("slurmctld", "slurmd"):
@@ -258,10 +274,10 @@ PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             pass
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stops every daemon this object started, by PID (slurmd first, munged last)."""
+        """Stops every daemon this object started, by PID (slurmd first)."""
         pids = self.pids or json.loads((self.root / "pids.json").read_text())
         self._cancel_jobs(timeout)  # slurmstepd outlives slurmd: end the jobs first
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in ("slurmd", "slurmctld"):
             pid = pids.get(name)
             if pid is None:
                 continue

@@ -2,8 +2,8 @@
 every point is a job of a Slurm array on one (fake) GPU, the records land in the sweep dir, the
 close-out (CSV, figures, summary W&B run) runs from them, and resume=true works in the jobs.
 
-Skips with the reason where Slurm cannot run (binaries missing, not root, ports taken); with
-HSTU_EXP_REQUIRE_SLURM=1 (.ci/run sets it once the packages are in) it fails instead.
+Skips with the reason where Slurm cannot run (not root, no packages and no apt to fetch them); with
+HSTU_EXP_REQUIRE_SLURM=1 (.ci/run sets it where it can fetch the packages) it fails instead.
 """
 
 import json
