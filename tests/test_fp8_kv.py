@@ -286,6 +286,47 @@ def test_cli_block_point_with_an_fp8_cache_passes_its_gate(tmp_path):
     assert fp8["kv_pool_bytes"] / bf16["kv_pool_bytes"] == (32 + 4) / 64
 
 
+def test_cli_serve_with_an_fp8_cache_passes_its_gate_and_moves_half_the_bytes(tmp_path):
+    """The serving smoke scenario (simulated clock, real server, host tier) with K/V in bf16
+    and in e4m3, same arrivals: the fp8 point passes its gate on the sampled requests (serve
+    verifies scores, it has no top-k), serves the same requests from the host tier and moves
+    (D + 4) / 2D of bf16's bytes each way (D = 32: e4m3 plus a float32 scale a token-head)."""
+    proc = hstu_exp(
+        "-m", "experiment=serve_smoke", "workload.clock=simulated", "model.dtype=bfloat16",
+        "cache=paged_offload", "cache.dtype=bf16,fp8", f"hydra.sweep.dir={tmp_path}",
+        env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    recs = {
+        r["cache_dtype"]: r
+        for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())
+    }
+    bf16, fp8 = recs["bf16"], recs["fp8"]
+    assert bf16["status"] == fp8["status"] == "ok", (bf16.get("error"), fp8.get("error"))
+    assert fp8["accuracy_gate"] == "passed" and fp8["max_rel_error"] < 2e-2
+    assert fp8["host_requests"] == bf16["host_requests"] > 0
+    for key in ("onloaded_bytes", "offloaded_bytes", "kv_token_bytes", "kv_pool_bytes"):
+        assert fp8[key] * 64 == bf16[key] * 36 > 0, key
+    assert fp8["kv_pool_users"] == bf16["kv_pool_users"]
+
+
+def test_cli_e2e_applies_the_top_k_gate_to_an_fp8_cache(tmp_path):
+    """e2e ranks with the e4m3 cache and compares the top-10 with the bf16 path. The tiny
+    model's random weights give near-tied scores: the bf16 path itself shares well under 0.99
+    of its top-10 with the float32 recompute, so the fp8 point misses the gate, is recorded
+    failed (not timed), and the message gives both numbers."""
+    proc = hstu_exp(
+        "workload=e2e", "model=tiny", "model.dtype=bfloat16", "cache.dtype=fp8", "logger=none",
+        "calibrate=false", "workload.min_time_s=0.01", "workload.iters=3", "workload.warmup=1",
+        "workload.num_batches=8", f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    (r,) = map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())
+    assert r["status"] == "failed" and "samples_ms" not in r, proc.stdout[-2000:]
+    assert "accuracy gate of cache.dtype=fp8 failed: top-10 agreement with the bf16 path" in r["error"]
+    assert "the bf16 path's own with the float32 recompute" in r["error"]
+    assert "max relative error" not in r["error"]  # within 2e-2: only the ranking missed
+
+
 def test_cli_triton_block_with_an_fp8_cache_says_which_kernel_ran(tmp_path):
     """kernel=triton on e4m3 pages (Triton's interpreter on CPU, fp16): gated, and the record
     names the attention kernel that ran (the portable one: the Hopper kernel reads half-precision

@@ -258,7 +258,8 @@ def _verify(model, batches, manager, device, graphs=None) -> dict:
     sequence: worst relative error of candidate outputs and logits. A reduced-precision path
     (fp8 GEMMs, an fp8 KV cache) is also ranked against the bf16 path (the same model with bf16
     GEMMs, recomputing in the model dtype): the mean top-k agreement of task 0's ranking
-    (accuracy.topk_agreement, k = ACCURACY_GATE's)."""
+    (accuracy.topk_agreement, k = ACCURACY_GATE's), and beside it the bf16 path's own agreement
+    with the float32 recompute (`bf16_topk_agreement`: how near-tied the rankings are)."""
     ref = copy.deepcopy(model).float()
     ref.block = oracle(model.block)
     exact = None
@@ -268,7 +269,7 @@ def _verify(model, batches, manager, device, graphs=None) -> dict:
         exact.block.policy = replace(model.block.policy, gemm_dtype="bf16")
     if manager is not None:
         manager.reset()
-    worst, agree, users = 0.0, 0.0, 0
+    worst, agree, base_agree, users = 0.0, 0.0, 0.0, 0
     for batch in batches:
         counts = [r.candidates.numel() for r in batch]
         logits, h = rank(model, batch, device=device, manager=manager, graphs=graphs, return_hidden=True)
@@ -276,9 +277,11 @@ def _verify(model, batches, manager, device, graphs=None) -> dict:
         worst = max(worst, relative_error(logits, ref_logits, counts), relative_error(h, ref_h, counts))
         if exact is not None:
             base = rank(exact, batch, device=device)
-            agree += len(batch) * topk_agreement(logits[:, 0], base[:, 0], counts, ACCURACY_GATE["topk"])
+            k = ACCURACY_GATE["topk"]
+            agree += len(batch) * topk_agreement(logits[:, 0], base[:, 0], counts, k)
+            base_agree += len(batch) * topk_agreement(base[:, 0].float(), ref_logits[:, 0], counts, k)
             users += len(batch)
     out = {"max_rel_error": worst}
     if exact is not None:
-        out["topk_agreement"] = agree / users
+        out.update(topk_agreement=agree / users, bf16_topk_agreement=base_agree / users)
     return out

@@ -125,8 +125,14 @@ def gate_check(result: dict, reduced: list) -> None:
             else "no verify result"
         )
     if agree is not None and not agree >= gate["topk_agreement"]:
+        base = result.get("bf16_topk_agreement")
         misses.append(
             f"top-{gate['topk']} agreement with the bf16 path {agree:.3f} < {gate['topk_agreement']:g}"
+            + (
+                f" (the bf16 path's own with the float32 recompute: {base:.3f})"
+                if base is not None
+                else ""
+            )
         )
     if misses:
         raise AccuracyGateError(
