@@ -20,6 +20,7 @@ import sys
 # Every close-out figure (report/figures.py draw_all and draw_serve).
 FIGURES = [
     "figures/latency_vs_history",
+    "figures/latency_vs_batch",
     "figures/speedup_heatmap",
     "figures/speedup_bars",
     "figures/latency_bars",

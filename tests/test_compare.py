@@ -180,7 +180,7 @@ def test_console_script_and_plot_sweep(two_sweeps, tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    for name in ("latency_vs_history", "speedup_bars", "speedup_heatmap"):
+    for name in ("latency_vs_batch", "speedup_bars", "speedup_heatmap"):  # one T
         assert_real_png(copy / "figures" / f"{name}.png")
     assert (copy / "results.csv").read_text() == (a / "results.csv").read_text()
 

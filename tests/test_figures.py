@@ -353,3 +353,83 @@ def test_e2e_figures_give_each_mode_one_colour(e2e):
     speedup = colours(figures.e2e_speedup(e2e_speedups(e2e)))
     assert set(speedup) == {"Baseline + CUDA graph", "KV cache", "KV cache + CUDA graph"}
     assert all(speedup[m] == latency[m] for m in speedup)
+
+
+# -- sweeps of one T or one point (issue 21): something meaningful, or no figure and a logged why
+
+
+def test_one_total_history_draws_latency_against_batch_size_instead(block, tmp_path, caplog):
+    one = block[block["total_history"] == 1024]
+    with caplog.at_level("WARNING", logger="hstu_exp.report.figures"):
+        figs = figures.draw_all(one, tmp_path)
+    assert "latency_vs_history" not in figs and "latency_vs_batch" in figs
+    assert "figure latency_vs_history not drawn: one total history (T=1024)" in caplog.text
+    fig = figures.latency_vs_batch(_labelled(one))
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
+    assert len(lines) == 4  # one line per mode, over the batch sizes
+    for label, line in lines.items():
+        mine = _labelled(one)
+        mine = mine[mine["label"] == label].sort_values("new_history").drop_duplicates("batch_size")
+        mine = mine.sort_values("batch_size")
+        assert list(line.get_xdata()) == [1, 2]
+        assert np.allclose(line.get_ydata(), mine["median_ms"])  # the fewest new tokens
+    assert "T=1024" in fig._suptitle.get_text() and ax.get_xlabel() == "batch size"
+    # the roofline: against batch size, one line per mode, markers, the legend titled by mode
+    fig = figures.roofline(_labelled(one))
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "batch size"
+    drawn = [line for line in ax.lines if len(line.get_xdata()) == 2]
+    assert len(drawn) == 4 and all(line.get_marker() == "o" for line in drawn)
+    assert ax.get_legend().get_title().get_text() == "mode: cache+kernel+graph"
+
+
+def test_one_point_draws_only_the_bars_and_says_why(block, tmp_path, caplog):
+    point = block[(block["total_history"] == 1024) & (block["batch_size"] == 2)].head(1)
+    with caplog.at_level("WARNING", logger="hstu_exp.report.figures"):
+        figs = figures.draw_all(point, tmp_path)
+    assert sorted(figs) == ["latency_bars"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latency_bars.png"]
+    for name in ("latency_vs_history", "latency_vs_batch", "roofline_fraction"):
+        assert f"figure {name} not drawn: one total history (T=1024)" in caplog.text
+    assert "and one batch size (2)" in caplog.text
+
+
+def test_latency_bars_name_each_T_once_and_no_label_overprints(block):
+    fig = figures.latency_bars(_labelled(block))
+    fig.canvas.draw()
+    render = fig.canvas.get_renderer()
+    panels = [a for a in fig.axes if a.get_label() != "<colorbar>"]
+    for ax in panels:
+        assert ax.get_xlabel() == ""  # the axis label is the figure's, once
+        groups = [t for t in ax.get_xticklabels(minor=True) if t.get_text()]
+        assert [t.get_text() for t in groups] == ["T=256", "T=1024"]
+        cached = [t for t in ax.get_xticklabels() if t.get_text()]
+        assert [t.get_text() for t in cached] == ["0", "128", "192", "0", "512", "960"]
+        boxes = [t.get_window_extent(render) for t in cached + groups]
+        for i, a in enumerate(boxes):
+            assert not any(a.overlaps(b) for b in boxes[i + 1 :])
+        # each T label sits under the middle of its group's bars
+        ticks = ax.get_xticks()
+        assert list(ax.get_xticks(minor=True)) == [ticks[1], ticks[4]]
+    assert fig.get_supxlabel().startswith("cached tokens per user")
+    assert sum(t.get_text().startswith("T=") for t in fig.texts) == 0  # no loose T texts
+
+
+def test_serve_at_one_rate_bars_per_configuration_on_a_share_axis(tmp_path, caplog):
+    recs = [
+        _serve("real", c, 400, 30, "VALID", gpu_hit_rate=g, host_hit_rate=h, requests=100)
+        for c, g, h in (("none", 0.0, 0.0), ("paged", 0.6, 0.0), ("paged_offload", 0.3, 0.5))
+    ]
+    df = pd.DataFrame(recs).assign(onloaded_bytes=[0, 0, 2**20 * 100], offloaded_bytes=0)
+    fig = figures.serve_cache(df)
+    gpu, host, moved = fig.axes[:3]
+    assert [t.get_text() for t in gpu.get_xticklabels()] == ["none", "paged", "paged_offload"]
+    assert [p.get_height() for p in gpu.patches] == [0.0, 0.6, 0.3]
+    assert [p.get_height() for p in host.patches] == [0.0, 0.0, 0.5]
+    assert [p.get_height() for p in moved.patches] == [0.0, 0.0, 1.0]  # MiB a request
+    assert gpu.get_ylim() == (0, 1.02) and "400" in gpu.get_xlabel()
+    with caplog.at_level("WARNING", logger="hstu_exp.report.figures"):
+        figs = figures.draw_all(df, tmp_path)
+    assert "serve_latency_vs_qps" not in figs and "serve_cache" in figs
+    assert "figure serve_latency_vs_qps not drawn: one offered rate (400" in caplog.text

@@ -235,7 +235,7 @@ def test_close_out_covers_the_workers_records(both):
     assert summary in proc.stdout and summary in proc_local.stdout
     a, b = pd.read_csv(gpus / "results.csv"), pd.read_csv(local / "results.csv")
     assert sorted(a["status"]) == sorted(b["status"]) == ["ok", "ok", "skipped", "skipped"]
-    assert (gpus / "figures" / "latency_vs_history.png").is_file()
+    assert (gpus / "figures" / "latency_bars.png").is_file()
     # each point's progress lines came through from its worker, with the sweep's size
     assert all(f"[{p}/4] block-tiny-paged" in proc.stdout for p in (1, 2, 3, 4)), proc.stdout
 

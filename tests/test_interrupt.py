@@ -48,7 +48,7 @@ def test_close_out_runs_on_what_exists(interrupted):
     out, _, output, _ = interrupted
     df = pd.read_csv(out / "results.csv")
     assert sorted(df["status"]) == ["failed", "ok", "ok"]
-    assert (out / "figures" / "latency_vs_history.png").is_file()
+    assert (out / "figures" / "latency_bars.png").is_file()
     assert "3 points: 2 ok, 0 skipped, 1 failed" in output
 
 

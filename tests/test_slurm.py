@@ -104,7 +104,7 @@ def test_close_out_reads_the_records_the_jobs_wrote(slurm_sweep):
     df = pd.read_csv(out / "results.csv")
     assert len(df) == 3 and set(df["status"]) == {"ok"}
     assert "3 points: 3 ok, 0 skipped, 0 failed" in proc.stdout
-    assert_real_png(out / "figures" / "latency_vs_history.png")
+    assert_real_png(out / "figures" / "latency_bars.png")
     # W&B offline: a run per point inside its job dir (written in the job), a summary run
     for r in records(out):
         (run_dir,) = (Path(r["job_dir"]) / "wandb").glob("offline-run-*")
@@ -120,7 +120,7 @@ def test_close_out_reads_the_records_the_jobs_wrote(slurm_sweep):
     result = close_out(out)
     assert result["records"] == 3
     assert pd.read_csv(out / "results.csv")["median_ms"].tolist() == df["median_ms"].tolist()
-    assert_real_png(out / "figures" / "latency_vs_history.png")
+    assert_real_png(out / "figures" / "latency_bars.png")
 
 
 def test_resume_in_slurm_jobs_runs_only_the_new_point(slurm, slurm_sweep, tmp_path):

@@ -67,7 +67,7 @@ def test_csv_and_figures(sweep):
     df = pd.read_csv(out / "results.csv")
     assert len(df) == 8 and set(df["status"]) == {"ok", "skipped"}
     assert "samples_ms" not in df
-    for name in ("latency_vs_history", "speedup_bars", "speedup_heatmap", "roofline_fraction"):
+    for name in ("latency_vs_batch", "speedup_bars", "speedup_heatmap", "roofline_fraction"):
         assert_real_png(out / "figures" / f"{name}.png")
     assert "8 points: 6 ok, 2 skipped, 0 failed" in proc.stdout
 

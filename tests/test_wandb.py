@@ -120,7 +120,7 @@ def test_summary_run_has_grid_counts_charts_and_artifact(sweep):
         "tables/skipped",
         "tables/results",
         "tables/latency_B1",
-        "figures/latency_vs_history",
+        "figures/latency_vs_batch",  # one T: latency against batch size, not over T
     } <= logged
     captions = [v for row in run["history"] for k, v in row.items() if k.endswith("/caption")]
     assert captions and all(sweep.name in c for c in captions)

@@ -1,21 +1,24 @@
 """Figures of a sweep, drawn from its table alone (no W&B needed).
 
 Which figures appear depends on what the sweep holds:
-- block: latency vs history per batch size; absolute-latency bars per batch size, grouped by T
-  with one bar per cached length (as NVIDIA's recsys-examples charts, for a direct comparison);
-  speedup over full recompute as bars (with 95 % intervals) and as a T x n heatmap per mode;
-  roofline fraction;
+- block: latency vs history per batch size (at one T: latency vs batch size instead);
+  absolute-latency bars per batch size, grouped by T with one bar per cached length (as NVIDIA's
+  recsys-examples charts, for a direct comparison); speedup over full recompute as bars (with
+  95 % intervals) and as a T x n heatmap per mode; roofline fraction;
 - e2e: latency per batch for every mode, and every mode's speedup over baseline with intervals;
 - attention: TFLOP/s;
 - serve: latency percentiles vs offered QPS, max QPS within the SLO, latency CDFs, hit rates per
   tier and bytes moved.
-Every figure says what it shows: a title, and a footer with the GPU, model, kernel / graph and
-commit from the records. Invalid points (record key `valid` false) are hatched bars or hollow
-markers, never drawn like valid ones. Each PNG is written to a temporary name and renamed.
+A figure with nothing meaningful to show (a line over one T, one rate or one point) is not drawn:
+a warning says which and why (NotDrawn). Every figure says what it shows: a title, and a footer
+with the GPU, model, kernel / graph and commit from the records. Invalid points (record key
+`valid` false) are hatched bars or hollow markers, never drawn like valid ones. Each PNG is
+written to a temporary name and renamed.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -54,6 +57,12 @@ KEY_NAMES = {
     "mode": "e2e mode",
 }
 INVALID_HATCH = "///"
+log = logging.getLogger(__name__)
+
+
+class NotDrawn(Exception):
+    """The records hold nothing this figure can show meaningfully (one T, one point); the
+    message says why and is logged instead of a degenerate figure."""
 
 
 def label_keys(df: pd.DataFrame) -> list:
@@ -236,42 +245,68 @@ def _with_valid(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(valid_=[None if pd.isna(x) else bool(x) for x in v])
 
 
+def _latency_lines(ax, part: pd.DataFrame, x: str, colors: dict) -> None:
+    """Median latency against `x`, one line per mode, a p10-p90 band; hollow = invalid."""
+    for lab, colour in colors.items():
+        s = part[part["label"] == lab].sort_values(x)
+        if s.empty:
+            continue
+        ax.plot(s[x], s["median_ms"], color=colour, label=lab)
+        if "p10_ms" in s and "p90_ms" in s and s["p10_ms"].notna().all():
+            ax.fill_between(s[x], s["p10_ms"], s["p90_ms"], color=colour, alpha=0.15, lw=0)
+        bad = s["valid_"] == False  # noqa: E712
+        ax.scatter(s.loc[~bad, x], s.loc[~bad, "median_ms"], color=colour, s=18, zorder=3)
+        ax.scatter(
+            s.loc[bad, x], s.loc[bad, "median_ms"], facecolors="none", edgecolors=colour, s=30, zorder=3
+        )
+    _plain_log_y(ax)
+
+
+def _mode_colors(lat: pd.DataFrame) -> dict:
+    labels = sorted(lat["label"].unique())
+    return dict(zip(labels, sns.color_palette("deep", len(labels))))
+
+
 def latency_vs_history(df: pd.DataFrame):
     lat = _with_valid(most_cached(df, ["label", "batch_size", "total_history"]))
+    if lat["total_history"].nunique() < 2:
+        raise NotDrawn(
+            f"one total history (T={_values(lat, 'total_history')}): no line over T to draw "
+            "(latency_vs_batch and latency_bars show this sweep)"
+        )
     batches = sorted(lat["batch_size"].unique())
     fig, axes = _grid(len(batches))
-    labels = sorted(lat["label"].unique())
-    colors = dict(zip(labels, sns.color_palette("deep", len(labels))))
+    colors = _mode_colors(lat)
     for ax, b in zip(axes, batches):
-        part = lat[lat["batch_size"] == b]
-        for lab in labels:
-            s = part[part["label"] == lab].sort_values("total_history")
-            if s.empty:
-                continue
-            ax.plot(s["total_history"], s["median_ms"], color=colors[lab], label=lab)
-            if "p10_ms" in s and "p90_ms" in s and s["p10_ms"].notna().all():
-                ax.fill_between(
-                    s["total_history"], s["p10_ms"], s["p90_ms"], color=colors[lab], alpha=0.15, lw=0
-                )
-            bad = s["valid_"] == False  # noqa: E712
-            ax.scatter(
-                s.loc[~bad, "total_history"], s.loc[~bad, "median_ms"], color=colors[lab], s=18, zorder=3
-            )
-            ax.scatter(
-                s.loc[bad, "total_history"],
-                s.loc[bad, "median_ms"],
-                facecolors="none",
-                edgecolors=colors[lab],
-                s=30,
-                zorder=3,
-            )
-        _plain_log_y(ax)
+        _latency_lines(ax, lat[lat["batch_size"] == b], "total_history", colors)
         _log2_x(ax, lat["total_history"])
         ax.set(title=f"batch size {b}", xlabel="total history T", ylabel="median latency (ms)")
     axes[0].legend(title="+".join(label_keys(df)), fontsize=7, title_fontsize=7)
     _finish(
         fig,
         "HSTU block latency vs history (fewest new tokens per T; band p10-p90; hollow = invalid)",
+        df,
+    )
+    return fig
+
+
+def latency_vs_batch(df: pd.DataFrame):
+    """A sweep at one total history: median latency against batch size, one line per mode."""
+    lat = _with_valid(most_cached(df, ["label", "batch_size", "total_history"]))
+    if lat["batch_size"].nunique() < 2:
+        raise NotDrawn(
+            f"one total history (T={_values(lat, 'total_history')}) and one batch size "
+            f"({_values(lat, 'batch_size')}): no line to draw (latency_bars shows the points)"
+        )
+    fig, ax = plt.subplots(layout="constrained", figsize=(6.0, 4.2))
+    _latency_lines(ax, lat, "batch_size", _mode_colors(lat))
+    _log2_x(ax, lat["batch_size"])
+    t = _values(lat, "total_history")
+    ax.set(xlabel="batch size", ylabel="median latency (ms)")
+    ax.legend(title="+".join(label_keys(df)), fontsize=7, title_fontsize=7)
+    _finish(
+        fig,
+        f"HSTU block latency vs batch size at T={t} (fewest new tokens; band p10-p90; hollow = invalid)",
         df,
     )
     return fig
@@ -315,11 +350,14 @@ def latency_bars(df: pd.DataFrame):
             part = d[(d["kg"] == kg) & (d["batch_size"] == b)].drop_duplicates(
                 ["total_history", "cached"], keep="last"
             )
-            ticks, names = [], []
+            ticks, names, centres, groups = [], [], [], []
             x = 0.0
             for t in sorted(part["total_history"].unique()):
                 group = part[part["total_history"] == t].set_index("cached").sort_index()
-                for c in _spread(list(group.index)):
+                shown = _spread(list(group.index))
+                centres.append(x + (len(shown) - 1) / 2)
+                groups.append(f"T={int(t)}")
+                for c in shown:
                     r = group.loc[c]
                     err = None
                     if pd.notna(r.get("p10_ms")) and pd.notna(r.get("p90_ms")):
@@ -345,21 +383,21 @@ def latency_bars(df: pd.DataFrame):
                     ticks.append(x)
                     names.append(str(c))
                     x += 1
-                ax.text(
-                    x - 1 - (len(_spread(list(group.index))) - 1) / 2,
-                    -0.16,
-                    f"T={int(t)}",
-                    transform=ax.get_xaxis_transform(),
-                    ha="center",
-                    va="top",
-                    fontsize=7,
-                )
                 x += 0.8
-            ax.set_xticks(ticks, names, rotation=90, fontsize=5)
+            # cached lengths as major tick labels; each T once, centred under its group as a
+            # minor tick label padded below them, so the layout makes room and nothing overprints
+            rotated = len(ticks) > 6
+            ax.set_xticks(ticks, names, rotation=90 if rotated else 0, fontsize=6)
+            ax.set_xticks(centres, groups, minor=True, fontsize=7)
+            # the T labels' pad (points): the major tick and its pad, then the 6 pt labels'
+            # height (rotated: their length, at most 4 pt a digit) and a 2 pt gap
+            height = 4.0 * max(map(len, names)) if rotated else 8.0
+            pad = plt.rcParams["xtick.major.size"] + plt.rcParams["xtick.major.pad"] + height + 2
+            ax.tick_params(axis="x", which="minor", length=0, pad=pad)
+            ax.xaxis.remove_overlapping_locs = False  # a centre may sit on a bar's tick
+            ax.margins(y=0.12)  # room above the tallest bar for its value label
             ax.set(title=f"{kg}, batch size {b}", ylabel="median latency (ms)")
-            ax.set_xlabel(
-                "cached tokens per user (0 = full recompute), grouped by total history T", labelpad=20
-            )
+    fig.supxlabel("cached tokens per user (0 = full recompute), grouped by total history T", fontsize=9)
     share = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1 / 0.9))
     fig.colorbar(share, ax=axes.ravel().tolist(), label="cached share of T", shrink=0.8)
     _finish(
@@ -478,17 +516,29 @@ def speedup_heatmap(sp: pd.DataFrame):
 
 
 def roofline(df: pd.DataFrame):
-    x = "total_history" if df["total_history"].nunique() > 1 else "batch_size"
+    """Floor fraction against T, one line per mode and (marker) batch size; at one T against
+    batch size, one line per mode."""
     data = most_cached(df, ["label", "batch_size", "total_history"])
-    data = data.assign(floor_pct=100 * data["floor_fraction"])
+    x = next((k for k in ("total_history", "batch_size") if data[k].nunique() > 1), None)
+    if x is None:
+        raise NotDrawn(
+            f"one total history (T={_values(data, 'total_history')}) and one batch size "
+            f"({_values(data, 'batch_size')}): no line to draw"
+        )
+    mode, batch = "mode: " + "+".join(label_keys(df)), KEY_NAMES["batch_size"]  # not a column
+    # seaborn titles the legend's sections by the column names: name them for the reader
+    data = data.assign(floor_pct=100 * data["floor_fraction"]).rename(
+        columns={"label": mode, "batch_size": batch} if x == "total_history" else {"label": mode}
+    )
     fig, ax = plt.subplots(layout="constrained", figsize=(6.5, 4.2))
     sns.lineplot(
         data=data,
         x=x,
         y="floor_pct",
-        hue="label",
-        style="batch_size",
+        hue=mode,
+        style=batch if x == "total_history" else None,
         markers=True,
+        marker=None if x == "total_history" else "o",
         errorbar=None,
         ax=ax,
     )
@@ -506,7 +556,7 @@ def roofline(df: pd.DataFrame):
         )
     _log2_x(ax, data[x])
     ax.set(xlabel=KEY_NAMES.get(x, x), ylabel="hardware floor / measured latency (%)")
-    ax.legend(title=f"{'+'.join(label_keys(df))} / batch size", fontsize=7, title_fontsize=7)
+    ax.legend(title=None if x == "total_history" else mode, fontsize=7, title_fontsize=7)
     _finish(
         fig, "Fraction of the hardware floor reached (fewest new tokens per T; hollow = invalid)", df
     )
@@ -626,7 +676,12 @@ def attention_tflops(df: pd.DataFrame):
 
 
 def _draw(figs: dict, out: Path, name: str, build, *args) -> None:
-    figs[name] = _save(build(*args), out / f"{name}.png")
+    try:
+        fig = build(*args)
+    except NotDrawn as exc:
+        log.warning("[hstu-exp] figure %s not drawn: %s", name, exc)
+        return
+    figs[name] = _save(fig, out / f"{name}.png")
 
 
 def draw_all(df: pd.DataFrame, out_dir: Path) -> dict:
@@ -646,6 +701,8 @@ def draw_all(df: pd.DataFrame, out_dir: Path) -> dict:
     block = block.assign(label=mode_label(block))
     if len(block):
         _draw(figs, out, "latency_vs_history", latency_vs_history, block)
+        if block["total_history"].nunique() == 1:
+            _draw(figs, out, "latency_vs_batch", latency_vs_batch, block)
         _draw(figs, out, "latency_bars", latency_bars, block)
         sp = block_speedups(block)
         if len(sp):
@@ -725,6 +782,8 @@ def serve_latency_vs_qps(df: pd.DataFrame):
     clock solid, simulated dashed beside it; every point marked by its verdict (filled:
     VALID, hollow: INVALID)."""
     d = _with_valid(df).assign(label=_serve_label(df), offered=_offered(df))
+    if d["offered"].nunique() < 2:
+        raise NotDrawn(f"one offered rate ({_values(d, 'offered')} requests/s): no line over the load")
     d = d.assign(clock_=[_clock(r) for r in d.to_dict("records")]).sort_values("offered")
     stats = [(k, t) for k, t in (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9")) if k in d]
     fig, axes = _grid(len(stats))
@@ -833,30 +892,36 @@ def serve_latency_cdf(df: pd.DataFrame):
 
 def serve_cache(df: pd.DataFrame):
     """Where requests' cached prefixes came from, and the bytes moved, per configuration and
-    offered QPS: what explains the latency differences."""
+    offered QPS: what explains the latency differences. Lines over the offered rate; at one
+    rate, bars per configuration. Shares on a 0-1 axis."""
     d = df.assign(label=_serve_label(df), qps_=df["qps"].fillna(df.get("max_qps")))
-    d = d.sort_values("qps_")
+    moved = (d["onloaded_bytes"] + d["offloaded_bytes"]) / d["requests"].clip(lower=1) / 2**20
+    panels = {
+        "requests hitting the GPU pool": d["gpu_hit_rate"],
+        "requests hitting the host tier": d["host_hit_rate"],
+        "MiB moved per request (on + off)": moved,
+    }
+    rates = sorted(d["qps_"].dropna().unique())
+    labels = sorted(d["label"].unique())
+    colors = dict(zip(labels, sns.color_palette("deep" if len(labels) <= 10 else "tab20", len(labels))))
     fig, axes = _grid(3)
-    for label, part in d.groupby("label", sort=True):
-        axes[0].plot(part["qps_"], part["gpu_hit_rate"], marker="o", label=label)
-        axes[1].plot(part["qps_"], part["host_hit_rate"], marker="o", label=label)
-        per = part["requests"].clip(lower=1)
-        axes[2].plot(
-            part["qps_"],
-            (part["onloaded_bytes"] + part["offloaded_bytes"]) / per / 2**20,
-            marker="o",
-            label=label,
-        )
-    for ax, what in zip(
-        axes,
-        (
-            "requests hitting the GPU pool",
-            "requests hitting the host tier",
-            "MiB moved per request (on + off)",
-        ),
-    ):
-        ax.set(xlabel="offered load (requests/s)", ylabel=what)
-        ax.legend(fontsize=7)
+    for ax, (what, values) in zip(axes, panels.items()):
+        part = d.assign(v_=values).sort_values("qps_")
+        if len(rates) > 1:
+            for label, g in part.groupby("label", sort=True):
+                ax.plot(g["qps_"], g["v_"], marker="o", color=colors[label], label=label)
+            ax.set(xlabel="offered load (requests/s)")
+            ax.legend(fontsize=7)
+        else:  # one rate: a line of one point says nothing; compare the configurations
+            heights = [part.loc[part["label"] == lab, "v_"].iloc[0] for lab in labels]
+            ax.bar(range(len(labels)), heights, color=[colors[lab] for lab in labels])
+            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+            ax.set(xlabel=f"configuration, {_values(d, 'qps_')} requests/s offered")
+        ax.set(ylabel=what)
+        if what.startswith("requests"):  # a share
+            ax.set_ylim(0, 1.02)
+        else:
+            ax.set_ylim(bottom=0)
     _finish(fig, f"KV cache: hit rates per tier and bytes moved ({_clocks(d)})", df)
     return fig
 
@@ -869,7 +934,7 @@ def draw_serve(good: pd.DataFrame, out: Path, figs: dict) -> None:
     if "qps" not in serve:  # records of searches alone: no offered rate is kept where none is set
         serve = serve.assign(qps=np.nan)
     online = serve[serve["qps"].notna()]
-    if online["qps"].nunique() > 1:
+    if len(online):
         _draw(figs, out, "serve_latency_vs_qps", serve_latency_vs_qps, online)
     if "max_qps" in serve and serve["mode"].astype(str).str.startswith("max_qps").any():
         _draw(
