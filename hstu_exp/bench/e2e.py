@@ -32,7 +32,7 @@ import torch
 
 from hstu_exp.bench.accuracy import relative_error, topk_agreement
 from hstu_exp.bench.measure import Measured, stop_rule
-from hstu_exp.bench.roofline import block_work
+from hstu_exp.bench.roofline import mean_block_work
 from hstu_exp.bench.timer import reset_peak_memory
 from hstu_exp.builders import model_dtype, shared_server
 from hstu_exp.config import ACCURACY_GATE, E2E_MODES
@@ -126,7 +126,8 @@ def run(cfg, device: torch.device, progress=print) -> Measured:
         extra["bucket"] = ",".join(sorted(graphs.core.used))
         # graph memory: what is held (bounded by graph.max_graphs) and what was dropped
         extra.update(graphs_captured=len(graphs.core.graphs), graphs_evicted=graphs.core.evicted)
-    flops, nbytes = _block_work_per_batch(m, dtype, work)
+    # per batch over the stream: floor_ms is the pass's floor / num_batches, comparable to mean_ms
+    flops, nbytes = mean_block_work(m, dtype, work)
 
     def profiled(i: int):  # one pass over the stream, batch by batch, on an emptied cache
         if i == 0 and manager is not None:
@@ -170,26 +171,6 @@ def _time_passes(one_pass, rule, device):
         ):
             passes.append(one_pass())
     return passes, clocks.summary()
-
-
-def _block_work_per_batch(m, dtype, work):
-    """FLOPs and fewest bytes of the block's work, averaged per batch over the stream (the floor
-    is linear in both, so floor_ms is the pass's floor / num_batches, comparable to mean_ms)."""
-    flops = nbytes = 0
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    for histories, news, cands in work:
-        f, b = block_work(
-            num_layers=m.num_layers,
-            hidden=m.hidden,
-            num_heads=m.num_heads,
-            head_dim=m.head_dim,
-            itemsize=itemsize,
-            histories=histories,
-            news=news,
-            candidates=cands,
-        )
-        flops, nbytes = flops + f, nbytes + b
-    return flops / len(work), nbytes / len(work)
 
 
 def _per_batch_median(passes: List[List[float]]) -> List[float]:

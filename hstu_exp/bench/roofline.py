@@ -158,6 +158,28 @@ def block_work(
     return flops, nbytes
 
 
+def mean_block_work(model, dtype, batches) -> tuple:
+    """block_work of the model config `model` per batch, averaged over `batches` (each a
+    (histories, news, candidates) triple); (0, 0) for none. The floor is linear in both, so the
+    floor of these means is the mean batch's floor, comparable to a mean latency."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    flops = nbytes = 0
+    count = 0
+    for histories, news, candidates in batches:
+        f, b = block_work(
+            num_layers=model.num_layers,
+            hidden=model.hidden,
+            num_heads=model.num_heads,
+            head_dim=model.head_dim,
+            itemsize=itemsize,
+            histories=histories,
+            news=news,
+            candidates=candidates,
+        )
+        flops, nbytes, count = flops + f, nbytes + b, count + 1
+    return flops / max(count, 1), nbytes / max(count, 1)
+
+
 def floor(flops: float, nbytes: float, peak: dict) -> dict:
     compute_ms = flops / (peak["peak_tflops"] * 1e9)
     memory_ms = nbytes / (peak["peak_gbps"] * 1e6)

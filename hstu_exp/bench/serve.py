@@ -25,7 +25,7 @@ import torch
 from hstu_exp import first_use
 from hstu_exp.bench.accuracy import relative_error
 from hstu_exp.bench.measure import Measured
-from hstu_exp.bench.roofline import block_work
+from hstu_exp.bench.roofline import mean_block_work
 from hstu_exp.bench.timer import StopRule
 from hstu_exp.builders import model_dtype, replica_servers, shared_server
 from hstu_exp.env import ClockSampler
@@ -54,39 +54,24 @@ NO_RULE = StopRule(iters=1, min_time_s=0.0, max_time_s=0.0, cv_max=math.inf, min
 
 def run(cfg, device: torch.device, progress=print, job_dir=None) -> Measured:
     dtype = model_dtype(cfg.model)
-    if cfg.workload.replicas > 1:  # config.validate: clock=real only
-        devices = replica_devices(device, cfg.workload.replicas)
-        progress(
-            f"serve: {len(devices)} replicas on {', '.join(map(str, devices))} (threads of one process)"
-        )
-        paths = replica_servers(
-            cfg.model,
-            cfg.cache,
-            cfg.graph,
-            cfg.kernel,
-            cached=cfg.cache.mode != "none",
-            graphed=cfg.graph.mode == "cudagraph",
-            devices=devices,
-            dtype=dtype,
-            seed=cfg.seed,
-            progress=progress,
-            pool_to_card=True,
-        )
-        first_use.count_triton_compiles()
-        return _run_real(cfg, paths, devices, dtype, progress, job_dir)
-    path = shared_server(
-        cfg.model,
-        cfg.cache,
-        cfg.graph,
-        cfg.kernel,
+    groups = (cfg.model, cfg.cache, cfg.graph, cfg.kernel)
+    built = dict(
         cached=cfg.cache.mode != "none",
         graphed=cfg.graph.mode == "cudagraph",
-        device=device,
         dtype=dtype,
         seed=cfg.seed,
         progress=progress,
         pool_to_card=True,
     )
+    if cfg.workload.replicas > 1:  # config.validate: clock=real only
+        devices = replica_devices(device, cfg.workload.replicas)
+        progress(
+            f"serve: {len(devices)} replicas on {', '.join(map(str, devices))} (threads of one process)"
+        )
+        paths = replica_servers(*groups, devices=devices, **built)
+        first_use.count_triton_compiles()
+        return _run_real(cfg, paths, devices, dtype, progress, job_dir)
+    path = shared_server(*groups, device=device, **built)
     first_use.count_triton_compiles()
     if cfg.workload.clock == "real":
         return _run_real(cfg, [path], [device], dtype, progress, job_dir)
@@ -486,25 +471,15 @@ def _search_real(trials: _Trials, w, seed: int, progress, extra: dict, every: in
 
 def _work_of(m, dtype, rows: List[dict]):
     """The block's FLOPs and fewest bytes per batch, averaged over a real run's batches."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
     batches: dict = {}
     for r in rows:  # batch numbers count per replica
         batches.setdefault((r.get("replica", 0), r["batch"]), []).append(r)
-    flops = nbytes = 0
+    work = []
     for members in batches.values():
         seq = [m.num_context + r["history"] for r in members]
-        f, b = block_work(
-            num_layers=m.num_layers,
-            hidden=m.hidden,
-            num_heads=m.num_heads,
-            head_dim=m.head_dim,
-            itemsize=itemsize,
-            histories=seq,
-            news=[s - r["cached_tokens"] for s, r in zip(seq, members)],
-            candidates=[r["candidates"] for r in members],
-        )
-        flops, nbytes = flops + f, nbytes + b
-    return flops / max(len(batches), 1), nbytes / max(len(batches), 1)
+        news = [s - r["cached_tokens"] for s, r in zip(seq, members)]
+        work.append((seq, news, [r["candidates"] for r in members]))
+    return mean_block_work(m, dtype, work)
 
 
 @torch.no_grad()
@@ -526,23 +501,12 @@ def _verify_scores(path, checked, device) -> float:
 def _work_per_batch(cfg, dtype, trial: Trial):
     """The block's FLOPs and fewest bytes, averaged over the trial's batches."""
     m, st, cols = cfg.model, trial.stream, trial.per_request
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    flops = nbytes = 0
-    batches = [b[2] for b in trial.schedule.batches]
-    for idx in batches:
+    work = []
+    for idx in (b[2] for b in trial.schedule.batches):
         seq = [m.num_context + st.history[i] for i in idx]
-        f, b = block_work(
-            num_layers=m.num_layers,
-            hidden=m.hidden,
-            num_heads=m.num_heads,
-            head_dim=m.head_dim,
-            itemsize=itemsize,
-            histories=seq,
-            news=[s - cols["cached_tokens"][i] for s, i in zip(seq, idx)],
-            candidates=[st.candidates[i] for i in idx],
-        )
-        flops, nbytes = flops + f, nbytes + b
-    return flops / max(len(batches), 1), nbytes / max(len(batches), 1)
+        news = [s - cols["cached_tokens"][i] for s, i in zip(seq, idx)]
+        work.append((seq, news, [st.candidates[i] for i in idx]))
+    return mean_block_work(m, dtype, work)
 
 
 @torch.no_grad()
