@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from hstu_exp.gpus import CLOCK_KEYS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -159,17 +161,6 @@ POWER_CAP = 0x4
 # enough: NVML raises it for single samples whose clock never came down.
 SLOWDOWN = 0x8 | 0x20 | 0x40 | 0x80
 CLOCK_FLOOR = 0.9
-CLOCK_KEYS = [
-    "sm_clock_mhz",
-    "sm_clock_max_mhz",
-    "mem_clock_mhz",
-    "power_w",
-    "temperature_c",
-    "throttle_reasons",
-    "power_capped",
-    "throttled",
-    "clocks_unavailable",
-]
 
 
 def _nvml_handle(device: torch.device):

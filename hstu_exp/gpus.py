@@ -17,6 +17,19 @@ import time
 from pathlib import Path
 
 ENV = "CUDA_VISIBLE_DEVICES"
+# What a record says of its GPU's clocks while it was timed (env.ClockSampler measures them);
+# records, results tables and the W&B sink carry them as environment keys.
+CLOCK_KEYS = [
+    "sm_clock_mhz",
+    "sm_clock_max_mhz",
+    "mem_clock_mhz",
+    "power_w",
+    "temperature_c",
+    "throttle_reasons",
+    "power_capped",
+    "throttled",
+    "clocks_unavailable",
+]
 LAUNCHER = "hydra_plugins.hstu_exp_gpus.gpus_launcher.GpuLauncher"  # conf/hydra/launcher/gpus
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from hstu_exp.gpus import CLOCK_KEYS
+
 RESULTS_FILE = "results.jsonl"
 TORN_SUFFIX = ".torn"
 
@@ -63,15 +65,7 @@ ENV_KEYS = [
     "cuda_visible_devices",
     "cpu_model",
     "cpu_cores",
-    "sm_clock_mhz",
-    "sm_clock_max_mhz",
-    "mem_clock_mhz",
-    "power_w",
-    "temperature_c",
-    "throttle_reasons",
-    "power_capped",
-    "throttled",
-    "clocks_unavailable",
+    *CLOCK_KEYS,
 ]
 STATS_KEYS = ["median_ms", "p10_ms", "p90_ms", "mean_ms", "min_ms", "max_ms", "iterations"]
 # Every record starts with this key (runner builds it first): where a torn fragment and a whole

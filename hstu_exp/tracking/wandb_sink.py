@@ -32,25 +32,8 @@ from hstu_exp.tracking.records import ENV_KEYS, SWEPT_KEYS, is_missing, point_ov
 MARKER = ".wandb-disabled"
 MODES = ("online", "offline", "disabled")
 DEFAULT_TIMEOUT_S = 30.0
-# Provenance keys that records may carry besides ENV_KEYS (older records lack some).
-ENV_EXTRA = [
-    "git_dirty",
-    "wandb",
-    "python",
-    "cpu_model",
-    "cpu_cores",
-    "gpu_uuid",
-    "gpu_count",
-    "sm_clock_mhz",
-    "sm_clock_max_mhz",
-    "mem_clock_mhz",
-    "power_w",
-    "temperature_c",
-    "throttle_reasons",
-    "power_capped",
-    "throttled",
-    "clocks_unavailable",
-]
+# Provenance keys that records may carry besides ENV_KEYS.
+ENV_EXTRA = ["gpu_count"]
 PARAM_KEYS = [
     "num_layers",
     "hidden",
