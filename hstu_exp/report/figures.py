@@ -571,8 +571,9 @@ def _e2e_label(mode) -> str:
 E2E_COLORS = dict(zip(E2E_MODES, sns.color_palette("deep", len(E2E_MODES))))
 
 
-def e2e_latency(df: pd.DataFrame):
-    d = _with_valid(df)
+def _e2e_bars(d: pd.DataFrame, y: str, lo: str, hi: str, ylabel: str, fmt: str = "{:.2f}"):
+    """One bar per e2e mode (in E2E_MODES order, its colour in every figure) per batch size,
+    whiskers from lo to hi, the legend beside the axes."""
     modes = [m for m in E2E_MODES if m in set(d["mode"])] + sorted(
         set(d["mode"].astype(str)) - set(E2E_MODES)
     )
@@ -584,45 +585,30 @@ def e2e_latency(df: pd.DataFrame):
         d,
         x="batch_size",
         hue="mode",
-        y="median_ms",
-        lo="p10_ms",
-        hi="p90_ms",
+        y=y,
+        lo=lo,
+        hi=hi,
         labels=_e2e_label,
+        fmt=fmt,
         palette=E2E_COLORS,
     )
-    ax.set(xlabel="batch size (users per request batch)", ylabel="median latency per batch (ms)")
+    ax.set(xlabel="batch size (users per request batch)", ylabel=ylabel)
     ax.legend(
         title="e2e mode", fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0)
     )
+    return fig, ax
+
+
+def e2e_latency(df: pd.DataFrame):
+    fig, _ = _e2e_bars(_with_valid(df), "median_ms", "p10_ms", "p90_ms", "median latency per batch (ms)")
     _finish(fig, "End-to-end ranking latency per batch (whiskers p10-p90; hatched = invalid)", df)
     return fig
 
 
 def e2e_speedup(sp: pd.DataFrame):
     d = _with_ratio_valid(sp)
-    modes = [m for m in E2E_MODES if m in set(d["mode"])] + sorted(
-        set(d["mode"].astype(str)) - set(E2E_MODES)
-    )
-    fig, ax = plt.subplots(layout="constrained", figsize=(7.5, 4.2))
-    _bars(
-        ax,
-        sorted(d["batch_size"].unique()),
-        modes,
-        d,
-        x="batch_size",
-        hue="mode",
-        y="speedup",
-        lo="ci_low",
-        hi="ci_high",
-        labels=_e2e_label,
-        fmt="{:.2f}x",
-        palette=E2E_COLORS,
-    )
+    fig, ax = _e2e_bars(d, "speedup", "ci_low", "ci_high", "speedup over baseline", fmt="{:.2f}x")
     ax.axhline(1.0, color="black", lw=0.9, ls="--")
-    ax.set(xlabel="batch size (users per request batch)", ylabel="speedup over baseline")
-    ax.legend(
-        title="e2e mode", fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0)
-    )
     _finish(
         fig,
         "End-to-end speedup over baseline: ratio of median pass totals (whiskers: "
