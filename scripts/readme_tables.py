@@ -177,8 +177,17 @@ def serve_table(root: Path) -> list:
     return rows
 
 
-# A configuration of the real-clock table; its rows are sorted by it.
+# A configuration of the real-clock table (the model cell names replicas beyond one); its rows
+# are sorted by it.
 SERVE_CONFIG = ("model", "cache", "graph", "policy")
+
+
+def _serve_config(r) -> tuple:
+    cells = [str(r.get(k)) for k in SERVE_CONFIG]
+    replicas = r.get("replicas")
+    if not is_missing(replicas) and int(replicas) > 1:
+        cells[0] += f" x {int(replicas)} replicas"
+    return tuple(cells)
 
 
 def _listed(v) -> list:
@@ -259,14 +268,13 @@ def serve_real_table(root: Path, sweeps: list) -> list:
     recs = [r for df in frames for r in df.to_dict("records") if r.get("clock") == "real"]
     if not recs:
         return rows + ["| no real-clock sweep published yet |" + " - |" * 11]
-    config = lambda r: tuple(str(r.get(k)) for k in SERVE_CONFIG)  # noqa: E731
-    searches = sorted((r for r in recs if _listed(r.get("search_qps"))), key=config)
+    searches = sorted((r for r in recs if _listed(r.get("search_qps"))), key=_serve_config)
     fixed: dict = {}
     for r in recs:
         if not _listed(r.get("search_qps")):
-            fixed.setdefault((config(r), r.get("scenario"), r.get("target_qps")), []).append(r)
+            fixed.setdefault((_serve_config(r), r.get("scenario"), r.get("target_qps")), []).append(r)
     for s in searches:
-        finals = fixed.pop((config(s), "server", s.get("max_qps")), [])
+        finals = fixed.pop((_serve_config(s), "server", s.get("max_qps")), [])
         if finals:
             finals.sort(key=_seed)
             seeds, passed = [_seed(r) for r in finals], [r.get("verdict") == "VALID" for r in finals]
@@ -274,7 +282,7 @@ def serve_real_table(root: Path, sweeps: list) -> list:
             finals = [s]
             seeds = _listed(s.get("final_seeds"))
             passed = [bool(p) for p in _listed(s.get("final_passed"))]
-        rows.append(_real_row(config(s), _bracket(s), finals, seeds, passed))
+        rows.append(_real_row(_serve_config(s), _bracket(s), finals, seeds, passed))
     for (key, scenario, qps), runs in sorted(fixed.items(), key=lambda kv: str(kv[0])):
         runs.sort(key=_seed)
         if scenario == "offline":
