@@ -34,6 +34,7 @@ from hstu_exp.serving import outcome
 from hstu_exp.serving.loadgen_sut import LoadGenTest
 from hstu_exp.serving.path import rank
 from hstu_exp.serving.population import UserSequences, population_for
+from hstu_exp.serving.search import max_rate
 from hstu_exp.serving.server import RealServer
 from hstu_exp.serving.simulated import (
     REQUESTS_FILE,
@@ -414,25 +415,8 @@ def _search_real(trials: _Trials, w, seed: int, progress, extra: dict, every: in
         tried.append((qps, served.loadgen["verdict"] == "VALID", served.loadgen["verdict"]))
         return tried[-1][1]
 
-    lo = hi = None
-    qps = w.qps
-    for _ in range(12):  # the bracket: a rate that passes and one that fails
-        if passed(qps):
-            lo = qps
-            if hi is not None:
-                break
-            qps *= 2
-        else:
-            hi = qps
-            if lo is not None or qps / 2 < w.qps / 8:  # no rate down to an eighth: stop there
-                break
-            qps /= 2
-    if lo is not None and hi is not None:
-        for _ in range(w.search_steps):
-            mid = round((lo + hi) / 2, 1)
-            if mid in (lo, hi):
-                break
-            lo, hi = (mid, hi) if passed(mid) else (lo, mid)
+    # no rate down to an eighth of the start: stop there; LoadGen's rates to 0.1 qps
+    lo, hi = max_rate(passed, w.qps, lowest=w.qps / 8, steps=w.search_steps, digits=1)
     extra.update(
         search_qps=[t[0] for t in tried],
         search_passed=[t[1] for t in tried],

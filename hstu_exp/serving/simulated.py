@@ -20,6 +20,7 @@ from hstu_exp.data.synthetic import Request
 from hstu_exp.serving.outcome import REQUEST_COLUMNS
 from hstu_exp.serving.path import TIERS
 from hstu_exp.serving.population import Stream, UserSequences, make_stream
+from hstu_exp.serving.search import max_rate
 from hstu_exp.serving.sim import Schedule, eligible, simulate, slo_give_up, token_bucket
 from hstu_exp.serving.stats import percentile
 
@@ -273,22 +274,7 @@ def search_max_qps(point: ServePoint, w, progress, verify: bool = False) -> tupl
         progress(f"max_qps: {qps:g} qps: {shown}, SLO {'met' if t.slo['slo_met'] else 'missed'}")
         return t.slo["slo_met"]
 
-    lo = hi = None
-    qps = w.qps
-    for _ in range(12):  # the bracket: a rate that meets the SLO and one that misses it
-        if met(qps):
-            lo = qps
-            if hi is not None:
-                break
-            qps *= 2
-        else:
-            hi = qps
-            if lo is not None or qps / 2 * w.duration_s < w.min_requests:
-                break
-            qps /= 2
-    if lo is not None and hi is not None:
-        for _ in range(w.search_steps):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if met(mid) else (lo, mid)
+    # no rate whose counted window holds fewer than min_requests; the trials are the result
+    max_rate(met, w.qps, lowest=w.min_requests / w.duration_s, steps=w.search_steps)
     good = [t for t in trials if t.slo["slo_met"]]
     return (max(good, key=lambda t: t.qps) if good else None), trials
