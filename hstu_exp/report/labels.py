@@ -3,28 +3,12 @@ sweep compares, in a few characters a point (presentation; the records keep the 
 
 from __future__ import annotations
 
-from hstu_exp.tracking.identity import PLUMBING
+from hstu_exp.tracking.identity import MODE_OVERRIDES, PLUMBING
 from hstu_exp.tracking.records import is_missing, point_overrides
 
 # What labels a serve point (what a serve sweep compares), where the values vary; batch_size
 # prints as "B<n>".
 SERVE_LABEL_KEYS = ("cache", "kernel", "graph", "mode", "batch_size")
-# Overrides already told apart by a label key (mode = search or mode, then policy; batch_size
-# follows max_batch) or by the x axis (qps): a part of their own would only repeat them.
-_SPOKEN_FOR = {
-    "cache",
-    "cache.mode",
-    "kernel",
-    "kernel.name",
-    "graph",
-    "graph.mode",
-    "workload.batch_size",
-    "workload.max_batch",
-    "workload.policy",
-    "workload.search",
-    "workload.mode",
-    "workload.qps",
-}
 
 
 def _text(v) -> str:
@@ -40,7 +24,7 @@ def _serve_label_plan(rows: list):
     extra = sorted(
         k
         for k in {k for o in known for k in o}
-        if k not in _SPOKEN_FOR
+        if k not in MODE_OVERRIDES  # told apart by a label key (mode: search, then policy)
         and k.split(".", 1)[0] not in PLUMBING
         and len({o.get(k, "-") for o in known}) > 1
     )

@@ -24,6 +24,25 @@ from hstu_exp.tracking.records import SWEPT_KEYS, point_overrides
 NOT_IDENTITY = ("logger", "hydra", "resume", "name")
 # Overrides that say where and how a sweep ran, not what a point measures.
 PLUMBING = NOT_IDENTITY + ("experiment",)
+# Overrides that pick what a sweep compares (cache / kernel / graph, the serve mode, search and
+# policy, the batch, the offered rate): run names and serve labels show them as point keys, so
+# a part of their own would only repeat them.
+MODE_OVERRIDES = frozenset(
+    {
+        "cache",
+        "cache.mode",
+        "kernel",
+        "kernel.name",
+        "graph",
+        "graph.mode",
+        "workload.batch_size",
+        "workload.max_batch",
+        "workload.policy",
+        "workload.search",
+        "workload.mode",
+        "workload.qps",
+    }
+)
 _GROUPS = ("model", "cache", "kernel", "graph")
 _TOP = ("device", "seed", "verify", "calibrate", "profile")
 # A point key named in a comparison -> the config paths it stands for.

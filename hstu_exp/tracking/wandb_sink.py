@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from hstu_exp.tracking.identity import PLUMBING
+from hstu_exp.tracking.identity import MODE_OVERRIDES, PLUMBING
 from hstu_exp.tracking.records import ENV_KEYS, SWEPT_KEYS, is_missing, point_overrides
 
 MARKER = ".wandb-disabled"
@@ -364,25 +364,13 @@ def run_name(r: dict) -> str:
 
 
 # Overrides the point keys already show (the name's B, T, n, qps, mode and cache/kernel/graph).
-_SHOWN = {
-    "cache",
-    "cache.mode",
-    "kernel",
-    "kernel.name",
-    "graph",
-    "graph.mode",
+_SHOWN = MODE_OVERRIDES | {
     "model",
     "workload",
     "device",
-    "workload.batch_size",
-    "workload.max_batch",
     "workload.total_history",
     "workload.new_history",
     "workload.num_candidates",
-    "workload.mode",
-    "workload.qps",
-    "workload.search",
-    "workload.policy",
 }
 
 
