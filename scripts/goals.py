@@ -30,6 +30,21 @@ BLOCK = [
 ATTENTION = {(8, "none", 4096): 620, (1, "paged", 128): 350, (8, "paged", 128): 520}
 E2E_MS = {1: 0.45, 8: 1.5}  # cache_graph, ms a batch
 E2E_SPEEDUP = 3.0  # cache_graph over baseline, with the interval's lower end above it
+# docs/design.md §6.1, serving on the real clock: the configuration, its max QPS at the SLO
+# (VALID, final runs at least min_duration_s), the busy fraction at that rate, and the
+# simulator's p99 error at rates below sim_below x that max QPS.
+SERVE_GOAL = dict(
+    model="seed",
+    cache="paged",
+    graph="cudagraph",
+    qps=4000.0,
+    percentile=99.0,
+    slo_ms=80.0,
+    min_duration_s=60.0,
+    busy=0.8,
+    sim_error=0.25,
+    sim_below=0.8,
+)
 BLOCK_COLUMNS = [
     "workload",
     "cache",

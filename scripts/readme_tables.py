@@ -21,7 +21,7 @@ from pathlib import Path
 
 import _venv  # noqa: F401,E402  (source tree on the path; re-run under .venv if needed)
 import pandas as pd  # noqa: E402
-from goals import ATTENTION, BLOCK, E2E_MS  # noqa: E402
+from goals import ATTENTION, BLOCK, E2E_MS, SERVE_GOAL  # noqa: E402
 from serve_sim_check import compare  # noqa: E402
 
 from hstu_exp.report.aggregate import SweepError, load_sweep, ok  # noqa: E402
@@ -224,10 +224,9 @@ def _bracket(r) -> str:
     return f"{best:.0f} [{best:.0f}-{failed:.0f}], {trials}"
 
 
-def _real_row(config, rate_cell: str, runs: list, seeds: list, passed: list) -> str:
+def _real_row(config, rate_cell: str, worst: dict, seeds: list, passed: list) -> str:
     """One configuration: its rate, the seeds behind it and how many passed, and the worst
     seed's tail, verdict and where its time went (busy fraction, host / device ms a batch)."""
-    worst = max(runs, key=lambda r: -1.0 if is_missing(r.get("p99_ms")) else r["p99_ms"])
     duration = worst.get("min_duration_s")
     seed_cell = ", ".join(str(s) for s in seeds) if seeds else "-"
     if seeds and not is_missing(duration):
@@ -251,10 +250,48 @@ def _seed(r):
     return r["seed"] if is_missing(r.get("loadgen_seed")) else int(r["loadgen_seed"])
 
 
+def real_results(root: Path, sweeps: list) -> list:
+    """What the real-clock sweeps found, one dict per configuration: `config`, `search` (the
+    max-QPS search record, or None), `runs` (the records at its final rate: the fixed-rate runs
+    at that rate where a sweep re-ran it, else the search record with its own final runs), their
+    `seeds` and `passed` (LoadGen VALID), and `worst` (the run with the worst p99). Fixed-rate
+    runs no search found, and Offline runs, are configurations of their own (search None)."""
+    frames = [_load(root, name) for name in sweeps]
+    recs = [r for df in frames for r in df.to_dict("records") if r.get("clock") == "real"]
+    searches = sorted((r for r in recs if _listed(r.get("search_qps"))), key=_serve_config)
+    fixed: dict = {}
+    for r in recs:
+        if not _listed(r.get("search_qps")):
+            fixed.setdefault((_serve_config(r), r.get("scenario"), r.get("target_qps")), []).append(r)
+    found = []
+    for s in searches:
+        runs = sorted(fixed.pop((_serve_config(s), "server", s.get("max_qps")), []), key=_seed)
+        if runs:
+            seeds, passed = [_seed(r) for r in runs], [r.get("verdict") == "VALID" for r in runs]
+        else:
+            runs = [s]
+            seeds = _listed(s.get("final_seeds"))
+            passed = [bool(p) for p in _listed(s.get("final_passed"))]
+        found.append(dict(config=_serve_config(s), search=s, runs=runs, seeds=seeds, passed=passed))
+    for (key, _, _), runs in sorted(fixed.items(), key=lambda kv: str(kv[0])):
+        runs.sort(key=_seed)
+        found.append(
+            dict(
+                config=key,
+                search=None,
+                runs=runs,
+                seeds=[_seed(r) for r in runs],
+                passed=[r.get("verdict") == "VALID" for r in runs],
+            )
+        )
+    for f in found:
+        f["worst"] = max(f["runs"], key=lambda r: -1.0 if is_missing(r.get("p99_ms")) else r["p99_ms"])
+    return found
+
+
 def serve_real_table(root: Path, sweeps: list) -> list:
     """max QPS at the SLO per configuration on the real clock (LoadGen driving the real server):
-    the search's bracket and trials; the final rate's seeds and how many LoadGen passed (the
-    fixed-rate runs at that rate where a sweep re-ran it, else the search's own final runs); at
+    the search's bracket and trials; the final rate's seeds and how many LoadGen passed; at
     that rate the worst seed's p99, verdict, busy fraction and host / device ms a batch.
     Fixed-rate runs no search found, and Offline runs (their throughput), get rows of their own."""
     rows = [
@@ -264,33 +301,18 @@ def serve_real_table(root: Path, sweeps: list) -> list:
         "| host ms / batch | device ms / batch |",
         "|---" * 12 + "|",
     ]
-    frames = [_load(root, name) for name in sweeps]
-    recs = [r for df in frames for r in df.to_dict("records") if r.get("clock") == "real"]
-    if not recs:
+    found = real_results(root, sweeps)
+    if not found:
         return rows + ["| no real-clock sweep published yet |" + " - |" * 11]
-    searches = sorted((r for r in recs if _listed(r.get("search_qps"))), key=_serve_config)
-    fixed: dict = {}
-    for r in recs:
-        if not _listed(r.get("search_qps")):
-            fixed.setdefault((_serve_config(r), r.get("scenario"), r.get("target_qps")), []).append(r)
-    for s in searches:
-        finals = fixed.pop((_serve_config(s), "server", s.get("max_qps")), [])
-        if finals:
-            finals.sort(key=_seed)
-            seeds, passed = [_seed(r) for r in finals], [r.get("verdict") == "VALID" for r in finals]
+    for f in found:
+        worst = f["worst"]
+        if f["search"] is not None:
+            cell = _bracket(f["search"])
+        elif worst.get("scenario") == "offline":
+            cell = f"Offline: {max(r['completed_qps'] for r in f['runs']):.0f} qps completed"
         else:
-            finals = [s]
-            seeds = _listed(s.get("final_seeds"))
-            passed = [bool(p) for p in _listed(s.get("final_passed"))]
-        rows.append(_real_row(_serve_config(s), _bracket(s), finals, seeds, passed))
-    for (key, scenario, qps), runs in sorted(fixed.items(), key=lambda kv: str(kv[0])):
-        runs.sort(key=_seed)
-        if scenario == "offline":
-            cell = f"Offline: {max(r['completed_qps'] for r in runs):.0f} qps completed"
-        else:
-            cell = f"- (fixed rate {qps:g} qps, no search)"
-        passed = [r.get("verdict") == "VALID" for r in runs]
-        rows.append(_real_row(key, cell, runs, [_seed(r) for r in runs], passed))
+            cell = f"- (fixed rate {worst['target_qps']:g} qps, no search)"
+        rows.append(_real_row(f["config"], cell, worst, f["seeds"], f["passed"]))
     return rows
 
 
@@ -328,6 +350,73 @@ def sim_check_table(root: Path, sweeps: list) -> list:
     return rows
 
 
+def _max_qps_goal(f: dict, goal: dict) -> list:
+    """The max-QPS and busy-fraction goal rows of one goal configuration's search."""
+    s, worst, passed = f["search"], f["worst"], f["passed"]
+    best, duration = s.get("max_qps"), worst.get("min_duration_s")
+    where = f"{', '.join(f['config'][:3])}, {f['config'][3]}"
+    why = []
+    if (s.get("slo_percentile"), s.get("slo_ms")) != (goal["percentile"], goal["slo_ms"]):
+        why.append(f"SLO p{s.get('slo_percentile'):g} <= {s.get('slo_ms'):g} ms, not the goal's")
+    if is_missing(best) or best < goal["qps"]:
+        why.append(f"under {goal['qps']:,.0f} qps")
+    if not passed or not all(passed):
+        why.append(f"{len(passed) - sum(passed)} of {len(passed)} final seeds not VALID")
+    if is_missing(duration) or duration < goal["min_duration_s"]:
+        why.append(f"final runs {_num(duration, 'g')} s, under {goal['min_duration_s']:g} s")
+    qps_cell = "none passed" if is_missing(best) else f"{best:.0f} qps"
+    busy = worst.get("busy_fraction")
+    busy_met = not is_missing(busy) and busy >= goal["busy"]
+    return [
+        f"| max QPS >= {goal['qps']:,.0f} at p{goal['percentile']:g} <= {goal['slo_ms']:g} ms, "
+        f"VALID ({where}) | {qps_cell}; final rate: {sum(passed)} of {len(passed)} seeds VALID "
+        f"x {_num(duration, 'g')} s | {'no: ' + '; '.join(why) if why else 'yes'} |",
+        f"| device busy fraction >= {goal['busy']:g} at that rate ({where}) "
+        f"| {_num(busy, '.2f')} (worst seed) | {'yes' if busy_met else 'no'} |",
+    ]
+
+
+def serve_goals_table(root: Path, sweeps: list, sim_sweeps: list, goal: dict = SERVE_GOAL) -> list:
+    """docs/design.md §6.1 judged on the records: per policy of the goal configuration its max
+    QPS (at the SLO, every final seed VALID, long enough) and busy fraction against the goals;
+    the simulator's worst p99 error at rates below sim_below x the FIFO max QPS."""
+    rows = ["| goal (docs/design.md §6.1; clock: real (LoadGen)) | measured | met |", "|---|---|---|"]
+    config = (goal["model"], goal["cache"], goal["graph"])
+    mine = [
+        f for f in real_results(root, sweeps) if f["search"] is not None and f["config"][:3] == config
+    ]
+    for f in mine:
+        rows += _max_qps_goal(f, goal)
+    if not mine:
+        rows.append(
+            f"| max QPS and busy fraction ({', '.join(config)}) "
+            "| no max-QPS search of it published | not judged |"
+        )
+    fifo = next((f["search"].get("max_qps") for f in mine if f["config"][3] == "fifo"), None)
+    sim = (
+        f"| simulator within {goal['sim_error']:.0%} of the real p99 below "
+        f"{goal['sim_below']:.0%} of the FIFO max QPS "
+    )
+    if is_missing(fifo) or not sim_sweeps:
+        return rows + [sim + "| no FIFO max QPS or sim-check sweep | not judged |"]
+    below = fifo * goal["sim_below"]
+    pairs = [
+        r
+        for name in sim_sweeps
+        for r in compare(read_records(root / name))
+        if r["configuration"].startswith(f"{goal['cache']}-{goal['graph']}-")
+        and r["qps"] < below
+        and r["p99_gap"] is not None
+    ]
+    if not pairs:
+        return rows + [sim + f"| no rate of that configuration below {below:g} qps | not judged |"]
+    worst = max(abs(r["p99_gap"]) for r in pairs)
+    return rows + [
+        sim + f"| worst {worst:.0%} over {len(pairs)} rates below {below:g} qps "
+        f"| {'yes' if worst <= goal['sim_error'] else 'no'} |"
+    ]
+
+
 def documents(root: Path, serve_real: list, sim_check: list) -> dict:
     """Which tables each document holds: {document option: {table name: make()}}."""
     return {
@@ -336,6 +425,7 @@ def documents(root: Path, serve_real: list, sim_check: list) -> dict:
             "e2e": partial(e2e_table, root),
             "serve_max_qps": partial(serve_table, root),
             "serve_real": partial(serve_real_table, root, serve_real),
+            "serve_goals": partial(serve_goals_table, root, serve_real, sim_check),
         },
         "serving": {"serve_sim_check": partial(sim_check_table, root, sim_check)},
     }
