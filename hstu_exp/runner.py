@@ -269,6 +269,7 @@ def run_point(
             if STOP:  # a library turned the interrupt into an exception of its own
                 record.update(status="failed", error="interrupted")
             else:
+                record.update(getattr(exc, "record_fields", {}))  # a missed gate's numbers
                 record.update(
                     status="failed",
                     error=f"{type(exc).__name__}: {exc}".strip()[:2000],

@@ -13,14 +13,19 @@
 #           (an fp8 point that misses its accuracy gate is recorded failed, not timed)
 #   d128    the attention at H8 D128 (full B=8, paged B=1) with the Hopper D=128 candidates
 #   dlrmv3  experiment=dlrmv3_block at B=32 (1024 history, 2048 candidates), bf16 vs fp8
+#   kv      the FP8 KV cache: test_fp8_kv on the GPU; block B=1/8 cached (T=4096, 128 new),
+#           Triton + graphs, cache.dtype=bf16 vs fp8; e2e cache_graph B=8 over 32 users with a
+#           pool of 384 pages (evictions to the host tier and onloads), bf16 vs fp8: the bytes
+#           each way (fp8/bf16 = (256 + 4) / 512); verify=true, each fp8 point gated
 # Every sweep lands in OUT_DIR/<part>; OUT_DIR/speed.tar.gz holds them all at the end.
-# Expected ~7.5 minutes for all parts (limits add up to 11): if a call must be split, run
-# `tests host gemm` in one and `d128 dlrmv3` in the next (warm machine).
+# Expected ~7.5 minutes for the first five parts (limits add up to 11), ~5 for kv (limits 6.5):
+# a call holds at most 10 minutes, so run `tests host gemm`, then `d128 dlrmv3`, then `kv`
+# (warm machine).
 set -u
-out=${1:?usage: scripts/gpu_speed.sh OUT_DIR [OLD_TREE|-] [tests host gemm d128 dlrmv3]}
+out=${1:?usage: scripts/gpu_speed.sh OUT_DIR [OLD_TREE|-] [tests host gemm d128 dlrmv3 kv]}
 old=${2:--}
 shift $(( $# > 1 ? 2 : 1 ))
-parts=${*:-tests host gemm d128 dlrmv3}
+parts=${*:-tests host gemm d128 dlrmv3 kv}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 here=$PWD
@@ -49,7 +54,15 @@ for part in $parts; do
             > "$out/d128.log" 2>&1; echo "d128: exit $?"; tail -n 20 "$out/d128.log" ;;
     dlrmv3) sweep dlrmv3 120 experiment=dlrmv3_block kernel=triton verify=true \
               workload.batch_size=32 kernel.gemm_dtype=bf16,fp8 ;;
-    *) echo "gpu_speed.sh: unknown part '$part' (tests host gemm d128 dlrmv3)" >&2; exit 2 ;;
+    kv) timeout 90 python3 -m pytest -q -x tests/test_fp8_kv.py > "$out/kv_tests.log" 2>&1
+        echo "kv tests: exit $?"; tail -n 3 "$out/kv_tests.log"
+        sweep block_kv 150 experiment=seed_block kernel=triton graph=cudagraph verify=true \
+          cache.dtype=bf16,fp8 workload.batch_size=1,8 workload.total_history=4096 \
+          workload.new_history=128 workload.min_time_s=0.2
+        sweep e2e_kv 150 experiment=seed_e2e workload.mode=cache_graph workload.batch_size=8 \
+          workload.num_users=32 cache.num_pages=384 cache.dtype=bf16,fp8 verify=true \
+          workload.repeats=1 workload.min_time_s=0.5 workload.max_time_s=1.5 ;;
+    *) echo "gpu_speed.sh: unknown part '$part' (tests host gemm d128 dlrmv3 kv)" >&2; exit 2 ;;
   esac
 done
 tar -czf "$out/speed.tar.gz" -C "$out" --exclude speed.tar.gz . && echo "packed $out/speed.tar.gz"

@@ -43,6 +43,8 @@ MODES = (
     "full-split",
     "paged",
     "paged-split",
+    "paged-fp8",
+    "paged-split-fp8",
     "full-tma",
     "full-split-tma",
     "hopper",
@@ -64,13 +66,23 @@ POINTERS = {
     "page_indptr",
     "page_ids",
     "cached_len",
+    "KS",
+    "VS",
 }
 
 
 def compile_attention(
-    cfg: tri.Config, *, paged: bool, split: bool, head_dim: int = 256, arch: int = 90, tma: bool = False
+    cfg: tri.Config,
+    *,
+    paged: bool,
+    split: bool,
+    head_dim: int = 256,
+    arch: int = 90,
+    tma: bool = False,
+    fp8: bool = False,
 ):
-    """The kernel compiled for (cfg, mode), bf16 inputs, as `_launch` would specialise it."""
+    """The kernel compiled for (cfg, mode), bf16 inputs, as `_launch` would specialise it.
+    fp8: e4m3 pages (cache.dtype=fp8) with their float32 scales."""
     fn = tri._hstu_fwd
     names = fn.arg_names
     const = dict(
@@ -83,6 +95,7 @@ def compile_attention(
         FAST=True,
         DOT_PRECISION="tf32",
         USE_TMA=tma,
+        FP8_KV=fp8,
     )
     sig = {}
     for n in names:
@@ -95,6 +108,10 @@ def compile_attention(
             sig[n] = "*fp32" if split else "*bf16"
         elif n in ("offsets", "num_cand", "page_indptr", "page_ids", "cached_len"):
             sig[n] = "*i32"
+        elif n in ("KP", "VP") and fp8:
+            sig[n] = "*fp8e4nv"
+        elif n in ("KS", "VS"):
+            sig[n] = "*fp32"
         elif n in POINTERS:
             sig[n] = "*bf16"
         elif n in ("alpha", "inv_n"):
@@ -234,18 +251,25 @@ def loop_waits(ttgir: str) -> int:
 
 
 def report(
-    cfg: tri.Config, *, paged: bool, split: bool, arch: int, dump: Path = None, tma: bool = False
+    cfg: tri.Config,
+    *,
+    paged: bool,
+    split: bool,
+    arch: int,
+    dump: Path = None,
+    tma: bool = False,
+    fp8: bool = False,
 ) -> dict:
     k = (
         compile_hopper(cfg, arch=arch, paged=paged, split=split)
         if cfg.kernel == "hopper"
-        else compile_attention(cfg, paged=paged, split=split, arch=arch, tma=tma)
+        else compile_attention(cfg, paged=paged, split=split, arch=arch, tma=tma, fp8=fp8)
     )
     ttgir, ptx = k.asm["ttgir"], k.asm["ptx"]
     if dump:
         tag = (
             f"{cfg.kernel}_{'paged' if paged else 'full'}{'_split' if split else ''}"
-            f"{'_tma' if tma else ''}_{cfg.block_m}x{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}"
+            f"{'_tma' if tma else ''}{'_fp8' if fp8 else ''}_{cfg.block_m}x{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}"
         )
         dump.mkdir(parents=True, exist_ok=True)
         (dump / f"{tag}.ttgir").write_text(ttgir)
@@ -286,9 +310,9 @@ def main(argv=None) -> int:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for mode in modes:
-        paged, split, tma = "paged" in mode, "split" in mode, "tma" in mode
+        paged, split, tma, fp8 = "paged" in mode, "split" in mode, "tma" in mode, "fp8" in mode
         for cfg in [tri.HOPPER_CONFIG] if mode.startswith("hopper") else configs:
-            r = report(cfg, paged=paged, split=split, arch=args.arch, dump=args.dump, tma=tma)
+            r = report(cfg, paged=paged, split=split, arch=args.arch, dump=args.dump, tma=tma, fp8=fp8)
             print(
                 f"| {mode} | {cfg.block_m}x{cfg.block_n} | {cfg.num_warps} | {cfg.num_stages} "
                 f"| {r['regs']} | {r['spill_stores']}/{r['spill_loads']} | "

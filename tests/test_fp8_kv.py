@@ -325,17 +325,21 @@ def test_cli_e2e_applies_the_top_k_gate_to_an_fp8_cache(tmp_path):
     assert "accuracy gate of cache.dtype=fp8 failed: top-10 agreement with the bf16 path" in r["error"]
     assert "the bf16 path's own with the float32 recompute" in r["error"]
     assert "max relative error" not in r["error"]  # within 2e-2: only the ranking missed
+    # the record keeps the gate's numbers and the pool's, no timing
+    assert r["max_rel_error"] < 2e-2 and r["topk_agreement"] < 0.99 and r["bf16_topk_agreement"] < 0.99
+    assert r["kv_dtype"] == "fp8" and r["kv_token_bytes"] == 2 * 2 * 2 * (32 + 4)
 
 
 def test_cli_triton_block_with_an_fp8_cache_says_which_kernel_ran(tmp_path):
-    """kernel=triton on e4m3 pages (Triton's interpreter on CPU, fp16): gated, and the record
-    names the attention kernel that ran (the portable one: the Hopper kernel reads half-precision
-    pages only)."""
-    small = [a for a in BLOCK if not a.startswith(("workload.batch_size", "workload.total_history"))]
+    """kernel=triton on e4m3 pages (Triton's interpreter on CPU in fp16; bf16 on a GPU): gated,
+    and the record names the attention kernel that ran (the portable one: the Hopper kernel
+    reads half-precision pages only)."""
+    small = [a for a in BLOCK if not a.startswith(("workload.b", "workload.total", "device"))]
+    device, dtype = ("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float16")
     proc = hstu_exp(
-        *small, "workload.batch_size=1", "workload.total_history=24", "model=tiny",
-        "model.num_layers=1", "model.dtype=float16", "kernel=triton", "kernel.autotune=false",
-        "cache.dtype=fp8", f"hydra.run.dir={tmp_path}",
+        *small, f"device={device}", "workload.batch_size=1", "workload.total_history=24",
+        "model=tiny", "model.num_layers=1", f"model.dtype={dtype}", "kernel=triton",
+        "kernel.autotune=false", "cache.dtype=fp8", f"hydra.run.dir={tmp_path}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (r,) = map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())
