@@ -16,9 +16,11 @@
 #   kv      the FP8 KV cache: test_fp8_kv on the GPU; block B=1/8 cached (T=4096, 128 new),
 #           Triton + graphs, cache.dtype=bf16 vs fp8; e2e cache_graph B=8 over 32 users with a
 #           pool of 384 pages (evictions to the host tier and onloads), bf16 vs fp8: the bytes
-#           each way (fp8/bf16 = (256 + 4) / 512); verify=true, each fp8 point gated
+#           each way (fp8/bf16 = (256 + 4) / 512); verify=true, each fp8 point gated; the
+#           paged attention alone at B=1/8 (T=4096, 128 new): bf16 (Hopper kernel), bf16 on the
+#           portable kernel (kernel.hopper=false) and fp8 (portable: e4m3 pages)
 # Every sweep lands in OUT_DIR/<part>; OUT_DIR/speed.tar.gz holds them all at the end.
-# Expected ~7.5 minutes for the first five parts (limits add up to 11), ~5 for kv (limits 6.5):
+# Expected ~7.5 minutes for the first five parts (limits add up to 11), ~6 for kv (limits 8):
 # a call holds at most 10 minutes, so run `tests host gemm`, then `d128 dlrmv3`, then `kv`
 # (warm machine).
 set -u
@@ -61,7 +63,10 @@ for part in $parts; do
           workload.new_history=128 workload.min_time_s=0.2
         sweep e2e_kv 150 experiment=seed_e2e workload.mode=cache_graph workload.batch_size=8 \
           workload.num_users=32 cache.num_pages=384 cache.dtype=bf16,fp8 verify=true \
-          workload.repeats=1 workload.min_time_s=0.5 workload.max_time_s=1.5 ;;
+          workload.repeats=1 workload.min_time_s=0.5 workload.max_time_s=1.5
+        sweep attention_kv 90 experiment=seed_attention kernel=triton graph=cudagraph \
+          workload.batch_size=1,8 workload.total_history=4096 workload.new_history=128 \
+          cache.dtype=bf16,fp8 kernel.hopper=true,false workload.min_time_s=0.2 ;;
     *) echo "gpu_speed.sh: unknown part '$part' (tests host gemm d128 dlrmv3 kv)" >&2; exit 2 ;;
   esac
 done

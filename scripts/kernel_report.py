@@ -269,7 +269,8 @@ def report(
     if dump:
         tag = (
             f"{cfg.kernel}_{'paged' if paged else 'full'}{'_split' if split else ''}"
-            f"{'_tma' if tma else ''}{'_fp8' if fp8 else ''}_{cfg.block_m}x{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}"
+            f"{'_tma' if tma else ''}{'_fp8' if fp8 else ''}"
+            f"_{cfg.block_m}x{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}"
         )
         dump.mkdir(parents=True, exist_ok=True)
         (dump / f"{tag}.ttgir").write_text(ttgir)
