@@ -255,6 +255,9 @@ def test_e2e_host_device_bars_hold_the_per_batch_times():
         heights = [round(p.get_height(), 6) for p in ax.patches]
         assert heights == [host, host, dev, dev]
         assert np.allclose(ax.lines[0].get_ydata(), max(host, dev) + 0.05)
+    # one legend, beside the last panel, not over a panel's bars
+    assert fig.axes[0].get_legend() is None
+    assert fig.axes[-1].get_legend().get_bbox_to_anchor().x0 > fig.axes[-1].get_window_extent().x1
 
 
 def _serve(clock, label_cache, qps, p99, verdict, **extra):

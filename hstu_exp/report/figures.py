@@ -634,7 +634,8 @@ def e2e_host_device(df: pd.DataFrame):
         ax.plot(x, part["median_ms"], "k_", markersize=14, label="batch latency (median)")
         ax.set_xticks(x, [str(b) for b in part["batch_size"]])
         ax.set(title=_e2e_label(mode), xlabel="batch size", ylabel="ms a batch")
-        ax.legend(fontsize=7)
+    # once, beside the panels: inside one it covers the bars
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _finish(fig, "Host vs device time a batch (e2e)", df)
     return fig
 
