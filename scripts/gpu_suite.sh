@@ -14,7 +14,7 @@ group() { local name=$1; shift
   timeout -k 10 "$limit" "${pt[@]}" "$@" > "$out/suite_$name.log" 2>&1
   echo "suite $name: exit $? ($(tail -n 1 "$out/suite_$name.log"))"; }
 kernels=(tests/test_triton_attention.py tests/test_fused_ops.py tests/test_block_kernels.py
-         tests/test_fp8.py tests/test_host_path.py)
+         tests/test_fp8.py tests/test_fp8_kv.py tests/test_host_path.py)
 group hopper tests/test_hopper_attention.py &
 group kernels "${kernels[@]}" &
 group marked -m gpu tests --ignore=tests/test_hopper_attention.py \

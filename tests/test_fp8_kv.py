@@ -392,3 +392,40 @@ def test_fp8_pages_index_together():
     k_pages = kv[1][:, 0]
     assert k_pages.shape == (4, 4, 2, 16) and k_pages.scales.shape == (4, 4, 2)
     assert k_pages.data.data_ptr() == pool.pool[1][:, 0].data_ptr()
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_fp8_cache_block_replays_in_a_cuda_graph():
+    """The e4m3 cache under CUDA graphs (the fused SiLU + append quantising into the pool, padded
+    rows into the scratch page, the attention reading e4m3): replays equal the eager block on
+    its own e4m3 cache, batch after batch (the pools must hold the same K/V)."""
+    from hstu_exp.graphs import BucketGraphs, GraphedBlock
+    from hstu_exp.model.hstu import HSTUBlock
+
+    torch.manual_seed(0)
+    block = HSTUBlock(
+        num_layers=2, hidden=64, num_heads=2, head_dim=32, scaling_length=600, kernel="triton"
+    )
+    block = block.cuda().to(torch.bfloat16).eval()
+
+    def cache():
+        return PagedKVCache(
+            num_layers=2, num_pages=256, page_size=16, num_heads=2, head_dim=32,
+            dtype=torch.bfloat16, device="cuda", fp8=True,
+        )  # fmt: skip
+
+    graphed, eager = cache(), cache()
+    core = BucketGraphs(
+        device="cuda", batch_buckets=[2, 4], token_buckets=[64, 128], pool=graphed.kv,
+        page_size=16, max_history=512, scratch_page=graphed.scratch_page, fit_rows=True,
+    )  # fmt: skip
+    graphs = GraphedBlock(block, core, hidden=64, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    for users, new, cands in [([1, 2, 3], [30, 7, 50], [4, 9, 1]), ([2, 9], [1, 40], [20, 3])]:
+        rows = [n + c for n, c in zip(new, cands)]
+        x = torch.randn(sum(rows), 64, generator=gen).to("cuda", torch.bfloat16)
+        batch = make_batch(rows, cands, "cuda", graphed.plan(users, new, cands))
+        eager_batch = make_batch(rows, cands, "cuda", eager.plan(users, new, cands))
+        out = graphs.replay(x, graphs.stage(batch, sum(rows))).clone()
+        torch.testing.assert_close(out, block(x, eager_batch, eager.kv), rtol=2e-2, atol=2e-2)
