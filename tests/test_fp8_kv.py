@@ -316,9 +316,9 @@ def test_cli_e2e_applies_the_top_k_gate_to_an_fp8_cache(tmp_path):
     of its top-10 with the float32 recompute, so the fp8 point misses the gate, is recorded
     failed (not timed), and the message gives both numbers."""
     proc = hstu_exp(
-        "workload=e2e", "model=tiny", "model.dtype=bfloat16", "cache.dtype=fp8", "logger=none",
-        "calibrate=false", "workload.min_time_s=0.01", "workload.iters=3", "workload.warmup=1",
-        "workload.num_batches=8", f"hydra.run.dir={tmp_path}",
+        "workload=e2e", "device=cpu", "model=tiny", "model.dtype=bfloat16", "cache.dtype=fp8",
+        "logger=none", "calibrate=false", "workload.min_time_s=0.01", "workload.iters=3",
+        "workload.warmup=1", "workload.num_batches=8", f"hydra.run.dir={tmp_path}",
     )  # fmt: skip
     (r,) = map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())
     assert r["status"] == "failed" and "samples_ms" not in r, proc.stdout[-2000:]
