@@ -432,6 +432,11 @@ def test_serve_at_one_rate_bars_per_configuration_on_a_share_axis(tmp_path, capl
     assert [p.get_height() for p in host.patches] == [0.0, 0.0, 0.5]
     assert [p.get_height() for p in moved.patches] == [0.0, 0.0, 1.0]  # MiB a request
     assert gpu.get_ylim() == (0, 1.02) and "400" in gpu.get_xlabel()
+    # a point that served no request has no hit rate: no bar, not a bar of 0
+    empty = df.assign(requests=[100, 0, 100])
+    gpu = figures.serve_cache(empty).axes[0]
+    assert [p.get_height() for p in gpu.patches][::2] == [0.0, 0.3]
+    assert np.isnan(gpu.patches[1].get_height())
     with caplog.at_level("WARNING", logger="hstu_exp.report.figures"):
         figs = figures.draw_all(df, tmp_path)
     assert "serve_latency_vs_qps" not in figs and "serve_cache" in figs

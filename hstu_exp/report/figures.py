@@ -882,11 +882,12 @@ def serve_cache(df: pd.DataFrame):
     offered QPS: what explains the latency differences. Lines over the offered rate; at one
     rate, bars per configuration. Shares on a 0-1 axis."""
     d = df.assign(label=_serve_label(df), qps_=df["qps"].fillna(df.get("max_qps")))
+    served = d["requests"] > 0  # a point that served nothing has no rate: not drawn as a 0
     moved = (d["onloaded_bytes"] + d["offloaded_bytes"]) / d["requests"].clip(lower=1) / 2**20
     panels = {
-        "requests hitting the GPU pool": d["gpu_hit_rate"],
-        "requests hitting the host tier": d["host_hit_rate"],
-        "MiB moved per request (on + off)": moved,
+        "requests hitting the GPU pool": d["gpu_hit_rate"].where(served),
+        "requests hitting the host tier": d["host_hit_rate"].where(served),
+        "MiB moved per request (on + off)": moved.where(served),
     }
     rates = sorted(d["qps_"].dropna().unique())
     labels = sorted(d["label"].unique())
