@@ -72,19 +72,21 @@ def attention_oracle(q, k, v, kv_hist, cached, new, cands, alpha, inv_n):
     return torch.stack(out) if out else q.new_zeros(0, *q.shape[1:]).double()
 
 
-def error_bound(q, kv_hist, cached, new, cands, alpha, inv_n):
+def error_bound(q, kv_hist, cached, new, cands, alpha, inv_n, unit=0.0):
     """(bound, magnitude) per output element. bound: what e4m3 K/V may cost it, propagated from
     the round trip: a key within e_k = 2^-4 |k| + 2^-10 scale moves a score by at most
     alpha |q|.e_k, SiLU's slope is at most 1.1, so p moves by dp <= 1.1 alpha |q|.e_k / N; a
     value within e_v moves the output by |p| e_v; over the visible history keys
     |out - oracle| <= sum_k dp_k (|v_k| + e_v,k) + |p_k| e_v,k (a candidate's own key is not
     quantised). magnitude: sum_k |p_k| |v_k| over all visible keys, what the compute dtype's
-    rounding is relative to."""
+    rounding is relative to. unit: the compute dtype's unit roundoff (the kernel dequantises
+    K and V into it: one more rounding of each)."""
     bound, mag, row = [], [], 0
     for b, (c, n, m) in enumerate(zip(cached, new, cands)):
         K, V = kv_hist[b]
         ek = round_trip_bound(K, K.abs().amax(-1) / 448)
         ev = round_trip_bound(V, V.abs().amax(-1) / 448)
+        ek, ev = ek + unit * (K.abs() + ek), ev + unit * (V.abs() + ev)
         for i in range(n + m):
             qi = q[row + i].double()
             last = c + i + 1 if i < n else c + n
@@ -164,7 +166,8 @@ def test_paged_attention_reads_e4m3_pages(kernel, dtype, case):
         row += n + m
     qc, kc, vc = (t.float().cpu() for t in (q, k, v))
     want = attention_oracle(qc, kc, vc, kv_hist, cached, new, cands, alpha, inv_n)
-    bound, mag = error_bound(qc, kv_hist, cached, new, cands, alpha, inv_n)
+    unit = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+    bound, mag = error_bound(qc, kv_hist, cached, new, cands, alpha, inv_n, unit)
     # the compute dtype: a half type rounds p and the output (2^-11 each in fp16, 2^-8 in bf16)
     slack = {torch.float32: 1e-5, torch.float16: 2.0**-9, torch.bfloat16: 2.0**-6}[dtype] * mag + 1e-7
     err = (got.double().cpu() - want).abs()

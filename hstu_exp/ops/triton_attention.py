@@ -224,8 +224,11 @@ def _load_kv(
 ):
     """K and V tiles [BLOCK_N, D] of history keys `offs` = n0 + [0, BLOCK_N) (positions in the
     user's key sequence), and their float32 scales [BLOCK_N] (FP8_KV: e4m3 pages, one scale a
-    token-head; else ones, never used). Masked tiles load zeros past kv_len: a garbage V times a
-    zero score could still give NaN."""
+    token-head; else ones, never used). The caller scales the tiles' rows, in the layout they
+    were loaded in: scaling the columns of S = Q K^T and of P instead (the same arithmetic)
+    moves each scale vector into the MMA layout and spilled about twice the registers
+    (outputs/BENCHMARKS.md, "FP8 KV cache"). Masked tiles load zeros past kv_len: a garbage V
+    times a zero score could still give NaN."""
     ok = offs < kv_len
     k_scale = tl.full(offs.shape, 1.0, tl.float32)
     v_scale = k_scale
@@ -436,12 +439,11 @@ def _hstu_fwd(
             USE_TMA,
             FP8_KV,
         )
+        if FP8_KV:  # e4m3 tiles: converted in registers, each key row times its scale
+            k = k.to(q.dtype) * k_scale[:, None].to(q.dtype)
+            v = v.to(q.dtype) * v_scale[:, None].to(q.dtype)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
-        if FP8_KV:  # e4m3 keys: a key's scale is a column scale of S, a value's one of P
-            s = s * k_scale[None, :]
         p = _silu(s, alpha, FAST)
-        if FP8_KV:
-            p = p * v_scale[None, :]
         acc += tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
     # Blocks on the diagonal / at the kv end: history row i sees key positions <= first + i.
     for n0 in range(tl.maximum(lo, full_end), hi, BLOCK_N):
@@ -485,12 +487,11 @@ def _hstu_fwd(
             USE_TMA,
             FP8_KV,
         )
+        if FP8_KV:
+            k = k.to(q.dtype) * k_scale[:, None].to(q.dtype)
+            v = v.to(q.dtype) * v_scale[:, None].to(q.dtype)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
-        if FP8_KV:
-            s = s * k_scale[None, :]
         p = _silu(s, alpha, FAST)
-        if FP8_KV:
-            p = p * v_scale[None, :]
         visible = (offs[None, :] < kv_len) & (
             (i[:, None] >= n_hist) | (offs[None, :] <= first + i[:, None])
         )
