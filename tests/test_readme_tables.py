@@ -43,13 +43,10 @@ def test_readme_tables_match_the_published_records(tmp_path):
 # -- the real-clock serving tables, from real CPU sweeps ------------------------------------------
 
 PUBLISHED = ROOT / "outputs" / "published"
-SMOKE = [  # what every CPU sweep here shares: the tiny model, p90 <= 30 ms, 2.5 s LoadGen runs
-    "experiment=serve_smoke",
-    "cache=paged",
-    "verify=false",
-    "workload.slo_ms=30",
-    "workload.min_duration_s=2.5",
-]
+# What every CPU sweep here shares: the tiny model, serve_smoke's p90 <= 250 ms (on a shared CPU
+# a tighter bound fails every rate, and below 20 qps 2.5 s hold too few queries for LoadGen's
+# early stopping), 2.5 s LoadGen runs.
+SMOKE = ["experiment=serve_smoke", "cache=paged", "verify=false", "workload.min_duration_s=2.5"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
@@ -82,7 +79,7 @@ def published(tmp_path_factory):
     for name, args in runs.items():
         if args is None:
             (search,) = records(root / "goal_fifo")
-            assert search["max_qps"] is not None, search["search_passed"]  # 20 qps passes on a CPU
+            assert search.get("max_qps"), search["search_verdicts"]  # 20 qps passes on a CPU
             args = [
                 "workload.search=none",
                 f"workload.qps={search['max_qps']}",
@@ -144,7 +141,7 @@ def test_the_real_serving_table_gives_bracket_seeds_and_where_the_time_goes(publ
     assert [r["target_qps"] for r in finals] == [best] * 3
     assert rows[0][5] == f"1, 2, 3 x 2.5 s: {valid} of 3 VALID"
     worst = max(finals, key=lambda r: r["p99_ms"])
-    assert row["SLO"] == "p90 <= 30 ms" and row["p99 (worst seed)"] == f"{worst['p99_ms']:.1f} ms"
+    assert row["SLO"] == "p90 <= 250 ms" and row["p99 (worst seed)"] == f"{worst['p99_ms']:.1f} ms"
     assert row["LoadGen verdict (worst seed)"].startswith(worst["verdict"])
     assert (row["busy fraction"], row["host ms / batch"], row["device ms / batch"]) == (
         f"{worst['busy_fraction']:.2f}",
@@ -202,7 +199,7 @@ def test_a_listed_sweep_missing_is_bad_input_and_the_check_sees_a_changed_cell(p
 
 def test_the_serving_goals_are_judged_on_the_records(published):
     """The goal rows say met or not, and why not, from the records: here the CPU sweep stands
-    for the goal configuration (tiny, paged, eager, p90 <= 30 ms, its own max QPS as the bar)."""
+    for the goal configuration (tiny, paged, eager, p90 <= 250 ms, its own max QPS as the bar)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import readme_tables
     from goals import SERVE_GOAL
@@ -213,7 +210,7 @@ def test_the_serving_goals_are_judged_on_the_records(published):
     best = search["max_qps"]
     goal = {
         **SERVE_GOAL,
-        **dict(model="tiny", graph="none", percentile=90.0, slo_ms=30.0, min_duration_s=2.5, qps=best),
+        **dict(model="tiny", graph="none", percentile=90.0, slo_ms=250.0, min_duration_s=2.5, qps=best),
     }
     sweeps = ["goal_fifo", "goal_fifo_final"]
     header, _, qps_row, busy_row, sim_row = readme_tables.serve_goals_table(
@@ -242,7 +239,7 @@ def test_the_serving_goals_are_judged_on_the_records(published):
     # the goal as stated for the GPU: every reason it is not met is named
     strict = {**goal, "qps": 2 * best, "percentile": 99.0, "min_duration_s": 60.0}
     row = readme_tables.serve_goals_table(published, sweeps, [], strict)[2]
-    assert "SLO p90 <= 30 ms, not the goal's" in row and f"under {2 * best:,.0f} qps" in row
+    assert "SLO p90 <= 250 ms, not the goal's" in row and f"under {2 * best:,.0f} qps" in row
     assert "final runs 2.5 s, under 60 s" in row and row.endswith("|") and "| yes |" not in row
     # no search of the goal's configuration: not judged
     assert readme_tables.serve_goals_table(published, sweeps, [])[2].endswith("| not judged |")
