@@ -43,11 +43,11 @@ for part in "$@"; do
       run "$part" 480 experiment=serve_slo cache=paged graph=cudagraph \
         workload.policy="$(policy $part)" workload.search=none workload.qps="$qps" \
         workload.loadgen_seed=1,2,3 ;;
-    paged_eager) run serve_configs 420 experiment=serve_slo cache=paged graph=none \
+    paged_eager) run paged_eager 420 experiment=serve_slo cache=paged graph=none \
                    workload.policy=fifo workload.final_seeds=1 workload.qps=500 ;;
-    none_graph) run serve_configs 420 experiment=serve_slo cache=none graph=cudagraph \
+    none_graph) run none_graph 420 experiment=serve_slo cache=none graph=cudagraph \
                   workload.policy=fifo workload.final_seeds=1 workload.qps=250 ;;
-    offload_graph) run serve_configs 420 experiment=serve_slo cache=paged_offload \
+    offload_graph) run offload_graph 420 experiment=serve_slo cache=paged_offload \
                      graph=cudagraph workload.policy=fifo workload.final_seeds=1 \
                      workload.qps=500 cache.num_pages=16384 cache.host_pages=32768 ;;
     replicas=*)  # issue 25: N replicas (cuda:0..N-1) vs replicas=1; the population and the

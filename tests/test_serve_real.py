@@ -276,7 +276,6 @@ def test_search_reports_a_bracket_and_reruns_the_final_rate(tmp_path):
         "workload.search=max_qps",
         "workload.qps=20",
         "workload.search_steps=1",
-        "workload.slo_ms=30",
         "workload.final_seeds=2",
         "workload.search_duration_s=2.5",
         "workload.min_duration_s=2.5",
@@ -291,10 +290,11 @@ def test_search_reports_a_bracket_and_reruns_the_final_rate(tmp_path):
     tried = list(zip(r["search_qps"], r["search_passed"]))
     assert len(r["search_verdicts"]) == len(tried)
     assert all(ok == (v == "VALID") for (_, ok), v in zip(tried, r["search_verdicts"]))
-    if r["max_qps"] is not None:
-        assert r["max_qps"] == max(q for q, ok in tried if ok)
-    if r["min_failing_qps"] is not None:
-        assert r["min_failing_qps"] == min(q for q, ok in tried if not ok)
+    # serve_smoke's p90 <= 250 ms: 20 qps passes even on a loaded CPU and the doubling reaches a
+    # rate no CPU serves, so both ends of the bracket exist
+    assert r["max_qps"] == max(q for q, ok in tried if ok)
+    assert r["min_failing_qps"] == min(q for q, ok in tried if not ok)
+    assert r["max_qps"] < r["min_failing_qps"]
     assert r["final_seeds"] == [1, 2] and len(r["final_passed"]) == 2
     logs = sorted(p.name for p in (tmp_path / "loadgen").iterdir())
     assert len(logs) == len(tried) + 2 and sum(n.startswith("final-") for n in logs) == 2
