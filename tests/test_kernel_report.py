@@ -44,6 +44,25 @@ def test_attention_compiles_for_hopper_pipelined_with_wgmma():
         assert int(wgmma) > 0, f"{mode}: no wgmma"
 
 
+def test_attention_on_e4m3_pages_compiles_for_hopper():
+    """cache.dtype=fp8: the paged kernel reading e4m3 K/V and float32 scales (the Hopper kernel
+    never does) still pipelines its loads (scales included) into wgmma, within shared memory."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "kernel_report.py"), "--modes",
+         "paged-fp8,paged-split-fp8", "--configs", "table"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| paged")]
+    assert [r[0].strip() for r in rows] == ["paged-fp8", "paged-split-fp8"], proc.stdout
+    for mode, tiles, _warps, _stages, regs, _spills, smem, copies, wgmma, _waits in rows:
+        assert tiles.strip() == "128x64" and 0 < int(regs) <= 255
+        assert int(smem) <= 227, f"{mode}: {smem} KB of shared memory"
+        assert int(copies) > 0 and int(wgmma) > 0, f"{mode}: {copies} async copies, {wgmma} wgmma"
+
+
 def test_hopper_kernel_compiles_warp_specialised(tmp_path):
     proc = subprocess.run(
         [
