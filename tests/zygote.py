@@ -1,11 +1,12 @@
 """A pre-warmed launcher of `python -m hstu_exp` for the tests (the client is helpers.hstu_exp).
 
-The CLI spends seconds importing torch, torchrec, Hydra and wandb before it reads its first
-argument, and the tests start it over a hundred times. This process imports those libraries
-once, then forks a child per request; the child becomes what `python -m hstu_exp ARGS` would
-be: its own process with the argv, cwd, environment and stdin/stdout/stderr the test gave,
-hstu_exp itself imported fresh (its module state is never shared), and the interpreter's own
-exit path (SystemExit, an uncaught traceback, threads joined, atexit) deciding its exit code.
+The CLI spends seconds importing torch, torchrec, Hydra, wandb and the plotting libraries
+before it reads its first argument, and the tests start it hundreds of times. This process
+imports those libraries once, then forks a child per request; the child becomes what
+`python -m hstu_exp ARGS` would be: its own process with the argv, cwd, environment and
+stdin/stdout/stderr the test gave, hstu_exp itself imported fresh (its module state is never
+shared), and the interpreter's own exit path (SystemExit, an uncaught traceback, threads
+joined, atexit) deciding its exit code.
 
 Forking is safe only while this process has one thread and has run no torch op (no OpenMP
 pool): checked after the imports, which fails the start rather than a test later.
@@ -23,7 +24,10 @@ import socket
 import sys
 
 # The third-party libraries the CLI imports; hstu_exp's own modules are left to each child.
-PRELOAD = ("torch", "triton", "hydra", "omegaconf", "torchrec", "wandb", "numpy")
+PRELOAD = (
+    *("torch", "triton", "hydra", "omegaconf", "torchrec", "wandb", "numpy"),
+    *("pandas", "matplotlib.pyplot", "seaborn", "mlperf_loadgen"),  # close-out, figures, serving
+)
 
 
 def _threads() -> int:
