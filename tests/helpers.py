@@ -78,8 +78,13 @@ class Launcher:
         return json.loads(data)
 
     def fits(self, env: dict) -> bool:
+        import torch
+
+        runtime = _RUNTIME_ENV
+        if not torch.backends.cuda.is_built():  # no CUDA to initialise: the GPU list is only read
+            runtime += ("CUDA_VISIBLE_DEVICES",)
         differ = {k for k in self.env.keys() | env.keys() if self.env.get(k) != env.get(k)}
-        return all(k.startswith(_RUNTIME_ENV) for k in differ)
+        return all(k.startswith(runtime) for k in differ)
 
     def run(self, cmd, cwd: str, env: dict, timeout: float):
         import json
