@@ -24,8 +24,9 @@ def hstu_exp(*args, cwd=None, timeout=300, env=None, address_space=None, fresh=F
     full_env = {**_base_env(), **(env or {})}
     cmd = [sys.executable, "-m", "hstu_exp", *args]
     cwd = str(cwd or ROOT)
-    if not (fresh or address_space) and _launcher().fits(full_env):
-        return _launcher().run(cmd, cwd=cwd, env=full_env, timeout=timeout)
+    launcher = None if (fresh or address_space) else _launcher()
+    if launcher is not None and launcher.fits(full_env):
+        return launcher.run(cmd, cwd=cwd, env=full_env, timeout=timeout)
 
     def cap():
         import resource
@@ -65,8 +66,10 @@ class Launcher:
         )
         theirs.close()
         self.sock = ours
-        if self._answer(timeout=300) != {"ready": True}:
-            raise RuntimeError("the test launcher (tests/zygote.py) did not start")
+        answer = self._answer(timeout=300)
+        self.unsafe = None if answer.get("ready") else answer.get("why")
+        if answer.get("ready") is not True and not self.unsafe:
+            raise RuntimeError(f"the test launcher (tests/zygote.py) did not start: {answer}")
 
     def _answer(self, timeout):
         import json
@@ -116,9 +119,14 @@ def _base_env() -> dict:
 
 
 @functools.cache
-def _launcher() -> Launcher:
-    """This test process's launcher, started on first use with the environment it has then."""
-    return Launcher(_base_env())
+def _launcher():
+    """This test process's launcher, started on first use with the environment it has then; None
+    where it cannot fork safely (it says why once, and every call starts plainly)."""
+    launcher = Launcher(_base_env())
+    if launcher.unsafe:
+        print(f"tests: plain CLI starts: {launcher.unsafe}", file=sys.stderr)
+        return None
+    return launcher
 
 
 def failing_pool():

@@ -43,8 +43,10 @@ def serve(sock: socket.socket) -> dict:
     forked child, with its request."""
     for name in PRELOAD:
         importlib.import_module(name)
-    if _threads() != 1:
-        sys.exit(f"zygote: {_threads()} threads after importing {PRELOAD}; forking would be unsafe")
+    if _threads() != 1:  # a CUDA build's imports start threads (seen on the GPU box): say so
+        why = f"{_threads()} threads after importing {PRELOAD}; forking would be unsafe"
+        _send(sock, {"ready": False, "why": why})
+        sys.exit(0)
     _send(sock, {"ready": True})
     while True:
         data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 3)
