@@ -36,7 +36,7 @@ GOAL_SWEEPS = [
     "seed_attention_h200_hopper",
     "seed_e2e_h200_hopper",
 ]
-E2E_SWEEPS = ["seed_e2e_h200", "seed_e2e_h200_second"]
+E2E_SWEEPS = ["seed_e2e_h200", "seed_e2e_h200_second", "seed_e2e_h100_repeats"]
 SERVE_SWEEP = "serve_slo_h200"
 # The real-clock serving sweeps (scripts/gpu_serve.sh): max-QPS searches and the fixed-rate runs
 # beside them (a `_final` part: the found rate with LoadGen seeds 1-3). Empty until published.
@@ -111,7 +111,7 @@ def _speedup_cell(r) -> str:
     cell = f"{r['speedup']:.2f}x [{r['ci_low']:.2f}-{r['ci_high']:.2f}]"
     if not pd.isna(r.get("repeats")) and int(r["repeats"]) > 1:
         cell += f", {int(r['repeats'])} repeats {r['spread_low']:.2f}-{r['spread_high']:.2f}x"
-        if r.get("repeats_agree") is False:
+        if str(r.get("repeats_agree")).lower() == "false":  # numpy bool in a frame
             cell += " DISAGREE"
     invalid = [
         s

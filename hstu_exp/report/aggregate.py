@@ -415,7 +415,7 @@ def _repeat_note(r) -> str:
     if is_missing(n) or int(n) < 2:
         return "; 1 run, no repeats"
     note = f"; {int(n)} repeats {r['spread_low']:.2f}-{r['spread_high']:.2f}x"
-    return note + (", REPEATS DISAGREE" if r.get("repeats_agree") is False else "")
+    return note + (", REPEATS DISAGREE" if str(r.get("repeats_agree")).lower() == "false" else "")
 
 
 def _validity_mark(r) -> str:

@@ -288,7 +288,7 @@ def _fmt_spread(r) -> str:
     if n is None or n != n or int(n) < 2:
         return "-"
     return f"{r['spread_low']:.3f}-{r['spread_high']:.3f} ({int(n)})" + (
-        " DISAGREE" if r.get("repeats_agree") is False else ""
+        " DISAGREE" if str(r.get("repeats_agree")).lower() == "false" else ""
     )
 
 
