@@ -269,6 +269,8 @@ def new_graphs(module, cache, model, graph, *, device, dtype, progress):
         scratch_page=0 if cache is None else cache.scratch_page,
         fit_rows=graph.fit_rows,
         max_graphs=graph.max_graphs,
+        max_candidates=model.max_candidates,
+        num_context=model.num_context,
         progress=progress,
     )
     if isinstance(module, HSTUBlock):

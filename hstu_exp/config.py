@@ -17,6 +17,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from hstu_exp.core.buckets import all_buckets
 from hstu_exp.core.paging import pages_for
 from hstu_exp.ops.policy import GEMM_DTYPES, TUNE_TIMINGS
 
@@ -594,6 +595,29 @@ def serve_candidates(w, arrivals: Optional[list] = None) -> tuple:
     return w.num_candidates, (w.candidates_max if w.candidates_max is not None else w.num_candidates)
 
 
+def _graphs_fit(cfg) -> Optional[str]:
+    """The real server captures every graph bucket a batch can fall in before its timed run
+    (serving/server.py): they must all stay captured, or a run would evict and recapture."""
+    m, g, c = cfg.model, cfg.graph, cfg.cache
+    count = len(
+        all_buckets(
+            batch_buckets=g.batch_buckets,
+            token_buckets=g.token_buckets,
+            page_size=0 if c.mode == "none" else c.page_size,
+            max_history=m.num_context + m.max_history,
+            fit=g.fit_rows,
+            max_candidates=m.max_candidates,
+            num_context=m.num_context,
+        )
+    )
+    if count > g.max_graphs:
+        return (
+            f"graph.max_graphs={g.max_graphs}: fewer than the {count} graph buckets a run can "
+            "meet (the start-up warm-up captures them all); raise it or use fewer graph buckets"
+        )
+    return None
+
+
 def _serve_problem(cfg) -> Optional[str]:
     m, w, c, g = cfg.model, cfg.workload, cfg.cache, cfg.graph
     if w.num_candidates == 0 and w.trace is None:
@@ -619,6 +643,10 @@ def _serve_problem(cfg) -> Optional[str]:
             f"graph.token_buckets={list(g.token_buckets)}: none holds a request's "
             f"{rows} rows (context + model.max_history + candidates)"
         )
+    if g.mode == "cudagraph" and w.clock == "real":
+        problem = _graphs_fit(cfg)
+        if problem:
+            return problem
     expected = serve_window_requests(w, arrivals) if w.clock == "simulated" else math.inf
     if expected < w.min_requests:
         return (

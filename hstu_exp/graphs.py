@@ -18,60 +18,24 @@ the embedding and head launches cost the host about as much as the whole block.
 
 from __future__ import annotations
 
-from bisect import bisect_left
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 
 from hstu_exp import first_use
-from hstu_exp.core.jagged import Batch, Layout, PageTable, pack, unpack
-
-
-@dataclass(frozen=True)
-class Bucket:
-    batch: int
-    tokens: int  # rows per user (new history + candidates)
-    kv: int = 0  # history keys per user in paged mode (0: full mode)
-    fit: int = 0  # rows of the whole batch, where fewer than batch x tokens (0: batch x tokens)
-
-    @property
-    def name(self) -> str:
-        return (
-            f"b{self.batch}xt{self.tokens}"
-            + (f"xkv{self.kv}" if self.kv else "")
-            + (f"xr{self.fit}" if self.fit else "")
-        )
-
-    @property
-    def rows(self) -> int:
-        return self.fit or self.batch * self.tokens
-
-
-def _smallest(options: Sequence[int], need: int, key: str) -> int:
-    options = sorted(options)
-    i = bisect_left(options, need)
-    if i == len(options):
-        raise ValueError(f"{key}: no bucket holds {need} (largest is {options[-1]})")
-    return options[i]
-
-
-def fit_rows(need: int, smallest: int, full: int) -> int:
-    """Rows of a bucket holding `need` live rows: the smallest power-of-two multiple of
-    `smallest` that holds them, or 0 (batch x tokens) where that is no fewer than `full`."""
-    size = smallest
-    while size < need:
-        size *= 2
-    return size if size < full else 0
-
-
-def _kv_bucket(need: int, page_size: int, limit: int) -> int:
-    size = page_size
-    while size < need:
-        size *= 2
-    return min(size, max(limit, need))
+from hstu_exp.core.buckets import (
+    Bucket,
+    all_buckets,
+    fit_rows,
+    kv_bucket,
+    smallest,
+    user_rows_at_least,
+)
+from hstu_exp.core.jagged import Batch, Layout, PageTable, make_batch, pack, unpack
 
 
 @dataclass
@@ -199,6 +163,52 @@ def static_tokens(views: dict, keys, bucket: Bucket):
     )
 
 
+def _synthetic_rows(core: "BucketGraphs", bucket: Bucket) -> list:
+    """Rows per user of `BucketGraphs.synthetic`: the batch holds the most rows the bucket
+    allows (bucket.rows, or what its users' candidates and KV allow), its first user more than
+    the token bucket below holds, and more users than the batch bucket below holds."""
+    t_prev = max([t for t in core.token_buckets if t < bucket.tokens], default=0)
+    b_prev = max([b for b in core.batch_buckets if b < bucket.batch], default=0)
+    per_user = bucket.tokens
+    if core.max_candidates:
+        per_user = min(per_user, (bucket.kv or core.max_history) + core.max_candidates)
+    least = user_rows_at_least(core.page_size if bucket.kv else 0, core.num_context)
+    total = min(bucket.rows, bucket.batch * per_user)
+    first = min(per_user, total - b_prev * least)
+    if first <= t_prev:
+        raise ValueError(f"graph bucket {bucket.name}: no batch of valid requests falls in it")
+    rest = total - first
+    others = min(bucket.batch - 1, rest // least)
+    return [first] + [rest // others + (i < rest % others) for i in range(others)]
+
+
+def _synthetic_table(core: "BucketGraphs", bucket: Bucket, rows, starts, candidates) -> PageTable:
+    """The page table of `BucketGraphs.synthetic`'s batch, laid out as `PagedKVCache.plan` lays
+    out a real one (every user bucket.kv keys after the batch)."""
+    size, kv = core.page_size, bucket.kv
+    n = np.asarray(rows, np.int64) - np.asarray(candidates, np.int64)  # new history per user
+    start = np.asarray(starts, np.int64)
+    pages = -(-kv // size)
+    indptr = np.arange(len(rows) + 1, dtype=np.int32) * pages
+    # Distinct pages, as a real batch reads (one page read over and over would sit in L2 and
+    # flatter the tuner's timings); scratch_page is the pool's page count.
+    ids = (np.arange(len(rows) * pages) % max(core.scratch, 1)).astype(np.int32)
+    row0 = np.zeros(len(rows), np.int64)
+    np.cumsum(np.asarray(rows, np.int64)[:-1], out=row0[1:])
+    user = np.repeat(np.arange(len(rows)), n)
+    j = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    host = {
+        "page_indptr": indptr,
+        "page_ids": ids,
+        "cached_lengths": start.astype(np.int32),
+        "last_page_len": np.full(len(rows), kv - (pages - 1) * size, np.int32),
+        "new_rows": row0[user] + j,
+        "new_page": np.full(int(n.sum()), core.scratch, np.int64),
+        "new_slot": (start[user] + j) % size,
+    }
+    return PageTable(host=host, max_kv_len=kv)
+
+
 class _Captured:
     def __init__(self, meta, inputs, out, graph):
         # meta: the packed metadata on the device; inputs: static tensors a step copies into
@@ -216,7 +226,10 @@ class BucketGraphs:
     `max_history` is the longest KV a user holds: context prefix and history together (a user's
     page table is padded to that many tokens' pages). At most `max_graphs` graphs are kept:
     each holds its activations in the pool, and serving meets ever more buckets; past that the
-    least recently replayed is dropped (`evicted` counts them) and recaptured if met again."""
+    least recently replayed is dropped (`evicted` counts them) and recaptured if met again.
+    `buckets()` lists every bucket a batch can fall in (`max_candidates`, a request's most, and
+    `num_context` rule some out); a server captures them all at start-up (`GraphedRanker.
+    capture_all`)."""
 
     def __init__(
         self,
@@ -230,9 +243,12 @@ class BucketGraphs:
         scratch_page: int = 0,
         fit_rows: bool = False,
         max_graphs: int = 64,
+        max_candidates: int = 0,
+        num_context: int = 0,
         progress=None,
     ):
         self.device, self.pool = torch.device(device), pool
+        self.max_candidates, self.num_context = max_candidates, num_context
         self.batch_buckets, self.token_buckets = list(batch_buckets), list(token_buckets)
         self.fit_rows = fit_rows
         self.page_size, self.max_history, self.scratch = page_size, max_history, scratch_page
@@ -246,15 +262,56 @@ class BucketGraphs:
         self.progress = progress or (lambda msg: None)
 
     def bucket_for(self, batch: Batch) -> Bucket:
-        b = _smallest(self.batch_buckets, batch.batch_size, "graph.batch_buckets")
-        t = _smallest(self.token_buckets, batch.max_len, "graph.token_buckets")
+        b = smallest(self.batch_buckets, batch.batch_size, "graph.batch_buckets")
+        t = smallest(self.token_buckets, batch.max_len, "graph.token_buckets")
         kv = 0
         if batch.pages is not None:
-            kv = _kv_bucket(batch.pages.max_kv_len, self.page_size, self.max_history)
+            kv = kv_bucket(batch.pages.max_kv_len, self.page_size, self.max_history)
         fit = 0
         if self.fit_rows and batch.host is not None:
             fit = fit_rows(int(batch.host["offsets"][-1]), min(self.token_buckets), b * t)
         return Bucket(b, t, kv, fit)
+
+    def buckets(self) -> list:
+        """Every bucket `bucket_for` can return (`core.buckets.all_buckets`), smallest first."""
+        return all_buckets(
+            batch_buckets=self.batch_buckets,
+            token_buckets=self.token_buckets,
+            page_size=self.page_size if self.pool is not None else 0,
+            max_history=self.max_history,
+            fit=self.fit_rows,
+            max_candidates=self.max_candidates,
+            num_context=self.num_context,
+        )
+
+    def synthetic(self, bucket: Bucket):
+        """A batch of the bucket as full as one can be, for a capture before any request came:
+        (requests, cached prefix per request, PageTable with host arrays or None). Every user
+        has the most rows the bucket allows (the most candidates, the rest new history), every
+        user's KV is bucket.kv keys long, so the tuner of a capture's first call times the
+        work a real batch of the bucket brings. Its keys are read from pool pages in turn
+        (other users' memory, only read); its appends go to the scratch page. Token ids are 0."""
+        from hstu_exp.data.synthetic import ACTION, CONTEXT, ITEM, Request
+
+        rows = _synthetic_rows(self, bucket)
+        users, starts = [], []
+        ctx, most = self.num_context, self.max_candidates or bucket.tokens
+        for user, r in enumerate(rows):
+            new = max(r - most, ctx if not bucket.kv else 0)
+            seq = bucket.kv if bucket.kv else new
+            kinds = torch.full((seq,), ITEM, dtype=torch.int64)
+            kinds[:ctx] = CONTEXT
+            kinds[ctx + 1 :: 2] = ACTION  # items and actions in turn, as interleave() lays them out
+            zeros = torch.zeros(seq, dtype=torch.int64)
+            cands = torch.zeros(r - new, dtype=torch.int64)
+            users.append(
+                Request(user=-1 - user, kinds=kinds, ids=zeros, candidates=cands, num_context=ctx)
+            )
+            starts.append(seq - new)
+        table = None
+        if bucket.kv:
+            table = _synthetic_table(self, bucket, rows, starts, [r.candidates.numel() for r in users])
+        return users, starts, table
 
     def pad(self, batch: Batch, bucket: Bucket) -> Dict[str, np.ndarray]:
         return pad_metadata(batch, bucket, pages_per_user=self.pages_per_user, scratch_page=self.scratch)
@@ -343,6 +400,45 @@ class GraphedRanker:
 
         tokens = static_tokens(views, self.model.embeddings.keys, bucket)
         return (lambda: forward_rows(self.model, tokens, batch, self.core.pool)), None
+
+    def synthetic_step(self, bucket: Bucket):
+        """(tokens, batch) of `core.synthetic(bucket)` on the host, made as a real step's are
+        (`make_tokens`, `make_batch`), so its staged arrays are laid out as a real batch's."""
+        requests, starts, table = self.core.synthetic(bucket)
+        tokens = self.model.embeddings.tokens(requests, starts, self.core.device, upload=False)
+        batch = make_batch(tokens.rows, tokens.num_candidates, self.core.device, table, upload=False)
+        if self.core.bucket_for(batch) != bucket:
+            raise AssertionError(
+                f"synthetic batch of {bucket.name} falls in {self.core.bucket_for(batch)}"
+            )
+        return tokens, batch
+
+    def capture_all(self, progress=None) -> int:
+        """Captures every bucket of `core.buckets()` not captured yet, each from a synthetic
+        full batch (its autotune times real-sized work); returns how many it captured. The
+        run's statistics (buckets used, rows staged) are left as they were."""
+        core, say = self.core, progress or (lambda msg: None)
+        todo = [b for b in core.buckets() if b not in core.graphs]
+        if len(core.graphs) + len(todo) > core.max_graphs:
+            raise ValueError(
+                f"graph.max_graphs={core.max_graphs}: fewer than the "
+                f"{len(core.graphs) + len(todo)} buckets a run can meet"
+            )
+        kept = (set(core.used), core.live_rows, core.run_rows, core.progress)
+        core.progress = lambda msg: None  # one line per bucket would flood the console
+        t0 = time.perf_counter()
+        try:
+            for i, bucket in enumerate(todo):
+                tokens, batch = self.synthetic_step(bucket)
+                core.get_or_capture(self.stage_step(tokens, batch), self._build, "the ranking step")
+                if (i + 1) % 16 == 0 or i + 1 == len(todo):
+                    say(
+                        f"warm-up: captured {i + 1}/{len(todo)} graph buckets "
+                        f"({time.perf_counter() - t0:.1f} s)"
+                    )
+        finally:
+            core.used, core.live_rows, core.run_rows, core.progress = kept
+        return len(todo)
 
     def run(self, staged: Staged):
         """(logits, candidate hidden states) of the staged batch, views of the graph's output."""

@@ -368,6 +368,9 @@ def _run_real(cfg, paths, devices, dtype, progress, job_dir) -> Measured:
         warmup_s=trials.warm[0]["warm_s"],
         warm_requests=trials.warm[0]["warm_requests"],
         warm_first_use=trials.warm[0]["warm_first_use"],
+        warm_graphs=trials.warm[0]["warm_graphs"],  # buckets captured before the rounds
+        warm_graphs_s=trials.warm[0]["warm_graphs_s"],
+        warm_rounds_s=trials.warm[0]["warm_rounds_s"],
         min_duration_s=w.min_duration_s,
         min_query_count=w.min_query_count,
         offered_qps=best_qps,

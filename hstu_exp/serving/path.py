@@ -147,6 +147,11 @@ class RequestPath:
             span=span,
         )
 
+    def capture_graphs(self, progress=None) -> int:
+        """Every graph bucket a batch can meet captured (`GraphedRanker.capture_all`); returns
+        how many were captured now (0 without graphs)."""
+        return 0 if self.graphs is None else self.graphs.capture_all(progress)
+
     def _plan_pages(self, requests):
         """Lookup and page planning: (cached prefix per request, whether it sat in the host
         tier, PageTable or None, the onload hook or None). Making room offloads or evicts

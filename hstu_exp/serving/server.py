@@ -1,11 +1,13 @@
 """The real server (workload.clock=real): a request path behind a batcher thread and a pipelined
 worker, driven by LoadGen on the wall clock.
 
-Start-up warms what a run can meet before LoadGen starts (`warm`): the population's requests
-served in batches of every size 1..max_batch until whole rounds pass with no first-use work
-(graph captures, autotuning, Triton compiles), and at least `cache_requests` of them so the
-cache holds a steady state; its wall time is recorded. First-use work inside the timed run is
-not subtracted from anything: it fails the point (`FirstUseDuringRun`), naming the batches.
+Start-up warms what a run can meet before LoadGen starts (`warm`): with graphs, every graph
+bucket a batch can fall in is captured from a synthetic full batch (an enumeration, not luck);
+then the population's requests are served in batches of every size 1..max_batch until whole
+rounds pass with no first-use work (graph captures, autotuning, Triton compiles), and at least
+`cache_requests` of them so the cache holds a steady state; both wall times are recorded.
+First-use work inside the timed run is not subtracted from anything: it fails the point
+(`FirstUseDuringRun`), naming the batches.
 
 A query's identity comes from the population in issue order, so a user's requests reach the
 batcher in the order LoadGen issued them; the batcher keeps one request per user in flight, so
@@ -104,7 +106,15 @@ class RealServer:
     ) -> dict:
         """Serves the population's next requests, untimed, in batches of 1..max_batch (a
         round), until `quiet_rounds` rounds in a row met no first-use work and at least
-        `cache_requests` were served, or `max_s` passed. Returns what it did."""
+        `cache_requests` were served, or `max_s` passed. First, with graphs, every graph bucket
+        a batch can fall in is captured (`RequestPath.capture_graphs`): random rounds may miss a
+        rare bucket, the enumeration does not. Returns what it did."""
+        t0, captured = time.perf_counter(), 0
+        for path, device in zip(self.paths, self.devices):
+            with on_device(device):
+                captured += path.capture_graphs(progress)
+        self._sync()
+        graphs_s = time.perf_counter() - t0
         t0, served, rounds, quiet, events = time.perf_counter(), 0, 0, 0, 0
         while True:
             before = first_use.events()
@@ -139,12 +149,16 @@ class RealServer:
             if (quiet >= quiet_rounds and served >= cache_requests) or elapsed > max_s:
                 break
         progress(
-            f"warm-up: {served} requests in {rounds} rounds of batches 1..{self.max_batch}"
+            f"warm-up: {captured} graph buckets captured in {graphs_s:.1f} s, then "
+            f"{served} requests in {rounds} rounds of batches 1..{self.max_batch}"
             f"{f' on each of {len(self.paths)} replicas' if len(self.paths) > 1 else ''}, "
             f"{events} first-use events, {elapsed:.1f} s"
         )
         return {
-            "warm_s": elapsed,
+            "warm_s": graphs_s + elapsed,
+            "warm_graphs": captured,
+            "warm_graphs_s": graphs_s,
+            "warm_rounds_s": elapsed,
             "warm_requests": served,
             "warm_first_use": events,
             "warm_quiet": quiet >= quiet_rounds,
