@@ -256,6 +256,8 @@ def test_serve_smoke_through_loadgen_on_the_real_clock(tmp_path):
         check_causal(rows)
         assert r["max_rel_error"] < 1e-4  # sampled scores vs a float32 full recompute
         assert 0 < r["busy_fraction"] < 1 and r["warmup_s"] > 0
+        # no graphs: nothing captured at start-up, the whole warm-up is the rounds
+        assert r["warm_graphs"] == 0 and r["warmup_s"] == r["warm_graphs_s"] + r["warm_rounds_s"]
         assert 0 < r["top_user_request_share"] < 0.5
         tiers = {t: sum(x["tier"] == t for x in rows) for t in ("gpu", "host", "miss")}
         assert (r["gpu_requests"], r["host_requests"], r["miss_requests"]) == (
