@@ -2,7 +2,9 @@
 
 One graph per bucket (batch, tokens per user, in paged mode kv tokens per user, and the batch's
 rows), captured on first use into one shared memory pool and kept for every later batch that
-fits. A batch is padded to its bucket: extra users have length 0, rows past the last user are dead
+fits; a server captures every bucket a batch can fall in before its timed run
+(`GraphedRanker.capture_all`, from synthetic full batches: `core/buckets.py` lists them). A
+batch is padded to its bucket: extra users have length 0, rows past the last user are dead
 (computed on, never read), padded K/V appends go to the cache's scratch page. The rows are batch x
 tokens, or with `fit_rows` the smallest power of two holding the batch's: in a served batch one
 long history beside seven short ones makes every user's rows as long as the longest, and the dead
