@@ -35,7 +35,7 @@ from hstu_exp.serving.loadgen_sut import LoadGenTest
 from hstu_exp.serving.path import rank
 from hstu_exp.serving.population import UserSequences, population_for
 from hstu_exp.serving.search import max_rate
-from hstu_exp.serving.server import RealServer
+from hstu_exp.serving.server import FirstUseDuringRun, RealServer
 from hstu_exp.serving.simulated import (
     REQUESTS_FILE,
     ServePoint,
@@ -319,6 +319,18 @@ class _Trials:
         return served
 
 
+def _warm_fields(warm: dict) -> dict:
+    """The record's account of the first start-up warm-up (RealServer.warm)."""
+    return dict(
+        warmup_s=warm["warm_s"],
+        warm_requests=warm["warm_requests"],
+        warm_first_use=warm["warm_first_use"],
+        warm_graphs=warm["warm_graphs"],  # buckets captured before the rounds
+        warm_graphs_s=warm["warm_graphs_s"],
+        warm_rounds_s=warm["warm_rounds_s"],
+    )
+
+
 def _ms(lg: dict, p: float) -> str:
     v = lg.get({50: "p50_ms", 90: "p90_ms", 99: "p99_ms", 99.9: "p999_ms"}.get(p, "p99_ms"))
     return "?" if v is None else f"{v:.1f}"
@@ -344,15 +356,19 @@ def _run_real(cfg, paths, devices, dtype, progress, job_dir) -> Measured:
     expected = max(w.qps * w.min_duration_s, w.min_query_count)
     every = max(1, int(expected // max(w.verify_requests, 1))) if cfg.verify else 0
     extra: dict = {}
-    with ClockSampler(device) as clocks:
-        if w.search == "max_qps":
-            best = _search_real(trials, w, cfg.seed, progress, extra, every)
-        else:
-            seed = cfg.seed if w.loadgen_seed is None else w.loadgen_seed
-            extra["loadgen_seed"] = seed
-            best = trials.run(
-                w.qps, seed=seed, min_duration_s=w.min_duration_s, label="run", sample_every=every
-            )
+    try:
+        with ClockSampler(device) as clocks:
+            if w.search == "max_qps":
+                best = _search_real(trials, w, cfg.seed, progress, extra, every)
+            else:
+                seed = cfg.seed if w.loadgen_seed is None else w.loadgen_seed
+                extra["loadgen_seed"] = seed
+                best = trials.run(
+                    w.qps, seed=seed, min_duration_s=w.min_duration_s, label="run", sample_every=every
+                )
+    except FirstUseDuringRun as exc:  # the failed record still says what the warm-up did
+        exc.record_fields = _warm_fields(trials.warm[0]) if trials.warm else {}
+        raise
     rows = [best.log.rows[i] for i in sorted(best.log.rows)]
     lg = best.loadgen
     best_qps = extra.get("final_qps", w.qps)  # the rate asked of LoadGen (offered)
@@ -365,12 +381,7 @@ def _run_real(cfg, paths, devices, dtype, progress, job_dir) -> Measured:
     extra.update(
         valid=not problems,
         invalid_reason="; ".join(problems) or None,
-        warmup_s=trials.warm[0]["warm_s"],
-        warm_requests=trials.warm[0]["warm_requests"],
-        warm_first_use=trials.warm[0]["warm_first_use"],
-        warm_graphs=trials.warm[0]["warm_graphs"],  # buckets captured before the rounds
-        warm_graphs_s=trials.warm[0]["warm_graphs_s"],
-        warm_rounds_s=trials.warm[0]["warm_rounds_s"],
+        **_warm_fields(trials.warm[0]),
         min_duration_s=w.min_duration_s,
         min_query_count=w.min_query_count,
         offered_qps=best_qps,

@@ -279,7 +279,8 @@ class RealServer:
                 "timed run, in "
                 + "; ".join(log.first_use[:3])
                 + (" ..." if len(log.first_use) > 3 else "")
-                + ": the start-up warm-up missed a shape (raise workload.warm_rounds)"
+                + ": the start-up warm-up missed a shape (every graph bucket is captured at "
+                "start-up, so an eager-side autotune or compile: raise workload.warm_rounds)"
             )
         return served
 
