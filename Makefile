@@ -8,8 +8,9 @@
 # make format     the one-time whole-tree reformat (ruff format, import sort); not run in CI yet
 .PHONY: run test test-fast test-gpu test-box-triton lint format setup
 PY := .venv/bin/python
-# One OpenMP thread a test process: two workers already fill two cores.
-PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
+# One OpenMP thread a test process: two workers already fill two cores. The tests go to the
+# workers one by one, but those sharing a fixture of their file go together (tests/conftest.py).
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
 setup:
 	@scripts/setup_env.sh
 run: setup

@@ -36,8 +36,23 @@ def _isolated_cache_dir(tmp_path_factory, monkeypatch, _calibrated_once):
     monkeypatch.setenv("HSTU_EXP_CACHE_DIR", str(_cache_dir(tmp_path_factory)))
 
 
+def _shares_a_module_fixture(item) -> bool:
+    """Whether the test uses a module- or session-scoped fixture of its own file (a sweep run
+    once for the file's tests)."""
+    module = item.nodeid.split("::")[0]
+    return any(
+        d.scope in ("module", "session") and d.baseid == module
+        for defs in item._fixtureinfo.name2fixturedefs.values()
+        for d in defs
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        # `make test` spreads the tests one by one over its workers (--dist loadgroup); those
+        # sharing a fixture of their file stay on one worker, which makes that fixture once.
+        if _shares_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
