@@ -31,7 +31,9 @@ def installed(tmp_path_factory):
     root = tmp_path_factory.mktemp("install")
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    # --no-compile: no .pyc written ahead for torch's thousands of modules (half of the install's
+    # time); Python compiles what the tests import as they import it
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile"]
     for step in ([TORCH], [str(ROOT)]):
         proc = subprocess.run(
             pip + step, capture_output=True, text=True, timeout=1200, env=_env(), cwd=root
