@@ -7,12 +7,18 @@ waiting request of each user with nothing in flight, so a user's requests are se
 time, in arrival order (each sees only its own earlier history, never a later one). The policy
 (`sim.pick_batch`: fifo or length_aware) is the simulator's. The worker takes batches (`take`)
 and hands their users back (`release`) once answered.
+
+At saturation thousands of queries wait: the batcher keeps each user's queue and a heap of the
+eligible heads (oldest first), so forming a batch costs the batch, not the queue (the worker's
+host work shares the GIL with this thread, and with the condition's lock).
 """
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -41,7 +47,10 @@ class Batcher:
     ):
         self.max_batch, self.max_wait_s, self.policy, self.clock = max_batch, max_wait_s, policy, clock
         self._cond = threading.Condition()
-        self._waiting: List[Pending] = []
+        self._queues: dict = {}  # user -> deque of (arrival number, Pending), oldest first
+        self._heads: list = []  # heap of (arrival number, Pending): each idle user's oldest
+        self._waiting = 0  # queries waiting
+        self._arrived = 0  # arrival numbers, in put order
         self._busy_users: set = set()  # users with a request handed off or in flight
         self._handoff: Optional[List[Pending]] = None
         self._closed = False
@@ -53,7 +62,15 @@ class Batcher:
 
     def put(self, items: List[Pending]) -> None:
         with self._cond:
-            self._waiting.extend(items)
+            for p in items:
+                queue = self._queues.get(p.user)
+                if queue is None:
+                    queue = self._queues[p.user] = deque()
+                queue.append((self._arrived, p))
+                if len(queue) == 1 and p.user not in self._busy_users:
+                    heapq.heappush(self._heads, queue[0])
+                self._arrived += 1
+            self._waiting += len(items)
             self._cond.notify_all()
 
     def take(self, block: bool = True, timeout: Optional[float] = None) -> Optional[List[Pending]]:
@@ -74,7 +91,11 @@ class Batcher:
     def release(self, batch: List[Pending]) -> None:
         """The batch was answered: its users may send their next request."""
         with self._cond:
-            self._busy_users.difference_update(p.user for p in batch)
+            for p in batch:
+                self._busy_users.discard(p.user)
+                queue = self._queues.get(p.user)
+                if queue:
+                    heapq.heappush(self._heads, queue[0])
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -90,13 +111,29 @@ class Batcher:
         with self._cond:
             return self._handoff is not None
 
-    def _ready(self) -> List[int]:
-        seen, out = set(self._busy_users), []
-        for k, p in enumerate(self._waiting):
-            if p.user not in seen:
-                seen.add(p.user)
-                out.append(k)
-        return out
+    def _pick(self) -> List[Pending]:
+        """The batch from the eligible heads (`sim.pick_batch`'s policy), taken off the queues;
+        its users busy."""
+        if self.policy == "fifo":  # the oldest max_batch: off the heap's top
+            chosen = [heapq.heappop(self._heads) for _ in range(min(self.max_batch, len(self._heads)))]
+        else:
+            ready = sorted(self._heads)
+            picked = pick_batch(
+                list(range(len(ready))), [p.bucket for _, p in ready], self.max_batch, self.policy
+            )
+            chosen = [ready[k] for k in picked]
+            taken = set(picked)
+            self._heads = [h for k, h in enumerate(ready) if k not in taken]  # sorted: a heap
+        batch = []
+        for _, p in chosen:
+            queue = self._queues[p.user]
+            queue.popleft()
+            if not queue:
+                del self._queues[p.user]
+            self._busy_users.add(p.user)
+            batch.append(p)
+        self._waiting -= len(batch)
+        return batch
 
     def _loop(self) -> None:
         with self._cond:
@@ -104,19 +141,13 @@ class Batcher:
                 if self._closed and not self._waiting:
                     self._cond.notify_all()
                     return
-                ready = self._ready() if self._handoff is None else []
-                if not ready:  # the worker has not taken the last batch, or nothing eligible
+                if self._handoff is not None or not self._heads:
+                    # the worker has not taken the last batch, or nothing is eligible
                     self._cond.wait()
                     continue
-                wait = self._waiting[ready[0]].arrival + self.max_wait_s - self.clock()
-                if len(ready) < self.max_batch and wait > 0 and not self._closed:
+                wait = self._heads[0][1].arrival + self.max_wait_s - self.clock()
+                if len(self._heads) < self.max_batch and wait > 0 and not self._closed:
                     self._cond.wait(wait)
                     continue
-                buckets = [p.bucket for p in self._waiting]
-                chosen = pick_batch(ready, buckets, self.max_batch, self.policy)
-                batch = [self._waiting[k] for k in chosen]
-                taken = set(chosen)
-                self._waiting = [p for k, p in enumerate(self._waiting) if k not in taken]
-                self._busy_users.update(p.user for p in batch)
-                self._handoff = batch
+                self._handoff = self._pick()
                 self._cond.notify_all()

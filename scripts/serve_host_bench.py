@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""Host work a batch of the real server (workload.clock=real) on this machine's CPU: the real
+RealServer (batcher thread, worker, LoadGen SUT, population, paged cache) driven by a real MLPerf
+LoadGen Offline run (every query at once: the queue stays deep and every batch full, as at
+saturation). The model is `model=tiny` (its compute is fast on a CPU) with the serve_slo request
+shapes: 256 candidates, 16 items a return, max_batch 8, 1024 users, a paged pool holding every
+user. On a CPU the request path computes inside the worker's call; the compute's span (the path's
+own marks) is subtracted, the rest is host work.
+
+    scripts/serve_host_bench.py [--queries 3000] [--max-history 1024] [--profile]
+
+Prints per batch (means over the run): the worker's host_ms less the compute, the whole process's
+CPU time (every thread: batcher, LoadGen's issue callback, answers, per-query rows) less the
+compute, and the compute. --profile prints the worker thread's top functions (cProfile).
+A micro-benchmark of host code on a CPU, not a GPU measurement: numbers from it are marked CPU.
+"""
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import _venv  # noqa: F401,E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from hstu_exp.builders import model_dtype, shared_server  # noqa: E402
+from hstu_exp.cli import CONF_DIR  # noqa: E402
+from hstu_exp.serving import worker as worker_mod  # noqa: E402
+from hstu_exp.serving.loadgen_sut import LoadGenTest  # noqa: E402
+from hstu_exp.serving.population import UserSequences, population_for  # noqa: E402
+from hstu_exp.serving.server import RealServer  # noqa: E402
+
+
+def config(max_history: int, num_users: int):
+    overrides = [
+        "experiment=serve_slo",
+        "model=tiny",
+        f"model.max_history={max_history}",
+        "model.max_candidates=256",
+        "device=cpu",
+        "cache=paged",
+        f"cache.num_pages={num_users * (max_history // 32 + 2)}",
+        "graph=none",
+        "kernel=reference",
+        "workload.policy=fifo",
+        f"workload.num_users={num_users}",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def timed_sections(server, path) -> dict:
+    """Wall time of the host functions a batch meets, summed over the run (wrapped here, the
+    code itself is untouched): name -> [calls, seconds]."""
+    from hstu_exp.serving import batcher as batcher_mod
+    from hstu_exp.serving import path as path_mod
+
+    out: dict = {}
+
+    def wrap(owner, attr, name):
+        inner = getattr(owner, attr)
+        out[name] = [0, 0.0]
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                out[name][0] += 1
+                out[name][1] += time.perf_counter() - t
+
+        setattr(owner, attr, timed)
+
+    wrap(server.users, "request", "users.request")
+    wrap(path, "_plan_pages", "plan (lookup, pages)")
+    wrap(path.model.embeddings, "tokens", "tokens")
+    wrap(path_mod, "make_batch", "make_batch")
+    wrap(path_mod, "upload_step", "upload_step")
+    wrap(path_mod, "forward_rows", "forward_rows (compute)")
+    wrap(path.manager, "commit", "commit")
+    wrap(worker_mod.Worker, "_finish", "worker._finish")
+    wrap(batcher_mod.Batcher, "take", "batcher.take")
+    wrap(batcher_mod.Batcher, "release", "batcher.release")
+    wrap(batcher_mod.Batcher, "_ready", "batcher._ready (batcher thread)")
+    wrap(batcher_mod, "pick_batch", "pick_batch (batcher thread)")
+    return out
+
+
+def batcher_cost(depth: int, users: int, batches: int = 300) -> float:
+    """CPU ms (every thread) a batch of the batcher alone, with `depth` queries waiting from
+    `users` users (a saturated server's queue): take, release, and 8 new arrivals a batch."""
+    from hstu_exp.serving.batcher import Batcher, Pending
+
+    rng = np.random.default_rng(0)
+    who = rng.integers(users, size=depth + 8 * batches + 8).tolist()
+    now = time.perf_counter()
+    batcher = Batcher(max_batch=8, max_wait_s=0.0, policy="fifo").start()
+    batcher.put([Pending(i, i, who[i], 0, now) for i in range(depth)])
+    k = depth
+    try:
+        batcher.release(batcher.take())  # the batcher's first batch before timing
+        cpu0 = time.process_time()
+        for _ in range(batches):
+            batch = batcher.take()
+            batcher.put([Pending(i, i, who[i], 0, now) for i in range(k, k + 8)])
+            k += 8
+            batcher.release(batch)
+        return 1e3 * (time.process_time() - cpu0) / batches
+    finally:  # close() drains: someone must take what is left
+
+        def drain():
+            while (batch := batcher.take()) is not None:
+                batcher.release(batch)
+
+        drainer = threading.Thread(target=drain)
+        drainer.start()
+        batcher.close()
+        drainer.join()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--queries", type=int, default=3000)
+    parser.add_argument("--max-history", type=int, default=1024)
+    parser.add_argument("--users", type=int, default=1024)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--batcher-only", action="store_true")
+    args = parser.parse_args()
+    print("| batcher alone: queries waiting | CPU ms a batch |")
+    print("|---|---|")
+    for depth in (64, 1000, 4000):
+        print(f"| {depth} | {batcher_cost(depth, args.users):.3f} |")
+    if args.batcher_only:
+        return
+    torch.set_num_threads(1)
+    cfg = config(args.max_history, args.users)
+    m, w = cfg.model, cfg.workload
+    path = shared_server(
+        cfg.model,
+        cfg.cache,
+        cfg.graph,
+        cfg.kernel,
+        cached=True,
+        graphed=False,
+        device="cpu",
+        dtype=model_dtype(m),
+        seed=0,
+        progress=lambda s: None,
+    )
+    server = RealServer(
+        path,
+        UserSequences(m, 0),
+        max_batch=w.max_batch,
+        max_wait_s=w.max_wait_ms / 1e3,
+        policy=w.policy,
+        device="cpu",
+        token_buckets=cfg.graph.token_buckets,
+        num_context=m.num_context,
+    )
+    population = population_for(cfg, 1000.0, 0)
+    # every user's first request (a full recompute) before the timed run: the run then hits
+    server.warm(population, cache_requests=args.users * 2, quiet_rounds=1, max_s=600, progress=print)
+    test = LoadGenTest(
+        scenario="offline",
+        target_qps=args.queries,  # offline: the expected rate sizes the query (1 s of it)
+        slo_ms=w.slo_ms,
+        slo_percentile=w.slo_percentile,
+        min_duration_s=0.0,
+        min_query_count=args.queries,
+        seed=0,
+    )
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler is not None:  # profile the worker thread only
+        loop = worker_mod.Worker._loop
+
+        def profiled(self):
+            profiler.enable()
+            try:
+                loop(self)
+            finally:
+                profiler.disable()
+
+        worker_mod.Worker._loop = profiled
+    sections = timed_sections(server, path)
+    cpu0 = time.process_time()
+    with tempfile.TemporaryDirectory() as tmp:
+        served = server.run(test, population, Path(tmp), sample_every=0, progress=print)
+    cpu = time.process_time() - cpu0
+    batches = served.log.batches
+    compute = [b["device_ms"] for b in batches]
+    host = [b["host_ms"] - b["device_ms"] for b in batches]
+    n = len(batches)
+    print(
+        f"{len(served.log.rows)} queries, {n} batches, mean batch "
+        f"{statistics.mean(b['size'] for b in batches):.2f} (CPU, model=tiny, history <= "
+        f"{args.max_history})"
+    )
+    print("| per batch, ms (CPU) | mean | median |")
+    print("|---|---|---|")
+    for name, values in [
+        ("worker launch host work (host_ms less compute)", host),
+        ("compute (tiny model, CPU)", compute),
+    ]:
+        print(f"| {name} | {statistics.mean(values):.3f} | {statistics.median(values):.3f} |")
+    for name, (calls, total) in sections.items():
+        print(f"| {name}, wall | {1e3 * total / n:.3f} | {calls} calls |")
+    if profiler is not None:
+        stats = pstats.Stats(profiler).sort_stats("cumulative")
+        stats.print_stats("serving|kvcache|embeddings.py|jagged|population|loadgen", 40)
+
+
+if __name__ == "__main__":
+    main()
