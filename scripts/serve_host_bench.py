@@ -188,10 +188,8 @@ def main():
 
         worker_mod.Worker._loop = profiled
     sections = timed_sections(server, path)
-    cpu0 = time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
         served = server.run(test, population, Path(tmp), sample_every=0, progress=print)
-    cpu = time.process_time() - cpu0
     batches = served.log.batches
     compute = [b["device_ms"] for b in batches]
     host = [b["host_ms"] - b["device_ms"] for b in batches]
