@@ -38,7 +38,8 @@ class UserSequences:
         tokens, and `candidates` candidates drawn from (seed, index)."""
         kinds, ids = self.get(user)
         end = self.m.num_context + history
-        rng = np.random.default_rng([self.seed, 11, index])
+        # default_rng([seed, 11, index]) spelt out: the same stream, less Python a request
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, 11, index])))
         cands = torch.from_numpy(rng.integers(self.m.item_vocab, size=candidates))
         return Request(
             user=user, kinds=kinds[:end], ids=ids[:end], candidates=cands, num_context=self.m.num_context

@@ -40,6 +40,7 @@ from hstu_exp.serving.worker import Worker, WorkerLog, on_device
 
 WARM_INDEX = 1 << 40  # warm-up requests draw their candidates apart from the run's
 WARM_DRAWS = 64  # warm-up draws at most this many requests per request of a batch
+ADMIT_CHUNK = 64  # queries issued at once (Offline) reach the batchers this many at a time
 
 
 class FirstUseDuringRun(RuntimeError):
@@ -189,26 +190,34 @@ class RealServer:
         lock = threading.Lock()
         sut: Optional[loadgen_sut.SUT] = None
 
+        built: dict = {}  # request index -> its Request, until the worker takes it
+
         def admit(samples) -> None:  # LoadGen's thread: who each query is, in issue order
             now = time.perf_counter()
-            items: List[list] = [[] for _ in replicas]
+            issued: List[tuple] = []  # (replica, Pending) in issue order
             with lock:
                 for qid, _ in samples:
                     user, history, cands = population.next()
                     rows = self.num_context + history + cands
                     replica = router.route(user, rows)
-                    items[replica].append(
-                        Pending(qid, len(specs), user, token_bucket(rows, self.token_buckets), now)
-                    )
+                    bucket = token_bucket(rows, self.token_buckets)
+                    issued.append((replica, Pending(qid, len(specs), user, bucket, now)))
                     specs.append((user, history, cands))
                     placed.append(replica)
-            for replica, mine in enumerate(items):
-                if mine:
-                    batchers[replica].put(mine)
+            # Each request is built as it arrives, on this thread: the worker's host work a
+            # batch (its critical path) only takes them. In chunks, so that a worker need not
+            # wait for all of an Offline run's queries to be built before its first batch.
+            for c in range(0, len(issued), ADMIT_CHUNK):
+                chunk = issued[c : c + ADMIT_CHUNK]
+                for _, p in chunk:
+                    built[p.index] = self.users.request(*specs[p.index], p.index)
+                for replica in replicas:
+                    mine = [p for r, p in chunk if r == replica]
+                    if mine:
+                        batchers[replica].put(mine)
 
         def request(p: Pending):
-            user, history, cands = specs[p.index]
-            return self.users.request(user, history, cands, p.index)
+            return built.pop(p.index)
 
         late, stopped = [0], []
 
