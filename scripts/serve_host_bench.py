@@ -137,7 +137,7 @@ def main():
     args = parser.parse_args()
     print("| batcher alone: queries waiting | CPU ms a batch |")
     print("|---|---|")
-    for depth in (64, 1000, 4000):
+    for depth in (64, 1000, 4000, 10000):
         print(f"| {depth} | {batcher_cost(depth, args.users):.3f} |")
     if args.batcher_only:
         return
