@@ -6,6 +6,7 @@ path, threads on the wall clock, MLPerf LoadGen (mlcommons-loadgen)."""
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from hstu_exp.serving.batcher import Batcher, Pending
 from hstu_exp.serving.loadgen_sut import LoadGenTest
 from hstu_exp.serving.path import RequestPath
 from hstu_exp.serving.server import FirstUseDuringRun, RealServer
+from hstu_exp.serving.sim import eligible, pick_batch
 from hstu_exp.serving.worker import Worker, busy_fraction
 from hstu_exp.stats import early_stopping_queries
 
@@ -92,6 +94,48 @@ def test_close_drains_what_waits_without_waiting_for_company():
     batcher.release(batch)
     closer.join(5)
     assert not closer.is_alive() and batcher.take() is None
+
+
+@pytest.mark.parametrize("policy", ["fifo", "length_aware"])
+def test_a_deep_queue_forms_the_batches_the_simulators_rule_forms(policy):
+    """Thousands waiting from a few hundred users (a saturated server): every batch is the one
+    `sim.eligible` + `sim.pick_batch` choose over the whole queue, in that order. Each batch is
+    released only once the next is formed (when one can be), so the users busy at each
+    formation are known."""
+    rng = random.Random(7)
+    items = [pending(i, rng.randrange(300), 0.0, rng.randrange(4)) for i in range(3000)]
+    users, buckets = [p.user for p in items], [p.bucket for p in items]
+    batcher = Batcher(max_batch=8, max_wait_s=0.0, policy=policy)
+    batcher.put(items)
+    waiting, busy = list(range(len(items))), set()
+    batcher.start()
+    try:
+        while waiting:
+            ready = [i for i in eligible(waiting, users) if users[i] not in busy]
+            expected = pick_batch(ready, buckets, 8, policy)
+            batch = batcher.take(block=False, timeout=10)
+            assert batch is not None and [p.index for p in batch] == expected
+            taken = set(expected)
+            waiting = [i for i in waiting if i not in taken]
+            busy = {p.user for p in batch}
+            if any(users[i] not in busy for i in waiting):  # the next forms with these busy
+                deadline = time.time() + 10
+                while not batcher.has_batch() and time.time() < deadline:
+                    time.sleep(0.0005)
+                assert batcher.has_batch()
+            else:  # the next forms only after this release, with nobody busy
+                busy = set()
+            batcher.release(batch)
+    finally:  # close() drains: whatever is left (after a failure) is taken here
+
+        def drain():
+            while (left := batcher.take(block=False, timeout=2)) is not None:
+                batcher.release(left)
+
+        closer = threading.Thread(target=batcher.close, daemon=True)
+        closer.start()
+        drain()
+        closer.join(10)
 
 
 # -- the worker --------------------------------------------------------------------------------
