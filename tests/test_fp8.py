@@ -88,6 +88,46 @@ def test_gate_passes_fails_and_says_why():
         gate_check({"max_rel_error": 1e-3, "topk_agreement": 0.95}, ["kernel.gemm_dtype=fp8"])
     with pytest.raises(AccuracyGateError, match="no verify result"):
         gate_check({"max_rel_error": None}, ["kernel.gemm_dtype=fp8"])
+    # e2e's records: the gate takes the agreement within the bf16 path's own error, and a miss
+    # gives the strict one and the bf16 path's own beside it
+    ranked = {"max_rel_error": 1e-3, "topk_agreement": 0.9, "bf16_topk_agreement": 0.3}
+    gate_check({**ranked, "topk_agreement_within_bf16_error": 1.0}, ["cache.dtype=fp8"])
+    with pytest.raises(AccuracyGateError, match=r"0\.980 < 0\.99 within .* \(strict 0\.900; .* 0\.300"):
+        gate_check({**ranked, "topk_agreement_within_bf16_error": 0.98}, ["cache.dtype=fp8"])
+
+
+def test_topk_agreement_strict_with_ties_and_within_a_tolerance():
+    """accuracy.topk_agreement on fresh random scores: strict, it is the share of the two top-k
+    sets in common; an exact tie at the reference's k-th counts; a tolerance counts the ranks the
+    reference cannot resolve, and a ranking that is wrong by more than the tolerance still fails."""
+    from hstu_exp.bench.accuracy import near_kth_share, request_error, topk_agreement
+
+    g = torch.Generator().manual_seed(7)
+    counts = [37, 5, 0, 64]  # odd lengths, fewer than k, no candidates
+    ref = torch.randn(sum(counts), generator=g)
+    assert topk_agreement(ref, ref, counts, 10) == 1.0
+    want = []
+    for s, r in zip(ref.flip(0).split(counts), ref.split(counts)):  # an unrelated ranking
+        kk = min(10, r.numel())
+        if kk:
+            want.append(len(set(s.topk(kk).indices.tolist()) & set(r.topk(kk).indices.tolist())) / kk)
+    shuffled = ref.flip(0)
+    assert topk_agreement(shuffled, ref, counts, 10) == pytest.approx(sum(want) / len(want))
+    assert topk_agreement(shuffled, ref, counts, 10) < 0.8
+    # the 10th and the 11th of a request tied exactly: either one is the reference's top 10
+    r = torch.arange(20.0)
+    r[9] = r[10]
+    s = r.clone()
+    s[9], s[10] = r[10] + 0.5, r[9] - 0.5  # swaps which of the tied pair is in the top 10
+    assert topk_agreement(s, r, [20], 10) == 1.0
+    # a small perturbation: strict misses, within the perturbation's own size it agrees
+    noisy = ref + 0.05 * torch.randn(ref.shape, generator=g)
+    tol = request_error(noisy, ref, counts)
+    assert len(tol) == len(counts) and tol[2] == 0.0 and max(tol) < 0.3
+    assert topk_agreement(noisy, ref, counts, 10, tol) == 1.0
+    assert topk_agreement(shuffled, ref, counts, 10, tol) < 0.9  # a wrong ranking still fails
+    share = near_kth_share(ref, counts, 10, tol)
+    assert 0 < share < 0.5
 
 
 def test_finish_drops_the_timing_of_a_point_that_misses_its_gate():

@@ -315,21 +315,22 @@ def test_cli_serve_with_an_fp8_cache_passes_its_gate_and_moves_half_the_bytes(tm
 
 def test_cli_e2e_applies_the_top_k_gate_to_an_fp8_cache(tmp_path):
     """e2e ranks with the e4m3 cache and compares the top-10 with the bf16 path. The tiny
-    model's random weights give near-tied scores: the bf16 path itself shares well under 0.99
-    of its top-10 with the float32 recompute, so the fp8 point misses the gate, is recorded
-    failed (not timed), and the message gives both numbers."""
+    model's random weights give near-tied scores (the bf16 path itself shares well under 0.99 of
+    its top-10 with the float32 recompute), so the gate counts a rank the bf16 path cannot
+    resolve as agreeing; the record keeps the strict agreement, the tolerant one and how many
+    candidates lie inside the bf16 path's error band."""
     proc = hstu_exp(
         "workload=e2e", "device=cpu", "model=tiny", "model.dtype=bfloat16", "cache.dtype=fp8",
         "logger=none", "calibrate=false", "workload.min_time_s=0.01", "workload.iters=3",
         "workload.warmup=1", "workload.num_batches=8", f"hydra.run.dir={tmp_path}",
     )  # fmt: skip
     (r,) = map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())
-    assert r["status"] == "failed" and "samples_ms" not in r, proc.stdout[-2000:]
-    assert "accuracy gate of cache.dtype=fp8 failed: top-10 agreement with the bf16 path" in r["error"]
-    assert "the bf16 path's own with the float32 recompute" in r["error"]
-    assert "max relative error" not in r["error"]  # within 2e-2: only the ranking missed
-    # the record keeps the gate's numbers and the pool's, no timing
-    assert r["max_rel_error"] < 2e-2 and r["topk_agreement"] < 0.99 and r["bf16_topk_agreement"] < 0.99
+    assert r["status"] == "ok" and r["accuracy_gate"] == "passed", proc.stdout[-2000:]
+    assert r["max_rel_error"] < 2e-2
+    assert 0.99 <= r["topk_agreement_within_bf16_error"] <= 1.0
+    assert r["topk_agreement"] <= r["topk_agreement_within_bf16_error"]
+    assert r["bf16_topk_agreement"] < 0.99  # the reason for the tolerance, measured
+    assert 0 < r["topk_near_kth_share"] < 1
     assert r["kv_dtype"] == "fp8" and r["kv_token_bytes"] == 2 * 2 * 2 * (32 + 4)
 
 

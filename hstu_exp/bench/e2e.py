@@ -30,7 +30,7 @@ from typing import List
 
 import torch
 
-from hstu_exp.bench.accuracy import relative_error, topk_agreement
+from hstu_exp.bench.accuracy import near_kth_share, relative_error, request_error, topk_agreement
 from hstu_exp.bench.measure import Measured, stop_rule
 from hstu_exp.bench.roofline import mean_block_work
 from hstu_exp.bench.timer import reset_peak_memory
@@ -239,8 +239,11 @@ def _verify(model, batches, manager, device, graphs=None) -> dict:
     sequence: worst relative error of candidate outputs and logits. A reduced-precision path
     (fp8 GEMMs, an fp8 KV cache) is also ranked against the bf16 path (the same model with bf16
     GEMMs, recomputing in the model dtype): the mean top-k agreement of task 0's ranking
-    (accuracy.topk_agreement, k = ACCURACY_GATE's), and beside it the bf16 path's own agreement
-    with the float32 recompute (`bf16_topk_agreement`: how near-tied the rankings are)."""
+    (accuracy.topk_agreement, k = ACCURACY_GATE's), strict and within the bf16 path's own error
+    against float32 (a candidate the bf16 path cannot tell from its own top k counts; the gate
+    takes this one), beside the bf16 path's own strict agreement with the float32 recompute
+    (`bf16_topk_agreement`) and the share of candidates inside that error band
+    (`topk_near_kth_share`: how near-tied the rankings are)."""
     ref = copy.deepcopy(model).float()
     ref.block = oracle(model.block)
     exact = None
@@ -250,7 +253,16 @@ def _verify(model, batches, manager, device, graphs=None) -> dict:
         exact.block.policy = replace(model.block.policy, gemm_dtype="bf16")
     if manager is not None:
         manager.reset()
-    worst, agree, base_agree, users = 0.0, 0.0, 0.0, 0
+    worst, users = 0.0, 0
+    sums = dict.fromkeys(
+        (
+            "topk_agreement",
+            "topk_agreement_within_bf16_error",
+            "bf16_topk_agreement",
+            "topk_near_kth_share",
+        ),
+        0.0,
+    )
     for batch in batches:
         counts = [r.candidates.numel() for r in batch]
         logits, h = rank(model, batch, device=device, manager=manager, graphs=graphs, return_hidden=True)
@@ -258,11 +270,17 @@ def _verify(model, batches, manager, device, graphs=None) -> dict:
         worst = max(worst, relative_error(logits, ref_logits, counts), relative_error(h, ref_h, counts))
         if exact is not None:
             base = rank(exact, batch, device=device)
-            k = ACCURACY_GATE["topk"]
-            agree += len(batch) * topk_agreement(logits[:, 0], base[:, 0], counts, k)
-            base_agree += len(batch) * topk_agreement(base[:, 0].float(), ref_logits[:, 0], counts, k)
+            k, ours, theirs, exact_ = ACCURACY_GATE["topk"], logits[:, 0], base[:, 0], ref_logits[:, 0]
+            noise = request_error(theirs.float(), exact_, counts)  # the bf16 path's own error
+            for key, value in (
+                ("topk_agreement", topk_agreement(ours, theirs, counts, k)),
+                ("topk_agreement_within_bf16_error", topk_agreement(ours, theirs, counts, k, noise)),
+                ("bf16_topk_agreement", topk_agreement(theirs.float(), exact_, counts, k)),
+                ("topk_near_kth_share", near_kth_share(theirs, counts, k, noise)),
+            ):
+                sums[key] += len(batch) * value
             users += len(batch)
     out = {"max_rel_error": worst}
     if exact is not None:
-        out.update(topk_agreement=agree / users, bf16_topk_agreement=base_agree / users)
+        out.update({key: total / users for key, total in sums.items()})
     return out
