@@ -114,7 +114,10 @@ class Launcher:
 def _base_env() -> dict:
     # A fresh CLI as a user's shell starts it: without the W&B service that an in-process test
     # started here (wandb puts its socket in WANDB_SERVICE, and a child would attach to it).
-    inherited = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    # Nor pytest's name of the running test: it changes with every test, and a launcher started
+    # in one test would then not fit the next one's calls (each would start plainly).
+    unset = ("WANDB_SERVICE", "PYTEST_CURRENT_TEST")
+    inherited = {k: v for k, v in os.environ.items() if k not in unset}
     return {**inherited, "PYTHONUNBUFFERED": "1"}
 
 

@@ -5,7 +5,7 @@ import os
 import subprocess
 
 import pytest
-from helpers import ROOT, _launcher, hstu_exp
+from helpers import ROOT, _base_env, _launcher, hstu_exp
 
 
 @pytest.mark.parametrize(
@@ -46,3 +46,10 @@ def test_a_child_past_its_timeout_is_killed():
 def test_the_launcher_forks_with_one_thread_and_no_torch_op():
     pid = _launcher().proc.pid
     assert len(os.listdir(f"/proc/{pid}/task")) == 1
+
+
+@pytest.mark.parametrize("test", ["one test", "the next test"])
+def test_every_test_forks_its_calls_from_the_launcher(test):
+    # The launcher starts in whichever test first calls the CLI; a later test's calls must still
+    # fit it (a plain start costs seconds a call).
+    assert _launcher().fits(_base_env())
