@@ -6,7 +6,14 @@ imports those libraries once, then forks a child per request; the child becomes 
 `python -m hstu_exp ARGS` would be: its own process with the argv, cwd, environment and
 stdin/stdout/stderr the test gave, hstu_exp itself imported fresh (its module state is never
 shared), and the interpreter's own exit path (SystemExit, an uncaught traceback, threads
-joined, atexit) deciding its exit code.
+joined, atexit, the standard streams flushed) deciding its exit code. Only what follows that
+path is skipped: the child ends with os._exit after the last atexit handler instead of tearing
+down the modules it inherited. That teardown (a last collection and a decref of every object
+torch, Triton and the rest made) wrote to nearly every page the child shared with this process
+and cost each call more than the CLI's own work did; a fresh `python -m hstu_exp` decides
+nothing there (the exit code is set before it; HSTU_EXP_TESTS_FRESH=1 runs every call fresh).
+The preloaded objects are frozen (gc.freeze) for the same reason: a child's collections pass
+over them and leave their pages shared.
 
 Forking is safe only while this process has one thread and has run no torch op (no OpenMP
 pool): checked after the imports, which fails the start rather than a test later.
@@ -17,6 +24,8 @@ stdout and stderr as passed file descriptors. Answers: {"pid": n} once forked, t
 {"status": wait status} when it has ended.
 """
 
+import atexit
+import gc
 import importlib
 import json
 import os
@@ -47,11 +56,12 @@ def serve(sock: socket.socket) -> dict:
         why = f"{_threads()} threads after importing {PRELOAD}; forking would be unsafe"
         _send(sock, {"ready": False, "why": why})
         sys.exit(0)
+    gc.freeze()
     _send(sock, {"ready": True})
     while True:
         data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 3)
-        if not data:
-            sys.exit(0)
+        if not data:  # the test process went away; nothing here to flush or tear down
+            os._exit(0)
         request = json.loads(data)
         pid = os.fork()
         if pid == 0:
@@ -75,7 +85,35 @@ def become(request: dict) -> None:
     os.environ.update(request["env"])
     sys.argv = ["-m", *request["argv"]]
     sys.path[0] = os.getcwd()  # what `python -m` puts first (this script's dir for the zygote)
-    runpy.run_module("hstu_exp", run_name="__main__", alter_sys=True)
+    ending = {"status": 0}
+    atexit.register(_end, ending)  # registered first, so it runs after every other handler
+    try:
+        runpy.run_module("hstu_exp", run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        code = exc.code
+        ending["status"] = code if isinstance(code, int) else int(code is not None)
+        raise
+    except KeyboardInterrupt:
+        ending["sigint"] = True  # the interpreter ends itself with SIGINT after its traceback
+        raise
+    except BaseException:
+        ending["status"] = 1
+        raise
+
+
+def _end(ending: dict) -> None:
+    """The end of the interpreter's exit path, as Py_RunMain has it, without the teardown."""
+    import signal
+
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:  # noqa: BLE001 - what the interpreter answers for a failed flush
+        ending["status"] = 120
+    if ending.get("sigint"):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(ending["status"])
 
 
 if __name__ == "__main__":
