@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from hstu_exp.core.buckets import (
     smallest,
     user_rows_at_least,
 )
-from hstu_exp.core.jagged import Batch, Layout, PageTable, make_batch, pack, unpack
+from hstu_exp.core.jagged import Batch, Layout, PageTable, layout_of, make_batch, unpack
 
 
 @dataclass
@@ -52,15 +52,48 @@ class Staged:
     candidates: int = 0  # GraphedRanker: live candidate rows (the head outputs to keep)
 
 
-def _pad(a: np.ndarray, n: int, fill) -> np.ndarray:
-    out = np.full(n, fill, dtype=a.dtype)
-    out[: a.size] = a
+# A padded field of a step's staged metadata, or one piece of it: (field, first element, live
+# values, padded length, fill). The live values go first, then the fill up to the padded length.
+Part = Tuple[str, int, np.ndarray, int, object]
+
+_NONE = np.zeros(0, np.int64)
+
+
+def write_parts(parts: List[Part], out: Dict[str, Tuple[np.ndarray, int]]) -> None:
+    """Each part's live values and fill into its field: `out[field]` is (an array, the field's
+    first element in it). The one place padding is written: `padded` makes arrays of it;
+    `BucketGraphs.stage` writes straight into the packed buffer (no padded copies, no packing:
+    each numpy call costs the host about a microsecond)."""
+    for name, at, live, size, fill in parts:
+        field, first = out[name]
+        k, at = live.size, first + at
+        if k > size:
+            raise ValueError(f"graph staging: {k} values of {name} in a bucket that holds {size}")
+        field[at : at + k] = live
+        if k < size:
+            field[at + k : at + size] = fill
+
+
+def fields_of(parts: List[Part]) -> List[Tuple[str, np.dtype, int]]:
+    """(field, dtype, length) of the padded fields, in the order they first appear (a field's
+    dtype is its first part's)."""
+    fields: Dict[str, Tuple[np.dtype, int]] = {}
+    for name, at, live, size, _ in parts:
+        dtype, n = fields.get(name, (live.dtype, 0))
+        fields[name] = (dtype, max(n, at + size))
+    return [(name, dtype, n) for name, (dtype, n) in fields.items()]
+
+
+def padded(parts: List[Part]) -> Dict[str, np.ndarray]:
+    """The padded fields of `parts` as arrays of their own."""
+    out = {name: np.empty(n, dtype) for name, dtype, n in fields_of(parts)}
+    write_parts(parts, {name: (a, 0) for name, a in out.items()})
     return out
 
 
-def pad_metadata(
+def metadata_parts(
     batch: Batch, bucket: Bucket, *, pages_per_user: int, scratch_page: int
-) -> Dict[str, np.ndarray]:
+) -> List[Part]:
     """The batch's metadata (its host arrays) padded to the bucket. Extra users have length 0
     (offsets and page_indptr repeat their last value, no candidates, no cached keys); page ids
     and K/V appends past the batch's own go to the scratch page."""
@@ -69,22 +102,31 @@ def pad_metadata(
             "graph staging needs the host-side metadata of `make_batch` and `PagedKVCache.plan`"
         )
     b, h = bucket.batch, batch.host
-    out = {
-        "offsets": _pad(h["offsets"], b + 1, h["offsets"][-1]),
-        "num_candidates": _pad(h["num_candidates"], b, 0),
-    }
+    parts = [
+        ("offsets", 0, h["offsets"], b + 1, h["offsets"][-1]),
+        ("num_candidates", 0, h["num_candidates"], b, 0),
+    ]
     if bucket.kv:
         p = batch.pages.host
-        out.update(
-            page_indptr=_pad(p["page_indptr"], b + 1, p["page_indptr"][-1]),
-            cached_lengths=_pad(p["cached_lengths"], b, 0),
-            last_page_len=_pad(p["last_page_len"], b, 0),
-            page_ids=_pad(p["page_ids"], b * pages_per_user, scratch_page),
-            new_rows=_pad(p["new_rows"], bucket.rows, 0),
-            new_page=_pad(p["new_page"], bucket.rows, scratch_page),
-            new_slot=_pad(p["new_slot"], bucket.rows, 0),
-        )
-    return out
+        parts += [
+            ("page_indptr", 0, p["page_indptr"], b + 1, p["page_indptr"][-1]),
+            ("cached_lengths", 0, p["cached_lengths"], b, 0),
+            ("last_page_len", 0, p["last_page_len"], b, 0),
+            ("page_ids", 0, p["page_ids"], b * pages_per_user, scratch_page),
+            ("new_rows", 0, p["new_rows"], bucket.rows, 0),
+            ("new_page", 0, p["new_page"], bucket.rows, scratch_page),
+            ("new_slot", 0, p["new_slot"], bucket.rows, 0),
+        ]
+    return parts
+
+
+def pad_metadata(
+    batch: Batch, bucket: Bucket, *, pages_per_user: int, scratch_page: int
+) -> Dict[str, np.ndarray]:
+    """`metadata_parts` as arrays."""
+    return padded(
+        metadata_parts(batch, bucket, pages_per_user=pages_per_user, scratch_page=scratch_page)
+    )
 
 
 def capture(fn, mempool=None):
@@ -102,21 +144,30 @@ def capture(fn, mempool=None):
     return graph, out
 
 
-def pad_tokens(tokens, bucket: Bucket) -> Dict[str, np.ndarray]:
+def token_parts(tokens, bucket: Bucket) -> List[Part]:
     """A batch's token ids and rows (`Tokens.host`) padded to fixed sizes per bucket, so one
     captured embedding forward serves every batch of the bucket. Each KJT key holds bucket.rows
     values (no key can have more); the padding values belong to one extra, padding user, look up
     id 0 and land in a spare row (index bucket.rows) that the block never sees. Candidate rows
     are padded with row 0: their head outputs are computed and dropped."""
     h, cap, b = tokens.host, bucket.rows, bucket.batch
-    lengths = [np.concatenate([_pad(n, b, 0), [cap - int(n.sum())]]) for n in h["lengths"]]
-    return {
-        "tok_values": np.concatenate([_pad(v, cap, 0) for v in h["values"]]),
-        "tok_dest": np.concatenate([_pad(d, cap, cap) for d in h["dest"]]),
-        "tok_lengths": np.concatenate(lengths).astype(np.int64),
-        "tok_positions": _pad(h["positions"], cap + 1, 0),
-        "tok_candidate_rows": _pad(h["candidate_rows"], cap, 0),
-    }
+    parts = []
+    for k, (v, d, n) in enumerate(zip(h["values"], h["dest"], h["lengths"])):
+        parts += [
+            ("tok_values", k * cap, v, cap, 0),
+            ("tok_dest", k * cap, d, cap, cap),
+            ("tok_lengths", k * (b + 1), n, b, 0),
+            ("tok_lengths", k * (b + 1) + b, _NONE, 1, cap - v.size),  # the padding user's
+        ]
+    return parts + [
+        ("tok_positions", 0, h["positions"], cap + 1, 0),
+        ("tok_candidate_rows", 0, h["candidate_rows"], cap, 0),
+    ]
+
+
+def pad_tokens(tokens, bucket: Bucket) -> Dict[str, np.ndarray]:
+    """`token_parts` as arrays."""
+    return padded(token_parts(tokens, bucket))
 
 
 def static_batch(bucket: Bucket, views: dict) -> Batch:
@@ -257,6 +308,7 @@ class BucketGraphs:
         self.pages_per_user = -(-max_history // page_size) if page_size else 0
         self.mempool = None  # the graphs' shared memory pool, made at the first capture
         self.graphs: "OrderedDict[Bucket, _Captured]" = OrderedDict()  # least recent first
+        self.layouts: Dict[Bucket, tuple] = {}  # the staged buffer's, per bucket
         self.max_graphs, self.evicted = max_graphs, 0
         self.used: set = set()  # bucket names replayed (a workload clears it per point)
         self.capture_s = 0.0
@@ -315,14 +367,31 @@ class BucketGraphs:
             table = _synthetic_table(self, bucket, rows, starts, [r.candidates.numel() for r in users])
         return users, starts, table
 
-    def pad(self, batch: Batch, bucket: Bucket) -> Dict[str, np.ndarray]:
-        return pad_metadata(batch, bucket, pages_per_user=self.pages_per_user, scratch_page=self.scratch)
+    def parts(self, batch: Batch, bucket: Bucket) -> List[Part]:
+        return metadata_parts(
+            batch, bucket, pages_per_user=self.pages_per_user, scratch_page=self.scratch
+        )
 
-    def stage(
-        self, arrays: Dict[str, np.ndarray], bucket: Bucket, rows: int, candidates: int = 0
-    ) -> Staged:
-        """Padded host arrays packed into one buffer (pinned on CUDA); no device work."""
-        host, layout = pack(arrays, pin=self.device.type == "cuda")
+    def pad(self, batch: Batch, bucket: Bucket) -> Dict[str, np.ndarray]:
+        return padded(self.parts(batch, bucket))
+
+    def stage(self, parts: List[Part], bucket: Bucket, rows: int, candidates: int = 0) -> Staged:
+        """The padded parts written straight into one new buffer (pinned on CUDA), laid out as
+        every batch of the bucket is (the layout is made once a bucket); no device work."""
+        known = self.layouts.get(bucket)
+        if known is None:
+            layout, size = layout_of(fields_of(parts))
+            # each field by its first element in the buffer viewed as its dtype
+            places = {name: (dtype, at // dtype.itemsize) for name, (at, dtype, _) in layout.items()}
+            dtypes = {dtype for dtype, _ in places.values()}
+            known = self.layouts[bucket] = (layout, size, places, dtypes)
+        layout, size, places, dtypes = known
+        # The caching host allocator keeps a pinned block alive until the copy that reads it
+        # is done, so each step writes a buffer of its own (no wait on the previous replay).
+        host = torch.empty(size, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        raw = host.numpy()
+        typed = {dtype: raw.view(dtype) for dtype in dtypes}
+        write_parts(parts, {name: (typed[dtype], first) for name, (dtype, first) in places.items()})
         self.live_rows, self.run_rows = self.live_rows + rows, self.run_rows + bucket.rows
         return Staged(bucket, rows, host, layout, candidates)
 
@@ -369,7 +438,7 @@ class GraphedBlock:
 
     def stage(self, batch: Batch, rows: int) -> Staged:
         bucket = self.core.bucket_for(batch)
-        return self.core.stage(self.core.pad(batch, bucket), bucket, rows)
+        return self.core.stage(self.core.parts(batch, bucket), bucket, rows)
 
     def _build(self, views, batch: Batch, bucket: Bucket):
         x = torch.zeros(bucket.rows, self.hidden, dtype=self.dtype, device=self.core.device)
@@ -391,10 +460,9 @@ class GraphedRanker:
 
     def stage_step(self, tokens, batch: Batch) -> Staged:
         bucket = self.core.bucket_for(batch)
-        arrays = self.core.pad(batch, bucket)
-        arrays.update(pad_tokens(tokens, bucket))
+        parts = self.core.parts(batch, bucket) + token_parts(tokens, bucket)
         return self.core.stage(
-            arrays, bucket, tokens.num_rows, candidates=int(tokens.host["candidate_rows"].size)
+            parts, bucket, tokens.num_rows, candidates=int(tokens.host["candidate_rows"].size)
         )
 
     def _build(self, views, batch: Batch, bucket: Bucket):

@@ -1,7 +1,10 @@
 """Host-side metadata: the packed one-copy transfer and the CUDA-graph bucket padding (CPU; the
 replay itself is covered by test_graphs_gpu)."""
 
+import random
+
 import numpy as np
+import pytest
 import torch
 
 from hstu_exp.core.jagged import make_batch, pack, to_device, unpack
@@ -137,3 +140,119 @@ def test_graph_page_tables_hold_the_context_prefix():
     assert padded["page_ids"].shape[0] == 17
     with pytest.raises(ValueError):  # what graphs.py did before: max_history's 16 pages
         pad_metadata(batch, bucket, pages_per_user=512 // page, scratch_page=39)
+
+
+def plain_pad(a, n, fill):
+    out = np.full(n, fill, dtype=a.dtype)
+    out[: a.size] = a
+    return out
+
+
+def plain_staging(batch, tokens, bucket, pages_per_user, scratch):
+    """A step's padded metadata and token rows as the graph runner staged them before it wrote
+    straight into the packed buffer: every field padded on its own (np.full, then the live
+    values), the KJT keys' padded pieces concatenated."""
+    b, h, p, cap = bucket.batch, batch.host, batch.pages.host, bucket.rows
+    t = tokens.host
+    return {
+        "offsets": plain_pad(h["offsets"], b + 1, h["offsets"][-1]),
+        "num_candidates": plain_pad(h["num_candidates"], b, 0),
+        "page_indptr": plain_pad(p["page_indptr"], b + 1, p["page_indptr"][-1]),
+        "cached_lengths": plain_pad(p["cached_lengths"], b, 0),
+        "last_page_len": plain_pad(p["last_page_len"], b, 0),
+        "page_ids": plain_pad(p["page_ids"], b * pages_per_user, scratch),
+        "new_rows": plain_pad(p["new_rows"], cap, 0),
+        "new_page": plain_pad(p["new_page"], cap, scratch),
+        "new_slot": plain_pad(p["new_slot"], cap, 0),
+        "tok_values": np.concatenate([plain_pad(v, cap, 0) for v in t["values"]]),
+        "tok_dest": np.concatenate([plain_pad(d, cap, cap) for d in t["dest"]]),
+        "tok_lengths": np.concatenate(
+            [np.concatenate([plain_pad(n, b, 0), [cap - int(n.sum())]]) for n in t["lengths"]]
+        ).astype(np.int64),
+        "tok_positions": plain_pad(t["positions"], cap + 1, 0),
+        "tok_candidate_rows": plain_pad(t["candidate_rows"], cap, 0),
+    }
+
+
+@pytest.mark.parametrize("page,num_context", [(4, 0), (3, 2), (8, 1)])
+def test_staged_step_equals_plain_padding_on_random_batches(page, num_context):
+    """`GraphedRanker.stage_step` writes the padded fields straight into one packed buffer: the
+    same values, dtypes and layout as padding each field on its own and packing them, on random
+    batches of a real planner (odd lengths, page boundaries, empty new histories, cache hits,
+    evictions) in buckets of every size, reusing each bucket's buffer layout."""
+    from hstu_exp.data.synthetic import make_request
+    from hstu_exp.graphs import BucketGraphs, GraphedRanker
+    from hstu_exp.kvcache.manager import KVCacheManager
+    from hstu_exp.model.embeddings import make_tokens
+
+    rng = random.Random(page * 10 + num_context)
+    max_history = 40
+    vocab = {"item": 50, "action": 7, "candidate": 50}
+    if num_context:
+        vocab["context"] = 11
+    cache = PagedKVCache(
+        num_layers=1,
+        num_pages=4 * -(-(max_history + num_context) // page) + 4,  # 4 users and some
+        page_size=page,
+        num_heads=1,
+        head_dim=1,
+        dtype=torch.float32,
+        device="cpu",
+    )
+    manager = KVCacheManager(cache)
+    core = BucketGraphs(
+        device="cpu",
+        batch_buckets=[1, 2, 4, 8],
+        token_buckets=[8, 16, 32, 64],
+        pool=cache.pool,
+        page_size=page,
+        max_history=max_history + num_context,
+        scratch_page=cache.scratch_page,
+    )
+    runner = GraphedRanker(None, core)
+    # every user's one sequence; a request carries a prefix of it (growing, or not)
+    items = {u: torch.randint(50, (max_history // 2,)) for u in range(10)}
+    context = {u: torch.randint(11, (num_context,)) for u in range(10)}
+    met = set()
+    for _ in range(60):
+        requests = []
+        for u in rng.sample(range(10), rng.randint(1, 4)):
+            held = cache.cached_length(u) - num_context
+            grow = rng.choice([0, 1, page - 1, page, page + 1, 2 * page + 1])
+            # now and then a history that shrank (the cache drops the user) or starts afresh
+            history = rng.choice([0, 1, page]) if rng.random() < 0.05 else held + grow
+            history = min(max(history, 0), max_history)
+            n_items = -(-history // 2)
+            requests.append(
+                make_request(
+                    u,
+                    context=context[u],
+                    items=items[u][:n_items],
+                    actions=items[u][: history - n_items] % 7,
+                    candidates=torch.randint(50, (rng.choice([1, 2, 5, 13]),)),
+                )
+            )
+        starts, table, _ = manager.plan(requests, upload=False)
+        tokens = make_tokens(
+            requests,
+            starts,
+            vocab=vocab,
+            num_context=num_context,
+            max_history=max_history,
+            device="cpu",
+            upload=False,
+        )
+        batch = make_batch(tokens.rows, tokens.num_candidates, "cpu", table, upload=False)
+        staged = runner.stage_step(tokens, batch)
+        manager.commit()
+        want = plain_staging(batch, tokens, staged.bucket, core.pages_per_user, cache.scratch_page)
+        assert staged.layout == pack(want, pin=False)[1]
+        got = unpack(staged.host, staged.layout)
+        for name, a in want.items():
+            assert got[name].numpy().dtype == a.dtype, name
+            assert got[name].tolist() == a.tolist(), name
+        assert staged.rows == tokens.num_rows
+        assert staged.candidates == sum(tokens.num_candidates)
+        met.add(staged.bucket)
+    stats = manager.stats()
+    assert len(met) > 5 and stats["evictions"] > 0 and stats["invalidations"] > 0

@@ -27,15 +27,21 @@ _TORCH = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64}
 Layout = Dict[str, Tuple[int, np.dtype, int]]
 
 
+def layout_of(fields) -> Tuple[Layout, int]:
+    """(layout, bytes) of 1-D arrays given as (name, numpy dtype, elements), back to back."""
+    layout, at = {}, 0
+    for name, dtype, n in fields:
+        layout[name] = (at, dtype, n)
+        at += -(-n * dtype.itemsize // _ALIGN) * _ALIGN
+    return layout, at
+
+
 def pack(arrays: Dict[str, np.ndarray], *, pin: bool) -> Tuple[torch.Tensor, Layout]:
     """1-D host arrays laid out back to back in one uint8 tensor (pinned if `pin`)."""
-    layout, at = {}, 0
-    for name, a in arrays.items():
-        layout[name] = (at, a.dtype, a.size)
-        at += -(-a.nbytes // _ALIGN) * _ALIGN
+    layout, size = layout_of((name, a.dtype, a.size) for name, a in arrays.items())
     # The caching host allocator keeps a pinned block alive until the copies that read it are
     # done (it records an event on the copy's stream), so the caller may drop it at once.
-    buf = torch.empty(at, dtype=torch.uint8, pin_memory=pin)
+    buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
     raw = buf.numpy()
     for name, a in arrays.items():
         start = layout[name][0]
@@ -43,16 +49,18 @@ def pack(arrays: Dict[str, np.ndarray], *, pin: bool) -> Tuple[torch.Tensor, Lay
     return buf, layout
 
 
-def unpack(buf: torch.Tensor, layout: Layout) -> Dict[str, torch.Tensor]:
-    """Typed views of a packed buffer (on whichever device it lives): the whole buffer viewed
-    once per dtype (its size is a multiple of 16 bytes), then one slice an array (a torch op
-    costs the host microseconds; a step unpacks a dozen arrays)."""
-    whole: Dict[np.dtype, torch.Tensor] = {}
+def unpack(buf, layout: Layout) -> dict:
+    """Typed views of a packed buffer (a tensor on whichever device it lives, or its numpy
+    array on the host): the whole buffer viewed once per dtype (its size is a multiple of 16
+    bytes), then one slice an array (a torch op costs the host microseconds; a step unpacks a
+    dozen arrays)."""
+    whole = {}
     out = {}
+    host = isinstance(buf, np.ndarray)
     for name, (start, dtype, n) in layout.items():
         typed = whole.get(dtype)
         if typed is None:
-            typed = whole[dtype] = buf.view(_TORCH[dtype])
+            typed = whole[dtype] = buf.view(dtype if host else _TORCH[dtype])
         first = start // dtype.itemsize
         out[name] = typed[first : first + n]
     return out
