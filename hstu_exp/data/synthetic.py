@@ -14,8 +14,10 @@ with more users than the pool holds, evicted users come back (host tier onloads)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from functools import cached_property
+from typing import List, Tuple
 
+import numpy as np
 import torch
 
 KINDS = ("context", "item", "action")  # token kind codes 0, 1, 2
@@ -37,6 +39,13 @@ class Request:
     @property
     def history(self) -> int:
         return self.ids.numel() - self.num_context
+
+    @cached_property
+    def arrays(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(kinds, ids, candidates) as numpy arrays over the tensors' memory, made once: the
+        host path of a step reads them several times, and each `Tensor.numpy()` costs about a
+        microsecond. A request is not changed once made."""
+        return self.kinds.numpy(), self.ids.numpy(), self.candidates.numpy()
 
 
 def interleave(context: torch.Tensor, items: torch.Tensor, actions: torch.Tensor):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from itertools import accumulate
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -89,30 +90,29 @@ def _cat(parts: List[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, np.int64)
 
 
-def _check_requests(requests, start, seq, cands, ctx, *, num_context: int, max_history: int) -> None:
+def _check_requests(requests, starts, *, num_context: int, max_history: int) -> None:
     """The first request (in batch order) that breaks a rule, by its first broken rule."""
-    rules = [
-        (
-            ctx != num_context,
-            lambda r, i: (
-                f"{r.num_context} context tokens, the model takes model.num_context={num_context}"
-            ),
-        ),
-        (
-            (start < 0) | (start > seq),
-            lambda r, i: f"cached prefix {start[i]} outside its sequence of {r.seq_len} tokens",
-        ),
-        (cands == 0, lambda r, i: "a ranking request needs at least one candidate"),
-        (
-            seq - ctx > max_history,
-            lambda r, i: f"{r.history} history tokens, more than the model's max_history={max_history}",
-        ),
-    ]
-    bad = np.logical_or.reduce([mask for mask, _ in rules]) if len(start) else start.astype(bool)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        why = next(say for mask, say in rules if mask[i])
-        raise ValueError(f"user {requests[i].user}: {why(requests[i], i)}")
+    for r, start in zip(requests, starts):
+        _, ids, cands = r.arrays
+        if r.num_context != num_context:
+            why = f"{r.num_context} context tokens, the model takes model.num_context={num_context}"
+        elif not 0 <= start <= ids.size:
+            why = f"cached prefix {start} outside its sequence of {ids.size} tokens"
+        elif cands.size == 0:
+            why = "a ranking request needs at least one candidate"
+        elif ids.size - r.num_context > max_history:
+            why = f"{r.history} history tokens, more than the model's max_history={max_history}"
+        else:
+            continue
+        raise ValueError(f"user {r.user}: {why}")
+
+
+def _kind_limits(vocab: dict) -> np.ndarray:
+    """Rows of the table each token kind looks up, by kind code (0: no table)."""
+    limits = np.zeros(len(_KIND_OF_KEY), np.uint64)
+    for key, kind in _KIND_OF_KEY.items():
+        limits[kind] = vocab.get(key, 0)
+    return limits
 
 
 def make_tokens(
@@ -132,51 +132,80 @@ def make_tokens(
     its position as the history grows; candidates share index T (the history length); context
     token j gets its own index max_history + 1 + j.
 
-    Host-side numpy over the whole batch (the only per-request work is reading each request's
-    arrays), then one copy of everything the device needs; upload=False leaves that copy to the
-    caller (`jagged.upload_step`) or a graph runner."""
+    Host-side: per-user sizes as Python ints (a batch has a few users), per-token arrays with a
+    fixed number of numpy calls whatever the batch size (each costs about a microsecond, the
+    step's host time at batch 1 is mostly such calls), then one copy of everything the device
+    needs; upload=False leaves that copy to the caller (`jagged.upload_step`) or a graph
+    runner."""
     B = len(requests)
-    start = np.asarray(starts, dtype=np.int64).reshape(-1)
-    seq = np.fromiter((r.seq_len for r in requests), np.int64, B)
-    cands = np.fromiter((r.candidates.numel() for r in requests), np.int64, B)
-    ctx = np.fromiter((r.num_context for r in requests), np.int64, B)
-    _check_requests(requests, start, seq, cands, ctx, num_context=num_context, max_history=max_history)
-    n = seq - start
-    kinds = _cat([r.kinds.numpy()[s:] for r, s in zip(requests, start.tolist())])
-    ids = _cat([r.ids.numpy()[s:] for r, s in zip(requests, start.tolist())])
-    cand_ids = _cat([r.candidates.numpy() for r in requests])
-    # The user's rows are [uncached tokens | candidates], after the previous users' rows.
-    rows = n + cands
-    row0 = np.zeros(B, np.int64)
-    np.cumsum(rows[:-1], out=row0[1:])
-    tok_user = np.repeat(np.arange(B), n)
-    j = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
-    tok_row = row0[tok_user] + j
-    cand_user = np.repeat(np.arange(B), cands)
-    cand_row = (
-        (row0 + n)[cand_user] + np.arange(int(cands.sum())) - np.repeat(np.cumsum(cands) - cands, cands)
+    starts = [int(s) for s in starts]
+    _check_requests(requests, starts, num_context=num_context, max_history=max_history)
+    arrays = [r.arrays for r in requests]
+    n = [ids.size - s for (_, ids, _), s in zip(arrays, starts)]  # uncached tokens per user
+    c = [cands.size for _, _, cands in arrays]
+    kinds = _cat([k[s:] for (k, _, _), s in zip(arrays, starts)])
+    ids = _cat([i[s:] for (_, i, _), s in zip(arrays, starts)])
+    cand_ids = _cat([cands for _, _, cands in arrays])
+    # The user's rows are [uncached tokens | candidates], after the previous users' rows. Token
+    # k of the batch (user u's) sits in row k + (candidates before u) and is token
+    # k + start_u - (tokens before u) of u's sequence; candidate i (user u's) sits in row
+    # i + (tokens up to and with u's). One repeat of a per-user table gives each its user's.
+    tokens_before = list(accumulate(n, initial=0))
+    cands_before = list(accumulate(c, initial=0))
+    per_token = np.repeat(
+        np.array(
+            [(cands_before[u], starts[u] - tokens_before[u], u) for u in range(B)], np.int64
+        ).reshape(B, 3),
+        n,
+        axis=0,
     )
-    s = start[tok_user] + j  # sequence index of each token
-    pos = np.empty(int(rows.sum()), np.int64)
-    pos[tok_row] = np.where(s < num_context, max_history + 1 + s, s - num_context)
-    pos[cand_row] = (seq - ctx)[cand_user]
+    k = np.arange(tokens_before[-1])
+    tok_row, seq_index, tok_user = k + per_token[:, 0], k + per_token[:, 1], per_token[:, 2]
+    per_cand = np.repeat(
+        np.array([(tokens_before[u + 1], r.history) for u, r in enumerate(requests)], np.int64).reshape(
+            B, 2
+        ),
+        c,
+        axis=0,
+    )
+    cand_row = np.arange(cands_before[-1]) + per_cand[:, 0]
+    pos = np.empty(tokens_before[-1] + cands_before[-1], np.int64)
+    if num_context:
+        seq_index = np.where(
+            seq_index < num_context, max_history + 1 + seq_index, seq_index - num_context
+        )
+    pos[tok_row] = seq_index
+    pos[cand_row] = per_cand[:, 1]
 
-    keys = [k for k in KEYS if k in vocab]
-    if "context" not in vocab and bool((kinds == CONTEXT).any()):
+    # Tokens grouped by kind (a stable sort keeps each kind's in batch order): each KJT key's
+    # values are one slice of them.
+    order = np.argsort(kinds, kind="stable")
+    by_kind, rows_by_kind = ids[order], tok_row[order]
+    counts = np.bincount(kinds * B + tok_user, minlength=len(_KIND_OF_KEY) * B).reshape(-1, B)
+    bounds = list(accumulate(counts.sum(axis=1).tolist(), initial=0))
+    if "context" not in vocab and bounds[CONTEXT + 1] > bounds[CONTEXT]:
         raise ValueError(
             "requests carry context tokens but the model has no context table (model.num_context=0)"
         )
+    keys = [k for k in KEYS if k in vocab]
     values, dest, lengths = [], [], []
     for key in keys:
         if key == "candidate":
-            v, d, n_per_user = cand_ids, cand_row, cands
+            values.append(cand_ids)
+            dest.append(cand_row)
+            lengths.append(np.asarray(c, np.int64))
         else:
-            m = kinds == _KIND_OF_KEY[key]
-            v, d, n_per_user = ids[m], tok_row[m], np.bincount(tok_user[m], minlength=B)
-        _check_vocab("item" if key == "candidate" else key, v, vocab[key])
-        values.append(v)
-        dest.append(d)
-        lengths.append(n_per_user)
+            kind = _KIND_OF_KEY[key]
+            values.append(by_kind[bounds[kind] : bounds[kind + 1]])
+            dest.append(rows_by_kind[bounds[kind] : bounds[kind + 1]])
+            lengths.append(counts[kind])
+    # Viewed as unsigned, a negative id is larger than any table: one compare checks both ends.
+    # Only when some id is out of range are the keys checked one by one, for the message.
+    if bool((ids.view(np.uint64) >= _kind_limits(vocab)[kinds]).any()) or bool(
+        (cand_ids.view(np.uint64) >= vocab["candidate"]).any()
+    ):
+        for key, v in zip(keys, values):
+            _check_vocab("item" if key == "candidate" else key, v, vocab[key])
     host = {
         "keys": keys,
         "values": values,
@@ -190,9 +219,9 @@ def make_tokens(
         dest=None,
         positions=None,
         candidate_rows=None,
-        rows=rows.tolist(),
-        num_candidates=cands.tolist(),
-        num_rows=int(rows.sum()),
+        rows=[a + b for a, b in zip(n, c)],
+        num_candidates=c,
+        num_rows=int(pos.size),
         host=host,
     )
     return tokens.upload(device) if upload else tokens
