@@ -59,8 +59,10 @@ class KVCacheManager:
         if request.seq_len < held:
             problem = f"its sequence shrank from {held} cached tokens to {request.seq_len}"
         else:
-            now_ids, now_kinds = request.ids.numpy()[:held], request.kinds.numpy()[:held]
-            if not (np.array_equal(now_ids, ids[:held]) and np.array_equal(now_kinds, kinds[:held])):
+            now_kinds, now_ids, _ = request.arrays
+            now_ids, now_kinds = now_ids[:held], now_kinds[:held]
+            # both hold `held` tokens (the record is of the request that left them cached)
+            if not ((now_ids == ids[:held]).all() and (now_kinds == kinds[:held]).all()):
                 diff = (now_ids != ids[:held]) | (now_kinds != kinds[:held])
                 first = int(np.flatnonzero(diff)[0])
                 problem = f"token {first} of its {held} cached tokens changed"
@@ -119,7 +121,8 @@ class KVCacheManager:
         """Record what the last planned batch's K/V came from (copies of its token kinds and
         ids: the next request of a user is checked against them)."""
         for r in self._pending:
-            self._seen[r.user] = (r.kinds.numpy().copy(), r.ids.numpy().copy())
+            kinds, ids, _ = r.arrays
+            self._seen[r.user] = (kinds.copy(), ids.copy())
         self._pending = ()
 
     def _bytes_moved(self) -> Tuple[int, int]:

@@ -6,15 +6,17 @@ the post-SiLU K and V of history tokens; with fp8=True (cache.dtype=fp8) it is e
 scale, ops/fp8.py says why). `kv` is what the block and kernels take: the pool, or both as
 `Fp8Pages`. Page bookkeeping is host-side: the LRU order is a dict,
 every page list and the free list are numpy arrays, and `plan` computes a batch's page table
-with numpy over the whole batch (one Python pass over its users for the dict lookups, no numpy
-call per user but the page-list growth). What the kernels see is a `PageTable`, uploaded in one
-host->device copy, or kept on the host for the caller to upload with the rest of a step.
+with a fixed number of numpy calls over the whole batch (one Python pass over its users for the
+dict lookups and sizes, no numpy call per user but the page-list growth). What the kernels see
+is a `PageTable`, uploaded in one host->device copy, or kept on the host for the caller to
+upload with the rest of a step.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Sequence
 
 import numpy as np
@@ -143,12 +145,10 @@ class PagedKVCache:
             self.users.move_to_end(user)
         entries = [self.users[u] for u in users]
         size = self.page_size
-        n = np.asarray(new_history, dtype=np.int64).reshape(-1)
-        c = np.asarray(num_candidates, dtype=np.int64).reshape(-1)
-        start = np.fromiter((e.length for e in entries), np.int64, len(entries))
-        have = np.fromiter((e.pages.size for e in entries), np.int64, len(entries))
-        grow = np.maximum(0, -(-(start + n) // size) - have)  # new pages per user
-        need = int(grow.sum())
+        n, c = [int(k) for k in new_history], [int(k) for k in num_candidates]
+        # new pages per user
+        grow = [max(0, -(-(e.length + k) // size) - e.pages.size) for e, k in zip(entries, n)]
+        need = sum(grow)
         batch = set(users)
         while len(self.free) < need:
             victim = next((u for u in self.users if u not in batch), None)
@@ -158,38 +158,53 @@ class PagedKVCache:
                     f"this batch ({need} new pages needed, {len(self.free)} free, nothing to evict)"
                 )
             self.evict(victim)
-        return self._table(entries, start, n, c, grow, upload)
+        return self._table(entries, n, c, grow, upload)
 
-    def _table(self, entries, start, n, c, grow, upload: bool) -> PageTable:
-        """The batch's page table, with numpy over the batch (room for `grow` is there)."""
-        size = self.page_size
-        fresh = self.take(int(grow.sum()))
-        cut = np.cumsum(grow)
-        for e, k, end in zip(entries, grow.tolist(), cut.tolist()):
+    def _table(self, entries, n, c, grow, upload: bool) -> PageTable:
+        """The batch's page table (room for `grow` is there): per-user sizes as Python ints (a
+        batch has a few users), per-token arrays with a fixed number of numpy calls whatever
+        the batch size (each costs about a microsecond)."""
+        size, B = self.page_size, len(entries)
+        fresh, at = self.take(sum(grow)), 0
+        for e, k in zip(entries, grow):
             if k:
-                e.pages = np.concatenate([e.pages, fresh[end - k : end]])
-        counts = np.fromiter((e.pages.size for e in entries), np.int64, len(entries))
-        indptr = np.zeros(len(entries) + 1, np.int32)
-        np.cumsum(counts, out=indptr[1:])
+                e.pages, at = np.concatenate([e.pages, fresh[at : at + k]]), at + k
+        start = [e.length for e in entries]
+        end = [s + k for s, k in zip(start, n)]
+        counts = [e.pages.size for e in entries]
         ids = np.concatenate([e.pages for e in entries]) if entries else np.zeros(0, np.int32)
-        # New token t of user b: position start[b] + j, row offset[b] + j (rows of a user are
-        # [new history | candidates], users back to back).
-        row0 = np.zeros(len(entries), np.int64)
-        np.cumsum((n + c)[:-1], out=row0[1:])
-        user = np.repeat(np.arange(len(entries)), n)
-        j = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
-        positions = start[user] + j
-        end = start + n
-        for e, length in zip(entries, end.tolist()):
+        pages_before = list(accumulate(counts, initial=0))
+        rows_before = list(accumulate((k + m for k, m in zip(n, c)), initial=0))
+        tokens_before = list(accumulate(n, initial=0))
+        # New token k of the batch (user u's) is at position start_u + k - tokens_before_u of
+        # u's sequence and in row rows_before_u + k - tokens_before_u (rows of a user are [new
+        # history | candidates], users back to back); its page is the user's page number
+        # position // size. One repeat of a per-user table gives each token its user's.
+        per_token = np.repeat(
+            np.array(
+                [
+                    (start[u] - tokens_before[u], rows_before[u] - tokens_before[u], pages_before[u])
+                    for u in range(B)
+                ],
+                np.int64,
+            ).reshape(B, 3),
+            n,
+            axis=0,
+        )
+        k = np.arange(tokens_before[-1])
+        positions = k + per_token[:, 0]
+        for e, length in zip(entries, end):
             e.length = length
         host = {
-            "page_indptr": indptr,
+            "page_indptr": np.array(pages_before, np.int32),
             "page_ids": ids.astype(np.int32, copy=False),
-            "cached_lengths": start.astype(np.int32),
-            "last_page_len": np.where(counts > 0, end - (counts - 1) * size, 0).astype(np.int32),
-            "new_rows": row0[user] + j,
-            "new_page": ids[indptr[user] + positions // size].astype(np.int64),
+            "cached_lengths": np.array(start, np.int32),
+            "last_page_len": np.array(
+                [e - (p - 1) * size if p > 0 else 0 for e, p in zip(end, counts)], np.int32
+            ),
+            "new_rows": k + per_token[:, 1],
+            "new_page": ids[per_token[:, 2] + positions // size].astype(np.int64),
             "new_slot": positions % size,
         }
-        table = PageTable(host=host, max_kv_len=int(end.max(initial=0)))
+        table = PageTable(host=host, max_kv_len=max(end, default=0))
         return table.upload(self.device) if upload else table
