@@ -12,6 +12,7 @@ does not, so the host can prepare batch i+1 while the GPU still runs batch i.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from itertools import accumulate
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -139,8 +140,7 @@ def make_batch(
     upload: bool = True,
 ) -> Batch:
     """upload=False: host arrays only (`Batch.host`; see `upload_step`)."""
-    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
-    np.cumsum(rows, out=offsets[1:])
+    offsets = np.array(list(accumulate(rows, initial=0)), dtype=np.int32)
     host = {"offsets": offsets, "num_candidates": np.asarray(num_candidates, dtype=np.int32)}
     batch = Batch(None, None, max_len=int(max(rows, default=0)), pages=pages, host=host)
     return batch.upload(device) if upload else batch

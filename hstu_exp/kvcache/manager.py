@@ -61,8 +61,11 @@ class KVCacheManager:
         else:
             now_kinds, now_ids, _ = request.arrays
             now_ids, now_kinds = now_ids[:held], now_kinds[:held]
-            # both hold `held` tokens (the record is of the request that left them cached)
-            if not ((now_ids == ids[:held]).all() and (now_kinds == kinds[:held]).all()):
+            # Both hold `held` int64 tokens (the record is of the request that left them
+            # cached): equal bytes are equal tokens, and comparing bytes (memcmp) takes half the
+            # time of numpy's compare-and-reduce at a few thousand tokens.
+            same = now_ids.tobytes() == ids[:held].tobytes()
+            if not (same and now_kinds.tobytes() == kinds[:held].tobytes()):
                 diff = (now_ids != ids[:held]) | (now_kinds != kinds[:held])
                 first = int(np.flatnonzero(diff)[0])
                 problem = f"token {first} of its {held} cached tokens changed"

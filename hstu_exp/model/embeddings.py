@@ -28,6 +28,7 @@ from hstu_exp.data.synthetic import ACTION, CONTEXT, ITEM, Request
 # KJT keys, in the order their values are laid out. Candidates share the item table.
 KEYS = ("context", "item", "action", "candidate")
 _KIND_OF_KEY = {"context": CONTEXT, "item": ITEM, "action": ACTION}
+_KEY_OF_KIND = sorted(_KIND_OF_KEY, key=_KIND_OF_KEY.get)  # by kind code
 
 
 @dataclass
@@ -87,6 +88,9 @@ def _check_vocab(key: str, ids: np.ndarray, vocab: int) -> None:
 
 
 def _cat(parts: List[np.ndarray]) -> np.ndarray:
+    """One int64 array of the parts (a single part as it is: nothing writes into these)."""
+    if len(parts) == 1:
+        return parts[0].astype(np.int64, copy=False)
     return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, np.int64)
 
 
@@ -105,14 +109,6 @@ def _check_requests(requests, starts, *, num_context: int, max_history: int) -> 
         else:
             continue
         raise ValueError(f"user {r.user}: {why}")
-
-
-def _kind_limits(vocab: dict) -> np.ndarray:
-    """Rows of the table each token kind looks up, by kind code (0: no table)."""
-    limits = np.zeros(len(_KIND_OF_KEY), np.uint64)
-    for key, kind in _KIND_OF_KEY.items():
-        limits[kind] = vocab.get(key, 0)
-    return limits
 
 
 def make_tokens(
@@ -161,28 +157,24 @@ def make_tokens(
     )
     k = np.arange(tokens_before[-1])
     tok_row, seq_index, tok_user = k + per_token[:, 0], k + per_token[:, 1], per_token[:, 2]
-    per_cand = np.repeat(
-        np.array([(tokens_before[u + 1], r.history) for u, r in enumerate(requests)], np.int64).reshape(
-            B, 2
-        ),
-        c,
-        axis=0,
-    )
-    cand_row = np.arange(cands_before[-1]) + per_cand[:, 0]
-    pos = np.empty(tokens_before[-1] + cands_before[-1], np.int64)
+    cand_row = np.arange(cands_before[-1]) + np.repeat(np.array(tokens_before[1:], np.int64), c)
+    # Every row of a user at its history length (the candidates' position), then the tokens'.
+    rows = [a + b for a, b in zip(n, c)]
+    pos = np.repeat(np.array([r.history for r in requests], np.int64), rows)
     if num_context:
         seq_index = np.where(
             seq_index < num_context, max_history + 1 + seq_index, seq_index - num_context
         )
     pos[tok_row] = seq_index
-    pos[cand_row] = per_cand[:, 1]
 
     # Tokens grouped by kind (a stable sort keeps each kind's in batch order): each KJT key's
     # values are one slice of them.
-    order = np.argsort(kinds, kind="stable")
+    # (int8 kinds: numpy sorts them by radix, in linear time)
+    order = np.argsort(kinds.astype(np.int8), kind="stable")
     by_kind, rows_by_kind = ids[order], tok_row[order]
-    counts = np.bincount(kinds * B + tok_user, minlength=len(_KIND_OF_KEY) * B).reshape(-1, B)
-    bounds = list(accumulate(counts.sum(axis=1).tolist(), initial=0))
+    counts = np.bincount(kinds * B + tok_user, minlength=len(_KIND_OF_KEY) * B)
+    counts = counts.reshape(len(_KIND_OF_KEY), B)
+    bounds = list(accumulate(np.bincount(kinds, minlength=len(_KIND_OF_KEY)).tolist(), initial=0))
     if "context" not in vocab and bounds[CONTEXT + 1] > bounds[CONTEXT]:
         raise ValueError(
             "requests carry context tokens but the model has no context table (model.num_context=0)"
@@ -201,8 +193,10 @@ def make_tokens(
             lengths.append(counts[kind])
     # Viewed as unsigned, a negative id is larger than any table: one compare checks both ends.
     # Only when some id is out of range are the keys checked one by one, for the message.
-    if bool((ids.view(np.uint64) >= _kind_limits(vocab)[kinds]).any()) or bool(
-        (cand_ids.view(np.uint64) >= vocab["candidate"]).any()
+    limits = np.array([vocab.get(key, 0) for key in _KEY_OF_KIND], np.uint64)  # 0: no table
+    if (
+        bool((ids.view(np.uint64) >= limits[kinds]).any())
+        or int(cand_ids.view(np.uint64).max(initial=0)) >= vocab["candidate"]
     ):
         for key, v in zip(keys, values):
             _check_vocab("item" if key == "candidate" else key, v, vocab[key])
@@ -219,7 +213,7 @@ def make_tokens(
         dest=None,
         positions=None,
         candidate_rows=None,
-        rows=[a + b for a, b in zip(n, c)],
+        rows=rows,
         num_candidates=c,
         num_rows=int(pos.size),
         host=host,
