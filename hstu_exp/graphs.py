@@ -69,7 +69,8 @@ def write_parts(parts: List[Part], out: Dict[str, Tuple[np.ndarray, int]]) -> No
         k, at = live.size, first + at
         if k > size:
             raise ValueError(f"graph staging: {k} values of {name} in a bucket that holds {size}")
-        field[at : at + k] = live
+        if k:
+            field[at : at + k] = live
         if k < size:
             field[at + k : at + size] = fill
 
