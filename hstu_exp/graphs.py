@@ -95,9 +95,9 @@ def padded(parts: List[Part]) -> Dict[str, np.ndarray]:
 def metadata_parts(
     batch: Batch, bucket: Bucket, *, pages_per_user: int, scratch_page: int
 ) -> List[Part]:
-    """The batch's metadata (its host arrays) padded to the bucket. Extra users have length 0
-    (offsets and page_indptr repeat their last value, no candidates, no cached keys); page ids
-    and K/V appends past the batch's own go to the scratch page."""
+    """The parts of the batch's metadata (its host arrays) padded to the bucket. Extra users
+    have length 0 (offsets and page_indptr repeat their last value, no candidates, no cached
+    keys); page ids and K/V appends past the batch's own go to the scratch page."""
     if batch.host is None or (bucket.kv and batch.pages.host is None):
         raise ValueError(
             "graph staging needs the host-side metadata of `make_batch` and `PagedKVCache.plan`"
