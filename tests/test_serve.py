@@ -52,7 +52,7 @@ def within(observed, expected, sd, k=5.0):
 
 
 def test_poisson_arrivals_have_the_asked_rate_popularity_and_mix():
-    a, kw = arrivals()
+    a, kw = arrivals(max_items=1 << 30)  # no history fills up: every user keeps its id
     n = len(a)
     lam = kw["qps"] * kw["horizon_s"]
     within(n, lam, math.sqrt(lam))  # a Poisson count
@@ -78,7 +78,7 @@ def test_poisson_arrivals_have_the_asked_rate_popularity_and_mix():
 
 
 def test_uniform_popularity_and_the_same_seed_gives_the_same_arrivals():
-    a, kw = arrivals(user_skew=0.0, new_user_rate=0.0, horizon_s=100.0)
+    a, kw = arrivals(user_skew=0.0, new_user_rate=0.0, horizon_s=100.0, max_items=1 << 30)
     counts = np.bincount([x.user for x in a], minlength=kw["num_users"])
     expected = len(a) / kw["num_users"]
     assert abs(counts - expected).max() < 6 * math.sqrt(expected)
@@ -86,18 +86,32 @@ def test_uniform_popularity_and_the_same_seed_gives_the_same_arrivals():
     assert again == a
 
 
-def test_histories_grow_by_each_return_and_stop_at_the_cap():
+def test_histories_grow_by_each_return_and_a_full_one_makes_way_for_a_new_user():
     a, kw = arrivals(horizon_s=20.0, max_items=30)
     items = histories(a, kw["max_items"])
-    last = {}
+    last, renewed = {}, 0
     for x, h in zip(a, items):
-        if x.user in last:  # a return adds items_per_return, up to the cap
-            assert h == min(last[x.user] + kw["items_per_return"], kw["max_items"])
-        elif x.user >= kw["num_users"]:  # a new user starts with one return's items
+        if x.user in last:  # a return adds items_per_return, never past max_items
+            assert h == last[x.user] + kw["items_per_return"] <= kw["max_items"]
+            renewed += x.user >= kw["num_users"]
+        elif x.user >= kw["num_users"]:  # a new user, or one in a full user's place: one return
             assert h == kw["items_per_return"]
         else:  # the population's first request brings its history so far
             assert 1 <= h <= kw["max_items"]
         last[x.user] = h
+    assert renewed > 0  # users in a full user's place came back
+
+
+def test_the_histories_keep_their_distribution_over_a_long_run():
+    """Work a request asks for does not drift with the run's length: the mean history of the
+    last quarter of a 200 s run is that of the first (with histories capped instead of renewed,
+    it would climb to max_items)."""
+    a, kw = arrivals(max_items=64, items_per_return=4)
+    items = np.array(histories(a, kw["max_items"]))
+    quarter = len(items) // 4
+    first, last = items[:quarter].mean(), items[-quarter:].mean()
+    assert abs(last - first) < 0.1 * first, (first, last)
+    assert last < 0.6 * kw["max_items"], last
 
 
 def test_a_trace_is_read_and_bad_lines_are_named(tmp_path):

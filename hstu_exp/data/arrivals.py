@@ -7,7 +7,11 @@ Two sources, one shape (`Arrival`, in time order):
   uniform), or, with probability `new_user_rate`, a user never seen before. A population user's
   first arrival brings its whole history so far (uniform in 1..max_items items: the population
   has been around), every later one `items_per_return` new items; a new user starts with
-  `items_per_return`. Candidates: `num_candidates`, or uniform in num_candidates..candidates_max.
+  `items_per_return`. A return that would take a history past max_items starts a new user in
+  that place (a new id, `items_per_return` items, the same popularity): the histories keep the
+  distribution they start with, so a long run and a short one at one rate ask for the same work
+  (with a cap instead, every history would climb to max_items over a run). Candidates:
+  `num_candidates`, or uniform in num_candidates..candidates_max.
 - `read_trace`: a CSV with exactly the columns `time,user,new_items,candidates` (seconds from
   the start, user id, history items added since that user's last request, candidates to rank).
 
@@ -76,28 +80,35 @@ class UserDraws:
         rng: np.random.Generator,
     ):
         self.num_users, self.new_user_rate, self.rng = num_users, new_user_rate, rng
-        self.items_per_return = items_per_return
+        self.items_per_return, self.max_items = items_per_return, max_items
         self.p = zipf_weights(num_users, user_skew)
-        self.first_items = rng.integers(1, max_items + 1, size=num_users)  # histories so far
+        self.items = rng.integers(1, max_items + 1, size=num_users)  # each place's history so far
+        self.ids = list(range(num_users))  # the user now in each place of the population
         self.cands = (num_candidates, candidates_max if candidates_max is not None else num_candidates)
-        self.seen: set = set()
+        self.seen: set = set()  # places whose user has sent a request
         self.next_new = num_users
 
     def draw(self, n: int) -> List[tuple]:
-        rng = self.rng
+        rng, step = self.rng, self.items_per_return
         popular = rng.choice(self.num_users, size=n, p=self.p)
         is_new = rng.random(n) < self.new_user_rate
         cands = rng.integers(self.cands[0], self.cands[1] + 1, size=n)
         out = []
-        for user, new, c in zip(popular, is_new, cands):
+        for place, new, c in zip(popular.tolist(), is_new.tolist(), cands.tolist()):
             if new:
-                user, items = self.next_new, self.items_per_return
+                user, items = self.next_new, step
                 self.next_new += 1
+            elif place not in self.seen:  # the first request brings the history so far
+                self.seen.add(place)
+                user, items = self.ids[place], int(self.items[place])
+            elif self.items[place] + step > self.max_items:  # a new user takes the place
+                self.ids[place], self.items[place] = self.next_new, step
+                self.next_new += 1
+                user, items = self.ids[place], step
             else:
-                user = int(user)
-                items = self.items_per_return if user in self.seen else int(self.first_items[user])
-            self.seen.add(user)
-            out.append((user, items, int(c)))
+                self.items[place] += step
+                user, items = self.ids[place], step
+            out.append((user, items, c))
         return out
 
 

@@ -94,7 +94,7 @@ def make_stream(cfg, qps: float) -> Stream:
 class Population:
     """Requests drawn on demand, in arrival order (the real server: LoadGen says when, this says
     who and what). Request k: (user, history tokens, candidates); a user's history grows by
-    each return (data/arrivals.UserDraws), capped at the model's max_history."""
+    each return until a new user takes its place (data/arrivals.UserDraws)."""
 
     def __init__(self, model, draws: UserDraws, *, chunk: int = 4096):
         self.max_items = -(-model.max_history // 2)
