@@ -1,13 +1,15 @@
 """FP8 (e4m3) GEMMs for the HSTU layer's two projections, UVQK and W_o (kernel.gemm_dtype=fp8).
 
-Row-wise scales on both sides: each activation row and each weight row (output channel) is
-scaled so its largest magnitude maps to e4m3's 448, and the product is rescaled in the GEMM's
-epilogue (`torch._scaled_mm` with an [M, 1] and a [1, N] float32 scale: cuBLASLt / CUTLASS on
-Hopper, also implemented on CPUs). Why `torch._scaled_mm` and not torchao's float8: it is in the
-torch the GPU box has (2.11), needs no wheel, takes bias in the same call, is CUDA-graph safe and
-keeps the quantisation of activations ours, so it can live in the LayerNorm kernels that already
-read and write those rows (`fused.layernorm(..., fp8=True)`, `fused.layernorm_mul(..., fp8=
-True)`); torchao's dynamic float8 linear would add its own quantisation pass over them.
+Row-wise scales on both sides: each activation row and each weight row (output channel) is scaled so
+its largest magnitude maps to e4m3's 448, and the product is rescaled in the GEMM's epilogue
+(`torch._scaled_mm` with an [M, 1] and a [1, N] float32 scale: cuBLASLt / CUTLASS on Hopper; on a
+CPU the same product in float32 from the e4m3 values). Why `torch._scaled_mm` and not torchao's
+float8: it is in the torch the GPU box has (2.11), needs no wheel, takes bias in the same call, is
+CUDA-graph safe and keeps the quantisation of activations ours, so it can live in the LayerNorm
+kernels that already read and write those rows (`fused.layernorm(..., fp8=True)`,
+`fused.layernorm_mul(..., fp8=True)`); torchao's dynamic float8 linear would add its own
+quantisation pass over them.
+
 Row-wise rather than per-tensor: one outlier row (a candidate, a context token) would otherwise
 cost every other row its precision, and the row amax is free where the row is in registers.
 """
@@ -65,6 +67,11 @@ def scaled_linear(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """(xq * x_scale) (w.q * w.scale)^T + bias in out_dtype; float32 accumulation."""
+    if xq.device.type == "cpu":
+        # The same product from the e4m3 values in float32: torch 2.11's CPU `_scaled_mm` (the
+        # GPU box's torch) takes per-tensor scales only.
+        out = (xq.float() * x_scale) @ (w.q.float() * w.scale.t()).t()
+        return (out if bias is None else out + bias.float()).to(out_dtype)
     return torch._scaled_mm(xq, w.q.t(), x_scale, w.scale, bias=bias, out_dtype=out_dtype)
 
 
