@@ -21,8 +21,9 @@ def test_a_test_of_a_shared_fixture_goes_with_its_file_and_any_other_alone():
     assert work_unit(through_a_fixture) == "tests/test_readme_tables.py"
 
 
-# three tests of test_figures.py that share its `sweep` fixture, two that use none
-SHARED = ["test_pngs_have_the_content", "test_heatmap_one_panel_per_mode_one_scale_centred_at_one"]
+# three tests of test_figures.py that share its `block` fixture (drawing no PNG), two that use none
+SHARED = ["test_speedup_bars_have_a_one_line_error_bars_labels_and_hatched_invalid"]
+SHARED += ["test_heatmap_one_panel_per_mode_one_scale_centred_at_one"]
 SHARED += ["test_latency_bars_per_batch_size_one_bar_per_cached_length"]
 ALONE = ["test_grouped_bars_give_every_series_its_own_colour"]
 ALONE += ["test_e2e_host_device_bars_hold_the_per_batch_times"]
@@ -46,5 +47,5 @@ def test_two_workers_run_a_files_shared_fixture_tests_on_one_of_them():
         )
     }
     assert sorted(ran) == sorted(SHARED + ALONE), proc.stdout[-3000:]
-    assert len({ran[name] for name in SHARED}) == 1, ran  # `sweep` made once
+    assert len({ran[name] for name in SHARED}) == 1, ran  # `block` made once
     assert set(ran.values()) == {"gw0", "gw1"}, ran  # the others went to the other worker
