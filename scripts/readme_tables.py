@@ -36,7 +36,7 @@ GOAL_SWEEPS = [
     "seed_attention_h200_hopper",
     "seed_e2e_h200_hopper",
 ]
-E2E_SWEEPS = ["seed_e2e_h200", "seed_e2e_h200_second", "seed_e2e_h100_repeats"]
+E2E_SWEEPS = ["seed_e2e_h200", "seed_e2e_h200_second", "seed_e2e_h100_repeats", "seed_e2e_h100_second"]
 SERVE_SWEEP = "serve_slo_h200"
 # The real-clock serving sweeps (scripts/gpu_serve.sh): max-QPS searches and the fixed-rate runs
 # beside them (a `_final` part: the found rate with LoadGen seeds 1-3). Empty until published.

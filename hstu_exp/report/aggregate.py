@@ -253,17 +253,20 @@ def repeat_units(r) -> list:
     return [list(samples)] if samples is not None else []
 
 
-REPEAT_COLUMNS = ["ci_low", "ci_high", "spread_low", "spread_high", "repeats", "repeats_agree"]
+REPEAT_COLUMNS = [
+    *("ci_low", "ci_high", "spread_low", "spread_high", "repeats", "repeats_agree", "pair_ratio")
+]
 
 
 def repeat_ratio(num_units: list, den_units: list) -> tuple:
     """stat(num) / stat(den) over two records' repeats (repeat_units), paired in the order
     they ran: (ci_low, ci_high) the within-run 95 % interval of the median pair, (spread_low,
     spread_high) the lowest and highest pair ratio, repeats the pairs, repeats_agree whether
-    the pairs' intervals overlap. NaNs and 0 pairs without units."""
+    the pairs' intervals overlap, pair_ratio the median pair's own ratio (the one its interval
+    belongs to). NaNs and 0 pairs without units."""
     pairs = [bootstrap_ratio(n, d) for n, d in zip(num_units, den_units)]
     if not pairs:
-        return (np.nan,) * 4 + (0, pd.NA)
+        return (np.nan,) * 4 + (0, pd.NA, np.nan)
     mid = sorted(pairs)[(len(pairs) - 1) // 2]
     return (
         mid[1],
@@ -272,6 +275,7 @@ def repeat_ratio(num_units: list, den_units: list) -> tuple:
         max(p[0] for p in pairs),
         len(pairs),
         intervals_overlap([p[1:] for p in pairs]),
+        mid[0],
     )
 
 
@@ -281,7 +285,8 @@ def speedups(
     """Each ok record vs the baseline record that is the same point but for `key` (and the keys
     in `ignore`, e.g. new_history against a full recompute): tracking.identity decides, from
     the resolved config. `speedup` = baseline / record of `value` (each record's median
-    repeat). Where the records hold their samples: ci_low, ci_high, the within-run 95 %
+    repeat; where the records hold their samples, the median repeat pair's ratio of
+    resampling-unit medians). Where the records hold their samples: ci_low, ci_high, the within-run 95 %
     interval (the median repeat pair's bootstrap of its resampling units, repeat_units);
     spread_low, spread_high, the lowest and highest ratio of the repeat pairs; repeats, how many
     pairs; repeats_agree, false when the pairs' intervals do not overlap (the runs disagree by
@@ -299,11 +304,15 @@ def speedups(
         merged = other.merge(base, on="_point", how="inner").drop(columns="_point")
     else:
         merged = other.head(0).drop(columns="_point").assign(**{"baseline_" + c: [] for c in carry})
-    merged["speedup"] = merged["baseline_" + value] / merged[value]
     rows = [repeat_ratio(b, o) for b, o in zip(merged["baseline__units"], merged["_units"])]
     for i, c in enumerate(REPEAT_COLUMNS):
         merged[c] = [r[i] for r in rows]
-    return merged.drop(columns=["_units", "baseline__units"])
+    # The median repeat pair's ratio where there are samples, so that the speedup lies in the
+    # interval given with it (the ratio of each side's median repeat may pair two repeats that
+    # never ran side by side).
+    plain = merged["baseline_" + value] / merged[value]
+    merged["speedup"] = pd.to_numeric(merged["pair_ratio"], errors="coerce").fillna(plain)
+    return merged.drop(columns=["_units", "baseline__units", "pair_ratio"])
 
 
 def block_speedups(df: pd.DataFrame) -> pd.DataFrame:

@@ -146,7 +146,9 @@ def join(a: pd.DataFrame, b: pd.DataFrame, ignore=()) -> tuple[pd.DataFrame, lis
     stats = [repeat_ratio(b, a) for a, b in zip(joined["_units_a"], joined["_units_b"])]
     for i, c in enumerate(REPEAT_COLUMNS):
         joined[c] = [row[i] for row in stats]
-    joined = joined.drop(columns=["_units_a", "_units_b", "_e2e_a", "_e2e_b"])
+    # judged by the median repeat pair's ratio where there are samples: the one the interval is of
+    joined["ratio"] = pd.to_numeric(joined["pair_ratio"], errors="coerce").fillna(joined["ratio"])
+    joined = joined.drop(columns=["_units_a", "_units_b", "_e2e_a", "_e2e_b", "pair_ratio"])
     joined["agrees"], joined["why_not"] = (
         zip(*(agreement(r) for _, r in joined.iterrows())) if len(joined) else ([], [])
     )
