@@ -4,17 +4,17 @@
 # room for start-up); a part cut short is continued by running it again (resume=true skips the
 # points already ok in its sweep dir). Pool: cache=paged sized to the card (cache.gpu_fraction of
 # the free memory); paged_offload: 16 GiB pool + 32 GiB host tier. Population: 1024 users.
-#   scripts/gpu_serve.sh OUT_DIR goal_fifo          # the goal: paged + graphs, FIFO: the search
-#   scripts/gpu_serve.sh OUT_DIR goal_fifo_final    # its max_qps again, 60 s x LoadGen seeds 1-3
+#   scripts/gpu_serve.sh OUT_DIR goal_fifo          # the goal: paged + graphs, FIFO: the search,
+#                                                   # then its max_qps 60 s x LoadGen seeds 1-3
+#   scripts/gpu_serve.sh OUT_DIR goal_fifo_final    # the found max_qps again (a re-run)
 #   scripts/gpu_serve.sh OUT_DIR goal_la goal_la_final               # the same, length-aware
 #   scripts/gpu_serve.sh OUT_DIR paged_eager none_graph offload_graph    # 1 seed each
 #   scripts/gpu_serve.sh OUT_DIR dlrmv3_server dlrmv3_offline
 #   scripts/gpu_serve.sh OUT_DIR sim_check          # 4 rates x both clocks, then the comparison
 #   scripts/gpu_serve.sh OUT_DIR replicas=1 replicas=8   # serving replicas: max QPS, 1 vs 8 GPUs
 # Goal (H200): max QPS at p99 <= 80 ms >= 4000, VALID, busy_fraction >= 0.8 at that rate. A
-# search with its 3 final seeds does not fit one call (start-up warm-up, ~7 trials of 10 s, 3 x
-# 60 s), so the goal's search runs with one final seed and the _final part re-runs the rate it
-# found with LoadGen seeds 1, 2, 3 in one process (model, graphs and tuning built once).
+# goal part fits one call: the start-up warm-up (every graph bucket: 90 s with Triton's cache
+# cold on an H100, 13 s warm), ~5 trials of 10 s, then 3 x 60 s at the rate found.
 set -u
 out=${1:?usage: scripts/gpu_serve.sh OUT_DIR PART...}
 shift
@@ -36,7 +36,7 @@ for part in "$@"; do
   case $part in
     goal_fifo|goal_la)
       run "$part" 480 experiment=serve_slo cache=paged graph=cudagraph \
-        workload.policy="$(policy $part)" workload.final_seeds=1 ;;
+        workload.policy="$(policy $part)" workload.final_seeds=3 ;;
     goal_fifo_final|goal_la_final)
       qps=$(max_qps "$out/${part%_final}")
       [ -n "$qps" ] || { echo "$part: no max_qps in $out/${part%_final} yet" >&2; exit 2; }
