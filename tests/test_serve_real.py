@@ -161,6 +161,20 @@ def test_the_worker_pipelines_answers_each_request_once_and_matches_a_recompute(
                 answers[p.index] = s
 
     requests = [request(seqs, u, h) for u, h in specs]
+    # The first three batches return only once the batcher has formed the next one, as a device
+    # still busy with them would give it time to: on a loaded CPU the batcher thread may
+    # otherwise not have run yet, and the worker rightly waits first.
+    serve, launched = path.serve, []
+
+    def serve_with_the_next_batch_formed(batch_requests, **kw):
+        served = serve(batch_requests, **kw)
+        launched.append(len(batch_requests))
+        deadline = time.time() + 10
+        while len(launched) <= 3 and not batcher.has_batch() and time.time() < deadline:
+            time.sleep(0.001)
+        return served
+
+    path.serve = serve_with_the_next_batch_formed
     worker = Worker(
         path, batcher, request=lambda p: requests[p.index], answer=answer, device="cpu", sample=range(24)
     )
