@@ -58,8 +58,8 @@ def embeddings(num_context):
     )
 
 
-def runner(paged, fit, num_context):
-    cache = PagedKVCache(
+def small_cache() -> PagedKVCache:
+    return PagedKVCache(
         num_layers=1,
         num_pages=96,
         page_size=PAGE,
@@ -68,6 +68,10 @@ def runner(paged, fit, num_context):
         dtype=torch.float32,
         device="cpu",
     )
+
+
+def runner(paged, fit, num_context):
+    cache = small_cache()
     core = BucketGraphs(
         device="cpu",
         batch_buckets=BATCHES,
@@ -174,15 +178,7 @@ def test_synthetic_batch_is_full_length_work_on_real_pages():
     bucket = Bucket(1, 16, 24)
     tokens, batch = ranker.synthetic_step(bucket)
     assert tokens.rows == [16] and tokens.num_candidates == [CANDIDATES]
-    real = PagedKVCache(
-        num_layers=1,
-        num_pages=96,
-        page_size=PAGE,
-        num_heads=1,
-        head_dim=2,
-        dtype=torch.float32,
-        device="cpu",
-    )
+    real = small_cache()
     real.plan([0], [14], [0])
     plan = real.plan([0], [10], [CANDIDATES], upload=False).host
     mine = batch.pages.host
