@@ -242,8 +242,14 @@ def _real_row(config, rate_cell: str, worst: dict, seeds: list, passed: list) ->
         + f" | {rate_cell} | {seed_cell} | {slo} | {_num(worst.get('p99_ms'), '.1f')} ms "
         f"| {_reason(worst)} | {_num(worst.get('busy_fraction'), '.2f')} "
         f"| {_num(worst.get('host_ms_per_batch'), '.2f')} "
-        f"| {_num(worst.get('device_ms_per_batch'), '.2f')} |"
+        f"| {_num(worst.get('device_ms_per_batch'), '.2f')} | {_card(worst)} |"
     )
+
+
+def _card(r) -> str:
+    """Where a run ran: the GPU's name (a CPU run says CPU) and the commit."""
+    card = "CPU" if r.get("device") == "cpu" else str(r.get("device_name"))
+    return f"{card}, {str(r.get('git_sha'))[:7]}"
 
 
 def _seed(r):
@@ -298,12 +304,12 @@ def serve_real_table(root: Path, sweeps: list) -> list:
         "| model (clock: real (LoadGen)) | cache | graph | policy "
         "| max QPS [highest passing-lowest failing], search trials | final rate: LoadGen seeds "
         "| SLO | p99 (worst seed) | LoadGen verdict (worst seed) | busy fraction "
-        "| host ms / batch | device ms / batch |",
-        "|---" * 12 + "|",
+        "| host ms / batch | device ms / batch | card, commit |",
+        "|---" * 13 + "|",
     ]
     found = real_results(root, sweeps)
     if not found:
-        return rows + ["| no real-clock sweep published yet |" + " - |" * 11]
+        return rows + ["| no real-clock sweep published yet |" + " - |" * 12]
     for f in found:
         worst = f["worst"]
         if f["search"] is not None:
