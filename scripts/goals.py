@@ -44,6 +44,7 @@ SERVE_GOAL = dict(
     busy=0.8,
     sim_error=0.25,
     sim_below=0.8,
+    card="H200",  # the card the goal is stated for; a run on another card is not judged met
 )
 BLOCK_COLUMNS = [
     "workload",

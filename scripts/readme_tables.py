@@ -39,8 +39,8 @@ GOAL_SWEEPS = [
 E2E_SWEEPS = ["seed_e2e_h200", "seed_e2e_h200_second", "seed_e2e_h100_repeats", "seed_e2e_h100_second"]
 SERVE_SWEEP = "serve_slo_h200"
 # The real-clock serving sweeps (scripts/gpu_serve.sh): max-QPS searches and the fixed-rate runs
-# beside them (a `_final` part: the found rate with LoadGen seeds 1-3). Empty until published.
-SERVE_REAL_SWEEPS: list = []
+# beside them (a `_final` part: the found rate with LoadGen seeds 1-3).
+SERVE_REAL_SWEEPS: list = ["serve_goal_fifo_h100", "serve_goal_la_h100"]
 # Sweeps that ran one configuration on both clocks (gpu_serve.sh sim_check), for docs/serving.md.
 SIM_CHECK_SWEEPS: list = []
 E2E_LABELS = {
@@ -362,6 +362,9 @@ def _max_qps_goal(f: dict, goal: dict) -> list:
     best, duration = s.get("max_qps"), worst.get("min_duration_s")
     where = f"{', '.join(f['config'][:3])}, {f['config'][3]}"
     why = []
+    card = str(worst.get("device_name"))
+    if goal["card"] not in card:
+        why.append(f"ran on {card}, the goal is for an {goal['card']}")
     if (s.get("slo_percentile"), s.get("slo_ms")) != (goal["percentile"], goal["slo_ms"]):
         why.append(f"SLO p{s.get('slo_percentile'):g} <= {s.get('slo_ms'):g} ms, not the goal's")
     if is_missing(best) or best < goal["qps"]:
@@ -378,7 +381,8 @@ def _max_qps_goal(f: dict, goal: dict) -> list:
         f"VALID ({where}) | {qps_cell}; final rate: {sum(passed)} of {len(passed)} seeds VALID "
         f"x {_num(duration, 'g')} s | {'no: ' + '; '.join(why) if why else 'yes'} |",
         f"| device busy fraction >= {goal['busy']:g} at that rate ({where}) "
-        f"| {_num(busy, '.2f')} (worst seed) | {'yes' if busy_met else 'no'} |",
+        f"| {_num(busy, '.2f')} (worst seed) "
+        f"| {'yes' if busy_met and goal['card'] in card else 'no'} |",
     ]
 
 
