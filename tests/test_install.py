@@ -45,7 +45,10 @@ def installed(tmp_path_factory):
 
 
 def _env():
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # Without PYTHONDONTWRITEBYTECODE: the first run writes the bytecode of what it imports
+    # (installed with --no-compile), so the other runs do not compile torch's modules again.
+    unset = ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")
+    return {k: v for k, v in os.environ.items() if k not in unset}
 
 
 def run(venv, *args, cwd):
