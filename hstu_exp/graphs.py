@@ -54,25 +54,38 @@ class Staged:
 
 # A padded field of a step's staged metadata, or one piece of it: (field, first element, live
 # values, padded length, fill). The live values go first, then the fill up to the padded length.
+# The fill is the bucket's own, the same for every batch of it (a staged buffer starts as a copy
+# of the bucket's template, which holds the fills); what changes from batch to batch is live.
 Part = Tuple[str, int, np.ndarray, int, object]
 
 _NONE = np.zeros(0, np.int64)
 
 
-def write_parts(parts: List[Part], out: Dict[str, Tuple[np.ndarray, int]]) -> None:
-    """Each part's live values and fill into its field: `out[field]` is (an array, the field's
-    first element in it). The one place padding is written: `padded` makes arrays of it;
-    `BucketGraphs.stage` writes straight into the packed buffer (no padded copies, no packing:
-    each numpy call costs the host about a microsecond)."""
-    for name, at, live, size, fill in parts:
+def write_parts(parts: List[Part], out: Dict[str, Tuple[np.ndarray, int]], *, fill=True) -> None:
+    """Each part's live values (and with `fill` its fill) into its field: `out[field]` is (an
+    array, the field's first element in it). The one place padding is written: `padded` makes
+    arrays of it; `BucketGraphs.stage` writes the live values straight into the packed buffer,
+    a copy of the bucket's template (no padded copies, no packing, no fills: each numpy call
+    costs the host about a microsecond)."""
+    for name, at, live, size, pad in parts:
         field, first = out[name]
         k, at = live.size, first + at
         if k > size:
             raise ValueError(f"graph staging: {k} values of {name} in a bucket that holds {size}")
         if k:
             field[at : at + k] = live
-        if k < size:
-            field[at + k : at + size] = fill
+        if fill and k < size:
+            field[at + k : at + size] = pad
+
+
+def extended(a: np.ndarray, n: int) -> np.ndarray:
+    """`a` followed by copies of its last value up to `n` values (extra users of a bucket: no
+    rows, no pages); `a` itself when it has `n` or more."""
+    if a.size >= n:
+        return a
+    out = np.empty(n, a.dtype)
+    out[: a.size], out[a.size :] = a, a[-1]
+    return out
 
 
 def fields_of(parts: List[Part]) -> List[Tuple[str, np.dtype, int]]:
@@ -104,13 +117,13 @@ def metadata_parts(
         )
     b, h = bucket.batch, batch.host
     parts = [
-        ("offsets", 0, h["offsets"], b + 1, h["offsets"][-1]),
+        ("offsets", 0, extended(h["offsets"], b + 1), b + 1, 0),
         ("num_candidates", 0, h["num_candidates"], b, 0),
     ]
     if bucket.kv:
         p = batch.pages.host
         parts += [
-            ("page_indptr", 0, p["page_indptr"], b + 1, p["page_indptr"][-1]),
+            ("page_indptr", 0, extended(p["page_indptr"], b + 1), b + 1, 0),
             ("cached_lengths", 0, p["cached_lengths"], b, 0),
             ("last_page_len", 0, p["last_page_len"], b, 0),
             ("page_ids", 0, p["page_ids"], b * pages_per_user, scratch_page),
@@ -152,13 +165,14 @@ def token_parts(tokens, bucket: Bucket) -> List[Part]:
     id 0 and land in a spare row (index bucket.rows) that the block never sees. Candidate rows
     are padded with row 0: their head outputs are computed and dropped."""
     h, cap, b = tokens.host, bucket.rows, bucket.batch
+    pad_user = np.array([cap - v.size for v in h["values"]], np.int64)  # its length, per key
     parts = []
     for k, (v, d, n) in enumerate(zip(h["values"], h["dest"], h["lengths"])):
         parts += [
             ("tok_values", k * cap, v, cap, 0),
             ("tok_dest", k * cap, d, cap, cap),
             ("tok_lengths", k * (b + 1), n, b, 0),
-            ("tok_lengths", k * (b + 1) + b, _NONE, 1, cap - v.size),  # the padding user's
+            ("tok_lengths", k * (b + 1) + b, pad_user[k : k + 1], 1, 0),
         ]
     return parts + [
         ("tok_positions", 0, h["positions"], cap + 1, 0),
@@ -263,6 +277,18 @@ def _synthetic_table(core: "BucketGraphs", bucket: Bucket, rows, starts, candida
     return PageTable(host=host, max_kv_len=kv)
 
 
+def _template(parts: List[Part]):
+    """(layout, template, places, dtypes) of a bucket's staged buffer: the packed layout of the
+    parts' fields, a buffer holding every part's fill (zeros between fields), each field's
+    (dtype, first element in the buffer viewed as that dtype) and the dtypes."""
+    layout, size = layout_of(fields_of(parts))
+    places = {name: (dtype, at // dtype.itemsize) for name, (at, dtype, _) in layout.items()}
+    template = np.zeros(size, np.uint8)
+    views = {name: (template.view(dtype), first) for name, (dtype, first) in places.items()}
+    write_parts([(name, at, _NONE, size, pad) for name, at, _, size, pad in parts], views)
+    return layout, template, places, {dtype for dtype, _ in places.values()}
+
+
 class _Captured:
     def __init__(self, meta, inputs, out, graph):
         # meta: the packed metadata on the device; inputs: static tensors a step copies into
@@ -302,6 +328,7 @@ class BucketGraphs:
         progress=None,
     ):
         self.device, self.pool = torch.device(device), pool
+        self.pin = self.device.type == "cuda"  # staged buffers in pinned memory
         self.max_candidates, self.num_context = max_candidates, num_context
         self.batch_buckets, self.token_buckets = list(batch_buckets), list(token_buckets)
         self.fit_rows = fit_rows
@@ -377,22 +404,21 @@ class BucketGraphs:
         return padded(self.parts(batch, bucket))
 
     def stage(self, parts: List[Part], bucket: Bucket, rows: int, candidates: int = 0) -> Staged:
-        """The padded parts written straight into one new buffer (pinned on CUDA), laid out as
-        every batch of the bucket is (the layout is made once a bucket); no device work."""
+        """The parts' live values written straight into one new buffer (pinned on CUDA) that
+        starts as a copy of the bucket's template: laid out as every batch of the bucket is,
+        its fills in place (both made once a bucket); no device work."""
         known = self.layouts.get(bucket)
         if known is None:
-            layout, size = layout_of(fields_of(parts))
-            # each field by its first element in the buffer viewed as its dtype
-            places = {name: (dtype, at // dtype.itemsize) for name, (at, dtype, _) in layout.items()}
-            dtypes = {dtype for dtype, _ in places.values()}
-            known = self.layouts[bucket] = (layout, size, places, dtypes)
-        layout, size, places, dtypes = known
+            known = self.layouts[bucket] = _template(parts)
+        layout, template, places, dtypes = known
         # The caching host allocator keeps a pinned block alive until the copy that reads it
         # is done, so each step writes a buffer of its own (no wait on the previous replay).
-        host = torch.empty(size, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        host = torch.empty(template.size, dtype=torch.uint8, pin_memory=self.pin)
         raw = host.numpy()
+        raw[:] = template
         typed = {dtype: raw.view(dtype) for dtype in dtypes}
-        write_parts(parts, {name: (typed[dtype], first) for name, (dtype, first) in places.items()})
+        out = {name: (typed[dtype], first) for name, (dtype, first) in places.items()}
+        write_parts(parts, out, fill=False)
         self.live_rows, self.run_rows = self.live_rows + rows, self.run_rows + bucket.rows
         return Staged(bucket, rows, host, layout, candidates)
 

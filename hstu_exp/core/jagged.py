@@ -131,6 +131,15 @@ class Batch:
         return replace(self, **{k: views[k] for k in BATCH_FIELDS})
 
 
+def per_user(values: Sequence[int], counts: Sequence[int]):
+    """values[u] for each of the counts[u] items (tokens, candidates) of user u, as one int64
+    array; with one user, its value alone (numpy broadcasts it: no repeat). The host path's
+    per-token arrays are `np.arange` plus such per-user offsets."""
+    if len(values) == 1:
+        return values[0]
+    return np.array(values, np.int64).repeat(counts)
+
+
 def make_batch(
     rows: Sequence[int],
     num_candidates: Sequence[int],

@@ -22,6 +22,10 @@ from hstu_exp.kvcache.paged import PagedKVCache
 log = logging.getLogger(__name__)
 
 
+def _int64(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.int64, copy=False)
+
+
 class CapacityError(ValueError):
     """A single request needs more pages than a tier holds."""
 
@@ -35,9 +39,8 @@ class KVCacheManager:
     def reset(self) -> None:
         """Forget every user, in the cache too, and zero the statistics."""
         self.cache.reset()
-        # user -> (kinds, ids) the cached K/V came from: numpy copies (numpy's compare and copy
-        # cost a fraction of torch's dispatch on these small CPU arrays)
-        self._seen: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
+        # user -> (kinds, ids) the cached K/V came from, as the bytes of their int64 arrays
+        self._seen: Dict[int, Tuple[bytes, bytes]] = {}
         self.hit_tokens = self.computed_tokens = self.invalidations = 0
         self.last_starts: List[int] = []  # cached prefix per request of the last batch planned
         self.batches: List[dict] = []  # per batch planned: where its tokens came from, bytes moved
@@ -54,19 +57,20 @@ class KVCacheManager:
                 self.cache.drop(user)
             self._seen.pop(user, None)
             return 0
-        kinds, ids = seen
         problem = None
         if request.seq_len < held:
             problem = f"its sequence shrank from {held} cached tokens to {request.seq_len}"
         else:
-            now_kinds, now_ids, _ = request.arrays
-            now_ids, now_kinds = now_ids[:held], now_kinds[:held]
-            # Both hold `held` int64 tokens (the record is of the request that left them
-            # cached): equal bytes are equal tokens, and comparing bytes (memcmp) takes half the
-            # time of numpy's compare-and-reduce at a few thousand tokens.
-            same = now_ids.tobytes() == ids[:held].tobytes()
-            if not (same and now_kinds.tobytes() == kinds[:held].tobytes()):
-                diff = (now_ids != ids[:held]) | (now_kinds != kinds[:held])
+            now_kinds, now_ids = (_int64(a[:held]) for a in request.arrays[:2])
+            # The record holds the bytes of the tokens that left `held` cached: equal bytes are
+            # equal tokens (a bytes compare is a memcmp, a fraction of numpy's compare-and-
+            # reduce at a few thousand tokens).
+            size = now_ids.nbytes
+            kinds, ids = (b if len(b) == size else b[:size] for b in seen)
+            if not (now_ids.tobytes() == ids and now_kinds.tobytes() == kinds):
+                diff = (now_ids != np.frombuffer(ids, np.int64)) | (
+                    now_kinds != np.frombuffer(kinds, np.int64)
+                )
                 first = int(np.flatnonzero(diff)[0])
                 problem = f"token {first} of its {held} cached tokens changed"
         if problem:
@@ -100,7 +104,7 @@ class KVCacheManager:
         starts: List[int] = [self.lookup(r) for r in requests]
         on_host = sum(s for r, s in zip(requests, starts) if r.user in host_tier)
         new = [r.seq_len - s for r, s in zip(requests, starts)]
-        candidates = [r.candidates.numel() for r in requests]
+        candidates = [r.arrays[2].size for r in requests]
         moved = self._bytes_moved()
         table = self.cache.plan(users, new, candidates, upload=upload)
         after = self._bytes_moved()
@@ -125,7 +129,7 @@ class KVCacheManager:
         ids: the next request of a user is checked against them)."""
         for r in self._pending:
             kinds, ids, _ = r.arrays
-            self._seen[r.user] = (kinds.copy(), ids.copy())
+            self._seen[r.user] = (_int64(kinds).tobytes(), _int64(ids).tobytes())
         self._pending = ()
 
     def _bytes_moved(self) -> Tuple[int, int]:

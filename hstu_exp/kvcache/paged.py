@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from hstu_exp.core.jagged import PageTable
+from hstu_exp.core.jagged import PageTable, per_user
 from hstu_exp.core.paging import pages_for
 from hstu_exp.ops.fp8 import E4M3, Fp8Pages
 
@@ -141,8 +141,10 @@ class PagedKVCache:
         if len(set(users)) != len(users):
             raise ValueError(f"a batch holds each user once, got {list(users)}")
         for user in users:  # touch first, so the batch's own users are the last to go
-            self.users.setdefault(user, UserPages())
-            self.users.move_to_end(user)
+            if user in self.users:
+                self.users.move_to_end(user)
+            else:
+                self.users[user] = UserPages()
         entries = [self.users[u] for u in users]
         size = self.page_size
         n, c = [int(k) for k in new_history], [int(k) for k in num_candidates]
@@ -164,47 +166,38 @@ class PagedKVCache:
         """The batch's page table (room for `grow` is there): per-user sizes as Python ints (a
         batch has a few users), per-token arrays with a fixed number of numpy calls whatever
         the batch size (each costs about a microsecond)."""
-        size, B = self.page_size, len(entries)
-        fresh, at = self.take(sum(grow)), 0
-        for e, k in zip(entries, grow):
-            if k:
-                e.pages, at = np.concatenate([e.pages, fresh[at : at + k]]), at + k
+        size = self.page_size
+        fresh, at, pieces = self.take(sum(grow)), 0, []
+        for e, k in zip(entries, grow):  # each user's pages, then its new ones
+            pieces += [e.pages, fresh[at : at + k]]
+            at += k
+        ids = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
         start = [e.length for e in entries]
         end = [s + k for s, k in zip(start, n)]
-        counts = [e.pages.size for e in entries]
-        ids = np.concatenate([e.pages for e in entries]) if entries else np.zeros(0, np.int32)
-        pages_before = list(accumulate(counts, initial=0))
+        pages_before = list(accumulate((e.pages.size + k for e, k in zip(entries, grow)), initial=0))
+        # Each user's page list becomes its slice of the batch's (no copy per user).
+        for u, (e, length) in enumerate(zip(entries, end)):
+            e.pages, e.length = ids[pages_before[u] : pages_before[u + 1]], length
+        last = [e - (p - 1) * size if p > 0 else 0 for e, p in zip(end, (u.pages.size for u in entries))]
         rows_before = list(accumulate((k + m for k, m in zip(n, c)), initial=0))
         tokens_before = list(accumulate(n, initial=0))
         # New token k of the batch (user u's) is at position start_u + k - tokens_before_u of
         # u's sequence and in row rows_before_u + k - tokens_before_u (rows of a user are [new
-        # history | candidates], users back to back); its page is the user's page number
-        # position // size. One repeat of a per-user table gives each token its user's.
-        per_token = np.repeat(
-            np.array(
-                [
-                    (start[u] - tokens_before[u], rows_before[u] - tokens_before[u], pages_before[u])
-                    for u in range(B)
-                ],
-                np.int64,
-            ).reshape(B, 3),
-            n,
-            axis=0,
-        )
+        # history | candidates], users back to back). Counted from the start of u's first page
+        # in the batch's page list, that position is `at`: its page is ids[at // size], its
+        # slot at % size.
         k = np.arange(tokens_before[-1])
-        positions = k + per_token[:, 0]
-        for e, length in zip(entries, end):
-            e.length = length
+        at = k + per_user(
+            [p * size + s - t for p, s, t in zip(pages_before[:-1], start, tokens_before)], n
+        )
         host = {
             "page_indptr": np.array(pages_before, np.int32),
-            "page_ids": ids.astype(np.int32, copy=False),
+            "page_ids": ids,
             "cached_lengths": np.array(start, np.int32),
-            "last_page_len": np.array(
-                [e - (p - 1) * size if p > 0 else 0 for e, p in zip(end, counts)], np.int32
-            ),
-            "new_rows": k + per_token[:, 1],
-            "new_page": ids[per_token[:, 2] + positions // size].astype(np.int64),
-            "new_slot": positions % size,
+            "last_page_len": np.array(last, np.int32),
+            "new_rows": k + per_user([r - t for r, t in zip(rows_before[:-1], tokens_before)], n),
+            "new_page": ids[at // size].astype(np.int64),
+            "new_slot": at % size,
         }
         table = PageTable(host=host, max_kv_len=max(end, default=0))
         return table.upload(self.device) if upload else table

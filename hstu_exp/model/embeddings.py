@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
-from hstu_exp.core.jagged import to_device
+from hstu_exp.core.jagged import per_user, to_device
 from hstu_exp.data.synthetic import ACTION, CONTEXT, ITEM, Request
 
 # KJT keys, in the order their values are laid out. Candidates share the item table.
@@ -145,22 +145,16 @@ def make_tokens(
     # The user's rows are [uncached tokens | candidates], after the previous users' rows. Token
     # k of the batch (user u's) sits in row k + (candidates before u) and is token
     # k + start_u - (tokens before u) of u's sequence; candidate i (user u's) sits in row
-    # i + (tokens up to and with u's). One repeat of a per-user table gives each its user's.
+    # i + (tokens up to and with u's), at position history_u.
     tokens_before = list(accumulate(n, initial=0))
     cands_before = list(accumulate(c, initial=0))
-    per_token = np.repeat(
-        np.array(
-            [(cands_before[u], starts[u] - tokens_before[u], u) for u in range(B)], np.int64
-        ).reshape(B, 3),
-        n,
-        axis=0,
-    )
     k = np.arange(tokens_before[-1])
-    tok_row, seq_index, tok_user = k + per_token[:, 0], k + per_token[:, 1], per_token[:, 2]
-    cand_row = np.arange(cands_before[-1]) + np.repeat(np.array(tokens_before[1:], np.int64), c)
-    # Every row of a user at its history length (the candidates' position), then the tokens'.
+    tok_row = k + per_user(cands_before[:-1], n)
+    seq_index = k + per_user([s - t for s, t in zip(starts, tokens_before)], n)
+    cand_row = np.arange(cands_before[-1]) + per_user(tokens_before[1:], c)
     rows = [a + b for a, b in zip(n, c)]
-    pos = np.repeat(np.array([r.history for r in requests], np.int64), rows)
+    pos = np.empty(tokens_before[-1] + cands_before[-1], np.int64)
+    pos[cand_row] = per_user([r.history for r in requests], c)
     if num_context:
         seq_index = np.where(
             seq_index < num_context, max_history + 1 + seq_index, seq_index - num_context
@@ -169,12 +163,18 @@ def make_tokens(
 
     # Tokens grouped by kind (a stable sort keeps each kind's in batch order): each KJT key's
     # values are one slice of them.
-    # (int8 kinds: numpy sorts them by radix, in linear time)
-    order = np.argsort(kinds.astype(np.int8), kind="stable")
+    # (int8 kinds: numpy sorts them by radix, in linear time; array methods, not np.argsort
+    # and the like: numpy's function wrappers cost about a microsecond a call)
+    order = kinds.astype(np.int8).argsort(kind="stable")
     by_kind, rows_by_kind = ids[order], tok_row[order]
-    counts = np.bincount(kinds * B + tok_user, minlength=len(_KIND_OF_KEY) * B)
-    counts = counts.reshape(len(_KIND_OF_KEY), B)
-    bounds = list(accumulate(np.bincount(kinds, minlength=len(_KIND_OF_KEY)).tolist(), initial=0))
+    per_kind = np.bincount(kinds, minlength=len(_KIND_OF_KEY))
+    if B == 1:  # the one user's tokens of each kind
+        counts = per_kind.reshape(len(_KIND_OF_KEY), 1)
+    else:
+        user = np.arange(B).repeat(n)
+        counts = np.bincount(kinds * B + user, minlength=len(_KIND_OF_KEY) * B)
+        counts = counts.reshape(len(_KIND_OF_KEY), B)
+    bounds = list(accumulate(per_kind.tolist(), initial=0))
     if "context" not in vocab and bounds[CONTEXT + 1] > bounds[CONTEXT]:
         raise ValueError(
             "requests carry context tokens but the model has no context table (model.num_context=0)"
@@ -194,9 +194,8 @@ def make_tokens(
     # Viewed as unsigned, a negative id is larger than any table: one compare checks both ends.
     # Only when some id is out of range are the keys checked one by one, for the message.
     limits = np.array([vocab.get(key, 0) for key in _KEY_OF_KIND], np.uint64)  # 0: no table
-    if (
-        bool((ids.view(np.uint64) >= limits[kinds]).any())
-        or int(cand_ids.view(np.uint64).max(initial=0)) >= vocab["candidate"]
+    if np.count_nonzero(ids.view(np.uint64) >= limits[kinds]) or np.count_nonzero(
+        cand_ids.view(np.uint64) >= vocab["candidate"]
     ):
         for key, v in zip(keys, values):
             _check_vocab("item" if key == "candidate" else key, v, vocab[key])
