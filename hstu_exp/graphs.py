@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -342,16 +343,22 @@ class BucketGraphs:
         self.capture_s = 0.0
         self.live_rows = self.run_rows = 0
         self.progress = progress or (lambda msg: None)
+        self._bucket = lru_cache(maxsize=4096)(self._bucket_of)
 
     def bucket_for(self, batch: Batch) -> Bucket:
-        b = smallest(self.batch_buckets, batch.batch_size, "graph.batch_buckets")
-        t = smallest(self.token_buckets, batch.max_len, "graph.token_buckets")
-        kv = 0
-        if batch.pages is not None:
-            kv = kv_bucket(batch.pages.max_kv_len, self.page_size, self.max_history)
-        fit = 0
+        kv = batch.pages.max_kv_len if batch.pages is not None else None
+        rows = None
         if self.fit_rows and batch.host is not None:
-            fit = fit_rows(int(batch.host["offsets"][-1]), min(self.token_buckets), b * t)
+            rows = int(batch.host["offsets"][-1])
+        return self._bucket(batch.batch_size, batch.max_len, kv, rows)
+
+    def _bucket_of(self, batch_size: int, max_len: int, kv_len: Optional[int], rows):
+        """The bucket of a batch of these sizes (kv_len None: full mode; rows: its rows, or None
+        without fit_rows). `_bucket` remembers the answers (a few microseconds a step)."""
+        b = smallest(self.batch_buckets, batch_size, "graph.batch_buckets")
+        t = smallest(self.token_buckets, max_len, "graph.token_buckets")
+        kv = 0 if kv_len is None else kv_bucket(kv_len, self.page_size, self.max_history)
+        fit = 0 if rows is None else fit_rows(rows, min(self.token_buckets), b * t)
         return Bucket(b, t, kv, fit)
 
     def buckets(self) -> list:
