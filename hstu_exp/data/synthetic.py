@@ -47,6 +47,17 @@ class Request:
         microsecond. A request is not changed once made."""
         return self.kinds.numpy(), self.ids.numpy(), self.candidates.numpy()
 
+    @cached_property
+    def fingerprint(self) -> Tuple[bytes, bytes]:
+        """The bytes of its token kinds and ids as int64, made once: the KV-cache manager checks
+        a user's next request against them (a prefix compare of bytes is a memcmp) and keeps
+        them as the record of what the cached K/V came from."""
+        kinds, ids, _ = self.arrays
+        return (
+            kinds.astype(np.int64, copy=False).tobytes(),
+            ids.astype(np.int64, copy=False).tobytes(),
+        )
+
 
 def interleave(context: torch.Tensor, items: torch.Tensor, actions: torch.Tensor):
     """(kinds, ids) of `[context | i1, a1, i2, a2, ...]`; one action fewer than items is allowed

@@ -22,10 +22,6 @@ from hstu_exp.kvcache.paged import PagedKVCache
 log = logging.getLogger(__name__)
 
 
-def _int64(a: np.ndarray) -> np.ndarray:
-    return a.astype(np.int64, copy=False)
-
-
 class CapacityError(ValueError):
     """A single request needs more pages than a tier holds."""
 
@@ -39,7 +35,7 @@ class KVCacheManager:
     def reset(self) -> None:
         """Forget every user, in the cache too, and zero the statistics."""
         self.cache.reset()
-        # user -> (kinds, ids) the cached K/V came from, as the bytes of their int64 arrays
+        # user -> the fingerprint of the request its cached K/V came from (`Request.fingerprint`)
         self._seen: Dict[int, Tuple[bytes, bytes]] = {}
         self.hit_tokens = self.computed_tokens = self.invalidations = 0
         self.last_starts: List[int] = []  # cached prefix per request of the last batch planned
@@ -61,15 +57,14 @@ class KVCacheManager:
         if request.seq_len < held:
             problem = f"its sequence shrank from {held} cached tokens to {request.seq_len}"
         else:
-            now_kinds, now_ids = (_int64(a[:held]) for a in request.arrays[:2])
-            # The record holds the bytes of the tokens that left `held` cached: equal bytes are
-            # equal tokens (a bytes compare is a memcmp, a fraction of numpy's compare-and-
-            # reduce at a few thousand tokens).
-            size = now_ids.nbytes
+            # Equal bytes are equal tokens: the record is the fingerprint of the request that
+            # left `held` tokens cached (8 bytes a token), and starts this one's if they agree.
+            size = held * 8
             kinds, ids = (b if len(b) == size else b[:size] for b in seen)
-            if not (now_ids.tobytes() == ids and now_kinds.tobytes() == kinds):
-                diff = (now_ids != np.frombuffer(ids, np.int64)) | (
-                    now_kinds != np.frombuffer(kinds, np.int64)
+            now_kinds, now_ids = request.fingerprint
+            if not (now_ids.startswith(ids) and now_kinds.startswith(kinds)):
+                diff = (np.frombuffer(now_ids, np.int64)[:held] != np.frombuffer(ids, np.int64)) | (
+                    np.frombuffer(now_kinds, np.int64)[:held] != np.frombuffer(kinds, np.int64)
                 )
                 first = int(np.flatnonzero(diff)[0])
                 problem = f"token {first} of its {held} cached tokens changed"
@@ -128,8 +123,7 @@ class KVCacheManager:
         """Record what the last planned batch's K/V came from (copies of its token kinds and
         ids: the next request of a user is checked against them)."""
         for r in self._pending:
-            kinds, ids, _ = r.arrays
-            self._seen[r.user] = (_int64(kinds).tobytes(), _int64(ids).tobytes())
+            self._seen[r.user] = r.fingerprint
         self._pending = ()
 
     def _bytes_moved(self) -> Tuple[int, int]:
