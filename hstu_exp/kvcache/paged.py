@@ -6,8 +6,8 @@ the post-SiLU K and V of history tokens; with fp8=True (cache.dtype=fp8) it is e
 scale, ops/fp8.py says why). `kv` is what the block and kernels take: the pool, or both as
 `Fp8Pages`. Page bookkeeping is host-side: the LRU order is a dict,
 every page list and the free list are numpy arrays, and `plan` computes a batch's page table
-with a fixed number of numpy calls over the whole batch (one Python pass over its users for the
-dict lookups and sizes, no numpy call per user but the page-list growth). What the kernels see
+with a fixed number of numpy calls over the whole batch (Python passes over its users for the
+dict lookups and sizes; the users' page lists grow as slices of the batch's). What the kernels see
 is a `PageTable`, uploaded in one host->device copy, or kept on the host for the caller to
 upload with the rest of a step.
 """
