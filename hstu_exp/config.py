@@ -236,6 +236,9 @@ class ServeWorkload(WorkloadConfig):
     loadgen_seed: Optional[int] = knob(None, nonneg=True)
     warm_rounds: int = knob(3, positive=True)  # start-up: quiet rounds of batches 1..max_batch
     warm_max_s: float = knob(600.0, positive=True)  # start-up warm-up stops after this long
+    # Freeze what exists before a timed run out of Python's collector (serving/collector.py);
+    # false: the collector walks everything, as a plain Python server's does (for an A/B).
+    gc_freeze: bool = True
     # clock=real: serving replicas behind the one LoadGen (each its own device, weights, pool)
     replicas: int = knob(1, positive=True)
     routing: str = knob("least_loaded", one_of=ROUTING_POLICIES)  # user -> replica

@@ -4,6 +4,7 @@ each user's requests in order and causal), a first-use event failing the run, an
 and Ctrl-C through the CLI. Everything runs for real on the CPU: the tiny model, the request
 path, threads on the wall clock, MLPerf LoadGen (mlcommons-loadgen)."""
 
+import gc
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from test_serve import read_csv
 
 from hstu_exp import first_use
 from hstu_exp.kvcache.manager import KVCacheManager
+from hstu_exp.serving import collector
 from hstu_exp.serving.batcher import Batcher, Pending
 from hstu_exp.serving.loadgen_sut import LoadGenTest
 from hstu_exp.serving.path import RequestPath
@@ -234,6 +237,39 @@ class Sequences:
         return request(self.seqs, user, history)
 
 
+class _Node:
+    pass
+
+
+def _cycle():
+    a, b = _Node(), _Node()
+    a.other, b.other = b, a
+    return weakref.ref(a)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_the_collector_is_frozen_during_a_run_and_every_pass_timed(freeze):
+    kept = [[i] for i in range(20_000)]  # live objects made before the run
+    dead = _cycle()  # garbage made before the run: only a collection frees a cycle
+    gc.disable()  # no automatic pass between the lines below
+    try:
+        with collector.timed_collections(freeze) as pauses:
+            # freezing collects first, so the run starts without the old garbage
+            assert (dead() is None) == freeze
+            assert (gc.get_freeze_count() >= len(kept)) == freeze
+            gc.collect()  # a full pass inside the run is timed
+            assert dead() is None
+        assert gc.get_freeze_count() == 0  # thawed when the run ends
+        gc.collect()  # after the run: not recorded
+    finally:
+        gc.enable()
+    assert [gen for gen, _ in pauses] == [2] and pauses[0][1] > 0
+    s = collector.summary(pauses + [(0, 0.5)])
+    assert (s["gc_collections"], s["gc_full_collections"]) == (2, 1)
+    assert s["gc_full_max_ms"] == pauses[0][1] and s["gc_max_ms"] == max(pauses[0][1], 0.5)
+    assert s["gc_total_ms"] == pytest.approx(pauses[0][1] + 0.5)
+
+
 def test_a_first_use_event_mid_run_fails_the_run_and_keeps_loadgen_logs(tmp_path):
     model = make_model()
     path = RequestPath(model, device="cpu")
@@ -314,6 +350,8 @@ def test_serve_smoke_through_loadgen_on_the_real_clock(tmp_path):
         check_causal(rows)
         assert r["max_rel_error"] < 1e-4  # sampled scores vs a float32 full recompute
         assert 0 < r["busy_fraction"] < 1 and r["warmup_s"] > 0
+        assert r["gc_freeze"] is True and r["gc_full_collections"] <= r["gc_collections"]
+        assert 0 <= r["gc_full_max_ms"] <= r["gc_max_ms"] <= r["gc_total_ms"]
         # no graphs: nothing captured at start-up, the whole warm-up is the rounds
         assert r["warm_graphs"] == 0 and r["warmup_s"] == r["warm_graphs_s"] + r["warm_rounds_s"]
         assert 0 < r["top_user_request_share"] < 0.5

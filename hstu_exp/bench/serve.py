@@ -299,6 +299,7 @@ class _Trials:
             self.log_root / label,
             sample_every=sample_every,
             give_up_after=limit,
+            freeze_gc=w.gc_freeze,
             progress=self.progress,
         )
         lg = served.loadgen
@@ -388,6 +389,8 @@ def _run_real(cfg, paths, devices, dtype, progress, job_dir) -> Measured:
         achieved_qps=lg["completed_qps"],
         loadgen_logs=str(Path("loadgen")),
         stopped_early=best.stopped_early,
+        gc_freeze=w.gc_freeze,
+        **(best.gc or {}),
     )
     extra["target_qps"] = None if w.mode == "offline" else best_qps
     extra["num_users"] = trials.num_users

@@ -32,7 +32,7 @@ from typing import List, Optional
 import torch
 
 from hstu_exp import first_use
-from hstu_exp.serving import loadgen_sut
+from hstu_exp.serving import collector, loadgen_sut
 from hstu_exp.serving.batcher import Batcher, Pending
 from hstu_exp.serving.routing import Router
 from hstu_exp.serving.sim import token_bucket
@@ -57,6 +57,7 @@ class RunResult:
     wall_s: float  # from the first query's arrival to the last answer
     stopped_early: bool = False  # the SLO was surely missed; the rest answered without the model
     routing: Optional[dict] = None  # Router.stats() of the timed run (warm-up not counted)
+    gc: Optional[dict] = None  # the collector during the timed run (collector.summary)
 
 
 class RealServer:
@@ -173,12 +174,15 @@ class RealServer:
         *,
         sample_every: int = 0,
         give_up_after: Optional[int] = None,
+        freeze_gc: bool = True,
         progress=print,
     ) -> RunResult:
         """One LoadGen run. sample_every > 0: every that many-th request's scores are kept for
         verification (log.checked). give_up_after: once that many queries were answered later
         than test.slo_ms (the percentile surely missed), the rest are answered at once without
-        the model, so that an overloaded trial ends soon (LoadGen waits for every answer)."""
+        the model, so that an overloaded trial ends soon (LoadGen waits for every answer).
+        freeze_gc: what exists before the run is frozen out of the collector's passes
+        (`collector.timed_collections`); its collections are timed either way."""
         replicas = range(len(self.paths))
         batchers = [
             Batcher(max_batch=self.max_batch, max_wait_s=self.max_wait_s, policy=self.policy)
@@ -256,11 +260,6 @@ class RealServer:
             )
             for r in replicas
         ]
-        self._sync()
-        t0 = time.perf_counter()
-        for batcher, worker in zip(batchers, workers):
-            batcher.start()
-            worker.start(t0)
 
         def interrupted() -> None:
             progress(
@@ -270,18 +269,25 @@ class RealServer:
             for w in workers:
                 w.stop_serving()
 
-        try:
-            result = loadgen_sut.run(test, sut, log_dir, on_interrupt=interrupted)
-        finally:
+        self._sync()
+        with collector.timed_collections(freeze_gc) as pauses:
+            t0 = time.perf_counter()
             for batcher, worker in zip(batchers, workers):
-                batcher.close()
-                worker.join()
+                batcher.start()
+                worker.start(t0)
+            try:
+                result = loadgen_sut.run(test, sut, log_dir, on_interrupt=interrupted)
+            finally:
+                for batcher, worker in zip(batchers, workers):
+                    batcher.close()
+                    worker.join()
         for worker in workers:
             if worker.error is not None:
                 raise worker.error
         log = _merged([w.log for w in workers])
         routing = _minus(router.stats(), routed_before)
         served = self._served(result, log, specs, stopped, routing)
+        served.gc = collector.summary(pauses)
         if log.first_use:
             raise FirstUseDuringRun(
                 "first-use work (a graph capture, an autotune or a Triton compile) during the "
