@@ -250,3 +250,28 @@ def test_bad_request_names_the_first_offender():
         make_tokens([ok, long], [0, 0], vocab=vocab, num_context=0, max_history=30, device="cpu")
     with pytest.raises(ValueError, match="user 0: cached prefix 5 outside its sequence of 4"):
         make_tokens([ok], [5], vocab=vocab, num_context=0, max_history=30, device="cpu")
+
+
+def test_pages_the_record_does_not_cover_are_not_served():
+    """The manager compares a request with the bytes of the one that left its user's K/V
+    cached: where the pages hold more tokens than that record, the extra ones were never checked
+    and are dropped, not served."""
+    from hstu_exp.kvcache.manager import KVCacheManager
+
+    cache = PagedKVCache(
+        num_layers=1,
+        num_pages=8,
+        page_size=4,
+        num_heads=1,
+        head_dim=1,
+        dtype=torch.float32,
+        device="cpu",
+    )
+    manager = KVCacheManager(cache)
+    first = make_request(0, items=[1, 2, 3], actions=[4, 5, 6], candidates=[7])
+    longer = make_request(0, items=[1, 2, 3, 8], actions=[4, 5, 6, 9], candidates=[7])
+    manager.plan([first], upload=False)
+    assert manager.lookup(longer) == 6  # the record covers the 6 cached tokens
+    cache.users[0].length += 2  # pages now claim 8 tokens; the record holds 6
+    assert manager.lookup(longer) == 0
+    assert cache.cached_length(0) == 0  # dropped

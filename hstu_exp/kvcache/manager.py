@@ -48,8 +48,8 @@ class KVCacheManager:
         user = request.user
         held = self.cache.cached_length(user)
         seen = self._seen.get(user)
-        if held == 0 or seen is None:
-            if held:  # pages without a record of their ids: never serve them
+        if held == 0 or seen is None or len(seen[1]) < held * 8:
+            if held:  # pages without a record of all their ids: never serve them
                 self.cache.drop(user)
             self._seen.pop(user, None)
             return 0
