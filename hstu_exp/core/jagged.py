@@ -43,10 +43,13 @@ def pack(arrays: Dict[str, np.ndarray], *, pin: bool) -> Tuple[torch.Tensor, Lay
     # The caching host allocator keeps a pinned block alive until the copies that read it are
     # done (it records an event on the copy's stream), so the caller may drop it at once.
     buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
-    raw = buf.numpy()
-    for name, a in arrays.items():
-        start = layout[name][0]
-        raw[start : start + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+    raw, typed = buf.numpy(), {}
+    for name, a in arrays.items():  # one write an array, into the buffer viewed as its dtype
+        start, dtype, n = layout[name]
+        view = typed.get(dtype)
+        if view is None:
+            view = typed[dtype] = raw.view(dtype)
+        view[start // dtype.itemsize : start // dtype.itemsize + n] = a
     return buf, layout
 
 
