@@ -278,6 +278,31 @@ def new_graphs(module, cache, model, graph, *, device, dtype, progress):
     return GraphedRanker(module, core)
 
 
+def eager_shapes(model, cache, *, max_batch: int, device):
+    """What an eager request path's kernels tune on, as a `BucketGraphs` that never captures:
+    its buckets are every batch size 1..max_batch by rows and KV in powers of two (the attention
+    tuner's key, `TUNE_FLOOR` and up) to the longest request, and its `synthetic` batches fill
+    them (`RequestPath.tune_shapes`). `cache`: the path's KV cache or None."""
+    from hstu_exp.graphs import BucketGraphs
+    from hstu_exp.ops.triton_attention import TUNE_FLOOR
+
+    longest = kv_tokens(model) + model.max_candidates
+    classes = [TUNE_FLOOR]
+    while classes[-1] < longest:
+        classes.append(2 * classes[-1])
+    return BucketGraphs(
+        device=device,
+        batch_buckets=range(1, max_batch + 1),
+        token_buckets=classes,
+        pool=None if cache is None else cache.kv,
+        page_size=0 if cache is None else cache.page_size,
+        max_history=kv_tokens(model),
+        scratch_page=0 if cache is None else cache.scratch_page,
+        max_candidates=model.max_candidates,
+        num_context=model.num_context,
+    )
+
+
 def shared_server(
     model,
     cache,

@@ -195,3 +195,48 @@ def test_too_many_buckets_for_max_graphs_is_refused():
     ranker.core.max_graphs = 8
     with pytest.raises(ValueError, match="graph.max_graphs=8"):
         ranker.capture_all()
+
+
+def test_eager_warm_up_runs_every_shape_the_attention_tuner_can_meet(monkeypatch):
+    """An eager server's kernels tune per (batch size, rows, KV) in powers of two: the warm-up's
+    synthetic batches (`builders.eager_shapes`, `RequestPath.tune_shapes`) meet every key that
+    random batches of returns and misses meet, and leave every user's pages as they were."""
+    from test_e2e import make_cache, make_model, random_users, request
+
+    import hstu_exp.serving.path as path_mod
+    from hstu_exp.builders import eager_shapes
+    from hstu_exp.kvcache.manager import KVCacheManager
+    from hstu_exp.ops.triton_attention import TUNE_FLOOR, _bucket
+    from hstu_exp.serving.path import RequestPath
+
+    history, most = 300, 6  # rows reach 2 + 300 + 6: keys 64 .. 512
+    model = make_model(max_history=history)
+    cache = make_cache("paged", num_pages=300, host_pages=0)
+    path = RequestPath(model, device="cpu", manager=KVCacheManager(cache))
+    keys, forward = [], path_mod.forward_rows
+
+    def spy(model, tokens, batch, pool, on_layer):  # the real forward; notes the tuner's key
+        keys.append(_bucket(True, batch.batch_size, 2, 8, None, batch.max_len, batch.pages.max_kv_len))
+        return forward(model, tokens, batch, pool, on_layer)
+
+    monkeypatch.setattr(path_mod, "forward_rows", spy)
+    sizes = SimpleNamespace(num_context=2, max_history=history, max_candidates=most)
+    shapes = eager_shapes(sizes, cache, max_batch=4, device="cpu")
+    pages = cache.pool[:, : cache.scratch_page].clone()
+    assert path.tune_shapes(shapes) == len(shapes.buckets()) == len(keys)
+    assert torch.equal(cache.pool[:, : cache.scratch_page], pages) and not cache.users
+    enumerated, keys[:] = set(keys), []
+    assert min(k[-1] for k in enumerated) == TUNE_FLOOR and max(k[-2] for k in enumerated) == 512
+
+    seqs = random_users(40, max_history=history)
+    held = [0] * len(seqs)
+    for _ in range(60):  # returns of a few tokens, misses of whole histories, 1..4 users
+        batch = []
+        for u in random.sample(range(len(seqs)), random.randint(1, 4)):
+            held[u] = random.choice(
+                [min(held[u] + random.randint(0, 9), history), random.randint(0, history)]
+            )
+            batch.append(request(seqs, u, held[u]))
+        path.serve(batch)
+    met = set(keys)
+    assert len(met) > 5 and met <= enumerated, sorted(met - enumerated)

@@ -85,3 +85,68 @@ def test_after_the_warm_up_a_random_stream_meets_no_first_use_work(fit_rows):
     assert path.graphs.core.evicted == 0
     used = path.graphs.core.used  # the buckets replayed (the rounds' and the stream's)
     assert used <= {b.name for b in buckets} and len(used) > 1
+
+
+@torch.no_grad()
+def test_after_the_eager_warm_up_a_random_stream_meets_no_first_use_work():
+    """Eager (no graphs), the Triton kernels tuning per shape: after `warm` (every shape of
+    `eager_shapes` run, then one quiet round only) random batches of 1..max_batch requests of
+    returns and misses tune and compile nothing."""
+    from hstu_exp.builders import eager_shapes
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                "experiment=serve_smoke",
+                "device=cuda",
+                "cache=paged",
+                "cache.num_pages=48",
+                "graph=none",
+                "kernel=triton",
+            ],
+        )
+    validate(cfg)
+    forget()
+    first_use.count_triton_compiles()
+    m, w = cfg.model, cfg.workload
+    path = shared_server(
+        m,
+        cfg.cache,
+        cfg.graph,
+        cfg.kernel,
+        cached=True,
+        graphed=False,
+        device="cuda",
+        dtype=model_dtype(m),
+        seed=0,
+        progress=print,
+    )
+    users = UserSequences(m, 0)
+    shapes = eager_shapes(m, path.manager.cache, max_batch=w.max_batch, device="cuda")
+    server = RealServer(
+        path,
+        users,
+        max_batch=w.max_batch,
+        max_wait_s=0.0,
+        policy="fifo",
+        device="cuda",
+        token_buckets=cfg.graph.token_buckets,
+        num_context=m.num_context,
+        shapes=[shapes],
+    )
+    population = population_for(cfg, w.qps, seed=1)
+    warm = server.warm(population, cache_requests=0, quiet_rounds=1, max_s=600.0, progress=print)
+    assert warm["warm_shapes"] == len(shapes.buckets()) > 0 and warm["warm_graphs"] == 0
+
+    before, rng = first_use.events(), random.Random(2)
+    for index in range(600):
+        batch, seen = [], set()
+        for _ in range(rng.randint(1, w.max_batch)):
+            user, history, cands = population.next()
+            if user not in seen:
+                seen.add(user)
+                batch.append(users.request(user, history, cands, 2 * WARM_INDEX + index))
+        path.serve(batch)
+        torch.cuda.synchronize()
+    assert first_use.events() == before, "first-use work after the warm-up"

@@ -27,7 +27,7 @@ from hstu_exp.bench.accuracy import relative_error
 from hstu_exp.bench.measure import Measured
 from hstu_exp.bench.roofline import mean_block_work
 from hstu_exp.bench.timer import StopRule
-from hstu_exp.builders import model_dtype, replica_servers, shared_server
+from hstu_exp.builders import eager_shapes, model_dtype, replica_servers, shared_server
 from hstu_exp.env import ClockSampler
 from hstu_exp.model.hstu import oracle
 from hstu_exp.serving import outcome
@@ -327,6 +327,7 @@ def _warm_fields(warm: dict) -> dict:
         warm_requests=warm["warm_requests"],
         warm_first_use=warm["warm_first_use"],
         warm_graphs=warm["warm_graphs"],  # buckets captured before the rounds
+        warm_shapes=warm["warm_shapes"],  # eager: shapes tuned before the rounds
         warm_graphs_s=warm["warm_graphs_s"],
         warm_rounds_s=warm["warm_rounds_s"],
     )
@@ -352,6 +353,13 @@ def _run_real(cfg, paths, devices, dtype, progress, job_dir) -> Measured:
         routing=w.routing,
         max_imbalance=w.max_imbalance,
         slack_rows=slack_rows(cfg),
+        # Eager on CUDA, the kernels tune per shape: every shape is met before the timed run.
+        shapes=[
+            eager_shapes(m, p.manager.cache if p.manager else None, max_batch=w.max_batch, device=d)
+            if p.graphs is None and d.type == "cuda"
+            else None
+            for p, d in zip(paths, devices)
+        ],
     )
     trials = _Trials(cfg, server, job_dir, progress)
     expected = max(w.qps * w.min_duration_s, w.min_query_count)

@@ -545,6 +545,11 @@ TUNE_CONFIGS = {
 }
 
 
+# The tuner's key rounds rows and keys up to a power of two, and at least this: shapes inside
+# one tile of the tuned configs tune alike, and a server's warm-up enumerates fewer keys.
+TUNE_FLOOR = 64
+
+
 def _bucket(paged, B, H, D, dtype, max_len, max_kv, fp8_pages=False):
     return (
         paged,
@@ -553,8 +558,8 @@ def _bucket(paged, B, H, D, dtype, max_len, max_kv, fp8_pages=False):
         H,
         D,
         str(dtype),
-        triton.next_power_of_2(max(max_len, 1)),
-        triton.next_power_of_2(max(max_kv, 1)),
+        triton.next_power_of_2(max(max_len, TUNE_FLOOR)),
+        triton.next_power_of_2(max(max_kv, TUNE_FLOOR)),
     )
 
 

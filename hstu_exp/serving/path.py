@@ -147,6 +147,28 @@ class RequestPath:
             span=span,
         )
 
+    @torch.no_grad()
+    def tune_shapes(self, shapes, progress=None) -> int:
+        """Eager: one synthetic full batch of every bucket of `shapes` run through the model, so
+        that its kernels tune every shape before a timed run (`builders.eager_shapes`: a
+        `BucketGraphs` whose buckets are the attention tuner's keys: each batch size, rows and KV
+        by powers of two). The batches' keys are read from pool pages and their appends go to the
+        scratch page: no user's cache changes. Returns how many batches ran."""
+        say = progress or (lambda msg: None)
+        pool = self.manager.cache.kv if self.manager is not None else None
+        todo, t0 = shapes.buckets(), time.perf_counter()
+        for i, bucket in enumerate(todo):
+            requests, starts, table = shapes.synthetic(bucket)
+            tokens = self.model.embeddings.tokens(requests, starts, self.device, upload=False)
+            batch = make_batch(tokens.rows, tokens.num_candidates, self.device, table, upload=False)
+            batch, tokens = upload_step(batch, tokens, self.device)
+            forward_rows(self.model, tokens, batch, pool, None)
+            if (i + 1) % 64 == 0 or i + 1 == len(todo):
+                say(
+                    f"warm-up: tuned {i + 1}/{len(todo)} eager shapes ({time.perf_counter() - t0:.1f} s)"
+                )
+        return len(todo)
+
     def capture_graphs(self, progress=None) -> int:
         """Every graph bucket a batch can meet captured (`GraphedRanker.capture_all`); returns
         how many were captured now (0 without graphs)."""

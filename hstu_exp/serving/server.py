@@ -63,7 +63,8 @@ class RunResult:
 class RealServer:
     """`population` says who each query is; `users` (UserSequences) builds its request.
     `path` and `device`: one request path and its device, or lists of them (one per replica),
-    behind a Router of `routing` (policy), `max_imbalance` and `slack_rows`."""
+    behind a Router of `routing` (policy), `max_imbalance` and `slack_rows`. `shapes`: per
+    path, the eager shapes its warm-up tunes (`RequestPath.tune_shapes`), or None."""
 
     def __init__(
         self,
@@ -79,8 +80,10 @@ class RealServer:
         routing: str = "least_loaded",
         max_imbalance: float = 0.5,
         slack_rows: int = 0,
+        shapes=None,
     ):
         self.paths = list(path) if isinstance(path, (list, tuple)) else [path]
+        self.shapes = list(shapes) if shapes is not None else [None] * len(self.paths)
         devices = device if isinstance(device, (list, tuple)) else [device] * len(self.paths)
         self.devices = [torch.device(d) for d in devices]
         if len(self.devices) != len(self.paths):
@@ -109,12 +112,15 @@ class RealServer:
         """Serves the population's next requests, untimed, in batches of 1..max_batch (a
         round), until `quiet_rounds` rounds in a row met no first-use work and at least
         `cache_requests` were served, or `max_s` passed. First, with graphs, every graph bucket
-        a batch can fall in is captured (`RequestPath.capture_graphs`): random rounds may miss a
-        rare bucket, the enumeration does not. Returns what it did."""
-        t0, captured = time.perf_counter(), 0
-        for path, device in zip(self.paths, self.devices):
+        a batch can fall in is captured (`RequestPath.capture_graphs`), and eager, every shape
+        the kernels tune on is run (`RequestPath.tune_shapes`): random rounds may miss a rare
+        bucket, the enumeration does not. Returns what it did."""
+        t0, captured, tuned = time.perf_counter(), 0, 0
+        for path, device, shapes in zip(self.paths, self.devices, self.shapes):
             with on_device(device):
                 captured += path.capture_graphs(progress)
+                if shapes is not None:
+                    tuned += path.tune_shapes(shapes, progress)
         self._sync()
         graphs_s = time.perf_counter() - t0
         t0, served, rounds, quiet, events = time.perf_counter(), 0, 0, 0, 0
@@ -151,7 +157,9 @@ class RealServer:
             if (quiet >= quiet_rounds and served >= cache_requests) or elapsed > max_s:
                 break
         progress(
-            f"warm-up: {captured} graph buckets captured in {graphs_s:.1f} s, then "
+            f"warm-up: {captured} graph buckets captured"
+            + (f", {tuned} eager shapes tuned" if tuned else "")
+            + f" in {graphs_s:.1f} s, then "
             f"{served} requests in {rounds} rounds of batches 1..{self.max_batch}"
             f"{f' on each of {len(self.paths)} replicas' if len(self.paths) > 1 else ''}, "
             f"{events} first-use events, {elapsed:.1f} s"
@@ -159,6 +167,7 @@ class RealServer:
         return {
             "warm_s": graphs_s + elapsed,
             "warm_graphs": captured,
+            "warm_shapes": tuned,
             "warm_graphs_s": graphs_s,
             "warm_rounds_s": elapsed,
             "warm_requests": served,
