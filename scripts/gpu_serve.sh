@@ -11,10 +11,11 @@
 #   scripts/gpu_serve.sh OUT_DIR paged_eager none_graph offload_graph    # 1 seed each
 #   scripts/gpu_serve.sh OUT_DIR dlrmv3_server dlrmv3_offline
 #   scripts/gpu_serve.sh OUT_DIR sim_check          # 4 rates x both clocks, then the comparison
+#   scripts/gpu_serve.sh OUT_DIR gc_ab              # gc_freeze false vs true at GC_AB_QPS (60 s each)
 #   scripts/gpu_serve.sh OUT_DIR replicas=1 replicas=8   # serving replicas: max QPS, 1 vs 8 GPUs
 # Goal (H200): max QPS at p99 <= 80 ms >= 4000, VALID, busy_fraction >= 0.8 at that rate. A
-# goal part fits one call: the start-up warm-up (every graph bucket: 90 s with Triton's cache
-# cold on an H100, 13 s warm), ~5 trials of 10 s, then 3 x 60 s at the rate found.
+# goal part fits one call: the start-up warm-up (every graph bucket: 90-205 s with Triton's
+# cache cold on an H100, 13-15 s warm), ~5 trials of 10 s, then 3 x 60 s at the rate found.
 set -u
 out=${1:?usage: scripts/gpu_serve.sh OUT_DIR PART...}
 shift
@@ -35,7 +36,7 @@ print(ok[-1]["max_qps"] if ok else "")' "$1"; }
 for part in "$@"; do
   case $part in
     goal_fifo|goal_la)
-      run "$part" 480 experiment=serve_slo cache=paged graph=cudagraph \
+      run "$part" 540 experiment=serve_slo cache=paged graph=cudagraph \
         workload.policy="$(policy $part)" workload.final_seeds=3 ;;
     goal_fifo_final|goal_la_final)
       qps=$(max_qps "$out/${part%_final}")
@@ -56,6 +57,10 @@ for part in "$@"; do
       run "replicas_$n" 480 experiment=serve_slo cache=paged graph=cudagraph \
         workload.policy=fifo workload.final_seeds=1 workload.replicas="$n" \
         workload.num_users=$((1024 * n)) workload.qps=$((1000 * n)) ;;
+    gc_ab)  # the collector lever at one rate, off then on (GC_AB_QPS, default 700: the FIFO
+            # bracket on an H100 at cddc484)
+      run gc_ab 480 experiment=serve_slo cache=paged graph=cudagraph workload.policy=fifo \
+        workload.search=none workload.qps="${GC_AB_QPS:-700}" workload.gc_freeze=false,true ;;
     dlrmv3_server) run dlrmv3_server 480 experiment=dlrmv3_server workload.final_seeds=1 ;;
     dlrmv3_offline) run dlrmv3_offline 300 experiment=dlrmv3_offline ;;
     sim_check) run serve_sim_check 480 experiment=serve_qps cache=paged graph=cudagraph \
@@ -63,6 +68,6 @@ for part in "$@"; do
                python3 scripts/serve_sim_check.py "$out/serve_sim_check" ;;
     *) echo "gpu_serve.sh: unknown part '$part' (goal_fifo goal_fifo_final goal_la" \
             "goal_la_final paged_eager none_graph offload_graph dlrmv3_server dlrmv3_offline" \
-            "sim_check replicas=N)" >&2; exit 2 ;;
+            "sim_check gc_ab replicas=N)" >&2; exit 2 ;;
   esac
 done
