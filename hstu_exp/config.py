@@ -236,9 +236,12 @@ class ServeWorkload(WorkloadConfig):
     loadgen_seed: Optional[int] = knob(None, nonneg=True)
     warm_rounds: int = knob(3, positive=True)  # start-up: quiet rounds of batches 1..max_batch
     warm_max_s: float = knob(600.0, positive=True)  # start-up warm-up stops after this long
-    # Freeze what exists before a timed run out of Python's collector (serving/collector.py);
+    # Freeze what exists before a timed run out of Python's collector (serving/interpreter.py);
     # false: the collector walks everything, as a plain Python server's does (for an A/B).
     gc_freeze: bool = True
+    # The interpreter's thread switch interval during a timed run (Python's default 5 ms): how
+    # long the worker may wait for the GIL while another of the server's threads runs.
+    switch_interval_ms: float = knob(5.0, positive=True)
     # clock=real: serving replicas behind the one LoadGen (each its own device, weights, pool)
     replicas: int = knob(1, positive=True)
     routing: str = knob("least_loaded", one_of=ROUTING_POLICIES)  # user -> replica

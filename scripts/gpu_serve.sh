@@ -11,7 +11,7 @@
 #   scripts/gpu_serve.sh OUT_DIR paged_eager none_graph offload_graph    # 1 seed each
 #   scripts/gpu_serve.sh OUT_DIR dlrmv3_server dlrmv3_offline
 #   scripts/gpu_serve.sh OUT_DIR sim_check          # 4 rates x both clocks, then the comparison
-#   scripts/gpu_serve.sh OUT_DIR gc_ab              # gc_freeze false vs true at GC_AB_QPS (60 s each)
+#   scripts/gpu_serve.sh OUT_DIR gc_ab              # gc_freeze x switch interval at GC_AB_QPS (60 s each)
 #   scripts/gpu_serve.sh OUT_DIR replicas=1 replicas=8   # serving replicas: max QPS, 1 vs 8 GPUs
 # Goal (H200): max QPS at p99 <= 80 ms >= 4000, VALID, busy_fraction >= 0.8 at that rate. A
 # goal part fits one call: the start-up warm-up (every graph bucket: 90-205 s with Triton's
@@ -57,10 +57,11 @@ for part in "$@"; do
       run "replicas_$n" 480 experiment=serve_slo cache=paged graph=cudagraph \
         workload.policy=fifo workload.final_seeds=1 workload.replicas="$n" \
         workload.num_users=$((1024 * n)) workload.qps=$((1000 * n)) ;;
-    gc_ab)  # the collector lever at one rate, off then on (GC_AB_QPS, default 700: the FIFO
-            # bracket on an H100 at cddc484)
-      run gc_ab 480 experiment=serve_slo cache=paged graph=cudagraph workload.policy=fifo \
-        workload.search=none workload.qps="${GC_AB_QPS:-700}" workload.gc_freeze=false,true ;;
+    gc_ab)  # the interpreter levers at one rate (GC_AB_QPS, default 700: the FIFO bracket on
+            # an H100 at cddc484): the collector frozen or not x switch interval 5 / 0.5 ms
+      run gc_ab 540 experiment=serve_slo cache=paged graph=cudagraph workload.policy=fifo \
+        workload.search=none workload.qps="${GC_AB_QPS:-700}" workload.gc_freeze=false,true \
+        workload.switch_interval_ms=5,0.5 ;;
     dlrmv3_server) run dlrmv3_server 480 experiment=dlrmv3_server workload.final_seeds=1 ;;
     dlrmv3_offline) run dlrmv3_offline 300 experiment=dlrmv3_offline ;;
     sim_check) run serve_sim_check 480 experiment=serve_qps cache=paged graph=cudagraph \

@@ -23,7 +23,7 @@ from test_serve import read_csv
 
 from hstu_exp import first_use
 from hstu_exp.kvcache.manager import KVCacheManager
-from hstu_exp.serving import collector
+from hstu_exp.serving import interpreter
 from hstu_exp.serving.batcher import Batcher, Pending
 from hstu_exp.serving.loadgen_sut import LoadGenTest
 from hstu_exp.serving.path import RequestPath
@@ -253,7 +253,7 @@ def test_the_collector_is_frozen_during_a_run_and_every_pass_timed(freeze):
     dead = _cycle()  # garbage made before the run: only a collection frees a cycle
     gc.disable()  # no automatic pass between the lines below
     try:
-        with collector.timed_collections(freeze) as pauses:
+        with interpreter.timed_collections(freeze) as pauses:
             # freezing collects first, so the run starts without the old garbage
             assert (dead() is None) == freeze
             assert (gc.get_freeze_count() >= len(kept)) == freeze
@@ -264,10 +264,17 @@ def test_the_collector_is_frozen_during_a_run_and_every_pass_timed(freeze):
     finally:
         gc.enable()
     assert [gen for gen, _ in pauses] == [2] and pauses[0][1] > 0
-    s = collector.summary(pauses + [(0, 0.5)])
+    s = interpreter.summary(pauses + [(0, 0.5)])
     assert (s["gc_collections"], s["gc_full_collections"]) == (2, 1)
     assert s["gc_full_max_ms"] == pauses[0][1] and s["gc_max_ms"] == max(pauses[0][1], 0.5)
     assert s["gc_total_ms"] == pytest.approx(pauses[0][1] + 0.5)
+
+
+def test_the_switch_interval_is_set_for_a_run_and_restored():
+    before = sys.getswitchinterval()
+    with interpreter.switch_interval(0.5):
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    assert sys.getswitchinterval() == before
 
 
 def test_a_first_use_event_mid_run_fails_the_run_and_keeps_loadgen_logs(tmp_path):
@@ -351,6 +358,7 @@ def test_serve_smoke_through_loadgen_on_the_real_clock(tmp_path):
         assert r["max_rel_error"] < 1e-4  # sampled scores vs a float32 full recompute
         assert 0 < r["busy_fraction"] < 1 and r["warmup_s"] > 0
         assert r["gc_freeze"] is True and r["gc_full_collections"] <= r["gc_collections"]
+        assert r["switch_interval_ms"] == 5.0
         assert 0 <= r["gc_full_max_ms"] <= r["gc_max_ms"] <= r["gc_total_ms"]
         # no graphs: nothing captured at start-up, the whole warm-up is the rounds
         assert r["warm_graphs"] == 0 and r["warmup_s"] == r["warm_graphs_s"] + r["warm_rounds_s"]

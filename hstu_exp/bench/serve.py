@@ -300,6 +300,7 @@ class _Trials:
             sample_every=sample_every,
             give_up_after=limit,
             freeze_gc=w.gc_freeze,
+            switch_ms=w.switch_interval_ms,
             progress=self.progress,
         )
         lg = served.loadgen
@@ -398,6 +399,7 @@ def _run_real(cfg, paths, devices, dtype, progress, job_dir) -> Measured:
         loadgen_logs=str(Path("loadgen")),
         stopped_early=best.stopped_early,
         gc_freeze=w.gc_freeze,
+        switch_interval_ms=w.switch_interval_ms,
         **(best.gc or {}),
     )
     extra["target_qps"] = None if w.mode == "offline" else best_qps

@@ -32,7 +32,7 @@ from typing import List, Optional
 import torch
 
 from hstu_exp import first_use
-from hstu_exp.serving import collector, loadgen_sut
+from hstu_exp.serving import interpreter, loadgen_sut
 from hstu_exp.serving.batcher import Batcher, Pending
 from hstu_exp.serving.routing import Router
 from hstu_exp.serving.sim import token_bucket
@@ -57,7 +57,7 @@ class RunResult:
     wall_s: float  # from the first query's arrival to the last answer
     stopped_early: bool = False  # the SLO was surely missed; the rest answered without the model
     routing: Optional[dict] = None  # Router.stats() of the timed run (warm-up not counted)
-    gc: Optional[dict] = None  # the collector during the timed run (collector.summary)
+    gc: Optional[dict] = None  # the collector during the timed run (interpreter.summary)
 
 
 class RealServer:
@@ -184,6 +184,7 @@ class RealServer:
         sample_every: int = 0,
         give_up_after: Optional[int] = None,
         freeze_gc: bool = True,
+        switch_ms: float = 5.0,
         progress=print,
     ) -> RunResult:
         """One LoadGen run. sample_every > 0: every that many-th request's scores are kept for
@@ -191,7 +192,8 @@ class RealServer:
         than test.slo_ms (the percentile surely missed), the rest are answered at once without
         the model, so that an overloaded trial ends soon (LoadGen waits for every answer).
         freeze_gc: what exists before the run is frozen out of the collector's passes
-        (`collector.timed_collections`); its collections are timed either way."""
+        (`interpreter.timed_collections`); its collections are timed either way. switch_ms:
+        the interpreter's thread switch interval during the run."""
         replicas = range(len(self.paths))
         batchers = [
             Batcher(max_batch=self.max_batch, max_wait_s=self.max_wait_s, policy=self.policy)
@@ -279,7 +281,7 @@ class RealServer:
                 w.stop_serving()
 
         self._sync()
-        with collector.timed_collections(freeze_gc) as pauses:
+        with interpreter.timed_collections(freeze_gc) as pauses, interpreter.switch_interval(switch_ms):
             t0 = time.perf_counter()
             for batcher, worker in zip(batchers, workers):
                 batcher.start()
@@ -296,7 +298,7 @@ class RealServer:
         log = _merged([w.log for w in workers])
         routing = _minus(router.stats(), routed_before)
         served = self._served(result, log, specs, stopped, routing)
-        served.gc = collector.summary(pauses)
+        served.gc = interpreter.summary(pauses)
         if log.first_use:
             raise FirstUseDuringRun(
                 "first-use work (a graph capture, an autotune or a Triton compile) during the "

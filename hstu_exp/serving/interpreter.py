@@ -1,4 +1,4 @@
-"""Python's garbage collector during a timed run.
+"""The Python interpreter during a timed run: its garbage collector and its thread switching.
 
 A full collection walks every object the process holds (the model, TorchRec, Triton's compiled
 kernels, the captured graphs, the population) while every thread waits for the GIL: with
@@ -7,11 +7,17 @@ lands in the tail of the requests in flight. `timed_collections(freeze=True)` co
 before the run and moves every survivor to the permanent generation (`gc.freeze`), so the run's
 collections walk only what the run itself made; the objects are thawed when the run ends. Either
 way every collection of the run is timed, so the record shows what the collector cost.
+
+The server's threads (LoadGen's issue callback building requests, the batcher, the worker, the
+answers) share the GIL. A thread that wants it back, the worker after a wait on the device say,
+waits until the holder blocks or the switch interval passes (5 ms by default): `switch_interval`
+sets a shorter one for the run.
 """
 
 from __future__ import annotations
 
 import gc
+import sys
 import time
 from contextlib import contextmanager
 from typing import Iterator, List, Tuple
@@ -52,3 +58,14 @@ def summary(pauses: List[Tuple[int, float]]) -> dict:
         "gc_max_ms": max((ms for _, ms in pauses), default=0.0),
         "gc_full_max_ms": max(full, default=0.0),
     }
+
+
+@contextmanager
+def switch_interval(ms: float) -> Iterator[None]:
+    """The interpreter's thread switch interval set to `ms` for the block, then restored."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(ms / 1e3)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
