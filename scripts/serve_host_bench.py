@@ -7,7 +7,7 @@ shapes: 256 candidates, 16 items a return, max_batch 8, 1024 users, a paged pool
 user. On a CPU the request path computes inside the worker's call; the compute's span (the path's
 own marks) is subtracted, the rest is host work.
 
-    scripts/serve_host_bench.py [--queries 3000] [--max-history 1024] [--profile]
+    scripts/serve_host_bench.py [--queries 3000] [--max-history 1024] [--profile] [--gc plain]
 
 Prints per batch (means over the run): the worker's host_ms less the compute, the whole process's
 CPU time (every thread: batcher, LoadGen's issue callback, answers, per-query rows) less the
@@ -134,6 +134,12 @@ def main():
     parser.add_argument("--users", type=int, default=1024)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--batcher-only", action="store_true")
+    parser.add_argument(
+        "--gc",
+        choices=["freeze", "plain"],
+        default="freeze",
+        help="the collector during the run: frozen as the server does (workload.gc_freeze) or not",
+    )
     args = parser.parse_args()
     print("| batcher alone: queries waiting | CPU ms a batch |")
     print("|---|---|")
@@ -192,7 +198,9 @@ def main():
         worker_mod.Worker._loop = profiled
     sections = timed_sections(server, path)
     with tempfile.TemporaryDirectory() as tmp:
-        served = server.run(test, population, Path(tmp), sample_every=0, progress=print)
+        served = server.run(
+            test, population, Path(tmp), sample_every=0, freeze_gc=args.gc == "freeze", progress=print
+        )
     batches = served.log.batches
     compute = [b["device_ms"] for b in batches]
     host = [b["host_ms"] - b["device_ms"] for b in batches]
@@ -209,6 +217,11 @@ def main():
         ("compute (tiny model, CPU)", compute),
     ]:
         print(f"| {name} | {statistics.mean(values):.3f} | {statistics.median(values):.3f} |")
+    print(f"worker launch host work, the slowest batch: {max(host):.3f} ms")
+    print(
+        f"collector during the run (--gc {args.gc}): "
+        + ", ".join(f"{k} {v:.4g}" for k, v in served.gc.items())
+    )
     for name, (calls, total) in sections.items():
         print(f"| {name}, wall | {1e3 * total / n:.3f} | {calls} calls |")
     if profiler is not None:
