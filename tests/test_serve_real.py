@@ -263,8 +263,9 @@ def test_the_collector_is_frozen_during_a_run_and_every_pass_timed(freeze):
         gc.collect()  # after the run: not recorded
     finally:
         gc.enable()
-    assert [gen for gen, _ in pauses] == [2] and pauses[0][1] > 0
-    s = interpreter.summary(pauses + [(0, 0.5)])
+    assert [gen for gen, _, _ in pauses] == [2] and pauses[0][1] > 0
+    assert pauses[0][2] <= time.perf_counter()  # when it started, on the run's clock
+    s = interpreter.summary(pauses + [(0, 0.5, pauses[0][2])])
     assert (s["gc_collections"], s["gc_full_collections"]) == (2, 1)
     assert s["gc_full_max_ms"] == pauses[0][1] and s["gc_max_ms"] == max(pauses[0][1], 0.5)
     assert s["gc_total_ms"] == pytest.approx(pauses[0][1] + 0.5)
@@ -335,6 +336,27 @@ def check_causal(rows):
             assert int(r["cached_tokens"]) <= int(r["history"])  # the tiny model: no context
 
 
+def check_batches(rows, batches, record):
+    """batches.csv against requests.csv and the record: every batch once, its requests' sizes,
+    host work before the answer, the device's span inside the run."""
+    assert len(batches) == record["batches"]
+    assert sorted(int(b["batch"]) for b in batches) == list(range(len(batches)))
+    sizes = {}
+    for r in rows:
+        sizes[int(r["batch"])] = sizes.get(int(r["batch"]), 0) + 1
+    for b in batches:
+        n, (start, launched, finish) = (
+            int(b["batch"]),
+            (float(b[k]) for k in ("start_s", "launched_s", "finish_s")),
+        )
+        assert sizes[n] == int(b["size"]) and int(b["first_use"]) == 0
+        assert 0 <= start <= launched <= finish
+        assert float(b["host_ms"]) == pytest.approx(1e3 * (launched - start), abs=1e-5)
+        assert float(b["device_start_s"]) <= float(b["device_end_s"]) <= finish + 1e-6
+        answered = {float(r["finish_s"]) for r in rows if int(r["batch"]) == n}
+        assert answered == {finish}  # each of its requests answered when it finished
+
+
 def test_serve_smoke_through_loadgen_on_the_real_clock(tmp_path):
     out = hstu_exp("-m", "experiment=serve_smoke", f"hydra.sweep.dir={tmp_path}", env=ONE_THREAD)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -355,6 +377,10 @@ def test_serve_smoke_through_loadgen_on_the_real_clock(tmp_path):
         assert [int(x["request"]) for x in rows] == list(range(len(rows)))
         assert r["p90_ms"] <= r["slo_ms"] and r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
         check_causal(rows)
+        check_batches(rows, read_csv(job / "batches.csv"), r)
+        for c in read_csv(job / "collections.csv"):
+            assert int(c["generation"]) in (0, 1, 2) and float(c["pause_ms"]) >= 0
+        assert len(read_csv(job / "collections.csv")) == r["gc_collections"]
         assert r["max_rel_error"] < 1e-4  # sampled scores vs a float32 full recompute
         assert 0 < r["busy_fraction"] < 1 and r["warmup_s"] > 0
         assert r["gc_freeze"] is True and r["gc_full_collections"] <= r["gc_collections"]

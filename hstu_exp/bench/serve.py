@@ -409,6 +409,8 @@ def _run_real(cfg, paths, devices, dtype, progress, job_dir) -> Measured:
         extra["bucket"] = ",".join(sorted(set().union(*(p.graphs.core.used for p in paths))))
     if job_dir is not None:
         outcome.write_requests(rows, Path(job_dir) / REQUESTS_FILE)
+        outcome.write_batches(best.log.batches, Path(job_dir) / outcome.BATCHES_FILE)
+        outcome.write_collections(best.collections, Path(job_dir) / outcome.COLLECTIONS_FILE)
         extra["requests_file"] = REQUESTS_FILE
     lat = outcome.latencies_ms(rows) or [math.nan]
     flops, nbytes = _work_of(m, dtype, rows)

@@ -24,9 +24,10 @@ from typing import Iterator, List, Tuple
 
 
 @contextmanager
-def timed_collections(freeze: bool) -> Iterator[List[Tuple[int, float]]]:
-    """Yields the list that collects (generation, pause ms) of each collection in the block."""
-    pauses: List[Tuple[int, float]] = []
+def timed_collections(freeze: bool) -> Iterator[List[Tuple[int, float, float]]]:
+    """Yields the list that collects (generation, pause ms, perf_counter() at its start) of each
+    collection in the block."""
+    pauses: List[Tuple[int, float, float]] = []
     started: List[float] = []
 
     def on_collection(phase: str, info: dict) -> None:
@@ -34,7 +35,8 @@ def timed_collections(freeze: bool) -> Iterator[List[Tuple[int, float]]]:
         if phase == "start":
             started.append(time.perf_counter())
         elif started:
-            pauses.append((info["generation"], 1e3 * (time.perf_counter() - started.pop())))
+            begin = started.pop()
+            pauses.append((info["generation"], 1e3 * (time.perf_counter() - begin), begin))
 
     if freeze:
         gc.collect()
@@ -48,14 +50,14 @@ def timed_collections(freeze: bool) -> Iterator[List[Tuple[int, float]]]:
             gc.unfreeze()
 
 
-def summary(pauses: List[Tuple[int, float]]) -> dict:
+def summary(pauses: List[Tuple[int, float, float]]) -> dict:
     """The record's account of the collector during a run."""
-    full = [ms for gen, ms in pauses if gen == 2]
+    full = [ms for gen, ms, _ in pauses if gen == 2]
     return {
         "gc_collections": len(pauses),
         "gc_full_collections": len(full),
-        "gc_total_ms": sum(ms for _, ms in pauses),
-        "gc_max_ms": max((ms for _, ms in pauses), default=0.0),
+        "gc_total_ms": sum(ms for _, ms, _ in pauses),
+        "gc_max_ms": max((ms for _, ms, _ in pauses), default=0.0),
         "gc_full_max_ms": max(full, default=0.0),
     }
 

@@ -36,6 +36,27 @@ REQUEST_COLUMNS = (
 )
 
 
+# batches.csv of a real run: each batch's timeline (seconds from the run's start): its host work
+# from start_s to launched_s, its device work from device_start_s to device_end_s, answered at
+# finish_s. With the collector's pauses (collections.csv) it shows where a slow request waited.
+BATCHES_FILE = "batches.csv"
+COLLECTIONS_FILE = "collections.csv"
+BATCH_COLUMNS = (
+    "replica",
+    "batch",
+    "size",
+    "start_s",
+    "launched_s",
+    "device_start_s",
+    "device_end_s",
+    "finish_s",
+    "host_ms",
+    "device_ms",
+    "first_use",
+)
+COLLECTION_COLUMNS = ("start_s", "generation", "pause_ms")
+
+
 def latencies_ms(rows: List[dict]) -> List[float]:
     """The server's side of each query's latency (arrival at the SUT to the answer), in
     request order."""
@@ -144,3 +165,25 @@ def write_requests(rows: List[dict], path: Path) -> None:
 
 def _ms(row: dict, end: str, start: str) -> float:
     return round(1e3 * (row[end] - row[start]), 6)
+
+
+def write_batches(batches: List[dict], path: Path) -> None:
+    """batches.csv of a real run, in answer order per replica."""
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(BATCH_COLUMNS)
+        for b in batches:
+            device = [round(ms / 1e3, 9) for ms in b["span_ms"]]
+            times = [round(b[k], 9) for k in ("start_s", "launched_s")]
+            ms = [round(b[k], 6) for k in ("host_ms", "device_ms")]
+            row = [b.get("replica", 0), b["batch"], b["size"], *times, *device, round(b["finish_s"], 9)]
+            out.writerow(row + ms + [b["first_use"]])
+
+
+def write_collections(collections: List[tuple], path: Path) -> None:
+    """collections.csv: each collection of the collector during a real run."""
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(COLLECTION_COLUMNS)
+        for gen, ms, start in collections:
+            out.writerow([round(start, 9), gen, round(ms, 6)])

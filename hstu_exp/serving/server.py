@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
@@ -58,6 +58,7 @@ class RunResult:
     stopped_early: bool = False  # the SLO was surely missed; the rest answered without the model
     routing: Optional[dict] = None  # Router.stats() of the timed run (warm-up not counted)
     gc: Optional[dict] = None  # the collector during the timed run (interpreter.summary)
+    collections: List[tuple] = field(default_factory=list)  # (generation, ms, start s from t0)
 
 
 class RealServer:
@@ -299,6 +300,7 @@ class RealServer:
         routing = _minus(router.stats(), routed_before)
         served = self._served(result, log, specs, stopped, routing)
         served.gc = interpreter.summary(pauses)
+        served.collections = [(gen, ms, begin - t0) for gen, ms, begin in pauses]
         if log.first_use:
             raise FirstUseDuringRun(
                 "first-use work (a graph capture, an autotune or a Triton compile) during the "

@@ -197,10 +197,15 @@ class Worker:
                 self.log.checked.append((f.requests[j], per_request[j].clone()))
         self.log.batches.append(
             {
+                "batch": f.number,
+                "size": len(f.batch),
+                "start_s": f.start - self._t0,
+                "launched_s": f.launched - self._t0,
+                "finish_s": done - self._t0,
                 "host_ms": 1e3 * (f.launched - f.start),
                 "device_ms": span[1] - span[0],
-                "span_ms": span,
-                "size": len(f.batch),
+                "span_ms": span,  # from the origin event recorded at start(): about t0
+                "first_use": f.first_use,
             }
         )
         if f.first_use:
