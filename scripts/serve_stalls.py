@@ -1,0 +1,89 @@
+"""Where a real-clock serving run's time went: each point's batches (host work, device span, the
+lag from the device's end to the answer) and the requests slower than a bound, lined up against
+the batches ahead of them and Python's collector (`batches.csv`, `collections.csv`,
+`requests.csv` beside each record).
+
+    python scripts/serve_stalls.py <sweep dir> [--slow-ms 40]
+
+One block per point; exit 0. A slow request is blamed on what held the worker while it waited:
+a collection that paused every thread, a batch whose host work or answer lag was long, or the
+device; "queue" when none of those stands out (the rate alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hstu_exp.tracking.records import read_records  # noqa: E402
+
+LONG_MS = 10.0  # a host phase, answer lag or pause this long is a stall, not ordinary work
+
+
+def describe(job: Path, slow_ms: float) -> list[str]:
+    b = pd.read_csv(job / "batches.csv")
+    r = pd.read_csv(job / "requests.csv")
+    c = pd.read_csv(job / "collections.csv")
+    b["lag_ms"] = 1e3 * (b.finish_s - b[["device_end_s", "launched_s"]].max(axis=1))
+    lines = [f"  {len(r)} requests, {len(b)} batches (mean size {b['size'].mean():.2f})"]
+    for name in ("host_ms", "device_ms", "lag_ms"):
+        q = b[name].quantile([0.5, 0.99])
+        lines.append(f"  {name:9s} p50 {q[0.5]:7.2f}  p99 {q[0.99]:7.2f}  max {b[name].max():7.2f}")
+    full = c[c.generation == 2]
+    lines.append(
+        f"  collector: {len(c)} collections ({len(full)} full), pauses over {LONG_MS:g} ms: "
+        f"{int((c.pause_ms > LONG_MS).sum())}, longest {c.pause_ms.max() if len(c) else 0:.1f} ms"
+    )
+    slow = r[r.latency_ms > slow_ms]
+    if slow.empty:
+        return lines + [f"  no request over {slow_ms:g} ms"]
+    pauses = c[c.pause_ms > LONG_MS]
+    stalled = b[(b.host_ms > LONG_MS) | (b.lag_ms > LONG_MS)]
+    blame = {"collector": 0, "host work": 0, "answer lag": 0, "device": 0, "queue": 0}
+    for _, q in slow.iterrows():
+        start, end = q.arrival_s, q.finish_s
+        if ((pauses.start_s < end) & (pauses.start_s + pauses.pause_ms / 1e3 > start)).any():
+            blame["collector"] += 1
+            continue
+        ahead = stalled[(stalled.start_s < end) & (stalled.finish_s > start)]
+        if (ahead.host_ms > LONG_MS).any():
+            blame["host work"] += 1
+        elif len(ahead):
+            blame["answer lag"] += 1
+        elif q.service_ms > slow_ms / 2:
+            blame["device"] += 1
+        else:
+            blame["queue"] += 1
+    share = ", ".join(f"{k} {v}" for k, v in blame.items() if v)
+    return lines + [f"  {len(slow)} requests over {slow_ms:g} ms ({len(slow) / len(r):.2%}): {share}"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sweep_dir", type=Path)
+    ap.add_argument("--slow-ms", type=float, default=40.0)
+    args = ap.parse_args(argv)
+    for rec in read_records(args.sweep_dir):
+        job = Path(rec.get("job_dir") or "")
+        if not job.exists():  # a sweep copied off the machine that ran it: its own job dirs
+            job = args.sweep_dir / job.name
+        if rec.get("status") != "ok" or not (job / "batches.csv").exists():
+            continue
+        knobs = ", ".join(
+            f"{k}={rec.get(k)}" for k in ("cache", "graph", "policy", "gc_freeze", "switch_interval_ms")
+        )
+        print(
+            f"{job.name}: {knobs}, {rec.get('target_qps')} qps, p99 {rec.get('p99_ms'):.1f} ms, "
+            f"{rec.get('verdict')}, busy {rec.get('busy_fraction') or 0:.2f}"
+        )
+        print("\n".join(describe(job, args.slow_ms)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

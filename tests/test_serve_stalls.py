@@ -1,0 +1,78 @@
+"""scripts/serve_stalls.py: a slow request is blamed on what held the worker while it waited, on
+a run's files written here with one stall of each kind at known times."""
+
+import csv
+import importlib.util
+
+from helpers import ROOT
+
+from hstu_exp.serving.outcome import BATCH_COLUMNS, COLLECTION_COLUMNS, REQUEST_COLUMNS
+
+spec = importlib.util.spec_from_file_location("serve_stalls", ROOT / "scripts" / "serve_stalls.py")
+serve_stalls = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(serve_stalls)
+
+
+def write(path, columns, rows):
+    with open(path, "w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=columns, restval=0)
+        out.writeheader()
+        out.writerows(rows)
+
+
+def batch(n, start, host_ms, device_ms, lag_ms):
+    launched = start + host_ms / 1e3
+    end = launched + device_ms / 1e3
+    return dict(
+        batch=n,
+        size=1,
+        start_s=start,
+        launched_s=launched,
+        device_start_s=launched,
+        device_end_s=end,
+        finish_s=end + lag_ms / 1e3,
+        host_ms=host_ms,
+        device_ms=device_ms,
+    )
+
+
+def request(i, arrival, b):
+    return dict(
+        request=i,
+        arrival_s=arrival,
+        start_s=b["start_s"],
+        finish_s=b["finish_s"],
+        latency_ms=1e3 * (b["finish_s"] - arrival),
+        batch=b["batch"],
+        batch_size=1,
+        service_ms=1e3 * (b["finish_s"] - b["start_s"]),
+        tier="gpu",
+    )
+
+
+def test_each_slow_request_is_blamed_on_the_stall_it_waited_behind(tmp_path):
+    batches = [
+        batch(0, 0.000, 1.0, 1.0, 0.0),  # quick: its request is not slow
+        batch(1, 1.000, 1.0, 1.0, 0.0),  # waits behind the 60 ms collection at 0.95 s
+        batch(2, 2.000, 45.0, 1.0, 0.0),  # its own host work stalled
+        batch(3, 3.000, 1.0, 1.0, 30.0),  # the answer came 30 ms after the device was done
+        batch(4, 4.000, 1.0, 50.0, 0.0),  # a long device span
+        batch(5, 5.000, 1.0, 1.0, 0.0),  # arrived 60 ms before a quick batch: queueing alone
+    ]
+    arrivals = [0.0, 0.95, 2.0, 2.99, 4.0, 4.94]
+    requests = [request(i, a, b) for i, (a, b) in enumerate(zip(arrivals, batches))]
+    write(tmp_path / "batches.csv", BATCH_COLUMNS, batches)
+    write(tmp_path / "requests.csv", REQUEST_COLUMNS, requests)
+    write(
+        tmp_path / "collections.csv",
+        COLLECTION_COLUMNS,
+        [dict(start_s=0.95, generation=2, pause_ms=60.0), dict(start_s=3.5, generation=0, pause_ms=0.2)],
+    )
+    text = "\n".join(serve_stalls.describe(tmp_path, slow_ms=20.0))
+    assert "6 requests, 6 batches" in text
+    assert "2 collections (1 full), pauses over 10 ms: 1, longest 60.0 ms" in text
+    assert (
+        "5 requests over 20 ms (83.33%): collector 1, host work 1, answer lag 1, device 1, queue 1"
+        in text
+    )
+    assert "host_ms   p50    1.00" in text and "max   45.00" in text
