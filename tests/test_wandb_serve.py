@@ -19,7 +19,10 @@ from hstu_exp.tracking.wandb_sink import summary_spec
 pytestmark = pytest.mark.slow
 
 ENV = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-WANDB = ["logger.name=wandb", "logger.mode=offline", "verify=false"]
+# LoadGen runs as short as serve_smoke's 50 queries allow (what is read back is the records and
+# charts, not the rates): the same in both sweeps, so no label names them.
+SHORT = ["workload.min_duration_s=0.5", "workload.search_duration_s=0.5"]
+WANDB = ["logger.name=wandb", "logger.mode=offline", "verify=false", *SHORT]
 
 
 def serve_sweep(out, *args):
@@ -35,7 +38,7 @@ def serve_sweep(out, *args):
 def online(tmp_path_factory):
     """Two offered rates x no cache vs paged_offload: 4 online points."""
     out = tmp_path_factory.mktemp("wbserve") / "online"
-    return (*serve_sweep(out, "workload.qps=10,20", "cache=none,paged_offload"), out)
+    return (*serve_sweep(out, "workload.qps=20,40", "cache=none,paged_offload"), out)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +97,7 @@ def test_online_sweep_charts_percentiles_and_hit_rates_vs_qps(online):
         offered = sorted((r["cache"], float(r["qps"])) for r in csv.DictReader(f))
     rows = chart_rows(run, run_dir, "charts/serve_p99_vs_qps")
     assert [(r["label"], r["qps"]) for r in rows] == offered
-    assert offered == [(c, q) for c in ("none", "paged_offload") for q in (10.0, 20.0)]
+    assert offered == [(c, q) for c in ("none", "paged_offload") for q in (20.0, 40.0)]
     by = {(r["cache"], r["qps"]): r for r in records}
     for row in rows:
         rec = by[row["label"], row["qps"]]
@@ -157,7 +160,7 @@ def test_mixed_serve_records_in_summary_spec(online, search, tmp_path):
     search_ = "+duration_s=1.5+search_steps=1+slo_ms=25"
     latency = rows("serve_latency")
     assert sorted((r["label"], r["qps"]) for r in latency) == [
-        (f"{c}+none+online-fifo{online_}", q) for c in ("none", "paged_offload") for q in (10.0, 20.0)
+        (f"{c}+none+online-fifo{online_}", q) for c in ("none", "paged_offload") for q in (20.0, 40.0)
     ]
     maxed = {r["label"]: r["max_qps"] for r in rows("serve_max_qps")}
     assert maxed == {
@@ -172,7 +175,7 @@ def test_mixed_serve_records_in_summary_spec(online, search, tmp_path):
 
     # a one-rate sweep (serve_smoke as it ships): the tables, and no line of one point
     spec = summary_spec(
-        pd.DataFrame([r for r in online[0] if r["qps"] == 10.0]),
+        pd.DataFrame([r for r in online[0] if r["qps"] == 20.0]),
         logger={},
         sweep_dir=tmp_path,
         group="one",
