@@ -409,8 +409,9 @@ def test_search_reports_a_bracket_and_reruns_the_final_rate(tmp_path):
         "workload.qps=20",
         "workload.search_steps=1",
         "workload.final_seeds=2",
-        "workload.search_duration_s=2.5",
-        "workload.min_duration_s=2.5",
+        # each run at least serve_smoke's 50 queries (2.5 s at 20 qps, 0.5 s from 100 qps on)
+        "workload.search_duration_s=0.5",
+        "workload.min_duration_s=0.5",
         "verify=false",
         f"hydra.run.dir={tmp_path}",
         env=ONE_THREAD,
