@@ -632,7 +632,8 @@ def test_serve_sweep_table_tells_qps_points_apart(tmp_path):
     proc = hstu_exp(
         "-m",
         "experiment=serve_smoke",
-        "workload.qps=5,40",
+        "workload.qps=40,100",  # cells of two widths; LoadGen's 50 queries take 1.25 s, 0.5 s
+        "workload.min_duration_s=0.5",
         "cache=paged",
         "verify=false",
         "logger=none",
@@ -650,7 +651,7 @@ def test_serve_sweep_table_tells_qps_points_apart(tmp_path):
         for m in re.finditer(r"(?<!\S)qps(?!\S)", header)
         if not header[: m.start()].rstrip().endswith(("target", "achieved", "completed", "max"))
     )
-    assert sorted(row[:end].split()[-1] for row in rows) == ["40", "5"], (header, rows)
+    assert sorted(row[:end].split()[-1] for row in rows) == ["100", "40"], (header, rows)
 
 
 def test_a_torn_calibration_cache_is_measured_again(tmp_path, monkeypatch):
