@@ -258,7 +258,8 @@ def test_resume_runs_only_the_new_points_on_the_gpus(both, tmp_path):
     assert {r["cuda_visible_devices"] for r in recs} <= {"0", "1"}
 
 
-# Six points of at least 3 s each: two run at once, one on each stand-in GPU.
+# Six points of at least 1.5 s each: two run at once, one on each stand-in GPU (a signal sent
+# when the second round starts finds both of its points running).
 LONG = [
     "model=tiny",
     "cache=paged",
@@ -268,7 +269,7 @@ LONG = [
     "workload.new_history=32",
     "workload.warmup=1",
     "workload.iters=3",
-    "workload.min_time_s=3",
+    "workload.min_time_s=1.5",
 ]
 
 
