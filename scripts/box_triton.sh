@@ -3,6 +3,7 @@
 # installed one, so CI compiles the kernels for sm_90a with the compiler the box runs as well as
 # with the CPU stack's (Triton's experimental Gluon API changed names between the two).
 #   scripts/box_triton.sh .venv/bin/python -m pytest -q tests/test_kernel_report.py
+#   scripts/box_triton.sh          # no command: only install it (.ci/run does, beside the tests)
 # Triton goes into .ci/triton-box/ once (--no-deps: the venv's torch drives it; only compiling
 # happens, no kernel runs).
 set -euo pipefail
