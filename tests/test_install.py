@@ -7,13 +7,12 @@ while torchrec is missing. Installing takes a minute or more: marked slow."""
 import json
 import os
 import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 import tomllib
+from clean_install import env, install, wait
 from helpers import FAST, ROOT
-
-TORCH = "torch==2.13.0"  # the README's CPU install
 
 
 def test_pyproject_names_every_package_folder():
@@ -28,27 +27,15 @@ def test_pyproject_names_every_package_folder():
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("install")
-    venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    # --no-compile: no .pyc written ahead for torch's thousands of modules (half of the install's
-    # time); Python compiles what the tests import as they import it
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile"]
-    for step in ([TORCH], [str(ROOT)]):
-        proc = subprocess.run(
-            pip + step, capture_output=True, text=True, timeout=1200, env=_env(), cwd=root
-        )
-        if step == [TORCH] and proc.returncode != 0 and "No matching distribution" in proc.stderr:
-            pytest.skip(f"no {TORCH} in reach: {proc.stderr.strip().splitlines()[-1]}")
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return venv, root
-
-
-def _env():
-    # Without PYTHONDONTWRITEBYTECODE: the first run writes the bytecode of what it imports
-    # (installed with --no-compile), so the other runs do not compile torch's modules again.
-    unset = ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")
-    return {k: v for k, v in os.environ.items() if k not in unset}
+    """The clean venv: made here, or by .ci/run beside its own install (HSTU_EXP_CLEAN_INSTALL
+    names the dir; tests/clean_install.py)."""
+    made = os.environ.get("HSTU_EXP_CLEAN_INSTALL")
+    root = Path(made) if made else tmp_path_factory.mktemp("install")
+    outcome, why = wait(root) if made else install(root)
+    if outcome == "skipped":
+        pytest.skip(why)
+    assert outcome == "done", why
+    return root / "venv", root
 
 
 def run(venv, *args, cwd):
@@ -58,7 +45,7 @@ def run(venv, *args, cwd):
         capture_output=True,
         text=True,
         timeout=300,
-        env=_env(),
+        env=env(),
     )
 
 
