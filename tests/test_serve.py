@@ -368,6 +368,7 @@ def test_a_trace_drives_the_arrivals_and_the_search_finds_a_rate(tmp_path):
         "cache=paged",
         "workload.search=max_qps",
         "workload.qps=40",
+        "workload.duration_s=1",  # each trial simulates its own stream: 1 s of it, not serve_smoke's 3
         "workload.search_steps=2",
         "workload.slo_ms=60",
         "verify=false",
