@@ -52,6 +52,7 @@ def _chosen(out, *sweep):
         "model=tiny",
         "kernel=triton",
         "device=cpu",
+        "logger=none",  # what is read is results.jsonl (W&B started a run a point)
         *FAST,
         "workload.min_samples=2",
         "workload.total_history=64",
