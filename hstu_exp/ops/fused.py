@@ -143,7 +143,7 @@ def _silu_rounded(x):
     return (xf / (1.0 + tl.exp(-xf))).to(x.dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_users"])  # changes every batch (see _hstu_fwd)
 def _silu_qkv_kernel(
     q_ptr,
     k_ptr,

@@ -419,7 +419,8 @@ def _consumer(
             gl.store(ptrs, (acc * inv_n).to(out_ty), mask=(rows < seq_len)[:, None])
 
 
-@gluon.jit
+# The per-batch counts are not specialized on (see triton_attention._hstu_fwd).
+@gluon.jit(do_not_specialize=["num_users", "m_blocks", "num_rows"])
 def _hopper_fwd(
     qd,
     kd,

@@ -269,7 +269,10 @@ def _load_kv(
     return k, v, k_scale, v_scale
 
 
-@triton.jit
+# The batch's user and row counts change every batch: specializing on them (Triton compiles a
+# variant per value class, e.g. divisible by 16 or not) would make a served stream meet new
+# compiles after the warm-up, whose enumerated shapes cannot hit every class.
+@triton.jit(do_not_specialize=["num_users", "num_rows"])
 def _hstu_fwd(
     Q,
     K,
