@@ -263,15 +263,10 @@ def new_graphs(module, cache, model, graph, *, device, dtype, progress):
         device=device,
         batch_buckets=graph.batch_buckets,
         token_buckets=graph.token_buckets,
-        pool=None if cache is None else cache.kv,
-        page_size=0 if cache is None else cache.page_size,
-        max_history=kv_tokens(model),
-        scratch_page=0 if cache is None else cache.scratch_page,
         fit_rows=graph.fit_rows,
         max_graphs=graph.max_graphs,
-        max_candidates=model.max_candidates,
-        num_context=model.num_context,
         progress=progress,
+        **_bucket_shape(model, cache),
     )
     if isinstance(module, HSTUBlock):
         return GraphedBlock(module, core, hidden=model.hidden, dtype=dtype)
@@ -294,6 +289,13 @@ def eager_shapes(model, cache, *, max_batch: int, device):
         device=device,
         batch_buckets=range(1, max_batch + 1),
         token_buckets=classes,
+        **_bucket_shape(model, cache),
+    )
+
+
+def _bucket_shape(model, cache) -> dict:
+    """What a `BucketGraphs` takes from the model and the KV cache (None: no cache)."""
+    return dict(
         pool=None if cache is None else cache.kv,
         page_size=0 if cache is None else cache.page_size,
         max_history=kv_tokens(model),
