@@ -40,7 +40,13 @@ E2E_SWEEPS = ["seed_e2e_h200", "seed_e2e_h200_second", "seed_e2e_h100_repeats", 
 SERVE_SWEEP = "serve_slo_h200"
 # The real-clock serving sweeps (scripts/gpu_serve.sh): max-QPS searches and the fixed-rate runs
 # beside them (a `_final` part: the found rate with LoadGen seeds 1-3).
-SERVE_REAL_SWEEPS: list = ["serve_goal_fifo_h100", "serve_goal_la_h100"]
+SERVE_REAL_SWEEPS: list = [
+    "serve_goal_fifo_h100",
+    "serve_goal_la_h100",
+    "serve_goal_fifo_gc_h100",
+    "serve_goal_fifo_gc_final_h100",
+    "serve_gc_ab_h100",
+]
 # Sweeps that ran one configuration on both clocks (gpu_serve.sh sim_check), for docs/serving.md.
 SIM_CHECK_SWEEPS: list = []
 E2E_LABELS = {
@@ -187,7 +193,23 @@ def _serve_config(r) -> tuple:
     replicas = r.get("replicas")
     if not is_missing(replicas) and int(replicas) > 1:
         cells[0] += f" x {int(replicas)} replicas"
+    cells[-1] += _interpreter(r)
     return tuple(cells)
+
+
+def _interpreter(r) -> str:
+    """The server's interpreter settings where the record has them (records from before those
+    knobs ran with the collector on and Python's 5 ms switch interval, and say nothing)."""
+    freeze, switch = r.get("gc_freeze"), r.get("switch_interval_ms")
+    if is_missing(freeze) and is_missing(switch):
+        return ""
+    parts = []
+    if not is_missing(freeze):
+        frozen = str(freeze).lower() == "true"
+        parts.append("collector frozen" if frozen else "collector on")
+    if not is_missing(switch):
+        parts.append(f"switch {float(switch):g} ms")
+    return f" ({', '.join(parts)})"
 
 
 def _listed(v) -> list:
@@ -402,7 +424,8 @@ def serve_goals_table(root: Path, sweeps: list, sim_sweeps: list, goal: dict = S
             f"| max QPS and busy fraction ({', '.join(config)}) "
             "| no max-QPS search of it published | not judged |"
         )
-    fifo = next((f["search"].get("max_qps") for f in mine if f["config"][3] == "fifo"), None)
+    found = [f["search"].get("max_qps") for f in mine if f["search"].get("policy") == "fifo"]
+    fifo = max((q for q in found if not is_missing(q)), default=None)  # the best FIFO search
     sim = (
         f"| simulator within {goal['sim_error']:.0%} of the real p99 below "
         f"{goal['sim_below']:.0%} of the FIFO max QPS "
