@@ -14,12 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import hstu_exp
 from test_e2e import assert_matches, make_cache, make_model, random_users, request
 
 from hstu_exp.data.arrivals import TraceError, histories, poisson_arrivals, read_trace
 from hstu_exp.kvcache.manager import KVCacheManager
 from hstu_exp.serving.path import RequestPath, apportion
+from hstu_exp.serving.population import UserSequences
 from hstu_exp.serving.sim import pick_batch, simulate
 from hstu_exp.serving.stats import percentile, violations_to_miss
 
@@ -141,6 +143,44 @@ def test_a_trace_is_read_and_bad_lines_are_named(tmp_path):
         with pytest.raises(TraceError) as err:
             read_trace(good)
         assert str(err.value).startswith(message), (str(err.value), message)
+
+
+def test_a_requests_candidates_depend_on_its_index_alone_and_its_tokens_on_its_user():
+    """UserSequences: request k's candidates are the same whatever order the indices come in
+    (blocks drawn, dropped and drawn again), in the item vocabulary; a user's requests are
+    prefixes of one sequence; after construction no config is read (the hot path's cost)."""
+
+    class Model:
+        reads = 0
+        values = dict(
+            num_context=3, max_history=64, max_candidates=40, context_vocab=5, item_vocab=50,
+            action_vocab=7,
+        )  # fmt: skip
+
+        def __getattr__(self, name):
+            Model.reads += 1
+            return Model.values[name]
+
+    users = UserSequences(Model(), seed=3, block=8)
+    reads = Model.reads
+    indices = list(range(100)) + [5, 3 * 8 + 1, 10**12 + 7]
+    first = {k: users.request(k % 7, 2 * (k % 30), 40, k) for k in indices}
+    assert Model.reads == reads  # nothing read of the config per request
+    again = UserSequences(Model(), seed=3, block=8)
+    for k in random.Random(0).sample(indices, len(indices)):  # another order: other evictions
+        count = 1 + k % 40
+        cands = again.request(0, 0, count, k).candidates
+        assert torch.equal(cands, first[k].candidates[:count])
+    every = torch.stack([first[k].candidates for k in range(96)])
+    assert every.min() >= 0 and every.max() < 50 and every.unique().numel() == 50
+    assert len({tuple(first[k].candidates.tolist()) for k in range(100)}) == 100
+    other = UserSequences(Model(), seed=4, block=8).request(0, 0, 40, 0).candidates
+    assert not torch.equal(other, first[0].candidates)
+    long, short = users.request(2, 60, 1, 1), users.request(2, 10, 1, 2)
+    assert long.num_context == 3 and long.seq_len == 63 and short.seq_len == 13
+    assert torch.equal(long.ids[:13], short.ids) and torch.equal(long.kinds[:13], short.kinds)
+    with pytest.raises(ValueError, match="41 candidates, model.max_candidates=40"):
+        users.request(0, 0, 41, 0)
 
 
 # -- the scheduler -----------------------------------------------------------------------------

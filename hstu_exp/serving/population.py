@@ -17,32 +17,56 @@ from hstu_exp.data.synthetic import Request, interleave
 
 class UserSequences:
     """One fixed sequence per user (context + max_history tokens), drawn from (seed, user) on
-    first use: a user's requests are prefixes of it, so a history only grows."""
+    first use: a user's requests are prefixes of it, so a history only grows. Candidates come
+    from (seed, request index), drawn for `block` consecutive indices at once.
 
-    def __init__(self, model, seed: int):
-        self.m, self.seed, self._seqs = model, seed, {}
+    `request` runs once per query on the server's critical thread (it holds the GIL), so it
+    reads no config (an attribute of Hydra's config costs microseconds) and makes no generator
+    a request (seeding one costs several times drawing 256 ids from it)."""
+
+    def __init__(self, model, seed: int, *, block: int = 256):
+        self.seed, self.block = seed, block
+        self.num_context, self.max_history = int(model.num_context), int(model.max_history)
+        self.max_candidates = int(model.max_candidates)
+        self.vocab = (int(model.context_vocab), int(model.item_vocab), int(model.action_vocab))
+        self._seqs: dict = {}
+        self._blocks: dict = {}  # block number -> [block, max_candidates] item ids, a few kept
 
     def get(self, user: int):
         if user not in self._seqs:
-            m, rng = self.m, np.random.default_rng([self.seed, 7, user])
-            n_items = -(-m.max_history // 2)
+            rng = np.random.default_rng([self.seed, 7, user])
+            context_vocab, item_vocab, action_vocab = self.vocab
+            n_items = -(-self.max_history // 2)
             self._seqs[user] = interleave(
-                torch.from_numpy(rng.integers(m.context_vocab, size=m.num_context)),
-                torch.from_numpy(rng.integers(m.item_vocab, size=n_items)),
-                torch.from_numpy(rng.integers(m.action_vocab, size=n_items)),
+                torch.from_numpy(rng.integers(context_vocab, size=self.num_context)),
+                torch.from_numpy(rng.integers(item_vocab, size=n_items)),
+                torch.from_numpy(rng.integers(action_vocab, size=n_items)),
             )
         return self._seqs[user]
 
+    def candidates(self, index: int, count: int) -> np.ndarray:
+        """The first `count` candidates of request `index`: row index % block of its block,
+        drawn from (seed, block number) whatever order the indices come in."""
+        if count > self.max_candidates:
+            raise ValueError(f"{count} candidates, model.max_candidates={self.max_candidates}")
+        number, row = divmod(index, self.block)
+        ids = self._blocks.get(number)
+        if ids is None:
+            rng = np.random.default_rng([self.seed, 11, number])
+            ids = rng.integers(self.vocab[1], size=(self.block, self.max_candidates))
+            if len(self._blocks) >= 4:  # a run's indices only go up: old blocks are done
+                del self._blocks[next(iter(self._blocks))]  # the oldest
+            self._blocks[number] = ids
+        return ids[row, :count]
+
     def request(self, user: int, history: int, candidates: int, index: int) -> Request:
         """Request number `index` of a run: `user`'s context and first `history` history
-        tokens, and `candidates` candidates drawn from (seed, index)."""
+        tokens, and its `candidates` candidates."""
         kinds, ids = self.get(user)
-        end = self.m.num_context + history
-        # default_rng([seed, 11, index]) spelt out: the same stream, less Python a request
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, 11, index])))
-        cands = torch.from_numpy(rng.integers(self.m.item_vocab, size=candidates))
+        end = self.num_context + history
+        cands = torch.from_numpy(self.candidates(index, candidates))
         return Request(
-            user=user, kinds=kinds[:end], ids=ids[:end], candidates=cands, num_context=self.m.num_context
+            user=user, kinds=kinds[:end], ids=ids[:end], candidates=cands, num_context=self.num_context
         )
 
 
