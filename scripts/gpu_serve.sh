@@ -13,6 +13,9 @@
 #   scripts/gpu_serve.sh OUT_DIR sim_check          # 4 rates x both clocks, then the comparison
 #   scripts/gpu_serve.sh OUT_DIR gc_ab              # gc_freeze x switch interval at GC_AB_QPS (60 s each)
 #   scripts/gpu_serve.sh OUT_DIR replicas=1 replicas=8   # serving replicas: max QPS, 1 vs 8 GPUs
+#   AB_OLD=DIR AB_OLD_SHA=REV AB_QPS=1250 scripts/gpu_serve.sh OUT_DIR rate_ab   # one fixed rate
+#       (60 s, seed 1): this tree, then the source tree of commit REV in DIR (`git archive REV |
+#       tar -x -C DIR` before the call; its records name REV)
 # Goal (H200): max QPS at p99 <= 80 ms >= 4000, VALID, busy_fraction >= 0.8 at that rate. A
 # goal part fits one call: the start-up warm-up (every graph bucket: 90-205 s with Triton's
 # cache cold on an H100, 13-15 s warm), ~5 trials of 10 s, then 3 x 60 s at the rate found.
@@ -20,6 +23,8 @@ set -u
 out=${1:?usage: scripts/gpu_serve.sh OUT_DIR PART...}
 shift
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
+here=$PWD
 run() { local name=$1 limit=$2; shift 2
   # SIGTERM at the limit: the point under way is recorded interrupted once LoadGen closes its
   # logs (at most its min_duration_s later); -k makes sure the call ends.
@@ -62,6 +67,17 @@ for part in "$@"; do
       run gc_ab 540 experiment=serve_slo cache=paged graph=cudagraph workload.policy=fifo \
         workload.search=none workload.qps="${GC_AB_QPS:-700}" workload.gc_freeze=false,true \
         workload.switch_interval_ms=5,0.5 ;;
+    rate_ab)  # a host-path lever at one rate: this tree, then AB_OLD's, same machine
+      old=${AB_OLD:?rate_ab needs AB_OLD, a source tree of the commit to compare with}
+      old_sha=${AB_OLD_SHA:?rate_ab needs AB_OLD_SHA, the commit of AB_OLD}
+      for tree in "$here" "$old"; do
+        name=rate_ab_new sha=${HSTU_EXP_GIT_SHA:-}
+        [ "$tree" = "$here" ] || name=rate_ab_old sha=$old_sha
+        (cd "$tree" && PYTHONPATH=${PYTHONPATH/$here/$tree} HSTU_EXP_GIT_SHA=$sha \
+          run "$name" 300 experiment=serve_slo \
+          cache=paged graph=cudagraph workload.policy=fifo workload.search=none \
+          workload.qps="${AB_QPS:-1250}" workload.loadgen_seed=1)
+      done ;;
     dlrmv3_server) run dlrmv3_server 480 experiment=dlrmv3_server workload.final_seeds=1 ;;
     dlrmv3_offline) run dlrmv3_offline 300 experiment=dlrmv3_offline ;;
     sim_check) run serve_sim_check 480 experiment=serve_qps cache=paged graph=cudagraph \
@@ -69,6 +85,6 @@ for part in "$@"; do
                python3 scripts/serve_sim_check.py "$out/serve_sim_check" ;;
     *) echo "gpu_serve.sh: unknown part '$part' (goal_fifo goal_fifo_final goal_la" \
             "goal_la_final paged_eager none_graph offload_graph dlrmv3_server dlrmv3_offline" \
-            "sim_check gc_ab replicas=N)" >&2; exit 2 ;;
+            "sim_check gc_ab rate_ab replicas=N)" >&2; exit 2 ;;
   esac
 done
