@@ -18,7 +18,11 @@ if [ -f "$stamp" ] && current; then exit 0; fi
 
 ${PYTHON:-python3} -m venv "$venv"
 py=$venv/bin/python
-pip=("$py" -m pip install -q --disable-pip-version-check)
+# uv installs into the venv what pip would (same constraints, same indexes: PyPI and the local
+# wheel store), unpacking torch's wheel several times faster than pip; setup is on CI's serial
+# path. uv itself comes from pip, pinned here (it is a tool of this script, not a dependency).
+"$py" -m pip install -q --disable-pip-version-check uv==0.13.10
+pip=("$venv/bin/uv" pip install -q --python "$py")
 # Machines with a local wheel store (CI's, ours) take torch from there instead of downloading it.
 [ -d /opt/wheels ] && pip+=(--find-links /opt/wheels)
 
