@@ -316,9 +316,10 @@ def test_an_unwritable_record_stops_the_sweep_in_every_worker(tmp_path):
     line = one_line_error(proc, code=1)
     assert "1/results.jsonl" in line and "the sweep stopped" in line
     recs = records(tmp_path)
-    # the other worker finishes its point; no further point starts (all 5 would, unstopped)
+    # the other worker finishes its point; no further point starts (all 5 would, unstopped).
+    # Under load the other worker may not have begun its point before the stop: no record then.
     assert 1 not in {r["point"] for r in recs} and len(recs) <= 3, recs
-    assert {r["status"] for r in recs} == {"ok"}
+    assert all(r["status"] == "ok" for r in recs), recs
     assert len(pd.read_csv(tmp_path / "results.csv")) == len(recs)  # closed out what exists
 
 
