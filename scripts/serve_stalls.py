@@ -5,9 +5,11 @@ the batches ahead of them and Python's collector (`batches.csv`, `collections.cs
 
     python scripts/serve_stalls.py <sweep dir> [--slow-ms 40]
 
-One block per point; exit 0. A slow request is blamed on what held the worker while it waited:
-a collection that paused every thread, a batch whose host work or answer lag was long, or the
-device; "queue" when none of those stands out (the rate alone).
+One block per point: host ms a batch and a request, device ms and answer lag a batch (p50, p99,
+max); the collector's pauses; the slow requests and what held them. Exit 0. A slow request is
+blamed on what held the worker while it waited: a collection that paused every thread, a batch
+whose host work or answer lag was long, or the device; "queue" when none of those stands out
+(the rate alone).
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ def describe(job: Path, slow_ms: float) -> list[str]:
     c = pd.read_csv(job / "collections.csv")
     b["lag_ms"] = 1e3 * (b.finish_s - b[["device_end_s", "launched_s"]].max(axis=1))
     lines = [f"  {len(r)} requests, {len(b)} batches (mean size {b['size'].mean():.2f})"]
-    for name in ("host_ms", "device_ms", "lag_ms"):
+    # Host work a request: at the max rate it, not the device, sets how many batches fit.
+    b["host_ms/req"] = b.host_ms / b["size"]
+    for name in ("host_ms", "host_ms/req", "device_ms", "lag_ms"):
         q = b[name].quantile([0.5, 0.99])
-        lines.append(f"  {name:9s} p50 {q[0.5]:7.2f}  p99 {q[0.99]:7.2f}  max {b[name].max():7.2f}")
+        lines.append(f"  {name:11s} p50 {q[0.5]:7.2f}  p99 {q[0.99]:7.2f}  max {b[name].max():7.2f}")
     full = c[c.generation == 2]
     lines.append(
         f"  collector: {len(c)} collections ({len(full)} full), pauses over {LONG_MS:g} ms: "

@@ -75,4 +75,17 @@ def test_each_slow_request_is_blamed_on_the_stall_it_waited_behind(tmp_path):
         "5 requests over 20 ms (83.33%): collector 1, host work 1, answer lag 1, device 1, queue 1"
         in text
     )
-    assert "host_ms   p50    1.00" in text and "max   45.00" in text
+    assert "host_ms     p50    1.00" in text and "max   45.00" in text
+    assert "host_ms/req p50    1.00" in text  # batches of one: the same as a batch
+
+
+def test_host_work_a_request_divides_by_the_batch_size(tmp_path):
+    batches = [{**batch(n, float(n), 2.0 * (n + 1), 1.0, 0.0), "size": 4} for n in range(3)]
+    requests = [request(4 * n + i, float(n), b) for n, b in enumerate(batches) for i in range(4)]
+    write(tmp_path / "batches.csv", BATCH_COLUMNS, batches)
+    write(tmp_path / "requests.csv", REQUEST_COLUMNS, requests)
+    write(tmp_path / "collections.csv", COLLECTION_COLUMNS, [])
+    text = "\n".join(serve_stalls.describe(tmp_path, slow_ms=20.0))
+    assert "12 requests, 3 batches (mean size 4.00)" in text
+    assert "host_ms     p50    4.00" in text and "max    6.00" in text
+    assert "host_ms/req p50    1.00" in text and "max    1.50" in text
