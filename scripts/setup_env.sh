@@ -21,8 +21,11 @@ py=$venv/bin/python
 # uv installs into the venv what pip would (same constraints, same indexes: PyPI and the local
 # wheel store), unpacking torch's wheel several times faster than pip; setup is on CI's serial
 # path. uv itself comes from pip, pinned here (it is a tool of this script, not a dependency).
+# --compile-bytecode: pip compiles every module at install and uv does not by default; where
+# PYTHONDONTWRITEBYTECODE is set (CI's image), each process would then compile all it imports
+# (torchrec twice as slow to import, the test suite minutes slower).
 "$py" -m pip install -q --disable-pip-version-check uv==0.13.10
-pip=("$venv/bin/uv" pip install -q --python "$py")
+pip=("$venv/bin/uv" pip install -q --compile-bytecode --python "$py")
 # Machines with a local wheel store (CI's, ours) take torch from there instead of downloading it.
 [ -d /opt/wheels ] && pip+=(--find-links /opt/wheels)
 
