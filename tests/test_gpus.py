@@ -317,10 +317,12 @@ def test_an_unwritable_record_stops_the_sweep_in_every_worker(tmp_path):
     assert "1/results.jsonl" in line and "the sweep stopped" in line
     recs = records(tmp_path)
     # the other worker finishes its point; no further point starts (all 5 would, unstopped).
-    # Under load the other worker may not have begun its point before the stop: no record then.
+    # Under load the other worker may not have begun its point before the stop (it was still
+    # starting, e.g. beside CI's clean install): no record then, seen in CI.
     assert 1 not in {r["point"] for r in recs} and len(recs) <= 3, recs
     assert all(r["status"] == "ok" for r in recs), recs
-    assert len(pd.read_csv(tmp_path / "results.csv")) == len(recs)  # closed out what exists
+    table = tmp_path / "results.csv"  # closed out what exists (nothing: no table)
+    assert (len(pd.read_csv(table)) if table.exists() else 0) == len(recs)
 
 
 def test_wandb_runs_come_from_the_workers_and_the_summary_from_the_launcher(tmp_path):
@@ -360,5 +362,6 @@ def test_a_worker_killed_mid_point_stops_the_sweep_with_one_line(tmp_path):
     assert "Traceback" not in run.output, run.output
     recs = records(tmp_path)
     assert 2 <= len(recs) < 6 and all(r["status"] == "ok" for r in recs)  # none half-written
-    assert len(pd.read_csv(tmp_path / "results.csv")) == len(recs)  # closed out what exists
+    table = tmp_path / "results.csv"  # closed out what exists (nothing: no table)
+    assert (len(pd.read_csv(table)) if table.exists() else 0) == len(recs)
     assert GpuLeases(["0", "1"], tmp_path / ".gpus").holders() == {}
