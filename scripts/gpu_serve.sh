@@ -16,6 +16,8 @@
 #   AB_OLD=DIR AB_OLD_SHA=REV AB_QPS=1250 scripts/gpu_serve.sh OUT_DIR rate_ab   # one fixed rate
 #       (60 s, seed 1): this tree, then the source tree of commit REV in DIR (`git archive REV |
 #       tar -x -C DIR` before the call; its records name REV)
+# SERVE_LOGGER=none runs without W&B (its 26 MB wheel left behind when the tree is near the
+# device's 64 MiB limit); the default logs each point to an offline W&B run.
 # Goal (H200): max QPS at p99 <= 80 ms >= 4000, VALID, busy_fraction >= 0.8 at that rate. A
 # goal part fits one call: the start-up warm-up (every graph bucket: 90-205 s with Triton's
 # cache cold on an H100, 13-15 s warm), ~5 trials of 10 s, then 3 x 60 s at the rate found.
@@ -28,7 +30,8 @@ here=$PWD
 run() { local name=$1 limit=$2; shift 2
   # SIGTERM at the limit: the point under way is recorded interrupted once LoadGen closes its
   # logs (at most its min_duration_s later); -k makes sure the call ends.
-  timeout -k 60 "$limit" python3 -m hstu_exp -m logger=wandb logger.mode=offline resume=true \
+  timeout -k 60 "$limit" python3 -m hstu_exp -m logger="${SERVE_LOGGER:-wandb}" logger.mode=offline \
+    resume=true \
     hydra.sweep.dir="$out/$name" "$@" >> "$out/$name.log" 2>&1
   echo "$name: exit $?"; }
 policy() { case $1 in goal_la*) echo length_aware ;; *) echo fifo ;; esac; }
