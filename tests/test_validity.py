@@ -93,7 +93,8 @@ def test_the_cli_records_an_invalid_point_as_ok_with_the_reason(tmp_path):
     strict, lenient = recs["0.0001"], recs["10"]
     for r in (strict, lenient):
         assert r["status"] == "ok" and r["cv_basis"] == "samples" and r["headline"] == "median_ms"
-        assert r["cv"] == pytest.approx(numpy_cv(r["samples_ms"]), rel=1e-9)
+        # the record keeps its samples to 6 significant digits; cv came from them as timed
+        assert r["cv"] == pytest.approx(numpy_cv(r["samples_ms"]), rel=1e-4)
         assert r["min_samples"] == 10 and r["iterations"] == len(r["samples_ms"]) >= 3
     assert (strict["cv_max"], strict["max_time_s"]) == (0.0001, 0.4)
     assert strict["valid"] is False
@@ -122,3 +123,22 @@ def test_cuda_timing_goes_on_while_noisy_and_reads_clocks():
     assert time.perf_counter() - t0 >= stop.max_time_s
     assert numpy_cv(noisy.samples_ms) > stop.cv_max
     assert stop.problems(noisy.samples_ms)[0].startswith("CV ")
+
+
+def test_a_record_keeps_six_significant_digits_of_its_samples():
+    """The stats come from the samples as timed; the record's copy drops the float noise beyond
+    6 significant digits and nothing above it."""
+    from omegaconf import OmegaConf
+
+    from hstu_exp.bench.measure import Measured, finish
+
+    raw = [10 ** random.uniform(-3, 3) for _ in range(50)] + [1.23456789, 0.0120000449]
+    rule = StopRule(iters=1, min_time_s=0, max_time_s=1, cv_max=100, min_samples=2)
+    cfg = OmegaConf.create({"verify": False, "calibrate": False, "profile": False, "kernel": {}})
+    m = Measured(samples_ms=raw, flops=1.0, nbytes=1.0, rule=rule, dtype=torch.float32)
+    rec = finish(m, cfg, torch.device("cpu"))
+    assert rec["samples_ms"][-2:] == [1.23457, 0.012]
+    assert len(rec["samples_ms"]) == len(raw)
+    assert all(abs(a - b) <= 5e-6 * b for a, b in zip(rec["samples_ms"], raw))
+    assert rec["median_ms"] == latency_stats(raw)["median_ms"]
+    assert all(len(f"{s:e}".split("e")[0].rstrip("0").replace(".", "")) <= 6 for s in rec["samples_ms"])

@@ -58,6 +58,12 @@ def stop_rule(workload, device: torch.device) -> StopRule:
     )
 
 
+# Samples are kept to 6 significant digits (1 part in a million: below the resolution of CUDA
+# events and of any clock at these durations); the digits beyond are float noise, and they made
+# up half of a serving record's bytes (tens of thousands of samples a point).
+SAMPLE_DIGITS = 6
+
+
 def finish(
     m: Measured, cfg, device: torch.device, job_dir=None, progress=print, verify: bool = True
 ) -> dict:
@@ -76,7 +82,7 @@ def finish(
     unit_ms = m.per_unit_ms if m.per_unit_ms is not None else stats["median_ms"]
     result = {
         **stats,
-        "samples_ms": list(m.samples_ms),
+        "samples_ms": [float(f"{s:.{SAMPLE_DIGITS}g}") for s in m.samples_ms],
         "cv_basis": m.cv_basis,
         "valid": not problems,
         "invalid_reason": "; ".join(problems) or None,
