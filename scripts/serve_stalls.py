@@ -6,10 +6,11 @@ the batches ahead of them and Python's collector (`batches.csv`, `collections.cs
     python scripts/serve_stalls.py <sweep dir> [--slow-ms 40]
 
 One block per point: host ms a batch and a request, device ms and answer lag a batch (p50, p99,
-max); the collector's pauses; the slow requests and what held them. Exit 0. A slow request is
-blamed on what held the worker while it waited: a collection that paused every thread, a batch
-whose host work or answer lag was long, or the device; "queue" when none of those stands out
-(the rate alone).
+max); the host work's phases (p50/p99) and which phase was longest in each batch whose host work
+stalled (runs whose batches.csv has them); the collector's pauses; the slow requests and what
+held them. Exit 0. A slow request is blamed on what held the worker while it waited: a collection
+that paused every thread, a batch whose host work or answer lag was long, or the device; "queue"
+when none of those stands out (the rate alone).
 """
 
 from __future__ import annotations
@@ -38,6 +39,19 @@ def describe(job: Path, slow_ms: float) -> list[str]:
     for name in ("host_ms", "host_ms/req", "device_ms", "lag_ms"):
         q = b[name].quantile([0.5, 0.99])
         lines.append(f"  {name:11s} p50 {q[0.5]:7.2f}  p99 {q[0.99]:7.2f}  max {b[name].max():7.2f}")
+    phases = [k for k in b.columns if k.startswith("host_") and k.endswith("_ms") and k != "host_ms"]
+    if phases:  # runs since the worker split its host work by phase (batches.csv)
+        parts = "  ".join(
+            f"{k[5:-3]} {b[k].quantile(0.5):.2f}/{b[k].quantile(0.99):.2f}" for k in phases
+        )
+        lines.append(f"  host phases, ms p50/p99: {parts}")
+        stalls = b[b.host_ms > LONG_MS]
+        if len(stalls):
+            longest = stalls[phases].idxmax(axis=1).str[5:-3].value_counts()
+            lines.append(
+                f"  host work over {LONG_MS:g} ms: {len(stalls)} batches, by their longest phase: "
+                + ", ".join(f"{k} {v}" for k, v in longest.items())
+            )
     full = c[c.generation == 2]
     lines.append(
         f"  collector: {len(c)} collections ({len(full)} full), pauses over {LONG_MS:g} ms: "

@@ -29,7 +29,7 @@ from hstu_exp.serving.loadgen_sut import LoadGenTest
 from hstu_exp.serving.path import RequestPath
 from hstu_exp.serving.server import FirstUseDuringRun, RealServer
 from hstu_exp.serving.sim import eligible, pick_batch
-from hstu_exp.serving.worker import Worker, busy_fraction
+from hstu_exp.serving.worker import WORKER_PHASES, Worker, busy_fraction
 from hstu_exp.stats import early_stopping_queries
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -352,6 +352,10 @@ def check_batches(rows, batches, record):
         assert sizes[n] == int(b["size"]) and int(b["first_use"]) == 0
         assert 0 <= start <= launched <= finish
         assert float(b["host_ms"]) == pytest.approx(1e3 * (launched - start), abs=1e-5)
+        # its phases in order, back to back but for the calls between them
+        phases = [float(b[f"host_{name}_ms"]) for name in WORKER_PHASES]
+        assert min(phases) >= 0 and float(b["host_launch_ms"]) > 0
+        assert sum(phases) <= float(b["host_ms"]) + 1e-5
         assert float(b["device_start_s"]) <= float(b["device_end_s"]) <= finish + 1e-6
         answered = {float(r["finish_s"]) for r in rows if int(r["batch"]) == n}
         assert answered == {finish}  # each of its requests answered when it finished

@@ -7,6 +7,7 @@ import importlib.util
 from helpers import ROOT
 
 from hstu_exp.serving.outcome import BATCH_COLUMNS, COLLECTION_COLUMNS, REQUEST_COLUMNS
+from hstu_exp.serving.worker import WORKER_PHASES
 
 spec = importlib.util.spec_from_file_location("serve_stalls", ROOT / "scripts" / "serve_stalls.py")
 serve_stalls = importlib.util.module_from_spec(spec)
@@ -20,10 +21,13 @@ def write(path, columns, rows):
         out.writerows(rows)
 
 
-def batch(n, start, host_ms, device_ms, lag_ms):
+def batch(n, start, host_ms, device_ms, lag_ms, longest="launch"):
     launched = start + host_ms / 1e3
     end = launched + device_ms / 1e3
+    phases = {f"host_{name}_ms": host_ms / 20 for name in WORKER_PHASES}
+    phases[f"host_{longest}_ms"] = host_ms / 2
     return dict(
+        **phases,
         batch=n,
         size=1,
         start_s=start,
@@ -54,7 +58,7 @@ def test_each_slow_request_is_blamed_on_the_stall_it_waited_behind(tmp_path):
     batches = [
         batch(0, 0.000, 1.0, 1.0, 0.0),  # quick: its request is not slow
         batch(1, 1.000, 1.0, 1.0, 0.0),  # waits behind the 60 ms collection at 0.95 s
-        batch(2, 2.000, 45.0, 1.0, 0.0),  # its own host work stalled
+        batch(2, 2.000, 45.0, 1.0, 0.0, "plan"),  # its own host work stalled, in planning
         batch(3, 3.000, 1.0, 1.0, 30.0),  # the answer came 30 ms after the device was done
         batch(4, 4.000, 1.0, 50.0, 0.0),  # a long device span
         batch(5, 5.000, 1.0, 1.0, 0.0),  # arrived 60 ms before a quick batch: queueing alone
@@ -77,6 +81,8 @@ def test_each_slow_request_is_blamed_on_the_stall_it_waited_behind(tmp_path):
     )
     assert "host_ms     p50    1.00" in text and "max   45.00" in text
     assert "host_ms/req p50    1.00" in text  # batches of one: the same as a batch
+    assert "host phases, ms p50/p99: request 0.05/" in text and " launch 0.50/" in text
+    assert "host work over 10 ms: 1 batches, by their longest phase: plan 1" in text
 
 
 def test_host_work_a_request_divides_by_the_batch_size(tmp_path):

@@ -11,7 +11,7 @@ from typing import List
 
 from hstu_exp.serving.path import TIERS
 from hstu_exp.serving.stats import percentile, user_shares
-from hstu_exp.serving.worker import busy_fraction
+from hstu_exp.serving.worker import WORKER_PHASES, busy_fraction
 
 REQUEST_COLUMNS = (
     "request",
@@ -37,8 +37,9 @@ REQUEST_COLUMNS = (
 
 
 # batches.csv of a real run: each batch's timeline (seconds from the run's start): its host work
-# from start_s to launched_s, its device work from device_start_s to device_end_s, answered at
-# finish_s. With the collector's pauses (collections.csv) it shows where a slow request waited.
+# from start_s to launched_s (host_ms, split by phase in host_<phase>_ms), its device work from
+# device_start_s to device_end_s, answered at finish_s. With the collector's pauses
+# (collections.csv) it shows where a slow request waited.
 BATCHES_FILE = "batches.csv"
 COLLECTIONS_FILE = "collections.csv"
 BATCH_COLUMNS = (
@@ -53,6 +54,7 @@ BATCH_COLUMNS = (
     "host_ms",
     "device_ms",
     "first_use",
+    *(f"host_{name}_ms" for name in WORKER_PHASES),
 )
 COLLECTION_COLUMNS = ("start_s", "generation", "pause_ms")
 
@@ -177,7 +179,8 @@ def write_batches(batches: List[dict], path: Path) -> None:
             times = [round(b[k], 9) for k in ("start_s", "launched_s")]
             ms = [round(b[k], 6) for k in ("host_ms", "device_ms")]
             row = [b.get("replica", 0), b["batch"], b["size"], *times, *device, round(b["finish_s"], 9)]
-            out.writerow(row + ms + [b["first_use"]])
+            phases = [round(b["host_phases"][name], 6) for name in WORKER_PHASES]
+            out.writerow(row + ms + [b["first_use"]] + phases)
 
 
 def write_collections(collections: List[tuple], path: Path) -> None:

@@ -19,8 +19,8 @@ took on the device (`device_ms`). Callers that time a batch synchronize themselv
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -29,6 +29,11 @@ from hstu_exp.data.synthetic import Request
 from hstu_exp.model.ranking import HSTURanker, forward_rows, phase
 
 TIERS = ("gpu", "host", "miss")  # where a request's cached prefix came from
+# The request path's host work in order: lookup and page planning; token rows and batch
+# metadata; staging them (graphs: the bucket's pinned buffer; eager: the upload); onloads from
+# the host tier (graphs: all layers' before the replay; eager: inside the launch); the launch
+# (graph replay, or the eager forward's launches); the cache manager's commit.
+HOST_PHASES = ("plan", "tokens", "stage", "onload", "launch", "commit")
 
 
 @dataclass
@@ -46,6 +51,8 @@ class Served:
     # The compute's span: CUDA events around it (from the first launch to its end on the device;
     # eager: the device's waits for the host's launches count), or the host clock on a CPU.
     span: Optional[tuple] = None
+    # host_ms by phase (HOST_PHASES), ms: which part of the host's work a slow batch spent.
+    host_phases: Dict[str, float] = field(default_factory=dict)
 
     @property
     def device_ms(self) -> Optional[float]:
@@ -115,27 +122,36 @@ class RequestPath:
 
     @torch.no_grad()
     def serve(self, requests: Sequence[Request], *, return_hidden: bool = False) -> Served:
-        t0 = time.perf_counter()
+        clock = time.perf_counter
+        t0 = clock()
         with phase("rank.plan"):
             cached, was_on_host, table, on_layer = self._plan_pages(requests)
+        t_plan = clock()
         with phase("rank.tokens"):
             tokens = self.model.embeddings.tokens(requests, cached, self.device, upload=False)
             batch = make_batch(tokens.rows, tokens.num_candidates, self.device, table, upload=False)
+        t_tokens = clock()
         pool = self.manager.cache.kv if self.manager is not None else None
         cuda = torch.device(self.device).type == "cuda"
         if self.graphs is None:  # eager: each layer waits for its own onloads (on_layer)
             batch, tokens = upload_step(batch, tokens, self.device)
+            t_stage = t_onload = clock()
             start = _mark(cuda)
             logits, h = forward_rows(self.model, tokens, batch, pool, on_layer)
         else:
             with phase("rank.graph"):
                 staged = self.graphs.stage_step(tokens, batch)
+                t_stage = clock()
                 self._onload_all(on_layer)
+                t_onload = clock()
                 start = _mark(cuda)
                 logits, h = self.graphs.run(staged)
         span = (start, _mark(cuda))
+        t_launch = clock()
         if self.manager is not None:
             self.manager.commit()  # fingerprints, while the device computes
+        t_end = clock()
+        marks = (t0, t_plan, t_tokens, t_stage, t_onload, t_launch, t_end)
         return Served(
             logits=logits,
             hidden=h if return_hidden else None,
@@ -143,8 +159,9 @@ class RequestPath:
             cached=cached,
             was_on_host=was_on_host,
             batch_bytes=self._bytes_moved(),
-            host_ms=(time.perf_counter() - t0) * 1e3,
+            host_ms=(t_end - t0) * 1e3,
             span=span,
+            host_phases={n: 1e3 * (b - a) for n, a, b in zip(HOST_PHASES, marks, marks[1:])},
         )
 
     @torch.no_grad()

@@ -26,8 +26,12 @@ import torch
 
 from hstu_exp import first_use
 from hstu_exp.serving.batcher import Batcher, Pending
+from hstu_exp.serving.path import HOST_PHASES
 
 POLL_S = 2e-4  # how often the worker looks for a next batch while the device computes
+# A batch's host work in order: its requests built (the population's candidates), the request
+# path's phases, then the scores' copy to pinned memory and the batch's event.
+WORKER_PHASES = ("request", *HOST_PHASES, "scores")
 
 
 @dataclass
@@ -41,6 +45,7 @@ class InFlight:
     launched: float  # clock() when its host work ended
     done: Optional[object]  # CUDA event after its scores' copy, None on a CPU
     first_use: int  # first-use events during its host work
+    host_phases: dict  # its host work by phase, ms (WORKER_PHASES)
 
     def ready(self) -> bool:
         return self.done is None or self.done.query()
@@ -147,7 +152,9 @@ class Worker:
         start = self.clock()
         uses = first_use.events()
         requests = [self.request(p) for p in batch]
+        built = self.clock()
         served = self.path.serve(requests)  # on CUDA: enqueued, not waited for
+        issued = self.clock()
         done = None
         if self.cuda:
             scores = torch.empty(served.logits.shape, dtype=torch.float32, pin_memory=True)
@@ -156,8 +163,23 @@ class Worker:
             done.record()
         else:
             scores = served.logits.float()
+        launched = self.clock()
+        phases = {
+            "request": 1e3 * (built - start),
+            **served.host_phases,
+            "scores": 1e3 * (launched - issued),
+        }
         return InFlight(
-            number, batch, requests, served, scores, start, self.clock(), done, first_use.events() - uses
+            number,
+            batch,
+            requests,
+            served,
+            scores,
+            start,
+            launched,
+            done,
+            first_use.events() - uses,
+            phases,
         )
 
     def _finish(self, f: InFlight) -> None:
@@ -206,6 +228,7 @@ class Worker:
                 "device_ms": span[1] - span[0],
                 "span_ms": span,  # from the origin event recorded at start(): about t0
                 "first_use": f.first_use,
+                "host_phases": f.host_phases,
             }
         )
         if f.first_use:
