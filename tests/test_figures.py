@@ -441,3 +441,25 @@ def test_serve_at_one_rate_bars_per_configuration_on_a_share_axis(tmp_path, capl
         figs = figures.draw_all(df, tmp_path)
     assert "serve_latency_vs_qps" not in figs and "serve_cache" in figs
     assert "figure serve_latency_vs_qps not drawn: one offered rate (400" in caplog.text
+
+
+def test_a_cdf_legend_of_long_labels_sits_below_and_leaves_the_axis_its_width():
+    """The published collector x switch-interval sweep: four labels of ~45 characters. Beside
+    the one panel they squeezed its axis to a sliver; below it, the axis keeps most of the
+    figure's width and the legend stays clear of the axis and its x label."""
+    from helpers import ROOT
+
+    from hstu_exp.report.aggregate import load
+
+    df = load(ROOT / "outputs" / "published" / "serve_gc_ab_h100")
+    fig = figures.serve_latency_cdf(df)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert len(labels) == 5 and min(len(label) for label in labels[:4]) > 40
+    box, leg = ax.get_window_extent(), legend.get_window_extent()
+    assert box.width > 0.6 * fig.bbox.width
+    assert leg.y1 < ax.xaxis.label.get_window_extent().y0  # below the x label
+    provenance = [t for t in fig.texts if "commit" in t.get_text()]
+    assert provenance and provenance[0].get_window_extent().y1 <= leg.y0  # and above the footer

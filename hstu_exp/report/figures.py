@@ -98,9 +98,11 @@ def provenance(df: pd.DataFrame) -> str:
     )
 
 
-def _finish(fig, title: str, df: pd.DataFrame) -> None:
+def _finish(fig, title: str, df: pd.DataFrame, below: float = 0.0) -> None:
+    """Title, provenance and the invalid points' note under the figure (`below`: the height of
+    what hangs there already, a legend, as a fraction of the figure's)."""
     fig.suptitle(title, fontsize=11)
-    fig.text(0.5, -0.01, provenance(df), ha="center", va="top", fontsize=7, color="dimgray")
+    fig.text(0.5, -0.01 - below, provenance(df), ha="center", va="top", fontsize=7, color="dimgray")
     n_invalid = (
         int(sum(_is_invalid(v) for v in df["valid_"]))
         if "valid_" in df
@@ -109,7 +111,7 @@ def _finish(fig, title: str, df: pd.DataFrame) -> None:
     if n_invalid:
         fig.text(
             0.5,
-            -0.045,
+            -0.045 - below,
             f"{n_invalid} of {len(df)} points invalid (hatched / hollow): "
             "see the records' invalid_reason",
             ha="center",
@@ -143,6 +145,31 @@ def _plain_log_y(ax) -> None:
     ax.yaxis.set_major_locator(mticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(mticker.NullFormatter())
+
+
+def _legend_below(fig, axes, fontsize: int = 7) -> float:
+    """One legend of every panel's lines (each label once), hung under the figure in as many
+    columns as its width holds: beside a narrow panel a legend of long labels squeezes the axis
+    to a sliver, and the last panel alone may lack some labels. Returns its height as a
+    fraction of the figure's, for `_finish(below=)`."""
+    entries = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if not entries:
+        return 0.0
+    per = 0.4 + 0.055 * max(len(label) for label in entries)  # inches a column at 7 pt
+    ncol = max(1, min(len(entries), int(fig.get_figwidth() // per)))
+    rows = -(-len(entries) // ncol)
+    fig.legend(
+        list(entries.values()),
+        list(entries),
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=ncol,
+        fontsize=fontsize,
+    )
+    return (0.19 * rows + 0.15) / fig.get_figheight()
 
 
 def _grid(n: int, width: float = 4.2, height: float = 3.4):
@@ -872,8 +899,8 @@ def serve_latency_cdf(df: pd.DataFrame):
             ylabel="fraction of requests",
             ylim=(0, 1.02),
         )
-    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    _finish(fig, f"Serving latency CDF (counted requests; {_clocks(d)})", df)
+    below = _legend_below(fig, axes)
+    _finish(fig, f"Serving latency CDF (counted requests; {_clocks(d)})", df, below)
     return fig
 
 
