@@ -13,6 +13,7 @@
 #   scripts/gpu_serve.sh OUT_DIR sim_check          # 4 rates x both clocks, then the comparison
 #   scripts/gpu_serve.sh OUT_DIR gc_ab              # gc_freeze x switch interval at GC_AB_QPS (60 s each)
 #   scripts/gpu_serve.sh OUT_DIR replicas=1 replicas=8   # serving replicas: max QPS, 1 vs 8 GPUs
+#   scripts/gpu_serve.sh OUT_DIR rate=1500         # one fixed rate (60 s, seed 1), this tree
 #   AB_OLD=DIR AB_OLD_SHA=REV AB_QPS=1250 scripts/gpu_serve.sh OUT_DIR rate_ab   # one fixed rate
 #       (60 s, seed 1): this tree, then the source tree of commit REV in DIR (`git archive REV |
 #       tar -x -C DIR` before the call; its records name REV)
@@ -81,6 +82,11 @@ for part in "$@"; do
           cache=paged graph=cudagraph workload.policy=fifo workload.search=none \
           workload.qps="${AB_QPS:-1250}" workload.loadgen_seed=1)
       done ;;
+    rate=*)  # one fixed rate, 60 s, LoadGen seed 1, this tree: a lever's effect at a known
+             # rate, with its batches' host phases (serve_stalls.py), in ~90 s after the warm-up
+      qps=${part#rate=}
+      run "rate_$qps" 300 experiment=serve_slo cache=paged graph=cudagraph workload.policy=fifo \
+        workload.search=none workload.qps="$qps" workload.loadgen_seed=1 ;;
     dlrmv3_server) run dlrmv3_server 480 experiment=dlrmv3_server workload.final_seeds=1 ;;
     dlrmv3_offline) run dlrmv3_offline 300 experiment=dlrmv3_offline ;;
     sim_check) run serve_sim_check 480 experiment=serve_qps cache=paged graph=cudagraph \
@@ -88,6 +94,6 @@ for part in "$@"; do
                python3 scripts/serve_sim_check.py "$out/serve_sim_check" ;;
     *) echo "gpu_serve.sh: unknown part '$part' (goal_fifo goal_fifo_final goal_la" \
             "goal_la_final paged_eager none_graph offload_graph dlrmv3_server dlrmv3_offline" \
-            "sim_check gc_ab rate_ab replicas=N)" >&2; exit 2 ;;
+            "sim_check gc_ab rate=QPS rate_ab replicas=N)" >&2; exit 2 ;;
   esac
 done
