@@ -11,12 +11,14 @@ own marks) is subtracted, the rest is host work.
 
 Prints per batch (means over the run): the worker's host_ms less the compute, the whole process's
 CPU time (every thread: batcher, LoadGen's issue callback, answers, per-query rows) less the
-compute, and the compute. --profile prints the worker thread's top functions (cProfile).
+compute, the compute, and the worker's host work by phase (mean, median; launch holds the
+compute on a CPU). --profile prints the worker thread's top functions (cProfile).
 A micro-benchmark of host code on a CPU, not a GPU measurement: numbers from it are marked CPU.
 """
 
 import argparse
 import cProfile
+import os
 import pstats
 import statistics
 import tempfile
@@ -35,6 +37,7 @@ from hstu_exp.serving import worker as worker_mod  # noqa: E402
 from hstu_exp.serving.loadgen_sut import LoadGenTest  # noqa: E402
 from hstu_exp.serving.population import UserSequences, population_for  # noqa: E402
 from hstu_exp.serving.server import RealServer  # noqa: E402
+from hstu_exp.serving.worker import WORKER_PHASES  # noqa: E402
 
 
 def config(max_history: int, num_users: int):
@@ -127,6 +130,22 @@ def batcher_cost(depth: int, users: int, batches: int = 300) -> float:
         drainer.join()
 
 
+def thread_cpu_ms() -> dict:
+    """{thread id: (name, CPU ms so far)} of every thread of this process (Linux /proc): which
+    thread's work the process time holds (LoadGen's own threads are native, not Python)."""
+    tick = 1e3 / os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) * tick)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--queries", type=int, default=3000)
@@ -198,13 +217,29 @@ def main():
         worker_mod.Worker._loop = profiled
     sections = timed_sections(server, path)
     with tempfile.TemporaryDirectory() as tmp:
+        names, seen, running = {}, {}, threading.Event()
+
+        def note_names():  # Python's names of the threads, and their CPU while they live
+            while not running.wait(0.5):  # a thread that ends loses at most its last 0.5 s
+                names.update({t.native_id: t.name for t in threading.enumerate()})
+                seen.update(thread_cpu_ms())
+
+        watcher = threading.Thread(target=note_names, daemon=True)
+        watcher.start()
+        cpu0, threads0 = time.process_time(), thread_cpu_ms()
         served = server.run(
             test, population, Path(tmp), sample_every=0, freeze_gc=args.gc == "freeze", progress=print
         )
+        process_ms = 1e3 * (time.process_time() - cpu0)
+        running.set()
+        watcher.join()
+        by_thread = {**seen, **thread_cpu_ms()}  # threads that ended: their last reading
     batches = served.log.batches
     compute = [b["device_ms"] for b in batches]
     host = [b["host_ms"] - b["device_ms"] for b in batches]
     n = len(batches)
+    # every thread's CPU time in the run (LoadGen's included), less the compute, a batch
+    process = (process_ms - sum(compute)) / n
     print(
         f"{len(served.log.rows)} queries, {n} batches, mean batch "
         f"{statistics.mean(b['size'] for b in batches):.2f} (CPU, model=tiny, history <= "
@@ -217,7 +252,15 @@ def main():
         ("compute (tiny model, CPU)", compute),
     ]:
         print(f"| {name} | {statistics.mean(values):.3f} | {statistics.median(values):.3f} |")
+    print(f"| whole process CPU less compute (every thread) | {process:.3f} | |")
+    for phase in WORKER_PHASES:  # the worker's host work by phase (launch holds the compute)
+        values = [b["host_phases"][phase] for b in batches]
+        print(f"| phase {phase} | {statistics.mean(values):.3f} | {statistics.median(values):.3f} |")
     print(f"worker launch host work, the slowest batch: {max(host):.3f} ms")
+    print("| thread (Linux name) | CPU ms a batch |\n|---|---|")
+    spent = {t: by_thread[t][1] - threads0.get(t, ("", 0.0))[1] for t in by_thread}
+    for tid in sorted(spent, key=spent.get, reverse=True)[:8]:
+        print(f"| {tid} {names.get(tid, by_thread[tid][0])} | {spent[tid] / n:.3f} |")
     print(
         f"collector during the run (--gc {args.gc}): "
         + ", ".join(f"{k} {v:.4g}" for k, v in served.gc.items())
