@@ -23,6 +23,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from hstu_exp.serving.worker import WORKER_PHASES  # noqa: E402
 from hstu_exp.tracking.records import read_records  # noqa: E402
 
 LONG_MS = 10.0  # a host phase, answer lag or pause this long is a stall, not ordinary work
@@ -39,15 +40,16 @@ def describe(job: Path, slow_ms: float) -> list[str]:
     for name in ("host_ms", "host_ms/req", "device_ms", "lag_ms"):
         q = b[name].quantile([0.5, 0.99])
         lines.append(f"  {name:11s} p50 {q[0.5]:7.2f}  p99 {q[0.99]:7.2f}  max {b[name].max():7.2f}")
-    phases = [k for k in b.columns if k.startswith("host_") and k.endswith("_ms") and k != "host_ms"]
-    if phases:  # runs since the worker split its host work by phase (batches.csv)
+    # runs since the worker split its host work by phase (batches.csv's host_<phase>_ms)
+    phases = {f"host_{name}_ms": name for name in WORKER_PHASES if f"host_{name}_ms" in b}
+    if phases:
         parts = "  ".join(
-            f"{k[5:-3]} {b[k].quantile(0.5):.2f}/{b[k].quantile(0.99):.2f}" for k in phases
+            f"{name} {b[k].quantile(0.5):.2f}/{b[k].quantile(0.99):.2f}" for k, name in phases.items()
         )
         lines.append(f"  host phases, ms p50/p99: {parts}")
         stalls = b[b.host_ms > LONG_MS]
         if len(stalls):
-            longest = stalls[phases].idxmax(axis=1).str[5:-3].value_counts()
+            longest = stalls[list(phases)].idxmax(axis=1).map(phases).value_counts()
             lines.append(
                 f"  host work over {LONG_MS:g} ms: {len(stalls)} batches, by their longest phase: "
                 + ", ".join(f"{k} {v}" for k, v in longest.items())
