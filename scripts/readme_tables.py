@@ -46,6 +46,7 @@ SERVE_REAL_SWEEPS: list = [
     "serve_goal_fifo_gc_h100",
     "serve_goal_fifo_gc_final_h100",
     "serve_gc_ab_h100",
+    "serve_goal_fifo_host_h100",
 ]
 # Sweeps that ran one configuration on both clocks (gpu_serve.sh sim_check), for docs/serving.md.
 SIM_CHECK_SWEEPS: list = []
