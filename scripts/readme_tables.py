@@ -249,7 +249,8 @@ def _bracket(r) -> str:
 
 def _real_row(config, rate_cell: str, worst: dict, seeds: list, passed: list) -> str:
     """One configuration: its rate, the seeds behind it and how many passed, and the worst
-    seed's tail, verdict and where its time went (busy fraction, host / device ms a batch)."""
+    seed's tail, verdict and where its time went (busy fraction, host / device ms a batch, KV
+    cache misses)."""
     duration = worst.get("min_duration_s")
     seed_cell = ", ".join(str(s) for s in seeds) if seeds else "-"
     if seeds and not is_missing(duration):
@@ -265,8 +266,22 @@ def _real_row(config, rate_cell: str, worst: dict, seeds: list, passed: list) ->
         + f" | {rate_cell} | {seed_cell} | {slo} | {_num(worst.get('p99_ms'), '.1f')} ms "
         f"| {_reason(worst)} | {_num(worst.get('busy_fraction'), '.2f')} "
         f"| {_num(worst.get('host_ms_per_batch'), '.2f')} "
-        f"| {_num(worst.get('device_ms_per_batch'), '.2f')} | {_card(worst)} |"
+        f"| {_num(worst.get('device_ms_per_batch'), '.2f')} | {_misses(worst)} | {_card(worst)} |"
     )
+
+
+def _misses(r) -> str:
+    """How many requests missed the KV cache (each a full recompute of its history), and how
+    many of the population's users the pool holds at the longest history: a pool smaller than
+    the population makes misses, whatever the rate."""
+    rate = r.get("miss_rate")
+    if is_missing(rate):
+        return "-"
+    cell = f"{100 * rate:.1f} %"
+    pool, users = r.get("kv_pool_users"), r.get("num_users")
+    if not is_missing(pool) and not is_missing(users):
+        cell += f" (pool {pool:.0f} of {users:.0f} users)"
+    return cell
 
 
 def _card(r) -> str:
@@ -321,18 +336,20 @@ def real_results(root: Path, sweeps: list) -> list:
 def serve_real_table(root: Path, sweeps: list) -> list:
     """max QPS at the SLO per configuration on the real clock (LoadGen driving the real server):
     the search's bracket and trials; the final rate's seeds and how many LoadGen passed; at
-    that rate the worst seed's p99, verdict, busy fraction and host / device ms a batch.
-    Fixed-rate runs no search found, and Offline runs (their throughput), get rows of their own."""
+    that rate the worst seed's p99, verdict, busy fraction, host / device ms a batch and KV
+    cache misses. Fixed-rate runs no search found, and Offline runs (their throughput), get
+    rows of their own."""
     rows = [
         "| model (clock: real (LoadGen)) | cache | graph | policy "
         "| max QPS [highest passing-lowest failing], search trials | final rate: LoadGen seeds "
         "| SLO | p99 (worst seed) | LoadGen verdict (worst seed) | busy fraction "
-        "| host ms / batch | device ms / batch | card, commit |",
-        "|---" * 13 + "|",
+        "| host ms / batch | device ms / batch | KV cache misses (pool at the longest history) "
+        "| card, commit |",
+        "|---" * 14 + "|",
     ]
     found = real_results(root, sweeps)
     if not found:
-        return rows + ["| no real-clock sweep published yet |" + " - |" * 12]
+        return rows + ["| no real-clock sweep published yet |" + " - |" * 13]
     for f in found:
         worst = f["worst"]
         if f["search"] is not None:

@@ -153,6 +153,10 @@ def test_the_real_serving_table_gives_bracket_seeds_and_where_the_time_goes(publ
         f"{worst['host_ms_per_batch']:.2f}",
         f"{worst['device_ms_per_batch']:.2f}",
     )
+    pool = f"pool {worst['kv_pool_users']} of {worst['num_users']} users"
+    assert row["KV cache misses (pool at the longest history)"] == (
+        f"{100 * worst['miss_rate']:.1f} % ({pool})"
+    )
     assert row["card, commit"] == f"CPU, {worst['git_sha'][:7]}"
     assert rows[1][4] == f"Offline: {offline['completed_qps']:.0f} qps completed"
     assert rows[1][6].startswith("- (Offline") and rows[1][8].startswith(offline["verdict"])
