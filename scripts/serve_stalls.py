@@ -7,7 +7,8 @@ the batches ahead of them and Python's collector (`batches.csv`, `collections.cs
 
 One block per point: host ms a batch and a request, device ms and answer lag a batch (p50, p99,
 max); the host work's phases (p50/p99) and which phase was longest in each batch whose host work
-stalled (runs whose batches.csv has them); the collector's pauses; the slow requests and what
+stalled (runs whose batches.csv has them); the requests that missed the KV cache, the batches
+that carried them and their share of the device time; the collector's pauses; the slow requests and what
 held them. Exit 0. A slow request is blamed on what held the worker while it waited: a collection
 that paused every thread, a batch whose host work or answer lag was long, or the device; "queue"
 when none of those stands out (the rate alone).
@@ -54,6 +55,7 @@ def describe(job: Path, slow_ms: float) -> list[str]:
                 f"  host work over {LONG_MS:g} ms: {len(stalls)} batches, by their longest phase: "
                 + ", ".join(f"{k} {v}" for k, v in longest.items())
             )
+    lines += _misses(b, r)
     full = c[c.generation == 2]
     lines.append(
         f"  collector: {len(c)} collections ({len(full)} full), pauses over {LONG_MS:g} ms: "
@@ -81,6 +83,25 @@ def describe(job: Path, slow_ms: float) -> list[str]:
             blame["queue"] += 1
     share = ", ".join(f"{k} {v}" for k, v in blame.items() if v)
     return lines + [f"  {len(slow)} requests over {slow_ms:g} ms ({len(slow) / len(r):.2%}): {share}"]
+
+
+def _misses(b: pd.DataFrame, r: pd.DataFrame) -> list[str]:
+    """A miss recomputes a user's whole history: a few such batches can hold most of the device
+    time, whatever the rate (a pool smaller than the population misses at any load)."""
+    missed = r.tier.eq("miss")
+    if not missed.any():
+        return ["  KV misses: none"]
+    keys = ["replica", "batch"] if "replica" in r and "replica" in b else ["batch"]
+    held = r.assign(miss=missed).groupby(keys).miss.any().rename("holds_miss").reset_index()
+    b = b.merge(held, on=keys, how="left")
+    carries = b.holds_miss.eq(True)  # a batch no request names carries no miss
+    with_miss, rest = b[carries], b[~carries]
+    share = with_miss.device_ms.sum() / b.device_ms.sum()
+    return [
+        f"  KV misses: {int(missed.sum())} requests ({missed.mean():.2%}) in {len(with_miss)} "
+        f"batches ({len(with_miss) / len(b):.1%}), {share:.0%} of the device time; device ms "
+        f"p50 {with_miss.device_ms.median():.2f} with a miss, {rest.device_ms.median():.2f} without"
+    ]
 
 
 def main(argv=None) -> int:

@@ -83,6 +83,24 @@ def test_each_slow_request_is_blamed_on_the_stall_it_waited_behind(tmp_path):
     assert "host_ms/req p50    1.00" in text  # batches of one: the same as a batch
     assert "host phases, ms p50/p99: request 0.05/" in text and " launch 0.50/" in text
     assert "host work over 10 ms: 1 batches, by their longest phase: plan 1" in text
+    assert "KV misses: none" in text
+
+
+def test_the_batches_that_carry_a_cache_miss_and_their_device_time(tmp_path):
+    """Two of four batches carry a miss (a full recompute, 9 ms of device time each against 1):
+    90 % of the device time, 2 of 8 requests."""
+    batches = [{**batch(n, float(n), 1.0, 9.0 if n % 2 else 1.0, 0.0), "size": 2} for n in range(4)]
+    requests = [request(2 * n + i, float(n), b) for n, b in enumerate(batches) for i in range(2)]
+    for q in requests:
+        q["tier"] = "miss" if q["batch"] % 2 and q["request"] % 2 else "gpu"
+    write(tmp_path / "batches.csv", BATCH_COLUMNS, batches)
+    write(tmp_path / "requests.csv", REQUEST_COLUMNS, requests)
+    write(tmp_path / "collections.csv", COLLECTION_COLUMNS, [])
+    text = "\n".join(serve_stalls.describe(tmp_path, slow_ms=20.0))
+    assert (
+        "KV misses: 2 requests (25.00%) in 2 batches (50.0%), 90% of the device time; "
+        "device ms p50 9.00 with a miss, 1.00 without" in text
+    )
 
 
 def test_host_work_a_request_divides_by_the_batch_size(tmp_path):
