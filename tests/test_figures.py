@@ -463,3 +463,7 @@ def test_a_cdf_legend_of_long_labels_sits_below_and_leaves_the_axis_its_width():
     assert leg.y1 < ax.xaxis.label.get_window_extent().y0  # below the x label
     provenance = [t for t in fig.texts if "commit" in t.get_text()]
     assert provenance and provenance[0].get_window_extent().y1 <= leg.y0  # and above the footer
+    # latencies within about a decade still get ticks at 1, 2, 5 of it, in plain numbers
+    lo, hi = ax.get_xlim()
+    shown = [t.get_text() for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi]
+    assert len([t for t in shown if t]) >= 3 and all("^" not in t for t in shown), shown

@@ -139,12 +139,14 @@ def _log2_x(ax, values) -> None:
     ax.tick_params(axis="x", labelrotation=45)
 
 
-def _plain_log_y(ax) -> None:
-    """Log y with plain numbers (0.5, 1, 2) rather than 5x10^-1."""
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(mticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(mticker.NullFormatter())
+def _plain_log(ax, which: str = "y") -> None:
+    """Log y (or x) ticked at 1, 2, 5 of each decade, with plain numbers (0.5, 1, 2) rather than
+    5x10^-1: a span under a decade still gets ticks."""
+    getattr(ax, f"set_{which}scale")("log")
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_locator(mticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(mticker.NullFormatter())
 
 
 def _legend_below(fig, axes, fontsize: int = 7) -> float:
@@ -286,7 +288,7 @@ def _latency_lines(ax, part: pd.DataFrame, x: str, colors: dict) -> None:
         ax.scatter(
             s.loc[bad, x], s.loc[bad, "median_ms"], facecolors="none", edgecolors=colour, s=30, zorder=3
         )
-    _plain_log_y(ax)
+    _plain_log(ax)
 
 
 def _mode_colors(lat: pd.DataFrame) -> dict:
@@ -457,7 +459,7 @@ def speedup_bars(sp: pd.DataFrame):
         )
         ax.axhline(1.0, color="black", lw=0.9, ls="--")
         if span >= 10:  # ratios spanning a decade or more: 0.5x and 2x equally far from 1
-            _plain_log_y(ax)
+            _plain_log(ax)
         ax.set(
             title=f"{lab} vs cache=none",
             xlabel="total history T (fewest new tokens)",
@@ -817,7 +819,7 @@ def serve_latency_vs_qps(df: pd.DataFrame):
                     ax.plot(pts["offered"], pts[key], "o", mfc=face, color=line.get_color())
         _slo_line(ax, d)
         ax.set_yscale("log")
-        _plain_log_y(ax)
+        _plain_log(ax)
         ax.set(
             title=f"{name} latency",
             xlabel="offered load (requests/s)",
@@ -890,9 +892,7 @@ def serve_latency_cdf(df: pd.DataFrame):
                 label=r["label"] + (f" ({_clock(r)})" if both else ""),
             )
         _slo_line(ax, d, vertical=True)
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(mticker.NullFormatter())
+        _plain_log(ax, which="x")
         ax.set(
             title="all points" if rate is None else f"{rate:g} requests/s offered",
             xlabel="latency, queueing + service (ms)",
