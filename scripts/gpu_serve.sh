@@ -8,6 +8,8 @@
 #                                                   # then its max_qps 60 s x LoadGen seeds 1-3
 #   scripts/gpu_serve.sh OUT_DIR goal_fifo_final    # the found max_qps again (a re-run)
 #   scripts/gpu_serve.sh OUT_DIR goal_la goal_la_final               # the same, length-aware
+#   scripts/gpu_serve.sh OUT_DIR goal_fifo_fp8 goal_fifo_fp8_final   # the same, FIFO, fp8 KV cache
+#       (e4m3 K/V: the pool holds ~2x the users; on an H100 bf16's pool is half the population)
 #   scripts/gpu_serve.sh OUT_DIR paged_eager none_graph offload_graph    # 1 seed each
 #   scripts/gpu_serve.sh OUT_DIR dlrmv3_server dlrmv3_offline
 #   scripts/gpu_serve.sh OUT_DIR sim_check          # 4 rates x both clocks, then the comparison
@@ -36,6 +38,7 @@ run() { local name=$1 limit=$2; shift 2
     hydra.sweep.dir="$out/$name" "$@" >> "$out/$name.log" 2>&1
   echo "$name: exit $?"; }
 policy() { case $1 in goal_la*) echo length_aware ;; *) echo fifo ;; esac; }
+kv() { case $1 in *_fp8*) echo fp8 ;; *) echo bf16 ;; esac; }
 max_qps() {  # the max_qps of the newest ok search record of a sweep dir
   python3 -c 'import json, pathlib, sys
 recs = [json.loads(l) for p in pathlib.Path(sys.argv[1]).rglob("results.jsonl")
@@ -44,13 +47,13 @@ ok = [r for r in recs if r.get("status") == "ok" and r.get("max_qps")]
 print(ok[-1]["max_qps"] if ok else "")' "$1"; }
 for part in "$@"; do
   case $part in
-    goal_fifo|goal_la)
-      run "$part" 540 experiment=serve_slo cache=paged graph=cudagraph \
+    goal_fifo|goal_la|goal_fifo_fp8)
+      run "$part" 540 experiment=serve_slo cache=paged cache.dtype="$(kv $part)" graph=cudagraph \
         workload.policy="$(policy $part)" workload.final_seeds=3 ;;
-    goal_fifo_final|goal_la_final)
+    goal_fifo_final|goal_la_final|goal_fifo_fp8_final)
       qps=$(max_qps "$out/${part%_final}")
       [ -n "$qps" ] || { echo "$part: no max_qps in $out/${part%_final} yet" >&2; exit 2; }
-      run "$part" 480 experiment=serve_slo cache=paged graph=cudagraph \
+      run "$part" 480 experiment=serve_slo cache=paged cache.dtype="$(kv $part)" graph=cudagraph \
         workload.policy="$(policy $part)" workload.search=none workload.qps="$qps" \
         workload.loadgen_seed=1,2,3 ;;
     paged_eager) run paged_eager 420 experiment=serve_slo cache=paged graph=none \
@@ -92,7 +95,7 @@ for part in "$@"; do
     sim_check) run serve_sim_check 480 experiment=serve_qps cache=paged graph=cudagraph \
                  workload.clock=real,simulated workload.qps=500,1000,2000,3000
                python3 scripts/serve_sim_check.py "$out/serve_sim_check" ;;
-    *) echo "gpu_serve.sh: unknown part '$part' (goal_fifo goal_fifo_final goal_la" \
+    *) echo "gpu_serve.sh: unknown part '$part' (goal_fifo goal_fifo_final goal_la goal_fifo_fp8" \
             "goal_la_final paged_eager none_graph offload_graph dlrmv3_server dlrmv3_offline" \
             "sim_check gc_ab rate=QPS rate_ab replicas=N)" >&2; exit 2 ;;
   esac
