@@ -8,10 +8,10 @@ the batches ahead of them and Python's collector (`batches.csv`, `collections.cs
 One block per point: host ms a batch and a request, device ms and answer lag a batch (p50, p99,
 max); the host work's phases (p50/p99) and which phase was longest in each batch whose host work
 stalled (runs whose batches.csv has them); the requests that missed the KV cache, the batches
-that carried them and their share of the device time; the collector's pauses; the slow requests and what
-held them. Exit 0. A slow request is blamed on what held the worker while it waited: a collection
-that paused every thread, a batch whose host work or answer lag was long, or the device; "queue"
-when none of those stands out (the rate alone).
+that carried them and their share of the device time; the collector's pauses; the slow
+requests and what held them. Exit 0. A slow request is blamed on what held the worker while it
+waited: a collection that paused every thread, a batch whose host work or answer lag was long,
+or the device; "queue" when none of those stands out (the rate alone).
 """
 
 from __future__ import annotations

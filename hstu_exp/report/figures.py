@@ -818,7 +818,6 @@ def serve_latency_vs_qps(df: pd.DataFrame):
                 if len(pts):
                     ax.plot(pts["offered"], pts[key], "o", mfc=face, color=line.get_color())
         _slo_line(ax, d)
-        ax.set_yscale("log")
         _plain_log(ax)
         ax.set(
             title=f"{name} latency",
