@@ -18,6 +18,8 @@ from pathlib import Path
 import _venv  # noqa: F401,E402  (source tree on the path; re-run under .venv if needed)
 import pandas as pd  # noqa: E402
 
+from hstu_exp.report.compare import OneLineParser  # noqa: E402
+
 PROG = "goals.py"
 # (case, batch, new tokens of 4096, goal ms): docs/design.md §6
 BLOCK = [
@@ -58,12 +60,6 @@ BLOCK_COLUMNS = [
     "median_ms",
     "floor_ms",
 ]
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        print(f"{PROG}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def load(paths) -> "pd.DataFrame":
@@ -193,7 +189,7 @@ def e2e_table(df) -> list:
 
 
 def main(argv=None) -> int:
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG,
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,

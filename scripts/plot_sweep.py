@@ -20,17 +20,13 @@ from pathlib import Path
 
 import _venv  # noqa: F401,E402  (source tree on the path; re-run under .venv if needed)
 
+from hstu_exp.report.compare import OneLineParser  # noqa: E402
+
 PROG = "plot_sweep.py"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        print(f"{PROG}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv=None) -> int:
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG,
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -459,14 +459,17 @@ def _name(path: Path) -> str:
     return path.parent.name if path.stem == "results" else f"{path.parent.name}/{path.stem}"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse prints the usage too)
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments are one line and exit 2 (argparse prints the usage too); the report
+    scripts use it as well."""
+
+    def error(self, message):
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(
+    p = OneLineParser(
         prog="hstu-exp-compare",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
