@@ -113,7 +113,8 @@ def main(argv=None) -> int:
         own = int(rec["kv_pool_pages"])
         pools = [(f"the run's pool ({own} pages)", own)]
         if args.fp8 and rec.get("kv_dtype") in ("bfloat16", "float16"):  # 2 bytes a value
-            pools.append((f"fp8 in the same bytes ({fp8_pages(rec)} pages)", fp8_pages(rec)))
+            fp8 = fp8_pages(rec)
+            pools.append((f"fp8 in the same bytes ({fp8} pages)", fp8))
         pools += [(f"{p} pages", p) for p in args.pages]
         print(f"{job.name}: {rec.get('name')}, {rec.get('target_qps')} qps, {rec.get('kv_dtype')} pool")
         print("\n".join(describe(rec, pd.read_csv(job / "requests.csv"), pools)))
