@@ -58,3 +58,21 @@ def test_a_real_runs_own_pool_replays_to_what_it_recorded(tmp_path, capsys):
     assert any("1 pages: a batch needs more pages than that" in ln for ln in lines)
     assert not any("fp8 in the same bytes" in ln for ln in lines)  # a float32 pool: no e4m3 twin
     assert all("simulated" in ln for ln in lines if "replayed" in ln)
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    """A pool size that is not a whole number, one of no pages, and a dir with no serve point:
+    one line naming the value or the dir, exit 2, no traceback."""
+    cases = [
+        (["--pages", "64k"], "'64k': expected whole numbers"),
+        (["--pages", "0"], "'0': a pool holds at least one page"),
+        ([], "no ok serve point with a paged pool and requests.csv in"),
+    ]
+    for args, message in cases:
+        try:
+            code = pool_replay.main([str(tmp_path), *args])
+        except SystemExit as stop:  # argparse's errors end the process
+            code = stop.code
+        out, err = capsys.readouterr()
+        assert code == 2 and out == "", (args, err)
+        assert err.count("\n") == 1 and message in err, (args, err)
