@@ -4,8 +4,8 @@
 # make test-fast  the suite without the tests marked slow (and the GPU ones)
 # make test-gpu   the GPU tests only (on a CUDA machine)
 # make test-box-triton  the kernels compiled for sm_90a with the GPU box's Triton (3.6)
-# make lint       ruff check + the import layers (lint-imports)
-# make format     the one-time whole-tree reformat (ruff format, import sort); not run in CI yet
+# make lint       ruff check + ruff format --check + the import layers (lint-imports)
+# make format     rewrite the tree in the format lint checks (ruff format, then the import sort)
 .PHONY: run test test-fast test-gpu test-box-triton lint format setup
 PY := .venv/bin/python
 # One OpenMP thread a test process: two workers already fill two cores. The tests go to the
