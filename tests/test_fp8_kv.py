@@ -313,6 +313,27 @@ def test_cli_serve_with_an_fp8_cache_passes_its_gate_and_moves_half_the_bytes(tm
     assert fp8["kv_pool_users"] == bf16["kv_pool_users"]
 
 
+def test_serve_gates_an_fp8_cache_with_verify_off_on_both_clocks(tmp_path):
+    """verify=false does not switch a reduced-precision point's gate off: the run samples the
+    scores the gate is judged on (real clock: as LoadGen received them; simulated: as served).
+    Before, the real server sampled only with verify=true, so the gate met no scores and
+    failed an fp8 goal search after its whole run ("max relative error nan")."""
+    proc = hstu_exp(
+        "-m", "experiment=serve_smoke", "model.dtype=bfloat16", "cache=paged", "cache.dtype=fp8",
+        "verify=false", "workload.clock=real,simulated", f"hydra.sweep.dir={tmp_path}",
+        env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    recs = {
+        r["clock"]: r for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())
+    }
+    assert sorted(recs) == ["real", "simulated"]
+    for clock, r in recs.items():
+        assert r["status"] == "ok", (clock, r.get("error"))
+        assert r["verify"] is False and r["accuracy_gate"] == "passed", clock
+        assert 0 <= r["max_rel_error"] < 2e-2, clock
+
+
 def test_cli_e2e_applies_the_top_k_gate_to_an_fp8_cache(tmp_path):
     """e2e ranks with the e4m3 cache and compares the top-10 with the bf16 path. The tiny
     model's random weights give near-tied scores (the bf16 path itself shares well under 0.99 of
