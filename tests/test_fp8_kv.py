@@ -328,10 +328,39 @@ def test_serve_gates_an_fp8_cache_with_verify_off_on_both_clocks(tmp_path):
         r["clock"]: r for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())
     }
     assert sorted(recs) == ["real", "simulated"]
+    assert "accuracy gate before the runs:" in proc.stdout + proc.stderr  # the real server's
     for clock, r in recs.items():
         assert r["status"] == "ok", (clock, r.get("error"))
         assert r["verify"] is False and r["accuracy_gate"] == "passed", clock
         assert 0 <= r["max_rel_error"] < 2e-2, clock
+
+
+def test_serve_fails_an_fp8_point_that_misses_its_gate_before_any_loadgen_run(tmp_path, monkeypatch):
+    """The real server gates a reduced-precision point on its first warm-up's answers (a warm
+    cache's hits among them): a point that misses fails before LoadGen's first run, untimed,
+    and the failure keeps the error and the pool's capacity. A gate of 0 makes any fp8
+    error miss it."""
+    from hydra import compose, initialize_config_dir
+
+    from hstu_exp.bench import serve
+    from hstu_exp.bench.measure import AccuracyGateError
+    from hstu_exp.cli import CONF_DIR
+    from hstu_exp.config import ACCURACY_GATE
+
+    overrides = ["experiment=serve_smoke", "model.dtype=bfloat16", "cache=paged"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides + ["cache.dtype=fp8", "verify=false"])
+    monkeypatch.setitem(ACCURACY_GATE, "max_rel_error", 0.0)
+    said = []
+    torch.manual_seed(cfg.seed)
+    with pytest.raises(AccuracyGateError, match=r"cache.dtype=fp8 failed: max relative error") as exc:
+        serve.run(cfg, torch.device("cpu"), progress=said.append, job_dir=tmp_path)
+    assert not (tmp_path / "loadgen").exists()  # no LoadGen run started
+    gate = [s for s in said if s.startswith("accuracy gate before the runs:")]
+    assert len(gate) == 1 and "warm-up requests" in gate[0], said
+    assert not any(s.startswith("LoadGen") for s in said), said
+    kept = exc.value.record_fields
+    assert 0 < kept["max_rel_error"] < 2e-2 and kept["kv_pool_users"] > 0
 
 
 def test_cli_e2e_applies_the_top_k_gate_to_an_fp8_cache(tmp_path):

@@ -24,7 +24,7 @@ import torch
 
 from hstu_exp import first_use
 from hstu_exp.bench.accuracy import relative_error
-from hstu_exp.bench.measure import Measured
+from hstu_exp.bench.measure import Measured, gate_check
 from hstu_exp.bench.roofline import mean_block_work
 from hstu_exp.bench.timer import StopRule
 from hstu_exp.builders import eager_shapes, model_dtype, replica_servers, shared_server
@@ -281,6 +281,11 @@ class _Trials:
         population = population_for(self.cfg, qps, seed)
         self.num_users = population.draws.num_users  # sized to the rate when num_users=null
         self.server.reset()
+        # A reduced-precision point is gated on the first warm-up's answers before any timed
+        # run: one that misses fails in seconds, not after its search (the run's own sampled
+        # scores are gated again after it).
+        reduced = reduced_precision(self.cfg) if not self.warm else []
+        answered: Optional[list] = [] if reduced else None
         self.warm.append(
             self.server.warm(
                 population,
@@ -288,8 +293,19 @@ class _Trials:
                 quiet_rounds=w.warm_rounds,
                 max_s=w.warm_max_s,
                 progress=self.progress,
+                keep=answered,
             )
         )
+        if reduced:
+            path = self.server.path
+            err = _verify_scores(path, answered, path.device)
+            self.progress(
+                f"accuracy gate before the runs: {len(answered)} warm-up requests, max relative "
+                f"error {err:.2e} vs a float32 full recompute"
+                if err is not None
+                else "accuracy gate before the runs: no warm-up request answered"
+            )
+            gate_check({"max_rel_error": err, **pool_capacity(self.cfg, path.manager)}, reduced)
         self.progress(
             f"LoadGen {test.scenario}: {qps:g} qps, at least {min_duration_s:g} s and "
             f"{queries} queries, seed {seed} (clock: real)"

@@ -108,14 +108,23 @@ class RealServer:
 
     @torch.no_grad()
     def warm(
-        self, population, *, cache_requests: int, quiet_rounds: int, max_s: float, progress=print
+        self,
+        population,
+        *,
+        cache_requests: int,
+        quiet_rounds: int,
+        max_s: float,
+        progress=print,
+        keep: Optional[list] = None,
     ) -> dict:
         """Serves the population's next requests, untimed, in batches of 1..max_batch (a
         round), until `quiet_rounds` rounds in a row met no first-use work and at least
         `cache_requests` were served, or `max_s` passed. First, with graphs, every graph bucket
         a batch can fall in is captured (`RequestPath.capture_graphs`), and eager, every shape
         the kernels tune on is run (`RequestPath.tune_shapes`): random rounds may miss a rare
-        bucket, the enumeration does not. Returns what it did."""
+        bucket, the enumeration does not. `keep`: the last round's (request, float32 scores)
+        are appended to it (a warm cache's hits among them: what an accuracy gate can judge
+        before a timed run). Returns what it did."""
         t0, captured, tuned = time.perf_counter(), 0, 0
         for path, device, shapes in zip(self.paths, self.devices, self.shapes):
             with on_device(device):
@@ -127,6 +136,7 @@ class RealServer:
         t0, served, rounds, quiet, events = time.perf_counter(), 0, 0, 0, 0
         while True:
             before = first_use.events()
+            answered = []  # this round's (request, scores) while `keep` asks for them
             for size in range(1, self.max_batch + 1):
                 for replica, path in enumerate(self.paths):
                     batch, seen, drawn = [], set(), 0
@@ -148,7 +158,11 @@ class RealServer:
                         served += 1
                     if batch:
                         with on_device(self.devices[replica]):
-                            path.serve(batch)
+                            served_batch = path.serve(batch)
+                        if keep is not None:
+                            counts = [r.candidates.numel() for r in batch]
+                            scores = served_batch.logits.float().cpu().split(counts)
+                            answered += zip(batch, scores)
                 self._sync()
             rounds += 1
             new = first_use.events() - before
@@ -156,6 +170,8 @@ class RealServer:
             quiet = quiet + 1 if new == 0 else 0
             elapsed = time.perf_counter() - t0
             if (quiet >= quiet_rounds and served >= cache_requests) or elapsed > max_s:
+                if keep is not None:
+                    keep += answered
                 break
         progress(
             f"warm-up: {captured} graph buckets captured"
