@@ -5,7 +5,8 @@ the batches ahead of them and Python's collector (`batches.csv`, `collections.cs
 
     python scripts/serve_stalls.py <sweep dir> [--slow-ms 40]
 
-One block per point: host ms a batch and a request, device ms and answer lag a batch (p50, p99,
+One block per point that left its files, failed ones too (marked, with their error): host ms a
+batch and a request, the device's busy share, device ms and answer lag a batch (p50, p99,
 max); the host work's phases (p50/p99) and which phase was longest in each batch whose host work
 stalled (runs whose batches.csv has them); the requests that missed the KV cache, the batches
 that carried them and their share of the device time; the collector's pauses; the slow
@@ -35,7 +36,11 @@ def describe(job: Path, slow_ms: float) -> list[str]:
     r = pd.read_csv(job / "requests.csv")
     c = pd.read_csv(job / "collections.csv")
     b["lag_ms"] = 1e3 * (b.finish_s - b[["device_end_s", "launched_s"]].max(axis=1))
-    lines = [f"  {len(r)} requests, {len(b)} batches (mean size {b['size'].mean():.2f})"]
+    span = b.finish_s.max() - b.start_s.min()
+    lines = [
+        f"  {len(r)} requests, {len(b)} batches (mean size {b['size'].mean():.2f}), device busy "
+        f"{b.device_ms.sum() / 1e3 / span if span > 0 else 0:.2f} of the batches' span"
+    ]
     # Host work a request: at the max rate it, not the device, sets how many batches fit.
     b["host_ms/req"] = b.host_ms / b["size"]
     for name in ("host_ms", "host_ms/req", "device_ms", "lag_ms"):
@@ -113,15 +118,20 @@ def main(argv=None) -> int:
         job = Path(rec.get("job_dir") or "")
         if not job.exists():  # a sweep copied off the machine that ran it: its own job dirs
             job = args.sweep_dir / job.name
-        if rec.get("status") != "ok" or not (job / "batches.csv").exists():
+        if not (job / "batches.csv").exists():
+            print(f"{job.name}: status {rec.get('status')}, no batches.csv: nothing to describe")
             continue
         knobs = ", ".join(
-            f"{k}={rec.get(k)}" for k in ("cache", "graph", "policy", "gc_freeze", "switch_interval_ms")
+            f"{k}={rec.get(k)}"
+            for k in ("cache", "cache_dtype", "graph", "policy", "gc_freeze", "switch_interval_ms")
         )
-        print(
-            f"{job.name}: {knobs}, {rec.get('target_qps')} qps, p99 {rec.get('p99_ms'):.1f} ms, "
-            f"{rec.get('verdict')}, busy {rec.get('busy_fraction') or 0:.2f}"
-        )
+        if rec.get("status") == "ok":
+            print(
+                f"{job.name}: {knobs}, {rec.get('target_qps')} qps, p99 {rec.get('p99_ms'):.1f} ms, "
+                f"{rec.get('verdict')}, busy {rec.get('busy_fraction') or 0:.2f}"
+            )
+        else:  # its run's files still say where the time went (e.g. a gate failed after it)
+            print(f"{job.name}: {knobs}, status {rec.get('status')}: {rec.get('error')}")
         print("\n".join(describe(job, args.slow_ms)))
     return 0
 

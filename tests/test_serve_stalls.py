@@ -113,3 +113,30 @@ def test_host_work_a_request_divides_by_the_batch_size(tmp_path):
     assert "12 requests, 3 batches (mean size 4.00)" in text
     assert "host_ms     p50    4.00" in text and "max    6.00" in text
     assert "host_ms/req p50    1.00" in text and "max    1.50" in text
+
+
+def test_a_failed_point_with_its_files_is_described_and_one_without_is_named(tmp_path, capsys):
+    """A point whose gate failed after its run still left where the time went: described,
+    marked with its status and error; a point without files gets one line, not silence. Four
+    batches 10 ms apart, each 5 ms on the device: busy 20 ms of a 36 ms span."""
+    import json
+
+    job = tmp_path / "0"
+    job.mkdir()
+    batches = [batch(n, 0.010 * n, 1.0, 5.0, 0.0) for n in range(4)]
+    write(job / "batches.csv", BATCH_COLUMNS, batches)
+    write(
+        job / "requests.csv", REQUEST_COLUMNS, [request(n, 0.010 * n, b) for n, b in enumerate(batches)]
+    )
+    write(job / "collections.csv", COLLECTION_COLUMNS, [])
+    error = "AccuracyGateError: accuracy gate of cache.dtype=fp8 failed: no verify result (not timed)"
+    records = [
+        {"status": "failed", "error": error, "job_dir": "/elsewhere/0", "cache_dtype": "fp8"},
+        {"status": "skipped", "reason": "needs a CUDA GPU", "job_dir": "/elsewhere/1"},
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert serve_stalls.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "0: cache=None, cache_dtype=fp8, graph=None" in out and f"status failed: {error}" in out
+    assert "4 requests, 4 batches (mean size 1.00), device busy 0.56 of the batches' span" in out
+    assert "1: status skipped, no batches.csv: nothing to describe" in out
