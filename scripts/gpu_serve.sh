@@ -10,6 +10,8 @@
 #   scripts/gpu_serve.sh OUT_DIR goal_la goal_la_final               # the same, length-aware
 #   scripts/gpu_serve.sh OUT_DIR goal_fifo_fp8 goal_fifo_fp8_final   # the same, FIFO, fp8 KV cache
 #       (e4m3 K/V: the pool holds ~2x the users; on an H100 bf16's pool is half the population)
+#   scripts/gpu_serve.sh OUT_DIR goal_fifo_pool=0.9   # goal_fifo, bf16, the pool at 0.9 of free
+#       memory (serve_slo: 0.8; on an H100 0.8 holds 502 of 1024 users), 1 final seed
 #   scripts/gpu_serve.sh OUT_DIR paged_eager none_graph offload_graph    # 1 seed each
 #   scripts/gpu_serve.sh OUT_DIR dlrmv3_server dlrmv3_offline
 #   scripts/gpu_serve.sh OUT_DIR sim_check          # 4 rates x both clocks, then the comparison
@@ -63,6 +65,11 @@ for part in "$@"; do
     offload_graph) run offload_graph 420 experiment=serve_slo cache=paged_offload \
                      graph=cudagraph workload.policy=fifo workload.final_seeds=1 \
                      workload.qps=500 cache.num_pages=16384 cache.host_pages=32768 ;;
+    goal_fifo_pool=*)  # the bf16 pool's share of free memory (the record's peak reserved
+                       # memory says what the graphs and the step leave)
+      f=${part#goal_fifo_pool=}
+      run "goal_fifo_pool_$f" 540 experiment=serve_slo cache=paged cache.gpu_fraction="$f" \
+        graph=cudagraph workload.policy=fifo workload.final_seeds=1 ;;
     replicas=*)  # issue 25: N replicas (cuda:0..N-1) vs replicas=1; the population and the
                  # starting rate scale with N (the same users per replica)
       n=${part#replicas=}
@@ -97,6 +104,6 @@ for part in "$@"; do
                python3 scripts/serve_sim_check.py "$out/serve_sim_check" ;;
     *) echo "gpu_serve.sh: unknown part '$part' (goal_fifo goal_fifo_final goal_la goal_fifo_fp8" \
             "goal_la_final paged_eager none_graph offload_graph dlrmv3_server dlrmv3_offline" \
-            "sim_check gc_ab rate=QPS rate_ab replicas=N)" >&2; exit 2 ;;
+            "sim_check gc_ab rate=QPS rate_ab replicas=N goal_fifo_pool=F)" >&2; exit 2 ;;
   esac
 done
