@@ -114,10 +114,13 @@ def main(argv=None) -> int:
     ap.add_argument("sweep_dir", type=Path)
     ap.add_argument("--slow-ms", type=float, default=40.0)
     args = ap.parse_args(argv)
+    newest = {}  # a job dir's files are its last run's: described with its newest record
     for rec in read_records(args.sweep_dir):
         job = Path(rec.get("job_dir") or "")
         if not job.exists():  # a sweep copied off the machine that ran it: its own job dirs
             job = args.sweep_dir / job.name
+        newest[job] = rec
+    for job, rec in newest.items():
         if not (job / "batches.csv").exists():
             print(f"{job.name}: status {rec.get('status')}, no batches.csv: nothing to describe")
             continue
