@@ -408,8 +408,9 @@ def test_gate_fails_when_b_lacks_points_and_refuses_bad_limits(two_sweeps, tmp_p
 
 
 def test_points_are_told_apart_by_any_swept_knob(tmp_path, capsys):
-    """graph.fit_rows is no point key: sweeping it keeps four points apart in speedups (two
-    pairs, none across fit_rows) and in compare (four joined, not two)."""
+    """graph.fit_rows is no point key: sweeping it keeps four points apart in the sweep's
+    console table (a fit_rows column), in speedups (two pairs, none across fit_rows) and in
+    compare (four joined, not two)."""
     from hstu_exp.report.aggregate import block_speedups, load_sweep
 
     sweep = tmp_path / "fit"
@@ -426,6 +427,12 @@ def test_points_are_told_apart_by_any_swept_knob(tmp_path, capsys):
         f"hydra.sweep.dir={sweep}",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["status"])
+    table = [line.split() for line in lines[header : header + 5]]
+    col = table[0].index("graph.fit_rows")
+    rows = {(row[table[0].index("cache")], row[col].lower()) for row in table[1:]}
+    assert rows == {(c, f) for c in ("none", "paged") for f in ("true", "false")}, lines
     df = load_sweep(sweep)
     assert len(df) == 4 and all(isinstance(c, dict) for c in df["config"])
     sp = block_speedups(df)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hstu_exp.tracking.identity import PLUMBING, POINT_KEY_OVERRIDES, text
+from hstu_exp.tracking.records import point_overrides
+
 COLUMNS = [
     ("status", "status", "{}"),
     ("workload", "workload", "{}"),
@@ -47,11 +50,35 @@ def _cell(record: dict, key: str, fmt: str) -> str:
         return str(value)
 
 
+def swept_overrides(records) -> list:
+    """The overrides whose value differs between the records and that no column shows
+    (cache.dtype=bf16,fp8 or kernel.hopper=true,false): without them such points would print as
+    one row twice. In the order the first record gives them."""
+    given = [point_overrides(r.get("overrides")) or {} for r in records]
+    keys = dict.fromkeys(k for g in given for k in g)
+    return [
+        k
+        for k in keys
+        if k not in POINT_KEY_OVERRIDES
+        and k.split(".", 1)[0] not in PLUMBING
+        and len({text(g.get(k)) for g in given}) > 1
+    ]
+
+
 def format_table(records) -> str:
     records = list(records)
     cols = [(k, h, f) for k, h, f in COLUMNS if any(r.get(k) is not None for r in records)]
     rows = [[h for _, h, _ in cols]] + [[_cell(r, k, f) for k, _, f in cols] for r in records]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    swept = swept_overrides(records)
+    if swept:  # after the point keys, before the numbers
+        at = next((i for i, (k, _, _) in enumerate(cols) if k == "median_ms"), len(cols))
+        given = [point_overrides(r.get("overrides")) or {} for r in records]
+        for j, key in enumerate(swept):
+            head = key.removeprefix("workload.")
+            cells = [text(g.get(key)) or "-" for g in given]
+            for row, cell in zip(rows, [head, *cells]):
+                row.insert(at + j, cell)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
     lines.append(summary_line(records))
     return "\n".join(lines)

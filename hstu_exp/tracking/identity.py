@@ -43,6 +43,16 @@ MODE_OVERRIDES = frozenset(
         "workload.qps",
     }
 )
+# Overrides a point key already shows (B, T, n, candidates, qps, mode, cache / kernel / graph,
+# model, workload, device): names and tables show every other swept override beside them.
+POINT_KEY_OVERRIDES = MODE_OVERRIDES | {
+    "model",
+    "workload",
+    "device",
+    "workload.total_history",
+    "workload.new_history",
+    "workload.num_candidates",
+}
 _GROUPS = ("model", "cache", "kernel", "graph")
 _TOP = ("device", "seed", "verify", "calibrate", "profile")
 # A point key named in a comparison -> the config paths it stands for.

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from hstu_exp.tracking.identity import MODE_OVERRIDES, PLUMBING
+from hstu_exp.tracking.identity import PLUMBING, POINT_KEY_OVERRIDES
 from hstu_exp.tracking.records import ENV_KEYS, SWEPT_KEYS, is_missing, point_overrides
 
 MARKER = ".wandb-disabled"
@@ -363,17 +363,6 @@ def run_name(r: dict) -> str:
     )
 
 
-# Overrides the point keys already show (the name's B, T, n, qps, mode and cache/kernel/graph).
-_SHOWN = MODE_OVERRIDES | {
-    "model",
-    "workload",
-    "device",
-    "workload.total_history",
-    "workload.new_history",
-    "workload.num_candidates",
-}
-
-
 def other_overrides(r: dict) -> dict:
     """The point's own overrides that no point key shows ({'num_pages': '64'}): two points
     that differ only there (cache.num_pages=64 vs 128) get two names and two config values."""
@@ -381,7 +370,7 @@ def other_overrides(r: dict) -> dict:
     return {
         k.rsplit(".", 1)[-1]: v
         for k, v in sorted(given.items())
-        if k not in _SHOWN
+        if k not in POINT_KEY_OVERRIDES
         and k.split(".", 1)[0] not in PLUMBING
         and k.rsplit(".", 1)[-1] not in PARAM_KEYS
     }  # timing settings: config.params
