@@ -333,11 +333,12 @@ def test_real_server_gates_an_fp8_cache_with_verify_off(tmp_path):
     assert 0 <= r["max_rel_error"] < 2e-2
 
 
-def test_serve_fails_an_fp8_point_that_misses_its_gate_before_any_loadgen_run(tmp_path, monkeypatch):
-    """The real server gates a reduced-precision point on its first warm-up's answers (a warm
-    cache's hits among them): a point that misses fails before LoadGen's first run, untimed,
-    and the failure keeps the error and the pool's capacity. A gate of 0 makes any fp8
-    error miss it."""
+@pytest.mark.parametrize("clock", ["real", "simulated"])
+def test_serve_fails_an_fp8_point_that_misses_its_gate_before_any_run(tmp_path, monkeypatch, clock):
+    """Both clocks gate a reduced-precision point on its warm-up's answers (a warm cache's hits
+    among them): a point that misses fails before LoadGen's first run (real) or the first trial
+    (simulated), untimed, and the failure keeps the error and the pool's capacity. A gate of 0
+    makes any fp8 error miss it."""
     from hydra import compose, initialize_config_dir
 
     from hstu_exp.bench import serve
@@ -347,7 +348,10 @@ def test_serve_fails_an_fp8_point_that_misses_its_gate_before_any_loadgen_run(tm
 
     overrides = ["experiment=serve_smoke", "model.dtype=bfloat16", "cache=paged"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides + ["cache.dtype=fp8", "verify=false"])
+        cfg = compose(
+            "config",
+            overrides=overrides + ["cache.dtype=fp8", "verify=false", f"workload.clock={clock}"],
+        )
     monkeypatch.setitem(ACCURACY_GATE, "max_rel_error", 0.0)
     said = []
     torch.manual_seed(cfg.seed)
@@ -356,7 +360,7 @@ def test_serve_fails_an_fp8_point_that_misses_its_gate_before_any_loadgen_run(tm
     assert not (tmp_path / "loadgen").exists()  # no LoadGen run started
     gate = [s for s in said if s.startswith("accuracy gate before the runs:")]
     assert len(gate) == 1 and "warm-up requests" in gate[0], said
-    assert not any(s.startswith("LoadGen") for s in said), said
+    assert not any(s.startswith(("LoadGen", "clock: simulated", "max_qps")) for s in said), said
     kept = exc.value.record_fields
     assert 0 < kept["max_rel_error"] < 2e-2 and kept["kv_pool_users"] > 0
 

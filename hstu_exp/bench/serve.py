@@ -136,7 +136,11 @@ def _run_simulated(cfg, path, device, dtype, progress, job_dir) -> Measured:
         f"{'offline' if w.mode == 'offline' else f'{stream.offered_qps:g} qps offered'}, "
         f"max_batch {w.max_batch}, max_wait {w.max_wait_ms:g} ms, {w.policy}"
     )
-    point.warm_up(stream)
+    reduced = reduced_precision(cfg)
+    answered: Optional[list] = [] if reduced else None
+    point.warm_up(stream, keep=answered)
+    if reduced:
+        gate_before_runs(cfg, path, answered, reduced, progress)
     warm_s = time.perf_counter() - t0
     problems: List[str] = []
     progress("clock: simulated (a discrete-event simulation over measured service times)")
@@ -241,6 +245,20 @@ def pool_capacity(cfg, manager) -> dict:
     }
 
 
+def gate_before_runs(cfg, path, answered: list, reduced: list, progress) -> None:
+    """A reduced-precision point's accuracy gate on its warm-up's answers, (request, scores)
+    pairs, before any timed run: one that misses fails in seconds, not after its search (the
+    run's own sampled scores are gated again after it)."""
+    err = _verify_scores(path, answered, path.device)
+    progress(
+        f"accuracy gate before the runs: {len(answered)} warm-up requests, max relative "
+        f"error {err:.2e} vs a float32 full recompute"
+        if err is not None
+        else "accuracy gate before the runs: no warm-up request answered"
+    )
+    gate_check({"max_rel_error": err, **pool_capacity(cfg, path.manager)}, reduced)
+
+
 def device_is_cuda(manager) -> bool:
     return manager.cache.pool.device.type == "cuda"
 
@@ -281,9 +299,7 @@ class _Trials:
         population = population_for(self.cfg, qps, seed)
         self.num_users = population.draws.num_users  # sized to the rate when num_users=null
         self.server.reset()
-        # A reduced-precision point is gated on the first warm-up's answers before any timed
-        # run: one that misses fails in seconds, not after its search (the run's own sampled
-        # scores are gated again after it).
+        # A reduced-precision point is gated on the first warm-up's answers (gate_before_runs).
         reduced = reduced_precision(self.cfg) if not self.warm else []
         answered: Optional[list] = [] if reduced else None
         self.warm.append(
@@ -297,15 +313,7 @@ class _Trials:
             )
         )
         if reduced:
-            path = self.server.path
-            err = _verify_scores(path, answered, path.device)
-            self.progress(
-                f"accuracy gate before the runs: {len(answered)} warm-up requests, max relative "
-                f"error {err:.2e} vs a float32 full recompute"
-                if err is not None
-                else "accuracy gate before the runs: no warm-up request answered"
-            )
-            gate_check({"max_rel_error": err, **pool_capacity(self.cfg, path.manager)}, reduced)
+            gate_before_runs(self.cfg, self.server.path, answered, reduced, self.progress)
         self.progress(
             f"LoadGen {test.scenario}: {qps:g} qps, at least {min_duration_s:g} s and "
             f"{queries} queries, seed {seed} (clock: real)"

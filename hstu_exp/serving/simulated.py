@@ -67,13 +67,18 @@ class ServePoint:
             torch.cuda.synchronize()
         return served, time.perf_counter() - t - (first_use.seconds() - before)
 
-    def warm_up(self, stream: Stream) -> None:
+    def warm_up(self, stream: Stream, keep: Optional[list] = None) -> None:
         """First-call costs (allocation, kernel selection) off the clock: the stream's first
-        users served twice (a miss, then a hit), then the cache is emptied."""
+        users served twice (a miss, then a hit), then the cache is emptied. `keep` (a list) gets
+        each answer as (request, scores): a reduced-precision point's gate before the trials."""
         first = eligible(list(range(len(stream.times))), stream.users)[: self.w.max_batch]
         batch = [self.request(stream, i) for i in first]
         for _ in range(2):
-            self.timed_serve(batch)
+            served, _ = self.timed_serve(batch)
+            if keep is not None:
+                counts = [r.candidates.numel() for r in batch]
+                scores = served.logits.split(counts)
+                keep.extend((r, lg.float().cpu().clone()) for r, lg in zip(batch, scores))
         self.path.reset()
 
     def trial(self, qps: float, *, verify: bool = False, search: bool = False) -> Trial:
