@@ -127,7 +127,9 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
             df[c] = (
                 pd.to_numeric(df[c], errors="coerce") if numeric else df[c].map(_as_bool).astype(object)
             )
-    return df
+    # Each replaced column is a block of its own: consolidated once here, not by every figure's
+    # assign (pandas' "highly fragmented" warning).
+    return df.copy()
 
 
 def _newest_per_point(df: pd.DataFrame) -> pd.DataFrame:
