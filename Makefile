@@ -3,7 +3,8 @@
 #                 CUDA; slow ones included), in two workers
 # make test-fast  the suite without the tests marked slow (and the GPU ones)
 # make test-gpu   the GPU tests only (on a CUDA machine)
-# make test-box-triton  the kernels compiled for sm_90a with the GPU box's Triton (3.6)
+# make test-box-triton  the kernels compiled for sm_90a with the GPU box's Triton (3.6), and its
+#                 cache carried to a fresh machine (scripts/triton_cache.sh)
 # make lint       ruff check + ruff format --check + the import layers (lint-imports)
 # make format     rewrite the tree in the format lint checks (ruff format, then the import sort)
 .PHONY: run test test-fast test-gpu test-box-triton lint format setup
@@ -22,7 +23,7 @@ test-fast: setup
 test-gpu: setup
 	$(PY) -m pytest -q -m gpu
 test-box-triton: setup
-	scripts/box_triton.sh $(PY) -m pytest -q tests/test_kernel_report.py
+	scripts/box_triton.sh $(PY) -m pytest -q tests/test_kernel_report.py tests/test_triton_cache.py
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .

@@ -6,4 +6,7 @@ set -eo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# Kernels compiled on an earlier machine, where carried (scripts/triton_cache.sh says how).
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
+scripts/triton_cache.sh unpack
 exec "$@"
