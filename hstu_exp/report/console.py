@@ -50,11 +50,10 @@ def _cell(record: dict, key: str, fmt: str) -> str:
         return str(value)
 
 
-def swept_overrides(records) -> list:
-    """The overrides whose value differs between the records and that no column shows
-    (cache.dtype=bf16,fp8 or kernel.hopper=true,false): without them such points would print as
-    one row twice. In the order the first record gives them."""
-    given = [point_overrides(r.get("overrides")) or {} for r in records]
+def swept_overrides(given: list) -> list:
+    """Of the records' overrides (`given`, one {key: value} a record), those whose value differs
+    between the records and that no column shows (cache.dtype=bf16,fp8 or kernel.hopper=true,
+    false): without them such points would print as one row twice. In the order given."""
     keys = dict.fromkeys(k for g in given for k in g)
     return [
         k
@@ -69,10 +68,10 @@ def format_table(records) -> str:
     records = list(records)
     cols = [(k, h, f) for k, h, f in COLUMNS if any(r.get(k) is not None for r in records)]
     rows = [[h for _, h, _ in cols]] + [[_cell(r, k, f) for k, _, f in cols] for r in records]
-    swept = swept_overrides(records)
+    given = [point_overrides(r.get("overrides")) or {} for r in records]
+    swept = swept_overrides(given)
     if swept:  # after the point keys, before the numbers
         at = next((i for i, (k, _, _) in enumerate(cols) if k == "median_ms"), len(cols))
-        given = [point_overrides(r.get("overrides")) or {} for r in records]
         for j, key in enumerate(swept):
             head = key.removeprefix("workload.")
             cells = [text(g.get(key)) or "-" for g in given]
