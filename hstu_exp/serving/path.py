@@ -62,6 +62,12 @@ class Served:
         start, end = self.span
         return start.elapsed_time(end) if hasattr(start, "elapsed_time") else (end - start) * 1e3
 
+    def by_request(self, rows: torch.Tensor) -> List[torch.Tensor]:
+        """`rows` (the logits or the hidden states) cut into each request's candidates, as
+        float32 copies on the CPU: what a verify step keeps after the buffers are reused."""
+        counts = [r.candidates.numel() for r in self.requests]
+        return list(rows.detach().float().cpu().clone().split(counts))
+
     @property
     def tiers(self) -> List[str]:
         """TIERS: where each request's cached prefix came from."""

@@ -160,9 +160,7 @@ class RealServer:
                         with on_device(self.devices[replica]):
                             served_batch = path.serve(batch)
                         if keep is not None:
-                            counts = [r.candidates.numel() for r in batch]
-                            scores = served_batch.logits.float().cpu().split(counts)
-                            answered += zip(batch, scores)
+                            answered += zip(batch, served_batch.by_request(served_batch.logits))
                 self._sync()
             rounds += 1
             new = first_use.events() - before

@@ -76,9 +76,7 @@ class ServePoint:
         for _ in range(2):
             served, _ = self.timed_serve(batch)
             if keep is not None:
-                counts = [r.candidates.numel() for r in batch]
-                scores = served.logits.split(counts)
-                keep.extend((r, lg.float().cpu().clone()) for r, lg in zip(batch, scores))
+                keep.extend(zip(batch, served.by_request(served.logits)))
         self.path.reset()
 
     def trial(self, qps: float, *, verify: bool = False, search: bool = False) -> Trial:
@@ -104,12 +102,9 @@ class ServePoint:
                 cols["onloaded_bytes"][i] = served.onloaded_bytes[j]
                 cols["offloaded_bytes"][i] = served.offloaded_bytes[j]
             if want:
-                counts = [r.candidates.numel() for r in requests]
-                rows = zip(served.logits.split(counts), served.hidden.split(counts))
+                rows = zip(served.by_request(served.logits), served.by_request(served.hidden))
                 checked.extend(
-                    (requests[j], lg.float().cpu().clone(), h.float().cpu().clone())
-                    for j, (lg, h) in enumerate(rows)
-                    if indices[j] in sample
+                    (requests[j], lg, h) for j, (lg, h) in enumerate(rows) if indices[j] in sample
                 )
             service_s.append(seconds)
             return seconds
